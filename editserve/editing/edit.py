@@ -1,0 +1,157 @@
+"""`compute_patch`: turn edit requests into a `Patch` with ROME or MEMIT; never changes the model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import check_layers, spec_for
+from editserve.editing.corpus import Corpus, load_corpus
+from editserve.editing.hooks import Hooks
+from editserve.editing.hparams import MemitParams, RomeParams, load_hparams, to_dict
+from editserve.editing.keys import compute_keys
+from editserve.editing.memit import memit_factors
+from editserve.editing.model import fingerprint
+from editserve.editing.prefixes import context_prefixes
+from editserve.editing.requests import EditRequest
+from editserve.editing.rome import rome_factors
+from editserve.editing.stats import layer_stats
+from editserve.editing.values import optimise_values
+from editserve.errors import InvalidRequestError
+from editserve.patches import Patch, WeightDelta
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rome", "memit")
+MAX_BATCH = 10_000
+
+
+def model_names(model: torch.nn.Module) -> list[str]:
+    """Names to look hyper-parameter files up by: the checkpoint's folder name, then the family."""
+    names = []
+    ckpt = getattr(model, "editserve_checkpoint", None) or getattr(model.config, "_name_or_path", "")
+    if ckpt:
+        names.append(Path(str(ckpt)).name.lower())
+    names.append(spec_for(model).family)
+    return names
+
+
+def resolve_hparams(
+    model: torch.nn.Module, method: str, layers: Sequence[int] | None = None, overrides: dict[str, Any] | None = None
+) -> RomeParams | MemitParams:
+    """Hyper-parameters for `method` on `model`, with `layers` and `overrides` applied and checked."""
+    over = dict(overrides or {})
+    if layers is not None:
+        layers = list(layers)
+        if method == "rome":
+            if len(layers) != 1:
+                raise InvalidRequestError(f"ROME edits exactly one layer, got layers={layers!r}")
+            over["layer"] = layers[0]
+        else:
+            over["layers"] = layers
+    hp = load_hparams(method, model_names(model), over)
+    check_layers(model, list(hp.layers))
+    return hp
+
+
+def compute_patch(
+    model: torch.nn.Module,
+    tok: object,
+    requests: Sequence[EditRequest],
+    method: str = "rome",
+    layers: Sequence[int] | None = None,
+    hparams: dict[str, Any] | None = None,
+    corpus: Corpus | str | Path | None = None,
+    progress: bool = False,
+) -> Patch:
+    """Compute the low-rank patch that rewrites `requests` (see module docs of rome/memit).
+
+    method:  "rome" (one request) or "memit" (one or many).
+    layers:  edit layer(s); default from the per-model hyper-parameter file.
+    hparams: overrides of hyper-parameter fields, e.g. {"value": {"max_steps": 10}}.
+    corpus:  text for covariance statistics (default: the Wikipedia excerpt).
+    """
+    if method not in METHODS:
+        raise InvalidRequestError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    requests = tuple(requests)
+    if not requests:
+        raise InvalidRequestError("at least one edit request is required, got none")
+    if len(requests) > MAX_BATCH:
+        raise InvalidRequestError(f"batch of {len(requests)} requests exceeds the limit of {MAX_BATCH}")
+    for r in requests:
+        if not isinstance(r, EditRequest):
+            raise InvalidRequestError(f"requests must be EditRequest instances, got {type(r).__name__}")
+    if method == "rome" and len(requests) != 1:
+        raise InvalidRequestError(f"ROME edits one fact at a time, got {len(requests)} requests; use method='memit'")
+    spec = spec_for(model)
+    hp = resolve_hparams(model, method, layers, hparams)
+    fp = fingerprint(model)
+    if not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    stats, _run = layer_stats(model, tok, hp.layers, corpus, fp, hp.stats, progress=progress)
+    timings["stats"] = time.perf_counter() - t
+    prefixes = context_prefixes(model, tok, fp, hp.prefixes)
+
+    if isinstance(hp, RomeParams):
+        deltas = _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings)
+    else:
+        deltas = _memit(model, tok, requests, prefixes, hp, {l: s.cov for l, s in stats.items()}, timings)
+    patch = Patch(
+        deltas=tuple(deltas), requests=requests, method=method, hparams=to_dict(hp),
+        model_fingerprint=fp, family=spec.family, timings=timings,
+    )
+    log.info("%s patch for %d request(s): %s", method, len(requests),
+             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return patch
+
+
+def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings) -> list[WeightDelta]:
+    spec = spec_for(model)
+    t = time.perf_counter()
+    key = compute_keys(model, tok, requests, prefixes, [hp.layer]).keys[hp.layer][0]    # [d_in]
+    timings["keys"] = time.perf_counter() - t
+    t = time.perf_counter()
+    values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value)
+    timings["values"] = time.perf_counter() - t
+    t = time.perf_counter()
+    u, v = rome_factors(cov, key, values.delta[0])
+    timings["solve"] = time.perf_counter() - t
+    return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)]
+
+
+def _memit(model, tok, requests, prefixes, hp: MemitParams, covs, timings) -> list[WeightDelta]:
+    spec = spec_for(model)
+    top = spec.layer_name(hp.layers[-1])                 # residual stream after the last edit layer
+    t = time.perf_counter()
+    values = optimise_values(model, tok, requests, prefixes, top, hp.value)
+    timings["values"] = time.perf_counter() - t
+    timings["keys"] = 0.0
+    timings["solve"] = 0.0
+    z0 = None
+    deltas: list[WeightDelta] = []
+
+    def earlier(hooks: Hooks) -> None:
+        for d in deltas:
+            hooks.add_low_rank(spec.down_proj_name(d.layer), d.u, d.v)
+
+    for i, layer in enumerate(hp.layers):
+        t = time.perf_counter()
+        res = compute_keys(model, tok, requests, prefixes, [layer], capture_outputs=[top], extra_hooks=earlier)
+        timings["keys"] += time.perf_counter() - t
+        t = time.perf_counter()
+        cur = res.outputs[top]                            # [n, d_model] with earlier layers' updates
+        if z0 is None:
+            z0 = cur
+        resid = (z0 + values.delta - cur) / (len(hp.layers) - i)
+        u, v = memit_factors(covs[layer], res.keys[layer], resid, hp.cov_weight)
+        deltas.append(WeightDelta(name=spec.weight_name(layer), layer=layer, u=u, v=v))
+        timings["solve"] += time.perf_counter() - t
+    return deltas

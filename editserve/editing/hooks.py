@@ -1,0 +1,124 @@
+"""A small forward-hook API: capture or edit module inputs/outputs, always removing the hooks.
+
+    with Hooks(model) as h:
+        h.capture_input("model.layers.5.mlp.down_proj")      # keys
+        h.edit_output("model.layers.5.mlp", add_delta)       # values
+        h.stop_after("model.layers.5")                       # skip the rest of the forward
+        h.run(input_ids=ids)
+    keys = h.inputs["model.layers.5.mlp.down_proj"]          # [batch, seq, d_in]
+
+Hooks are registered on entry and removed on exit, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import get_module
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the needed layers have run."""
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
+    return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
+
+
+class Hooks:
+    """Context manager collecting forward hooks on named submodules of one model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._entered = False
+
+    def __enter__(self) -> "Hooks":
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _require_entered(self) -> None:
+        if not self._entered:
+            raise RuntimeError("Hooks must be used as a context manager so that hooks are always removed")
+
+    def capture_input(self, name: str, detach: bool = True) -> None:
+        """Record the first positional input of `name` in ``self.inputs[name]``."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            self.inputs[name] = x.detach() if detach else x
+
+        self._handles.append(get_module(self.model, name).register_forward_pre_hook(hook))
+
+    def capture_output(self, name: str, detach: bool = True) -> None:
+        """Record the (first tensor of the) output of `name` in ``self.outputs[name]``."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            y = _first_tensor(output)
+            self.outputs[name] = y.detach() if detach else y
+
+        self._handles.append(get_module(self.model, name).register_forward_hook(hook))
+
+    def edit_output(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the (first tensor of the) output of `name` by ``fn(output)``."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+            return _replace_first(output, fn(_first_tensor(output)))
+
+        self._handles.append(get_module(self.model, name).register_forward_hook(hook))
+
+    def edit_input(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the first positional input of `name` by ``fn(input)``."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (fn(args[0]), *args[1:])
+
+        self._handles.append(get_module(self.model, name).register_forward_pre_hook(hook))
+
+    def add_low_rank(self, name: str, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Add ``x @ v @ u.T`` to the output of linear `name` (x its input): a merge-free ΔW = u vᵀ."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            x = args[0]
+            return _replace_first(output, _first_tensor(output) + (x.to(v.dtype) @ v @ u.T).to(x.dtype))
+
+        self._handles.append(get_module(self.model, name).register_forward_hook(hook))
+
+    def stop_after(self, name: str) -> None:
+        """End the forward pass as soon as `name` has produced its output."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+            raise StopForward
+
+        self._handles.append(get_module(self.model, name).register_forward_hook(hook))
+
+    def run(self, **model_inputs: Any) -> Any:
+        """Call the model; returns its output, or None when a `stop_after` hook ended it early."""
+        self._require_entered()
+        try:
+            return self.model(**model_inputs)
+        except StopForward:
+            return None

@@ -1,0 +1,122 @@
+"""Hyper-parameters of ROME and MEMIT as frozen dataclasses, loaded from per-model data files.
+
+Files live in ``editserve/data/hparams/<method>/``: ``<model-name>.json`` for a specific model
+(e.g. ``smollm2-135m-instruct.json``), else ``<family>.json`` for the architecture family.
+Fields given explicitly (`overrides`) win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from editserve.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    """Covariance statistics of the down-projection input."""
+
+    n_tokens: int = 100_000        # tokens of corpus text to average over
+    seq_len: int = 256             # max tokens per sequence
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ValueParams:
+    """Optimisation of the value v* (shared by ROME and MEMIT)."""
+
+    lr: float = 0.5
+    max_steps: int = 25
+    kl_factor: float = 0.0625          # weight of KL(orig || edited) on "{subject} is a"
+    weight_decay: float = 1e-3         # ‖δ‖² / ‖h‖² penalty
+    clamp_norm_factor: float = 4.0     # ‖δ‖ ≤ factor · ‖h‖
+    early_stop_nll: float = 0.05       # stop when mean target NLL drops below this
+    kl_prompt: str = "{} is a"
+
+
+@dataclass(frozen=True)
+class PrefixParams:
+    """Context prefixes that keys and values are averaged over (ROME §3.1)."""
+
+    n_prefixes: int = 10
+    prefix_tokens: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RomeParams:
+    layer: int = 5
+    value: ValueParams = ValueParams()
+    prefixes: PrefixParams = PrefixParams()
+    stats: StatsParams = StatsParams()
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+
+@dataclass(frozen=True)
+class MemitParams:
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    cov_weight: float = 1500.0     # λ in Δ = R Kᵀ (λC + KKᵀ)⁻¹
+    value: ValueParams = ValueParams()
+    prefixes: PrefixParams = PrefixParams()
+    stats: StatsParams = StatsParams()
+
+
+_NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}
+_METHODS = {"rome": RomeParams, "memit": MemitParams}
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise InvalidRequestError(f"unknown hyper-parameter(s) {sorted(unknown)} in {where}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _NESTED and isinstance(value, dict):
+            kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
+        elif key == "layers":
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _file_data(method: str, names: list[str]) -> tuple[dict[str, Any], str]:
+    root = resources.files("editserve").joinpath("data", "hparams", method)
+    for name in names:
+        f = root.joinpath(f"{name}.json")
+        if f.is_file():
+            return json.loads(f.read_text()), f"{method}/{name}.json"
+    return {}, "built-in defaults"
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] | None = None) -> RomeParams | MemitParams:
+    """Hyper-parameters for `method`, from the first data file among `model_names`, plus overrides."""
+    if method not in _METHODS:
+        raise InvalidRequestError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
+    data, where = _file_data(method, model_names)
+    if overrides:
+        data = _merge(data, overrides)
+        where += " + overrides"
+    return _build(_METHODS[method], data, where)
+
+
+def to_dict(hp: RomeParams | MemitParams) -> dict[str, Any]:
+    d = dataclasses.asdict(hp)
+    if "layers" in d:
+        d["layers"] = list(d["layers"])
+    return d

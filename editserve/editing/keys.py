@@ -1,0 +1,93 @@
+"""Keys k*: the down-projection input at the subject's last token, averaged over context prefixes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editserve.editing.arch import spec_for
+from editserve.editing.hooks import Hooks
+from editserve.editing.prompts import subject_last_index
+from editserve.editing.requests import EditRequest
+
+
+def prefixed_texts(req: EditRequest, prefixes: Sequence[str]) -> list[tuple[str, int]]:
+    """(text, subject_end_char) for the bare prompt and each prefixed copy of it."""
+    at = req.prompt.index("{}")
+    out = []
+    for prefix in ("",) + tuple(prefixes):
+        text = prefix + req.prompt.format(req.subject)
+        out.append((text, len(prefix) + at + len(req.subject)))
+    return out
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    keys: dict[int, torch.Tensor]            # layer -> [n_requests, d_in] float32, prefix-averaged
+    outputs: dict[str, torch.Tensor]         # module name -> [n_requests, d] float32, prefix-averaged
+
+
+def compute_keys(
+    model: torch.nn.Module,
+    tok: object,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    layers: Sequence[int],
+    capture_outputs: Sequence[str] = (),
+    extra_hooks: Callable[[Hooks], None] | None = None,
+    batch_size: int = 64,
+) -> KeyResult:
+    """Prefix-averaged keys at `layers` (and outputs of `capture_outputs`) at each subject's last token.
+
+    Only the text up to the subject is run, and the forward stops after the deepest layer needed.
+    `extra_hooks` may install further hooks (e.g. not-yet-merged deltas) before the passes.
+    """
+    spec = spec_for(model)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id  # type: ignore[attr-defined]
+    items: list[tuple[list[int], int, int]] = []  # (ids, subject_last, request index)
+    for r, req in enumerate(requests):
+        for text, end in prefixed_texts(req, prefixes):
+            ids, s_last = subject_last_index(tok, text[:end], end)
+            items.append((ids[: s_last + 1], s_last, r))
+    names = {layer: spec.down_proj_name(layer) for layer in layers}
+    deepest_modules = list(names.values()) + list(capture_outputs)
+    n = len(requests)
+    key_sums = {layer: None for layer in layers}
+    out_sums: dict[str, torch.Tensor | None] = {name: None for name in capture_outputs}
+    counts = torch.zeros(n)
+    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
+    last = max(deepest_modules, key=lambda nm: order[nm])
+    with torch.no_grad(), Hooks(model) as hooks:
+        if extra_hooks is not None:
+            extra_hooks(hooks)
+        for name in names.values():
+            hooks.capture_input(name)
+        for name in capture_outputs:
+            hooks.capture_output(name)
+        hooks.stop_after(last)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            L = max(len(ids) for ids, _, _ in chunk)
+            ids_t = torch.full((len(chunk), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for b, (ids, _, _) in enumerate(chunk):
+                ids_t[b, : len(ids)] = torch.tensor(ids)
+                mask[b, : len(ids)] = 1
+            rows = torch.arange(len(chunk))
+            cols = torch.tensor([s for _, s, _ in chunk])
+            req_idx = torch.tensor([r for _, _, r in chunk])
+            hooks.run(input_ids=ids_t.to(device), attention_mask=mask.to(device))
+            onehot = torch.nn.functional.one_hot(req_idx, n).T.float()  # [n, b]
+            for layer, name in names.items():
+                k = hooks.inputs[name][rows, cols].float().cpu()
+                key_sums[layer] = onehot @ k if key_sums[layer] is None else key_sums[layer] + onehot @ k
+            for name in capture_outputs:
+                o = hooks.outputs[name][rows, cols].float().cpu()
+                out_sums[name] = onehot @ o if out_sums[name] is None else out_sums[name] + onehot @ o  # type: ignore[operator]
+            counts += onehot.sum(1)
+    keys = {layer: (s / counts[:, None]) for layer, s in key_sums.items()}  # type: ignore[operator]
+    outs = {name: (s / counts[:, None]) for name, s in out_sums.items()}  # type: ignore[operator]
+    return KeyResult(keys=keys, outputs=outs)
