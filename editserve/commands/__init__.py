@@ -1,0 +1,1 @@
+"""Subcommands of the editserve CLI, one module per area."""
