@@ -37,3 +37,7 @@ class PatchStateError(EditserveError, RuntimeError):
 
 class DataError(EditserveError, ValueError):
     """An input data file (corpus, CounterFact records) is missing or malformed."""
+
+
+class MetricsError(EditserveError, ValueError):
+    """A metric was recorded with a label outside its fixed set or a value outside its range."""

@@ -1,0 +1,314 @@
+"""Prometheus metrics of edit health, built in one `Metrics` object on a caller-given registry.
+
+When editserve runs as a vLLM plugin the engine passes vLLM's own registry (the one its
+``/metrics`` route serves), so a single scrape sees serving health (``vllm:*``) and edit health
+(``editserve_*``). Every label takes its values from a small fixed set, checked on each call:
+an unknown value raises `MetricsError` instead of creating a new time series.
+
+Exported metrics (sample names as Prometheus sees them):
+
+===========================================  =========  =====================================
+``editserve_edits_total``                    counter    ``method``, ``outcome``
+``editserve_rollbacks_total``                counter
+``editserve_reverts_total``                  counter
+``editserve_edit_duration_seconds``          histogram  ``stage`` (keys … swap)
+``editserve_edit_latency_seconds``           histogram  ``method``, ``outcome`` (end to end)
+``editserve_swap_pause_seconds``             histogram  (generation blocked by a swap)
+``editserve_head_version``                   gauge
+``editserve_active_patches``                 gauge
+``editserve_last_probe_score``               gauge      ``score`` (efficacy, paraphrase,
+                                                        neighbourhood), fractions in [0, 1]
+``editserve_last_canary_kl``                 gauge      nats, KL(edited ‖ base) on the canaries
+``editserve_layer_drift_ratio``              gauge      ``layer`` < the model's layer count;
+                                                        ‖W − W₀‖_F / ‖W₀‖_F
+``editserve_parity_failures_total``          counter    engine/sidecar disagreement
+``editserve_ledger_size_bytes``              gauge
+===========================================  =========  =====================================
+
+Gauges use ``multiprocess_mode="mostrecent"`` (as vLLM's own gauges do), so they read correctly
+when vLLM serves ``/metrics`` from a multi-process registry (``PROMETHEUS_MULTIPROC_DIR``).
+
+`drift_parts` / `relative_drift` compute the per-layer drift from a saved base copy and the live
+weight; `DriftParts` add up across tensor-parallel slices before the ratio is taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from editserve.editing.edit import METHODS
+from editserve.errors import MetricsError
+
+PREFIX = "editserve"
+
+# Edit stages run from a few milliseconds (solve, commit, swap) to minutes (value optimisation on CPU).
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# A swap pauses generation for about a millisecond of work plus waiting for running steps.
+PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EditOutcome(str, Enum):
+    """How an edit request ended."""
+
+    COMMITTED = "committed"  # in the ledger and live on every rank
+    REJECTED = "rejected"    # refused by validation or the probe gate; nothing changed
+    FAILED = "failed"        # an error after validation (solve, commit or swap); head unchanged
+
+
+class EditStage(str, Enum):
+    """Timed stages of one edit, in order."""
+
+    KEYS = "keys"
+    VALUES = "values"
+    SOLVE = "solve"
+    PROBE = "probe"
+    COMMIT = "commit"
+    SWAP = "swap"
+
+
+class ProbeScore(str, Enum):
+    """The fractions the probe gate measures on an edited model."""
+
+    EFFICACY = "efficacy"
+    PARAPHRASE = "paraphrase"
+    NEIGHBOURHOOD = "neighbourhood"
+
+
+def _enum_value(enum: type[Enum], value: object, what: str) -> str:
+    try:
+        return enum(value).value
+    except ValueError:
+        allowed = [m.value for m in enum]  # type: ignore[attr-defined]
+        raise MetricsError(f"unknown {what} {value!r}; expected one of {allowed}") from None
+
+
+def _finite(value: object, what: str, *, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MetricsError(f"{what} must be a number, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x) or x < lo or x > hi:
+        raise MetricsError(f"{what} must be finite and in [{lo}, {hi}], got {value!r}")
+    return x
+
+
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MetricsError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+class Metrics:
+    """Every editserve metric, registered on `registry`; typed recording methods validate their input.
+
+    `n_layers` is the served model's layer count: the ``layer`` label of the drift gauge takes
+    only values ``0 … n_layers - 1``. `methods` are the allowed ``method`` labels (default: every
+    editing method editserve implements).
+    """
+
+    def __init__(self, registry: CollectorRegistry, n_layers: int, *, methods: Iterable[str] = METHODS) -> None:
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise MetricsError(f"n_layers must be a positive integer, got {n_layers!r}")
+        self.n_layers = n_layers
+        self.methods = tuple(methods)
+        if not self.methods:
+            raise MetricsError("methods must name at least one editing method")
+        try:
+            self._build(registry)
+        except ValueError as exc:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
+            raise MetricsError(f"cannot register editserve metrics on {registry!r}: {exc}") from exc
+
+    def _build(self, registry: CollectorRegistry) -> None:
+        p = PREFIX
+        self._edits = Counter(f"{p}_edits", "Edit requests by method and outcome.",
+                              ["method", "outcome"], registry=registry)
+        self._rollbacks = Counter(f"{p}_rollbacks", "Rollbacks of the head to an earlier version.", registry=registry)
+        self._reverts = Counter(f"{p}_reverts", "Reverts of single patches (a new version without them).",
+                                registry=registry)
+        self._stage = Histogram(f"{p}_edit_duration_seconds", "Time spent in each stage of an edit.",
+                                ["stage"], buckets=STAGE_BUCKETS, registry=registry)
+        self._latency = Histogram(f"{p}_edit_latency_seconds", "End-to-end time of an edit request.",
+                                  ["method", "outcome"], buckets=STAGE_BUCKETS, registry=registry)
+        self._pause = Histogram(f"{p}_swap_pause_seconds", "Time generation was paused for a weight swap.",
+                                buckets=PAUSE_BUCKETS, registry=registry)
+        self._head = Gauge(f"{p}_head_version", "Ledger version the engine serves.",
+                           multiprocess_mode="mostrecent", registry=registry)
+        self._active = Gauge(f"{p}_active_patches", "Patches active at the served version.",
+                             multiprocess_mode="mostrecent", registry=registry)
+        self._probe = Gauge(f"{p}_last_probe_score", "Scores of the most recent probe (fractions in [0, 1]).",
+                            ["score"], multiprocess_mode="mostrecent", registry=registry)
+        self._kl = Gauge(f"{p}_last_canary_kl", "KL divergence (nats) of the most recent probe's canaries to base.",
+                         multiprocess_mode="mostrecent", registry=registry)
+        self._drift = Gauge(f"{p}_layer_drift_ratio", "Relative drift ||W - W0|| / ||W0|| of each edited layer.",
+                            ["layer"], multiprocess_mode="mostrecent", registry=registry)
+        self._parity = Counter(f"{p}_parity_failures", "Engine/sidecar parity check failures.", registry=registry)
+        self._ledger = Gauge(f"{p}_ledger_size_bytes", "Size of the ledger on disk.",
+                             multiprocess_mode="mostrecent", registry=registry)
+        # Create every fixed-label child now so each series exists (at zero) from the first scrape
+        # and rate() sees its first increment. Drift children appear when a layer is measured.
+        for method in self.methods:
+            for outcome in EditOutcome:
+                self._edits.labels(method=method, outcome=outcome.value)
+                self._latency.labels(method=method, outcome=outcome.value)
+        for stage in EditStage:
+            self._stage.labels(stage=stage.value)
+        for score in ProbeScore:
+            self._probe.labels(score=score.value)
+
+    # -- recording -------------------------------------------------------------------------
+
+    def record_edit(
+        self,
+        method: str,
+        outcome: EditOutcome | str,
+        stage_seconds: Mapping[EditStage | str, float],
+        total_seconds: float | None = None,
+    ) -> None:
+        """Count one finished edit request and observe its stage times and end-to-end latency.
+
+        `stage_seconds` holds the stages that ran (a rejected edit has no commit or swap);
+        `total_seconds` defaults to their sum. Everything is validated before anything is recorded.
+        """
+        if method not in self.methods:
+            raise MetricsError(f"unknown method {method!r}; expected one of {list(self.methods)}")
+        out = _enum_value(EditOutcome, outcome, "outcome")
+        stages = {_enum_value(EditStage, k, "stage"): _finite(v, f"seconds of stage {k!r}")
+                  for k, v in stage_seconds.items()}
+        total = sum(stages.values()) if total_seconds is None else _finite(total_seconds, "total_seconds")
+        self._edits.labels(method=method, outcome=out).inc()
+        for stage, seconds in stages.items():
+            self._stage.labels(stage=stage).observe(seconds)
+        self._latency.labels(method=method, outcome=out).observe(total)
+
+    def record_swap(self, pause_seconds: float) -> None:
+        """Observe how long generation was paused while new weights were swapped in."""
+        self._pause.observe(_finite(pause_seconds, "pause_seconds"))
+
+    def set_head(self, version: int, active_patches: int) -> None:
+        """The ledger version now served and how many patches it has active."""
+        v, n = _count(version, "version"), _count(active_patches, "active_patches")
+        self._head.set(v)
+        self._active.set(n)
+
+    def record_probe(self, efficacy: float, paraphrase: float, neighbourhood: float, canary_kl: float) -> None:
+        """Scores of the latest probe, whether or not its edit was accepted."""
+        scores = {
+            ProbeScore.EFFICACY: _finite(efficacy, "efficacy", hi=1.0),
+            ProbeScore.PARAPHRASE: _finite(paraphrase, "paraphrase", hi=1.0),
+            ProbeScore.NEIGHBOURHOOD: _finite(neighbourhood, "neighbourhood", hi=1.0),
+        }
+        kl = _finite(canary_kl, "canary_kl")
+        for score, value in scores.items():
+            self._probe.labels(score=score.value).set(value)
+        self._kl.set(kl)
+
+    def set_drift(self, layer: int, value: float) -> None:
+        """Relative drift of `layer`'s edited weight from its base (see `relative_drift`)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise MetricsError(f"layer {layer!r} is outside the model's layers 0..{self.n_layers - 1}")
+        self._drift.labels(layer=str(layer)).set(_finite(value, f"drift of layer {layer}"))
+
+    def set_drifts(self, drifts: Mapping[int, float]) -> None:
+        """`set_drift` for several layers; validates all before setting any."""
+        for layer, value in drifts.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise MetricsError(f"layer {layer!r} is outside the model's layers 0..{self.n_layers - 1}")
+            _finite(value, f"drift of layer {layer}")
+        for layer, value in drifts.items():
+            self.set_drift(layer, value)
+
+    def parity_failure(self) -> None:
+        """Count one disagreement between the engine's weights and the sidecar/ledger."""
+        self._parity.inc()
+
+    def set_ledger_bytes(self, n: int) -> None:
+        """The ledger's size on disk."""
+        self._ledger.set(_count(n, "ledger bytes"))
+
+    def record_rollback(self) -> None:
+        """Count one rollback of the head to an earlier version."""
+        self._rollbacks.inc()
+
+    def record_revert(self) -> None:
+        """Count one revert of a patch (a new version without it)."""
+        self._reverts.inc()
+
+
+# Sample-name suffixes each metric type always exports (``_created`` only when enabled; taken from samples).
+_TYPE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    "summary": ("", "_sum", "_count"),
+    "info": ("_info",),
+}
+
+
+def metric_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name `registry` exports, including those of labelled metrics with no series yet."""
+    names: set[str] = set()
+    for family in registry.collect():
+        names.update(s.name for s in family.samples)
+        names.update(family.name + suffix for suffix in _TYPE_SUFFIXES.get(family.type, ("",)))
+    return names
+
+
+# -- per-layer drift -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DriftParts:
+    """Squared Frobenius norms of W − W₀ and of W₀; add the parts of tensor-parallel slices."""
+
+    diff_sq: float
+    base_sq: float
+
+    def __add__(self, other: DriftParts) -> DriftParts:
+        return DriftParts(self.diff_sq + other.diff_sq, self.base_sq + other.base_sq)
+
+    @property
+    def relative(self) -> float:
+        """‖W − W₀‖ / ‖W₀‖."""
+        if not (math.isfinite(self.diff_sq) and math.isfinite(self.base_sq)):
+            raise MetricsError(f"drift norms are not finite: diff²={self.diff_sq!r}, base²={self.base_sq!r}")
+        if self.base_sq <= 0.0:
+            raise MetricsError(f"relative drift is undefined for a zero base weight (base²={self.base_sq!r})")
+        return math.sqrt(self.diff_sq / self.base_sq)
+
+
+def drift_parts(
+    base: torch.Tensor, current: torch.Tensor, *, device: torch.device | str | None = None, block_rows: int = 1024
+) -> DriftParts:
+    """Squared norms of ``current - base`` and ``base``, in float32 differences summed in float64.
+
+    Works in blocks of `block_rows` rows on `device` (default: `current`'s), so a base copy kept in
+    host memory can be compared with a live GPU weight without a full-size temporary.
+    """
+    if base.shape != current.shape:
+        raise MetricsError(f"base shape {tuple(base.shape)} differs from current shape {tuple(current.shape)}")
+    if base.dim() == 0:
+        raise MetricsError("drift needs a weight tensor, got a scalar")
+    if block_rows < 1:
+        raise MetricsError(f"block_rows must be positive, got {block_rows!r}")
+    dev = torch.device(device) if device is not None else current.device
+    diff_sq = 0.0
+    base_sq = 0.0
+    with torch.no_grad():
+        for start in range(0, base.shape[0], block_rows):
+            b = base[start:start + block_rows].to(dev, torch.float32)
+            c = current[start:start + block_rows].to(dev, torch.float32)
+            diff_sq += float(torch.linalg.vector_norm(c - b, dtype=torch.float64) ** 2)
+            base_sq += float(torch.linalg.vector_norm(b, dtype=torch.float64) ** 2)
+    return DriftParts(diff_sq, base_sq)
+
+
+def relative_drift(
+    base: torch.Tensor, current: torch.Tensor, *, device: torch.device | str | None = None
+) -> float:
+    """‖current − base‖_F / ‖base‖_F of one (unsharded) weight."""
+    return drift_parts(base, current, device=device).relative
