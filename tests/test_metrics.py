@@ -13,13 +13,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from editserve.editing.edit import METHODS
@@ -38,11 +40,19 @@ N_LAYERS = 30
 REPO = Path(__file__).resolve().parents[1]
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - wsgiref's signature
+        pass
+
+
 class Scraper:
     """Serves one registry on a loopback port and scrapes it over HTTP."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.server, self.thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+        # prometheus_client's own WSGI app, on a loopback port; a short poll interval keeps teardown fast.
+        self.server = make_server("127.0.0.1", 0, make_wsgi_app(registry), handler_class=_QuietHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/metrics"
         self.last_text = ""
 
