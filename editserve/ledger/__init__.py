@@ -1,0 +1,51 @@
+"""The durable, versioned patch ledger: every change made to a served model, never lost or half-written.
+
+Public API::
+
+    from editserve.ledger import Ledger, LedgerConflict
+    ledger = Ledger.open(model_fingerprint=fp)          # $EDITSERVE_HOME/ledger/<fp[:16]>
+    v = ledger.commit(patch, expected_head=ledger.head(), base={name: base_weight})
+    ledger.rollback(0); ledger.rollback(v)              # back to the base model, forward again
+    weights = ledger.materialize(v)                     # base copies + Σ UVᵀ, bit-reproducible
+
+See `editserve.ledger.ledger` for the data model, `editserve.ledger.transfer` for export and
+import, `editserve.ledger.rebase` for recomputing later patches after a revert.
+"""
+
+from __future__ import annotations
+
+from editserve.ledger.errors import (
+    BaseCopyMismatch,
+    BaseCopyMissing,
+    IdempotencyMismatch,
+    ImportRejected,
+    LedgerBusy,
+    LedgerConflict,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerModelMismatch,
+    PatchNotFound,
+    RevertError,
+    VersionNotFound,
+)
+from editserve.ledger.ledger import (
+    IntegrityReport,
+    Ledger,
+    RebasedPatch,
+    RebaseOutcome,
+    RebaseStep,
+    RevertResult,
+    VersionDiff,
+    VersionInfo,
+    WeightDiff,
+    tensor_sha256,
+)
+from editserve.ledger.store import Event, LedgerStore
+
+__all__ = [
+    "Ledger", "VersionInfo", "Event", "RevertResult", "RebaseStep", "RebaseOutcome", "RebasedPatch",
+    "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "tensor_sha256",
+    "LedgerError", "LedgerConflict", "IdempotencyMismatch", "VersionNotFound", "PatchNotFound",
+    "LedgerModelMismatch", "LedgerCorrupt", "LedgerBusy", "BaseCopyMissing", "BaseCopyMismatch",
+    "RevertError", "ImportRejected",
+]

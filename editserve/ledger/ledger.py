@@ -1,0 +1,891 @@
+"""`Ledger`: the durable, versioned history of every patch applied to one served model.
+
+Model of the data
+-----------------
+- **Versions.** Version 0 is the base model. Every later version is created by one
+  transaction and has a parent (the head when it was created) and a short list of operations
+  on its parent's list of active patches: a commit or import *adds* one patch, a revert
+  *removes* one (and, with rebase, replaces the later ones by their recomputed versions).
+  The active patches of a version are found by replaying the operations along its parent
+  chain; their order is fixed (the order of the operations) and is the order in which they
+  are summed.
+- **Head.** A pointer to one version, kept apart from the versions: `rollback` moves it back
+  (or forward again) and every version stays in history.
+- **Blobs.** Patch factors (safetensors of ``Patch.tensors()``) and the saved base copy of
+  every touched matrix are content-addressed files, written and fsynced *before* the database
+  transaction that refers to them. A crash leaves either the whole version or none of it (and
+  perhaps an unreferenced blob, which is harmless).
+- **Audit log.** Every create, commit, rollback, roll-forward, revert and import appends an
+  event in the same transaction as the change it records.
+
+Materialisation follows `editserve.patches.materialize`: base copy + Σ UVᵀ of the active
+patches in float32 in the fixed order, cast once; with no active patch, the base copy itself,
+bit for bit. The ledger holds no model: an engine asks `active_patches(v)` and materialises its
+own (tensor-parallel) slice, and compares with `expected_checksums(v)`. Recomputing patches on
+`revert(..., rebase=...)` is done by an injected callable (see `editserve.ledger.rebase`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import Layout
+from editserve.editing.requests import EditRequest
+from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
+from editserve.ledger.blobs import BlobStore
+from editserve.ledger.errors import (
+    BaseCopyMismatch,
+    BaseCopyMissing,
+    IdempotencyMismatch,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerModelMismatch,
+    PatchNotFound,
+    RevertError,
+    VersionNotFound,
+)
+from editserve.ledger.sqlite import SqliteStore
+from editserve.ledger.store import (
+    ADD,
+    EVENT_COMMIT,
+    EVENT_IMPORT,
+    EVENT_REVERT,
+    KIND_COMMIT,
+    KIND_IMPORT,
+    KIND_REVERT,
+    REMOVE,
+    BaseCopyRecord,
+    Event,
+    LedgerStore,
+    NewVersion,
+    PatchRecord,
+    VersionRecord,
+)
+from editserve.patches import Patch, WeightDelta, materialize
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "ledger.sqlite3"
+BLOB_DIR = "blobs"
+VERIFY_MODES = ("full", "quick", "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records handed to callers
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One version as shown to callers: its operations plus the metadata of the patch it added."""
+
+    version: int
+    parent: int | None
+    kind: str                                  # base | commit | revert | import
+    patch_id: str | None                       # digest of the patch this version added
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    caller: str
+    created_at: float
+    probe_report: dict[str, Any] | None
+    idempotency_key: str | None
+    method: str | None
+    requests: tuple[EditRequest, ...]
+    hparams: dict[str, Any] | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RebaseStep:
+    """One later patch to recompute after a revert.
+
+    `old_context` were the patches in effect when `old_patch` was computed; `new_context` are
+    the patches that will be in effect below its replacement (earlier recomputed ones included).
+    A recompute callable must compute on a model with exactly `new_context` applied.
+    """
+
+    version: int                               # the version that added old_patch
+    old_patch: Patch
+    old_context: tuple[Patch, ...]
+    new_context: tuple[Patch, ...]
+    old_probe_report: dict[str, Any] | None
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        return self.old_patch.requests
+
+    @property
+    def method(self) -> str:
+        return self.old_patch.method
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return self.old_patch.hparams
+
+
+@dataclass(frozen=True)
+class RebaseOutcome:
+    """What a recompute callable returns: the new patch and the metrics before/after."""
+
+    patch: Patch
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    metrics_after: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RebasedPatch:
+    original_version: int
+    old_patch: str
+    new_patch: str
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+
+    @property
+    def changes(self) -> dict[str, float]:
+        """after − before for every metric both sides report."""
+        return {k: float(self.metrics_after[k]) - float(self.metrics_before[k])
+                for k in sorted(set(self.metrics_before) & set(self.metrics_after))}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"original_version": self.original_version, "old_patch": self.old_patch, "new_patch": self.new_patch,
+                "metrics_before": self.metrics_before, "metrics_after": self.metrics_after, "changes": self.changes}
+
+
+@dataclass(frozen=True)
+class RevertResult:
+    version: int                               # the new version (or the existing one for a retried key)
+    reverted_version: int
+    removed_patch: str
+    rebased: tuple[RebasedPatch, ...]
+    created: bool
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    head: int
+    versions: int
+    patches: int
+    base_copies: int
+    blobs_checked: int
+    mode: str
+    bad_blobs: dict[str, str]
+    bad_versions: tuple[int, ...]
+    last_good: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_blobs and not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return (f"ledger intact: {self.versions} versions, head {self.head}, {self.patches} patches, "
+                    f"{self.base_copies} base copies, {self.blobs_checked} blobs checked ({self.mode})")
+        parts = list(self.problems)
+        parts += [f"blob {b} {why}" for b, why in sorted(self.bad_blobs.items())]
+        if self.bad_versions:
+            shown = ", ".join(map(str, self.bad_versions[:20])) + (" ..." if len(self.bad_versions) > 20 else "")
+            parts.append(f"damaged versions: {shown}")
+        parts.append(f"head is {self.head}; last good version on its line is {self.last_good}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class WeightDiff:
+    name: str
+    layer: int
+    norm: float                                # ‖ΔW_b − ΔW_a‖_F (float32)
+    relative: float | None                     # norm / ‖W_base‖_F when the base copy is stored
+
+
+@dataclass(frozen=True)
+class VersionDiff:
+    a: int
+    b: int
+    only_a: tuple[str, ...]                    # patch digests active in a but not in b
+    only_b: tuple[str, ...]
+    common: tuple[str, ...]
+    weights: tuple[WeightDiff, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (row-major, CPU); the checksum engines compare against."""
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def patch_bytes(patch: Patch) -> bytes:
+    from safetensors.torch import save
+
+    return save(patch.tensors())
+
+
+def patch_from_bytes(data: bytes, manifest: dict[str, Any]) -> Patch:
+    from safetensors.torch import load
+
+    return Patch.from_parts(manifest, load(data))
+
+
+def _json_safe(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{what} must be JSON-serialisable without NaN/infinity: {exc}") from exc
+
+
+def _request_digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _out_in_shape(shape: Sequence[int], layout: Layout | str) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise PatchMismatchError(f"edited weights must be 2-D, got shape {tuple(shape)}")
+    return (int(shape[0]), int(shape[1])) if Layout(layout) is Layout.OUT_IN else (int(shape[1]), int(shape[0]))
+
+
+def default_root(model_fingerprint: str) -> Path:
+    from editserve.config import cache_dir
+
+    return cache_dir("ledger") / model_fingerprint[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """The patch ledger of one model. Open with `Ledger.open`."""
+
+    def __init__(self, root: Path, store: LedgerStore, blobs: BlobStore, model_fingerprint: str,
+                 patch_cache_size: int = 4096) -> None:
+        self.root = root
+        self._store = store
+        self._blobs = blobs
+        self.model_fingerprint = model_fingerprint
+        self._lock = threading.RLock()
+        self._patch_cache: OrderedDict[str, Patch] = OrderedDict()
+        self._patch_cache_size = patch_cache_size
+        self._active_cache: OrderedDict[int, tuple[tuple[str, int], ...]] = OrderedDict()
+        self.damage: IntegrityReport | None = None
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path | None = None, model_fingerprint: str | None = None, *, caller: str = "local",
+             create: bool = True, strict: bool = True, verify: str = "full", busy_timeout_s: float = 60.0) -> "Ledger":
+        """Open (or create) the ledger at `root` (default ``$EDITSERVE_HOME/ledger/<fingerprint[:16]>``).
+
+        model_fingerprint: the base model's fingerprint; required to create a ledger, and if given
+                           must match an existing ledger's (`LedgerModelMismatch` otherwise).
+        strict:            raise `LedgerCorrupt` if the integrity check at open finds missing or
+                           corrupt blobs; with ``strict=False`` open anyway, keep the report in
+                           `damage`, and refuse only operations that need the damaged versions.
+        verify:            "full" (hash every blob), "quick" (presence and size) or "none".
+        """
+        if verify not in VERIFY_MODES:
+            raise InvalidRequestError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        if root is None:
+            if model_fingerprint is None:
+                raise InvalidRequestError("Ledger.open needs a root directory or a model fingerprint")
+            root = default_root(model_fingerprint)
+        root = Path(root).expanduser()
+        db = root / DB_FILE
+        if not db.exists():
+            if not create:
+                raise LedgerError(f"no ledger at {str(root)!r} ({DB_FILE} not found)")
+            if model_fingerprint is None:
+                raise InvalidRequestError(f"creating a ledger at {str(root)!r} needs the model fingerprint")
+            root.mkdir(parents=True, exist_ok=True)
+        store = SqliteStore(db, busy_timeout_s=busy_timeout_s)
+        try:
+            if not store.is_initialized():
+                if model_fingerprint is None:
+                    raise LedgerCorrupt(f"ledger database {str(db)!r} exists but was never initialised")
+                store.initialize(model_fingerprint, caller, {"created_by": caller})
+            stored = store.meta().get("model_fingerprint")
+            if stored is None:
+                raise LedgerCorrupt(f"ledger {str(root)!r} records no model fingerprint")
+            if model_fingerprint is not None and stored != model_fingerprint:
+                raise LedgerModelMismatch(
+                    f"ledger {str(root)!r} belongs to model {stored[:16]}..., not {model_fingerprint[:16]}...")
+            ledger = cls(root, store, BlobStore(root / BLOB_DIR), stored)
+            if verify != "none":
+                report = ledger.integrity_report(mode=verify)
+                if not report.ok:
+                    if strict:
+                        raise LedgerCorrupt(
+                            f"ledger {str(root)!r} failed its integrity check at open: {report.describe()}. "
+                            f"Open with strict=False to use version {report.last_good} and earlier.",
+                            bad_blobs=report.bad_blobs, bad_versions=report.bad_versions, last_good=report.last_good)
+                    log.error("ledger %s is damaged: %s", root, report.describe())
+                    ledger.damage = report
+        except BaseException:
+            store.close()
+            raise
+        return ledger
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.root)!r}, model={self.model_fingerprint[:16]})"
+
+    @property
+    def store(self) -> LedgerStore:
+        return self._store
+
+    @property
+    def blobs(self) -> BlobStore:
+        return self._blobs
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def head(self) -> int:
+        return self._store.head()
+
+    def _active_with_origin(self, version: int) -> tuple[tuple[str, int], ...]:
+        """(patch digest, version that added it) in effect at `version`, in summation order."""
+        with self._lock:
+            hit = self._active_cache.get(version)
+            if hit is not None:
+                self._active_cache.move_to_end(version)
+                return hit
+        active: list[tuple[str, int]] = []
+        for v, op, digest in self._store.chain_ops(version):
+            if op == ADD:
+                if any(d == digest for d, _ in active):
+                    raise LedgerCorrupt(f"version {v} adds patch {digest[:12]} that is already active")
+                active.append((digest, v))
+            else:
+                idx = next((i for i, (d, _) in enumerate(active) if d == digest), None)
+                if idx is None:
+                    raise LedgerCorrupt(f"version {v} removes patch {digest[:12]} that is not active")
+                del active[idx]
+        result = tuple(active)
+        with self._lock:
+            self._active_cache[version] = result
+            while len(self._active_cache) > 256:
+                self._active_cache.popitem(last=False)
+        return result
+
+    def _resolve_version(self, version: int | None) -> int:
+        if version is None:
+            return self.head()
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise InvalidRequestError(f"a version is an integer, got {version!r}")
+        return version
+
+    def active_ids(self, version: int | None = None) -> tuple[str, ...]:
+        """Digests of the patches in effect at `version` (default: the head), in fixed order."""
+        return tuple(d for d, _ in self._active_with_origin(self._resolve_version(version)))
+
+    def active_patches(self, version: int | None = None) -> list[Patch]:
+        """The patches in effect at `version` (default: the head), in the order they are summed."""
+        version = self._resolve_version(version)
+        self._refuse_damaged(version)
+        return [self.patch(d) for d in self.active_ids(version)]
+
+    def patch(self, ref: str) -> Patch:
+        """A stored patch by digest (or unique prefix of at least 6 characters), loaded and verified."""
+        digest = self.resolve_patch(ref)
+        with self._lock:
+            hit = self._patch_cache.get(digest)
+            if hit is not None:
+                self._patch_cache.move_to_end(digest)
+                return hit
+        rec = self._store.patch(digest)
+        data = self._blobs.get(rec.blob)
+        try:
+            patch = patch_from_bytes(data, rec.manifest)
+        except (PatchMismatchError, NonFiniteError) as exc:
+            raise LedgerCorrupt(f"patch {digest[:12]} (blob {rec.blob}) does not load: {exc}",
+                                bad_blobs={rec.blob: str(exc)}) from exc
+        if patch.digest != digest:
+            raise LedgerCorrupt(f"patch {digest[:12]} loads as {patch.digest[:12]}", bad_blobs={rec.blob: "digest"})
+        with self._lock:
+            self._patch_cache[digest] = patch
+            while len(self._patch_cache) > self._patch_cache_size:
+                self._patch_cache.popitem(last=False)
+        return patch
+
+    def resolve_patch(self, ref: str) -> str:
+        if len(ref) == 64:
+            return ref
+        if len(ref) < 6:
+            raise PatchNotFound(f"patch reference {ref!r} is too short (give at least 6 hex digits)")
+        found = [p.digest for p in self._store.patches() if p.digest.startswith(ref)]
+        if len(found) != 1:
+            raise PatchNotFound(f"patch reference {ref!r} matches {len(found)} patches")
+        return found[0]
+
+    def _info(self, rec: VersionRecord, manifests: Mapping[str, dict[str, Any]]) -> VersionInfo:
+        m = manifests.get(rec.patch) if rec.patch else None
+        return VersionInfo(
+            version=rec.version, parent=rec.parent, kind=rec.kind, patch_id=rec.patch,
+            added=tuple(d for op, d in rec.ops if op == ADD), removed=tuple(d for op, d in rec.ops if op == REMOVE),
+            caller=rec.caller, created_at=rec.created_at, probe_report=rec.probe_report,
+            idempotency_key=rec.idempotency_key, method=m["method"] if m else None,
+            requests=tuple(EditRequest(**r) for r in m["requests"]) if m else (),
+            hparams=m["hparams"] if m else None, details=rec.details,
+        )
+
+    def version(self, version: int) -> VersionInfo:
+        rec = self._store.version(self._resolve_version(version))
+        manifests = {rec.patch: self._store.patch(rec.patch).manifest} if rec.patch else {}
+        return self._info(rec, manifests)
+
+    def versions(self) -> list[VersionInfo]:
+        manifests = {p.digest: p.manifest for p in self._store.patches()}
+        return [self._info(r, manifests) for r in self._store.versions()]
+
+    def events(self, since_id: int = 0) -> list[Event]:
+        return self._store.events(since_id)
+
+    def base_names(self) -> tuple[str, ...]:
+        return tuple(self._store.base_copies())
+
+    def base_copy(self, name: str) -> tuple[torch.Tensor, Layout]:
+        """The saved original of `name` and its layout."""
+        rec = self._store.base_copies().get(name)
+        if rec is None:
+            raise BaseCopyMissing(f"the ledger holds no base copy of {name!r}")
+        return self._load_base(rec), Layout(rec.layout)
+
+    def _load_base(self, rec: BaseCopyRecord) -> torch.Tensor:
+        from safetensors.torch import load
+
+        tensors = load(self._blobs.get(rec.blob))
+        if rec.name not in tensors:
+            raise LedgerCorrupt(f"base-copy blob {rec.blob} does not hold {rec.name!r}", bad_blobs={rec.blob: "content"})
+        return tensors[rec.name]
+
+    def touched_names(self, version: int | None = None) -> tuple[str, ...]:
+        names: dict[str, None] = {}
+        for p in self.active_patches(version):
+            for d in p.deltas:
+                names[d.name] = None
+        return tuple(names)
+
+    # -- base copies ---------------------------------------------------------------------------
+
+    def _base_record(self, name: str, tensor: torch.Tensor, layout: Layout) -> BaseCopyRecord:
+        from safetensors.torch import save
+
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+            raise PatchMismatchError(f"base copy of {name!r} must be a 2-D tensor, got {getattr(tensor, 'shape', tensor)!r}")
+        data = save({name: tensor.detach().to("cpu").contiguous().clone()})
+        blob = self._blobs.put(data)
+        return BaseCopyRecord(name=name, blob=blob, blob_size=len(data), dtype=str(tensor.dtype).replace("torch.", ""),
+                              shape=tuple(int(s) for s in tensor.shape), layout=Layout(layout).value,
+                              created_at=time.time())
+
+    def ensure_base(self, name: str, tensor: torch.Tensor, layout: Layout = Layout.OUT_IN) -> BaseCopyRecord:
+        """Store the original of `name` unless already stored; an offered copy that differs is refused.
+
+        `tensor` must be the *base* model's weight (never one with patches merged in).
+        """
+        existing = self._store.base_copies().get(name)
+        rec = self._base_record(name, tensor, layout)
+        if existing is not None:
+            if existing.blob != rec.blob:
+                raise BaseCopyMismatch(f"base copy of {name!r} is already stored as blob {existing.blob[:16]}; the one "
+                                       f"offered hashes to {rec.blob[:16]}")
+            return existing
+        self._store.add_base_copies([rec])
+        return rec
+
+    def _bases_for(self, patches: Iterable[Patch], base: Mapping[str, torch.Tensor] | None,
+                   base_layout: Layout, error: type[LedgerError] = BaseCopyMissing) -> list[BaseCopyRecord]:
+        """Check every touched matrix has a base copy of the right shape; returns new records to insert."""
+        stored = self._store.base_copies()
+        new: dict[str, BaseCopyRecord] = {}
+        for p in patches:
+            for d in p.deltas:
+                rec = stored.get(d.name) or new.get(d.name)
+                if rec is None:
+                    if base is None or d.name not in base:
+                        raise error(f"no base copy of {d.name!r} is stored; pass base={{name: weight}} with the base "
+                                    f"model's weight (or call ledger.ensure_base first)")
+                    rec = self._base_record(d.name, base[d.name], base_layout)
+                    new[d.name] = rec
+                if _out_in_shape(rec.shape, rec.layout) != d.shape:
+                    raise PatchMismatchError(f"delta for {d.name!r} has shape {d.shape} (d_out, d_in); the base weight "
+                                             f"is {rec.shape} in layout {rec.layout}")
+        return list(new.values())
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _check_patch(self, patch: Patch) -> None:
+        if not isinstance(patch, Patch):
+            raise InvalidRequestError(f"expected a Patch, got {type(patch).__name__}")
+        if patch.model_fingerprint != self.model_fingerprint:
+            raise LedgerModelMismatch(f"patch {patch.digest[:12]} was computed for model {patch.model_fingerprint[:16]}, "
+                                      f"this ledger is for {self.model_fingerprint[:16]}")
+        if not patch.deltas:
+            raise InvalidRequestError(f"patch {patch.digest[:12]} changes no weight")
+
+    def _patch_record(self, patch: Patch) -> PatchRecord:
+        data = patch_bytes(patch)
+        blob = self._blobs.put(data)
+        return PatchRecord(digest=patch.digest, blob=blob, blob_size=len(data), manifest=patch.manifest(),
+                           created_at=time.time())
+
+    def _refuse_damaged(self, version: int) -> None:
+        if self.damage is not None and version in self.damage.bad_versions:
+            raise LedgerCorrupt(f"version {version} is damaged ({self.damage.describe()})",
+                                bad_blobs=self.damage.bad_blobs, bad_versions=self.damage.bad_versions,
+                                last_good=self.damage.last_good)
+
+    def _idempotent_hit(self, key: str | None, request_digest: str) -> int | None:
+        if key is None:
+            return None
+        hit = self._store.idempotent(key)
+        if hit is None:
+            return None
+        if hit[1] != request_digest:
+            raise IdempotencyMismatch(f"idempotency key {key!r} was used for version {hit[0]} with another request")
+        return hit[0]
+
+    def _add_patch(self, patch: Patch, expected_head: int, caller: str, probe_report: dict[str, Any] | None,
+                   idempotency_key: str | None, base: Mapping[str, torch.Tensor] | None, base_layout: Layout,
+                   kind: str, event_kind: str, details: dict[str, Any]) -> int:
+        if isinstance(expected_head, bool) or not isinstance(expected_head, int):
+            raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
+        self._check_patch(patch)
+        report = None if probe_report is None else _json_safe(probe_report, "probe_report")
+        digest = patch.digest
+        request = _request_digest(kind, digest)
+        hit = self._idempotent_hit(idempotency_key, request)
+        if hit is not None:
+            log.info("%s of patch %s already recorded as version %d (idempotency key %r)", kind, digest[:12], hit,
+                     idempotency_key)
+            return hit
+        self._refuse_damaged(expected_head)
+        if digest in self.active_ids(expected_head):
+            raise InvalidRequestError(f"patch {digest[:12]} is already active at version {expected_head}")
+        bases = self._bases_for([patch], base, base_layout)
+        record = self._patch_record(patch)                     # blobs are durable before the transaction
+        new = NewVersion(parent=expected_head, kind=kind, patch=digest, ops=((ADD, digest),), caller=caller,
+                         probe_report=report, idempotency_key=idempotency_key, request_digest=request,
+                         details=details, event_kind=event_kind,
+                         event_details={"patch": digest, "method": patch.method, **details})
+        version, created = self._store.append_version(new, expected_head, [record], bases)
+        with self._lock:
+            self._patch_cache[digest] = patch
+        if created:
+            log.info("version %d: %s of patch %s (%s, %d request(s)) by %s", version, kind, digest[:12], patch.method,
+                     len(patch.requests), caller)
+        return version
+
+    def commit(self, patch: Patch, expected_head: int, caller: str = "local", probe_report: dict[str, Any] | None = None,
+               idempotency_key: str | None = None, base: Mapping[str, torch.Tensor] | None = None,
+               base_layout: Layout = Layout.OUT_IN) -> int:
+        """Record `patch` as a new version on top of `expected_head`; returns the new version number.
+
+        Raises `LedgerConflict` if the head is not `expected_head` (nothing is written then). A
+        retried call with the same `idempotency_key` returns the version the first call created.
+        `base` supplies the base model's weights of matrices the ledger has no base copy of yet
+        (in `base_layout`); the copies are stored with the version.
+        """
+        return self._add_patch(patch, expected_head, caller, probe_report, idempotency_key, base, base_layout,
+                               KIND_COMMIT, EVENT_COMMIT, {})
+
+    def rollback(self, version: int, caller: str = "local", expected_head: int | None = None) -> int:
+        """Move the head to `version` (back, or forward to one still in history); returns the head."""
+        version = self._resolve_version(version)
+        self._store.version(version)                         # VersionNotFound if absent
+        self._refuse_damaged(version)
+        previous, head = self._store.move_head(version, expected_head, caller, {})
+        if previous != head:
+            log.info("head moved from version %d to %d by %s", previous, head, caller)
+        return head
+
+    def revert(self, version: int, caller: str = "local", rebase: Callable[[RebaseStep], Patch | RebaseOutcome] | None = None,
+               expected_head: int | None = None, idempotency_key: str | None = None,
+               probe_report: dict[str, Any] | None = None) -> RevertResult:
+        """Create a new version equal to the head without the patch that `version` added.
+
+        With `rebase`, every patch active after it is recomputed in order by the callable (which
+        receives a `RebaseStep` and returns the new `Patch` or a `RebaseOutcome` with metrics);
+        the new version holds the recomputed patches in place of the old ones. The head must
+        still be `expected_head` (default: the head when called) when the version is written.
+        """
+        head = self.head() if expected_head is None else self._resolve_version(expected_head)
+        rec = self._store.version(self._resolve_version(version))
+        if rec.patch is None:
+            raise RevertError(f"version {rec.version} ({rec.kind}) added no patch; there is nothing to revert")
+        request = _request_digest(KIND_REVERT, str(rec.version), "rebase" if rebase else "plain")
+        hit = self._idempotent_hit(idempotency_key, request)
+        if hit is not None:
+            done = self._store.version(hit)
+            rebased = tuple(RebasedPatch(**{k: r[k] for k in ("original_version", "old_patch", "new_patch",
+                                                              "metrics_before", "metrics_after")})
+                            for r in done.details.get("rebased", []))
+            return RevertResult(version=hit, reverted_version=rec.version, removed_patch=rec.patch,
+                                rebased=rebased, created=False)
+        self._refuse_damaged(head)
+        chain = self._active_with_origin(head)
+        ids = [d for d, _ in chain]
+        if rec.patch not in ids:
+            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is not active at version {head}")
+        idx = ids.index(rec.patch)
+        ops: list[tuple[str, str]] = [(REMOVE, rec.patch)]
+        rebased: list[RebasedPatch] = []
+        new_patches: list[Patch] = []
+        if rebase is not None:
+            new_context = [self.patch(d) for d in ids[:idx]]
+            for digest, origin in chain[idx + 1:]:
+                origin_rec = self._store.version(origin)
+                old = self.patch(digest)
+                old_context = tuple(self.active_patches(origin_rec.parent)) if origin_rec.parent is not None else ()
+                step = RebaseStep(version=origin, old_patch=old, old_context=old_context,
+                                  new_context=tuple(new_context), old_probe_report=origin_rec.probe_report)
+                outcome = rebase(step)
+                if isinstance(outcome, Patch):
+                    outcome = RebaseOutcome(patch=outcome)
+                if not isinstance(outcome, RebaseOutcome):
+                    raise RevertError(f"the rebase callable returned {type(outcome).__name__}, not a Patch or RebaseOutcome")
+                self._check_patch(outcome.patch)
+                before = dict(outcome.metrics_before) if outcome.metrics_before else dict(origin_rec.probe_report or {})
+                rebased.append(RebasedPatch(original_version=origin, old_patch=digest, new_patch=outcome.patch.digest,
+                                            metrics_before=_json_safe(before, "metrics_before"),
+                                            metrics_after=_json_safe(dict(outcome.metrics_after), "metrics_after")))
+                new_context.append(outcome.patch)
+                new_patches.append(outcome.patch)
+                ops.append((REMOVE, digest))
+            ops += [(ADD, p.digest) for p in new_patches]
+            final = ids[:idx] + [p.digest for p in new_patches]
+            if len(set(final)) != len(final):
+                raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
+        bases = self._bases_for(new_patches, None, Layout.OUT_IN)
+        records = [self._patch_record(p) for p in new_patches]
+        details = {"reverted": rec.version, "removed_patch": rec.patch, "rebased": [r.to_dict() for r in rebased]}
+        new = NewVersion(parent=head, kind=KIND_REVERT, patch=None, ops=tuple(ops), caller=caller,
+                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
+                         idempotency_key=idempotency_key, request_digest=request, details=details,
+                         event_kind=EVENT_REVERT, event_details=details)
+        number, created = self._store.append_version(new, head, records, bases)
+        with self._lock:
+            for p in new_patches:
+                self._patch_cache[p.digest] = p
+        log.info("version %d: reverted version %d (patch %s)%s by %s", number, rec.version, rec.patch[:12],
+                 f", rebased {len(rebased)} later patch(es)" if rebase else "", caller)
+        return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
+                            rebased=tuple(rebased), created=created)
+
+    def _import(self, patches: Sequence[Patch], expected_head: int, caller: str, idempotency_key: str | None,
+                base: Mapping[str, torch.Tensor] | None, base_layout: Layout, replace: bool,
+                details: dict[str, Any]) -> int:
+        """Used by `editserve.ledger.transfer` after validation: one version adding `patches`
+        (on top of the head, or replacing the head's active list when `replace`)."""
+        from editserve.ledger.errors import ImportRejected
+
+        if isinstance(expected_head, bool) or not isinstance(expected_head, int):
+            raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
+        for p in patches:
+            self._check_patch(p)
+        request = _request_digest(KIND_IMPORT, "replace" if replace else "add", *[p.digest for p in patches])
+        hit = self._idempotent_hit(idempotency_key, request)
+        if hit is not None:
+            return hit
+        self._refuse_damaged(expected_head)
+        current = self.active_ids(expected_head)
+        if replace:
+            ops = [(REMOVE, d) for d in current] + [(ADD, p.digest) for p in patches]
+        else:
+            dup = [p.digest[:12] for p in patches if p.digest in current]
+            if dup:
+                raise ImportRejected(f"patch(es) {dup} are already active at version {expected_head}")
+            ops = [(ADD, p.digest) for p in patches]
+        bases = self._bases_for(patches, base, base_layout, error=ImportRejected)
+        records = [self._patch_record(p) for p in patches]
+        new = NewVersion(parent=expected_head, kind=KIND_IMPORT, patch=patches[0].digest if len(patches) == 1 and not replace
+                         else None, ops=tuple(ops), caller=caller, probe_report=None, idempotency_key=idempotency_key,
+                         request_digest=request, details=details, event_kind=EVENT_IMPORT,
+                         event_details={"patches": [p.digest for p in patches], **details})
+        number, _ = self._store.append_version(new, expected_head, records, bases)
+        log.info("version %d: imported %d patch(es) by %s", number, len(patches), caller)
+        return number
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def materialize(self, version: int | None = None, base: Mapping[str, torch.Tensor] | None = None,
+                    layout: Layout | None = None, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Weights of `version` (default: the head): base + Σ UVᵀ of its active patches, per matrix.
+
+        Without `base`, every matrix the ledger holds a base copy of (or those in `names`) is
+        rebuilt from the stored copies, in their stored layout; a matrix no active patch touches
+        comes back as its base copy, bit for bit. With `base` (in `layout`, default OUT_IN), the
+        matrices in `base` (or `names`) are rebuilt from those tensors instead.
+        """
+        version = self._resolve_version(version)
+        active = self.active_patches(version)
+        by_name: dict[str, list[WeightDelta]] = {}
+        for p in active:
+            for d in p.deltas:
+                by_name.setdefault(d.name, []).append(d)
+        out: dict[str, torch.Tensor] = {}
+        if base is None:
+            records = self._store.base_copies()
+            wanted = list(names) if names is not None else sorted(records)
+            missing = [n for n in by_name if n not in records and (names is None or n in wanted)]
+            for name in wanted + missing:
+                rec = records.get(name)
+                if rec is None:
+                    raise BaseCopyMissing(f"the ledger holds no base copy of {name!r} (touched at version {version})")
+                out[name] = materialize(self._load_base(rec), by_name.get(name, []), Layout(rec.layout))
+        else:
+            lay = Layout.OUT_IN if layout is None else Layout(layout)
+            wanted = list(names) if names is not None else list(base)
+            for name in wanted:
+                if name not in base:
+                    raise BaseCopyMissing(f"no base tensor given for {name!r}")
+                out[name] = materialize(base[name], by_name.get(name, []), lay)
+        return out
+
+    def expected_checksums(self, version: int | None = None, base: Mapping[str, torch.Tensor] | None = None,
+                           layout: Layout | None = None) -> dict[str, str]:
+        """sha256 of each materialised matrix of `version` (see `materialize` and `tensor_sha256`)."""
+        return {name: tensor_sha256(t) for name, t in self.materialize(version, base, layout).items()}
+
+    def diff(self, a: int, b: int) -> VersionDiff:
+        """Which patches differ between versions a and b, and ‖ΔW‖ per touched weight."""
+        ids_a, ids_b = self.active_ids(a), self.active_ids(b)
+        only_a = tuple(d for d in ids_a if d not in ids_b)
+        only_b = tuple(d for d in ids_b if d not in ids_a)
+        common = tuple(d for d in ids_a if d in ids_b)
+        sums: dict[str, torch.Tensor] = {}
+        layers: dict[str, int] = {}
+        for sign, refs in ((-1.0, only_a), (1.0, only_b)):
+            for ref in refs:
+                for d in self.patch(ref).deltas:
+                    layers[d.name] = d.layer
+                    acc = sums.setdefault(d.name, torch.zeros(d.shape, dtype=torch.float32))
+                    acc.addmm_(d.u, d.v.T, alpha=sign)
+        records = self._store.base_copies()
+        weights = []
+        for name in sorted(sums, key=lambda n: (layers[n], n)):
+            norm = float(sums[name].norm())
+            rel = None
+            if name in records and self._blobs.check(records[name].blob, records[name].blob_size, full=False) is None:
+                base_norm = float(self._load_base(records[name]).float().norm())
+                rel = norm / base_norm if base_norm > 0 else None
+            weights.append(WeightDiff(name=name, layer=layers[name], norm=norm, relative=rel))
+        return VersionDiff(a=a, b=b, only_a=only_a, only_b=only_b, common=common, weights=tuple(weights))
+
+    # -- integrity -----------------------------------------------------------------------------
+
+    def integrity_report(self, mode: str = "full", deep: bool = False) -> IntegrityReport:
+        """Check the database and every blob. `deep` also loads every patch and checks its digest."""
+        if mode not in VERIFY_MODES[:2]:
+            raise InvalidRequestError(f"mode must be 'full' or 'quick', got {mode!r}")
+        problems = list(self._store.check_consistency())
+        patches = self._store.patches()
+        bases = self._store.base_copies()
+        bad_blobs: dict[str, str] = {}
+        full = mode == "full"
+        for b in bases.values():
+            why = self._blobs.check(b.blob, b.blob_size, full)
+            if why:
+                bad_blobs[b.blob] = f"{why} (base copy of {b.name})"
+        bad_base = {b.name for b in bases.values() if b.blob in bad_blobs}
+        bad_patch = set()
+        for p in patches:
+            why = self._blobs.check(p.blob, p.blob_size, full)
+            if why:
+                bad_blobs[p.blob] = f"{why} (factors of patch {p.digest[:12]})"
+            elif deep:
+                try:
+                    loaded = patch_from_bytes(self._blobs.get(p.blob), p.manifest)
+                    if loaded.digest != p.digest:
+                        bad_blobs[p.blob] = f"content hashes to patch {loaded.digest[:12]}, not {p.digest[:12]}"
+                except (PatchMismatchError, NonFiniteError, LedgerCorrupt) as exc:
+                    bad_blobs[p.blob] = f"does not load as patch {p.digest[:12]}: {exc}"
+            if p.blob in bad_blobs or any(w["name"] in bad_base for w in p.manifest.get("weights", [])):
+                bad_patch.add(p.digest)
+        records = self._store.versions()
+        bad_count: dict[int, int] = {}
+        parents: dict[int, int | None] = {}
+        for r in records:
+            n = bad_count.get(r.parent, 0) if r.parent is not None else 0
+            for op, d in r.ops:
+                if d in bad_patch:
+                    n += 1 if op == ADD else -1
+            bad_count[r.version] = n
+            parents[r.version] = r.parent
+        bad_versions = tuple(v for v, n in bad_count.items() if n > 0)
+        try:
+            head = self._store.head()
+        except LedgerCorrupt as exc:
+            problems.append(str(exc))
+            head = -1
+        last_good, v = 0, head if head in parents else None
+        while v is not None:
+            if bad_count[v] == 0:
+                last_good = v
+                break
+            v = parents[v]
+        return IntegrityReport(head=head, versions=len(records), patches=len(patches), base_copies=len(bases),
+                               blobs_checked=len(patches) + len(bases), mode=mode, bad_blobs=bad_blobs,
+                               bad_versions=bad_versions, last_good=last_good, problems=tuple(problems))
+
+    def check_integrity(self, mode: str = "full", deep: bool = False) -> IntegrityReport:
+        """Like `integrity_report`, but raise `LedgerCorrupt` (naming the bad blobs and versions) if not intact."""
+        report = self.integrity_report(mode, deep)
+        if not report.ok:
+            raise LedgerCorrupt(f"ledger {str(self.root)!r} is damaged: {report.describe()}", bad_blobs=report.bad_blobs,
+                                bad_versions=report.bad_versions, last_good=report.last_good)
+        return report
+
+    def last_good_version(self) -> int:
+        return self.integrity_report().last_good
+
+    def nbytes(self) -> int:
+        """Bytes on disk: database (with WAL) and blobs."""
+        return self._store.nbytes() + self._blobs.nbytes()
+
+    def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
+        """Remove blobs no record refers to (left by commits that crashed before their transaction)."""
+        referenced = [p.blob for p in self._store.patches()] + [b.blob for b in self._store.base_copies().values()]
+        return self._blobs.collect_garbage(referenced, min_age_s)
+
+    # -- export / import (see editserve.ledger.transfer) ------------------------------------------
+
+    def export_version(self, version: int, dest: str | Path) -> Path:
+        from editserve.ledger.transfer import export_version
+
+        return export_version(self, version, dest)
+
+    def export_patch(self, ref: str | int, dest: str | Path) -> Path:
+        from editserve.ledger.transfer import export_patch
+
+        return export_patch(self, ref, dest)
+
+    def import_patch(self, src: str | Path, expected_head: int, caller: str = "local", **kwargs: Any) -> int:
+        from editserve.ledger.transfer import import_patch
+
+        return import_patch(self, src, expected_head, caller=caller, **kwargs)
+
+    def import_version(self, src: str | Path, expected_head: int, caller: str = "local", **kwargs: Any) -> int:
+        from editserve.ledger.transfer import import_version
+
+        return import_version(self, src, expected_head, caller=caller, **kwargs)

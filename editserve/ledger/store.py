@@ -1,0 +1,174 @@
+"""The storage interface of the ledger and the records it exchanges.
+
+`LedgerStore` is what `Ledger` needs from a database: an append-only history of versions
+(each a list of add/remove operations on patch ids over its parent), a movable head, patch
+and base-copy metadata, and an append-only event log, with every state change done in one
+transaction that also checks the caller's expected head and idempotency key. The default
+implementation is `editserve.ledger.sqlite.SqliteStore`; a PostgreSQL backend implements the
+same methods (``SELECT ... FOR UPDATE`` on the head row in place of ``BEGIN IMMEDIATE``).
+
+Factor and base-copy bytes never live in the store: they are content-addressed blobs
+(`editserve.ledger.blobs`) written *before* the transaction that references them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ADD = "add"
+REMOVE = "remove"
+
+# Version kinds and event kinds.
+KIND_BASE = "base"
+KIND_COMMIT = "commit"
+KIND_REVERT = "revert"
+KIND_IMPORT = "import"
+EVENT_CREATE = "create"
+EVENT_COMMIT = "commit"
+EVENT_ROLLBACK = "rollback"
+EVENT_ROLL_FORWARD = "roll_forward"
+EVENT_REVERT = "revert"
+EVENT_IMPORT = "import"
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """A patch as stored: its digest (identity), factor blob and manifest (`Patch.manifest()`)."""
+
+    digest: str
+    blob: str
+    blob_size: int
+    manifest: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class BaseCopyRecord:
+    """The saved original of one matrix, taken the first time a patch touched it."""
+
+    name: str
+    blob: str
+    blob_size: int
+    dtype: str
+    shape: tuple[int, ...]
+    layout: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    parent: int | None
+    kind: str
+    patch: str | None                       # digest of the patch this version added (commit/import)
+    ops: tuple[tuple[str, str], ...]        # (ADD|REMOVE, patch digest) applied to the parent's list
+    caller: str
+    created_at: float
+    probe_report: dict[str, Any] | None
+    idempotency_key: str | None
+    request_digest: str | None              # what the idempotency key was first used for
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """What `Ledger` asks the store to append (the store assigns the number)."""
+
+    parent: int
+    kind: str
+    patch: str | None
+    ops: tuple[tuple[str, str], ...]
+    caller: str
+    probe_report: dict[str, Any] | None
+    idempotency_key: str | None
+    request_digest: str | None
+    details: dict[str, Any]
+    event_kind: str
+    event_details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the append-only audit log."""
+
+    id: int
+    ts: float
+    kind: str
+    version: int | None          # the version the head moved to / that was created
+    from_version: int | None     # the head before the event
+    caller: str
+    details: dict[str, Any]
+
+
+class LedgerStore(abc.ABC):
+    """Transactional metadata store of one ledger (one model)."""
+
+    @abc.abstractmethod
+    def initialize(self, model_fingerprint: str, caller: str, meta: dict[str, str]) -> None:
+        """Create the schema, version 0 (the base model), head = 0 and a 'create' event; no-op if present."""
+
+    @abc.abstractmethod
+    def is_initialized(self) -> bool: ...
+
+    @abc.abstractmethod
+    def meta(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def head(self) -> int: ...
+
+    @abc.abstractmethod
+    def append_version(self, new: NewVersion, expected_head: int | None, patches: Sequence[PatchRecord],
+                       bases: Sequence[BaseCopyRecord]) -> tuple[int, bool]:
+        """Atomically: honour the idempotency key (return ``(existing, False)`` if it was used for the
+        same request digest; raise `IdempotencyMismatch` if for another), refuse with `LedgerConflict`
+        if the head is not `expected_head`, insert new patch and base-copy records, the version and its
+        ops, move the head to it and log the event. Returns ``(version, True)``."""
+
+    @abc.abstractmethod
+    def idempotent(self, key: str) -> tuple[int, str | None] | None:
+        """``(version, request digest)`` recorded with an idempotency key, or None."""
+
+    @abc.abstractmethod
+    def move_head(self, target: int, expected_head: int | None, caller: str, details: dict[str, Any]) -> tuple[int, int]:
+        """Atomically move the head to an existing version and log rollback/roll_forward.
+        Returns ``(previous head, new head)``."""
+
+    @abc.abstractmethod
+    def add_base_copies(self, bases: Sequence[BaseCopyRecord]) -> None:
+        """Insert base-copy records that are not there yet (`BaseCopyMismatch` if one differs)."""
+
+    @abc.abstractmethod
+    def version(self, version: int) -> VersionRecord: ...
+
+    @abc.abstractmethod
+    def versions(self) -> list[VersionRecord]: ...
+
+    @abc.abstractmethod
+    def chain_ops(self, version: int) -> list[tuple[int, str, str]]:
+        """(version, op, digest) of every version from 0 to `version` along parent links, in order."""
+
+    @abc.abstractmethod
+    def patch(self, digest: str) -> PatchRecord: ...
+
+    @abc.abstractmethod
+    def patches(self) -> list[PatchRecord]: ...
+
+    @abc.abstractmethod
+    def base_copies(self) -> dict[str, BaseCopyRecord]: ...
+
+    @abc.abstractmethod
+    def events(self, since_id: int = 0) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def check_consistency(self) -> list[str]:
+        """Problems with the metadata itself (database integrity, dangling references); empty if none."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the store occupies on disk."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
