@@ -17,6 +17,7 @@ from editserve.errors import EditserveError
 COMMAND_MODULES = (
     "editserve.commands.demo",
     "editserve.commands.eval",
+    "editserve.commands.ledger",
 )
 
 

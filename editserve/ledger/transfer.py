@@ -40,9 +40,9 @@ EXPORT_FORMAT = 1
 PATCH_FILE = "patch.safetensors"
 VERSION_FILE = "version.safetensors"
 MANIFEST_FILE = "manifest.json"
-# ROME/MEMIT patches on SmolLM2-135M measured 0.01-0.1 of ‖W‖_F; a patch larger than the
-# weight itself is not an edit of a fact.
-DEFAULT_MAX_RELATIVE_NORM = 1.0
+# ROME patches on SmolLM2-135M layer 5 measured 0.04-0.07 of ‖W_base‖_F; a patch half the size of the
+# weight itself is not the edit of a fact.
+DEFAULT_MAX_RELATIVE_NORM = 0.5
 
 
 def _write(dest: Path, files: dict[str, bytes]) -> Path:

@@ -1,0 +1,293 @@
+"""Ledger subcommands: ``versions``, ``show``, ``diff``, ``rollback``, ``revert``, ``export``, ``import``, ``events``,
+``check-ledger``.
+
+Every command takes ``--ledger PATH``; without it the ledger under ``$EDITSERVE_HOME/ledger/``
+is used when there is exactly one (else the command lists them and asks for ``--ledger``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _add_ledger_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ledger", default=None, metavar="PATH",
+                   help="ledger directory (default: the only ledger under $EDITSERVE_HOME/ledger/)")
+    p.add_argument("--caller", default="cli", help="identity recorded in the audit log (default: cli)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("versions", help="list the ledger's versions (head marked *)")
+    _add_ledger_arg(p)
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("show", help="one version: requests, method, hyper-parameters, probe report, active patches")
+    _add_ledger_arg(p)
+    p.add_argument("version", type=int)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("diff", help="which edits differ between two versions, and ‖ΔW‖ per layer")
+    _add_ledger_arg(p)
+    p.add_argument("a", type=int)
+    p.add_argument("b", type=int)
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("rollback", help="move the head to version V (back, or forward to a version in history)")
+    _add_ledger_arg(p)
+    p.add_argument("version", type=int)
+    p.add_argument("--expected-head", type=int, default=None, help="refuse if the head is not this version")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("revert", help="new version without the patch of version V (optionally recomputing later ones)")
+    _add_ledger_arg(p)
+    p.add_argument("version", type=int)
+    p.add_argument("--rebase", action="store_true", help="recompute the later patches on the new base (loads the model)")
+    p.add_argument("--model", default=None, help="checkpoint for --rebase (default: the embedded SmolLM2-135M)")
+    p.add_argument("--max-steps", type=int, default=None, help="override the value optimisation steps when rebasing")
+    p.add_argument("--expected-head", type=int, default=None)
+    p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("export", help="export version V (or, with --patch, the patch it added) as safetensors + manifest")
+    _add_ledger_arg(p)
+    p.add_argument("version", type=int)
+    p.add_argument("dest", help="output directory")
+    p.add_argument("--patch", action="store_true", help="export only the patch version V added")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="import an exported patch (added on top of the head) or version (replaces it)")
+    _add_ledger_arg(p)
+    p.add_argument("src", help="export directory")
+    p.add_argument("--expected-head", type=int, default=None, help="default: the current head")
+    p.add_argument("--model", default=None,
+                   help="checkpoint to take base weights from when the ledger has no base copy of a touched matrix")
+    p.add_argument("--max-relative-norm", type=float, default=None, help="bound on ‖ΔW‖/‖W‖ (default 0.5)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("events", help="the audit log")
+    _add_ledger_arg(p)
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("check-ledger", help="verify every version's blobs and checksums")
+    _add_ledger_arg(p)
+    p.add_argument("--deep", action="store_true", help="also load every patch and check its digest")
+    p.set_defaults(func=cmd_check)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_ledger_path(path: str | None) -> Path:
+    from editserve.config import home
+    from editserve.ledger.errors import LedgerError
+    from editserve.ledger.ledger import DB_FILE
+
+    if path is not None:
+        return Path(path).expanduser()
+    parent = home() / "ledger"
+    found = sorted(d for d in parent.iterdir() if (d / DB_FILE).exists()) if parent.exists() else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise LedgerError(f"no ledger under {str(parent)!r}; pass --ledger PATH")
+    raise LedgerError(f"{len(found)} ledgers under {str(parent)!r} ({', '.join(d.name for d in found)}); pass --ledger PATH")
+
+
+def _open(args: argparse.Namespace, strict: bool = True):  # type: ignore[no-untyped-def]
+    from editserve.ledger import Ledger
+
+    return Ledger.open(resolve_ledger_path(args.ledger), create=False, strict=strict)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _requests_text(requests: Any, limit: int = 60) -> str:
+    parts = [f"{r.text} →{r.target_new}" for r in requests]
+    text = "; ".join(parts) if parts else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        head = ledger.head()
+        rows = []
+        for v in ledger.versions():
+            what = _requests_text(v.requests)
+            if v.kind == "revert":
+                what = f"revert of version {v.details.get('reverted')}"
+                if v.details.get("rebased"):
+                    what += f", {len(v.details['rebased'])} rebased"
+            elif v.kind == "import" and not v.patch_id:
+                what = f"import of {len(v.added)} patch(es) from {v.details.get('source', '?')}"
+            elif v.kind == "base":
+                what = "base model"
+            rows.append(["*" if v.version == head else "", str(v.version), "" if v.parent is None else str(v.parent),
+                         v.kind, (v.patch_id or "")[:12], v.method or "", v.caller, _when(v.created_at), what])
+        print(f"ledger {ledger.root} (model {ledger.model_fingerprint[:16]}), head = version {head}")
+        print(_table(["", "version", "parent", "kind", "patch", "method", "caller", "created", "edit"], rows))
+        if ledger.damage is not None:
+            print(f"\nWARNING: {ledger.damage.describe()}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        v = ledger.version(args.version)
+        head = ledger.head()
+        print(f"version     {v.version}{'  (head)' if v.version == head else ''}")
+        print(f"parent      {v.parent}")
+        print(f"kind        {v.kind}")
+        print(f"caller      {v.caller}")
+        print(f"created     {_when(v.created_at)}")
+        if v.idempotency_key:
+            print(f"idem. key   {v.idempotency_key}")
+        if v.patch_id:
+            print(f"patch       {v.patch_id}")
+            print(f"method      {v.method}")
+            print("requests")
+            for r in v.requests:
+                print(f"  - {r.text!r} → {r.target_new!r}" + (f" (was {r.target_true!r})" if r.target_true else ""))
+            print("hparams     " + json.dumps(v.hparams, sort_keys=True))
+            p = ledger.patch(v.patch_id)
+            for d in p.deltas:
+                print(f"  weight    {d.name}  shape {d.shape}  rank {d.rank}  ‖ΔW‖ {float(d.dense().norm()):.4g}")
+        for op, ids in (("added", v.added), ("removed", v.removed)):
+            if ids and not (op == "added" and ids == (v.patch_id,)):
+                print(f"{op:<11} " + ", ".join(i[:12] for i in ids))
+        if v.details:
+            print("details     " + json.dumps(v.details, sort_keys=True, indent=2).replace("\n", "\n            "))
+        print("probe       " + (json.dumps(v.probe_report, sort_keys=True) if v.probe_report else "(none)"))
+        active = ledger.active_ids(v.version)
+        print(f"active      {len(active)} patch(es): " + ", ".join(a[:12] for a in active))
+        for e in ledger.events():
+            if e.version == v.version:
+                print(f"event       #{e.id} {e.kind} by {e.caller} at {_when(e.ts)} (from {e.from_version})")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        d = ledger.diff(args.a, args.b)
+        print(f"version {d.a} → version {d.b}: {len(d.common)} patch(es) in both, "
+              f"{len(d.only_a)} only in {d.a}, {len(d.only_b)} only in {d.b}")
+        for label, ids in ((f"only in {d.a}", d.only_a), (f"only in {d.b}", d.only_b)):
+            for pid in ids:
+                p = ledger.patch(pid)
+                print(f"  {label}: {pid[:12]} {p.method:<6} {_requests_text(p.requests, 80)}")
+        if d.weights:
+            print()
+            print(_table(["layer", "weight", "‖ΔW‖_F", "‖ΔW‖/‖W‖"],
+                         [[str(w.layer), w.name, f"{w.norm:.5g}", "" if w.relative is None else f"{w.relative:.4g}"]
+                          for w in d.weights]))
+        else:
+            print("no weight differs")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        before = ledger.head()
+        head = ledger.rollback(args.version, caller=args.caller, expected_head=args.expected_head)
+        print(f"head: version {before} → version {head}" if before != head else f"head already at version {head}")
+    return 0
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    with _open(args) as ledger:
+        rebase = None
+        if args.rebase:
+            from editserve.editing.model import fingerprint, load_model
+            from editserve.ledger.errors import LedgerModelMismatch
+            from editserve.ledger.rebase import ModelRecompute
+
+            model, tok = load_model(args.model)
+            if fingerprint(model) != ledger.model_fingerprint:
+                raise LedgerModelMismatch(f"model {fingerprint(model)[:16]} is not the ledger's model "
+                                          f"{ledger.model_fingerprint[:16]}")
+            over = {"value": {"max_steps": args.max_steps}} if args.max_steps else None
+            rebase = ModelRecompute(model, tok, hparams_overrides=over)
+        res = ledger.revert(args.version, caller=args.caller, rebase=rebase, expected_head=args.expected_head)
+        print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]})")
+        for r in res.rebased:
+            changes = ", ".join(f"{k} {r.metrics_before.get(k, float('nan')):.3f}→{r.metrics_after[k]:.3f}"
+                                for k in r.changes) or "(no comparable metrics)"
+            print(f"  rebased version {r.original_version}: {r.old_patch[:12]} → {r.new_patch[:12]}: {changes}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _open(args) as ledger:
+        out = ledger.export_patch(args.version, args.dest) if args.patch else ledger.export_version(args.version, args.dest)
+        print(f"exported {'patch of ' if args.patch else ''}version {args.version} to {out}")
+    return 0
+
+
+def _checkpoint_weights(ckpt: str | None, names: list[str]) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from editserve.editing.model import resolve_checkpoint
+
+    root = resolve_checkpoint(ckpt)
+    out: dict[str, Any] = {}
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in names:
+                if name in st.keys():
+                    out[name] = st.get_tensor(name)
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from editserve.ledger.errors import ImportRejected
+    from editserve.ledger.transfer import MANIFEST_FILE, import_patch, import_version
+
+    src = Path(args.src)
+    try:
+        manifest = json.loads((src / MANIFEST_FILE).read_text())
+        kind = manifest["export"]["kind"]
+        weights = manifest["weights"] if kind == "patch" else [w for p in manifest["patches"] for w in p["weights"]]
+        names = sorted({w["name"] for w in weights})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImportRejected(f"{str(src)!r} is not a readable editserve export: {exc}") from exc
+    with _open(args) as ledger:
+        kwargs: dict[str, Any] = {}
+        if args.model is not None:
+            kwargs["base"] = _checkpoint_weights(args.model, [n for n in names if n not in ledger.base_names()])
+        if args.max_relative_norm is not None:
+            kwargs["max_relative_norm"] = args.max_relative_norm
+        expected = ledger.head() if args.expected_head is None else args.expected_head
+        fn = import_patch if kind == "patch" else import_version
+        version = fn(ledger, src, expected, caller=args.caller, **kwargs)
+        print(f"imported {kind} from {src} as version {version}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        events = ledger.events()[-args.limit:]
+        print(_table(["#", "time", "event", "version", "from", "caller", "details"],
+                     [[str(e.id), _when(e.ts), e.kind, "" if e.version is None else str(e.version),
+                       "" if e.from_version is None else str(e.from_version), e.caller,
+                       json.dumps(e.details, sort_keys=True)[:70]] for e in events]))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _open(args, strict=False) as ledger:
+        report = ledger.integrity_report(deep=args.deep)
+        print(report.describe())
+    return 0 if report.ok else 1

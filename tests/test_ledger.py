@@ -1,0 +1,534 @@
+"""Ledger behaviour on a real SQLite file with small synthetic patches: versions, head, rollback,
+revert, idempotency, audit log, materialisation, integrity checks, export/import validation, CLI.
+
+The same behaviour on the real SmolLM2 checkpoint is in test_ledger_smollm.py; crash and
+multi-process tests are in test_ledger_crash.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from tests._ledger_util import FP, NAME, NAME2, SHAPE, base_weights, synth_patch, tensor_hash
+
+from editserve.cli import main as cli_main
+from editserve.editing.arch import Layout
+from editserve.errors import EditserveError, InvalidRequestError
+from editserve.ledger import (
+    BaseCopyMismatch,
+    BaseCopyMissing,
+    IdempotencyMismatch,
+    ImportRejected,
+    Ledger,
+    LedgerConflict,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerModelMismatch,
+    RebaseOutcome,
+    RebaseStep,
+    RevertError,
+    VersionNotFound,
+    tensor_sha256,
+)
+from editserve.patches import materialize
+
+
+@pytest.fixture
+def base() -> dict[str, torch.Tensor]:
+    return base_weights()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, base: dict[str, torch.Tensor]) -> Ledger:
+    led = Ledger.open(tmp_path / "ledger", model_fingerprint=FP, caller="test")
+    yield led
+    led.close()
+
+
+def _commit_n(ledger: Ledger, base: dict[str, torch.Tensor], n: int, start: int = 1) -> list[int]:
+    out = []
+    for i in range(start, start + n):
+        out.append(ledger.commit(synth_patch(i), ledger.head(), caller=f"user{i}", base=base,
+                                 probe_report={"efficacy": 1.0, "i": i}))
+    return out
+
+
+def _state(ledger: Ledger) -> tuple:
+    return (ledger.head(), len(ledger.versions()), len(ledger.events()), sorted(ledger.blobs))
+
+
+# -- versions, head, commit ----------------------------------------------------------------------
+
+
+def test_new_ledger_has_base_version_and_create_event(ledger: Ledger) -> None:
+    assert ledger.head() == 0
+    [v0] = ledger.versions()
+    assert (v0.version, v0.kind, v0.parent, v0.caller) == (0, "base", None, "test")
+    assert ledger.active_patches() == []
+    assert [e.kind for e in ledger.events()] == ["create"]
+
+
+def test_commit_records_everything(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = synth_patch(1)
+    v = ledger.commit(p, 0, caller="alice", probe_report={"efficacy": 0.9}, base=base)
+    assert v == 1 and ledger.head() == 1
+    info = ledger.version(1)
+    assert info.patch_id == p.digest and info.parent == 0 and info.kind == "commit"
+    assert info.caller == "alice" and info.probe_report == {"efficacy": 0.9}
+    assert info.method == "rome" and info.requests == p.requests and info.hparams == p.hparams
+    assert info.created_at > 0
+    # The factors are a content-addressed safetensors blob; the patch loads back identical.
+    loaded = ledger.patch(p.digest)
+    assert loaded.digest == p.digest and torch.equal(loaded.deltas[0].u, p.deltas[0].u)
+    assert ledger.base_names() == (NAME,)        # base copy taken the first time NAME was touched
+    ev = ledger.events()[-1]
+    assert (ev.kind, ev.version, ev.from_version, ev.caller, ev.details["patch"]) == ("commit", 1, 0, "alice", p.digest)
+
+
+def test_commit_conflict_when_head_moved(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 2)
+    before = _state(ledger)
+    with pytest.raises(LedgerConflict) as exc:
+        ledger.commit(synth_patch(99), 1, base=base)
+    assert exc.value.expected_head == 1 and exc.value.actual_head == 2
+    assert "expected version 1" in str(exc.value) and "version 2" in str(exc.value)
+    # Nothing recorded (an unreferenced factor blob may remain; it is not part of any version).
+    assert _state(ledger)[:3] == before[:3]
+
+
+def test_commit_needs_base_copy_and_right_model(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(BaseCopyMissing, match=NAME):
+        ledger.commit(synth_patch(1), 0)
+    with pytest.raises(LedgerModelMismatch, match="computed for model"):
+        ledger.commit(synth_patch(1, fp="0" * 64), 0, base=base)
+    wrong = {NAME: torch.randn(SHAPE[1], SHAPE[0])}
+    with pytest.raises(EditserveError, match="shape"):
+        ledger.commit(synth_patch(1), 0, base=wrong)
+    with pytest.raises(InvalidRequestError, match="expected_head"):
+        ledger.commit(synth_patch(1), "0", base=base)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="probe_report"):
+        ledger.commit(synth_patch(1), 0, base=base, probe_report={"x": float("nan")})
+    assert ledger.head() == 0 and len(ledger.versions()) == 1
+
+
+def test_base_copy_mismatch_is_refused(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    ledger.ensure_base(NAME, base[NAME])
+    ledger.ensure_base(NAME, base[NAME].clone())            # same bytes: fine
+    with pytest.raises(BaseCopyMismatch, match=NAME):
+        ledger.ensure_base(NAME, base[NAME] + 1e-3)
+
+
+def test_idempotent_retry_never_creates_two_versions(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = synth_patch(1)
+    v1 = ledger.commit(p, 0, base=base, idempotency_key="req-1")
+    # A retry (e.g. the client timed out) with the stale expected head returns the same version.
+    assert ledger.commit(p, 0, base=base, idempotency_key="req-1") == v1
+    assert len(ledger.versions()) == 2 and [e.kind for e in ledger.events()].count("commit") == 1
+    with pytest.raises(IdempotencyMismatch, match="req-1"):
+        ledger.commit(synth_patch(2), 1, base=base, idempotency_key="req-1")
+
+
+def test_rollback_and_roll_forward_keep_history(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = [synth_patch(i) for i in (1, 2, 3)]
+    for patch in p:
+        ledger.commit(patch, ledger.head(), base=base)
+    assert ledger.active_ids() == tuple(x.digest for x in p)
+    assert ledger.rollback(1, caller="ops") == 1
+    assert ledger.active_ids() == (p[0].digest,)
+    assert len(ledger.versions()) == 4                       # later versions stay in history
+    assert ledger.rollback(3) == 3                            # roll forward
+    assert ledger.active_ids() == tuple(x.digest for x in p)
+    kinds = [(e.kind, e.from_version, e.version, e.caller) for e in ledger.events()[-2:]]
+    assert kinds == [("rollback", 3, 1, "ops"), ("roll_forward", 1, 3, "local")]
+    with pytest.raises(VersionNotFound, match="version 9"):
+        ledger.rollback(9)
+    with pytest.raises(LedgerConflict):
+        ledger.rollback(0, expected_head=2)
+    # Committing after a rollback branches from the head; numbers keep increasing.
+    ledger.rollback(1)
+    v = ledger.commit(synth_patch(4), 1, base=base)
+    assert v == 4 and ledger.version(4).parent == 1
+    assert ledger.active_ids(4) == (p[0].digest, synth_patch(4).digest)
+    assert ledger.active_ids(3) == tuple(x.digest for x in p)
+
+
+def test_revert_in_the_middle(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = [synth_patch(i) for i in (1, 2, 3)]
+    for patch in p:
+        ledger.commit(patch, ledger.head(), base=base)
+    res = ledger.revert(2, caller="bob")
+    assert (res.version, res.reverted_version, res.removed_patch, res.created) == (4, 2, p[1].digest, True)
+    assert ledger.head() == 4 and ledger.active_ids() == (p[0].digest, p[2].digest)
+    assert ledger.version(4).kind == "revert" and ledger.version(4).removed == (p[1].digest,)
+    assert ledger.events()[-1].kind == "revert" and ledger.events()[-1].caller == "bob"
+    assert ledger.active_ids(3) == tuple(x.digest for x in p)
+    with pytest.raises(RevertError, match="not active"):
+        ledger.revert(2)
+    with pytest.raises(RevertError, match="added no patch"):
+        ledger.revert(0)
+    with pytest.raises(VersionNotFound):
+        ledger.revert(17)
+
+
+def test_revert_with_rebase_callable(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = [synth_patch(i) for i in (1, 2, 3)]
+    for patch in p:
+        ledger.commit(patch, ledger.head(), base=base, probe_report={"efficacy": 1.0})
+    seen: list[RebaseStep] = []
+
+    def recompute(step: RebaseStep) -> RebaseOutcome:
+        seen.append(step)
+        new = synth_patch(100 + step.version)
+        return RebaseOutcome(patch=new, metrics_before={"efficacy": 1.0}, metrics_after={"efficacy": 0.75})
+
+    res = ledger.revert(1, rebase=recompute)
+    assert [s.version for s in seen] == [2, 3]
+    assert [x.digest for x in seen[0].old_context] == [p[0].digest]          # what v2 was computed on
+    assert seen[0].new_context == () and [x.digest for x in seen[1].new_context] == [synth_patch(102).digest]
+    assert [x.digest for x in seen[1].old_context] == [p[0].digest, p[1].digest]
+    assert seen[0].requests == p[1].requests and seen[0].method == "rome"
+    assert ledger.active_ids() == (synth_patch(102).digest, synth_patch(103).digest)
+    assert [r.changes for r in res.rebased] == [{"efficacy": -0.25}, {"efficacy": -0.25}]
+    assert ledger.version(res.version).details["rebased"][0]["new_patch"] == synth_patch(102).digest
+    # A callable returning only a patch: the stored probe report is the "before".
+    ledger.rollback(3)
+    res2 = ledger.revert(1, rebase=lambda step: synth_patch(200 + step.version))
+    assert res2.rebased[0].metrics_before == {"efficacy": 1.0} and res2.rebased[0].metrics_after == {}
+
+
+def test_revert_rebase_conflict_if_head_moves(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 2)
+
+    def slow(step: RebaseStep):
+        # Another writer commits while we recompute.
+        with Ledger.open(ledger.root, model_fingerprint=FP) as other:
+            other.commit(synth_patch(50), other.head(), base=base)
+        return synth_patch(60)
+
+    with pytest.raises(LedgerConflict):
+        ledger.revert(1, rebase=slow)
+    assert ledger.head() == 3 and ledger.version(3).kind == "commit"
+
+
+def test_idempotent_revert(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 2)
+    r1 = ledger.revert(1, idempotency_key="rv")
+    r2 = ledger.revert(1, idempotency_key="rv")
+    assert r1.version == r2.version == 3 and r2.created is False and len(ledger.versions()) == 4
+
+
+def test_event_log_and_history_are_append_only(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 1)
+    conn = sqlite3.connect(str(ledger.root / "ledger.sqlite3"))
+    try:
+        for sql in ("UPDATE events SET kind='x'", "DELETE FROM events", "DELETE FROM versions WHERE version=1",
+                    "UPDATE versions SET caller='mallory'", "DELETE FROM patches"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(sql)
+    finally:
+        conn.close()
+
+
+# -- materialisation ---------------------------------------------------------------------------
+
+
+def test_materialize_is_bit_reproducible_and_v0_is_base(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    p = [synth_patch(1), synth_patch(2, names=(NAME, NAME2)), synth_patch(3)]
+    for patch in p:
+        ledger.commit(patch, ledger.head(), base=base)
+    w0 = ledger.materialize(0)
+    assert set(w0) == {NAME, NAME2}
+    assert all(tensor_hash(w0[n]) == tensor_hash(base[n]) for n in w0)
+    a, b = ledger.materialize(3), ledger.materialize(3)
+    assert all(tensor_hash(a[n]) == tensor_hash(b[n]) for n in a)
+    want = materialize(base[NAME], [d for x in p for d in x.deltas if d.name == NAME], Layout.OUT_IN)
+    assert torch.equal(a[NAME], want)
+    assert not torch.equal(a[NAME], w0[NAME])
+    assert ledger.expected_checksums(3) == {n: tensor_sha256(t) for n, t in a.items()}
+    # Rollback to v0 gives the base back bit for bit.
+    ledger.rollback(0)
+    assert ledger.expected_checksums() == {n: tensor_hash(base[n]) for n in base}
+    # With caller-supplied base tensors (e.g. an engine's slice, other layout).
+    t = ledger.materialize(3, base={NAME: base[NAME].t().contiguous()}, layout=Layout.IN_OUT)
+    assert torch.equal(t[NAME].t(), a[NAME])
+
+
+def test_materialize_in_bfloat16_casts_once(tmp_path: Path) -> None:
+    base = {NAME: base_weights()[NAME].to(torch.bfloat16)}
+    with Ledger.open(tmp_path, model_fingerprint=FP) as led:
+        for i in range(1, 4):
+            led.commit(synth_patch(i), led.head(), base=base)
+        w = led.materialize(3)[NAME]
+        assert w.dtype == torch.bfloat16
+        acc = base[NAME].float() + sum(synth_patch(i).deltas[0].dense() for i in range(1, 4))
+        assert torch.allclose(w.float(), acc, atol=0.02)
+        assert torch.equal(led.materialize(0)[NAME], base[NAME])
+
+
+def test_diff_reports_patches_and_norms(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 2)
+    ledger.commit(synth_patch(7, names=(NAME2,)), 2, base=base)
+    d = ledger.diff(1, 3)
+    assert d.only_a == () and d.only_b == (synth_patch(2).digest, synth_patch(7, names=(NAME2,)).digest)
+    assert d.common == (synth_patch(1).digest,)
+    norms = {w.name: w.norm for w in d.weights}
+    assert norms[NAME] == pytest.approx(float(synth_patch(2).deltas[0].dense().norm()), rel=1e-5)
+    assert norms[NAME2] == pytest.approx(float(synth_patch(7, names=(NAME2,)).deltas[0].dense().norm()), rel=1e-5)
+    assert all(w.relative is not None and 0 < w.relative < 1 for w in d.weights)
+    assert ledger.diff(2, 2).weights == ()
+
+
+# -- opening and integrity -----------------------------------------------------------------------
+
+
+def test_open_refuses_other_model_and_uses_editserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    with Ledger.open(model_fingerprint=FP) as led:
+        assert led.root == tmp_path / "home" / "ledger" / FP[:16]
+    with pytest.raises(LedgerModelMismatch, match=FP[:16]):
+        Ledger.open(tmp_path / "home" / "ledger" / FP[:16], model_fingerprint="1" * 64)
+    with pytest.raises(LedgerError, match="no ledger"):
+        Ledger.open(tmp_path / "nothing", create=False)
+    with Ledger.open(tmp_path / "home" / "ledger" / FP[:16]) as led:     # fingerprint read from the ledger
+        assert led.model_fingerprint == FP
+
+
+def _blob_of(ledger: Ledger, version: int) -> Path:
+    rec = ledger.store.patch(ledger.version(version).patch_id)
+    return ledger.blobs.path(rec.blob)
+
+
+def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
+    root = tmp_path / "l"
+    with Ledger.open(root, model_fingerprint=FP) as led:
+        _commit_n(led, base, 4)
+        good = led.expected_checksums(2)
+        bad_blob = _blob_of(led, 3)
+    data = bytearray(bad_blob.read_bytes())
+    data[-3] ^= 0x55
+    bad_blob.write_bytes(bytes(data))
+    with pytest.raises(LedgerCorrupt) as exc:
+        Ledger.open(root, model_fingerprint=FP)
+    err = exc.value
+    assert bad_blob.name in str(err) and "checksum mismatch" in str(err)
+    assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob.name in err.bad_blobs
+    with Ledger.open(root, model_fingerprint=FP, strict=False) as led:
+        assert led.damage is not None and led.damage.last_good == 2
+        assert led.expected_checksums(2) == good                     # the last good version is usable
+        with pytest.raises(LedgerCorrupt, match="version 4"):
+            led.materialize(4)
+        with pytest.raises(LedgerCorrupt, match="version 4"):
+            led.commit(synth_patch(9), 4, base=base)                  # no commit on a damaged head
+        assert led.rollback(2) == 2
+        assert led.commit(synth_patch(9), 2, base=base) == 5
+        with pytest.raises(LedgerCorrupt):
+            led.rollback(3)
+        assert led.expected_checksums(5) == led.expected_checksums(5)
+
+
+def test_missing_blob_and_missing_base_copy(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
+    root = tmp_path / "l"
+    with Ledger.open(root, model_fingerprint=FP) as led:
+        _commit_n(led, base, 2)
+        led.commit(synth_patch(5, names=(NAME2,)), 2, base=base)
+        missing = _blob_of(led, 2)
+        base_blob = led.blobs.path(led.store.base_copies()[NAME2].blob)
+    missing.unlink()
+    with pytest.raises(LedgerCorrupt, match="missing") as exc:
+        Ledger.open(root)
+    assert exc.value.bad_versions == (2, 3) and exc.value.last_good == 1
+    base_blob.unlink()
+    with pytest.raises(LedgerCorrupt, match=f"base copy of {NAME2}"):
+        Ledger.open(root)
+
+
+def test_garbage_database_is_a_typed_error(tmp_path: Path) -> None:
+    root = tmp_path / "l"
+    root.mkdir()
+    (root / "ledger.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerCorrupt, match="ledger.sqlite3"):
+        Ledger.open(root, model_fingerprint=FP)
+
+
+def test_check_integrity_deep_and_gc(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+    _commit_n(ledger, base, 3)
+    report = ledger.check_integrity(deep=True)
+    assert report.ok and report.versions == 4 and report.patches == 3 and report.base_copies == 1
+    orphan = ledger.blobs.put(b"left over by a crashed commit")
+    assert ledger.collect_garbage(min_age_s=3600) == []              # too young: may be a commit in flight
+    assert ledger.collect_garbage(min_age_s=0) == [orphan]
+    ledger.check_integrity()
+
+
+# -- export / import ---------------------------------------------------------------------------
+
+
+def _fix_checksum(src: Path, file_name: str) -> None:
+    import hashlib
+
+    m = json.loads((src / "manifest.json").read_text())
+    data = (src / file_name).read_bytes()
+    m["export"]["files"][file_name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (src / "manifest.json").write_text(json.dumps(m))
+
+
+def test_export_import_patch_and_version(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    _commit_n(ledger, base, 3)
+    ledger.export_patch(2, tmp_path / "p2")
+    ledger.export_version(3, tmp_path / "v3")
+    from editserve.patches import load_patch
+
+    assert load_patch(tmp_path / "p2").digest == synth_patch(2).digest      # a plain patch directory too
+    with Ledger.open(tmp_path / "other", model_fingerprint=FP) as other:
+        v = other.import_patch(tmp_path / "p2", 0, caller="importer", base=base)
+        assert v == 1 and other.active_ids() == (synth_patch(2).digest,)
+        assert other.version(1).kind == "import" and other.events()[-1].kind == "import"
+        v = other.import_version(tmp_path / "v3", 1, caller="importer")
+        assert other.active_ids(v) == ledger.active_ids(3)
+        assert other.expected_checksums(v) == ledger.expected_checksums(3)
+        manifest = json.loads((tmp_path / "v3" / "manifest.json").read_text())
+        assert manifest["weight_checksums"] == ledger.expected_checksums(3)
+        assert manifest["export"]["model_fingerprint"] == FP
+        with pytest.raises(ImportRejected, match="already active"):
+            other.import_patch(tmp_path / "p2", v)
+
+
+def _rejects(tmp_path: Path, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
+    import tempfile
+
+    with Ledger.open(tempfile.mkdtemp(dir=tmp_path), model_fingerprint=FP) as other:
+        other.commit(synth_patch(40), 0, base=base)
+        before = _state(other)
+        with pytest.raises(ImportRejected, match=match):
+            other.import_patch(src, other.head(), base=base, **kw)
+        assert _state(other) == before                        # nothing changed, not even a blob
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("fingerprint", "model 0000000000000000"),
+    ("checksum", "checksum of patch.safetensors"),
+    ("dtype", "dtype torch.float64"),
+    ("nan", "NaN"),
+    ("shape", "shape"),
+    ("digest", "digest mismatch"),
+    ("missing", "missing"),
+    ("format", "format"),
+])
+def test_import_rejects_bad_exports(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+                                    damage: str, match: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ledger.commit(synth_patch(1), 0, base=base)
+    src = ledger.export_patch(1, tmp_path / "p1")
+    m = json.loads((src / "manifest.json").read_text())
+    tensors = load_file(str(src / "patch.safetensors"))
+    key = f"{NAME}::u"
+    if damage == "fingerprint":
+        m["export"]["model_fingerprint"] = "0" * 64
+    elif damage == "format":
+        m["export"]["format"] = 99
+    elif damage == "missing":
+        del tensors[key]
+    elif damage == "dtype":
+        tensors[key] = tensors[key].double()
+    elif damage == "nan":
+        tensors[key][3, 0] = float("nan")
+    elif damage == "shape":
+        # A self-consistent patch (digest matches) for a weight one row taller than the base.
+        from editserve.patches import Patch
+
+        tensors[key] = torch.randn(SHAPE[0] + 1, 1)
+        m["weights"][0]["shape"][0] = SHAPE[0] + 1
+        del m["digest"]
+        m["digest"] = Patch.from_parts(m, tensors).digest
+    elif damage == "digest":
+        tensors[key] = tensors[key] * 1.5
+    (src / "manifest.json").write_text(json.dumps(m))
+    if damage != "checksum":
+        save_file(tensors, str(src / "patch.safetensors"))
+        _fix_checksum(src, "patch.safetensors")
+    else:
+        data = bytearray((src / "patch.safetensors").read_bytes())
+        data[-1] ^= 1
+        (src / "patch.safetensors").write_bytes(bytes(data))
+    _rejects(tmp_path, base, src, match)
+
+
+def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, base: dict[str, torch.Tensor],
+                                                          tmp_path: Path) -> None:
+    huge = synth_patch(3, scale=50.0)
+    ledger.commit(huge, 0, base=base)
+    src = ledger.export_patch(1, tmp_path / "huge")
+    _rejects(tmp_path, base, src, "the bound is 0.5")
+    ledger.commit(synth_patch(4), 1, base=base)
+    src = ledger.export_patch(2, tmp_path / "ok")
+    _rejects(tmp_path, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
+    with Ledger.open(tmp_path / "nobase", model_fingerprint=FP) as other:
+        with pytest.raises(ImportRejected, match="no base weight"):
+            other.import_patch(src, 0)
+        assert other.head() == 0 and len(other.versions()) == 1
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    _commit_n(ledger, base, 3)
+    root = str(ledger.root)
+
+    def run(*argv: str) -> str:
+        code = cli_main(list(argv) + ["--ledger", root])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    out = run("versions")
+    assert "head = version 3" in out and "Landmark 2 is located in the city of → Rome" in out
+    assert out.count("commit") == 3
+    out = run("show", "2")
+    assert synth_patch(2).digest in out and "user2" in out and '"efficacy": 1.0' in out
+    out = run("diff", "1", "3")
+    assert "2 only in 3" in out and NAME in out and "‖ΔW‖_F" in out
+    assert "head: version 3 → version 1" in run("rollback", "1")
+    assert ledger.head() == 1
+    run("rollback", "3")
+    assert "reverted version 2" in run("revert", "2")
+    assert ledger.active_ids() == (synth_patch(1).digest, synth_patch(3).digest)
+    run("export", "3", str(tmp_path / "exp"))
+    assert "intact" in run("check-ledger", "--deep")
+    assert "revert" in run("events")
+    # Errors are typed and reported with exit status 2.
+    assert cli_main(["rollback", "42", "--ledger", root]) == 2
+    assert "version 42" in capsys.readouterr().err
+    with Ledger.open(tmp_path / "imp", model_fingerprint=FP) as other:
+        other.ensure_base(NAME, base[NAME])
+    assert cli_main(["import", str(tmp_path / "exp"), "--ledger", str(tmp_path / "imp")]) == 0
+    assert "as version 1" in capsys.readouterr().out
+
+
+def test_cli_finds_the_only_ledger_under_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path))
+    assert cli_main(["versions"]) == 2
+    assert "no ledger under" in capsys.readouterr().err
+    Ledger.open(model_fingerprint=FP).close()
+    assert cli_main(["versions"]) == 0
+    assert "head = version 0" in capsys.readouterr().out
+    Ledger.open(model_fingerprint="2" * 64).close()
+    assert cli_main(["versions"]) == 2
+    assert "2 ledgers" in capsys.readouterr().err
+
+
+def test_blob_writes_are_atomic_files(ledger: Ledger) -> None:
+    digest = ledger.blobs.put(b"x" * 1000)
+    path = ledger.blobs.path(digest)
+    assert path.read_bytes() == b"x" * 1000 and oct(path.stat().st_mode)[-3:] == "644"
+    assert not any(p.suffix == ".tmp" for p in (ledger.root / "tmp").iterdir()) if (ledger.root / "tmp").exists() else True
+    assert ledger.blobs.put(b"x" * 1000) == digest
+    assert os.path.getsize(path) == 1000
