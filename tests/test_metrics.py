@@ -318,6 +318,14 @@ def test_drift_parts_of_tensor_parallel_slices_add_up():
     assert total.relative == pytest.approx(_reference(w0, w), rel=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_relative_drift_of_a_gpu_weight_against_a_host_base_copy():
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(1024, 2048, generator=g).to(torch.bfloat16)
+    live = (w0.float() + 0.02 * torch.randn(1024, 2048, generator=g)).to(torch.bfloat16).cuda()
+    assert relative_drift(w0, live) == pytest.approx(_reference(w0, live.cpu()), rel=1e-6)
+
+
 def test_drift_errors_name_the_bad_value():
     w = torch.ones(4, 4)
     with pytest.raises(MetricsError, match=r"\(4, 4\).*\(4, 5\)"):
