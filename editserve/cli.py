@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "editserve.commands.demo",
     "editserve.commands.eval",
     "editserve.commands.ledger",
+    "editserve.commands.serve",
 )
 
 

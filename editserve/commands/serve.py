@@ -1,0 +1,73 @@
+"""``editserve serve [editserve options] [MODEL] [vllm serve options]``: serve with live edits.
+
+All arguments after the editserve options are vLLM's (``vllm serve --help``); MODEL defaults
+to the embedded SmolLM2-135M-Instruct. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = """usage: editserve serve [--ledger DIR] [--pause-mode keep|wait|abort] [--sidecar-device DEV]
+                       [--sidecar-threads N] [--editable-layers all|3-7,12] [MODEL] [vllm serve options]
+
+Start vLLM's OpenAI-compatible server with the editserve plugins: edits are served live through
+POST /editserve/v1/edit and /rollback, GET /editserve/v1/status.
+
+editserve options (each also settable as an environment variable with plain `vllm serve`):
+  --ledger DIR           ledger directory (EDITSERVE_LEDGER; default $EDITSERVE_HOME/ledger/<fingerprint>)
+  --pause-mode MODE      how a swap pauses generation: keep (default), wait, abort (EDITSERVE_PAUSE_MODE)
+  --sidecar-device DEV   device of the sidecar's model copy (EDITSERVE_SIDECAR_DEVICE; default cuda if any)
+  --sidecar-threads N    torch CPU threads of the sidecar (EDITSERVE_SIDECAR_THREADS)
+  --editable-layers L    CPU only: down-projections kept dense for editing (EDITSERVE_EDITABLE_LAYERS)
+
+MODEL: a Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
+Everything else is passed to `vllm serve` unchanged, e.g. --port 8000 --tensor-parallel-size 2."""
+
+_OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": "sidecar_device",
+        "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    # The subparser takes every argument verbatim (its prefix char is one vLLM flags never use),
+    # so that vLLM's flags reach vLLM's own parser untouched.
+    p = sub.add_parser("serve", help="serve a model with vLLM and live edits (vllm serve + editserve)",
+                       prefix_chars="+", add_help=False)
+    p.add_argument("args", nargs="*")
+    p.set_defaults(func=run)
+
+
+def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """editserve's own options (leading, ``--opt value`` or ``--opt=value``) and the rest."""
+    from editserve.errors import InvalidRequestError
+
+    own: dict[str, str] = {}
+    rest = list(args)
+    while rest:
+        head = rest[0]
+        key, eq, value = head.partition("=")
+        if key not in _OWN:
+            break
+        if eq:
+            rest = rest[1:]
+        else:
+            if len(rest) < 2:
+                raise InvalidRequestError(f"{key} needs a value")
+            value, rest = rest[1], rest[2:]
+        own[_OWN[key]] = value
+    return own, rest
+
+
+def run(args: argparse.Namespace) -> int:
+    from editserve.engine.launch import ServeOptions, serve
+    from editserve.errors import InvalidRequestError
+
+    if any(a in ("-h", "--help") for a in args.args[:1]):
+        print(HELP)
+        return 0
+    own, rest = split_args(list(args.args))
+    threads = own.pop("sidecar_threads", None)
+    if threads is not None and not threads.isdigit():
+        raise InvalidRequestError(f"--sidecar-threads must be a positive integer, got {threads!r}")
+    serve(rest, ServeOptions(**own, sidecar_threads=int(threads) if threads else None))
+    return 0

@@ -1,0 +1,531 @@
+"""The control plane: edit → commit → swap, rollback and status, inside the API-server process.
+
+`ControlPlane` owns the ledger handle, the sidecar and the `Swapper`, and serialises every
+version change behind one lock. The HTTP routes (`editserve.engine.http`) and, later, the
+gRPC server call its methods; they never touch the engine themselves.
+
+An edit:
+
+1. follow the ledger head if it moved outside this process (e.g. a CLI rollback);
+2. the sidecar (at the head) computes the patch and its probe report, and stores base copies
+   of the touched matrices in the ledger; the engine keeps serving meanwhile;
+3. expected checksums of the prospective version are computed from the ledger's base copies
+   (per matrix and tensor-parallel rank, in vLLM's orientation) — still without pausing;
+4. the swap: pause, apply on every rank, reset the prefix cache, verify, **commit to the
+   ledger while paused**, resume. A failure anywhere restores the previous state on every
+   rank and the ledger head does not move;
+5. the sidecar moves to the new head and its checksums must equal the engine's (a mismatch
+   counts ``editserve_parity_failures_total`` and fails the request after the commit; the
+   next edit resynchronises the sidecar first).
+
+A rollback is the same swap with an earlier version's patches; its commit step moves the
+ledger head. At start (`start`), the ledger's head version is applied before the server
+accepts its first request, after checking that the engine's base weights equal the ledger's
+base copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import Layout
+from editserve.editing.requests import EditRequest
+from editserve.engine.errors import (
+    EngineStateUnknown,
+    ParityError,
+    PluginSetupError,
+    SwapFailed,
+)
+from editserve.engine.sidecar import ComputeEdit, ProbePrompt, SidecarClient, SidecarConfig
+from editserve.engine.swap import DEFAULT_PAUSE_MODE, SwapResult, Swapper, check_mode, verify
+from editserve.engine.wire import ApplyMessage, message_for, rank_range, weight_checksum
+from editserve.errors import InvalidRequestError
+from editserve.patches import Patch, materialize
+
+log = logging.getLogger(__name__)
+
+LEDGER_ENV = "EDITSERVE_LEDGER"
+PAUSE_MODE_ENV = "EDITSERVE_PAUSE_MODE"
+SIDECAR_DEVICE_ENV = "EDITSERVE_SIDECAR_DEVICE"
+SIDECAR_THREADS_ENV = "EDITSERVE_SIDECAR_THREADS"
+VERSION_HEADER = "x-editserve-version"
+VERSION_START_HEADER = "x-editserve-version-start"
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Where the control plane finds things; the plugin reads them from the environment."""
+
+    model: str | None                     # the checkpoint vLLM serves (a local HF directory)
+    tensor_parallel_size: int = 1
+    ledger_root: str | None = None        # None: $EDITSERVE_HOME/ledger/<fingerprint[:16]>
+    pause_mode: str = DEFAULT_PAUSE_MODE
+    sidecar_device: str | None = None     # None: cuda when available, else cpu
+    sidecar_threads: int | None = None
+    caller: str = "engine"
+
+    def __post_init__(self) -> None:
+        check_mode(self.pause_mode)
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    @classmethod
+    def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,
+                 ) -> "ControlSettings":
+        env = os.environ if environ is None else environ
+        threads = env.get(SIDECAR_THREADS_ENV)
+        if threads is not None and not threads.strip().isdigit():
+            raise InvalidRequestError(f"{SIDECAR_THREADS_ENV} must be a positive integer, got {threads!r}")
+        return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
+                   pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
+                   sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
+                   sidecar_threads=int(threads) if threads else None)
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    """The result of an edit or rollback: which version is served now and what it cost."""
+
+    version: int
+    previous_version: int
+    kind: str                                     # "edit" | "rollback" | "follow" | "start"
+    pause_ms: float
+    swap: dict[str, Any]
+    timings_ms: dict[str, float]
+    patch_id: str | None = None
+    method: str | None = None
+    probe_report: dict[str, Any] | None = None
+    active_patches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Served:
+    """What the engine holds now (mutated only under the control plane's lock)."""
+
+    version: int
+    message: ApplyMessage
+    expected: dict[tuple[str, int], str]
+    epoch: int = 0                                # successful swaps so far
+
+
+@dataclass
+class _Counters:
+    swaps_ok: int = 0
+    swaps_failed: int = 0
+    parity_failures: int = 0
+    last_pause_ms: float | None = None
+    pauses_ms: list[float] = field(default_factory=list)
+
+
+class ControlPlane:
+    """See the module docstring. Create, ``await start()``, then call `edit`/`rollback`/`status`."""
+
+    def __init__(self, engine_client: Any, settings: ControlSettings, registry: Any = None) -> None:
+        self.engine = engine_client
+        self.settings = settings
+        self.swapper = Swapper(engine_client, settings.tensor_parallel_size, settings.pause_mode)
+        self._lock = asyncio.Lock()
+        self._not_swapping = asyncio.Event()
+        self._not_swapping.set()
+        self._registry = registry
+        self.ledger: Any = None
+        self.sidecar: SidecarClient | None = None
+        self.family: str | None = None
+        self.workers: list[dict[str, Any]] = []
+        self.served: _Served | None = None
+        self.counters = _Counters()
+        self.metrics: Any = None
+        self.engine_metrics: Any = None
+        self._sidecar_in_sync = False
+        self._degraded: str | None = None
+        self._base_cache: dict[str, tuple[torch.Tensor, Layout]] = {}
+        self._expected_cache: OrderedDict[tuple[str, tuple[str, ...]], dict[int, str]] = OrderedDict()
+
+    # -- start / stop -------------------------------------------------------------------------
+
+    async def start(self) -> VersionChange:
+        """Describe the workers, start the sidecar, open the ledger, check the base weights and
+        apply the head version. Returns what was applied."""
+        t0 = time.perf_counter()
+        try:
+            self.workers = list(await self.engine.collective_rpc("editserve_describe"))
+        except Exception as exc:
+            raise PluginSetupError(
+                "the engine's workers do not answer editserve_describe; start vLLM with VLLM_PLUGINS=editserve "
+                f"(the general plugin must load in every process): {exc}") from exc
+        families = {w["family"] for w in self.workers}
+        tp_sizes = {int(w["tp_size"]) for w in self.workers}
+        if len(families) != 1 or tp_sizes != {self.settings.tensor_parallel_size}:
+            raise PluginSetupError(f"workers report families {families} and TP sizes {tp_sizes}; expected one family "
+                                   f"and TP size {self.settings.tensor_parallel_size}")
+        self.family = families.pop()
+        if not self.workers[0]["editable"]:
+            raise PluginSetupError("no down-projection of the served model is dense; on CPU the editserve general "
+                                   "plugin must be active before the model loads (VLLM_PLUGINS=editserve)")
+        dtype = str(self.workers[0]["dtype"])
+        self.sidecar = SidecarClient(SidecarConfig(
+            checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
+            threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME")))
+        ready = await asyncio.to_thread(self.sidecar.wait_ready)
+        if ready.family != self.family:
+            raise PluginSetupError(f"the sidecar loaded a {ready.family!r} model, the engine serves {self.family!r}")
+        self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
+        await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root))
+        self._init_metrics(int(ready.n_layers))
+        await self._check_base()
+        base_message = message_for(0, self.family, [])
+        self.served = _Served(version=0, message=base_message, expected={})
+        head = await asyncio.to_thread(self.ledger.head)
+        async with self._lock:
+            change = await self._swap_to_version(head, kind="start", commit_rollback=False)
+        change = VersionChange(**{**change.to_dict(), "timings_ms": {
+            **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3),
+            "sidecar_load": round(ready.seconds * 1e3, 3)}})
+        log.info("editserve control plane ready: serving ledger version %d (%d patches) from %s; sidecar on %s",
+                 change.version, change.active_patches, self.ledger.root, ready.device)
+        return change
+
+    def _open_ledger(self, fingerprint: str) -> Any:
+        from editserve.ledger import Ledger
+
+        return Ledger.open(self.settings.ledger_root, fingerprint, caller=self.settings.caller)
+
+    def _init_metrics(self, n_layers: int) -> None:
+        from editserve.engine.metrics import EngineMetrics, registry_for
+        from editserve.metrics import Metrics
+
+        registry = self._registry if self._registry is not None else registry_for()
+        self.metrics = Metrics(registry, n_layers)
+        self.engine_metrics = EngineMetrics(registry)
+
+    async def _check_base(self) -> None:
+        """The engine's weights of every matrix the ledger has a base copy of must be that copy
+        (no patch is applied yet, so the live weights are the checkpoint's)."""
+        names = sorted(await asyncio.to_thread(self.ledger.base_names))
+        if not names:
+            return
+        expected = await asyncio.to_thread(self._expected_for, [], names)
+        reports = await self.swapper.checksums(names)
+        try:
+            verify(reports, expected, self.settings.tensor_parallel_size)
+        except Exception as exc:
+            raise PluginSetupError(f"the served checkpoint's weights differ from the ledger's base copies at "
+                                   f"{self.ledger.root}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self.sidecar is not None:
+            await asyncio.to_thread(self.sidecar.close)
+        if self.ledger is not None:
+            self.ledger.close()
+
+    # -- expected checksums -------------------------------------------------------------------
+
+    def _base(self, name: str) -> tuple[torch.Tensor, Layout]:
+        hit = self._base_cache.get(name)
+        if hit is None:
+            hit = self.ledger.base_copy(name)
+            self._base_cache[name] = hit
+        return hit
+
+    def _expected_for(self, patches: Sequence[Patch], names: Iterable[str]) -> dict[tuple[str, int], str]:
+        """Per (matrix, rank) checksums of base + Σ deltas of `patches`, from the ledger's base copies."""
+        tp = self.settings.tensor_parallel_size
+        deltas: dict[str, list[Any]] = {}
+        keys: dict[str, list[str]] = {}
+        for p in patches:
+            digest = p.digest
+            for i, d in enumerate(p.deltas):
+                deltas.setdefault(d.name, []).append(d)
+                keys.setdefault(d.name, []).append(f"{digest}:{i}")
+        out: dict[tuple[str, int], str] = {}
+        for name in names:
+            cache_key = (name, tuple(keys.get(name, [])))
+            per_rank = self._expected_cache.get(cache_key)
+            if per_rank is None:
+                base, layout = self._base(name)
+                full = materialize(base, deltas.get(name, []), layout)
+                w = full if layout is Layout.OUT_IN else full.t()         # vLLM holds [out, in]
+                per_rank = {}
+                for r in range(tp):
+                    lo, hi = rank_range(int(w.shape[1]), tp, r)
+                    per_rank[r] = weight_checksum(w[:, lo:hi])
+                self._expected_cache[cache_key] = per_rank
+                while len(self._expected_cache) > 4096:
+                    self._expected_cache.popitem(last=False)
+            else:
+                self._expected_cache.move_to_end(cache_key)
+            for r, sha in per_rank.items():
+                out[(name, r)] = sha
+        return out
+
+    # -- swaps --------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.served is None or self.ledger is None:
+            raise PluginSetupError("the editserve control plane has not started")
+        if self._degraded:
+            raise EngineStateUnknown(f"edits are refused: {self._degraded}")
+
+    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
+        """Swap to `message` (whose content is `patches`) with the protocol of `Swapper.swap`."""
+        assert self.served is not None
+        served = self.served
+        names = sorted(set(message.names) | set(served.message.names))
+        expected = await asyncio.to_thread(self._expected_for, patches, names)
+        previous_expected = {k: v for k, v in served.expected.items()}
+        missing = [n for n in names if (n, 0) not in previous_expected]
+        if missing:
+            previous_expected.update(await asyncio.to_thread(self._expected_for, self._patches_of(served), missing))
+        self._not_swapping.clear()
+        try:
+            result = await self.swapper.swap(message, expected, served.message, previous_expected, commit)
+        except EngineStateUnknown as exc:
+            self._degraded = str(exc)
+            self.counters.swaps_failed += 1
+            self.engine_metrics.swap("failed")
+            raise
+        except SwapFailed:
+            self.counters.swaps_failed += 1
+            self.engine_metrics.swap("failed")
+            raise
+        finally:
+            self._not_swapping.set()
+        self.counters.swaps_ok += 1
+        self.counters.last_pause_ms = result.pause_seconds * 1e3
+        self.counters.pauses_ms = (self.counters.pauses_ms + [result.pause_seconds * 1e3])[-1000:]
+        self.engine_metrics.swap("ok")
+        self.metrics.record_swap(result.pause_seconds)
+        return result, expected
+
+    def _patches_of(self, served: _Served) -> list[Patch]:
+        return self.ledger.active_patches(served.version) if served.version >= 0 else []
+
+    def _set_served(self, version: int, message: ApplyMessage, expected: dict[tuple[str, int], str],
+                    active: int) -> None:
+        assert self.served is not None
+        label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
+        self.served = _Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
+        self.metrics.set_head(version, active)
+
+    async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
+                               expected_head: int | None = None) -> VersionChange:
+        """Serve ledger `version` (must hold the lock). With `commit_rollback`, the ledger head is
+        moved to `version` inside the pause (a rollback); otherwise the head is already there."""
+        assert self.served is not None
+        t0 = time.perf_counter()
+        previous = self.served.version
+        patches = await asyncio.to_thread(self.ledger.active_patches, version)
+        message = message_for(version, self.family, patches)
+        commit = None
+        if commit_rollback:
+            async def commit() -> int:
+                return await asyncio.to_thread(self.ledger.rollback, version, self.settings.caller, expected_head)
+        result, expected = await self._swap(message, patches, commit)
+        self._set_served(version, message, expected, len(patches))
+        t_swap = time.perf_counter()
+        await self._sync_sidecar(version, result)
+        timings = {"swap": round((t_swap - t0) * 1e3, 3), "sidecar_sync": round((time.perf_counter() - t_swap) * 1e3, 3)}
+        return VersionChange(version=version, previous_version=previous, kind=kind,
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms=timings, active_patches=len(patches))
+
+    async def _sync_sidecar(self, version: int, result: SwapResult) -> None:
+        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones."""
+        assert self.sidecar is not None
+        names = tuple(sorted({n for r in result.reports for n in r.checksums}))
+        try:
+            synced = await asyncio.to_thread(self.sidecar.sync, version, self.settings.tensor_parallel_size, names)
+        except Exception:
+            self._sidecar_in_sync = False
+            raise
+        engine = {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
+        bad = sorted(f"{n} rank {k}" for (n, k), sha in engine.items() if synced.checksums.get((n, k)) != sha)
+        if bad:
+            self._sidecar_in_sync = False
+            self.counters.parity_failures += 1
+            self.metrics.parity_failure()
+            raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
+                              f"for {', '.join(bad)}")
+        self._sidecar_in_sync = True
+
+    async def _follow_head(self) -> VersionChange | None:
+        """Serve the ledger head if it moved outside this process (must hold the lock)."""
+        assert self.served is not None
+        head = await asyncio.to_thread(self.ledger.head)
+        if head == self.served.version:
+            if not self._sidecar_in_sync:
+                await self._resync_sidecar()
+            return None
+        log.info("ledger head moved to version %d outside this engine (serving %d); following it",
+                 head, self.served.version)
+        return await self._swap_to_version(head, kind="follow", commit_rollback=False)
+
+    async def _resync_sidecar(self) -> None:
+        assert self.served is not None
+        reports = await self.swapper.checksums(sorted(self.served.message.names))
+        fake = SwapResult(label=self.served.version, pause_seconds=0.0, rpc_seconds=0.0, worker_seconds=0.0,
+                          reports=tuple(reports))
+        await self._sync_sidecar(self.served.version, fake)
+
+    # -- public operations --------------------------------------------------------------------
+
+    async def edit(
+        self,
+        requests: Sequence[EditRequest],
+        method: str = "rome",
+        layers: Sequence[int] | None = None,
+        hparams: dict[str, Any] | None = None,
+        expected_head: int | None = None,
+        caller: str | None = None,
+        idempotency_key: str | None = None,
+        probes: Sequence[ProbePrompt] = (),
+    ) -> VersionChange:
+        """Compute, commit and serve a patch for `requests` (see the module docstring)."""
+        from editserve.ledger import LedgerConflict
+
+        self._check_usable()
+        t0 = time.perf_counter()
+        async with self._lock:
+            assert self.served is not None and self.sidecar is not None
+            t_wait = time.perf_counter()
+            await self._follow_head()
+            head = self.served.version
+            if expected_head is not None and expected_head != head:
+                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
+                                     expected_head=expected_head, actual_head=head)
+            computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
+                version=head, requests=tuple(requests), method=method,
+                layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes)))
+            t_computed = time.perf_counter()
+            patch = computed.patch
+            patches = await asyncio.to_thread(self.ledger.active_patches, head)
+            target = patches + [patch]
+            message = message_for(-1, self.family, target)
+            who = caller or self.settings.caller
+
+            async def commit() -> int:
+                version = await asyncio.to_thread(
+                    self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key)
+                active = await asyncio.to_thread(self.ledger.active_ids, version)
+                if tuple(active) != tuple(p.digest for p in target):
+                    raise SwapFailed(f"ledger version {version} does not hold the patches just applied "
+                                     f"(an idempotent replay of an earlier request?)")
+                return version
+
+            t_swap0 = time.perf_counter()
+            result, expected = await self._swap(message, target, commit)
+            version = int(result.committed)
+            self._set_served(version, message, expected, len(target))
+            t_swapped = time.perf_counter()
+            await self._sync_sidecar(version, result)
+            t_end = time.perf_counter()
+        stage = dict(patch.timings)
+        timings = {
+            "lock_wait": (t_wait - t0), "compute": (t_computed - t_wait), "prepare": (t_swap0 - t_computed),
+            "swap": (t_swapped - t_swap0), "sidecar_sync": (t_end - t_swapped), "total": (t_end - t0),
+        }
+        self.metrics.record_edit(method, "committed", self._stages(stage, timings), total_seconds=timings["total"])
+        log.info("edit %s → version %d served (pause %.2f ms, total %.2f s)", patch.digest[:12], version,
+                 result.pause_seconds * 1e3, timings["total"])
+        return VersionChange(version=version, previous_version=head, kind="edit",
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms={k: round(v * 1e3, 3) for k, v in timings.items()},
+                             patch_id=patch.digest, method=method, probe_report=computed.probe_report,
+                             active_patches=len(target))
+
+    @staticmethod
+    def _stages(patch_timings: dict[str, float], timings: dict[str, float]) -> dict[str, float]:
+        out = {"swap": timings["swap"]}
+        for key, stage in (("keys", "keys"), ("values", "values"), ("solve", "solve")):
+            if key in patch_timings:
+                out[stage] = float(patch_timings[key])
+        return out
+
+    async def rollback(self, version: int, expected_head: int | None = None, caller: str | None = None) -> VersionChange:
+        """Serve ledger `version` and move the ledger head to it (inside the swap's pause)."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+        self._check_usable()
+        async with self._lock:
+            await self._follow_head()
+            assert self.served is not None
+            head = self.served.version
+            if expected_head is not None and expected_head != head:
+                from editserve.ledger import LedgerConflict
+
+                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
+                                     expected_head=expected_head, actual_head=head)
+            await asyncio.to_thread(self.ledger.version, version)           # VersionNotFound if absent
+            change = await self._swap_to_version(version, kind="rollback", commit_rollback=True, expected_head=head)
+        self.metrics.record_rollback()
+        return change
+
+    async def follow(self) -> VersionChange | None:
+        """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""
+        self._check_usable()
+        async with self._lock:
+            return await self._follow_head()
+
+    async def engine_checksums(self, names: Sequence[str] | None = None) -> dict[str, dict[int, str]]:
+        """Live checksums per matrix and rank (default: the matrices the served version touches)."""
+        self._check_usable()
+        assert self.served is not None
+        wanted = list(names) if names is not None else sorted(self.served.message.names)
+        reports = await self.swapper.checksums(wanted)
+        out: dict[str, dict[int, str]] = {}
+        for r in reports:
+            if r.error:
+                raise SwapFailed(f"rank {r.rank} could not compute checksums: {r.error}")
+            for n, sha in r.checksums.items():
+                out.setdefault(n, {})[r.tp_rank] = sha
+        return out
+
+    def status(self) -> dict[str, Any]:
+        served = self.served
+        pauses = sorted(self.counters.pauses_ms)
+        return {
+            "served_version": served.version if served else None,
+            "ledger_head": self.ledger.head() if self.ledger is not None else None,
+            "ledger_root": str(self.ledger.root) if self.ledger is not None else None,
+            "active_matrices": list(served.message.names) if served else [],
+            "family": self.family,
+            "tensor_parallel_size": self.settings.tensor_parallel_size,
+            "pause_mode": self.settings.pause_mode,
+            "swaps_ok": self.counters.swaps_ok,
+            "swaps_failed": self.counters.swaps_failed,
+            "parity_failures": self.counters.parity_failures,
+            "last_pause_ms": self.counters.last_pause_ms,
+            "median_pause_ms": pauses[len(pauses) // 2] if pauses else None,
+            "sidecar": {"alive": self.sidecar.alive if self.sidecar else False,
+                        "in_sync": self._sidecar_in_sync,
+                        "device": self.sidecar.ready.device if self.sidecar and self.sidecar.ready else None},
+            "degraded": self._degraded,
+            "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
+                "editable_layers": len(w["editable"])} for w in self.workers],
+        }
+
+    # -- request version tracking (used by the HTTP middleware) ----------------------------------
+
+    async def wait_not_swapping(self) -> None:
+        await self._not_swapping.wait()
+
+    def version_mark(self) -> tuple[int, int]:
+        """(epoch, served version) now; a request whose start and end marks differ spanned a swap."""
+        served = self.served
+        return (served.epoch, served.version) if served is not None else (0, 0)
+
+    def completion_done(self, spanned: bool) -> None:
+        if self.engine_metrics is not None:
+            self.engine_metrics.completion(spanned)

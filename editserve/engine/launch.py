@@ -1,0 +1,93 @@
+"""``editserve serve``: vLLM's own ``serve`` command with the editserve plugins enabled.
+
+Everything after the editserve options goes to vLLM unchanged (``vllm serve`` flags), so the
+OpenAI-compatible server is exactly vLLM's. Differences from ``vllm serve``:
+
+- ``VLLM_PLUGINS`` gets ``editserve`` added (both entry points are named so);
+- the model defaults to the embedded SmolLM2-135M-Instruct checkpoint;
+- editserve's own settings, given as options here, are passed on as environment variables
+  (which is also how they are set with plain ``vllm serve``, see docs/engine.md);
+- only one API-server process is allowed (the control plane lives in it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from editserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+PLUGINS_ENV = "VLLM_PLUGINS"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """editserve's own options of ``editserve serve`` (each maps to an environment variable)."""
+
+    ledger: str | None = None              # EDITSERVE_LEDGER
+    pause_mode: str | None = None          # EDITSERVE_PAUSE_MODE
+    sidecar_device: str | None = None      # EDITSERVE_SIDECAR_DEVICE
+    sidecar_threads: int | None = None     # EDITSERVE_SIDECAR_THREADS
+    editable_layers: str | None = None     # EDITSERVE_EDITABLE_LAYERS
+
+    def environment(self) -> dict[str, str]:
+        from editserve.engine.control import LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV, SIDECAR_THREADS_ENV
+        from editserve.engine.plugin import EDITABLE_LAYERS_ENV
+
+        pairs = {LEDGER_ENV: self.ledger, PAUSE_MODE_ENV: self.pause_mode, SIDECAR_DEVICE_ENV: self.sidecar_device,
+                 SIDECAR_THREADS_ENV: None if self.sidecar_threads is None else str(self.sidecar_threads),
+                 EDITABLE_LAYERS_ENV: self.editable_layers}
+        return {k: v for k, v in pairs.items() if v is not None}
+
+
+def plugins_value(current: str | None) -> str:
+    """``VLLM_PLUGINS`` with ``editserve`` added (an unset variable means "all general plugins",
+    which an allowlist would narrow, so then it becomes just ``editserve``)."""
+    from editserve.engine.plugin import PLUGIN_NAME
+
+    names = [n for n in (current or "").split(",") if n]
+    if PLUGIN_NAME not in names:
+        names.append(PLUGIN_NAME)
+    return ",".join(names)
+
+
+def with_default_model(vllm_args: Sequence[str]) -> list[str]:
+    """Prepend the embedded checkpoint unless a model is given (positional first or ``--model``)."""
+    args = list(vllm_args)
+    if args and not args[0].startswith("-"):
+        return args
+    if any(a == "--model" or a.startswith("--model=") for a in args):
+        return args
+    from editserve.editing.model import embedded_checkpoint
+
+    return [str(embedded_checkpoint()), *args]
+
+
+def serve(vllm_args: Sequence[str], options: ServeOptions = ServeOptions()) -> None:
+    """Run vLLM's ``serve`` with the editserve plugins (blocks until the server exits)."""
+    os.environ[PLUGINS_ENV] = plugins_value(os.environ.get(PLUGINS_ENV))
+    os.environ.update(options.environment())
+    argv = with_default_model(vllm_args)
+
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="editserve", description="vLLM's OpenAI-compatible server with editserve")
+    sub = parser.add_subparsers(dest="subparser", required=True)
+    command = ServeSubcommand()
+    command.subparser_init(sub)
+    args = parser.parse_args(["serve", *argv])
+    if getattr(args, "api_server_count", None) not in (None, 1) or getattr(args, "data_parallel_size", 1) != 1:
+        raise InvalidRequestError("editserve runs its control plane in a single API server: use "
+                                  "--api-server-count 1 and no data parallelism")
+    configure_logging_from_args(args)
+    command.validate(args)
+    log.info("editserve serve: vLLM serve %s (VLLM_PLUGINS=%s)", " ".join(argv), os.environ[PLUGINS_ENV])
+    command.cmd(args)

@@ -1,0 +1,399 @@
+"""The sidecar: a separate process with a Hugging Face copy of the served checkpoint.
+
+It mirrors the ledger head (the engine tells it which version to hold after every swap) and
+does the work that needs autograd over a Hugging Face model: computing patches (v*
+optimisation, solve) and probing them. Serving never waits on it: the engine keeps
+generating while the sidecar computes, and only the swap pauses generation.
+
+The sidecar runs on a GPU when there is one, else on the CPU. Its weights are the base
+checkpoint with the head's active patches merged by `editserve.patches.apply_patch`, so after
+each swap its touched matrices, seen in vLLM's orientation (arch table) and cut into the
+engine's tensor-parallel slices, must have the same checksums as the engine's.
+
+Protocol: frozen dataclasses pickled over a `multiprocessing` pipe, one request and one reply
+at a time. Every request gets either its reply type or `Failed` (error type and message),
+which the client raises as `SidecarError` (or the original editserve error type when known).
+This module imports torch and transformers only, never vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import Layout, spec_for_family
+from editserve.editing.requests import EditRequest
+from editserve.engine.errors import SidecarError
+from editserve.engine.wire import rank_range, weight_checksum
+from editserve.errors import EditserveError
+from editserve.patches import Patch
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    checkpoint: str | None             # None: the embedded SmolLM2
+    device: str | None = None          # None: "cuda" when available, else "cpu"
+    dtype: str = "float32"
+    threads: int | None = None         # torch CPU threads in the sidecar
+    editserve_home: str | None = None  # passed on so the child finds the same caches
+
+
+@dataclass(frozen=True)
+class Ready:
+    fingerprint: str
+    family: str
+    n_layers: int
+    device: str
+    checkpoint: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class OpenLedger:
+    root: str
+
+
+@dataclass(frozen=True)
+class LedgerOpened:
+    root: str
+    head: int
+
+
+@dataclass(frozen=True)
+class Sync:
+    """Hold exactly the active patches of `version`; answer checksums of `names` (all touched
+    matrices when empty) per tensor-parallel rank, in vLLM orientation."""
+
+    version: int
+    tp_size: int = 1
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Synced:
+    version: int
+    active: tuple[str, ...]                                   # patch digests now merged, in order
+    checksums: dict[tuple[str, int], str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ComputeEdit:
+    """Compute a patch for `requests` on the model at `version` and probe it."""
+
+    version: int
+    requests: tuple[EditRequest, ...]
+    method: str = "rome"
+    layers: tuple[int, ...] | None = None
+    hparams: dict[str, Any] | None = None
+    probes: tuple["ProbePrompt", ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbePrompt:
+    """A prompt whose continuation is scored before and after the patch (e.g. a paraphrase or a
+    neighbourhood prompt); `target` is what the edit should make likely, `other` the alternative."""
+
+    prompt: str
+    target: str
+    other: str | None = None
+    kind: str = "paraphrase"           # "efficacy" | "paraphrase" | "neighbourhood"
+
+
+@dataclass(frozen=True)
+class EditComputed:
+    patch: Patch
+    probe_report: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    error_type: str
+    message: str
+
+
+# ------------------------------------------------------------------------------- child process
+
+
+def _target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -> float:
+    """log p(target | prompt), summed over the target's tokens."""
+    from editserve.editing.prompts import target_ids
+
+    device = next(model.parameters()).device
+    pids = tok(prompt)["input_ids"]
+    tids = target_ids(tok, target)
+    ids = torch.tensor([pids + tids], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits[len(pids) - 1: len(pids) - 1 + len(tids)], dim=-1)
+    return float(logp[torch.arange(len(tids)), torch.tensor(tids, device=device)].sum())
+
+
+class _Worker:
+    """State of the child process: the model, its tokenizer, the ledger and the merged patches."""
+
+    def __init__(self, config: SidecarConfig) -> None:
+        from editserve.editing.arch import num_layers, spec_for
+        from editserve.editing.model import fingerprint, load_model
+
+        t0 = time.perf_counter()
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, config.dtype)
+        self.model, self.tok = load_model(config.checkpoint, device=device, dtype=dtype)
+        self.spec = spec_for(self.model)
+        self.fingerprint = fingerprint(self.model)
+        self.ready = Ready(fingerprint=self.fingerprint, family=self.spec.family, n_layers=num_layers(self.model),
+                           device=str(device), checkpoint=str(getattr(self.model, "editserve_checkpoint", "")),
+                           seconds=time.perf_counter() - t0)
+        self.ledger: Any = None
+        self.version = 0
+
+    def handle(self, msg: object) -> object:
+        if isinstance(msg, OpenLedger):
+            return self.open_ledger(msg)
+        if isinstance(msg, Sync):
+            return self.sync(msg)
+        if isinstance(msg, ComputeEdit):
+            return self.compute(msg)
+        raise SidecarError(f"the sidecar does not understand a {type(msg).__name__} message")
+
+    def open_ledger(self, msg: OpenLedger) -> LedgerOpened:
+        from editserve.ledger import Ledger
+
+        if self.ledger is not None:
+            self.ledger.close()
+        self.ledger = Ledger.open(msg.root, self.fingerprint, caller="sidecar", create=False, verify="quick")
+        return LedgerOpened(root=msg.root, head=self.ledger.head())
+
+    def _need_ledger(self) -> Any:
+        if self.ledger is None:
+            raise SidecarError("the sidecar has no ledger open yet (send OpenLedger first)")
+        return self.ledger
+
+    def _hold(self, version: int) -> None:
+        """Merge exactly the active patches of `version`, in ledger order."""
+        from editserve.patches import applied_patches, apply_patch, remove_patch
+
+        ledger = self._need_ledger()
+        want = ledger.active_patches(version)
+        have = list(applied_patches(self.model))
+        want_ids = [p.digest for p in want]
+        have_ids = [p.digest for p in have]
+        keep = 0
+        while keep < min(len(want_ids), len(have_ids)) and want_ids[keep] == have_ids[keep]:
+            keep += 1
+        for p in reversed(have[keep:]):               # rebuilt from base copies, never subtracted
+            remove_patch(self.model, p)
+        for p in want[keep:]:
+            apply_patch(self.model, p)
+        self.version = version
+
+    def checksums(self, names: tuple[str, ...], tp_size: int) -> dict[tuple[str, int], str]:
+        params = dict(self.model.named_parameters())
+        out: dict[tuple[str, int], str] = {}
+        for name in names:
+            if name not in params:
+                raise SidecarError(f"the sidecar model has no weight {name!r}")
+            w = params[name].detach()
+            w = w if self.spec.hf_layout is self.spec.vllm_layout else w.t()  # → vLLM orientation
+            if self.spec.vllm_layout is not Layout.OUT_IN:
+                raise SidecarError(f"family {self.spec.family!r}: vLLM layout {self.spec.vllm_layout} is not [out, in]")
+            for r in range(tp_size):
+                lo, hi = rank_range(int(w.shape[1]), tp_size, r)
+                out[(name, r)] = weight_checksum(w[:, lo:hi])
+        return out
+
+    def sync(self, msg: Sync) -> Synced:
+        from editserve.patches import applied_patches
+
+        t0 = time.perf_counter()
+        self._hold(msg.version)
+        names = msg.names or self.ledger.touched_names(msg.version)
+        return Synced(version=msg.version, active=tuple(p.digest for p in applied_patches(self.model)),
+                      checksums=self.checksums(tuple(names), msg.tp_size), seconds=time.perf_counter() - t0)
+
+    def compute(self, msg: ComputeEdit) -> EditComputed:
+        from editserve.editing.edit import compute_patch
+        from editserve.patches import apply_patch, base_state_dict, remove_patch
+
+        t0 = time.perf_counter()
+        ledger = self._need_ledger()
+        self._hold(msg.version)
+        patch = compute_patch(self.model, self.tok, list(msg.requests), method=msg.method,
+                              layers=list(msg.layers) if msg.layers is not None else None, hparams=msg.hparams)
+        # The ledger keeps the original of every matrix a patch touches; the sidecar has them.
+        base = base_state_dict(self.model)
+        for d in patch.deltas:
+            ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
+        probes = [ProbePrompt(prompt=r.text, target=r.target_new, other=r.target_true, kind="efficacy")
+                  for r in msg.requests] + list(msg.probes)
+        before = [self._score(p) for p in probes]
+        apply_patch(self.model, patch)
+        try:
+            after = [self._score(p) for p in probes]
+        finally:
+            remove_patch(self.model, patch)
+        report = _probe_report(probes, before, after)
+        report["compute_seconds"] = {k: round(v, 4) for k, v in patch.timings.items()}
+        return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0)
+
+    def _score(self, p: ProbePrompt) -> tuple[float, float | None]:
+        target = _target_logprob(self.model, self.tok, p.prompt, p.target)
+        other = _target_logprob(self.model, self.tok, p.prompt, p.other) if p.other else None
+        return target, other
+
+
+def _probe_report(probes: list[ProbePrompt], before: list[tuple[float, float | None]],
+                  after: list[tuple[float, float | None]]) -> dict[str, Any]:
+    """Per probe: log-probabilities before/after; success = target beats `other` after the edit
+    (or, with no `other`, the target became more likely). Fractions per kind."""
+    rows = []
+    by_kind: dict[str, list[bool]] = {}
+    for p, (tb, ob), (ta, oa) in zip(probes, before, after):
+        ok = (ta > oa) if oa is not None else (ta > tb)
+        rows.append({"kind": p.kind, "prompt": p.prompt, "target": p.target, "other": p.other,
+                     "target_logprob_before": round(tb, 4), "target_logprob_after": round(ta, 4),
+                     "other_logprob_before": None if ob is None else round(ob, 4),
+                     "other_logprob_after": None if oa is None else round(oa, 4), "success": bool(ok)})
+        by_kind.setdefault(p.kind, []).append(bool(ok))
+    return {"scores": {k: sum(v) / len(v) for k, v in by_kind.items()}, "probes": rows}
+
+
+def sidecar_main(conn: Connection, config: SidecarConfig) -> None:
+    """Entry point of the child process: load, announce `Ready`, then serve requests until EOF."""
+    if config.editserve_home:
+        os.environ["EDITSERVE_HOME"] = config.editserve_home
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s sidecar %(name)s: %(message)s")
+    try:
+        worker = _Worker(config)
+    except Exception as exc:  # reported to the parent, which raises it
+        log.exception("sidecar failed to start")
+        conn.send(Failed(type(exc).__name__, str(exc)))
+        return
+    conn.send(worker.ready)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            log.info("sidecar: parent closed the connection; exiting")
+            return
+        if isinstance(msg, Shutdown):
+            return
+        try:
+            reply = worker.handle(msg)
+        except Exception as exc:  # every failure goes back to the caller as a typed reply
+            log.exception("sidecar request %s failed", type(msg).__name__)
+            reply = Failed(type(exc).__name__, str(exc))
+        conn.send(reply)
+
+
+# ------------------------------------------------------------------------------ parent side
+
+
+class SidecarClient:
+    """Starts the sidecar process and sends it one request at a time (thread-safe, blocking)."""
+
+    def __init__(self, config: SidecarConfig, start_timeout_s: float = 900.0) -> None:
+        self.config = config
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=sidecar_main, args=(child, config), name="editserve-sidecar")
+        self._proc.start()
+        child.close()
+        self._lock = threading.Lock()
+        self._start_timeout_s = start_timeout_s
+        self.ready: Ready | None = None
+
+    def wait_ready(self) -> Ready:
+        with self._lock:
+            if self.ready is None:
+                self.ready = self._expect(self._recv(self._start_timeout_s), Ready)
+            return self.ready
+
+    def _recv(self, timeout_s: float | None) -> object:
+        if timeout_s is not None and not self._conn.poll(timeout_s):
+            raise SidecarError(f"the sidecar did not answer within {timeout_s:.0f} s")
+        try:
+            return self._conn.recv()
+        except EOFError as exc:
+            raise SidecarError(f"the sidecar process exited (exit code {self._proc.exitcode})") from exc
+
+    @staticmethod
+    def _expect(reply: object, kind: type) -> Any:
+        if isinstance(reply, Failed):
+            raise _rebuild_error(reply)
+        if not isinstance(reply, kind):
+            raise SidecarError(f"the sidecar answered {type(reply).__name__}, expected {kind.__name__}")
+        return reply
+
+    def call(self, msg: object, kind: type, timeout_s: float | None = None) -> Any:
+        self.wait_ready()
+        with self._lock:
+            try:
+                self._conn.send(msg)
+            except (BrokenPipeError, OSError) as exc:
+                raise SidecarError(f"cannot reach the sidecar process: {exc}") from exc
+            return self._expect(self._recv(timeout_s), kind)
+
+    def open_ledger(self, root: str) -> LedgerOpened:
+        return self.call(OpenLedger(root=root), LedgerOpened)
+
+    def sync(self, version: int, tp_size: int, names: tuple[str, ...] = ()) -> Synced:
+        return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced)
+
+    def compute(self, msg: ComputeEdit) -> EditComputed:
+        return self.call(msg, EditComputed)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._proc.is_alive():
+            with self._lock:
+                try:
+                    self._conn.send(Shutdown())
+                except (BrokenPipeError, OSError):
+                    log.debug("sidecar pipe already closed")
+            self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            log.warning("sidecar did not exit within %.0f s; terminating it", timeout_s)
+            self._proc.terminate()
+            self._proc.join(timeout_s)
+        self._conn.close()
+
+
+def _rebuild_error(reply: Failed) -> EditserveError:
+    """The sidecar's error as the same editserve error class where there is one."""
+    import editserve.errors as core_errors
+    import editserve.ledger.errors as ledger_errors
+
+    for module in (core_errors, ledger_errors):
+        cls = getattr(module, reply.error_type, None)
+        if isinstance(cls, type) and issubclass(cls, EditserveError):
+            try:
+                return cls(reply.message)
+            except TypeError:
+                break
+    return SidecarError(f"{reply.error_type}: {reply.message}")

@@ -1,0 +1,264 @@
+"""Worker side of a swap: rebuild this rank's slice of each touched matrix and write it in place.
+
+The methods of `EditserveWorkerExtension` are reached through vLLM's ``collective_rpc`` by
+name. The general plugin (`editserve.engine.plugin.register`) attaches them to vLLM's
+``WorkerWrapperBase``, whose attribute lookup falls through to the worker, so ``self`` below
+is either the wrapper or (with ``--worker-extension-cls``) the worker itself; both answer
+``get_model()``, ``vllm_config`` and ``rank``.
+
+Per rank and per touched matrix the worker keeps, attached to the model object:
+
+- a base copy of its slice, saved the first time the matrix is touched;
+- a float32 accumulator ``base + Σ u vᵀ`` of the deltas now applied, with their keys, so
+  that a version that only appends deltas costs one rank-r update, and anything else is
+  rebuilt from the base copy (never by subtraction).
+
+Every value is computed and checked finite before the first write; writes are ``copy_``
+into the existing parameter storage (a new ``Parameter`` would leave CUDA graphs pointing
+at the old one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from editserve.editing.arch import ArchSpec, Layout, spec_for_model_type
+from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, rank_range, weight_checksum
+from editserve.errors import NonFiniteError, PatchMismatchError, PatchStateError
+
+log = logging.getLogger(__name__)
+
+_STATE_ATTR = "_editserve_engine_state"
+
+
+@dataclass
+class _Matrix:
+    """Bookkeeping of one touched matrix on this rank."""
+
+    base: torch.Tensor                 # saved copy of the rank's slice, parameter dtype/device
+    acc: torch.Tensor | None = None    # float32 base + Σ deltas; None when the live value is the base
+    keys: tuple[str, ...] = ()
+
+
+@dataclass
+class _RankState:
+    matrices: dict[str, _Matrix] = field(default_factory=dict)
+    version: int = 0
+
+
+def _state(model: torch.nn.Module) -> _RankState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        state = _RankState()
+        object.__setattr__(model, _STATE_ATTR, state)
+    return state
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one matrix lives on this rank."""
+
+    name: str                          # HF weight name
+    vllm_name: str
+    param: torch.nn.Parameter
+    lo: int                            # rank's input slice [lo, hi) of the full input dimension
+    hi: int
+    d_in: int
+    tp_rank: int
+    tp_size: int
+
+
+def _spec(worker: Any) -> ArchSpec:
+    hf_config = worker.vllm_config.model_config.hf_config
+    spec = spec_for_model_type(str(getattr(hf_config, "model_type", "")))
+    if spec.vllm_layout is not Layout.OUT_IN:
+        raise PatchMismatchError(f"family {spec.family!r} declares vLLM layout {spec.vllm_layout}; row-parallel weights are [out, in]")
+    return spec
+
+
+def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slot:
+    if name != spec.weight_name(layer):
+        raise PatchMismatchError(f"weight {name!r} is not the down-projection of layer {layer} ({spec.weight_name(layer)!r})")
+    module_name = spec.vllm_down_proj.format(layer)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError as exc:
+        raise PatchMismatchError(f"the served model has no module {module_name!r} (layer {layer})") from exc
+    param = getattr(module, "weight", None)
+    if not isinstance(param, torch.Tensor) or param.dim() != 2:
+        raise PatchMismatchError(f"{module_name!r} has no 2-D weight to edit")
+    if param.numel() == 0:
+        raise PatchStateError(
+            f"the weight of {module_name!r} was packed for the CPU GEMM kernel and cannot be edited; "
+            f"enable the editserve plugin before the engine starts and include layer {layer} in EDITSERVE_EDITABLE_LAYERS"
+        )
+    tp_rank = int(getattr(module, "tp_rank", 0))
+    tp_size = int(getattr(module, "tp_size", 1))
+    d_in = int(getattr(module, "input_size", param.shape[1]))
+    lo, hi = rank_range(d_in, tp_size, tp_rank)
+    if hi - lo != param.shape[1]:
+        raise PatchMismatchError(
+            f"{module_name!r} holds {param.shape[1]} input columns on rank {tp_rank}/{tp_size}, expected {hi - lo}"
+        )
+    return _Slot(name=name, vllm_name=spec.vllm_weight_name(layer), param=param, lo=lo, hi=hi, d_in=d_in,
+                 tp_rank=tp_rank, tp_size=tp_size)
+
+
+def _accumulate(acc: torch.Tensor, target: MatrixTarget, slot: _Slot, start: int) -> torch.Tensor:
+    """``acc += u v[lo:hi]ᵀ`` for deltas ``start..`` in order (the loop of `patches.materialize`)."""
+    for d in target.deltas[start:]:
+        if d.u.shape[0] != acc.shape[0] or d.v.shape[0] != slot.d_in:
+            raise PatchMismatchError(
+                f"delta {d.key} for {slot.name!r} is {d.u.shape[0]}x{d.v.shape[0]}, the weight is {acc.shape[0]}x{slot.d_in}"
+            )
+        acc.addmm_(d.u.to(acc.device), d.v[slot.lo:slot.hi].to(acc.device).T)
+    return acc
+
+
+def _rank_of(worker: Any) -> int:
+    return int(getattr(worker, "rank", 0) or 0)
+
+
+def _tp(worker: Any) -> tuple[int, int]:
+    """(tensor-parallel rank, size) of this worker."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
+
+
+def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
+    """Bring this rank's matrices to the state `message` describes; see the module docstring."""
+    t0 = time.perf_counter()
+    spec = _spec(worker)
+    if message.family != spec.family:
+        raise PatchMismatchError(f"apply message is for family {message.family!r}, the served model is {spec.family!r}")
+    model = worker.get_model()
+    state = _state(model)
+    targets = {m.name: m for m in message.matrices}
+    names = sorted(set(targets) | set(state.matrices))
+    slots = {}
+    for name in names:
+        layer = targets[name].layer if name in targets else _layer_of(spec, name)
+        slots[name] = _slot(model, spec, name, layer)
+
+    # Phase 1: compute every new value; nothing live changes here.
+    new_acc: dict[str, torch.Tensor | None] = {}
+    new_keys: dict[str, tuple[str, ...]] = {}
+    writes: dict[str, torch.Tensor] = {}
+    for name in names:
+        slot = slots[name]
+        current = state.matrices.get(name)
+        target = targets.get(name)
+        keys = tuple(d.key for d in target.deltas) if target else ()
+        if current is None and target is None:
+            continue
+        if current is not None and current.keys == keys:
+            continue                                   # unchanged matrix: nothing to write
+        base = current.base if current is not None else slot.param.detach()
+        if target is None or not keys:
+            new_acc[name], new_keys[name], writes[name] = None, (), base
+            continue
+        if current is not None and current.acc is not None and keys[: len(current.keys)] == current.keys:
+            acc = _accumulate(current.acc.clone(), target, slot, len(current.keys))
+        else:
+            acc = _accumulate(base.to(torch.float32, copy=True), target, slot, 0)
+        if not torch.isfinite(acc).all():
+            raise NonFiniteError(f"merging version {message.version} into {name!r} gives non-finite weights; nothing was changed")
+        new_acc[name], new_keys[name], writes[name] = acc, keys, acc.to(slot.param.dtype)
+
+    # Phase 2: save base copies of first-touched matrices, then write in place.
+    for name in writes:
+        if name not in state.matrices:
+            state.matrices[name] = _Matrix(base=slots[name].param.detach().clone())
+    with torch.no_grad():
+        for name, value in writes.items():
+            slots[name].param.copy_(value)
+    for name in writes:
+        if new_acc[name] is None:
+            del state.matrices[name]                   # back to base: forget the copy
+        else:
+            state.matrices[name].acc = new_acc[name]
+            state.matrices[name].keys = new_keys[name]
+    state.version = int(message.version)
+    checksums = {name: weight_checksum(slots[name].param) for name in names}
+    tp_rank, tp_size = _tp(worker)
+    return RankReport(rank=_rank_of(worker), tp_rank=tp_rank, tp_size=tp_size, version=state.version,
+                      checksums=checksums, seconds=time.perf_counter() - t0)
+
+
+def _layer_of(spec: ArchSpec, name: str) -> int:
+    prefix, _, suffix = spec.down_proj.partition("{}")
+    suffix += ".weight"
+    if name.startswith(prefix) and name.endswith(suffix):
+        middle = name[len(prefix): len(name) - len(suffix)]
+        if middle.isdigit():
+            return int(middle)
+    raise PatchMismatchError(f"{name!r} is not a down-projection weight of family {spec.family!r}")
+
+
+def describe(worker: Any) -> dict[str, Any]:
+    """This rank's identity and which down-projections are dense (editable) with their shapes."""
+    spec = _spec(worker)
+    model = worker.get_model()
+    n_layers = int(getattr(worker.vllm_config.model_config.hf_config, spec.n_layers_attr))
+    editable: dict[str, list[int]] = {}
+    tp_rank, tp_size = _tp(worker)
+    for layer in range(n_layers):
+        try:
+            slot = _slot(model, spec, spec.weight_name(layer), layer)
+        except (PatchStateError, PatchMismatchError):
+            continue
+        editable[slot.name] = [int(slot.param.shape[0]), slot.d_in]
+    state = _state(model)
+    return {
+        "rank": _rank_of(worker), "tp_rank": tp_rank, "tp_size": tp_size, "family": spec.family,
+        "n_layers": n_layers, "editable": editable, "version": state.version,
+        "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
+        "device": str(next(iter(model.parameters())).device),
+    }
+
+
+def checksums(worker: Any, names: list[str]) -> dict[str, Any]:
+    """Checksums of the live slices of the named matrices on this rank (no change)."""
+    spec = _spec(worker)
+    model = worker.get_model()
+    out = {}
+    for name in names:
+        out[name] = weight_checksum(_slot(model, spec, name, _layer_of(spec, name)).param)
+    tp_rank, tp_size = _tp(worker)
+    return RankReport(rank=_rank_of(worker), tp_rank=tp_rank, tp_size=tp_size, version=_state(model).version,
+                      checksums=out).to_wire()
+
+
+def _guarded(fn_name: str, worker: Any, call: Any) -> dict[str, Any]:
+    """Run `call` and turn a failure into a report naming it, so one rank's refusal reaches the
+    control plane next to the other ranks' answers instead of hiding them."""
+    try:
+        return call()
+    except Exception as exc:  # reported to the caller, which restores every rank
+        log.exception("editserve worker call %s failed on rank %d", fn_name, _rank_of(worker))
+        version = _state(worker.get_model()).version
+        tp_rank, tp_size = _tp(worker)
+        return RankReport(rank=_rank_of(worker), tp_rank=tp_rank, tp_size=tp_size, version=version, checksums={},
+                          error=f"{type(exc).__name__}: {exc}").to_wire()
+
+
+class EditserveWorkerExtension:
+    """Methods that ``collective_rpc`` reaches by name on every worker."""
+
+    def editserve_apply(self, message: dict[str, Any]) -> dict[str, Any]:
+        return _guarded("apply", self, lambda: apply_message(self, ApplyMessage.from_wire(message)).to_wire())
+
+    def editserve_describe(self) -> dict[str, Any]:
+        return describe(self)
+
+    def editserve_checksums(self, names: list[str]) -> dict[str, Any]:
+        return _guarded("checksums", self, lambda: checksums(self, list(names)))
+
+
+WORKER_METHODS = tuple(n for n in vars(EditserveWorkerExtension) if n.startswith("editserve_"))
