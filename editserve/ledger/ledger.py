@@ -591,6 +591,9 @@ class Ledger:
         version, created = self._store.append_version(new, expected_head, [record], bases)
         with self._lock:
             self._patch_cache[digest] = patch
+            parent = self._active_cache.get(expected_head)
+            if created and parent is not None:           # versions are immutable: extend the parent's list
+                self._active_cache[version] = parent + ((digest, version),)
         if created:
             log.info("version %d: %s of patch %s (%s, %d request(s)) by %s", version, kind, digest[:12], patch.method,
                      len(patch.requests), caller)
