@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "editserve.commands.eval",
     "editserve.commands.ledger",
     "editserve.commands.serve",
+    "editserve.commands.trace",
 )
 
 
