@@ -72,6 +72,7 @@ class ControlSettings:
     sidecar_device: str | None = None     # None: cuda when available, else cpu
     sidecar_threads: int | None = None
     caller: str = "engine"
+    drain_timeout_s: float = 600.0            # ``wait`` mode: longest wait for requests in flight
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -126,6 +127,7 @@ class _Counters:
     swaps_failed: int = 0
     parity_failures: int = 0
     last_pause_ms: float | None = None
+    last_drain_ms: float | None = None
     pauses_ms: list[float] = field(default_factory=list)
 
 
@@ -139,6 +141,9 @@ class ControlPlane:
         self._lock = asyncio.Lock()
         self._not_swapping = asyncio.Event()
         self._not_swapping.set()
+        self._inflight = 0                          # HTTP requests past the version middleware
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._registry = registry
         self.ledger: Any = None
         self.sidecar: SidecarClient | None = None
@@ -290,6 +295,18 @@ class ControlPlane:
             previous_expected.update(await asyncio.to_thread(self._expected_for, self._patches_of(served), missing))
         self._not_swapping.clear()
         try:
+            if self.settings.pause_mode == "wait":
+                # New requests are held by the middleware; the ones already admitted finish on the
+                # old version (including those not yet handed to the engine), so every completion
+                # comes from exactly one version.
+                t_drain = time.perf_counter()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
+                except asyncio.TimeoutError:
+                    raise SwapFailed(f"{self._inflight} request(s) still in flight after "
+                                     f"{self.settings.drain_timeout_s:.0f} s; nothing was changed",
+                                     restored_version=served.version) from None
+                self.counters.last_drain_ms = (time.perf_counter() - t_drain) * 1e3
             result = await self.swapper.swap(message, expected, served.message, previous_expected, commit)
         except EngineStateUnknown as exc:
             self._degraded = str(exc)
@@ -507,6 +524,8 @@ class ControlPlane:
             "swaps_failed": self.counters.swaps_failed,
             "parity_failures": self.counters.parity_failures,
             "last_pause_ms": self.counters.last_pause_ms,
+            "last_drain_ms": self.counters.last_drain_ms,
+            "requests_in_flight": self._inflight,
             "median_pause_ms": pauses[len(pauses) // 2] if pauses else None,
             "sidecar": {"alive": self.sidecar.alive if self.sidecar else False,
                         "in_sync": self._sidecar_in_sync,
@@ -518,11 +537,24 @@ class ControlPlane:
 
     # -- request version tracking (used by the HTTP middleware) ----------------------------------
 
-    async def wait_not_swapping(self) -> None:
-        await self._not_swapping.wait()
+    async def admit(self) -> tuple[int, int]:
+        """Admit one HTTP request: wait while a swap is in progress, count it as in flight, and
+        return its start mark (epoch, served version). Pair with `release`."""
+        while not self._not_swapping.is_set():
+            await self._not_swapping.wait()
+        self._inflight += 1
+        self._idle.clear()
+        return self.version_mark()
+
+    def release(self) -> None:
+        self._inflight -= 1
+        if self._inflight <= 0:
+            self._inflight = 0
+            self._idle.set()
 
     def version_mark(self) -> tuple[int, int]:
-        """(epoch, served version) now; a request whose start and end marks differ spanned a swap."""
+        """(epoch, served version) now; a request whose start and end marks differ was in flight
+        during a swap (in ``keep`` mode its tokens may come from both versions)."""
         served = self.served
         return (served.epoch, served.version) if served is not None else (0, 0)
 

@@ -13,13 +13,16 @@ Routes (JSON; errors are ``{"error": {"type", "message"}}`` with a 4xx/5xx statu
 ``GET  /editserve/v1/checksums``       live per-rank checksums (``?name=`` repeatable)
 =====================================  ===============================================================
 
-The OpenAI-compatible routes are untouched; a middleware adds to every ``/v1/*`` response
-``x-editserve-version`` (the version that produced it) and, when a swap completed while the
-request ran (``keep`` pause mode), ``x-editserve-version-start`` (the version when it started),
-and counts the completion in ``editserve_completions_total{versions="one"|"spanning"}``.
-Requests that arrive during a swap wait for it (they would be queued by the paused engine
-anyway), so a request's start version is well defined. For a streamed response the header is
-sent with the first chunk, so it names the version at the start.
+The OpenAI-compatible routes are untouched; a middleware adds to every response of a route
+that can produce model output (``/v1/*`` and the rest, except `UNTRACKED_PREFIXES`)
+``x-editserve-version`` (the served version when the response started) and, when a swap
+completed while the request was in flight (possible in ``keep`` pause mode, where its tokens
+may come from both versions), ``x-editserve-version-start`` (the version when it was
+admitted); it counts the completion in ``editserve_completions_total{versions="one"|
+"spanning"}``. Requests that arrive during a swap are held until it ends (the paused engine
+would queue them anyway), so a request's start version is well defined; in ``wait`` mode the
+swap first waits for every admitted request to finish, so no request spans a swap. For a
+streamed response the header goes out with the first chunk (the version at the start).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from editserve.errors import EditserveError, InvalidRequestError
 log = logging.getLogger(__name__)
 
 PREFIX = "/editserve/v1"
+# Routes that produce no model output: not held during swaps, no version header.
+UNTRACKED_PREFIXES = ("/editserve/", "/metrics", "/health", "/ping", "/version", "/docs", "/openapi.json",
+                      "/redoc", "/load", "/is_sleeping", "/server_info")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -70,15 +76,22 @@ class VersionHeaderMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+        path = str(scope.get("path", ""))
+        if scope.get("type") != "http" or path.startswith(UNTRACKED_PREFIXES):
             await self.app(scope, receive, send)
             return
         control = getattr(getattr(scope.get("app"), "state", None), "editserve", None)
         if control is None:
             await self.app(scope, receive, send)
             return
-        await control.wait_not_swapping()
-        start_epoch, start_version = control.version_mark()
+        start_epoch, start_version = await control.admit()
+        try:
+            await self._run(control, start_epoch, start_version, scope, receive, send)
+        finally:
+            control.release()
+
+    async def _run(self, control: Any, start_epoch: int, start_version: int, scope: Scope, receive: Receive,
+                   send: Send) -> None:
 
         async def send_with_version(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":

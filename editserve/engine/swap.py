@@ -62,10 +62,12 @@ class SwapResult:
     worker_seconds: float             # slowest rank's time inside the worker
     reports: tuple[RankReport, ...]
     committed: Any = None             # what the commit callback returned
+    phases: dict[str, float] | None = None   # seconds per step: pause, apply, reset, verify, commit, resume
 
     def to_dict(self) -> dict[str, Any]:
         return {"pause_ms": round(self.pause_seconds * 1e3, 3), "rpc_ms": round(self.rpc_seconds * 1e3, 3),
-                "worker_ms": round(self.worker_seconds * 1e3, 3), "ranks": len(self.reports)}
+                "worker_ms": round(self.worker_seconds * 1e3, 3), "ranks": len(self.reports),
+                "phases_ms": {k: round(v * 1e3, 3) for k, v in (self.phases or {}).items()}}
 
 
 def check_mode(mode: str) -> str:
@@ -138,28 +140,34 @@ class Swapper:
             await self._pause()
         except Exception as exc:
             raise SwapFailed(f"could not pause generation ({self.mode!r} mode): {exc}") from exc
-        rpc_seconds = 0.0
+        marks = [("pause", time.perf_counter())]
         reports: list[RankReport] = []
         try:
             try:
-                t1 = time.perf_counter()
                 reports = await self.apply(message)
-                rpc_seconds = time.perf_counter() - t1
+                marks.append(("apply", time.perf_counter()))
                 await self._reset_prefix_cache()
+                marks.append(("reset", time.perf_counter()))
                 verify(reports, expected, self.tp_size)
+                marks.append(("verify", time.perf_counter()))
                 committed = await commit() if commit is not None else None
+                marks.append(("commit", time.perf_counter()))
             except Exception as exc:
                 log.error("swap to version label %d failed (%s); restoring the previous state on every worker",
                           message.version, exc)
                 await self._restore(previous, previous_expected, exc)
-                raise SwapFailed(f"swap failed and version label {previous.version} was restored: {exc}",
-                                 restored_version=previous.version) from exc
+                raise SwapFailed(f"swap failed and version label {previous.version} was restored: "
+                                 f"{type(exc).__name__}: {exc}", restored_version=previous.version) from exc
         finally:
             await self._resume()
-        pause = time.perf_counter() - t0
-        return SwapResult(label=message.version, pause_seconds=pause, rpc_seconds=rpc_seconds,
+        end = time.perf_counter()
+        marks.append(("resume", end))
+        phases, last = {}, t0
+        for name, t in marks:
+            phases[name], last = t - last, t
+        return SwapResult(label=message.version, pause_seconds=end - t0, rpc_seconds=phases["apply"],
                           worker_seconds=max((r.seconds for r in reports), default=0.0), reports=tuple(reports),
-                          committed=committed)
+                          committed=committed, phases=phases)
 
     async def _restore(self, previous: ApplyMessage, previous_expected: Expected, cause: Exception) -> None:
         try:

