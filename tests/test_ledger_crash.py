@@ -18,7 +18,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from editserve.ledger import Ledger, LedgerConflict

@@ -48,12 +48,12 @@ from editserve.ledger.errors import (
     BaseCopyMismatch,
     BaseCopyMissing,
     IdempotencyMismatch,
+    ImportRejected,
     LedgerCorrupt,
     LedgerError,
     LedgerModelMismatch,
     PatchNotFound,
     RevertError,
-    VersionNotFound,
 )
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
@@ -700,8 +700,6 @@ class Ledger:
                 details: dict[str, Any]) -> int:
         """Used by `editserve.ledger.transfer` after validation: one version adding `patches`
         (on top of the head, or replacing the head's active list when `replace`)."""
-        from editserve.ledger.errors import ImportRejected
-
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
             raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
         for p in patches:
@@ -749,9 +747,9 @@ class Ledger:
         out: dict[str, torch.Tensor] = {}
         if base is None:
             records = self._store.base_copies()
-            wanted = list(names) if names is not None else sorted(records)
-            missing = [n for n in by_name if n not in records and (names is None or n in wanted)]
-            for name in wanted + missing:
+            # Every matrix with a base copy, plus any touched one without (which is an error below).
+            wanted = list(names) if names is not None else sorted(records) + [n for n in by_name if n not in records]
+            for name in wanted:
                 rec = records.get(name)
                 if rec is None:
                     raise BaseCopyMissing(f"the ledger holds no base copy of {name!r} (touched at version {version})")
