@@ -25,6 +25,16 @@ def _mlp_hidden(family: str, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_declared_names_exist(family):
+    model = tiny_model(family)
+    spec = spec_for(model)
+    for name in (spec.layers, spec.base, spec.embed, spec.final_norm, spec.lm_head, spec.layer_name(3),
+                 spec.mlp_name(3), spec.attn_name(3), spec.down_proj_name(3)):
+        model.get_submodule(name)
+    assert spec.weight_name(3) in dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_hooks_read_keys_and_values(family):
     model = tiny_model(family)
     spec = spec_for(model)

@@ -37,7 +37,8 @@ def tiny_model(family: str, n_layers: int = 4, seed: int = 0) -> torch.nn.Module
     import transformers as tf
 
     vocab = 300
-    common = dict(vocab_size=vocab)
+    # A wide initialisation gives a random model logits that an edit can visibly move.
+    common = dict(vocab_size=vocab, initializer_range=0.3)
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
         config = cls(hidden_size=32, intermediate_size=48, num_hidden_layers=n_layers, num_attention_heads=4,

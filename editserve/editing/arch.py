@@ -127,7 +127,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         base="gpt_neox",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",           # transformers >= 5 (was `embed_out` before)
     ),
 )
 

@@ -19,7 +19,7 @@ from editserve.editing.memit import memit_factors
 from editserve.editing.model import fingerprint
 from editserve.editing.prefixes import context_prefixes
 from editserve.editing.requests import EditRequest
-from editserve.editing.rome import rome_factors
+from editserve.editing.rome import prompt_scales, rome_direction, rome_factors
 from editserve.editing.stats import layer_stats
 from editserve.editing.values import optimise_values
 from editserve.errors import InvalidRequestError
@@ -116,13 +116,17 @@ def compute_patch(
 def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings) -> list[WeightDelta]:
     spec = spec_for(model)
     t = time.perf_counter()
-    key = compute_keys(model, tok, requests, prefixes, [hp.layer]).keys[hp.layer][0]    # [d_in]
+    keys = compute_keys(model, tok, requests, prefixes, [hp.layer])
+    key = keys.keys[hp.layer][0]                                                       # [d_in]
+    # Each prompt's output will move by (uᵀk_i / uᵀk*)·δ: optimise δ for exactly that.
+    direction = rome_direction(cov, key)                                               # C⁻¹k* [d_in]
+    scales = prompt_scales(direction, key, keys.prompt_keys[hp.layer])                 # [1, n_prompts]
     timings["keys"] = time.perf_counter() - t
     t = time.perf_counter()
-    values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value)
+    values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value, prompt_scales=scales)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
-    u, v = rome_factors(cov, key, values.delta[0])
+    u, v = rome_factors(direction, key, values.delta[0])
     timings["solve"] = time.perf_counter() - t
     return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)]
 

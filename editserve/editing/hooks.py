@@ -3,7 +3,7 @@
     with Hooks(model) as h:
         h.capture_input("model.layers.5.mlp.down_proj")      # keys
         h.edit_output("model.layers.5.mlp", add_delta)       # values
-        h.stop_after("model.layers.5")                       # skip the rest of the forward
+        h.stop_when_captured()                               # skip the rest of the forward
         h.run(input_ids=ids)
     keys = h.inputs["model.layers.5.mlp.down_proj"]          # [batch, seq, d_in]
 
@@ -41,6 +41,9 @@ class Hooks:
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._entered = False
+        self._captures: set[str] = set()     # "in:name" / "out:name" of every capture hook
+        self._seen: set[str] = set()         # captures that fired in the current run
+        self._stop_when_captured = False
 
     def __enter__(self) -> "Hooks":
         self._entered = True
@@ -65,7 +68,9 @@ class Hooks:
         def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             self.inputs[name] = x.detach() if detach else x
+            self._fired(f"in:{name}")
 
+        self._captures.add(f"in:{name}")
         self._handles.append(get_module(self.model, name).register_forward_pre_hook(hook))
 
     def capture_output(self, name: str, detach: bool = True) -> None:
@@ -75,7 +80,9 @@ class Hooks:
         def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             y = _first_tensor(output)
             self.outputs[name] = y.detach() if detach else y
+            self._fired(f"out:{name}")
 
+        self._captures.add(f"out:{name}")
         self._handles.append(get_module(self.model, name).register_forward_hook(hook))
 
     def edit_output(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -115,9 +122,20 @@ class Hooks:
 
         self._handles.append(get_module(self.model, name).register_forward_hook(hook))
 
-    def run(self, **model_inputs: Any) -> Any:
-        """Call the model; returns its output, or None when a `stop_after` hook ended it early."""
+    def stop_when_captured(self) -> None:
+        """End each forward pass as soon as every capture hook has fired (skips the later layers)."""
         self._require_entered()
+        self._stop_when_captured = True
+
+    def _fired(self, key: str) -> None:
+        self._seen.add(key)
+        if self._stop_when_captured and self._seen >= self._captures:
+            raise StopForward
+
+    def run(self, **model_inputs: Any) -> Any:
+        """Call the model; returns its output, or None when a stop hook ended it early."""
+        self._require_entered()
+        self._seen = set()
         try:
             return self.model(**model_inputs)
         except StopForward:

@@ -27,6 +27,7 @@ def prefixed_texts(req: EditRequest, prefixes: Sequence[str]) -> list[tuple[str,
 class KeyResult:
     keys: dict[int, torch.Tensor]            # layer -> [n_requests, d_in] float32, prefix-averaged
     outputs: dict[str, torch.Tensor]         # module name -> [n_requests, d] float32, prefix-averaged
+    prompt_keys: dict[int, torch.Tensor]     # layer -> [n_requests, 1 + n_prefixes, d_in] float32, per prompt
 
 
 def compute_keys(
@@ -53,13 +54,11 @@ def compute_keys(
             ids, s_last = subject_last_index(tok, text[:end], end)
             items.append((ids[: s_last + 1], s_last, r))
     names = {layer: spec.down_proj_name(layer) for layer in layers}
-    deepest_modules = list(names.values()) + list(capture_outputs)
     n = len(requests)
     key_sums = {layer: None for layer in layers}
+    per_prompt: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     out_sums: dict[str, torch.Tensor | None] = {name: None for name in capture_outputs}
     counts = torch.zeros(n)
-    order = {name: i for i, (name, _m) in enumerate(model.named_modules())}
-    last = max(deepest_modules, key=lambda nm: order[nm])
     with torch.no_grad(), Hooks(model) as hooks:
         if extra_hooks is not None:
             extra_hooks(hooks)
@@ -67,7 +66,7 @@ def compute_keys(
             hooks.capture_input(name)
         for name in capture_outputs:
             hooks.capture_output(name)
-        hooks.stop_after(last)
+        hooks.stop_when_captured()
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             L = max(len(ids) for ids, _, _ in chunk)
@@ -83,6 +82,7 @@ def compute_keys(
             onehot = torch.nn.functional.one_hot(req_idx, n).T.float()  # [n, b]
             for layer, name in names.items():
                 k = hooks.inputs[name][rows, cols].float().cpu()
+                per_prompt[layer].append(k)
                 key_sums[layer] = onehot @ k if key_sums[layer] is None else key_sums[layer] + onehot @ k
             for name in capture_outputs:
                 o = hooks.outputs[name][rows, cols].float().cpu()
@@ -90,4 +90,5 @@ def compute_keys(
             counts += onehot.sum(1)
     keys = {layer: (s / counts[:, None]) for layer, s in key_sums.items()}  # type: ignore[operator]
     outs = {name: (s / counts[:, None]) for name, s in out_sums.items()}  # type: ignore[operator]
-    return KeyResult(keys=keys, outputs=outs)
+    per = {layer: torch.cat(ks).view(n, -1, ks[0].shape[-1]) for layer, ks in per_prompt.items()}
+    return KeyResult(keys=keys, outputs=outs, prompt_keys=per)

@@ -16,14 +16,23 @@ import torch
 from editserve.errors import NonFiniteError
 
 
-def rome_factors(cov: torch.Tensor, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rome_direction(cov: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """u = C⁻¹ k* [d_in] float64."""
+    return torch.linalg.solve(cov.to(torch.float64), key.to(torch.float64))
+
+
+def prompt_scales(u: torch.Tensor, key: torch.Tensor, prompt_keys: torch.Tensor) -> torch.Tensor:
+    """uᵀk_i / uᵀk* [..., n_prompts]: how much of δ the rank-one update gives each prompt's key."""
+    return (prompt_keys.to(torch.float64) @ u / torch.dot(u, key.to(torch.float64))).float()
+
+
+def rome_factors(u: torch.Tensor, key: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-one factors (U [d_out,1], V [d_in,1]) float32 with U Vᵀ = δ uᵀ / (uᵀ k*).
 
-    cov [d_in, d_in], key [d_in], delta [d_out].
+    u = `rome_direction(C, k*)` [d_in], key k* [d_in], delta [d_out].
     """
-    c = cov.to(torch.float64)
     k = key.to(torch.float64)
-    u = torch.linalg.solve(c, k)                                  # [d_in]
+    u = u.to(torch.float64)
     denom = torch.dot(u, k)
     if not torch.isfinite(denom) or denom.abs() < 1e-30:
         raise NonFiniteError(f"ROME solve is degenerate: uᵀk* = {denom.item()!r}")

@@ -104,7 +104,7 @@ def layer_stats(
     with torch.no_grad(), Hooks(model) as hooks:
         for name in names.values():
             hooks.capture_input(name)
-        hooks.stop_after(names[max(missing)])
+        hooks.stop_when_captured()
         bar = tqdm(total=batches.numel(), unit="tok", desc="covariance", disable=not progress, leave=False)
         for start in range(0, batches.shape[0], params.batch_size):
             chunk = batches[start:start + params.batch_size].to(device)

@@ -207,9 +207,16 @@ def _module_name(spec: ArchSpec, kind: str, layer: int) -> str:
     return spec.attn_name(layer)
 
 
+def _lm_head(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.Module:
+    """The unembedding; transformers' own accessor first (GPT-NeoX renamed ``embed_out`` in v5)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else get_module(model, spec.lm_head)
+
+
 def _target_prob(model: torch.nn.Module, spec: ArchSpec, hidden: torch.Tensor, target_id: int) -> torch.Tensor:
     """P(target) [B] from the final-normed hidden states [B, T, d] at the last position."""
-    logits = get_module(model, spec.lm_head)(hidden[:, -1]).float()
+    logits = _lm_head(model, spec)(hidden[:, -1]).float()
     return torch.softmax(logits, dim=-1)[:, target_id]
 
 
@@ -370,7 +377,7 @@ def prepare(
     ids_t = torch.tensor([ids], dtype=torch.long, device=param.device)
     with torch.no_grad():
         hidden, clean = _clean_run(model, spec, ids_t, L)
-        p_all = torch.softmax(get_module(model, spec.lm_head)(hidden[:, -1]).float(), dim=-1)[0]
+        p_all = _target_prob(model, spec, hidden, slice(None))[0]
     target_id = int(p_all.argmax()) if target is None else int(target_tokens[0])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     d = clean[spec.layer_name(0)].shape[-1]

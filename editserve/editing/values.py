@@ -45,11 +45,18 @@ def optimise_values(
     prefixes: Sequence[str],
     module: str,
     params: ValueParams,
+    prompt_scales: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> ValueResult:
-    """Optimise δ for each request (in chunks of `chunk_size` requests); the model is unchanged."""
+    """Optimise δ for each request (in chunks of `chunk_size` requests); the model is unchanged.
+
+    prompt_scales [n, 1 + n_prefixes]: δ is added as ``scale · δ`` on each (bare, prefixed) prompt —
+    the factor by which the final low-rank update will actually move that prompt's output
+    (ROME: uᵀk_i / uᵀk*). The KL prompt shares the bare prompt's subject key, so its scale.
+    """
     parts = [
-        _optimise_chunk(model, tok, requests[i:i + chunk_size], prefixes, module, params)
+        _optimise_chunk(model, tok, requests[i:i + chunk_size], prefixes, module, params,
+                        None if prompt_scales is None else prompt_scales[i:i + chunk_size])
         for i in range(0, len(requests), chunk_size)
     ]
     return ValueResult(
@@ -67,24 +74,28 @@ def _optimise_chunk(
     prefixes: Sequence[str],
     module: str,
     params: ValueParams,
+    prompt_scales: torch.Tensor | None,
 ) -> ValueResult:
     device = next(model.parameters()).device
     n = len(requests)
-    items, req_of_seq, is_kl = [], [], []
+    items, req_of_seq, is_kl, scales = [], [], [], []
     for r, req in enumerate(requests):
         tgt = target_ids(tok, req.target_new)
-        for text, end in prefixed_texts(req, prefixes):
+        for j, (text, end) in enumerate(prefixed_texts(req, prefixes)):
             items.append((text, end, tgt))
             req_of_seq.append(r)
             is_kl.append(False)
+            scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, j]))
     for r, req in enumerate(requests):  # one KL prompt per request, appended after the rewrites
         kl_text = params.kl_prompt.format(req.subject)
         items.append((kl_text, params.kl_prompt.index("{}") + len(req.subject), []))
         req_of_seq.append(r)
         is_kl.append(True)
+        scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, 0]))
     batch = split_batch(tok, items, tok.pad_token_id).to(device)  # type: ignore[attr-defined]
     B = len(items)
     req_of_seq_t = torch.tensor(req_of_seq, device=device)
+    scale_t = torch.tensor(scales, device=device)[:, None]                      # [B, 1]
     kl_rows = torch.nonzero(torch.tensor(is_kl, device=device))[:, 0]          # [n]
     rewrite = ~torch.tensor(is_kl, device=device)
     bare_rows = torch.tensor([i for i, (r, k) in enumerate(zip(req_of_seq, is_kl)) if not k and (i == 0 or req_of_seq[i - 1] != r)], device=device)
@@ -107,7 +118,7 @@ def _optimise_chunk(
     steps = 0
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        rows = delta[req_of_seq_t].to(out.dtype)                                 # [B, d]
+        rows = (delta[req_of_seq_t] * scale_t).to(out.dtype)                     # [B, d]
         return torch.cat([out[:, :1] + rows[:, None, :], out[:, 1:]], dim=1)
 
     for step in range(params.max_steps):

@@ -1,0 +1,67 @@
+"""compute_patch end to end on tiny random models (GPT-2's transposed Conv1D and Llama layouts):
+the model is untouched by computing, the patch hits its target, typed errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing import EditRequest, apply_patch, compute_patch, remove_patch
+from editserve.editing.corpus import load_corpus
+from editserve.editing.scoring import target_nll
+from editserve.errors import InvalidRequestError, LayerOutOfRangeError
+from tests.tiny import TEXT, tiny_model, tiny_tokenizer
+
+FAST = {"stats": {"n_tokens": 200, "seq_len": 20}, "prefixes": {"n_prefixes": 0},
+        "value": {"max_steps": 30, "lr": 0.5, "kl_factor": 0.0, "clamp_norm_factor": 1e4, "weight_decay": 0.0}}
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n".join(TEXT * 3))
+    return load_corpus(f)
+
+
+@pytest.mark.parametrize("family, method, layers", [("gpt2", "rome", [1]), ("llama", "rome", [2]),
+                                                    ("gpt2", "memit", [1, 2]), ("gpt_neox", "memit", [0, 1])])
+def test_compute_apply_remove(env, family, method, layers):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    reqs = [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")]
+    if method == "memit":
+        reqs.append(EditRequest(prompt="{} speaks", subject="Michel Rocard", target_new=" English"))
+    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts, targets = [r.text for r in reqs], [r.target_new for r in reqs]
+    nll_before = target_nll(model, tok, prompts, targets)
+    hparams = FAST if method == "rome" else {**FAST, "cov_weight": 1.0}  # λ for a 200-token covariance
+    patch = compute_patch(model, tok, reqs, method=method, layers=layers, hparams=hparams, corpus=env)
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters()), "computing must not change the model"
+    assert [d.layer for d in patch.deltas] == layers
+    assert all(d.rank == len(reqs) for d in patch.deltas)
+    assert set(patch.timings) >= {"keys", "values", "solve"}
+    apply_patch(model, patch)
+    nll_after = target_nll(model, tok, prompts, targets)
+    # A random model saturates near -1.3 nats at the edit layer; MEMIT spreads the change over
+    # layers through random blocks, so only a clear drop is required here. Quality: test_smollm2_edits.
+    margin = 0.5 if method == "rome" else 0.05
+    assert (nll_after < nll_before - margin).all(), (nll_before, nll_after)
+    remove_patch(model, patch)
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+
+
+def test_bad_input(env):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    req = EditRequest(prompt="{} is in", subject="The Eiffel Tower", target_new=" Rome")
+    with pytest.raises(InvalidRequestError, match="'sgd'"):
+        compute_patch(model, tok, [req], method="sgd", corpus=env)
+    with pytest.raises(LayerOutOfRangeError, match="layer 9"):
+        compute_patch(model, tok, [req], method="rome", layers=[9], corpus=env)
+    with pytest.raises(InvalidRequestError, match="exactly one layer"):
+        compute_patch(model, tok, [req], method="rome", layers=[1, 2], corpus=env)
+    with pytest.raises(InvalidRequestError, match="2 requests"):
+        compute_patch(model, tok, [req, req], method="rome", layers=[1], corpus=env)
+    with pytest.raises(InvalidRequestError, match="none"):
+        compute_patch(model, tok, [], method="memit", layers=[1], corpus=env)
+    with pytest.raises(InvalidRequestError, match="unknown hyper-parameter"):
+        compute_patch(model, tok, [req], method="rome", layers=[1], hparams={"lr": 1}, corpus=env)
