@@ -35,8 +35,14 @@ $(BIN)/promtool: | $(VENV)/.installed
 	  tmp=$$(mktemp -d) && $(SUDO) apt-get update -qq && (cd $$tmp && apt-get download -q prometheus) && \
 	  dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && cp $$tmp/root/usr/bin/promtool $@ && rm -rf $$tmp; fi
 
+# The OpenAI-compatible vLLM server with live edits (docs/engine.md), embedded SmolLM2 by default.
+# SERVE_ARGS go to `vllm serve`; the edit routes have no authentication, so it listens on loopback.
+SERVE_ARGS ?= --host 127.0.0.1 --port 8000
+ifneq ($(HAS_GPU),1)
+SERVE_CPU_ARGS := --dtype float32 --kv-cache-memory-bytes 1073741824
+endif
 serve: venv
-	$(BIN)/editserve demo
+	$(BIN)/editserve serve $(SERVE_CPU_ARGS) $(SERVE_ARGS)
 
 test: venv tools
 	$(BIN)/python -m pytest -q -x tests

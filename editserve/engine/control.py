@@ -183,6 +183,14 @@ class ControlPlane:
         self.sidecar = SidecarClient(SidecarConfig(
             checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
             threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME")))
+        try:
+            return await self._start_with_sidecar(t0)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start_with_sidecar(self, t0: float) -> VersionChange:
+        assert self.sidecar is not None and self.family is not None
         ready = await asyncio.to_thread(self.sidecar.wait_ready)
         if ready.family != self.family:
             raise PluginSetupError(f"the sidecar loaded a {ready.family!r} model, the engine serves {self.family!r}")
@@ -231,9 +239,11 @@ class ControlPlane:
 
     async def close(self) -> None:
         if self.sidecar is not None:
-            await asyncio.to_thread(self.sidecar.close)
+            sidecar, self.sidecar = self.sidecar, None
+            await asyncio.to_thread(sidecar.close)
         if self.ledger is not None:
-            self.ledger.close()
+            ledger, self.ledger = self.ledger, None
+            ledger.close()
 
     # -- expected checksums -------------------------------------------------------------------
 
@@ -292,7 +302,13 @@ class ControlPlane:
         previous_expected = {k: v for k, v in served.expected.items()}
         missing = [n for n in names if (n, 0) not in previous_expected]
         if missing:
-            previous_expected.update(await asyncio.to_thread(self._expected_for, self._patches_of(served), missing))
+            # Matrices the served version does not touch: a restore must bring back exactly what
+            # the engine holds now (its own base), whatever the ledger's copy says.
+            for report in await self.swapper.checksums(missing):
+                if report.error:
+                    raise SwapFailed(f"rank {report.rank} cannot checksum {missing}: {report.error}; nothing was "
+                                     "changed", restored_version=served.version)
+                previous_expected.update({(n, report.tp_rank): sha for n, sha in report.checksums.items()})
         self._not_swapping.clear()
         try:
             if self.settings.pause_mode == "wait":
@@ -325,9 +341,6 @@ class ControlPlane:
         self.engine_metrics.swap("ok")
         self.metrics.record_swap(result.pause_seconds)
         return result, expected
-
-    def _patches_of(self, served: _Served) -> list[Patch]:
-        return self.ledger.active_patches(served.version) if served.version >= 0 else []
 
     def _set_served(self, version: int, message: ApplyMessage, expected: dict[tuple[str, int], str],
                     active: int) -> None:
@@ -410,10 +423,22 @@ class ControlPlane:
         probes: Sequence[ProbePrompt] = (),
     ) -> VersionChange:
         """Compute, commit and serve a patch for `requests` (see the module docstring)."""
+        t0 = time.perf_counter()
+        try:
+            return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
+                                    probes)
+        except Exception as exc:
+            if self.metrics is not None and method in self.metrics.methods:
+                outcome = "rejected" if isinstance(exc, ValueError) else "failed"
+                self.metrics.record_edit(method, outcome, {}, total_seconds=time.perf_counter() - t0)
+            raise
+
+    async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
+                    hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
+                    idempotency_key: str | None, probes: Sequence[ProbePrompt]) -> VersionChange:
         from editserve.ledger import LedgerConflict
 
         self._check_usable()
-        t0 = time.perf_counter()
         async with self._lock:
             assert self.served is not None and self.sidecar is not None
             t_wait = time.perf_counter()
@@ -509,12 +534,13 @@ class ControlPlane:
                 out.setdefault(n, {})[r.tp_rank] = sha
         return out
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         served = self.served
         pauses = sorted(self.counters.pauses_ms)
+        head = await asyncio.to_thread(self.ledger.head) if self.ledger is not None else None
         return {
             "served_version": served.version if served else None,
-            "ledger_head": self.ledger.head() if self.ledger is not None else None,
+            "ledger_head": head,
             "ledger_root": str(self.ledger.root) if self.ledger is not None else None,
             "active_matrices": list(served.message.names) if served else [],
             "family": self.family,

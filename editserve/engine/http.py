@@ -216,7 +216,7 @@ def install_routes(app: Any) -> None:
     @router.get("/status")
     async def status(request: Request) -> JSONResponse:
         try:
-            return JSONResponse(control_of(request).status())
+            return JSONResponse(await control_of(request).status())
         except EditserveError as exc:
             return error(exc)
 

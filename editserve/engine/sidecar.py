@@ -318,7 +318,10 @@ class SidecarClient:
         self.config = config
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=sidecar_main, args=(child, config), name="editserve-sidecar")
+        # Daemonic, so that it cannot outlive the API server even if nobody calls `close`
+        # (a daemonic parent cannot have children at all; then it stays a normal child).
+        daemon = not multiprocessing.current_process().daemon
+        self._proc = ctx.Process(target=sidecar_main, args=(child, config), name="editserve-sidecar", daemon=daemon)
         self._proc.start()
         child.close()
         self._lock = threading.Lock()
