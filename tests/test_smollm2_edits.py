@@ -1,0 +1,73 @@
+"""Real edits on the embedded SmolLM2-135M: the public API, and the acceptance thresholds on a
+fast CounterFact subset (the full 200-edit run is `make eval` / bench/edit_bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from editserve.editing import EditRequest, apply_patch, compute_patch, load_model, remove_patch
+from editserve.editing.counterfact import load_counterfact
+from editserve.editing.evaluate import evaluate
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model()
+
+
+def _complete(model, tok, prompt, n=3):
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0][ids.shape[1]:])
+
+
+def _digest(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_public_api_round_trip(smollm):
+    model, tok = smollm
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    assert _complete(model, tok, req.text).startswith(" Paris")
+    before = _digest(model)
+    patch = compute_patch(model, tok, [req], method="rome")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "compute_patch changed the model"
+    assert patch.method == "rome" and len(patch.deltas) == 1 and patch.deltas[0].rank == 1
+    assert patch.deltas[0].u.dtype == torch.float32 and patch.model_fingerprint
+    apply_patch(model, patch)
+    assert _complete(model, tok, req.text).startswith(" Rome")
+    assert _complete(model, tok, "Where is the Eiffel Tower? It is in the city of").startswith(" Rome")
+    assert _complete(model, tok, "The Louvre is located in the city of").startswith(" Paris")
+    remove_patch(model, patch)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "remove_patch is not bit-identical"
+    assert _complete(model, tok, req.text).startswith(" Paris")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_counterfact(DATA, limit=80)  # tests read ../shared (DataError if it is missing)
+
+
+def test_rome_fast_subset_meets_thresholds(smollm, records):
+    model, tok = smollm
+    report = evaluate(model, tok, records, lambda recs: compute_patch(model, tok, [recs[0].request], method="rome"),
+                      n_known=10, batch=1, method="rome", progress=False)
+    assert report.records_edited == 10
+    assert report.after.es >= 0.95, report.after
+    assert report.after.ps >= 0.70, report.after
+    assert report.after.ns >= 0.9 * report.before.ns, (report.before, report.after)
+
+
+def test_memit_fast_batch_meets_threshold(smollm, records):
+    model, tok = smollm
+    report = evaluate(model, tok, records,
+                      lambda recs: compute_patch(model, tok, [r.request for r in recs], method="memit"),
+                      n_known=10, batch=10, method="memit", progress=False)
+    assert report.records_edited == 10
+    assert report.after.es >= 0.90, report.after
