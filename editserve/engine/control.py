@@ -421,21 +421,31 @@ class ControlPlane:
         caller: str | None = None,
         idempotency_key: str | None = None,
         probes: Sequence[ProbePrompt] = (),
+        gate: Any = None,
+        dry_run: bool = False,
     ) -> VersionChange:
-        """Compute, commit and serve a patch for `requests` (see the module docstring)."""
+        """Compute, commit and serve a patch for `requests` (see the module docstring).
+
+        `gate` (an `editserve.control.probe.GateConfig`) runs the probe gate on the sidecar with the
+        candidate patch applied; a failing gate raises `editserve.control.errors.ProbeRejected`
+        before anything is committed or swapped. `dry_run` returns the computed report without
+        committing (``kind="dry_run"``, the version stays the head)."""
         t0 = time.perf_counter()
         try:
             return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
-                                    probes)
+                                    probes, gate, dry_run)
         except Exception as exc:
             if self.metrics is not None and method in self.metrics.methods:
-                outcome = "rejected" if isinstance(exc, ValueError) else "failed"
+                from editserve.control.errors import ProbeRejected
+
+                outcome = "rejected" if isinstance(exc, (ValueError, ProbeRejected)) else "failed"
                 self.metrics.record_edit(method, outcome, {}, total_seconds=time.perf_counter() - t0)
             raise
 
     async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
-                    idempotency_key: str | None, probes: Sequence[ProbePrompt]) -> VersionChange:
+                    idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
+                    dry_run: bool = False) -> VersionChange:
         from editserve.ledger import LedgerConflict
 
         self._check_usable()
@@ -449,8 +459,21 @@ class ControlPlane:
                                      expected_head=expected_head, actual_head=head)
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
-                layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes)))
+                layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
+                gate=gate))
             t_computed = time.perf_counter()
+            gate_report = computed.probe_report.get("gate")
+            if gate_report is not None and not gate_report["passed"]:
+                from editserve.control.errors import ProbeRejected
+
+                raise ProbeRejected("the probe gate rejected the edit; nothing was committed: "
+                                    + "; ".join(gate_report["failures"]), gate_report)
+            if dry_run:
+                return VersionChange(version=head, previous_version=head, kind="dry_run", pause_ms=0.0, swap={},
+                                     timings_ms={"compute": round((t_computed - t_wait) * 1e3, 3)},
+                                     patch_id=computed.patch.digest, method=method,
+                                     probe_report=computed.probe_report, active_patches=len(
+                                         await asyncio.to_thread(self.ledger.active_ids, head)))
             patch = computed.patch
             patches = await asyncio.to_thread(self.ledger.active_patches, head)
             target = patches + [patch]

@@ -142,6 +142,14 @@ class EditserveEndpoint:
         control = ControlPlane(engine_client, settings)
         await control.start()
         state.editserve = control
+        # The gRPC control plane (editserve.control.server) on the same loop and ControlPlane.
+        from editserve.control.server import maybe_start
+
+        try:
+            state.editserve_grpc = await maybe_start(control)
+        except BaseException:
+            await control.close()
+            raise
 
 
 def endpoint_plugin() -> EditserveEndpoint:

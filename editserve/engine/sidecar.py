@@ -100,6 +100,22 @@ class ComputeEdit:
     layers: tuple[int, ...] | None = None
     hparams: dict[str, Any] | None = None
     probes: tuple["ProbePrompt", ...] = ()
+    gate: Any = None                   # an editserve.control.probe.GateConfig: run the probe gate too
+
+
+@dataclass(frozen=True)
+class ScorePrompts:
+    """Score continuations on the model at `version` (the gRPC Probe call); items are
+    (prompt, target, other or None). Answered with `Scored`."""
+
+    version: int
+    items: tuple[tuple[str, str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class Scored:
+    version: int
+    rows: tuple[dict[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,8 @@ class _Worker:
             return self.sync(msg)
         if isinstance(msg, ComputeEdit):
             return self.compute(msg)
+        if isinstance(msg, ScorePrompts):
+            return self.score_prompts(msg)
         raise SidecarError(f"the sidecar does not understand a {type(msg).__name__} message")
 
     def open_ledger(self, msg: OpenLedger) -> LedgerOpened:
@@ -256,7 +274,17 @@ class _Worker:
             remove_patch(self.model, patch)
         report = _probe_report(probes, before, after)
         report["compute_seconds"] = {k: round(v, 4) for k, v in patch.timings.items()}
+        if msg.gate is not None:                   # the control plane's probe gate (editserve.control.probe)
+            from editserve.control.probe import probe_gate
+
+            report["gate"] = probe_gate(self.model, self.tok, patch, list(msg.requests), msg.gate).to_dict()
         return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0)
+
+    def score_prompts(self, msg: ScorePrompts) -> Scored:
+        from editserve.control.probe import score_items
+
+        self._hold(msg.version)
+        return Scored(version=msg.version, rows=tuple(score_items(self.model, self.tok, list(msg.items))))
 
     def _score(self, p: ProbePrompt) -> tuple[float, float | None]:
         target = _target_logprob(self.model, self.tok, p.prompt, p.target)
@@ -367,6 +395,9 @@ class SidecarClient:
 
     def compute(self, msg: ComputeEdit) -> EditComputed:
         return self.call(msg, EditComputed)
+
+    def score(self, version: int, items: tuple[tuple[str, str, str | None], ...]) -> Scored:
+        return self.call(ScorePrompts(version=version, items=items), Scored)
 
     @property
     def alive(self) -> bool:

@@ -1,0 +1,178 @@
+"""`EditClient`: a synchronous Python client of the gRPC control plane (``editserve.v1``).
+
+    from editserve.client import EditClient
+    with EditClient("127.0.0.1:50051", token=os.environ["EDITSERVE_CONTROL_TOKEN"]) as c:
+        r = c.edit([{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                     "target_new": " Rome", "target_true": " Paris"}])
+        print(r.change.version, r.report.efficacy)
+
+Failures raise `ControlError` with the gRPC status code name, the server's message and, for a
+probe-gate rejection, the full ``ProbeReport``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from editserve.errors import EditserveError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "EDITSERVE_GRPC_TARGET"
+
+
+class ControlError(EditserveError):
+    """A call failed: `code` is the status name (e.g. ``"FAILED_PRECONDITION"``)."""
+
+    def __init__(self, code: str, message: str, report: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.details = message
+        self.report = report
+
+
+def _fact(f: Any) -> Any:
+    from editserve.control.gen import pb2
+
+    if isinstance(f, Mapping):
+        return pb2.Fact(**{k: v for k, v in f.items() if v is not None})
+    return pb2.Fact(prompt=f.prompt, subject=f.subject, target_new=f.target_new, target_true=f.target_true or "")
+
+
+class EditClient:
+    def __init__(self, target: str | None = None, token: str | None = None, *, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None, timeout_s: float = 900.0) -> None:
+        from editserve.control.gen import pb2_grpc
+
+        self.target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+        self.token = token if token is not None else os.environ.get("EDITSERVE_CONTROL_TOKEN")
+        self.timeout_s = timeout_s
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        if ca or cert:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca).read_bytes() if ca else None,
+                private_key=Path(key).read_bytes() if key else None,
+                certificate_chain=Path(cert).read_bytes() if cert else None)
+            self.channel = grpc.secure_channel(self.target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        self.stub = pb2_grpc.EditServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "EditClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return getattr(self.stub, name)(request, metadata=self._metadata(), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def edit(self, facts: Sequence[Any], method: str = "rome", layers: Sequence[int] = (), dry_run: bool = False,
+             expected_head: int | None = None, idempotency_key: str = "", thresholds: Mapping[str, float] | None = None,
+             paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = ()) -> Any:
+        from editserve.control.gen import pb2
+
+        req = pb2.EditRequest(facts=[_fact(f) for f in facts], method=method, layers=list(layers), dry_run=dry_run,
+                              idempotency_key=idempotency_key,
+                              thresholds=pb2.ProbeThresholds(**dict(thresholds or {})),
+                              paraphrases=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in paraphrases],
+                              neighbours=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in neighbours])
+        if expected_head is not None:
+            req.expected_head = expected_head
+        return self._call("Edit", req)
+
+    def rollback(self, version: int, expected_head: int | None = None) -> Any:
+        from editserve.control.gen import pb2
+
+        req = pb2.RollbackRequest(version=version)
+        if expected_head is not None:
+            req.expected_head = expected_head
+        return self._call("Rollback", req)
+
+    def revert(self, version: int, expected_head: int | None = None, idempotency_key: str = "") -> Any:
+        from editserve.control.gen import pb2
+
+        req = pb2.RevertRequest(version=version, idempotency_key=idempotency_key)
+        if expected_head is not None:
+            req.expected_head = expected_head
+        return self._call("Revert", req)
+
+    def versions(self, limit: int = 0) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("ListVersions", pb2.ListVersionsRequest(limit=limit))
+
+    def get_version(self, version: int) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("GetVersion", pb2.GetVersionRequest(version=version))
+
+    def diff(self, a: int, b: int) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("Diff", pb2.DiffRequest(a=a, b=b))
+
+    def probe(self, items: Sequence[tuple[str, str] | tuple[str, str, str]]) -> Any:
+        from editserve.control.gen import pb2
+
+        msgs = [pb2.ProbeItem(prompt=it[0], target=it[1], other=it[2] if len(it) > 2 else "") for it in items]
+        return self._call("Probe", pb2.ProbeRequest(items=msgs))
+
+    def status(self) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("Status", pb2.StatusRequest(), timeout_s=60)
+
+    def watch(self, since_id: int = 0, include_history: bool = False, timeout_s: float | None = None) -> Iterator[Any]:
+        from editserve.control.gen import pb2
+
+        stream = self.stub.WatchEvents(pb2.WatchEventsRequest(since_id=since_id, include_history=include_history),
+                                       metadata=self._metadata(), timeout=timeout_s)
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _error(err) from None
+        finally:
+            stream.cancel()
+
+    def export_patch(self, ref: str = "", version: int = 0) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("ExportPatch", pb2.ExportPatchRequest(ref=ref, version=version))
+
+    def import_patch(self, manifest_json: bytes, factors: bytes, expected_head: int | None = None,
+                     idempotency_key: str = "") -> Any:
+        from editserve.control.gen import pb2
+
+        req = pb2.ImportPatchRequest(manifest_json=manifest_json, factors=factors, idempotency_key=idempotency_key)
+        if expected_head is not None:
+            req.expected_head = expected_head
+        return self._call("ImportPatch", req)
+
+
+def _error(err: grpc.RpcError) -> ControlError:
+    from editserve.control.gen import pb2
+    from editserve.control.interceptors import REPORT_KEY
+
+    report = None
+    for key, value in (err.trailing_metadata() or ()):
+        if key == REPORT_KEY:
+            report = pb2.ProbeReport.FromString(value)
+    return ControlError(err.code().name, err.details() or "", report)

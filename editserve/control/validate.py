@@ -1,0 +1,165 @@
+"""Validation of request messages before anything reaches the control plane.
+
+Every check raises a typed error naming the bad value (mapped to a status code by the
+interceptor); nothing is computed, committed or swapped for a request that fails here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from editserve.control.errors import RequestTooLarge, ThresholdOutOfBounds
+from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
+from editserve.editing.requests import MAX_TEXT_CHARS, EditRequest
+from editserve.errors import InvalidRequestError, LayerOutOfRangeError
+
+METHODS = ("rome", "memit")
+MAX_FACTS = 32
+MAX_GATE_PROMPTS = 32
+MAX_PROBE_ITEMS = 64
+MAX_TARGET_CHARS = 200
+MAX_KEY_CHARS = 128
+KEY_RE = re.compile(r"[A-Za-z0-9._:\-]+")
+
+
+def _show(value: str, limit: int = 60) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def check_text(field: str, value: str, limit: int = MAX_TEXT_CHARS, allow_empty: bool = False) -> str:
+    if not value.strip() and not allow_empty:
+        raise InvalidRequestError(f"{field} must not be empty, got {_show(value)}")
+    if len(value) > limit:
+        raise RequestTooLarge(f"{field} is {len(value)} characters long ({_show(value)}); the limit is {limit}")
+    bad = [c for c in value if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn") and c not in "\n\t"]
+    if bad:
+        raise InvalidRequestError(f"{field} {_show(value)} contains control or unassigned character {bad[0]!r}")
+    return value
+
+
+def fact_request(f: Any, i: int) -> EditRequest:
+    where = f"facts[{i}]"
+    prompt = check_text(f"{where}.prompt", f.prompt)
+    subject = check_text(f"{where}.subject", f.subject)
+    target_new = check_text(f"{where}.target_new", f.target_new, MAX_TARGET_CHARS)
+    target_true = check_text(f"{where}.target_true", f.target_true, MAX_TARGET_CHARS, allow_empty=True) or None
+    if "{}" in subject or "{" in subject or "}" in subject:
+        raise InvalidRequestError(f"{where}.subject {_show(subject)} may not contain braces")
+    if target_true is not None and not target_true.strip():
+        raise InvalidRequestError(f"{where}.target_true {_show(target_true)} is blank")
+    if target_true is not None and target_new.strip() == target_true.strip():
+        raise InvalidRequestError(f"{where}.target_new {_show(target_new)} equals target_true: nothing to change")
+    if "{}" not in prompt:
+        if subject not in prompt:
+            raise InvalidRequestError(f"{where}: subject {_show(subject)} is not in prompt {_show(prompt)} "
+                                      "(and the prompt has no '{}' placeholder)")
+        return EditRequest.from_sentence(prompt, subject, target_new, target_true)
+    return EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
+
+
+@dataclass(frozen=True)
+class EditArgs:
+    requests: tuple[EditRequest, ...]
+    method: str
+    layers: tuple[int, ...] | None
+    dry_run: bool
+    expected_head: int | None
+    idempotency_key: str | None
+    gate: GateConfig
+
+
+def thresholds_from(msg: Any, defaults: Thresholds = DEFAULT_THRESHOLDS,
+                    loosest: Thresholds = LOOSEST_THRESHOLDS) -> Thresholds:
+    values = {}
+    for name in ("min_efficacy", "min_paraphrase", "max_ns_drop", "max_canary_kl"):
+        if msg.HasField(name):
+            v = getattr(msg, name)
+            if not math.isfinite(v):
+                raise InvalidRequestError(f"threshold {name} must be finite, got {v!r}")
+            values[name] = v
+        else:
+            values[name] = getattr(defaults, name)
+    th = Thresholds(**values)
+    try:
+        th.within(loosest)
+    except InvalidRequestError as exc:
+        raise ThresholdOutOfBounds(str(exc)) from None
+    return th
+
+
+def edit_args(msg: Any, n_layers: int | None) -> EditArgs:
+    if not msg.facts:
+        raise InvalidRequestError("facts must hold at least one fact, got none")
+    if len(msg.facts) > MAX_FACTS:
+        raise RequestTooLarge(f"{len(msg.facts)} facts in one request; the limit is {MAX_FACTS}")
+    method = msg.method or "rome"
+    if method not in METHODS:
+        raise InvalidRequestError(f"unknown method {_show(method)}; choose one of {list(METHODS)}")
+    reqs = tuple(fact_request(f, i) for i, f in enumerate(msg.facts))
+    seen: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(reqs):
+        key = (r.prompt, r.subject)
+        if key in seen:
+            raise InvalidRequestError(f"facts[{i}] repeats facts[{seen[key]}] (subject {_show(r.subject)})")
+        seen[key] = i
+    if method == "rome" and len(reqs) != 1:
+        raise InvalidRequestError(f"method 'rome' edits one fact at a time, got {len(reqs)} facts; use 'memit'")
+    layers: tuple[int, ...] | None = tuple(msg.layers) if len(msg.layers) else None
+    if layers is not None:
+        for x in layers:
+            if x < 0 or (n_layers is not None and x >= n_layers):
+                raise LayerOutOfRangeError(f"layer {x} is out of range; the model has layers 0..{(n_layers or 1) - 1}")
+        if len(set(layers)) != len(layers):
+            raise InvalidRequestError(f"layers {list(layers)} repeat a layer")
+        if method == "rome" and len(layers) != 1:
+            raise InvalidRequestError(f"method 'rome' edits one layer, got layers {list(layers)}")
+    expected_head = msg.expected_head if msg.HasField("expected_head") else None
+    if expected_head is not None and expected_head < 0:
+        raise InvalidRequestError(f"expected_head must be a version number >= 0, got {expected_head}")
+    key = msg.idempotency_key or None
+    if key is not None and (len(key) > MAX_KEY_CHARS or not KEY_RE.fullmatch(key)):
+        raise InvalidRequestError(f"idempotency_key {_show(key)} must be 1..{MAX_KEY_CHARS} characters of "
+                                  "[A-Za-z0-9._:-]")
+    gate_prompts = {}
+    for field in ("paraphrases", "neighbours"):
+        items = getattr(msg, field)
+        if len(items) > MAX_GATE_PROMPTS:
+            raise RequestTooLarge(f"{len(items)} {field}; the limit is {MAX_GATE_PROMPTS}")
+        out = []
+        for j, g in enumerate(items):
+            check_text(f"{field}[{j}].prompt", g.prompt)
+            if g.fact_index >= len(reqs):
+                raise InvalidRequestError(f"{field}[{j}].fact_index {g.fact_index} names no fact "
+                                          f"(there are {len(reqs)})")
+            out.append((g.prompt, int(g.fact_index)))
+        gate_prompts[field] = tuple(out)
+    th = thresholds_from(msg.thresholds)
+    return EditArgs(requests=reqs, method=method, layers=layers, dry_run=bool(msg.dry_run),
+                    expected_head=expected_head, idempotency_key=key,
+                    gate=GateConfig(thresholds=th, paraphrases=gate_prompts["paraphrases"],
+                                    neighbours=gate_prompts["neighbours"]))
+
+
+def version_number(field: str, value: int) -> int:
+    if value < 0:
+        raise InvalidRequestError(f"{field} must be a version number >= 0, got {value}")
+    return int(value)
+
+
+def probe_items(items: Sequence[Any]) -> tuple[tuple[str, str, str | None], ...]:
+    if not items:
+        raise InvalidRequestError("items must hold at least one prompt to score, got none")
+    if len(items) > MAX_PROBE_ITEMS:
+        raise RequestTooLarge(f"{len(items)} probe items; the limit is {MAX_PROBE_ITEMS}")
+    out = []
+    for i, it in enumerate(items):
+        check_text(f"items[{i}].prompt", it.prompt)
+        check_text(f"items[{i}].target", it.target, MAX_TARGET_CHARS)
+        other = check_text(f"items[{i}].other", it.other, MAX_TARGET_CHARS, allow_empty=True) or None
+        out.append((it.prompt, it.target, other))
+    return tuple(out)
