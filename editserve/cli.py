@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "editserve.commands.ledger",
     "editserve.commands.serve",
     "editserve.commands.trace",
+    "editserve.commands.remote",
 )
 
 
