@@ -64,6 +64,7 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         LedgerBusy,
         LedgerConflict,
         LedgerCorrupt,
+        LedgerError,
         LedgerModelMismatch,
         PatchNotFound,
         RevertError,
@@ -86,6 +87,7 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         (LedgerCorrupt, grpc.StatusCode.DATA_LOSS),
         ((SwapFailed, SidecarError, EngineStateUnknown, PluginSetupError, LedgerBusy), grpc.StatusCode.UNAVAILABLE),
         ((ParityError, ChecksumMismatch), grpc.StatusCode.INTERNAL),
+        (LedgerError, grpc.StatusCode.FAILED_PRECONDITION),
     )
     for classes, code in table:
         if isinstance(exc, classes):
