@@ -1,14 +1,17 @@
 """The control plane: edit → commit → swap, rollback and status, inside the API-server process.
 
 `ControlPlane` owns the ledger handle, the sidecar and the `Swapper`, and serialises every
-version change behind one lock. The HTTP routes (`editserve.engine.http`) and, later, the
+version change behind one lock (edits hold it only to read the head and to swap, not while
+the sidecar computes, so a rollback never waits for a v* optimisation). The HTTP routes
+(`editserve.engine.http`) and, later, the
 gRPC server call its methods; they never touch the engine themselves.
 
 An edit:
 
 1. follow the ledger head if it moved outside this process (e.g. a CLI rollback);
 2. the sidecar (at the head) computes the patch and its probe report, and stores base copies
-   of the touched matrices in the ledger; the engine keeps serving meanwhile;
+   of the touched matrices in the ledger; the engine keeps serving meanwhile; if the head
+   moved in the meantime (a rollback), the edit fails with `LedgerConflict`;
 3. expected checksums of the prospective version are computed from the ledger's base copies
    (per matrix and tensor-parallel rank, in vLLM's orientation) — still without pausing;
 4. the swap: pause, apply on every rank, reset the prefix cache, verify, **commit to the
@@ -138,7 +141,8 @@ class ControlPlane:
         self.engine = engine_client
         self.settings = settings
         self.swapper = Swapper(engine_client, settings.tensor_parallel_size, settings.pause_mode)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()                 # every version change
+        self._edit_lock = asyncio.Lock()            # edits one at a time (computing holds only this)
         self._not_swapping = asyncio.Event()
         self._not_swapping.set()
         self._inflight = 0                          # HTTP requests past the version middleware
@@ -449,14 +453,17 @@ class ControlPlane:
         from editserve.ledger import LedgerConflict
 
         self._check_usable()
-        async with self._lock:
-            assert self.served is not None and self.sidecar is not None
-            t_wait = time.perf_counter()
-            await self._follow_head()
-            head = self.served.version
-            if expected_head is not None and expected_head != head:
-                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
-                                     expected_head=expected_head, actual_head=head)
+        async with self._edit_lock:                     # one edit at a time
+            async with self._lock:
+                assert self.served is not None and self.sidecar is not None
+                t_wait = time.perf_counter()
+                await self._follow_head()
+                head = self.served.version
+                if expected_head is not None and expected_head != head:
+                    raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
+                                         expected_head=expected_head, actual_head=head)
+            # The patch is computed without holding the version lock: serving goes on, and a
+            # rollback does not wait for a long v* optimisation.
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
@@ -474,28 +481,33 @@ class ControlPlane:
                                      patch_id=computed.patch.digest, method=method,
                                      probe_report=computed.probe_report, active_patches=len(
                                          await asyncio.to_thread(self.ledger.active_ids, head)))
-            patch = computed.patch
-            patches = await asyncio.to_thread(self.ledger.active_patches, head)
-            target = patches + [patch]
-            message = message_for(-1, self.family, target)
-            who = caller or self.settings.caller
+            async with self._lock:
+                now = await asyncio.to_thread(self.ledger.head)
+                if self.served.version != head or now != head:
+                    raise LedgerConflict(f"the head moved from version {head} to {now} while the patch was computed; "
+                                         "nothing was committed (retry the edit)", expected_head=head, actual_head=now)
+                patch = computed.patch
+                patches = await asyncio.to_thread(self.ledger.active_patches, head)
+                target = patches + [patch]
+                message = message_for(-1, self.family, target)
+                who = caller or self.settings.caller
 
-            async def commit() -> int:
-                version = await asyncio.to_thread(
-                    self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key)
-                active = await asyncio.to_thread(self.ledger.active_ids, version)
-                if tuple(active) != tuple(p.digest for p in target):
-                    raise SwapFailed(f"ledger version {version} does not hold the patches just applied "
-                                     f"(an idempotent replay of an earlier request?)")
-                return version
+                async def commit() -> int:
+                    version = await asyncio.to_thread(
+                        self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key)
+                    active = await asyncio.to_thread(self.ledger.active_ids, version)
+                    if tuple(active) != tuple(p.digest for p in target):
+                        raise SwapFailed(f"ledger version {version} does not hold the patches just applied "
+                                         f"(an idempotent replay of an earlier request?)")
+                    return version
 
-            t_swap0 = time.perf_counter()
-            result, expected = await self._swap(message, target, commit)
-            version = int(result.committed)
-            self._set_served(version, message, expected, len(target))
-            t_swapped = time.perf_counter()
-            await self._sync_sidecar(version, result)
-            t_end = time.perf_counter()
+                t_swap0 = time.perf_counter()
+                result, expected = await self._swap(message, target, commit)
+                version = int(result.committed)
+                self._set_served(version, message, expected, len(target))
+                t_swapped = time.perf_counter()
+                await self._sync_sidecar(version, result)
+                t_end = time.perf_counter()
         stage = dict(patch.timings)
         timings = {
             "lock_wait": (t_wait - t0), "compute": (t_computed - t_wait), "prepare": (t_swap0 - t_computed),
