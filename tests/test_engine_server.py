@@ -282,6 +282,36 @@ def test_a3_failed_commit_restores_previous_version_and_head_stays(server_a, sha
     assert status == 409 and body["error"]["type"] == "LedgerConflict"
 
 
+def test_a3b_rollback_is_served_while_an_edit_computes(server_a, shared):
+    """The patch is computed outside the version lock: a rollback issued meanwhile is served at
+    once, and the edit, whose base moved, is refused with a conflict instead of committed."""
+    edit_result: dict[str, Any] = {}
+    edit = threading.Thread(target=lambda: edit_result.update(
+        zip(("status", "body"), _edit(server_a, {"prompt": "The capital of {} is", "subject": "Germany",
+                                                  "target_new": " Rome"}))))
+    edit.start()
+    time.sleep(1.0)
+    rollback_result: dict[str, Any] = {}
+    rollback = threading.Thread(target=lambda: rollback_result.update(
+        zip(("status", "body"), server_a.post("/editserve/v1/rollback", {"version": 1}))))
+    rollback.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text, _, headers = server_a.complete(EIFFEL_PROMPT)
+        if headers["x-editserve-version"] == "1" and "x-editserve-version-start" not in headers:
+            break                                      # entirely produced by version 1
+    assert headers["x-editserve-version"] == "1" and text.startswith(" Paris"), (text, headers)
+    assert edit.is_alive(), "the edit finished before the rollback was served"
+    edit.join(300)
+    rollback.join(300)
+    assert rollback_result["status"] == 200, rollback_result
+    assert edit_result["status"] == 409 and edit_result["body"]["error"]["type"] == "LedgerConflict", edit_result
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        assert ledger.head() == 1 and len(ledger.versions()) == 3          # versions 0, 1, 2: nothing new
+    assert server_a.post("/editserve/v1/rollback", {"version": 2})[0] == 200
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+
+
 def test_a4_worker_refusal_restores_and_engine_keeps_serving(server_a, shared):
     """A version committed outside the server whose weights overflow: the worker refuses it,
     the previous version stays served, and the server follows the head again once it is fixed."""
