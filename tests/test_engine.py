@@ -191,3 +191,62 @@ def test_control_settings_from_env():
         ControlSettings.from_env("m", 1, {"EDITSERVE_PAUSE_MODE": "sometimes"})
     with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_THREADS"):
         ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_THREADS": "many"})
+
+
+def test_transposed_materialisation_is_bit_identical():
+    """GPT-2's Conv1D weights are [in, out] in Hugging Face and [out, in] in vLLM: materialising
+    in either orientation gives the same bits (what the sidecar/ledger vs engine comparison assumes)."""
+    g = torch.Generator().manual_seed(0)
+    for rank in (1, 4):
+        base = torch.randn(64, 256, generator=g)
+        deltas = [WeightDelta(name="w", layer=0, u=torch.randn(64, rank, generator=g),
+                              v=torch.randn(256, rank, generator=g))]
+        hf = materialize(base.t().contiguous(), deltas, Layout.IN_OUT)
+        assert torch.equal(hf.t(), materialize(base, deltas, Layout.OUT_IN))
+
+
+def test_sidecar_process_mirrors_ledger_in_vllm_orientation(tmp_path):
+    """A real sidecar process on a tiny GPT-2 (Conv1D, HF layout [in, out]): after a sync its
+    checksums are those of the ledger's materialised weight transposed to vLLM's [out, in] and
+    cut into 2 tensor-parallel slices; errors come back as their own types."""
+    import json
+
+    from editserve.editing.model import FINGERPRINT_FILE, weights_fingerprint
+    from editserve.engine.errors import SidecarError
+    from editserve.engine.sidecar import SidecarClient, SidecarConfig
+    from editserve.ledger import Ledger, VersionNotFound
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    ckpt = tmp_path / "tiny-gpt2"
+    model.save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    fp = weights_fingerprint(model.state_dict())
+    (ckpt / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "name": "tiny-gpt2"}))
+    name = "transformer.h.1.mlp.c_proj.weight"
+    hf_weight = model.state_dict()[name].clone()                 # [d_in=128, d_out=32]
+    g = torch.Generator().manual_seed(3)
+    delta = WeightDelta(name=name, layer=1, u=torch.randn(32, 2, generator=g), v=torch.randn(128, 2, generator=g))
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    patch = Patch(deltas=(delta,), requests=(req,), method="memit", hparams={}, model_fingerprint=fp, family="gpt2")
+    with Ledger.open(tmp_path / "ledger", fp) as ledger:
+        ledger.ensure_base(name, hf_weight, Layout.IN_OUT)
+        version = ledger.commit(patch, expected_head=0)
+        full = ledger.materialize(version)[name].t()              # vLLM orientation [32, 128]
+    client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1))
+    try:
+        ready = client.wait_ready()
+        assert ready.family == "gpt2" and ready.fingerprint == fp
+        client.open_ledger(str(tmp_path / "ledger"))
+        synced = client.sync(version, tp_size=2)
+        assert synced.active == (patch.digest,)
+        assert synced.checksums == {(name, 0): tensor_sha256(full[:, :64]), (name, 1): tensor_sha256(full[:, 64:])}
+        back = client.sync(0, tp_size=1, names=(name,))
+        assert back.checksums == {(name, 0): tensor_sha256(hf_weight.t())}
+        with pytest.raises(VersionNotFound):
+            client.sync(99, tp_size=1)
+    finally:
+        client.close()
+    assert not client.alive
+    with pytest.raises(SidecarError):
+        client.sync(0, tp_size=1)
