@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--samples", type=int, default=5, help="noise samples per trace")
     ap.add_argument("--no-trace", action="store_true")
+    ap.add_argument("--retrace", action="store_true", help="trace again even if --out has a trace step")
     ap.add_argument("--out", default="bench/results/layer_sweep.jsonl")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -52,7 +53,7 @@ def main() -> int:
     from editserve.editing.evaluate import evaluate, score_records
     from editserve.editing.tracing import prepare, restore_cells
 
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = [int(x) for x in args.layers.split(",") if x.strip()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
@@ -81,17 +82,19 @@ def main() -> int:
     print(f"{len(known)} known records: case ids {known[0].case_id}..{known[-1].case_id}", flush=True)
 
     n_layers = int(model.config.num_hidden_layers)
-    if not args.no_trace and "trace" not in done:
+    if not args.no_trace and ("trace" not in done or args.retrace):
         t = time.perf_counter()
-        effects = []   # per record: MLP indirect effect at the subject's last token, per layer
+        effects, p_clean, p_corrupted = [], [], []   # per record; effects: MLP IE at subject's last token per layer
         for rec in known:
             req = rec.request
             setup = prepare(model, tok, req.prompt, req.subject, req.target_true, samples=args.samples, seed=0)
             last = setup.subject_range[1] - 1
             mean, p_corr = restore_cells(model, setup, "mlp", [(last, l) for l in range(n_layers)])
             effects.append([float(m) - float(p_corr.mean()) for m in mean])
-        emit({"step": "trace", "case_ids": [r.case_id for r in known], "mlp_ie": effects,
-              "seconds_per_trace": (time.perf_counter() - t) / len(known)})
+            p_clean.append(setup.p_clean)
+            p_corrupted.append(float(p_corr.mean()))
+        emit({"step": "trace", "case_ids": [r.case_id for r in known], "mlp_ie": effects, "p_clean": p_clean,
+              "p_corrupted": p_corrupted, "seconds_per_trace": (time.perf_counter() - t) / len(known)})
         print(f"traced {len(known)} records, {(time.perf_counter() - t) / len(known):.1f} s each", flush=True)
 
     for layer in layers:
@@ -114,26 +117,33 @@ def main() -> int:
         print(f"layer {layer}: ES {a.es:.3f} PS {a.ps:.3f} NS {a.ns:.3f} S {a.s:.3f} "
               f"({report.seconds_per_edit:.1f} s/edit, {time.perf_counter() - t:.0f} s)", flush=True)
 
-    # The table.
+    # The table. Tracing effects are normalised per record: IE / (P_clean − P_corrupted), the share of
+    # the corruption's damage that restoring the MLP window recovers.
     trace_row = done.get("trace")
+    by_case: dict[int, list[float]] = {}
+    if trace_row is not None:
+        for c, ie, pc, pk in zip(trace_row["case_ids"], trace_row["mlp_ie"],
+                                 trace_row.get("p_clean", []), trace_row.get("p_corrupted", [])):
+            gap = pc - pk
+            if gap > 0.02:   # below that the share is noise
+                by_case[c] = [x / gap for x in ie]
     print(f"\n{'layer':>5} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'EM':>7} {'PM':>7} {'NM':>7} "
-          f"{'MLP IE':>7} {'r(IE,EM)':>8} {'s/edit':>6}")
+          f"{'MLP rec':>7} {'r(IE,EM)':>8} {'s/edit':>6}")
     for layer in sorted(layers):
         row = done.get(f"layer{layer}")
         if row is None:
             continue
         ie = r = float("nan")
-        if trace_row is not None:
-            by_case = dict(zip(trace_row["case_ids"], trace_row["mlp_ie"]))
+        if by_case:
             ie = sum(v[layer] for v in by_case.values()) / len(by_case)
             pairs = [(by_case[int(c)][layer], em) for c, em in row["per_record_em"].items() if int(c) in by_case]
             r = pearson([p[0] for p in pairs], [p[1] for p in pairs])
         print(f"{layer:>5} {row['es']:>6.3f} {row['ps']:>6.3f} {row['ns']:>6.3f} {row['s']:>6.3f} {row['em']:>7.3f} "
               f"{row['pm']:>7.3f} {row['nm']:>7.3f} {ie:>7.4f} {r:>8.2f} {row['seconds_per_edit']:>6.1f}")
-    if trace_row is not None:
-        mean_ie = [sum(v[l] for v in trace_row["mlp_ie"]) / len(trace_row["mlp_ie"]) for l in range(n_layers)]
+    if by_case:
+        mean_ie = [sum(v[l] for v in by_case.values()) / len(by_case) for l in range(n_layers)]
         best = sorted(range(n_layers), key=lambda l: -mean_ie[l])[:5]
-        print("\nmean MLP indirect effect at the subject's last token, all layers: "
+        print(f"\nmean recovered share by MLP windows at the subject's last token ({len(by_case)} records), all layers: "
               + " ".join(f"{x:.3f}" for x in mean_ie))
         print(f"layers tracing would pick (highest mean effect): {best}")
         if any(f"layer{l}" in done for l in layers):

@@ -29,7 +29,7 @@ def smol():
     return load_model()
 
 
-def _tiny(model_type: str) -> torch.nn.Module:
+def _tiny(model_type: str, attn: str = "eager") -> torch.nn.Module:
     """A randomly initialised 4-layer model of `model_type` with SmolLM2's vocabulary size."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,7 +44,7 @@ def _tiny(model_type: str) -> torch.nn.Module:
     }
     torch.manual_seed(1)
     config = AutoConfig.for_model(model_type, **common, **sizes[model_type])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     model.eval()
     return model
 
@@ -76,10 +76,11 @@ def _reference(model, setup, kind: str, token: int, layer: int) -> float:
     return sum(probs) / len(probs)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "gptj"])
-def test_batched_restorations_equal_one_forward_per_cell(smol, model_type):
+@pytest.mark.parametrize("model_type,attn", [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "eager"),
+                                             ("gpt_neox", "eager"), ("gptj", "eager")])
+def test_batched_restorations_equal_one_forward_per_cell(smol, model_type, attn):
     _, tok = smol
-    model = _tiny(model_type)
+    model = _tiny(model_type, attn)
     setup = prepare(model, tok, "The official language of {} is known as", "New South Wales",
                     samples=2, seed=3, window=2, max_batch_tokens=200)   # small budget: several passes
     s0, s1 = setup.subject_range
