@@ -241,8 +241,10 @@ def test_sidecar_process_mirrors_ledger_in_vllm_orientation(tmp_path):
         synced = client.sync(version, tp_size=2)
         assert synced.active == (patch.digest,)
         assert synced.checksums == {(name, 0): tensor_sha256(full[:, :64]), (name, 1): tensor_sha256(full[:, 64:])}
+        want_drift = float(torch.linalg.vector_norm(full.t() - hf_weight) / torch.linalg.vector_norm(hf_weight))
+        assert synced.drift.keys() == {1} and synced.drift[1] == pytest.approx(want_drift, rel=1e-4)
         back = client.sync(0, tp_size=1, names=(name,))
-        assert back.checksums == {(name, 0): tensor_sha256(hf_weight.t())}
+        assert back.checksums == {(name, 0): tensor_sha256(hf_weight.t())} and back.drift == {1: 0.0}
         with pytest.raises(VersionNotFound):
             client.sync(99, tp_size=1)
     finally:

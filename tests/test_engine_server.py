@@ -254,6 +254,8 @@ def test_a2_edit_is_committed_swapped_and_served(server_a, shared):
     assert cached[1] == fresh[1] and cached[0] == fresh[0]
     assert cached[0].startswith(" English"), cached[0]
 
+    assert server_a.metric('editserve_layer_drift_ratio{layer="5"}') > 0
+    assert server_a.metric("editserve_ledger_size_bytes") > 0
     with Ledger.open(shared["ledger"], verify="none") as ledger:
         assert ledger.head() == 1 and len(ledger.active_patches(1)) == 1
         info = ledger.version(1)
@@ -412,6 +414,7 @@ def test_a6_rollback_to_base_is_bit_identical(server_a, shared):
     assert server_a.metric("editserve_swaps_total") >= 40
     assert server_a.metric('editserve_swaps_total{result="failed"}') == 2
     assert server_a.metric("editserve_head_version") == 0
+    assert server_a.metric('editserve_layer_drift_ratio{layer="5"}') == 0
     assert server_a.metric("editserve_completions_total") >= 20
     # Leave the ledger at version 2 for the restart tests.
     assert server_a.post("/editserve/v1/rollback", {"version": 2})[0] == 200

@@ -393,6 +393,8 @@ class ControlPlane:
             raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
                               f"for {', '.join(bad)}")
         self._sidecar_in_sync = True
+        self.metrics.set_drifts(synced.drift)
+        self.metrics.set_ledger_bytes(await asyncio.to_thread(self.ledger.nbytes))
 
     async def _follow_head(self) -> VersionChange | None:
         """Serve the ledger head if it moved outside this process (must hold the lock)."""

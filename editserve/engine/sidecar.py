@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from editserve.editing.arch import Layout, spec_for_family
+from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
 from editserve.engine.errors import SidecarError
 from editserve.engine.wire import rank_range, weight_checksum
@@ -88,6 +88,7 @@ class Synced:
     active: tuple[str, ...]                                   # patch digests now merged, in order
     checksums: dict[tuple[str, int], str] = field(default_factory=dict)
     seconds: float = 0.0
+    drift: dict[int, float] = field(default_factory=dict)     # layer → ‖W − W₀‖ / ‖W₀‖ of the synced matrices
 
 
 @dataclass(frozen=True)
@@ -242,14 +243,30 @@ class _Worker:
                 out[(name, r)] = weight_checksum(w[:, lo:hi])
         return out
 
+    def drift(self, names: tuple[str, ...]) -> dict[int, float]:
+        from editserve.editing.arch import get_module
+        from editserve.metrics import relative_drift
+        from editserve.patches import base_state_dict
+
+        base = base_state_dict(self.model)
+        out = {}
+        for name in names:
+            layer = next((i for i in range(self.ready.n_layers) if self.spec.weight_name(i) == name), None)
+            if layer is None:
+                raise SidecarError(f"{name!r} is not a down-projection of the sidecar's model")
+            live = get_module(self.model, self.spec.down_proj_name(layer)).weight
+            out[layer] = relative_drift(base[name], live)
+        return out
+
     def sync(self, msg: Sync) -> Synced:
         from editserve.patches import applied_patches
 
         t0 = time.perf_counter()
         self._hold(msg.version)
-        names = msg.names or self.ledger.touched_names(msg.version)
+        names = tuple(msg.names or self.ledger.touched_names(msg.version))
         return Synced(version=msg.version, active=tuple(p.digest for p in applied_patches(self.model)),
-                      checksums=self.checksums(tuple(names), msg.tp_size), seconds=time.perf_counter() - t0)
+                      checksums=self.checksums(names, msg.tp_size), seconds=time.perf_counter() - t0,
+                      drift=self.drift(names))
 
     def compute(self, msg: ComputeEdit) -> EditComputed:
         from editserve.editing.edit import compute_patch
