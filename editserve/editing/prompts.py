@@ -50,7 +50,6 @@ class SplitBatch:
     score_rows: torch.Tensor    # [T] sequence index of each scored token
     score_cols: torch.Tensor    # [T] suffix position whose logits predict it
     score_ids: torch.Tensor     # [T] the token id to score
-    score_seq: torch.Tensor     # [T] which (sequence) the token belongs to — same as rows
     last_cols: torch.Tensor     # [B] suffix position of each prompt's last token
 
     @property
@@ -88,11 +87,10 @@ def split_batch(tok: object, items: Sequence[tuple[str, int, list[int]]], pad_id
         suffix_ids[b, :len(s)] = torch.tensor(s)
         mask[b, P:P + len(s)] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    rows_t = torch.tensor(rows, dtype=torch.long)
     return SplitBatch(
         prefix_ids=prefix_ids, suffix_ids=suffix_ids, mask=mask, positions=positions,
-        score_rows=rows_t, score_cols=torch.tensor(cols, dtype=torch.long),
-        score_ids=torch.tensor(tids, dtype=torch.long), score_seq=rows_t,
+        score_rows=torch.tensor(rows, dtype=torch.long), score_cols=torch.tensor(cols, dtype=torch.long),
+        score_ids=torch.tensor(tids, dtype=torch.long),
         last_cols=torch.tensor(last_cols, dtype=torch.long),
     )
 
