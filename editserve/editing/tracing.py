@@ -23,6 +23,9 @@ dimension independently and on the attention mask and rotary tables of a single 
 broadcasting over it (batch 1), which holds for every family of the architecture table; the tests
 compare the batched grid with one unbatched forward per cell.
 
+The noise is added at the input of the first block, which equals adding it to the token embeddings
+for every family in the table (GPT-2's position embeddings are added before, and noise is additive).
+
 Cells at tokens before the subject are not run: the noise only reaches positions at or after the
 subject (attention is causal), so there the clean and corrupted states are equal and restoring one
 changes nothing; their P_restored is P_corrupted exactly.
@@ -214,8 +217,8 @@ def _lm_head(model: torch.nn.Module, spec: ArchSpec) -> torch.nn.Module:
     return head if isinstance(head, torch.nn.Module) else get_module(model, spec.lm_head)
 
 
-def _target_prob(model: torch.nn.Module, spec: ArchSpec, hidden: torch.Tensor, target_id: int) -> torch.Tensor:
-    """P(target) [B] from the final-normed hidden states [B, T, d] at the last position."""
+def _target_prob(model: torch.nn.Module, spec: ArchSpec, hidden: torch.Tensor, target_id: int | slice) -> torch.Tensor:
+    """P(target) [B] (or [B, vocab] for a slice) from the final-normed hidden states [B, T, d] at the last position."""
     logits = _lm_head(model, spec)(hidden[:, -1]).float()
     return torch.softmax(logits, dim=-1)[:, target_id]
 
