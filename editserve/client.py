@@ -7,13 +7,18 @@
         print(r.change.version, r.report.efficacy)
 
 Failures raise `ControlError` with the gRPC status code name, the server's message and, for a
-probe-gate rejection, the full ``ProbeReport``.
+probe-gate rejection, the full ``ProbeReport``. ``edit(..., progress=callback)`` follows the
+edit's stages: it opens a ``WatchEvents`` stream first and hands the callback the progress
+(and rejection) events of its own operation.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,13 @@ import grpc
 
 from editserve.errors import EditserveError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "EDITSERVE_GRPC_TARGET"
+OPERATION_KEY = "editserve-operation-id"       # the server's editserve.control.service.OPERATION_KEY
+WATCH_READY_TIMEOUT_S = 10.0
+FINAL_EVENT_WAIT_S = 2.0
 
 
 class ControlError(EditserveError):
@@ -74,9 +84,11 @@ class EditClient:
     def _metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
 
-    def _call(self, name: str, request: Any, timeout_s: float | None = None) -> Any:
+    def _call(self, name: str, request: Any, timeout_s: float | None = None,
+              metadata: Sequence[tuple[str, str]] = ()) -> Any:
         try:
-            return getattr(self.stub, name)(request, metadata=self._metadata(), timeout=timeout_s or self.timeout_s)
+            return getattr(self.stub, name)(request, metadata=self._metadata() + list(metadata),
+                                            timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
             raise _error(err) from None
 
@@ -84,7 +96,12 @@ class EditClient:
 
     def edit(self, facts: Sequence[Any], method: str = "rome", layers: Sequence[int] = (), dry_run: bool = False,
              expected_head: int | None = None, idempotency_key: str = "", thresholds: Mapping[str, float] | None = None,
-             paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = ()) -> Any:
+             paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = (),
+             progress: Callable[[Any], None] | None = None, operation_id: str = "") -> Any:
+        """Edit `facts` (mappings with prompt/subject/target_new/target_true, or `EditRequest`s).
+
+        `progress` receives the ``Event``s (kind ``progress`` or ``rejected``) of this edit, from a
+        ``WatchEvents`` stream opened before the call (it needs the viewer role, which editors have)."""
         from editserve.control.gen import pb2
 
         req = pb2.EditRequest(facts=[_fact(f) for f in facts], method=method, layers=list(layers), dry_run=dry_run,
@@ -94,7 +111,42 @@ class EditClient:
                               neighbours=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in neighbours])
         if expected_head is not None:
             req.expected_head = expected_head
-        return self._call("Edit", req)
+        op = operation_id or uuid.uuid4().hex[:12]
+        if progress is None:
+            return self._call("Edit", req, metadata=[(OPERATION_KEY, op)])
+        return self._with_progress(lambda: self._call("Edit", req, metadata=[(OPERATION_KEY, op)]), op, progress)
+
+    def _with_progress(self, call: Callable[[], Any], op: str, progress: Callable[[Any], None]) -> Any:
+        from editserve.control.gen import pb2
+
+        stream = self.stub.WatchEvents(pb2.WatchEventsRequest(), metadata=self._metadata())
+        ready, final = threading.Event(), threading.Event()
+
+        def pump() -> None:
+            try:
+                for e in stream:
+                    if e.kind == "watching":
+                        ready.set()
+                    elif e.operation_id == op:
+                        progress(e)
+                        if e.kind == "rejected" or e.progress >= 1.0:
+                            final.set()
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.CANCELLED:
+                    log.warning("progress stream ended: %s: %s", err.code().name, err.details())
+            finally:
+                ready.set()
+
+        thread = threading.Thread(target=pump, name="editserve-progress", daemon=True)
+        thread.start()
+        if not ready.wait(WATCH_READY_TIMEOUT_S):
+            log.warning("no progress stream after %.0f s; editing without progress", WATCH_READY_TIMEOUT_S)
+        try:
+            return call()
+        finally:
+            final.wait(FINAL_EVENT_WAIT_S)         # the last events may trail the reply a little
+            stream.cancel()
+            thread.join(WATCH_READY_TIMEOUT_S)
 
     def rollback(self, version: int, expected_head: int | None = None) -> Any:
         from editserve.control.gen import pb2

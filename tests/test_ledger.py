@@ -483,7 +483,7 @@ def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: P
     root = str(ledger.root)
 
     def run(*argv: str) -> str:
-        code = cli_main(list(argv) + ["--ledger", root])
+        code = cli_main(["ledger", *argv, "--ledger", root])
         out = capsys.readouterr()
         assert code == 0, out.err
         return out.out
@@ -504,24 +504,24 @@ def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: P
     assert "intact" in run("check-ledger", "--deep")
     assert "revert" in run("events")
     # Errors are typed and reported with exit status 2.
-    assert cli_main(["rollback", "42", "--ledger", root]) == 2
+    assert cli_main(["ledger", "rollback", "42", "--ledger", root]) == 2
     assert "version 42" in capsys.readouterr().err
     with Ledger.open(tmp_path / "imp", model_fingerprint=FP) as other:
         other.ensure_base(NAME, base[NAME])
-    assert cli_main(["import", str(tmp_path / "exp"), "--ledger", str(tmp_path / "imp")]) == 0
+    assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", str(tmp_path / "imp")]) == 0
     assert "as version 1" in capsys.readouterr().out
 
 
 def test_cli_finds_the_only_ledger_under_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path))
-    assert cli_main(["versions"]) == 2
+    assert cli_main(["ledger", "versions"]) == 2
     assert "no ledger under" in capsys.readouterr().err
     Ledger.open(model_fingerprint=FP).close()
-    assert cli_main(["versions"]) == 0
+    assert cli_main(["ledger", "versions"]) == 0
     assert "head = version 0" in capsys.readouterr().out
     Ledger.open(model_fingerprint="2" * 64).close()
-    assert cli_main(["versions"]) == 2
+    assert cli_main(["ledger", "versions"]) == 2
     assert "2 ledgers" in capsys.readouterr().err
 
 

@@ -190,7 +190,7 @@ def test_cli_on_real_ledger(tmp_path: Path, real: SimpleNamespace, capsys: pytes
     _ledger(tmp_path / "l", real).close()
 
     def run(*argv: str) -> str:
-        code = cli_main(list(argv) + ["--ledger", root])
+        code = cli_main(["ledger", *argv, "--ledger", root])
         out = capsys.readouterr()
         assert code == 0, out.err
         return out.out

@@ -1,8 +1,11 @@
-"""Ledger subcommands: ``versions``, ``show``, ``diff``, ``rollback``, ``revert``, ``export``, ``import``, ``events``,
-``check-ledger``.
+"""``editserve ledger ...``: ``versions``, ``show``, ``diff``, ``rollback``, ``revert``, ``export``, ``import``,
+``events``, ``check-ledger`` on a ledger directory, without a server.
 
-Every command takes ``--ledger PATH``; without it the ledger under ``$EDITSERVE_HOME/ledger/``
-is used when there is exactly one (else the command lists them and asks for ``--ledger``).
+(The top-level ``editserve versions|show|diff|rollback|revert|...`` talk to a running server's
+gRPC control plane, `editserve.commands.remote`; a server follows a head moved here at its next
+version change, or at ``POST /editserve/v1/sync``.) Every command takes ``--ledger PATH``;
+without it the ledger under ``$EDITSERVE_HOME/ledger/`` is used when there is exactly one (else
+the command lists them and asks for ``--ledger``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ def _add_ledger_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caller", default="cli", help="identity recorded in the audit log (default: cli)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(parent: argparse._SubParsersAction) -> None:
+    group = parent.add_parser("ledger", help="inspect or change a ledger directory directly (no server)")
+    sub = group.add_subparsers(dest="ledger_command", required=True, metavar="COMMAND")
     p = sub.add_parser("versions", help="list the ledger's versions (head marked *)")
     _add_ledger_arg(p)
     p.set_defaults(func=cmd_versions)

@@ -1,28 +1,28 @@
-"""Commands that talk to a running server's gRPC control plane (`editserve.client.EditClient`).
+"""Commands that talk to a running server's gRPC control plane (`editserve.client.EditClient`):
+``editserve edit|rollback|revert|versions|show|diff|probe|status|watch``.
 
-``editserve edit|probe|status|watch`` and, for everything, ``editserve remote
-edit|rollback|revert|versions|diff|probe|status|watch`` (``versions``, ``diff``, ``rollback`` and
-``revert`` at the top level are the local-ledger commands of `editserve.commands.ledger`).
-Server: ``--server HOST:PORT`` or ``EDITSERVE_GRPC_TARGET`` (default 127.0.0.1:50051); token:
-``--token-file`` or ``EDITSERVE_CONTROL_TOKEN``; TLS: ``--ca`` (and ``--cert``/``--key`` for mutual TLS).
+(The same operations on a ledger directory, without a server, are ``editserve ledger ...``,
+`editserve.commands.ledger`.) Server: ``--server HOST:PORT`` or ``EDITSERVE_GRPC_TARGET``
+(default 127.0.0.1:50051); token: ``--token-file`` or ``EDITSERVE_CONTROL_TOKEN``; TLS: ``--ca``
+(and ``--cert``/``--key`` for mutual TLS). ``edit`` shows a progress bar on stderr, fed by the
+edit's progress events (``WatchEvents``); ``--no-progress`` turns it off.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-TOP_LEVEL = ("edit", "probe", "status", "watch")
+COMMANDS = ("edit", "rollback", "revert", "versions", "show", "diff", "probe", "status", "watch")
 
 
 def _conn(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=None, help="HOST:PORT of the gRPC control plane")
+    p.add_argument("--server", default=None, help="HOST:PORT of the gRPC control plane (else $EDITSERVE_GRPC_TARGET)")
     p.add_argument("--token-file", default=None, help="file holding the bearer token (else $EDITSERVE_CONTROL_TOKEN)")
     p.add_argument("--ca", default=None, help="CA certificate (PEM) for TLS")
     p.add_argument("--cert", default=None, help="client certificate (PEM) for mutual TLS")
@@ -46,17 +46,22 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--neighbour", action="append", default=[], help="neighbourhood prompt for the gate")
         for t in ("min-efficacy", "min-paraphrase", "max-ns-drop", "max-canary-kl"):
             p.add_argument(f"--{t}", type=float, default=None)
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     elif name == "rollback":
         p = sub.add_parser("rollback", help="serve version V (the ledger head moves there)")
         p.add_argument("version", type=int)
         p.add_argument("--expected-head", type=int, default=None)
     elif name == "revert":
-        p = sub.add_parser("revert", help="serve a new version without the patch of version V")
+        p = sub.add_parser("revert", help="serve a new version without the patch of version V (later patches kept)")
         p.add_argument("version", type=int)
         p.add_argument("--expected-head", type=int, default=None)
+        p.add_argument("--idempotency-key", default="")
     elif name == "versions":
-        p = sub.add_parser("versions", help="the server's ledger versions")
-        p.add_argument("--limit", type=int, default=0)
+        p = sub.add_parser("versions", help="the server's ledger versions (head marked *)")
+        p.add_argument("--limit", type=int, default=0, help="only the last N versions")
+    elif name == "show":
+        p = sub.add_parser("show", help="one version on the server: facts, method, patches, probe report")
+        p.add_argument("version", type=int)
     elif name == "diff":
         p = sub.add_parser("diff", help="patches and ‖ΔW‖ between two versions on the server")
         p.add_argument("a", type=int)
@@ -70,8 +75,8 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p = sub.add_parser("status", help="served model, head version, sidecar parity, patch count")
     elif name == "watch":
         p = sub.add_parser("watch", help="stream commits, rollbacks, rejections and edit progress")
-        p.add_argument("--since", type=int, default=0)
-        p.add_argument("--history", action="store_true")
+        p.add_argument("--since", type=int, default=0, help="ledger events after this id")
+        p.add_argument("--history", action="store_true", help="replay the whole audit log first")
         p.add_argument("--count", type=int, default=0, help="stop after N events")
     else:
         raise ValueError(name)
@@ -80,14 +85,8 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    existing = set(sub.choices)
-    for name in TOP_LEVEL:
-        if name not in existing:
-            _add(sub, name)
-    group = sub.add_parser("remote", help="all control-plane commands against a running server (gRPC)")
-    inner = group.add_subparsers(dest="remote_cmd", required=True)
-    for name in ("edit", "rollback", "revert", "versions", "diff", "probe", "status", "watch"):
-        _add(inner, name)
+    for name in COMMANDS:
+        _add(sub, name)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -95,6 +94,10 @@ def _client(args: argparse.Namespace) -> Any:
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     return EditClient(args.server, token, ca=args.ca, cert=args.cert, key=args.key)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -105,32 +108,64 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-class _Spinner:
-    """A progress line on stderr while a long call runs (elapsed seconds)."""
+class ProgressBar:
+    """An edit's progress on `stream` (stderr): on a terminal one bar redrawn in place with the
+    elapsed time; otherwise one line per stage."""
 
-    def __init__(self, label: str) -> None:
+    WIDTH = 24
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
         self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.fraction = 0.0
+        self.text = "waiting for the server"
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._tick, name="editserve-progress-bar", daemon=True)
+        self._width = 0
 
-    def _run(self) -> None:
-        t0 = time.monotonic()
-        for ch in itertools.cycle("|/-\\"):
-            if self._stop.wait(0.25):
-                break
-            if sys.stderr.isatty():
-                sys.stderr.write(f"\r{ch} {self.label} {time.monotonic() - t0:5.1f} s")
-                sys.stderr.flush()
+    def _line(self) -> str:
+        done = int(round(self.fraction * self.WIDTH))
+        return (f"{self.label} [{'#' * done}{'.' * (self.WIDTH - done)}] {self.fraction * 100:3.0f}% "
+                f"{_cut(self.text, 60)} ({time.monotonic() - self._t0:.1f} s)")
 
-    def __enter__(self) -> "_Spinner":
-        self._thread.start()
+    def _draw(self) -> None:
+        line = self._line()
+        self.stream.write("\r" + line.ljust(self._width))
+        self.stream.flush()
+        self._width = len(line)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                self._draw()
+
+    def update(self, event: Any) -> None:
+        """One ``Event`` of the edit (kind ``progress`` or ``rejected``)."""
+        with self._lock:
+            if event.kind == "progress":
+                self.fraction = max(self.fraction, min(1.0, float(event.progress)))
+            self.text = event.message if event.kind == "progress" else f"rejected: {event.message}"
+            if self.tty:
+                self._draw()
+            else:
+                self.stream.write(f"[{self.fraction * 100:3.0f}%] {_cut(self.text, 120)}\n")
+                self.stream.flush()
+
+    def __enter__(self) -> "ProgressBar":
+        if self.tty:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
-        if sys.stderr.isatty():
-            sys.stderr.write("\r" + " " * (len(self.label) + 12) + "\r")
+        if self.tty:
+            self._thread.join()
+            with self._lock:
+                self.stream.write("\r" + " " * self._width + "\r")
+                self.stream.flush()
 
 
 def _dump(msg: Any) -> str:
@@ -140,15 +175,36 @@ def _dump(msg: Any) -> str:
 
 
 def _report_table(report: Any) -> str:
+    para = f"{report.paraphrase:.2f}" if report.paraphrase >= 0 else "-"
+    ns = (f"{report.neighbourhood_before:.2f}→{report.neighbourhood_after:.2f}"
+          if report.neighbourhood_before >= 0 else "-")
     lines = [f"probe gate: {'PASSED' if report.passed else 'REJECTED'}  efficacy {report.efficacy:.2f}  "
-             f"paraphrase {report.paraphrase:.2f}  NS {report.neighbourhood_before:.2f}→{report.neighbourhood_after:.2f}"
-             f"  canary KL {report.canary_kl_mean:.4f} (max {report.canary_kl_max:.4f})"]
+             f"paraphrase {para}  NS {ns}  canary KL {report.canary_kl_mean:.4f} (max {report.canary_kl_max:.4f}, "
+             f"{report.canaries} prompts)  {report.seconds:.1f} s"]
     lines += [f"  failed: {f}" for f in report.failures]
-    rows = [[r.kind, r.prompt[:50], f"{r.new_logprob_before:.2f}→{r.new_logprob_after:.2f}",
-             f"{r.true_logprob_before:.2f}→{r.true_logprob_after:.2f}", "yes" if r.success else "no"]
-            for r in report.rows]
-    lines.append(_table(rows, ["kind", "prompt", "log p(new)", "log p(true)", "ok"]))
+    rows = [[r.kind, _cut(r.prompt, 50), r.target_new.strip(), f"{r.new_logprob_before:.2f}→{r.new_logprob_after:.2f}",
+             r.target_true.strip() or "-", f"{r.true_logprob_before:.2f}→{r.true_logprob_after:.2f}",
+             "yes" if r.success else "NO"] for r in report.rows]
+    if rows:
+        lines.append(_table(rows, ["kind", "prompt", "new", "log p(new)", "true", "log p(true)", "ok"]))
     return "\n".join(lines)
+
+
+def _fact_text(f: Any) -> str:
+    return f"{f.prompt.replace('{}', f.subject)} →{f.target_new}"
+
+
+def _what(v: Any) -> str:
+    if v.kind == "base":
+        return "base model"
+    if v.kind == "revert":
+        return "revert: removes " + ", ".join(p[:12] for p in v.removed[:1]) + (
+            f", recomputes {len(v.added)}" if v.added else "")
+    if v.facts:
+        return "; ".join(_fact_text(f) for f in v.facts)
+    if v.kind == "import":
+        return f"import of {len(v.added)} patch(es)"
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,28 +223,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "edit":
-        th = {k: v for k, v in (("min_efficacy", args.min_efficacy), ("min_paraphrase", args.min_paraphrase),
-                                ("max_ns_drop", args.max_ns_drop), ("max_canary_kl", args.max_canary_kl))
-              if v is not None}
-        fact = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target_new,
-                "target_true": args.target_true}
-        with _Spinner("editing (compute → probe gate → commit → swap)"):
-            r = c.edit([fact], method=args.method, layers=args.layer, dry_run=args.dry_run,
-                       expected_head=args.expected_head, idempotency_key=args.idempotency_key, thresholds=th,
-                       paraphrases=[(p, 0) for p in args.paraphrase], neighbours=[(p, 0) for p in args.neighbour])
-        if args.json:
-            print(_dump(r))
-            return 0
-        ch = r.change
-        verb = "dry run at" if not ch.committed else "now serving"
-        print(f"{verb} version {ch.version} (was {ch.previous_version}); patch {ch.patch_id[:12]}; "
-              f"pause {ch.pause_ms:.1f} ms; total {ch.timings_ms.get('total', ch.timings_ms.get('compute', 0)) / 1e3:.1f} s")
-        if r.HasField("report"):
-            print(_report_table(r.report))
-        return 0
+        return _edit(c, args)
     if cmd in ("rollback", "revert"):
-        fn = c.rollback if cmd == "rollback" else c.revert
-        ch = fn(args.version, expected_head=args.expected_head)
+        if cmd == "rollback":
+            ch = c.rollback(args.version, expected_head=args.expected_head)
+        else:
+            ch = c.revert(args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key)
         print(_dump(ch) if args.json else f"now serving version {ch.version} (was {ch.previous_version}); "
               f"{ch.active_patches} active patch(es); pause {ch.pause_ms:.1f} ms")
         return 0
@@ -197,28 +237,57 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         if args.json:
             print(_dump(r))
             return 0
-        rows = [[("* " if v.is_head else "  ") + str(v.version), v.kind, v.patch_id[:12], v.method, v.caller,
-                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
-                 "; ".join(f"{f.prompt.replace('{}', f.subject)} →{f.target_new}" for f in v.facts)[:60]]
-                for v in r.versions]
-        print(_table(rows, ["version", "kind", "patch", "method", "caller", "created", "facts"]))
+        rows = [["*" if v.is_head else "", v.version, v.parent if v.HasField("parent") else "", v.kind,
+                 v.patch_id[:12], v.method, v.caller, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
+                 _cut(_what(v), 70)] for v in r.versions]
+        print(f"head = version {r.head}")
+        print(_table(rows, ["", "version", "parent", "kind", "patch", "method", "caller", "created", "edit"]))
+        return 0
+    if cmd == "show":
+        v = c.get_version(args.version)
+        if args.json:
+            print(_dump(v))
+            return 0
+        rows = [["version", f"{v.version}{'  (head)' if v.is_head else ''}"],
+                ["parent", v.parent if v.HasField("parent") else "-"], ["kind", v.kind], ["caller", v.caller],
+                ["created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))],
+                ["patch", v.patch_id or "-"], ["method", v.method or "-"],
+                ["added", ", ".join(p[:12] for p in v.added) or "-"],
+                ["removed", ", ".join(p[:12] for p in v.removed) or "-"]]
+        rows += [[f"fact {i}", _fact_text(f) + (f" (was{f.target_true})" if f.target_true else "")]
+                 for i, f in enumerate(v.facts)]
+        if v.idempotency_key:
+            rows.append(["idempotency key", v.idempotency_key])
+        print(_table(rows, ["", "value"]))
+        if v.probe_report_json:
+            gate = json.loads(v.probe_report_json).get("gate")
+            if gate:
+                from editserve.control.convert import report_to_pb
+
+                print(_report_table(report_to_pb(gate)))
         return 0
     if cmd == "diff":
         d = c.diff(args.a, args.b)
         if args.json:
             print(_dump(d))
             return 0
-        print(f"only in {d.a}: {[x[:12] for x in d.only_a]}; only in {d.b}: {[x[:12] for x in d.only_b]}; "
-              f"common: {len(d.common)}")
-        print(_table([[w.layer, w.name, f"{w.norm:.4g}", f"{w.relative:.4g}" if w.HasField("relative") else "-"]
-                      for w in d.weights], ["layer", "weight", "‖ΔW‖", "relative"]))
+        print(f"version {d.a} → version {d.b}: {len(d.common)} patch(es) in both, {len(d.only_a)} only in {d.a}, "
+              f"{len(d.only_b)} only in {d.b}")
+        for label, ids in ((f"only in {d.a}", d.only_a), (f"only in {d.b}", d.only_b)):
+            for pid in ids:
+                print(f"  {label}: {pid[:12]}")
+        if d.weights:
+            print(_table([[w.layer, w.name, f"{w.norm:.4g}", f"{w.relative:.4g}" if w.HasField("relative") else "-"]
+                          for w in d.weights], ["layer", "weight", "‖ΔW‖_F", "‖ΔW‖/‖W‖"]))
+        else:
+            print("no weight differs")
         return 0
     if cmd == "probe":
         r = c.probe([(args.prompt, args.target, args.other)])
         if args.json:
             print(_dump(r))
             return 0
-        rows = [[s.prompt[:50], s.target, f"{s.target_logprob:.3f}", s.other or "-",
+        rows = [[_cut(s.prompt, 50), s.target, f"{s.target_logprob:.3f}", s.other or "-",
                  f"{s.other_logprob:.3f}" if s.HasField("other_logprob") else "-", repr(s.top_token)] for s in r.scores]
         print(f"version {r.version}")
         print(_table(rows, ["prompt", "target", "log p", "other", "log p(other)", "greedy"]))
@@ -228,25 +297,65 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         if args.json:
             print(_dump(s))
             return 0
-        rows = [["model", s.model], ["family", s.family], ["served version", s.served_version],
+        d = s.threshold_bounds.defaults
+        rows = [["model", s.model or "-"], ["family", s.family or "-"], ["served version", s.served_version],
                 ["ledger head", s.ledger_head], ["active patches", s.active_patches],
                 ["sidecar parity", "ok" if s.sidecar_in_sync else "NOT IN SYNC"],
-                ["sidecar alive", s.sidecar_alive], ["swaps ok / failed", f"{s.swaps_ok} / {s.swaps_failed}"],
-                ["degraded", s.degraded or "-"]]
+                ["sidecar alive", "yes" if s.sidecar_alive else "NO"],
+                ["tensor parallel", s.tensor_parallel_size],
+                ["swaps ok / failed", f"{s.swaps_ok} / {s.swaps_failed}"], ["parity failures", s.parity_failures],
+                ["gate defaults", f"efficacy ≥ {d.min_efficacy:g}, paraphrase ≥ {d.min_paraphrase:g}, "
+                                  f"NS drop ≤ {d.max_ns_drop:g}, canary KL ≤ {d.max_canary_kl:g}"],
+                ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
         print(_table(rows, ["", "value"]))
         return 0
     if cmd == "watch":
         n = 0
         for e in c.watch(args.since, args.history):
+            if e.kind == "watching":
+                if not args.json:
+                    print(f"watching: {e.message}", file=sys.stderr, flush=True)
+                continue
             if args.json:
-                print(_dump(e), flush=True)
+                print(json.dumps(json.loads(_dump(e))), flush=True)
             else:
                 when = time.strftime("%H:%M:%S", time.localtime(e.ts))
-                extra = f" {e.progress * 100:3.0f}% {e.message}" if e.kind == "progress" else f" {e.message}"
-                print(f"{when} #{e.id} {e.kind:9s} v{e.version} (from v{e.from_version}) by {e.caller}{extra}",
+                ident = f"#{e.id}" if e.id else f"op {e.operation_id}" if e.operation_id else "-"
+                version = f"v{e.version}" if e.version >= 0 else ""
+                if e.from_version >= 0:
+                    version += f" (from v{e.from_version})"
+                extra = f"{e.progress * 100:3.0f}% {e.message}" if e.kind == "progress" else e.message
+                print(f"{when}  {ident:<16} {e.kind:<9} {version:<18} {e.caller:<20} {_cut(extra, 80)}".rstrip(),
                       flush=True)
             n += 1
             if args.count and n >= args.count:
                 break
         return 0
     raise ValueError(cmd)
+
+
+def _edit(c: Any, args: argparse.Namespace) -> int:
+    th = {k: v for k, v in (("min_efficacy", args.min_efficacy), ("min_paraphrase", args.min_paraphrase),
+                            ("max_ns_drop", args.max_ns_drop), ("max_canary_kl", args.max_canary_kl))
+          if v is not None}
+    fact = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target_new,
+            "target_true": args.target_true}
+    kwargs = dict(method=args.method, layers=args.layer, dry_run=args.dry_run, expected_head=args.expected_head,
+                  idempotency_key=args.idempotency_key, thresholds=th,
+                  paraphrases=[(p, 0) for p in args.paraphrase], neighbours=[(p, 0) for p in args.neighbour])
+    if args.no_progress or args.json:
+        r = c.edit([fact], **kwargs)
+    else:
+        with ProgressBar("dry run" if args.dry_run else "edit") as bar:
+            r = c.edit([fact], progress=bar.update, **kwargs)
+    if args.json:
+        print(_dump(r))
+        return 0
+    ch = r.change
+    verb = "dry run at" if not ch.committed else "now serving"
+    total = ch.timings_ms.get("total", ch.timings_ms.get("compute", 0.0)) / 1e3
+    print(f"{verb} version {ch.version} (was {ch.previous_version}); patch {ch.patch_id[:12]}; "
+          f"pause {ch.pause_ms:.1f} ms; total {total:.1f} s")
+    if r.HasField("report"):
+        print(_report_table(r.report))
+    return 0

@@ -3,6 +3,13 @@
 Authentication, roles and error → status mapping happen in `editserve.control.interceptors`;
 validation in `editserve.control.validate`. Server-local events (rejections, edit progress)
 go through `EventHub` to ``WatchEvents`` together with the ledger's audit log.
+
+An Edit's progress events carry an operation id: the one the caller sent in the metadata key
+``editserve-operation-id`` (so that it can follow its own edit on a ``WatchEvents`` stream it
+opened first), else a random one. Stages, in order: accepted, compute, keys, values, solve,
+probe, swap, commit, then committed | dry_run (or a ``rejected`` event). A ``WatchEvents``
+stream starts with one ``watching`` event (id 0, ``details_json`` ``{"after_event": N}``), sent
+once the stream receives server-local events.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from editserve.control import auth, convert, validate, versions
+from editserve.control import auth, convert, validate
 from editserve.control.errors import ProbeRejected
 from editserve.control.gen import pb2, pb2_grpc
 from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS
@@ -27,6 +34,8 @@ log = logging.getLogger(__name__)
 
 EVENT_POLL_S = 0.25
 MAX_EXPORT_BYTES = 64 << 20
+OPERATION_KEY = "editserve-operation-id"
+OPERATION_RE = validate.re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class EventHub:
@@ -58,6 +67,16 @@ def _caller() -> str:
     return principal.caller
 
 
+def _operation_id(context: Any) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == OPERATION_KEY:
+            if not isinstance(value, str) or not OPERATION_RE.fullmatch(value):
+                raise InvalidRequestError(f"metadata {OPERATION_KEY} {value!r} must be 1-64 characters of "
+                                          "[A-Za-z0-9._:-]")
+            return value
+    return uuid.uuid4().hex[:12]
+
+
 class EditService(pb2_grpc.EditServiceServicer):
     def __init__(self, control: Any, hub: EventHub | None = None) -> None:
         self.control = control
@@ -76,12 +95,18 @@ class EditService(pb2_grpc.EditServiceServicer):
     async def Edit(self, request: Any, context: Any) -> Any:
         args = validate.edit_args(request, self._n_layers())
         caller = _caller()
-        op = uuid.uuid4().hex[:12]
+        op = _operation_id(context)
+        loop = asyncio.get_running_loop()
+
+        def progress(stage: str, fraction: float, message: str) -> None:      # also called from threads
+            loop.call_soon_threadsafe(self._progress, op, caller, stage, fraction, message)
+
         self._progress(op, caller, "accepted", 0.0, f"{len(args.requests)} fact(s), method {args.method}")
         try:
             change = await self.control.edit(
                 list(args.requests), method=args.method, layers=args.layers, expected_head=args.expected_head,
-                caller=caller, idempotency_key=args.idempotency_key, gate=args.gate, dry_run=args.dry_run)
+                caller=caller, idempotency_key=args.idempotency_key, gate=args.gate, dry_run=args.dry_run,
+                progress=progress)
         except ProbeRejected as exc:
             self.hub.publish(pb2.Event(kind="rejected", operation_id=op, caller=caller, ts=time.time(),
                                        message=str(exc), details_json=json.dumps(exc.report, default=str),
@@ -104,7 +129,7 @@ class EditService(pb2_grpc.EditServiceServicer):
         key = request.idempotency_key or None
         if key is not None and not validate.KEY_RE.fullmatch(key):
             raise InvalidRequestError(f"idempotency_key {key!r} must be characters of [A-Za-z0-9._:-]")
-        change = await versions.revert(self.control, version, _caller(), expected, key)
+        change = await self.control.revert(version, caller=_caller(), expected_head=expected, idempotency_key=key)
         return convert.change_to_pb(change)
 
     async def ListVersions(self, request: Any, context: Any) -> Any:
@@ -129,9 +154,7 @@ class EditService(pb2_grpc.EditServiceServicer):
 
     async def Probe(self, request: Any, context: Any) -> Any:
         items = validate.probe_items(request.items)
-        self.control._check_usable()
-        version = self.control.served.version
-        scored = await asyncio.to_thread(self.control.sidecar.score, version, items)
+        scored = await self.control.score(items)
         scores = []
         for r in scored.rows:
             s = pb2.ProbeScore(prompt=r["prompt"], target=r["target"], target_logprob=r["target_logprob"],
@@ -167,6 +190,9 @@ class EditService(pb2_grpc.EditServiceServicer):
                 last = existing[-1].id if existing else 0
             else:
                 last = int(request.since_id)
+            yield pb2.Event(id=0, kind="watching", ts=time.time(), version=-1, from_version=-1,
+                            message=f"ledger events after #{last} and this server's events from now on",
+                            details_json=json.dumps({"after_event": last}))
             while True:
                 for e in await asyncio.to_thread(ledger.events, last):
                     last = max(last, e.id)
@@ -217,5 +243,6 @@ class EditService(pb2_grpc.EditServiceServicer):
             src = Path(tmp)
             (src / "manifest.json").write_bytes(request.manifest_json)
             (src / "patch.safetensors").write_bytes(request.factors)
-            change = await versions.import_patch(self.control, src, _caller(), expected, key)
+            change = await self.control.import_patch(src, caller=_caller(), expected_head=expected,
+                                                     idempotency_key=key)
         return convert.change_to_pb(change)

@@ -9,8 +9,9 @@ gRPC server call its methods; they never touch the engine themselves.
 An edit:
 
 1. follow the ledger head if it moved outside this process (e.g. a CLI rollback);
-2. the sidecar (at the head) computes the patch and its probe report, and stores base copies
-   of the touched matrices in the ledger; the engine keeps serving meanwhile; if the head
+2. the sidecar (at the head) computes the patch and its probe report (and, with a gate, the
+   probe gate), and stores base copies of the touched matrices in the ledger unless the edit
+   is a dry run or the gate rejected it; the engine keeps serving meanwhile; if the head
    moved in the meantime (a rollback), the edit fails with `LedgerConflict`;
 3. expected checksums of the prospective version are computed from the ledger's base copies
    (per matrix and tensor-parallel rank, in vLLM's orientation) — still without pausing;
@@ -22,7 +23,14 @@ An edit:
    next edit resynchronises the sidecar first).
 
 A rollback is the same swap with an earlier version's patches; its commit step moves the
-ledger head. At start (`start`), the ledger's head version is applied before the server
+ledger head. A revert (`revert`) and an import (`import_patch`) are the same swap with the
+head's patches minus, or plus, one patch; their commit step writes the new version.
+
+`edit` reports its stages to an optional ``progress(stage, fraction, message)`` callback
+(compute, keys, values, solve, probe from the sidecar; swap and commit here); the gRPC
+server turns them into ``WatchEvents`` progress events.
+
+At start (`start`), the ledger's head version is applied before the server
 accepts its first request, after checking that the engine's base weights equal the ledger's
 base copies.
 """
@@ -34,8 +42,9 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +57,7 @@ from editserve.engine.errors import (
     PluginSetupError,
     SwapFailed,
 )
-from editserve.engine.sidecar import ComputeEdit, ProbePrompt, SidecarClient, SidecarConfig
+from editserve.engine.sidecar import ComputeEdit, ProbePrompt, Progress, Scored, SidecarClient, SidecarConfig
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, SwapResult, Swapper, check_mode, verify
 from editserve.engine.wire import ApplyMessage, message_for, rank_range, weight_checksum
 from editserve.errors import InvalidRequestError
@@ -101,7 +110,7 @@ class VersionChange:
 
     version: int
     previous_version: int
-    kind: str                                     # "edit" | "rollback" | "follow" | "start"
+    kind: str                                     # "edit" | "dry_run" | "rollback" | "revert" | "import" | "follow" | "start"
     pause_ms: float
     swap: dict[str, Any]
     timings_ms: dict[str, float]
@@ -297,6 +306,11 @@ class ControlPlane:
         if self._degraded:
             raise EngineStateUnknown(f"edits are refused: {self._degraded}")
 
+    @property
+    def served_version(self) -> int | None:
+        """The version the engine serves now (None before `start`)."""
+        return self.served.version if self.served is not None else None
+
     async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
         """Swap to `message` (whose content is `patches`) with the protocol of `Swapper.swap`."""
         assert self.served is not None
@@ -354,9 +368,10 @@ class ControlPlane:
         self.metrics.set_head(version, active)
 
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
-                               expected_head: int | None = None) -> VersionChange:
+                               expected_head: int | None = None, caller: str | None = None) -> VersionChange:
         """Serve ledger `version` (must hold the lock). With `commit_rollback`, the ledger head is
-        moved to `version` inside the pause (a rollback); otherwise the head is already there."""
+        moved to `version` inside the pause (a rollback, recorded as `caller`); otherwise the head
+        is already there."""
         assert self.served is not None
         t0 = time.perf_counter()
         previous = self.served.version
@@ -365,7 +380,8 @@ class ControlPlane:
         commit = None
         if commit_rollback:
             async def commit() -> int:
-                return await asyncio.to_thread(self.ledger.rollback, version, self.settings.caller, expected_head)
+                return await asyncio.to_thread(self.ledger.rollback, version, caller or self.settings.caller,
+                                               expected_head)
         result, expected = await self._swap(message, patches, commit)
         self._set_served(version, message, expected, len(patches))
         t_swap = time.perf_counter()
@@ -429,17 +445,20 @@ class ControlPlane:
         probes: Sequence[ProbePrompt] = (),
         gate: Any = None,
         dry_run: bool = False,
+        progress: Callable[[str, float, str], None] | None = None,
     ) -> VersionChange:
         """Compute, commit and serve a patch for `requests` (see the module docstring).
 
         `gate` (an `editserve.control.probe.GateConfig`) runs the probe gate on the sidecar with the
         candidate patch applied; a failing gate raises `editserve.control.errors.ProbeRejected`
         before anything is committed or swapped. `dry_run` returns the computed report without
-        committing (``kind="dry_run"``, the version stays the head)."""
+        committing (``kind="dry_run"``, the version stays the head); neither a dry run nor a rejected
+        edit writes anything to the ledger. `progress` (called from worker threads too) receives
+        ``(stage, fraction, message)`` as the edit goes on (see the module docstring)."""
         t0 = time.perf_counter()
         try:
             return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
-                                    probes, gate, dry_run)
+                                    probes, gate, dry_run, progress)
         except Exception as exc:
             if self.metrics is not None and method in self.metrics.methods:
                 from editserve.control.errors import ProbeRejected
@@ -451,8 +470,16 @@ class ControlPlane:
     async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
                     idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
-                    dry_run: bool = False) -> VersionChange:
+                    dry_run: bool = False, progress: Callable[[str, float, str], None] | None = None,
+                    ) -> VersionChange:
         from editserve.ledger import LedgerConflict
+
+        def report(stage: str, fraction: float, message: str = "") -> None:
+            if progress is not None:
+                progress(stage, fraction, message)
+
+        def forward(p: Progress) -> None:
+            report(p.stage, p.fraction, p.message)
 
         self._check_usable()
         async with self._edit_lock:                     # one edit at a time
@@ -469,7 +496,7 @@ class ControlPlane:
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
-                gate=gate))
+                gate=gate, store_bases=not dry_run), forward)
             t_computed = time.perf_counter()
             gate_report = computed.probe_report.get("gate")
             if gate_report is not None and not gate_report["passed"]:
@@ -504,10 +531,14 @@ class ControlPlane:
                     return version
 
                 t_swap0 = time.perf_counter()
+                report("swap", 0.9, f"pause, apply {len(target)} patch(es) on {self.settings.tensor_parallel_size} "
+                                    "rank(s), verify, commit")
                 result, expected = await self._swap(message, target, commit)
                 version = int(result.committed)
                 self._set_served(version, message, expected, len(target))
                 t_swapped = time.perf_counter()
+                report("commit", 0.95, f"version {version} committed and served (pause "
+                                       f"{result.pause_seconds * 1e3:.1f} ms)")
                 await self._sync_sidecar(version, result)
                 t_end = time.perf_counter()
         stage = dict(patch.timings)
@@ -547,9 +578,104 @@ class ControlPlane:
                 raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
                                      expected_head=expected_head, actual_head=head)
             await asyncio.to_thread(self.ledger.version, version)           # VersionNotFound if absent
-            change = await self._swap_to_version(version, kind="rollback", commit_rollback=True, expected_head=head)
+            change = await self._swap_to_version(version, kind="rollback", commit_rollback=True, expected_head=head,
+                                                 caller=caller)
         self.metrics.record_rollback()
         return change
+
+    async def revert(self, version: int, caller: str | None = None, expected_head: int | None = None,
+                     idempotency_key: str | None = None) -> VersionChange:
+        """Serve a new version equal to the head without the patch that `version` added; the patches
+        added after it stay as they are (the ledger's revert without rebase)."""
+        from editserve.ledger import RevertError
+
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+        self._check_usable()
+        info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
+        if info.patch_id is None:
+            raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
+        removed = info.patch_id
+        who = caller or self.settings.caller
+
+        def target_of(current: list[Patch]) -> list[Patch]:
+            if removed not in [p.digest for p in current]:
+                raise RevertError(f"the patch of version {version} ({removed[:12]}) is not active at the head")
+            return [p for p in current if p.digest != removed]
+
+        def write(head: int) -> int:
+            return self.ledger.revert(version, who, expected_head=head, idempotency_key=idempotency_key).version
+
+        change = await self._change("revert", expected_head, target_of, write, patch_id=removed)
+        self.metrics.record_revert()
+        return change
+
+    async def import_patch(self, src: str | Path, caller: str | None = None, expected_head: int | None = None,
+                           idempotency_key: str | None = None) -> VersionChange:
+        """Validate the exported patch in directory `src` (`editserve.ledger.transfer`), then commit
+        and serve it on top of the head."""
+        from editserve.ledger.errors import ImportRejected
+        from editserve.ledger.transfer import import_patch, read_patch_export
+
+        self._check_usable()
+        src = Path(src)
+        patch = await asyncio.to_thread(read_patch_export, self.ledger, src)
+        who = caller or self.settings.caller
+
+        def target_of(current: list[Patch]) -> list[Patch]:
+            if patch.digest in [p.digest for p in current]:
+                raise ImportRejected(f"patch {patch.digest[:12]} is already active at the head")
+            return current + [patch]
+
+        def write(head: int) -> int:
+            return import_patch(self.ledger, src, head, who, idempotency_key=idempotency_key)
+
+        return await self._change("import", expected_head, target_of, write, patch_id=patch.digest)
+
+    async def _change(self, kind: str, expected_head: int | None, target_of: Callable[[list[Patch]], Sequence[Patch]],
+                      write: Callable[[int], int], patch_id: str | None = None) -> VersionChange:
+        """Under the version lock: follow the head, swap to ``target_of(active patches at the head)``
+        with ``write(head)`` (the new ledger version) as the swap's commit step, move the sidecar."""
+        from editserve.ledger import LedgerConflict
+
+        t0 = time.perf_counter()
+        async with self._lock:
+            await self._follow_head()
+            assert self.served is not None
+            head = self.served.version
+            if expected_head is not None and expected_head != head:
+                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
+                                     expected_head=expected_head, actual_head=head)
+            current = await asyncio.to_thread(self.ledger.active_patches, head)
+            target = list(target_of(current))
+            message = message_for(-1, self.family, target)
+
+            async def commit() -> int:
+                version = await asyncio.to_thread(write, head)
+                active = await asyncio.to_thread(self.ledger.active_ids, version)
+                if tuple(active) != tuple(p.digest for p in target):
+                    raise SwapFailed(f"ledger version {version} does not hold the patches just applied")
+                return version
+
+            result, expected = await self._swap(message, target, commit)
+            version = int(result.committed)
+            self._set_served(version, message, expected, len(target))
+            t_swap = time.perf_counter()
+            await self._sync_sidecar(version, result)
+        t_end = time.perf_counter()
+        log.info("%s → version %d served (pause %.2f ms)", kind, version, result.pause_seconds * 1e3)
+        return VersionChange(version=version, previous_version=head, kind=kind,
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms={"swap": round((t_swap - t0) * 1e3, 3),
+                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
+                             patch_id=patch_id, active_patches=len(target))
+
+    async def score(self, items: Sequence[tuple[str, str, str | None]]) -> Scored:
+        """Score (prompt, target, other or None) continuations on the served version (on the
+        sidecar, which holds exactly the served version's patches while it scores)."""
+        self._check_usable()
+        assert self.served is not None and self.sidecar is not None
+        return await asyncio.to_thread(self.sidecar.score, self.served.version, tuple(items))
 
     async def follow(self) -> VersionChange | None:
         """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""

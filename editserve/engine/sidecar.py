@@ -13,6 +13,8 @@ engine's tensor-parallel slices, must have the same checksums as the engine's.
 Protocol: frozen dataclasses pickled over a `multiprocessing` pipe, one request and one reply
 at a time. Every request gets either its reply type or `Failed` (error type and message),
 which the client raises as `SidecarError` (or the original editserve error type when known).
+A long request (`ComputeEdit`) may send `Progress` messages before its reply; the client
+hands them to the caller's callback.
 This module imports torch and transformers only, never vLLM.
 """
 
@@ -24,6 +26,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -102,6 +105,8 @@ class ComputeEdit:
     hparams: dict[str, Any] | None = None
     probes: tuple["ProbePrompt", ...] = ()
     gate: Any = None                   # an editserve.control.probe.GateConfig: run the probe gate too
+    store_bases: bool = True           # write base copies of the touched matrices to the ledger (not
+                                       # for a dry run; never when the gate rejects the patch)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,15 @@ class EditComputed:
     patch: Patch
     probe_report: dict[str, Any]
     seconds: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Sent before the reply of a long request: `stage` reached, `fraction` (0..1) of the request."""
+
+    stage: str
+    fraction: float
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,11 @@ class _Worker:
                            seconds=time.perf_counter() - t0)
         self.ledger: Any = None
         self.version = 0
+        self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
+
+    def _progress(self, stage: str, fraction: float, message: str = "") -> None:
+        if self.notify is not None:
+            self.notify(Progress(stage=stage, fraction=fraction, message=message))
 
     def handle(self, msg: object) -> object:
         if isinstance(msg, OpenLedger):
@@ -275,27 +294,56 @@ class _Worker:
         t0 = time.perf_counter()
         ledger = self._need_ledger()
         self._hold(msg.version)
+        self._progress("compute", 0.05, f"{msg.method} for {len(msg.requests)} fact(s) at version {msg.version}: "
+                                        "keys → values → solve")
         patch = compute_patch(self.model, self.tok, list(msg.requests), method=msg.method,
                               layers=list(msg.layers) if msg.layers is not None else None, hparams=msg.hparams)
-        # The ledger keeps the original of every matrix a patch touches; the sidecar has them.
-        base = base_state_dict(self.model)
-        for d in patch.deltas:
-            ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
+        # compute_patch reports its stages only when it is done: their times, in order.
+        for stage, fraction in (("keys", 0.2), ("values", 0.5), ("solve", 0.6)):
+            if stage in patch.timings:
+                self._progress(stage, fraction, f"{patch.timings[stage]:.2f} s")
+        t_probe = time.perf_counter()
         probes = [ProbePrompt(prompt=r.text, target=r.target_new, other=r.target_true, kind="efficacy")
                   for r in msg.requests] + list(msg.probes)
+        self._progress("probe", 0.65, f"{len(probes)} prompt(s)" + (" and the probe gate" if msg.gate else ""))
+        # Without the gate (which measures it itself), the canary drift is measured here so that
+        # every probe report has it: mean KL(head ‖ head + patch) of the next-token distributions.
+        canaries = _canaries() if msg.gate is None else ()
         before = [self._score(p) for p in probes]
+        canary_before = self._next_token_logprobs(canaries)
         apply_patch(self.model, patch)
         try:
             after = [self._score(p) for p in probes]
+            canary_after = self._next_token_logprobs(canaries)
         finally:
             remove_patch(self.model, patch)
         report = _probe_report(probes, before, after)
+        if canaries:
+            report["canary_kl"] = _mean_kl(canary_before, canary_after)
         report["compute_seconds"] = {k: round(v, 4) for k, v in patch.timings.items()}
+        passed = True
         if msg.gate is not None:                   # the control plane's probe gate (editserve.control.probe)
             from editserve.control.probe import probe_gate
 
             report["gate"] = probe_gate(self.model, self.tok, patch, list(msg.requests), msg.gate).to_dict()
+            passed = bool(report["gate"]["passed"])
+            self._progress("probe", 0.85, "gate passed" if passed else "gate failed: " + "; ".join(
+                report["gate"]["failures"]))
+        report["probe_seconds"] = round(time.perf_counter() - t_probe, 4)
+        if msg.store_bases and passed:
+            # The ledger keeps the original of every matrix a patch touches; the sidecar has them.
+            # Only for a patch about to be committed: a dry run or a rejection leaves the ledger as it was.
+            base = base_state_dict(self.model)
+            for d in patch.deltas:
+                ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
         return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0)
+
+    def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
+        if not prompts:
+            return None
+        from editserve.control.probe import next_token_logprobs
+
+        return next_token_logprobs(self.model, self.tok, prompts)
 
     def score_prompts(self, msg: ScorePrompts) -> Scored:
         from editserve.control.probe import score_items
@@ -337,6 +385,7 @@ def sidecar_main(conn: Connection, config: SidecarConfig) -> None:
         conn.send(Failed(type(exc).__name__, str(exc)))
         return
     conn.send(worker.ready)
+    worker.notify = conn.send
     while True:
         try:
             msg = conn.recv()
@@ -395,14 +444,25 @@ class SidecarClient:
             raise SidecarError(f"the sidecar answered {type(reply).__name__}, expected {kind.__name__}")
         return reply
 
-    def call(self, msg: object, kind: type, timeout_s: float | None = None) -> Any:
+    def call(self, msg: object, kind: type, timeout_s: float | None = None,
+             on_progress: Callable[[Progress], None] | None = None) -> Any:
+        """Send `msg` and wait for its reply of type `kind`; `Progress` messages before the reply go
+        to `on_progress` (its exceptions are logged, never raised: progress is advisory)."""
         self.wait_ready()
         with self._lock:
             try:
                 self._conn.send(msg)
             except (BrokenPipeError, OSError) as exc:
                 raise SidecarError(f"cannot reach the sidecar process: {exc}") from exc
-            return self._expect(self._recv(timeout_s), kind)
+            reply = self._recv(timeout_s)
+            while isinstance(reply, Progress):
+                if on_progress is not None:
+                    try:
+                        on_progress(reply)
+                    except Exception:
+                        log.exception("progress callback failed at stage %s", reply.stage)
+                reply = self._recv(timeout_s)
+            return self._expect(reply, kind)
 
     def open_ledger(self, root: str) -> LedgerOpened:
         return self.call(OpenLedger(root=root), LedgerOpened)
@@ -410,8 +470,8 @@ class SidecarClient:
     def sync(self, version: int, tp_size: int, names: tuple[str, ...] = ()) -> Synced:
         return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced)
 
-    def compute(self, msg: ComputeEdit) -> EditComputed:
-        return self.call(msg, EditComputed)
+    def compute(self, msg: ComputeEdit, on_progress: Callable[[Progress], None] | None = None) -> EditComputed:
+        return self.call(msg, EditComputed, on_progress=on_progress)
 
     def score(self, version: int, items: tuple[tuple[str, str, str | None], ...]) -> Scored:
         return self.call(ScorePrompts(version=version, items=items), Scored)

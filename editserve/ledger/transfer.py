@@ -199,6 +199,17 @@ def _check_fingerprint(ledger: Ledger, manifest: dict[str, Any]) -> None:
         raise ImportRejected(f"export is for model {str(fp)[:16]}, this ledger is for {ledger.model_fingerprint[:16]}")
 
 
+def read_patch_export(ledger: Ledger, src: str | Path, base: Mapping[str, torch.Tensor] | None = None,
+                      base_layout: Layout = Layout.OUT_IN,
+                      max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM) -> Patch:
+    """The patch of the export in `src`, validated for `ledger` as `import_patch` does, without
+    writing anything (raises `ImportRejected`)."""
+    src = Path(src)
+    manifest, tensors = _read_export(src, "patch", PATCH_FILE)
+    _check_fingerprint(ledger, manifest)
+    return _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
+
+
 def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
                  base: Mapping[str, torch.Tensor] | None = None, base_layout: Layout = Layout.OUT_IN,
                  max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM, idempotency_key: str | None = None) -> int:
