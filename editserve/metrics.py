@@ -17,8 +17,10 @@ Exported metrics (sample names as Prometheus sees them):
 ``editserve_head_version``                   gauge
 ``editserve_active_patches``                 gauge
 ``editserve_last_probe_score``               gauge      ``score`` (efficacy, paraphrase,
-                                                        neighbourhood), fractions in [0, 1]
-``editserve_last_canary_kl``                 gauge      nats, KL(edited ‖ base) on the canaries
+                                                        neighbourhood), fractions in [0, 1];
+                                                        NaN when the last probe had no such prompts
+``editserve_last_canary_kl``                 gauge      nats, mean KL(head ‖ head + patch) of the
+                                                        next-token distributions on the canaries
 ``editserve_layer_drift_ratio``              gauge      ``layer`` < the model's layer count;
                                                         ‖W − W₀‖_F / ‖W₀‖_F
 ``editserve_parity_failures_total``          counter    engine/sidecar disagreement
@@ -142,7 +144,8 @@ class Metrics:
                              multiprocess_mode="mostrecent", registry=registry)
         self._probe = Gauge(f"{p}_last_probe_score", "Scores of the most recent probe (fractions in [0, 1]).",
                             ["score"], multiprocess_mode="mostrecent", registry=registry)
-        self._kl = Gauge(f"{p}_last_canary_kl", "KL divergence (nats) of the most recent probe's canaries to base.",
+        self._kl = Gauge(f"{p}_last_canary_kl", "Mean KL divergence (nats) of the canaries' next-token distributions "
+                         "from the head to head + the most recently probed patch.",
                          multiprocess_mode="mostrecent", registry=registry)
         self._drift = Gauge(f"{p}_layer_drift_ratio", "Relative drift ||W - W0|| / ||W0|| of each edited layer.",
                             ["layer"], multiprocess_mode="mostrecent", registry=registry)
@@ -195,14 +198,22 @@ class Metrics:
         self._head.set(v)
         self._active.set(n)
 
-    def record_probe(self, efficacy: float, paraphrase: float, neighbourhood: float, canary_kl: float) -> None:
-        """Scores of the latest probe, whether or not its edit was accepted."""
+    def record_probe(self, efficacy: float, paraphrase: float | None, neighbourhood: float | None,
+                     canary_kl: float | None) -> None:
+        """Scores of the latest probe, whether or not its edit was accepted.
+
+        ``None`` means the probe did not measure that score (e.g. no paraphrase or neighbourhood
+        prompts): the gauge is set to NaN, so a stale value of an earlier probe is never shown as
+        this probe's."""
+        def opt(value: float | None, what: str, hi: float) -> float:
+            return math.nan if value is None else _finite(value, what, hi=hi)
+
         scores = {
             ProbeScore.EFFICACY: _finite(efficacy, "efficacy", hi=1.0),
-            ProbeScore.PARAPHRASE: _finite(paraphrase, "paraphrase", hi=1.0),
-            ProbeScore.NEIGHBOURHOOD: _finite(neighbourhood, "neighbourhood", hi=1.0),
+            ProbeScore.PARAPHRASE: opt(paraphrase, "paraphrase", 1.0),
+            ProbeScore.NEIGHBOURHOOD: opt(neighbourhood, "neighbourhood", 1.0),
         }
-        kl = _finite(canary_kl, "canary_kl")
+        kl = opt(canary_kl, "canary_kl", math.inf)
         for score, value in scores.items():
             self._probe.labels(score=score.value).set(value)
         self._kl.set(kl)

@@ -252,3 +252,18 @@ def test_sidecar_process_mirrors_ledger_in_vllm_orientation(tmp_path):
     assert not client.alive
     with pytest.raises(SidecarError):
         client.sync(0, tp_size=1)
+
+
+def test_probe_scores_for_the_gauges_from_gate_and_sidecar_reports():
+    """The probe gauges take the gate's CounterFact fractions when the gate ran, else the
+    sidecar's own scores; unmeasured values (absent, -1, NaN) are None (the gauge shows NaN)."""
+    import math
+
+    from editserve.engine.control import probe_scores
+
+    gate = {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood_after": 0.8, "canary_kl_mean": 0.012}
+    assert probe_scores({"scores": {"efficacy": 0.0}, "canary_kl": 0.3, "gate": gate}) == (1.0, 0.5, 0.8, 0.012)
+    assert probe_scores({"gate": {**gate, "paraphrase": -1.0, "neighbourhood_after": -1.0,
+                                  "canary_kl_mean": math.nan}}) == (1.0, None, None, None)
+    assert probe_scores({"scores": {"efficacy": 1.0, "neighbourhood": 0.5}, "canary_kl": 0.02}) == (1.0, None, 0.5, 0.02)
+    assert probe_scores({"scores": {"efficacy": 0.5}}) == (0.5, None, None, None)

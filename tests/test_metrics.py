@@ -171,6 +171,20 @@ def test_counters_gauges_histograms_move_with_edits_rejections_rollbacks(served)
     assert value(s, "editserve_layer_drift_ratio", layer="6") == pytest.approx(0.001)
 
 
+def test_probe_scores_not_measured_read_as_nan(served):
+    """A probe without paraphrase/neighbourhood prompts or canaries leaves no stale value behind."""
+    metrics, scraper = served
+    metrics.record_probe(1.0, 0.75, 0.9, 0.0123)
+    metrics.record_probe(0.5, None, None, None)
+    s = scraper.samples()
+    assert value(s, "editserve_last_probe_score", score="efficacy") == 0.5
+    assert math.isnan(value(s, "editserve_last_probe_score", score="paraphrase"))
+    assert math.isnan(value(s, "editserve_last_probe_score", score="neighbourhood"))
+    assert math.isnan(value(s, "editserve_last_canary_kl"))
+    with pytest.raises(MetricsError, match="efficacy"):
+        metrics.record_probe(None, 0.5, 0.5, 0.1)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("call, named", [
     (lambda m: m.record_edit("alphaedit?", "committed", {}), "alphaedit?"),
     (lambda m: m.record_edit("rome", "accepted", {}), "accepted"),

@@ -6,7 +6,9 @@ Routes (JSON; errors are ``{"error": {"type", "message"}}`` with a 4xx/5xx statu
 ``POST /editserve/v1/edit``            ``{"requests": [{"prompt", "subject", "target_new",
                                        "target_true"?}], "method"?, "layers"?, "hparams"?,
                                        "expected_head"?, "caller"?, "idempotency_key"?,
-                                       "probes"?: [{"prompt", "target", "other"?, "kind"?}]}``
+                                       "probes"?: [{"prompt", "target", "other"?, "kind"?}],
+                                       "gate"?: true | {"min_efficacy"?, "min_paraphrase"?,
+                                       "max_ns_drop"?, "max_canary_kl"?}, "dry_run"?}``
 ``POST /editserve/v1/rollback``        ``{"version", "expected_head"?, "caller"?}``
 ``POST /editserve/v1/sync``            serve the ledger head if it moved outside this server
 ``GET  /editserve/v1/status``          served version, ledger head, swap counters, workers, sidecar
@@ -56,8 +58,12 @@ def status_for(exc: EditserveError) -> int:
     from editserve.engine.errors import EngineStateUnknown, ParityError, SidecarError, SwapFailed
     from editserve.ledger import LedgerConflict, PatchNotFound, VersionNotFound
 
+    from editserve.control.errors import ProbeRejected
+
     if isinstance(exc, LedgerConflict):
         return 409
+    if isinstance(exc, ProbeRejected):
+        return 422
     if isinstance(exc, (VersionNotFound, PatchNotFound)):
         return 404
     if isinstance(exc, (SwapFailed, EngineStateUnknown, SidecarError)):
@@ -128,6 +134,29 @@ def _requests_from(body: dict[str, Any]) -> list[EditRequest]:
     return out
 
 
+def _gate_from(value: Any) -> Any:
+    """The probe gate asked for by an edit body: absent/false → none, true → the default
+    thresholds, an object → those thresholds (the rest default; none looser than the server's
+    bounds, `editserve.control.probe.LOOSEST_THRESHOLDS`)."""
+    from dataclasses import fields
+
+    from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return GateConfig()
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"gate must be true or an object of thresholds, got {value!r}")
+    known = {f.name for f in fields(Thresholds)}
+    unknown = set(value) - known
+    if unknown:
+        raise InvalidRequestError(f"gate has unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+    thresholds = Thresholds(**{**{k: getattr(DEFAULT_THRESHOLDS, k) for k in known}, **value})
+    thresholds.within(LOOSEST_THRESHOLDS)
+    return GateConfig(thresholds=thresholds)
+
+
 def _optional_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
@@ -152,7 +181,11 @@ def install_routes(app: Any) -> None:
         return control
 
     def error(exc: EditserveError) -> JSONResponse:
-        return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=status_for(exc))
+        detail: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+        report = getattr(exc, "report", None)
+        if isinstance(report, dict):                  # ProbeRejected: the gate's report
+            detail["report"] = report
+        return JSONResponse({"error": detail}, status_code=status_for(exc))
 
     async def body_of(request: Request) -> dict[str, Any]:
         try:
@@ -181,10 +214,14 @@ def install_routes(app: Any) -> None:
             hparams = body.get("hparams")
             if hparams is not None and not isinstance(hparams, dict):
                 raise InvalidRequestError(f"hparams must be an object, got {hparams!r}")
+            dry_run = body.get("dry_run", False)
+            if not isinstance(dry_run, bool):
+                raise InvalidRequestError(f"dry_run must be true or false, got {dry_run!r}")
             change = await control.edit(
                 _requests_from(body), method=str(body.get("method", "rome")), layers=layers, hparams=hparams,
                 expected_head=_optional_int(body, "expected_head"), caller=body.get("caller") or "http",
-                idempotency_key=body.get("idempotency_key"), probes=probes)
+                idempotency_key=body.get("idempotency_key"), probes=probes, gate=_gate_from(body.get("gate")),
+                dry_run=dry_run)
         except EditserveError as exc:
             log.warning("edit refused or failed: %s: %s", type(exc).__name__, exc)
             return error(exc)
