@@ -9,12 +9,17 @@ Measures, on a fresh ledger:
    change (rollback back and forth), idle and while completions are running, against a plain
    memory copy (``Tensor.copy_``) of the touched matrices in this process; prints the ratio.
 3. **Serving throughput** (completion tokens/s, concurrent clients, greedy) at version 0 and
-   with 100 merged edits. The 100 edits are synthetic rank-1 patches (ROME's rank, random
-   directions, small norms) on layers 3–8 committed straight to the ledger, then followed by
-   the server in one swap (its pause is reported too): merged edits cost nothing per token,
-   and this checks that.
+   with 100 merged edits, committed straight to the ledger and then followed by the server in
+   one swap (its pause is reported too). By default the 100 edits are synthetic rank-1 patches
+   (ROME's rank, random directions, small norms) on layers 3–8. With ``--real-edits`` they are
+   real sequential ROME edits of the first 100 CounterFact records (each computed on the
+   embedded model with the earlier ones applied, as the ledger would serve them), computed in
+   this process before the server starts and cached under
+   ``bench/results/real_edits/<fingerprint>/`` (the first run costs ~10 s per edit on one core;
+   later runs load them). Merged edits cost nothing per token either way; this checks that.
 
     .venv/bin/python bench/swap_bench.py [--clients 4] [--seconds 30] [--cycles 20] [--port 8123]
+                                         [--edits 100] [--real-edits [--counterfact FILE]]
 
 Writes bench/results/swap_bench.json. CPU numbers on a shared 2-core machine are noisy.
 """
@@ -122,6 +127,50 @@ def throughput(url: str, clients: int, seconds: float, max_tokens: int = 64) -> 
             "failures": sum(failures), "clients": clients}
 
 
+def real_patches(n: int, counterfact: Path, cache_root: Path) -> list[Any]:
+    """`n` sequential ROME patches of CounterFact records on the embedded model, cached on disk.
+
+    Patch i is computed with patches 0..i-1 applied, so the list is a valid ledger history. The
+    cache directory holds ``chain.json`` (case id and digest per patch, in order) and one
+    `save_patch` directory per patch; the longest valid prefix is reused, the rest is computed."""
+    import logging
+
+    from editserve.editing import compute_patch, load_model
+    from editserve.editing.counterfact import load_counterfact
+    from editserve.editing.model import fingerprint
+    from editserve.patches import apply_patch, load_patch, save_patch
+
+    model, tok = load_model()
+    cache = cache_root / fingerprint(model)[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    chain_file = cache / "chain.json"
+    chain = json.loads(chain_file.read_text()) if chain_file.exists() else []
+    records = load_counterfact(counterfact, limit=n + 20)
+    if len(records) < n:
+        raise SystemExit(f"{counterfact} has only {len(records)} usable records; {n} are needed")
+    patches: list[Any] = []
+    t_all = time.perf_counter()
+    for i, rec in enumerate(records[:n]):
+        patch = None
+        if i < len(chain) and chain[i]["case_id"] == rec.case_id:
+            loaded = load_patch(cache / f"{i:03d}")
+            if loaded.digest == chain[i]["digest"]:
+                patch = loaded
+        if patch is None:
+            chain = chain[:i]                     # everything after a recomputed patch is stale
+            t = time.perf_counter()
+            patch = compute_patch(model, tok, [rec.request], method="rome")
+            save_patch(patch, cache / f"{i:03d}")
+            chain.append({"case_id": rec.case_id, "digest": patch.digest})
+            chain_file.write_text(json.dumps(chain, indent=1))
+            logging.getLogger("swap_bench").info("real edit %d/%d (case %d) computed in %.1f s", i + 1, n,
+                                                 rec.case_id, time.perf_counter() - t)
+        apply_patch(model, patch)
+        patches.append(patch)
+    print(f"{n} real ROME edits ready in {time.perf_counter() - t_all:.1f} s (cache {cache})", flush=True)
+    return patches
+
+
 def memcpy_ms(shapes: list[tuple[int, int]], repeats: int = 200) -> float:
     """Median time of ``dst.copy_(src)`` over the touched matrices (float32, one thread)."""
     torch.set_num_threads(1)
@@ -178,11 +227,23 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=20)
     ap.add_argument("--edits", type=int, default=100)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--real-edits", action="store_true",
+                    help="merge real sequential ROME edits of CounterFact records instead of synthetic patches")
+    ap.add_argument("--counterfact", type=Path,
+                    default=ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json",
+                    help="CounterFact file for --real-edits")
     args = ap.parse_args()
 
     from editserve.editing.requests import EditRequest
     from editserve.ledger import Ledger
     from editserve.patches import Patch, WeightDelta
+
+    real = None
+    if args.real_edits:                           # before the server starts: the CPU is ours meanwhile
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        real = real_patches(args.edits, args.counterfact, ROOT / "bench" / "results" / "real_edits")
 
     work = Path(tempfile.mkdtemp(prefix="swap-bench-"))
     port = args.port or _free_port()
@@ -219,26 +280,25 @@ def main() -> int:
             head = ledger.head()
             g = torch.Generator().manual_seed(0)
             for i in range(args.edits):
-                layer = 3 + i % 6
-                name = f"model.layers.{layer}.mlp.down_proj.weight"
-                if name not in ledger.base_names():
-                    from safetensors import safe_open
-
-                    from editserve.editing.model import embedded_checkpoint
-
-                    for f in embedded_checkpoint().glob("*.safetensors"):
-                        with safe_open(str(f), "pt") as st:
-                            if name in st.keys():
-                                ledger.ensure_base(name, st.get_tensor(name))
-                u = torch.randn(576, 1, generator=g) * 1e-3
-                v = torch.randn(1536, 1, generator=g) / 1536 ** 0.5
-                req = EditRequest(prompt="{} is a synthetic fact number", subject=f"Bench {i}", target_new=f" {i}")
-                patch = Patch(deltas=(WeightDelta(name=name, layer=layer, u=u, v=v),), requests=(req,), method="rome",
-                              hparams={"synthetic": i}, model_fingerprint=ledger.model_fingerprint, family="llama")
+                if real is not None:
+                    patch = real[i]
+                else:
+                    layer = 3 + i % 6
+                    name = f"model.layers.{layer}.mlp.down_proj.weight"
+                    u = torch.randn(576, 1, generator=g) * 1e-3
+                    v = torch.randn(1536, 1, generator=g) / 1536 ** 0.5
+                    req = EditRequest(prompt="{} is a synthetic fact number", subject=f"Bench {i}", target_new=f" {i}")
+                    patch = Patch(deltas=(WeightDelta(name=name, layer=layer, u=u, v=v),), requests=(req,),
+                                  method="rome", hparams={"synthetic": i}, model_fingerprint=ledger.model_fingerprint,
+                                  family="llama")
+                for d in patch.deltas:
+                    if d.name not in ledger.base_names():
+                        ensure_checkpoint_base(ledger, d.name)
                 head = ledger.commit(patch, expected_head=head, caller="bench")
         t1 = time.perf_counter()
         status, follow, _ = call(url, "/editserve/v1/sync", {})
-        results["bulk_apply"] = {"edits": args.edits, "version": follow.get("version"), "pause_ms": follow.get("pause_ms"),
+        results["bulk_apply"] = {"edits": args.edits, "kind": "real ROME (CounterFact)" if real else "synthetic",
+                                 "version": follow.get("version"), "pause_ms": follow.get("pause_ms"),
                                  "sync_s": time.perf_counter() - t1, "swap": follow.get("swap")}
         complete(url, PROMPTS[0], 8)
         results["throughput_100"] = throughput(url, args.clients, args.seconds)
@@ -272,6 +332,20 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "swap_bench.json").write_text(json.dumps(results, indent=2))
     return 0
+
+
+def ensure_checkpoint_base(ledger: Any, name: str) -> None:
+    """Store the embedded checkpoint's own tensor `name` as the ledger's base copy."""
+    from safetensors import safe_open
+
+    from editserve.editing.model import embedded_checkpoint
+
+    for f in embedded_checkpoint().glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            if name in st.keys():
+                ledger.ensure_base(name, st.get_tensor(name))
+                return
+    raise SystemExit(f"{name} is not in the embedded checkpoint")
 
 
 def _free_port() -> int:
