@@ -3,9 +3,14 @@ on loopback ports, one server for the whole module.
 
 Covers: health and reflection; tokens and roles (UNAUTHENTICATED / PERMISSION_DENIED, tokens
 absent from the log, callers in the audit log); a catalogue of bad inputs, each with its status
-code and a message naming the bad value, with ledger and engine unchanged; a CLI edit that
-changes the live completion; a probe-gate rejection of an over-general edit that leaves the
-completion as it was; 8 concurrent clients whose edits all land as distinct, serial versions.
+code and a message naming the bad value, with ledger and engine unchanged; a probe-gate
+rejection of an over-general edit that leaves the completion and the ledger's files as they
+were, seen by a watcher as progress stages and a rejection; a CLI dry run that changes nothing
+durable and a CLI edit that changes the live completion (both with the progress lines); 8
+concurrent clients whose edits all land as distinct, serial versions; and the version life
+cycle: two edits, a revert of the first (the second stays and is served), GetVersion, Diff,
+export and re-import of the reverted patch, rollback and roll-forward, all seen on WatchEvents.
+TLS and mutual TLS are in test_grpc_tls.py (no engine needed there).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -122,6 +128,66 @@ def _state(server: GrpcServer) -> tuple[int, int, int]:
     with server.client("viewer") as c:
         st = c.status()
         return st.served_version, st.ledger_head, len(c.versions().versions)
+
+
+def _durable(server: GrpcServer) -> dict[str, Any]:
+    """Everything the ledger keeps: rows per table of its database and its blob files."""
+    from editserve.ledger.ledger import BLOB_DIR, DB_FILE
+
+    with server.client("viewer") as c:
+        root = Path(c.status().ledger_root)
+    db = sqlite3.connect(f"file:{root / DB_FILE}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        rows = {t: db.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables}
+    finally:
+        db.close()
+    blobs = sorted(str(p.relative_to(root)) for p in (root / BLOB_DIR).rglob("*") if p.is_file())
+    return {"rows": rows, "blobs": blobs}
+
+
+class Watcher:
+    """A WatchEvents stream read on a thread; `wait_for` returns the first event matching."""
+
+    def __init__(self, server: GrpcServer, role: str = "viewer") -> None:
+        self.client = server.client(role)
+        self.events: list[Any] = []
+        self._cond = threading.Condition()
+        self._stream = self.client.stub.WatchEvents(pb2.WatchEventsRequest(), metadata=self.client._metadata())
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+        self.wait_for(lambda e: e.kind == "watching", 60)     # subscribed: later events all arrive
+
+    def _pump(self) -> None:
+        try:
+            for e in self._stream:
+                with self._cond:
+                    self.events.append(e)
+                    self._cond.notify_all()
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.CANCELLED, err
+
+    def wait_for(self, pred: Any, timeout_s: float = 120.0) -> Any:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                hit = next((e for e in self.events if pred(e)), None)
+                if hit is not None:
+                    return hit
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no matching event in {timeout_s:.0f} s; got "
+                                         f"{[(e.kind, e.version, e.message[:40]) for e in self.events]}")
+                self._cond.wait(left)
+
+    def stages(self, op: str) -> list[str]:
+        with self._cond:
+            return [e.message.split(":")[0] for e in self.events if e.kind == "progress" and e.operation_id == op]
+
+    def close(self) -> None:
+        self._stream.cancel()
+        self._thread.join(10)
+        self.client.close()
 
 
 # ------------------------------------------------------------------------------ health, auth
@@ -292,29 +358,49 @@ EIFFEL_TEXT = "The Eiffel Tower is located in the city of"
 
 def test_overgeneral_edit_is_rejected_and_nothing_changes(server: GrpcServer) -> None:
     before_text = server.complete(EIFFEL_TEXT)
-    before = _state(server)
-    with server.client("editor") as c:
-        with pytest.raises(ControlError) as e:
-            c.edit([{"prompt": "{} Eiffel Tower is located in the city of", "subject": "The", "target_new": " Rome",
-                     "target_true": " Paris"}])
+    before, files = _state(server), _durable(server)
+    watcher = Watcher(server)
+    try:
+        with server.client("editor") as c:
+            with pytest.raises(ControlError) as e:
+                c.edit([{"prompt": "{} Eiffel Tower is located in the city of", "subject": "The",
+                         "target_new": " Rome", "target_true": " Paris"}], operation_id="overgeneral-1")
+        rejected = watcher.wait_for(lambda ev: ev.kind == "rejected" and ev.operation_id == "overgeneral-1")
+    finally:
+        watcher.close()
     assert e.value.code == "FAILED_PRECONDITION", e.value
     assert "probe gate rejected" in e.value.details
     report = e.value.report
     assert report is not None and not report.passed and report.failures and report.canaries == 20
+    assert rejected.caller == "grpc:editor-user" and "probe gate rejected" in rejected.message
+    assert json.loads(rejected.details_json)["passed"] is False
+    assert watcher.stages("overgeneral-1") == ["accepted", "compute", "keys", "values", "solve", "probe", "probe"]
     assert _state(server) == before
+    assert _durable(server) == files                      # no base copy, no row, no blob
     assert server.complete(EIFFEL_TEXT) == before_text
 
 
-def test_cli_edit_changes_live_completion(server: GrpcServer, tmp_path: Path) -> None:
+def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_path: Path) -> None:
     assert "Paris" in server.complete(EIFFEL_TEXT)
     token = tmp_path / "token"
     token.write_text(TOKENS["editor"])
     common = ["--server", server.target, "--token-file", str(token)]
-    out = subprocess.run([sys.executable, "-m", "editserve.cli", "edit", "--prompt", EIFFEL["prompt"], "--subject",
-                          EIFFEL["subject"], "--target-new", EIFFEL["target_new"], "--target-true", " Paris", *common],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    edit = [sys.executable, "-m", "editserve.cli", "edit", "--prompt", EIFFEL["prompt"], "--subject",
+            EIFFEL["subject"], "--target-new", EIFFEL["target_new"], "--target-true", " Paris", *common]
+    # A dry run: the full report, and nothing durable changes (no version, no base copy, no blob).
+    before, files = _state(server), _durable(server)
+    out = subprocess.run(edit + ["--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    assert "dry run at version" in out.stdout and "PASSED" in out.stdout
+    assert "] values:" in out.stderr and "] probe:" in out.stderr and "100%] dry_run" in out.stderr, out.stderr
+    assert _state(server) == before and _durable(server) == files
+    assert "Paris" in server.complete(EIFFEL_TEXT)
+    out = subprocess.run(edit, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert "now serving version" in out.stdout and "PASSED" in out.stdout
+    # The progress lines (stderr is not a terminal here: one line per stage).
+    assert all(f"] {stage}" in out.stderr for stage in ("keys", "values", "solve", "probe", "swap", "commit",
+                                                         "committed")), out.stderr
     assert "Rome" in server.complete(EIFFEL_TEXT)
     st = subprocess.run([sys.executable, "-m", "editserve.cli", "status", *common], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
@@ -322,6 +408,13 @@ def test_cli_edit_changes_live_completion(server: GrpcServer, tmp_path: Path) ->
     with server.client("viewer") as c:
         head = c.versions().versions[-1]
         assert head.caller == "grpc:editor-user" and head.is_head
+    out = subprocess.run([sys.executable, "-m", "editserve.cli", "versions", *common], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[:4] == ["version", "parent", "kind", "patch"]
+    assert any(line.startswith("*") and "The Eiffel Tower is located in the city of → Rome" in line
+               and "grpc:editor-user" in line for line in lines), out.stdout
 
 
 def test_eight_concurrent_clients_serialised(server: GrpcServer) -> None:
@@ -358,3 +451,96 @@ def test_eight_concurrent_clients_serialised(server: GrpcServer) -> None:
         assert st.ledger_head == st.served_version == start + len(ok)
         assert st.active_patches == len(c.versions().versions[-1].facts) + 0 or st.active_patches >= len(ok)
         assert st.sidecar_in_sync
+
+
+# ------------------------------------------------------------------------------ version life cycle
+
+LOOSE = {"max_ns_drop": 0.5, "max_canary_kl": 0.5, "min_efficacy": 0.5}
+NEEDLE = {"prompt": "{} is located in the city of", "subject": "The Space Needle", "target_new": " London"}
+BRIDGE = {"prompt": "{} is located in the city of", "subject": "The Golden Gate Bridge", "target_new": " Tokyo"}
+NEEDLE_TEXT = "The Space Needle is located in the city of"
+BRIDGE_TEXT = "The Golden Gate Bridge is located in the city of"
+
+
+def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) -> None:
+    """Edit A, edit B; revert A (B stays, served); GetVersion/Diff; export A and import it again;
+    roll back to the revert and forward again; every step on the WatchEvents stream."""
+    needle_before, bridge_before = server.complete(NEEDLE_TEXT), server.complete(BRIDGE_TEXT)
+    assert "London" not in needle_before and "Tokyo" not in bridge_before
+    watcher = Watcher(server)
+    try:
+        with server.client("editor") as ed:
+            start = ed.status()
+            a = ed.edit([NEEDLE], thresholds=LOOSE, operation_id="life-a", idempotency_key="life-a")
+            b = ed.edit([BRIDGE], thresholds=LOOSE, operation_id="life-b")
+        va, vb = a.change.version, b.change.version
+        assert (va, vb) == (start.ledger_head + 1, start.ledger_head + 2) and a.report.passed and b.report.passed
+        assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)
+        commit_a = watcher.wait_for(lambda e: e.kind == "commit" and e.version == va)
+        assert commit_a.caller == "grpc:editor-user" and commit_a.id > 0
+        watcher.wait_for(lambda e: e.kind == "progress" and e.operation_id == "life-a" and e.progress == 1.0)
+        assert watcher.stages("life-a") == ["accepted", "compute", "keys", "values", "solve", "probe", "probe", "swap",
+                                            "commit", "committed"]
+        fractions = [e.progress for e in watcher.events if e.operation_id == "life-a"]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+        with server.client("admin") as adm:
+            # Revert A: a new version without A's patch; B's patch stays, unchanged, and is served.
+            r = adm.revert(va)
+            vr = r.version
+            assert r.kind == "revert" and r.previous_version == vb and r.patch_id == a.change.patch_id
+            assert r.active_patches == b.change.active_patches - 1
+            assert server.complete(NEEDLE_TEXT) == needle_before
+            assert "Tokyo" in server.complete(BRIDGE_TEXT)
+            st = adm.status()
+            assert st.served_version == st.ledger_head == vr and st.sidecar_in_sync
+            assert st.active_patches == r.active_patches
+            assert watcher.wait_for(lambda e: e.kind == "revert" and e.version == vr).caller == "grpc:admin-user"
+
+            info = adm.get_version(vr)
+            assert info.kind == "revert" and info.parent == vb and info.is_head and info.caller == "grpc:admin-user"
+            assert list(info.removed) == [a.change.patch_id] and not info.added
+            info_a = adm.get_version(va)
+            assert info_a.kind == "commit" and info_a.patch_id == a.change.patch_id and info_a.method == "rome"
+            assert [(f.subject, f.target_new) for f in info_a.facts] == [("The Space Needle", " London")]
+            assert info_a.idempotency_key == "life-a" and not info_a.is_head
+            assert json.loads(info_a.probe_report_json)["gate"]["passed"] is True
+
+            d = adm.diff(vb, vr)
+            assert list(d.only_a) == [a.change.patch_id] and not d.only_b
+            assert b.change.patch_id in d.common
+            assert [w.name for w in d.weights] == ["model.layers.5.mlp.down_proj.weight"]
+            assert d.weights[0].norm > 0 and 0 < d.weights[0].relative < 0.5
+            assert not adm.diff(vb, vb).weights
+
+            # Export A's patch and import it again: a new version with it on top, served.
+            exp = adm.export_patch(version=va)
+            assert exp.patch_id == a.change.patch_id and exp.factors and json.loads(exp.manifest_json)
+            imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr)
+            vi = imp.version
+            assert imp.kind == "import" and imp.previous_version == vr and imp.patch_id == a.change.patch_id
+            assert imp.active_patches == r.active_patches + 1
+            assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)
+            assert watcher.wait_for(lambda e: e.kind == "import" and e.version == vi).caller == "grpc:admin-user"
+            info_i = adm.get_version(vi)
+            assert info_i.kind == "import" and info_i.patch_id == a.change.patch_id and info_i.is_head
+            d = adm.diff(vr, vi)
+            assert list(d.only_b) == [a.change.patch_id] and not d.only_a
+            with pytest.raises(ControlError) as e:            # already active
+                adm.import_patch(exp.manifest_json, exp.factors)
+            assert e.value.code == "INVALID_ARGUMENT" and a.change.patch_id[:12] in e.value.details
+            assert adm.status().ledger_head == vi
+
+            # Roll back to the revert, then forward to the import again.
+            back = adm.rollback(vr)
+            assert back.version == vr and back.previous_version == vi
+            assert server.complete(NEEDLE_TEXT) == needle_before
+            event = watcher.wait_for(lambda e: e.kind == "rollback" and e.version == vr)
+            assert event.from_version == vi and event.caller == "grpc:admin-user"
+            fwd = adm.rollback(vi)
+            assert fwd.version == vi and "London" in server.complete(NEEDLE_TEXT)
+            watcher.wait_for(lambda e: e.kind in ("rollback", "roll_forward") and e.version == vi)
+            st = adm.status()
+            assert st.served_version == st.ledger_head == vi and st.sidecar_in_sync
+    finally:
+        watcher.close()
