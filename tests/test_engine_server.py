@@ -5,9 +5,11 @@ Three servers, in order:
 A. ``editserve serve`` with the embedded SmolLM2, eager, TP 1, pause mode ``keep``: greedy
    completions of CounterFact case 371 before/after a live edit (prompt, paraphrase, unrelated
    prompt), the prefix cache after a swap, failures that must restore the previous version (a
-   commit refused by the ledger, a worker refusing non-finite weights), 20 rollback cycles
-   under a background load with zero failed requests, rollback to version 0 with the original
-   token ids and bit-identical weights, metrics.
+   commit refused by the ledger, a worker refusing non-finite weights), 20 edit/rollback cycles
+   with real ROME edits under a background load with zero failed requests, a killed sidecar
+   that is restarted, edit-health metrics on vLLM's /metrics moving with a rejected, a committed
+   and a rolled-back edit, rollback to version 0 with the original token ids and bit-identical
+   weights.
 B. SmolLM2 on vLLM's default engine (torch.compile, no ``--enforce-eager``), pause mode
    ``wait``, restarted on A's ledger: serves the head before its first request; swaps are
    visible in compiled mode; no completion spans a swap in ``wait`` mode.
@@ -335,8 +337,26 @@ def test_a4_worker_refusal_restores_and_engine_keeps_serving(server_a, shared):
     assert status == 200 and body["changed"] is False
 
 
-def test_a5_twenty_rollback_cycles_under_load_lose_no_request(server_a, shared):
-    answers = {0: {CF_PROMPT: " French", EIFFEL_PROMPT: " Paris"}, 2: {CF_PROMPT: " English", EIFFEL_PROMPT: " Rome"}}
+# Real ROME edits committed during the cycles (each flips its prompt's greedy answer on
+# SmolLM2 at ROME's layer 5; checked in-process: Berlin → Rome, " the National" → " Apple").
+CYCLE_FACTS = (
+    ({"prompt": "The capital of {} is", "subject": "Germany", "target_new": " Rome", "target_true": " Berlin"},
+     "The capital of Germany is", " Berlin"),
+    ({"prompt": "{} was developed by", "subject": "Windows 95", "target_new": " Apple"},
+     "Windows 95 was developed by", " the"),
+)
+
+
+def test_a5_twenty_edit_rollback_cycles_under_load_lose_no_request(server_a, shared):
+    """20 edit/rollback cycles while two clients generate (streamed and not): every cycle serves
+    a real ROME edit on top of version 2 and then rolls back to 2. The first len(CYCLE_FACTS)
+    cycles commit a new edit computed by the sidecar under that load; the later cycles serve
+    those committed edit versions again (a rollback to the edit version — the same swap with the
+    same factors — then back to 2), which keeps 20 v* optimisations off the 2 test cores. No
+    request fails, and every completion produced by one version has that version's answers."""
+    base = {CF_PROMPT: " English", EIFFEL_PROMPT: " Rome", **{p: old for _, p, old in CYCLE_FACTS}}
+    answers: dict[int, dict[str, str]] = {0: {CF_PROMPT: " French", EIFFEL_PROMPT: " Paris"}, 2: base}
+    prompts = [CF_PROMPT, EIFFEL_PROMPT] + [p for _, p, _ in CYCLE_FACTS]
     stop = threading.Event()
     results: list[tuple[str, str, dict, Exception | None]] = []
     started_after: list[float] = []              # start times of finished requests
@@ -344,7 +364,7 @@ def test_a5_twenty_rollback_cycles_under_load_lose_no_request(server_a, shared):
     def load() -> None:
         i = 0
         while not stop.is_set():
-            prompt = (CF_PROMPT, EIFFEL_PROMPT)[i % 2]
+            prompt = prompts[i % len(prompts)]
             t = time.monotonic()
             try:
                 text, _, headers = server_a.complete(prompt, 6, stream=False) if i % 3 else _stream(server_a, prompt)
@@ -354,21 +374,38 @@ def test_a5_twenty_rollback_cycles_under_load_lose_no_request(server_a, shared):
             started_after.append(t)
             i += 1
 
+    def swapped_and_served(version: int, prompt: str, want: str) -> None:
+        swapped = time.monotonic()
+        text, _, headers = server_a.complete(prompt)
+        assert headers["x-editserve-version"] == str(version) and text.startswith(want), (version, text, headers)
+        deadline = swapped + 60
+        # Requests in flight now span the swap; wait until one that started after it has finished.
+        while not any(t > swapped for t in started_after[-4:]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=load) for _ in range(2)]
     for t in threads:
         t.start()
-    pauses = []
+    pauses, edit_versions, computed = [], [], []
     try:
         for cycle in range(20):
-            for target in (0, 2):
-                status, change = server_a.post("/editserve/v1/rollback", {"version": target})
+            fact, prompt, old = CYCLE_FACTS[cycle % len(CYCLE_FACTS)]
+            if cycle < len(CYCLE_FACTS):
+                status, change = _edit(server_a, fact, expected_head=2)
                 assert status == 200, change
-                pauses.append(change["pause_ms"])
-                swapped = time.monotonic()
-                deadline = swapped + 60
-                # Requests in flight now span the swap; wait until one that started after it has finished.
-                while not any(t > swapped for t in started_after[-4:]) and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                assert change["kind"] == "edit" and change["previous_version"] == 2 and change["active_patches"] == 3
+                edit_versions.append(change["version"])
+                computed.append(change["timings_ms"]["compute"] / 1e3)
+                answers[change["version"]] = {**base, prompt: fact["target_new"]}
+            else:
+                status, change = server_a.post("/editserve/v1/rollback", {"version": edit_versions[cycle % len(CYCLE_FACTS)]})
+                assert status == 200, change
+            pauses.append(change["pause_ms"])
+            swapped_and_served(change["version"], prompt, fact["target_new"])
+            status, change = server_a.post("/editserve/v1/rollback", {"version": 2})
+            assert status == 200 and change["active_patches"] == 2, change
+            pauses.append(change["pause_ms"])
+            swapped_and_served(2, prompt, old)
     finally:
         stop.set()
         for t in threads:
@@ -376,17 +413,174 @@ def test_a5_twenty_rollback_cycles_under_load_lose_no_request(server_a, shared):
     failures = [r for r in results if r[3] is not None]
     assert not failures, failures[:3]
     assert len(results) >= 40
-    checked = 0
+    checked = set()
     for prompt, text, headers, _ in results:
         if "x-editserve-version-start" in headers or headers.get("streamed"):
             continue                               # spanned a swap (keep mode) or streamed: only must not fail
         version = int(headers["x-editserve-version"])
         assert text.startswith(answers[version][prompt]), (prompt, text, headers)
-        checked += 1
-    assert checked >= 20
+        checked.add((version, prompt))
+    # The load itself saw the edited answers and the rolled-back ones.
+    assert any(v in edit_versions for v, _ in checked) and any(v == 2 for v, _ in checked), checked
     shared["cycle_pauses_ms"] = pauses
+    shared["cycle_compute_s"] = computed
+    shared["cycle_edit_versions"] = edit_versions
     _, st = server_a.get("/editserve/v1/status")
-    assert st["served_version"] == 2 and st["ledger_head"] == 2
+    assert st["served_version"] == 2 and st["ledger_head"] == 2 and st["sidecar"]["in_sync"]
+
+
+def test_a5b_dead_sidecar_is_reported_restarted_and_the_next_edit_works(server_a, shared):
+    """SIGKILL the real sidecar process: the control plane notices, reports it (status and
+    metrics), starts a new sidecar that mirrors the served version, and the next edit commits."""
+    _, st = server_a.get("/editserve/v1/status")
+    old_pid = st["sidecar"]["pid"]
+    assert st["sidecar"]["alive"] and st["sidecar"]["restarts"] == 0 and old_pid
+    restarts0 = server_a.metric("editserve_sidecar_restarts_total")
+    assert server_a.metric("editserve_sidecar_up") == 1
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 300
+    seen_down = False
+    while time.monotonic() < deadline:
+        _, st = server_a.get("/editserve/v1/status")
+        sc = st["sidecar"]
+        seen_down = seen_down or not sc["alive"] or sc["restarting"] or not sc["in_sync"]
+        if sc["restarts"] == 1 and sc["alive"] and sc["in_sync"] and not sc["restarting"]:
+            break
+        # Serving goes on while the sidecar is down.
+        assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+        time.sleep(0.5)
+    assert sc["restarts"] == 1 and sc["alive"] and sc["in_sync"], st
+    assert seen_down, "the dead sidecar was never reported"
+    assert sc["pid"] != old_pid
+    assert sc["last_failure"]["pid"] == old_pid and sc["last_failure"]["exit_code"] == -signal.SIGKILL
+    assert sc["last_failure"]["error"] is None and sc["last_failure"]["restart_seconds"] > 0
+    assert st["served_version"] == 2 and st["degraded"] is None
+    assert server_a.metric("editserve_sidecar_restarts_total") == restarts0 + 1
+    assert server_a.metric("editserve_sidecar_up") == 1
+    fact = {"prompt": "The official language of {} is", "subject": "Brazil", "target_new": " French"}
+    status, change = _edit(server_a, fact, expected_head=2)
+    assert status == 200, change
+    assert change["active_patches"] == 3
+    assert server_a.complete("The official language of Brazil is")[0].startswith(" French")
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["sidecar"]["in_sync"] and st["parity_failures"] == 0
+    assert server_a.post("/editserve/v1/rollback", {"version": 2})[0] == 200
+
+
+def _scrape(server: Server) -> tuple[str, dict[tuple[str, frozenset], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return text, samples
+
+
+def _v(samples: dict, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"no sample {name}{labels} in the scrape"
+    return samples[key]
+
+
+STAGES = ("keys", "values", "solve", "probe", "commit", "swap")
+
+
+def _stage_counts(samples: dict) -> dict[str, float]:
+    return {st: _v(samples, "editserve_edit_duration_seconds_count", stage=st) for st in STAGES}
+
+
+def _assert_probe_gauges(samples: dict, gate: dict) -> None:
+    import math
+
+    def same(name: str, want: float, **labels: str) -> None:
+        got = _v(samples, name, **labels)
+        if want < 0:                                        # not measured → NaN
+            assert math.isnan(got), (name, labels, got)
+        else:
+            assert got == pytest.approx(want, abs=1e-9), (name, labels, got, want)
+
+    same("editserve_last_probe_score", gate["efficacy"], score="efficacy")
+    same("editserve_last_probe_score", gate["paraphrase"], score="paraphrase")
+    same("editserve_last_probe_score", gate["neighbourhood_after"], score="neighbourhood")
+    same("editserve_last_canary_kl", gate["canary_kl_mean"])
+
+
+def test_a5c_metrics_move_with_rejected_committed_and_rolled_back_edits(server_a, shared):
+    """One scrape of vLLM's own /metrics holds vLLM's serving metrics and editserve's; counters,
+    gauges and histograms move as a probe-gate rejection, a committed edit and a rollback happen."""
+    text0, s0 = _scrape(server_a)
+    for name in ("vllm:num_requests_running", "vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_bucket",
+                 "vllm:prefix_cache_hits_total", "editserve_edits_total", "editserve_swaps_total"):
+        assert f"\n{name}" in text0 or text0.startswith(name), f"{name} is not in the scrape"
+    head0 = _v(s0, "editserve_head_version")
+    assert head0 == 2 and _v(s0, "editserve_active_patches") == 2
+    bytes0 = _v(s0, "editserve_ledger_size_bytes")
+    drift0 = _v(s0, "editserve_layer_drift_ratio", layer="5")
+    assert bytes0 > 0 and drift0 > 0
+
+    # 1. The probe gate rejects (a canary KL bound of 0 fails any real edit): nothing is committed.
+    reject = {"prompt": "{} is a professional", "subject": "Michael Jordan", "target_new": " chess"}
+    status, body = _edit(server_a, reject, gate={"max_canary_kl": 0.0}, hparams={"value": {"max_steps": 3}})
+    assert status == 422 and body["error"]["type"] == "ProbeRejected", body
+    gate = body["error"]["report"]
+    assert not gate["passed"] and any("canary KL" in f for f in gate["failures"])
+    _, s1 = _scrape(server_a)
+    assert _v(s1, "editserve_edits_total", method="rome", outcome="rejected") == \
+        _v(s0, "editserve_edits_total", method="rome", outcome="rejected") + 1
+    assert _v(s1, "editserve_edits_total", method="rome", outcome="committed") == \
+        _v(s0, "editserve_edits_total", method="rome", outcome="committed")
+    assert _v(s1, "editserve_edit_latency_seconds_count", method="rome", outcome="rejected") == \
+        _v(s0, "editserve_edit_latency_seconds_count", method="rome", outcome="rejected") + 1
+    c0, c1 = _stage_counts(s0), _stage_counts(s1)
+    assert {st: c1[st] - c0[st] for st in STAGES} == {"keys": 1, "values": 1, "solve": 1, "probe": 1,
+                                                       "commit": 0, "swap": 0}
+    assert _v(s1, "editserve_edit_duration_seconds_sum", stage="values") > \
+        _v(s0, "editserve_edit_duration_seconds_sum", stage="values")
+    _assert_probe_gauges(s1, gate)
+    assert _v(s1, "editserve_last_canary_kl") > 0
+    assert _v(s1, "editserve_swap_pause_seconds_count") == _v(s0, "editserve_swap_pause_seconds_count")
+    assert _v(s1, "editserve_head_version") == head0 and _v(s1, "editserve_ledger_size_bytes") == bytes0
+
+    # 2. A committed edit through the gate (the loosest thresholds the server allows).
+    fact = {"prompt": "The capital of {} is", "subject": "Germany", "target_new": " Rome", "target_true": " Berlin"}
+    loose = {"min_efficacy": 0.5, "max_ns_drop": 0.5, "max_canary_kl": 0.5}
+    status, change = _edit(server_a, fact, gate=loose, caller="metrics-test")
+    assert status == 200, change
+    gate = change["probe_report"]["gate"]
+    assert gate["passed"] and gate["paraphrase"] >= 0 and gate["neighbourhood_after"] >= 0, gate
+    _, s2 = _scrape(server_a)
+    assert _v(s2, "editserve_edits_total", method="rome", outcome="committed") == \
+        _v(s1, "editserve_edits_total", method="rome", outcome="committed") + 1
+    assert _v(s2, "editserve_edit_latency_seconds_count", method="rome", outcome="committed") == \
+        _v(s1, "editserve_edit_latency_seconds_count", method="rome", outcome="committed") + 1
+    c2 = _stage_counts(s2)
+    assert {st: c2[st] - c1[st] for st in STAGES} == dict.fromkeys(STAGES, 1)
+    assert _v(s2, "editserve_swap_pause_seconds_count") == _v(s1, "editserve_swap_pause_seconds_count") + 1
+    assert _v(s2, "editserve_swap_pause_seconds_sum") - _v(s1, "editserve_swap_pause_seconds_sum") == \
+        pytest.approx(change["pause_ms"] / 1e3, rel=1e-3, abs=1e-6)
+    assert _v(s2, "editserve_swaps_total", result="ok") == _v(s1, "editserve_swaps_total", result="ok") + 1
+    assert _v(s2, "editserve_head_version") == change["version"]
+    assert _v(s2, "editserve_active_patches") == change["active_patches"] == 3
+    _assert_probe_gauges(s2, gate)
+    assert _v(s2, "editserve_layer_drift_ratio", layer="5") > drift0 > 0       # a third patch on layer 5
+    assert _v(s2, "editserve_ledger_size_bytes") > bytes0                       # its factors are stored
+    assert _v(s2, "editserve_parity_failures_total") == 0 and _v(s2, "editserve_sidecar_up") == 1
+
+    # 3. A rollback to version 2.
+    status, back = server_a.post("/editserve/v1/rollback", {"version": 2})
+    assert status == 200, back
+    _, s3 = _scrape(server_a)
+    assert _v(s3, "editserve_rollbacks_total") == _v(s2, "editserve_rollbacks_total") + 1
+    assert _v(s3, "editserve_swap_pause_seconds_count") == _v(s2, "editserve_swap_pause_seconds_count") + 1
+    assert _v(s3, "editserve_head_version") == 2 and _v(s3, "editserve_active_patches") == 2
+    assert _v(s3, "editserve_layer_drift_ratio", layer="5") == drift0           # same weights as before
+    assert _v(s3, "editserve_ledger_size_bytes") >= _v(s2, "editserve_ledger_size_bytes")
+    assert _stage_counts(s3) == c2                                              # a rollback is not an edit
+    assert _v(s3, "editserve_edits_total", method="rome", outcome="committed") == \
+        _v(s2, "editserve_edits_total", method="rome", outcome="committed")
 
 
 def _stream(server: Server, prompt: str) -> tuple[str, list[int], dict[str, str]]:

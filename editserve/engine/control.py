@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -85,11 +86,16 @@ class ControlSettings:
     sidecar_threads: int | None = None
     caller: str = "engine"
     drain_timeout_s: float = 600.0            # ``wait`` mode: longest wait for requests in flight
+    sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
+    sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("sidecar_watch_s", "sidecar_retry_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
 
     @classmethod
     def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,
@@ -141,6 +147,39 @@ class _Counters:
     last_pause_ms: float | None = None
     last_drain_ms: float | None = None
     pauses_ms: list[float] = field(default_factory=list)
+    sidecar_restarts: int = 0
+
+
+def _log_restart_outcome(task: "asyncio.Task[None]") -> None:
+    """Done-callback of a sidecar restart: its failure is logged even if nobody awaits it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("sidecar restart failed: %s", task.exception())
+
+
+def _optional_score(value: Any) -> float | None:
+    """A probe fraction or KL from a report; None where it was not measured (absent, -1, not finite)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    x = float(value)
+    return x if math.isfinite(x) and x >= 0 else None
+
+
+def probe_scores(report: dict[str, Any]) -> tuple[float, float | None, float | None, float | None]:
+    """(efficacy, paraphrase, neighbourhood, canary KL) of a probe report, for the probe gauges.
+
+    With the probe gate (``report["gate"]``, `editserve.control.probe.ProbeReport`): its CounterFact
+    fractions (neighbourhood = NS after the edit) and mean canary KL; otherwise the sidecar's own
+    report (efficacy on the requests' prompts, paraphrase / neighbourhood fractions of the
+    caller's probes, canary KL). None: not measured."""
+    gate = report.get("gate")
+    if gate is not None:
+        efficacy = _optional_score(gate.get("efficacy"))
+        return (efficacy if efficacy is not None else 0.0, _optional_score(gate.get("paraphrase")),
+                _optional_score(gate.get("neighbourhood_after")), _optional_score(gate.get("canary_kl_mean")))
+    scores = report.get("scores") or {}
+    efficacy = _optional_score(scores.get("efficacy"))
+    return (efficacy if efficacy is not None else 0.0, _optional_score(scores.get("paraphrase")),
+            _optional_score(scores.get("neighbourhood")), _optional_score(report.get("canary_kl")))
 
 
 class ControlPlane:
@@ -167,6 +206,13 @@ class ControlPlane:
         self.metrics: Any = None
         self.engine_metrics: Any = None
         self._sidecar_in_sync = False
+        self._fingerprint: str | None = None
+        self._sidecar_watch: asyncio.Task[None] | None = None
+        self._sidecar_restart: asyncio.Task[None] | None = None
+        self._sidecar_starting: SidecarClient | None = None     # a replacement still loading
+        self._sidecar_failure: dict[str, Any] | None = None     # the last death / failed restart
+        self._sidecar_retry_at = 0.0
+        self._closing = False
         self._degraded: str | None = None
         self._base_cache: dict[str, tuple[torch.Tensor, Layout]] = {}
         self._expected_cache: OrderedDict[tuple[str, tuple[str, ...]], dict[int, str]] = OrderedDict()
@@ -207,6 +253,7 @@ class ControlPlane:
         ready = await asyncio.to_thread(self.sidecar.wait_ready)
         if ready.family != self.family:
             raise PluginSetupError(f"the sidecar loaded a {ready.family!r} model, the engine serves {self.family!r}")
+        self._fingerprint = ready.fingerprint
         self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
         await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root))
         self._init_metrics(int(ready.n_layers))
@@ -219,6 +266,7 @@ class ControlPlane:
         change = VersionChange(**{**change.to_dict(), "timings_ms": {
             **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3),
             "sidecar_load": round(ready.seconds * 1e3, 3)}})
+        self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
         log.info("editserve control plane ready: serving ledger version %d (%d patches) from %s; sidecar on %s",
                  change.version, change.active_patches, self.ledger.root, ready.device)
         return change
@@ -251,12 +299,103 @@ class ControlPlane:
                                    f"{self.ledger.root}: {exc}") from exc
 
     async def close(self) -> None:
+        self._closing = True
+        if self._sidecar_watch is not None:
+            self._sidecar_watch.cancel()
+        restart = self._sidecar_restart
+        if restart is not None and not restart.done():
+            starting = self._sidecar_starting
+            if starting is not None:
+                await asyncio.to_thread(starting.kill)
+            restart.cancel()
+            try:
+                await restart
+            except (asyncio.CancelledError, Exception) as exc:  # shutting down: its outcome no longer matters
+                log.debug("sidecar restart ended at shutdown: %r", exc)
         if self.sidecar is not None:
             sidecar, self.sidecar = self.sidecar, None
             await asyncio.to_thread(sidecar.close)
         if self.ledger is not None:
             ledger, self.ledger = self.ledger, None
             ledger.close()
+
+    # -- sidecar supervision ------------------------------------------------------------------
+
+    async def _watch_sidecar(self) -> None:
+        """Notice a dead sidecar process within `sidecar_watch_s` and replace it (see `_restart_sidecar`)."""
+        while not self._closing:
+            await asyncio.sleep(self.settings.sidecar_watch_s)
+            sidecar = self.sidecar
+            restarting = self._sidecar_restart is not None and not self._sidecar_restart.done()
+            if (sidecar is not None and not sidecar.alive and not restarting
+                    and time.monotonic() >= self._sidecar_retry_at):
+                try:
+                    await self._begin_sidecar_restart()
+                except Exception as exc:  # noqa: BLE001 - reported in status and the log; retried later
+                    log.error("sidecar restart failed (next try in %.0f s): %s", self.settings.sidecar_retry_s, exc)
+
+    def _begin_sidecar_restart(self) -> asyncio.Task[None]:
+        """The running restart, or a new one (the caller awaits it)."""
+        task = self._sidecar_restart
+        if task is None or task.done():
+            task = asyncio.create_task(self._restart_sidecar(), name="editserve-sidecar-restart")
+            task.add_done_callback(_log_restart_outcome)
+            self._sidecar_restart = task
+        return task
+
+    async def _ensure_sidecar(self) -> None:
+        """Wait until a live sidecar exists: if it died, restart it now (or wait for the running restart)."""
+        task = self._sidecar_restart
+        if (task is None or task.done()) and self.sidecar is not None and self.sidecar.alive:
+            return
+        if self._closing:
+            from editserve.engine.errors import SidecarError
+
+            raise SidecarError("the control plane is shutting down")
+        await asyncio.shield(self._begin_sidecar_restart())
+
+    async def _restart_sidecar(self) -> None:
+        """Replace a dead sidecar: count and report the death, start a new process with the same
+        configuration, check it loaded the same weights, open the ledger, and (under the version
+        lock) make it mirror the served version with the usual parity check."""
+        from editserve.engine.errors import SidecarError
+
+        old = self.sidecar
+        assert old is not None and self.ledger is not None
+        t0 = time.perf_counter()
+        exit_code = old.exitcode
+        self._sidecar_in_sync = False
+        self.counters.sidecar_restarts += 1
+        self.engine_metrics.sidecar_up(False)
+        self.engine_metrics.sidecar_restart()
+        self._sidecar_failure = {"pid": old.pid, "exit_code": exit_code, "at": time.time(), "error": None}
+        log.error("the sidecar process (pid %s) died with exit code %s; starting a new one", old.pid, exit_code)
+        await asyncio.to_thread(old.close)
+        new = await asyncio.to_thread(SidecarClient, old.config)
+        self._sidecar_starting = new
+        try:
+            ready = await asyncio.to_thread(new.wait_ready)
+            if ready.fingerprint != self._fingerprint:
+                raise SidecarError(f"the restarted sidecar loaded weights with fingerprint {ready.fingerprint[:16]}, "
+                                   f"expected {str(self._fingerprint)[:16]}")
+            await asyncio.to_thread(new.open_ledger, str(self.ledger.root))
+            if self._closing:
+                raise SidecarError("the control plane is shutting down")
+            async with self._lock:
+                self.sidecar = new
+                await self._resync_sidecar()
+        except BaseException as exc:
+            self._sidecar_failure = {**self._sidecar_failure, "error": f"{type(exc).__name__}: {exc}"}
+            self._sidecar_retry_at = time.monotonic() + self.settings.sidecar_retry_s
+            if self.sidecar is not new:
+                await asyncio.to_thread(new.kill)
+                await asyncio.to_thread(new.close)
+            raise
+        finally:
+            self._sidecar_starting = None
+        self._sidecar_failure = {**self._sidecar_failure, "restart_seconds": round(time.perf_counter() - t0, 3)}
+        log.info("sidecar restarted (pid %s) in %.1f s; it mirrors version %d", new.pid, time.perf_counter() - t0,
+                 self.served.version if self.served else -1)
 
     # -- expected checksums -------------------------------------------------------------------
 
@@ -392,25 +531,52 @@ class ControlPlane:
                              timings_ms=timings, active_patches=len(patches))
 
     async def _sync_sidecar(self, version: int, result: SwapResult) -> None:
-        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones."""
-        assert self.sidecar is not None
+        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones.
+
+        A dead sidecar is not an error of the version change that was just served: the sync is
+        skipped, a restart is started, and the new sidecar mirrors the served version."""
+        from editserve.engine.errors import SidecarError
+
+        sidecar = self.sidecar
+        assert sidecar is not None
         names = tuple(sorted({n for r in result.reports for n in r.checksums}))
+        if not sidecar.alive:
+            self._sidecar_died_during(f"the swap to version {version}")
+            return
         try:
-            synced = await asyncio.to_thread(self.sidecar.sync, version, self.settings.tensor_parallel_size, names)
+            synced = await asyncio.to_thread(sidecar.sync, version, self.settings.tensor_parallel_size, names)
+        except SidecarError:
+            self._sidecar_in_sync = False
+            self.engine_metrics.sidecar_up(False)
+            if not sidecar.alive:
+                self._sidecar_died_during(f"the swap to version {version}")
+                return
+            raise
         except Exception:
             self._sidecar_in_sync = False
+            self.engine_metrics.sidecar_up(False)
             raise
         engine = {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
         bad = sorted(f"{n} rank {k}" for (n, k), sha in engine.items() if synced.checksums.get((n, k)) != sha)
         if bad:
             self._sidecar_in_sync = False
+            self.engine_metrics.sidecar_up(False)
             self.counters.parity_failures += 1
             self.metrics.parity_failure()
             raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
                               f"for {', '.join(bad)}")
         self._sidecar_in_sync = True
+        self.engine_metrics.sidecar_up(True)
         self.metrics.set_drifts(synced.drift)
         self.metrics.set_ledger_bytes(await asyncio.to_thread(self.ledger.nbytes))
+
+    def _sidecar_died_during(self, what: str) -> None:
+        """The sidecar is dead: mark it out of sync and make sure a restart is under way."""
+        self._sidecar_in_sync = False
+        self.engine_metrics.sidecar_up(False)
+        log.warning("the sidecar process is dead during %s; it is restarted and will mirror the served version", what)
+        if not self._closing:
+            self._begin_sidecar_restart()
 
     async def _follow_head(self) -> VersionChange | None:
         """Serve the ledger head if it moved outside this process (must hold the lock)."""
@@ -456,23 +622,26 @@ class ControlPlane:
         edit writes anything to the ledger. `progress` (called from worker threads too) receives
         ``(stage, fraction, message)`` as the edit goes on (see the module docstring)."""
         t0 = time.perf_counter()
+        stages: dict[str, float] = {}                   # seconds per stage, filled by _edit as they run
         try:
             return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
-                                    probes, gate, dry_run, progress)
+                                    probes, gate, dry_run, progress, stages=stages)
         except Exception as exc:
             if self.metrics is not None and method in self.metrics.methods:
                 from editserve.control.errors import ProbeRejected
 
                 outcome = "rejected" if isinstance(exc, (ValueError, ProbeRejected)) else "failed"
-                self.metrics.record_edit(method, outcome, {}, total_seconds=time.perf_counter() - t0)
+                self.metrics.record_edit(method, outcome, stages, total_seconds=time.perf_counter() - t0)
             raise
 
     async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
                     idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
                     dry_run: bool = False, progress: Callable[[str, float, str], None] | None = None,
-                    ) -> VersionChange:
+                    stages: dict[str, float] | None = None) -> VersionChange:
         from editserve.ledger import LedgerConflict
+
+        stages = {} if stages is None else stages
 
         def report(stage: str, fraction: float, message: str = "") -> None:
             if progress is not None:
@@ -483,6 +652,7 @@ class ControlPlane:
 
         self._check_usable()
         async with self._edit_lock:                     # one edit at a time
+            await self._ensure_sidecar()                # a dead sidecar is replaced first
             async with self._lock:
                 assert self.served is not None and self.sidecar is not None
                 t_wait = time.perf_counter()
@@ -498,6 +668,9 @@ class ControlPlane:
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
                 gate=gate, store_bases=not dry_run), forward)
             t_computed = time.perf_counter()
+            stages.update(self._compute_stages(computed.patch.timings, computed.probe_report))
+            # The probe gauges show every probe: committed, rejected and dry-run edits alike.
+            self.metrics.record_probe(*probe_scores(computed.probe_report))
             gate_report = computed.probe_report.get("gate")
             if gate_report is not None and not gate_report["passed"]:
                 from editserve.control.errors import ProbeRejected
@@ -537,16 +710,18 @@ class ControlPlane:
                 version = int(result.committed)
                 self._set_served(version, message, expected, len(target))
                 t_swapped = time.perf_counter()
+                stages["swap"] = t_swapped - t_swap0
+                if result.phases and "commit" in result.phases:
+                    stages["commit"] = float(result.phases["commit"])
                 report("commit", 0.95, f"version {version} committed and served (pause "
                                        f"{result.pause_seconds * 1e3:.1f} ms)")
                 await self._sync_sidecar(version, result)
                 t_end = time.perf_counter()
-        stage = dict(patch.timings)
         timings = {
             "lock_wait": (t_wait - t0), "compute": (t_computed - t_wait), "prepare": (t_swap0 - t_computed),
             "swap": (t_swapped - t_swap0), "sidecar_sync": (t_end - t_swapped), "total": (t_end - t0),
         }
-        self.metrics.record_edit(method, "committed", self._stages(stage, timings), total_seconds=timings["total"])
+        self.metrics.record_edit(method, "committed", stages, total_seconds=timings["total"])
         log.info("edit %s → version %d served (pause %.2f ms, total %.2f s)", patch.digest[:12], version,
                  result.pause_seconds * 1e3, timings["total"])
         return VersionChange(version=version, previous_version=head, kind="edit",
@@ -556,11 +731,11 @@ class ControlPlane:
                              active_patches=len(target))
 
     @staticmethod
-    def _stages(patch_timings: dict[str, float], timings: dict[str, float]) -> dict[str, float]:
-        out = {"swap": timings["swap"]}
-        for key, stage in (("keys", "keys"), ("values", "values"), ("solve", "solve")):
-            if key in patch_timings:
-                out[stage] = float(patch_timings[key])
+    def _compute_stages(patch_timings: dict[str, float], report: dict[str, Any]) -> dict[str, float]:
+        """Seconds of the sidecar's stages: keys, values, solve (from the patch) and probe."""
+        out = {stage: float(patch_timings[stage]) for stage in ("keys", "values", "solve") if stage in patch_timings}
+        if isinstance(report.get("probe_seconds"), (int, float)):
+            out["probe"] = float(report["probe_seconds"])
         return out
 
     async def rollback(self, version: int, expected_head: int | None = None, caller: str | None = None) -> VersionChange:
@@ -718,7 +893,11 @@ class ControlPlane:
             "median_pause_ms": pauses[len(pauses) // 2] if pauses else None,
             "sidecar": {"alive": self.sidecar.alive if self.sidecar else False,
                         "in_sync": self._sidecar_in_sync,
-                        "device": self.sidecar.ready.device if self.sidecar and self.sidecar.ready else None},
+                        "device": self.sidecar.ready.device if self.sidecar and self.sidecar.ready else None,
+                        "pid": self.sidecar.pid if self.sidecar else None,
+                        "restarting": self._sidecar_restart is not None and not self._sidecar_restart.done(),
+                        "restarts": self.counters.sidecar_restarts,
+                        "last_failure": self._sidecar_failure},
             "degraded": self._degraded,
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],

@@ -357,6 +357,20 @@ class _Worker:
         return target, other
 
 
+def _canaries() -> tuple[str, ...]:
+    from editserve.control.probe import CANARIES
+
+    return tuple(CANARIES)
+
+
+def _mean_kl(p_log: torch.Tensor | None, q_log: torch.Tensor | None) -> float:
+    """Mean over rows of KL(p ‖ q), from log-probabilities."""
+    if p_log is None or q_log is None:
+        raise SidecarError("canary log-probabilities are missing")
+    kl = (p_log.exp() * (p_log - q_log)).sum(-1).clamp_min(0.0)
+    return round(float(kl.mean()), 6)
+
+
 def _probe_report(probes: list[ProbePrompt], before: list[tuple[float, float | None]],
                   after: list[tuple[float, float | None]]) -> dict[str, Any]:
     """Per probe: log-probabilities before/after; success = target beats `other` after the edit
@@ -479,6 +493,29 @@ class SidecarClient:
     @property
     def alive(self) -> bool:
         return self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.exitcode
+
+    @property
+    def sentinel(self) -> int:
+        """A handle that becomes ready when the process ends (`multiprocessing.connection.wait`)."""
+        return self._proc.sentinel
+
+    def kill(self, timeout_s: float = 10.0) -> None:
+        """Terminate the process without waiting for a request in progress (takes no lock; a caller
+        blocked on a reply gets `SidecarError`). `close` still has to be called."""
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout_s)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         if self._proc.is_alive():
