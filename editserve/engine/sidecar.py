@@ -502,11 +502,6 @@ class SidecarClient:
     def exitcode(self) -> int | None:
         return self._proc.exitcode
 
-    @property
-    def sentinel(self) -> int:
-        """A handle that becomes ready when the process ends (`multiprocessing.connection.wait`)."""
-        return self._proc.sentinel
-
     def kill(self, timeout_s: float = 10.0) -> None:
         """Terminate the process without waiting for a request in progress (takes no lock; a caller
         blocked on a reply gets `SidecarError`). `close` still has to be called."""
