@@ -5,6 +5,7 @@ Also the codegen, token table and status mapping basics."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import grpc
@@ -73,3 +74,27 @@ def test_tokens_and_roles() -> None:
     assert admin.role == "admin" and admin.caller.startswith("grpc:token-") and "admin-token" not in admin.caller
     with pytest.raises(Unauthenticated):
         authenticate(t, "/editserve.v1.EditService/Status", ())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_lines_and_terminal() -> None:
+    from editserve.commands.remote import ProgressBar
+
+    events = [pb2.Event(kind="progress", progress=p, message=m, operation_id="op")
+              for p, m in ((0.0, "accepted: 1 fact(s)"), (0.5, "values: 9.61 s"), (1.0, "committed"))]
+    out = io.StringIO()
+    with ProgressBar("edit", out) as bar:
+        for e in events:
+            bar.update(e)
+    assert out.getvalue().splitlines() == ["[  0%] accepted: 1 fact(s)", "[ 50%] values: 9.61 s", "[100%] committed"]
+    term = _Terminal()
+    with ProgressBar("edit", term) as bar:
+        bar.update(events[1])
+        assert "edit [" + "#" * 12 + "." * 12 + "]  50% values: 9.61 s" in term.getvalue()
+        bar.update(pb2.Event(kind="rejected", message="the probe gate rejected the edit", operation_id="op"))
+        assert "rejected: the probe gate rejected the edit" in term.getvalue()
+    assert term.getvalue().endswith("\r") and "\n" not in term.getvalue()      # the bar is erased, no lines left

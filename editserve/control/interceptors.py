@@ -107,17 +107,26 @@ class ControlInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                # No reset of the principal here: a stream the client cancels is closed from another
+                # context (the event loop finalises the generator), where a reset would fail; the call
+                # runs in its own task, so the value does not outlive it anyway.
                 try:
-                    token = auth.CURRENT_PRINCIPAL.set(check(request))
-                    try:
-                        async for item in inner_stream(request, context):
-                            yield item
-                    finally:
-                        auth.CURRENT_PRINCIPAL.reset(token)
+                    auth.CURRENT_PRINCIPAL.set(check(request))
+                except Exception as exc:
+                    await _abort_for(exc, context, name)
+                    return
+                items = inner_stream(request, context)
+                try:
+                    async for item in items:
+                        yield item
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
                     await _abort_for(exc, context, name)
+                finally:
+                    close = getattr(items, "aclose", None)
+                    if close is not None:
+                        await close()                # the service's own clean-up (e.g. unsubscribe) runs now
 
             return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=decode,
                                                         response_serializer=handler.response_serializer)
