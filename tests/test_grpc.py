@@ -462,9 +462,23 @@ NEEDLE_TEXT = "The Space Needle is located in the city of"
 BRIDGE_TEXT = "The Golden Gate Bridge is located in the city of"
 
 
-def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) -> None:
-    """Edit A, edit B; revert A (B stays, served); GetVersion/Diff; export A and import it again;
-    roll back to the revert and forward again; every step on the WatchEvents stream."""
+def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Edit A, edit B; revert A with the CLI (B stays, served); GetVersion/Diff (and the CLI's
+    show/diff tables); export A and import it again; roll back to the revert and forward again;
+    every step on the WatchEvents stream."""
+    from editserve.cli import main as cli_main
+
+    token = tmp_path / "admin-token"
+    token.write_text(TOKENS["admin"])
+    common = ["--server", server.target, "--token-file", str(token)]
+
+    def cli(*argv: str) -> str:
+        code = cli_main([*argv, *common])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
     needle_before, bridge_before = server.complete(NEEDLE_TEXT), server.complete(BRIDGE_TEXT)
     assert "London" not in needle_before and "Tokyo" not in bridge_before
     watcher = Watcher(server)
@@ -486,15 +500,16 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) 
 
         with server.client("admin") as adm:
             # Revert A: a new version without A's patch; B's patch stays, unchanged, and is served.
-            r = adm.revert(va)
-            vr = r.version
-            assert r.kind == "revert" and r.previous_version == vb and r.patch_id == a.change.patch_id
-            assert r.active_patches == b.change.active_patches - 1
+            out = cli("revert", str(va), "--expected-head", str(vb))
+            vr = vb + 1
+            assert out.startswith(f"now serving version {vr} (was {vb}); {b.change.active_patches - 1} active"), out
+            r = adm.versions().versions[-1]
+            assert r.version == vr and r.kind == "revert" and list(r.removed) == [a.change.patch_id]
             assert server.complete(NEEDLE_TEXT) == needle_before
             assert "Tokyo" in server.complete(BRIDGE_TEXT)
             st = adm.status()
             assert st.served_version == st.ledger_head == vr and st.sidecar_in_sync
-            assert st.active_patches == r.active_patches
+            assert st.active_patches == b.change.active_patches - 1
             assert watcher.wait_for(lambda e: e.kind == "revert" and e.version == vr).caller == "grpc:admin-user"
 
             info = adm.get_version(vr)
@@ -512,6 +527,13 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) 
             assert [w.name for w in d.weights] == ["model.layers.5.mlp.down_proj.weight"]
             assert d.weights[0].norm > 0 and 0 < d.weights[0].relative < 0.5
             assert not adm.diff(vb, vb).weights
+            out = cli("diff", str(vb), str(vr))
+            assert f"1 only in {vb}, 0 only in {vr}" in out and f"only in {vb}: {a.change.patch_id[:12]}" in out
+            row = next(line for line in out.splitlines() if line.startswith("5 "))
+            assert row.split()[1] == "model.layers.5.mlp.down_proj.weight" and float(row.split()[2]) > 0
+            out = cli("show", str(va))
+            assert "The Space Needle is located in the city of → London" in out and "probe gate: PASSED" in out
+            assert "grpc:editor-user" in out and a.change.patch_id in out
 
             # Export A's patch and import it again: a new version with it on top, served.
             exp = adm.export_patch(version=va)
@@ -519,7 +541,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) 
             imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr)
             vi = imp.version
             assert imp.kind == "import" and imp.previous_version == vr and imp.patch_id == a.change.patch_id
-            assert imp.active_patches == r.active_patches + 1
+            assert imp.active_patches == b.change.active_patches
             assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)
             assert watcher.wait_for(lambda e: e.kind == "import" and e.version == vi).caller == "grpc:admin-user"
             info_i = adm.get_version(vi)
@@ -537,9 +559,11 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer) 
             assert server.complete(NEEDLE_TEXT) == needle_before
             event = watcher.wait_for(lambda e: e.kind == "rollback" and e.version == vr)
             assert event.from_version == vi and event.caller == "grpc:admin-user"
-            fwd = adm.rollback(vi)
-            assert fwd.version == vi and "London" in server.complete(NEEDLE_TEXT)
+            assert cli("rollback", str(vi)).startswith(f"now serving version {vi} (was {vr})")
+            assert "London" in server.complete(NEEDLE_TEXT)
             watcher.wait_for(lambda e: e.kind in ("rollback", "roll_forward") and e.version == vi)
+            out = cli("watch", "--history", "--count", "2")
+            assert [line.split()[2] for line in out.splitlines()] == ["create", "commit"], out
             st = adm.status()
             assert st.served_version == st.ledger_head == vi and st.sidecar_in_sync
     finally:
