@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -96,10 +97,13 @@ class EditService(pb2_grpc.EditServiceServicer):
         args = validate.edit_args(request, self._n_layers())
         caller = _caller()
         op = _operation_id(context)
-        loop = asyncio.get_running_loop()
+        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
 
-        def progress(stage: str, fraction: float, message: str) -> None:      # also called from threads
-            loop.call_soon_threadsafe(self._progress, op, caller, stage, fraction, message)
+        def progress(stage: str, fraction: float, message: str) -> None:
+            if threading.get_ident() == loop_thread:          # in order with the events published here
+                self._progress(op, caller, stage, fraction, message)
+            else:                                             # from the thread waiting on the sidecar
+                loop.call_soon_threadsafe(self._progress, op, caller, stage, fraction, message)
 
         self._progress(op, caller, "accepted", 0.0, f"{len(args.requests)} fact(s), method {args.method}")
         try:
