@@ -185,6 +185,16 @@ class EditClient:
         msgs = [pb2.ProbeItem(prompt=it[0], target=it[1], other=it[2] if len(it) > 2 else "") for it in items]
         return self._call("Probe", pb2.ProbeRequest(items=msgs))
 
+    def trace(self, prompt: str, subject: str, target: str | None = None, kind: str = "hidden", samples: int = 10,
+              seed: int = 0, window: int = 10, noise_scale: float = 3.0, timeout_s: float | None = None) -> Any:
+        """Causal trace of a fact on the served version: a `TraceResponse` (grid as JSON, PNG bytes).
+        `editserve.editing.tracing.TraceResult.from_dict(json.loads(r.result_json))` rebuilds the result."""
+        from editserve.control.gen import pb2
+
+        req = pb2.TraceRequest(prompt=prompt, subject=subject, target=target or "", kind=kind, samples=samples,
+                               seed=seed, window=window, noise_scale=noise_scale)
+        return self._call("Trace", req, timeout_s=timeout_s)
+
     def status(self) -> Any:
         from editserve.control.gen import pb2
 

@@ -9,8 +9,8 @@ were, seen by a watcher as progress stages and a rejection; a CLI dry run that c
 durable and a CLI edit that changes the live completion (both with the progress lines); 8
 concurrent clients whose edits all land as distinct, serial versions; and the version life
 cycle: two edits, a revert of the first (the second stays and is served), GetVersion, Diff,
-export and re-import of the reverted patch, rollback and roll-forward, all seen on WatchEvents.
-TLS and mutual TLS are in test_grpc_tls.py (no engine needed there).
+export and re-import of the reverted patch, rollback and roll-forward, all seen on WatchEvents; causal tracing on the sidecar (Trace,
+compared with a local trace; the CLI's --server mode). TLS and mutual TLS are in test_grpc_tls.py (no engine needed there).
 """
 
 from __future__ import annotations
@@ -240,6 +240,7 @@ def _edit(*facts: dict[str, Any], **kw: Any) -> tuple[str, dict[str, Any]]:
 
 
 BIG = "x" * 5000
+WINXP = {"prompt": "{}, a product manufactured by", "subject": "Windows XP"}
 # (id, (client method, kwargs), status code, a fragment the message must contain)
 CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
     ("no-facts", ("edit", {"facts": []}), "INVALID_ARGUMENT", "at least one fact"),
@@ -318,6 +319,12 @@ CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
      "INVALID_ARGUMENT", ""),
     ("import-negative-head", ("import_patch", {"manifest_json": b"{}", "factors": b"x", "expected_head": -1}),
      "INVALID_ARGUMENT", "-1"),
+    ("trace-unknown-kind", ("trace", {**WINXP, "kind": "neurons"}), "INVALID_ARGUMENT", "'neurons'"),
+    ("trace-too-many-samples", ("trace", {**WINXP, "samples": 65}), "RESOURCE_EXHAUSTED", "samples=65"),
+    ("trace-subject-missing", ("trace", {"prompt": "A product manufactured by", "subject": "Windows XP"}),
+     "INVALID_ARGUMENT", "'Windows XP'"),
+    ("trace-noise-nan", ("trace", {**WINXP, "noise_scale": float("nan")}), "INVALID_ARGUMENT", "nan"),
+    ("trace-empty-subject", ("trace", {"prompt": "{} is", "subject": ""}), "INVALID_ARGUMENT", "subject"),
 ]
 
 
@@ -349,6 +356,51 @@ def test_non_utf8_field(server: GrpcServer) -> None:
     assert "editserve.v1.EditRequest" in e.value.details() and "UTF-8" in e.value.details()
     assert _state(server) == before
     ch.close()
+
+
+# ------------------------------------------------------------------------------ tracing
+
+
+def test_trace_call_returns_the_served_versions_grid_and_png(server: GrpcServer, tmp_path: Path) -> None:
+    """Trace on the sidecar = the same trace run here on the checkpoint (the served version has no
+    patches yet); the CLI's --server mode writes the JSON and PNG; viewers may not trace."""
+    from editserve.cli import main as cli_main
+    from editserve.editing import load_model
+    from editserve.editing.tracing import TraceResult, trace
+
+    with server.client("editor") as c:
+        served = c.status().served_version
+        r = c.trace(WINXP["prompt"], WINXP["subject"], target=" Microsoft", kind="mlp", samples=3, seed=1)
+    got = TraceResult.from_dict(json.loads(r.result_json))
+    assert r.version == served == 0
+    assert r.png[:8] == b"\x89PNG\r\n\x1a\n" and len(r.png) > 5000
+    assert got.kind == "mlp" and got.samples == 3 and got.target == " Microsoft" and got.num_layers == 30
+    assert len(got.scores) == len(got.tokens) and all(len(row) == 30 for row in got.scores)
+    assert got.tokens[got.subject_last].strip() == "XP"
+    assert got.p_corrupted < 0.3 * got.p_clean, (got.p_clean, got.p_corrupted)
+    assert list(r.top_mlp_layers) == list(got.top_mlp_layers) and all(0 <= x < 30 for x in r.top_mlp_layers)
+
+    model, tok = load_model(embedded_checkpoint())
+    local = trace(model, tok, WINXP["prompt"], WINXP["subject"], target=" Microsoft", kind="mlp", samples=3, seed=1)
+    assert got.tokens == local.tokens and got.subject_range == local.subject_range
+    assert abs(got.p_clean - local.p_clean) < 1e-4 and abs(got.p_corrupted - local.p_corrupted) < 1e-4
+    worst = max(abs(a - b) for ra, rb in zip(got.scores, local.scores) for a, b in zip(ra, rb))
+    assert worst < 1e-3, worst
+    del model
+
+    with server.client("viewer") as c:
+        with pytest.raises(ControlError) as e:
+            c.trace(WINXP["prompt"], WINXP["subject"], samples=1)
+    assert e.value.code == "PERMISSION_DENIED" and "editor" in e.value.details
+
+    token = tmp_path / "editor-token"
+    token.write_text(TOKENS["editor"])
+    out = tmp_path / "winxp.json"
+    rc = cli_main(["trace", "--server", server.target, "--token-file", str(token), "--prompt", WINXP["prompt"],
+                   "--subject", WINXP["subject"], "--kind", "hidden", "--samples", "2", "--out", str(out)])
+    assert rc == 0
+    cli = TraceResult.from_dict(json.loads(out.read_text()))
+    assert cli.kind == "hidden" and cli.samples == 2 and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -1,9 +1,18 @@
-"""``editserve trace``: causal tracing of one fact; writes trace.json and trace.png, prints top layers."""
+"""``editserve trace``: causal tracing of one fact; writes trace.json and trace.png, prints top layers.
+
+Locally (loads the model in this process) by default; with ``--server HOST:PORT`` the running
+server's sidecar traces the served version (gRPC ``Trace``; token and TLS flags as for ``editserve edit``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from editserve.editing.tracing import TraceResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-scale", type=float, default=3.0, help="noise std in embedding stds (default 3)")
     p.add_argument("--top", type=int, default=3, help="how many top MLP layers to print")
     p.add_argument("--out", default=".", help="output directory, or a path ending in .json (PNG beside it)")
+    p.add_argument("--server", default=None, help="trace on a running server (gRPC HOST:PORT) instead of locally")
+    p.add_argument("--token-file", default=None, help="with --server: file holding the bearer token "
+                   "(else $EDITSERVE_CONTROL_TOKEN)")
+    p.add_argument("--ca", default=None, help="with --server: CA certificate (PEM) for TLS")
+    p.add_argument("--cert", default=None, help="with --server: client certificate (PEM) for mutual TLS")
+    p.add_argument("--key", default=None, help="with --server: client key (PEM) for mutual TLS")
     p.set_defaults(func=run)
 
 
@@ -30,7 +45,21 @@ def _paths(out: str) -> tuple[Path, Path]:
     return p / "trace.json", p / "trace.png"
 
 
-def run(args: argparse.Namespace) -> int:
+def _remote(args: argparse.Namespace, json_path: Path, png_path: Path) -> TraceResult:
+    from editserve.commands.remote import _client
+    from editserve.editing.tracing import TraceResult
+
+    with _client(args) as client:
+        r = client.trace(args.prompt, args.subject, target=args.target, kind=args.kind, samples=args.samples,
+                         seed=args.seed, window=args.window, noise_scale=args.noise_scale)
+    result = TraceResult.from_dict(json.loads(r.result_json))
+    json_path.write_text(result.to_json(indent=1) + "\n")
+    png_path.write_bytes(r.png)
+    print(f"traced on the server's version {r.version}")
+    return result
+
+
+def _local(args: argparse.Namespace, json_path: Path, png_path: Path) -> TraceResult:
     from editserve.editing import load_model
     from editserve.editing.tracing import trace
     from editserve.tracing_plot import save_png
@@ -39,11 +68,16 @@ def run(args: argparse.Namespace) -> int:
     result = trace(model, tok, args.prompt, args.subject, target=args.target, kind=args.kind,
                    samples=args.samples, seed=args.seed, window=args.window, noise_scale=args.noise_scale,
                    top_k=args.top)
-    json_path, png_path = _paths(args.out)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(result.to_json(indent=1) + "\n")
     model_name = Path(str(getattr(model, "editserve_checkpoint", "") or "the model")).name
     save_png(result, png_path, model_name=model_name)
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    json_path, png_path = _paths(args.out)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    result = _remote(args, json_path, png_path) if args.server else _local(args, json_path, png_path)
 
     s0, s1 = result.subject_range
     print(f"{result.prompt!r} -> {result.target!r}   ({args.kind}, {result.samples} samples, {result.seconds:.1f}s)")

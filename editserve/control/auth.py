@@ -40,7 +40,7 @@ SERVICE_PREFIX = "/editserve.v1.EditService/"
 METHOD_ROLES: Mapping[str, str] = {
     "ListVersions": "viewer", "GetVersion": "viewer", "Diff": "viewer", "Status": "viewer",
     "WatchEvents": "viewer", "ExportPatch": "viewer",
-    "Edit": "editor", "Probe": "editor",
+    "Edit": "editor", "Probe": "editor", "Trace": "editor",
     "Rollback": "admin", "Revert": "admin", "ImportPatch": "admin",
 }
 

@@ -168,6 +168,15 @@ class EditService(pb2_grpc.EditServiceServicer):
             scores.append(s)
         return pb2.ProbeResponse(version=scored.version, scores=scores)
 
+    async def Trace(self, request: Any, context: Any) -> Any:
+        a = validate.trace_args(request)
+        traced = await self.control.trace(a.prompt, a.subject, target=a.target, kind=a.kind, samples=a.samples,
+                                          seed=a.seed, window=a.window, noise_scale=a.noise_scale)
+        r = traced.result
+        return pb2.TraceResponse(version=traced.version, result_json=json.dumps(r), png=traced.png,
+                                 p_clean=r["p_clean"], p_corrupted=r["p_corrupted"],
+                                 top_mlp_layers=[int(x) for x in r["top_mlp_layers"]], seconds=r["seconds"])
+
     async def Status(self, request: Any, context: Any) -> Any:
         st = await self.control.status()
         return pb2.StatusResponse(

@@ -163,3 +163,45 @@ def probe_items(items: Sequence[Any]) -> tuple[tuple[str, str, str | None], ...]
         other = check_text(f"items[{i}].other", it.other, MAX_TARGET_CHARS, allow_empty=True) or None
         out.append((it.prompt, it.target, other))
     return tuple(out)
+
+
+TRACE_KINDS = ("hidden", "mlp", "attn")
+MAX_TRACE_SAMPLES = 64
+MAX_TRACE_WINDOW = 64
+MAX_NOISE_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class TraceArgs:
+    """A validated Trace request (defaults filled in for unset fields)."""
+
+    prompt: str
+    subject: str
+    target: str | None
+    kind: str
+    samples: int
+    seed: int
+    window: int
+    noise_scale: float
+
+
+def trace_args(request: Any) -> TraceArgs:
+    prompt = check_text("prompt", request.prompt)
+    subject = check_text("subject", request.subject)
+    target = check_text("target", request.target, MAX_TARGET_CHARS, allow_empty=True) or None
+    kind = request.kind or "hidden"
+    if kind not in TRACE_KINDS:
+        raise InvalidRequestError(f"unknown trace kind {kind!r}; choose one of {list(TRACE_KINDS)}")
+    samples = int(request.samples) or 10
+    if samples > MAX_TRACE_SAMPLES:
+        raise RequestTooLarge(f"samples={samples}; the limit is {MAX_TRACE_SAMPLES}")
+    window = int(request.window) or 10
+    if window > MAX_TRACE_WINDOW:
+        raise InvalidRequestError(f"window={window} is out of range; it must be 1..{MAX_TRACE_WINDOW}")
+    noise = float(request.noise_scale) if request.noise_scale else 3.0
+    if not math.isfinite(noise) or noise <= 0 or noise > MAX_NOISE_SCALE:
+        raise InvalidRequestError(f"noise_scale={noise!r} is out of range; it must be in (0, {MAX_NOISE_SCALE:g}]")
+    if "{}" not in prompt and subject not in prompt:
+        raise InvalidRequestError(f"subject {subject!r} does not occur in prompt {prompt!r} (and it has no '{{}}')")
+    return TraceArgs(prompt=prompt, subject=subject, target=target, kind=kind, samples=samples,
+                     seed=int(request.seed), window=window, noise_scale=noise)

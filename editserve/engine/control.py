@@ -58,7 +58,8 @@ from editserve.engine.errors import (
     PluginSetupError,
     SwapFailed,
 )
-from editserve.engine.sidecar import ComputeEdit, ProbePrompt, Progress, Scored, SidecarClient, SidecarConfig
+from editserve.engine.sidecar import (ComputeEdit, ProbePrompt, Progress, Scored, SidecarClient, SidecarConfig,
+                                     TraceFact, Traced)
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, SwapResult, Swapper, check_mode, verify
 from editserve.engine.wire import ApplyMessage, message_for, rank_range, weight_checksum
 from editserve.errors import InvalidRequestError
@@ -851,6 +852,17 @@ class ControlPlane:
         self._check_usable()
         assert self.served is not None and self.sidecar is not None
         return await asyncio.to_thread(self.sidecar.score, self.served.version, tuple(items))
+
+    async def trace(self, prompt: str, subject: str, target: str | None = None, kind: str = "hidden",
+                    samples: int = 10, seed: int = 0, window: int = 10, noise_scale: float = 3.0) -> Traced:
+        """Causally trace a fact on the served version (on the sidecar; see editing/tracing.py).
+        The sidecar answers one request at a time, so an edit submitted meanwhile waits for it."""
+        self._check_usable()
+        await self._ensure_sidecar()
+        assert self.served is not None and self.sidecar is not None
+        msg = TraceFact(version=self.served.version, prompt=prompt, subject=subject, target=target, kind=kind,
+                        samples=samples, seed=seed, window=window, noise_scale=noise_scale)
+        return await asyncio.to_thread(self.sidecar.trace, msg)
 
     async def follow(self) -> VersionChange | None:
         """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""

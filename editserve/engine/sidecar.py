@@ -125,6 +125,29 @@ class Scored:
 
 
 @dataclass(frozen=True)
+class TraceFact:
+    """Causally trace a fact on the model at `version` (the gRPC Trace call; arguments as in
+    `editserve.editing.tracing.trace`). Answered with `Traced`."""
+
+    version: int
+    prompt: str
+    subject: str
+    target: str | None = None
+    kind: str = "hidden"
+    samples: int = 10
+    seed: int = 0
+    window: int = 10
+    noise_scale: float = 3.0
+
+
+@dataclass(frozen=True)
+class Traced:
+    version: int
+    result: dict[str, Any]             # TraceResult.to_dict()
+    png: bytes                         # heatmap (editserve.tracing_plot.render_png)
+
+
+@dataclass(frozen=True)
 class ProbePrompt:
     """A prompt whose continuation is scored before and after the patch (e.g. a paraphrase or a
     neighbourhood prompt); `target` is what the edit should make likely, `other` the alternative."""
@@ -214,6 +237,8 @@ class _Worker:
             return self.compute(msg)
         if isinstance(msg, ScorePrompts):
             return self.score_prompts(msg)
+        if isinstance(msg, TraceFact):
+            return self.trace_fact(msg)
         raise SidecarError(f"the sidecar does not understand a {type(msg).__name__} message")
 
     def open_ledger(self, msg: OpenLedger) -> LedgerOpened:
@@ -350,6 +375,16 @@ class _Worker:
 
         self._hold(msg.version)
         return Scored(version=msg.version, rows=tuple(score_items(self.model, self.tok, list(msg.items))))
+
+    def trace_fact(self, msg: TraceFact) -> Traced:
+        from editserve.editing.tracing import trace
+        from editserve.tracing_plot import render_png
+
+        self._hold(msg.version)
+        result = trace(self.model, self.tok, msg.prompt, msg.subject, target=msg.target, kind=msg.kind,
+                       samples=msg.samples, seed=msg.seed, window=msg.window, noise_scale=msg.noise_scale)
+        name = os.path.basename(os.path.normpath(self.ready.checkpoint)) if self.ready.checkpoint else "the model"
+        return Traced(version=msg.version, result=result.to_dict(), png=render_png(result, model_name=name))
 
     def _score(self, p: ProbePrompt) -> tuple[float, float | None]:
         target = _target_logprob(self.model, self.tok, p.prompt, p.target)
@@ -489,6 +524,9 @@ class SidecarClient:
 
     def score(self, version: int, items: tuple[tuple[str, str, str | None], ...]) -> Scored:
         return self.call(ScorePrompts(version=version, items=items), Scored)
+
+    def trace(self, msg: TraceFact) -> Traced:
+        return self.call(msg, Traced)
 
     @property
     def alive(self) -> bool:
