@@ -542,6 +542,17 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
         va, vb = a.change.version, b.change.version
         assert (va, vb) == (start.ledger_head + 1, start.ledger_head + 2) and a.report.passed and b.report.passed
         assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)
+        with server.client("editor") as ed:
+            # A retried Edit (same idempotency key, same fact) reports A's version; nothing is
+            # computed, committed or swapped. The key with another fact is refused.
+            again = ed.edit([NEEDLE], thresholds=LOOSE, idempotency_key="life-a")
+            assert (again.change.version, again.change.kind, again.change.patch_id) == (va, "replayed",
+                                                                                       a.change.patch_id)
+            with pytest.raises(ControlError) as e:
+                ed.edit([{**NEEDLE, "target_new": " Paris"}], thresholds=LOOSE, idempotency_key="life-a")
+            assert e.value.code == "ALREADY_EXISTS" and "'life-a'" in e.value.details
+            st = ed.status()
+            assert st.ledger_head == st.served_version == vb
         commit_a = watcher.wait_for(lambda e: e.kind == "commit" and e.version == va)
         assert commit_a.caller == "grpc:editor-user" and commit_a.id > 0
         watcher.wait_for(lambda e: e.kind == "progress" and e.operation_id == "life-a" and e.progress == 1.0)
@@ -552,8 +563,10 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
 
         with server.client("admin") as adm:
             # Revert A: a new version without A's patch; B's patch stays, unchanged, and is served.
-            out = cli("revert", str(va), "--expected-head", str(vb))
+            out = cli("revert", str(va), "--expected-head", str(vb), "--idempotency-key", "life-r")
             vr = vb + 1
+            again = adm.revert(va, expected_head=vb, idempotency_key="life-r")     # a retry: nothing new
+            assert (again.version, again.kind) == (vr, "replayed")
             assert out.startswith(f"now serving version {vr} (was {vb}); {b.change.active_patches - 1} active"), out
             r = adm.versions().versions[-1]
             assert r.version == vr and r.kind == "revert" and list(r.removed) == [a.change.patch_id]
@@ -590,8 +603,10 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             # Export A's patch and import it again: a new version with it on top, served.
             exp = adm.export_patch(version=va)
             assert exp.patch_id == a.change.patch_id and exp.factors and json.loads(exp.manifest_json)
-            imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr)
+            imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp")
             vi = imp.version
+            again = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp")
+            assert (again.version, again.kind) == (vi, "replayed")
             assert imp.kind == "import" and imp.previous_version == vr and imp.patch_id == a.change.patch_id
             assert imp.active_patches == b.change.active_patches
             assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)

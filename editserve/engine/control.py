@@ -117,7 +117,7 @@ class VersionChange:
 
     version: int
     previous_version: int
-    kind: str                                     # "edit" | "dry_run" | "rollback" | "revert" | "import" | "follow" | "start"
+    kind: str                                     # "edit" | "dry_run" | "replayed" | "rollback" | "revert" | "import" | "follow" | "start"
     pause_ms: float
     swap: dict[str, Any]
     timings_ms: dict[str, float]
@@ -635,6 +635,26 @@ class ControlPlane:
                 self.metrics.record_edit(method, outcome, stages, total_seconds=time.perf_counter() - t0)
             raise
 
+    async def _replayed(self, key: str | None, kind: str, matches: Callable[[Any], bool]) -> VersionChange | None:
+        """A retried call (same idempotency key): the version the first call created, reported
+        without computing or swapping anything; the same key used for another request is refused."""
+        from editserve.ledger.errors import IdempotencyMismatch
+
+        if not key:
+            return None
+        info = await asyncio.to_thread(self.ledger.version_for_key, key)
+        if info is None:
+            return None
+        if not matches(info):
+            raise IdempotencyMismatch(f"idempotency key {key!r} was used for version {info.version} "
+                                      f"({info.kind}) with another request")
+        log.info("%s replayed: idempotency key %r already created version %d", kind, key, info.version)
+        assert self.served is not None
+        return VersionChange(version=info.version, previous_version=self.served.version, kind="replayed",
+                             pause_ms=0.0, swap={}, timings_ms={}, patch_id=info.patch_id, method=info.method,
+                             probe_report=info.probe_report,
+                             active_patches=len(await asyncio.to_thread(self.ledger.active_ids, info.version)))
+
     async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
                     idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
@@ -659,6 +679,11 @@ class ControlPlane:
                 t_wait = time.perf_counter()
                 await self._follow_head()
                 head = self.served.version
+                if not dry_run:
+                    replayed = await self._replayed(idempotency_key, "edit", lambda i: (
+                        i.kind == "commit" and i.method == method and tuple(i.requests) == tuple(requests)))
+                    if replayed is not None:
+                        return replayed
                 if expected_head is not None and expected_head != head:
                     raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
                                          expected_head=expected_head, actual_head=head)
@@ -773,6 +798,9 @@ class ControlPlane:
             raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
         removed = info.patch_id
         who = caller or self.settings.caller
+        replayed = await self._replayed(idempotency_key, "revert", lambda i: i.kind == "revert" and removed in i.removed)
+        if replayed is not None:
+            return replayed
 
         def target_of(current: list[Patch]) -> list[Patch]:
             if removed not in [p.digest for p in current]:
@@ -797,6 +825,10 @@ class ControlPlane:
         src = Path(src)
         patch = await asyncio.to_thread(read_patch_export, self.ledger, src)
         who = caller or self.settings.caller
+        replayed = await self._replayed(idempotency_key, "import",
+                                        lambda i: i.kind == "import" and i.patch_id == patch.digest)
+        if replayed is not None:
+            return replayed
 
         def target_of(current: list[Patch]) -> list[Patch]:
             if patch.digest in [p.digest for p in current]:

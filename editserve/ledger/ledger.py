@@ -453,6 +453,11 @@ class Ledger:
         manifests = {rec.patch: self._store.patch(rec.patch).manifest} if rec.patch else {}
         return self._info(rec, manifests)
 
+    def version_for_key(self, key: str) -> VersionInfo | None:
+        """The version an earlier call with idempotency key `key` created, or None."""
+        hit = self._store.idempotent(key)
+        return None if hit is None else self.version(hit[0])
+
     def versions(self) -> list[VersionInfo]:
         manifests = {p.digest: p.manifest for p in self._store.patches()}
         return [self._info(r, manifests) for r in self._store.versions()]
