@@ -635,6 +635,18 @@ class ControlPlane:
                 self.metrics.record_edit(method, outcome, stages, total_seconds=time.perf_counter() - t0)
             raise
 
+    async def _followed_head(self, expected_head: int | None) -> int:
+        """Under the version lock: serve the ledger head if it moved, check `expected_head`, return it."""
+        from editserve.ledger import LedgerConflict
+
+        await self._follow_head()
+        assert self.served is not None
+        head = self.served.version
+        if expected_head is not None and expected_head != head:
+            raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
+                                 expected_head=expected_head, actual_head=head)
+        return head
+
     async def _replayed(self, key: str | None, kind: str, matches: Callable[[Any], bool]) -> VersionChange | None:
         """A retried call (same idempotency key): the version the first call created, reported
         without computing or swapping anything; the same key used for another request is refused."""
@@ -770,14 +782,7 @@ class ControlPlane:
             raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
         self._check_usable()
         async with self._lock:
-            await self._follow_head()
-            assert self.served is not None
-            head = self.served.version
-            if expected_head is not None and expected_head != head:
-                from editserve.ledger import LedgerConflict
-
-                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
-                                     expected_head=expected_head, actual_head=head)
+            head = await self._followed_head(expected_head)
             await asyncio.to_thread(self.ledger.version, version)           # VersionNotFound if absent
             change = await self._swap_to_version(version, kind="rollback", commit_rollback=True, expected_head=head,
                                                  caller=caller)
@@ -844,16 +849,9 @@ class ControlPlane:
                       write: Callable[[int], int], patch_id: str | None = None) -> VersionChange:
         """Under the version lock: follow the head, swap to ``target_of(active patches at the head)``
         with ``write(head)`` (the new ledger version) as the swap's commit step, move the sidecar."""
-        from editserve.ledger import LedgerConflict
-
         t0 = time.perf_counter()
         async with self._lock:
-            await self._follow_head()
-            assert self.served is not None
-            head = self.served.version
-            if expected_head is not None and expected_head != head:
-                raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
-                                     expected_head=expected_head, actual_head=head)
+            head = await self._followed_head(expected_head)
             current = await asyncio.to_thread(self.ledger.active_patches, head)
             target = list(target_of(current))
             message = message_for(-1, self.family, target)
