@@ -25,6 +25,13 @@ Exported metrics (sample names as Prometheus sees them):
                                                         ‖W − W₀‖_F / ‖W₀‖_F
 ``editserve_parity_failures_total``          counter    engine/sidecar disagreement
 ``editserve_ledger_size_bytes``              gauge
+``editserve_swaps_total``                    counter    ``result`` (ok, failed: the previous
+                                                        version was restored)
+``editserve_completions_total``              counter    ``versions`` (one, spanning: a swap
+                                                        happened while it ran)
+``editserve_sidecar_up``                     gauge      1 while the sidecar is alive and
+                                                        mirrors the served version, else 0
+``editserve_sidecar_restarts_total``         counter    sidecar processes found dead and replaced
 ===========================================  =========  =====================================
 
 Gauges use ``multiprocess_mode="mostrecent"`` (as vLLM's own gauges do), so they read correctly
@@ -72,6 +79,20 @@ class EditStage(str, Enum):
     PROBE = "probe"
     COMMIT = "commit"
     SWAP = "swap"
+
+
+class SwapOutcome(str, Enum):
+    """How a version change of the engine ended."""
+
+    OK = "ok"            # the new version is served on every rank
+    FAILED = "failed"    # nothing changed, or the previous version was restored
+
+
+class CompletionVersions(str, Enum):
+    """Which weights produced a completion."""
+
+    ONE = "one"            # one version from the first token to the last
+    SPANNING = "spanning"  # a swap happened while it ran
 
 
 class ProbeScore(str, Enum):
@@ -152,6 +173,15 @@ class Metrics:
         self._parity = Counter(f"{p}_parity_failures", "Engine/sidecar parity check failures.", registry=registry)
         self._ledger = Gauge(f"{p}_ledger_size_bytes", "Size of the ledger on disk.",
                              multiprocess_mode="mostrecent", registry=registry)
+        self._swaps = Counter(f"{p}_swaps", "Version changes of the engine by result (a failed swap "
+                              "restored the previous version).", ["result"], registry=registry)
+        self._completions = Counter(f"{p}_completions", "Completions by whether one version produced "
+                                    "them ('one') or a swap happened while they ran ('spanning').",
+                                    ["versions"], registry=registry)
+        self._sidecar_up = Gauge(f"{p}_sidecar_up", "1 while the sidecar process is alive and holds the "
+                                 "served version, else 0.", multiprocess_mode="mostrecent", registry=registry)
+        self._sidecar_restarts = Counter(f"{p}_sidecar_restarts", "Sidecar processes that died and were "
+                                         "replaced by a new one.", registry=registry)
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
         # and rate() sees its first increment. Drift children appear when a layer is measured.
         for method in self.methods:
@@ -162,6 +192,10 @@ class Metrics:
             self._stage.labels(stage=stage.value)
         for score in ProbeScore:
             self._probe.labels(score=score.value)
+        for result in SwapOutcome:
+            self._swaps.labels(result=result.value)
+        for versions in CompletionVersions:
+            self._completions.labels(versions=versions.value)
 
     # -- recording -------------------------------------------------------------------------
 
@@ -248,6 +282,27 @@ class Metrics:
     def record_revert(self) -> None:
         """Count one revert of a patch (a new version without it)."""
         self._reverts.inc()
+
+    def record_swap_result(self, result: SwapOutcome | str) -> None:
+        """Count one version change of the engine by how it ended (``ok`` or ``failed``)."""
+        self._swaps.labels(result=_enum_value(SwapOutcome, result, "swap result")).inc()
+
+    def record_completion(self, spanned: bool) -> None:
+        """Count one finished completion; `spanned` when a swap happened while it ran."""
+        if not isinstance(spanned, bool):
+            raise MetricsError(f"spanned must be a bool, got {spanned!r}")
+        versions = CompletionVersions.SPANNING if spanned else CompletionVersions.ONE
+        self._completions.labels(versions=versions.value).inc()
+
+    def set_sidecar_up(self, up: bool) -> None:
+        """Whether the sidecar process is alive and mirrors the served version."""
+        if not isinstance(up, bool):
+            raise MetricsError(f"up must be a bool, got {up!r}")
+        self._sidecar_up.set(1 if up else 0)
+
+    def record_sidecar_restart(self) -> None:
+        """Count one sidecar process found dead and replaced."""
+        self._sidecar_restarts.inc()
 
 
 # Sample-name suffixes each metric type always exports (``_created`` only when enabled; taken from samples).

@@ -27,10 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from editserve.editing.edit import METHODS
 from editserve.errors import MetricsError
 from editserve.metrics import (
+    CompletionVersions,
     DriftParts,
     EditOutcome,
     EditStage,
     Metrics,
+    SwapOutcome,
     drift_parts,
     metric_names,
     relative_drift,
@@ -100,9 +102,14 @@ def test_scrape_starts_with_every_fixed_series_at_zero(served):
             assert value(s, "editserve_edit_latency_seconds_count", method=method, outcome=outcome.value) == 0
     for stage in EditStage:
         assert value(s, "editserve_edit_duration_seconds_count", stage=stage.value) == 0
+    for result in SwapOutcome:
+        assert value(s, "editserve_swaps_total", result=result.value) == 0
+    for versions in CompletionVersions:
+        assert value(s, "editserve_completions_total", versions=versions.value) == 0
     for name in ("editserve_rollbacks_total", "editserve_reverts_total", "editserve_parity_failures_total",
                  "editserve_swap_pause_seconds_count", "editserve_head_version", "editserve_active_patches",
-                 "editserve_ledger_size_bytes", "editserve_last_canary_kl"):
+                 "editserve_ledger_size_bytes", "editserve_last_canary_kl", "editserve_sidecar_up",
+                 "editserve_sidecar_restarts_total"):
         assert value(s, name) == 0
     # No drift series until a layer has been measured.
     assert not [k for k in s if k[0] == "editserve_layer_drift_ratio"]
@@ -171,6 +178,36 @@ def test_counters_gauges_histograms_move_with_edits_rejections_rollbacks(served)
     assert value(s, "editserve_layer_drift_ratio", layer="6") == pytest.approx(0.001)
 
 
+def test_swaps_completions_and_sidecar_health_move(served):
+    metrics, scraper = served
+    metrics.record_swap_result("ok")
+    metrics.record_swap_result(SwapOutcome.OK)
+    metrics.record_swap_result("failed")
+    metrics.record_completion(False)
+    metrics.record_completion(False)
+    metrics.record_completion(False)
+    metrics.record_completion(True)
+    metrics.set_sidecar_up(True)
+    s = scraper.samples()
+    assert value(s, "editserve_swaps_total", result="ok") == 2
+    assert value(s, "editserve_swaps_total", result="failed") == 1
+    assert value(s, "editserve_completions_total", versions="one") == 3
+    assert value(s, "editserve_completions_total", versions="spanning") == 1
+    assert value(s, "editserve_sidecar_up") == 1
+    assert value(s, "editserve_sidecar_restarts_total") == 0
+    # The sidecar dies and is replaced: down, one restart, up again once it mirrors the served version.
+    metrics.set_sidecar_up(False)
+    metrics.record_sidecar_restart()
+    s = scraper.samples()
+    assert value(s, "editserve_sidecar_up") == 0
+    assert value(s, "editserve_sidecar_restarts_total") == 1
+    metrics.set_sidecar_up(True)
+    assert value(scraper.samples(), "editserve_sidecar_up") == 1
+    # No other label values appeared.
+    assert {dict(k[1])["result"] for k in s if k[0] == "editserve_swaps_total"} == {"ok", "failed"}
+    assert {dict(k[1])["versions"] for k in s if k[0] == "editserve_completions_total"} == {"one", "spanning"}
+
+
 def test_probe_scores_not_measured_read_as_nan(served):
     """A probe without paraphrase/neighbourhood prompts or canaries leaves no stale value behind."""
     metrics, scraper = served
@@ -201,6 +238,12 @@ def test_probe_scores_not_measured_read_as_nan(served):
     (lambda m: m.set_drift("5", 0.1), "'5'"),
     (lambda m: m.set_drifts({3: 0.1, 99: 0.1}), "99"),
     (lambda m: m.set_ledger_bytes(-5), "-5"),
+    (lambda m: m.record_swap_result("partial"), "partial"),
+    (lambda m: m.record_swap_result("OK"), "OK"),
+    (lambda m: m.record_completion(1), "1"),
+    (lambda m: m.record_completion("spanning"), "spanning"),
+    (lambda m: m.set_sidecar_up(1), "1"),
+    (lambda m: m.set_sidecar_up(None), "None"),
 ])
 def test_bad_labels_and_values_raise_and_record_nothing(served, call, named):
     metrics, scraper = served
@@ -235,8 +278,23 @@ def test_metric_names_lists_every_exported_sample_name():
     assert "editserve_layer_drift_ratio" in names
     for base in ("editserve_edit_duration_seconds", "editserve_edit_latency_seconds", "editserve_swap_pause_seconds"):
         assert {base + "_bucket", base + "_sum", base + "_count"} <= names
-    for counter in ("edits", "rollbacks", "reverts", "parity_failures"):
+    for counter in ("edits", "rollbacks", "reverts", "parity_failures", "swaps", "completions", "sidecar_restarts"):
         assert f"editserve_{counter}_total" in names
+    for gauge in ("head_version", "active_patches", "last_probe_score", "last_canary_kl", "ledger_size_bytes",
+                  "sidecar_up"):
+        assert f"editserve_{gauge}" in names
+    # Every family the registry exports, with its type: nothing is registered elsewhere.
+    families = {f.name: f.type for f in registry.collect()}
+    assert families == {
+        "editserve_edits": "counter", "editserve_rollbacks": "counter", "editserve_reverts": "counter",
+        "editserve_edit_duration_seconds": "histogram", "editserve_edit_latency_seconds": "histogram",
+        "editserve_swap_pause_seconds": "histogram", "editserve_head_version": "gauge",
+        "editserve_active_patches": "gauge", "editserve_last_probe_score": "gauge",
+        "editserve_last_canary_kl": "gauge", "editserve_layer_drift_ratio": "gauge",
+        "editserve_parity_failures": "counter", "editserve_ledger_size_bytes": "gauge",
+        "editserve_swaps": "counter", "editserve_completions": "counter", "editserve_sidecar_up": "gauge",
+        "editserve_sidecar_restarts": "counter",
+    }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
     scraper = Scraper(registry)
@@ -270,6 +328,9 @@ def test_gauges_read_correctly_from_vllms_multiprocess_registry(tmp_path):
         metrics.set_head(1, 1)
         metrics.set_head(3, 2)
         metrics.set_drift(7, 0.25)
+        metrics.set_sidecar_up(True)
+        metrics.set_sidecar_up(False)
+        metrics.record_swap_result("ok")
         metrics.record_edit("rome", "committed", {"keys": 0.5})
         metrics.record_edit("rome", "committed", {"keys": 0.5})
         served = CollectorRegistry()
@@ -291,6 +352,8 @@ def test_gauges_read_correctly_from_vllms_multiprocess_registry(tmp_path):
     assert out['editserve_layer_drift_ratio{"layer": "7"}'] == 0.25
     assert out['editserve_edits_total{"method": "rome", "outcome": "committed"}'] == 2
     assert out['editserve_edit_duration_seconds_count{"stage": "keys"}'] == 2
+    assert out['editserve_sidecar_up{}'] == 0
+    assert out['editserve_swaps_total{"result": "ok"}'] == 1
 
 
 # -- drift -----------------------------------------------------------------------------------

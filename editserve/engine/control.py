@@ -151,6 +151,13 @@ class _Counters:
     sidecar_restarts: int = 0
 
 
+def registry_for() -> Any:
+    """The registry vLLM's ``/metrics`` route serves (editserve's metrics are registered on it)."""
+    from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+    return get_prometheus_registry()
+
+
 def _log_restart_outcome(task: "asyncio.Task[None]") -> None:
     """Done-callback of a sidecar restart: its failure is logged even if nobody awaits it."""
     if not task.cancelled() and task.exception() is not None:
@@ -205,7 +212,6 @@ class ControlPlane:
         self.served: _Served | None = None
         self.counters = _Counters()
         self.metrics: Any = None
-        self.engine_metrics: Any = None
         self._sidecar_in_sync = False
         self._fingerprint: str | None = None
         self._sidecar_watch: asyncio.Task[None] | None = None
@@ -278,12 +284,10 @@ class ControlPlane:
         return Ledger.open(self.settings.ledger_root, fingerprint, caller=self.settings.caller)
 
     def _init_metrics(self, n_layers: int) -> None:
-        from editserve.engine.metrics import EngineMetrics, registry_for
         from editserve.metrics import Metrics
 
         registry = self._registry if self._registry is not None else registry_for()
         self.metrics = Metrics(registry, n_layers)
-        self.engine_metrics = EngineMetrics(registry)
 
     async def _check_base(self) -> None:
         """The engine's weights of every matrix the ledger has a base copy of must be that copy
@@ -367,8 +371,8 @@ class ControlPlane:
         exit_code = old.exitcode
         self._sidecar_in_sync = False
         self.counters.sidecar_restarts += 1
-        self.engine_metrics.sidecar_up(False)
-        self.engine_metrics.sidecar_restart()
+        self.metrics.set_sidecar_up(False)
+        self.metrics.record_sidecar_restart()
         self._sidecar_failure = {"pid": old.pid, "exit_code": exit_code, "at": time.time(), "error": None}
         log.error("the sidecar process (pid %s) died with exit code %s; starting a new one", old.pid, exit_code)
         await asyncio.to_thread(old.close)
@@ -485,18 +489,18 @@ class ControlPlane:
         except EngineStateUnknown as exc:
             self._degraded = str(exc)
             self.counters.swaps_failed += 1
-            self.engine_metrics.swap("failed")
+            self.metrics.record_swap_result("failed")
             raise
         except SwapFailed:
             self.counters.swaps_failed += 1
-            self.engine_metrics.swap("failed")
+            self.metrics.record_swap_result("failed")
             raise
         finally:
             self._not_swapping.set()
         self.counters.swaps_ok += 1
         self.counters.last_pause_ms = result.pause_seconds * 1e3
         self.counters.pauses_ms = (self.counters.pauses_ms + [result.pause_seconds * 1e3])[-1000:]
-        self.engine_metrics.swap("ok")
+        self.metrics.record_swap_result("ok")
         self.metrics.record_swap(result.pause_seconds)
         return result, expected
 
@@ -548,33 +552,33 @@ class ControlPlane:
             synced = await asyncio.to_thread(sidecar.sync, version, self.settings.tensor_parallel_size, names)
         except SidecarError:
             self._sidecar_in_sync = False
-            self.engine_metrics.sidecar_up(False)
+            self.metrics.set_sidecar_up(False)
             if not sidecar.alive:
                 self._sidecar_died_during(f"the swap to version {version}")
                 return
             raise
         except Exception:
             self._sidecar_in_sync = False
-            self.engine_metrics.sidecar_up(False)
+            self.metrics.set_sidecar_up(False)
             raise
         engine = {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
         bad = sorted(f"{n} rank {k}" for (n, k), sha in engine.items() if synced.checksums.get((n, k)) != sha)
         if bad:
             self._sidecar_in_sync = False
-            self.engine_metrics.sidecar_up(False)
+            self.metrics.set_sidecar_up(False)
             self.counters.parity_failures += 1
             self.metrics.parity_failure()
             raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
                               f"for {', '.join(bad)}")
         self._sidecar_in_sync = True
-        self.engine_metrics.sidecar_up(True)
+        self.metrics.set_sidecar_up(True)
         self.metrics.set_drifts(synced.drift)
         self.metrics.set_ledger_bytes(await asyncio.to_thread(self.ledger.nbytes))
 
     def _sidecar_died_during(self, what: str) -> None:
         """The sidecar is dead: mark it out of sync and make sure a restart is under way."""
         self._sidecar_in_sync = False
-        self.engine_metrics.sidecar_up(False)
+        self.metrics.set_sidecar_up(False)
         log.warning("the sidecar process is dead during %s; it is restarted and will mirror the served version", what)
         if not self._closing:
             self._begin_sidecar_restart()
@@ -969,5 +973,5 @@ class ControlPlane:
         return (served.epoch, served.version) if served is not None else (0, 0)
 
     def completion_done(self, spanned: bool) -> None:
-        if self.engine_metrics is not None:
-            self.engine_metrics.completion(spanned)
+        if self.metrics is not None:
+            self.metrics.record_completion(spanned)
