@@ -192,9 +192,10 @@ def test_rule_and_rule_test_metric_names_are_exported(exported):
     groups = yaml.safe_load(RULES.read_text())["groups"]
     referenced = set().union(*(promql_metric_names(e) for e in rule_exprs(groups)))
     assert referenced <= exported | PROMETHEUS_BUILTINS, referenced - exported
-    # The alerts cover rejections, failures, parity, drift, latency, swap pauses.
+    # The alerts cover rejections, failures, parity, drift, latency, swap pauses, swap failures, the sidecar.
     assert {"editserve_edits_total", "editserve_parity_failures_total", "editserve_layer_drift_ratio",
-            "editserve_edit_latency_seconds_bucket", "editserve_swap_pause_seconds_bucket"} <= referenced
+            "editserve_edit_latency_seconds_bucket", "editserve_swap_pause_seconds_bucket",
+            "editserve_swaps_total", "editserve_sidecar_up"} <= referenced
     series = {re.match(r"[A-Za-z_:][\w:]*", s["series"]).group(0)
               for t in yaml.safe_load(RULE_TESTS.read_text())["tests"] for s in t["input_series"]}
     assert series <= exported | VLLM_METRICS, series - exported - VLLM_METRICS
