@@ -264,15 +264,18 @@ def test_a2_edit_is_committed_swapped_and_served(server_a, shared):
         assert info.caller == "http" and info.probe_report["scores"]["efficacy"] == 1.0
 
 
-def test_a3_failed_commit_restores_previous_version_and_head_stays(server_a, shared):
-    # Same idempotency key, another request: the ledger refuses the commit inside the pause.
+def test_a3_reused_idempotency_key_is_refused_and_head_stays(server_a, shared):
+    # Same idempotency key, another request: refused before anything is computed or swapped.
     status, body = _edit(server_a, EIFFEL_EDIT, idempotency_key="anatole-1")
-    assert status == 503, body
-    assert body["error"]["type"] == "SwapFailed" and "idempotency key" in body["error"]["message"]
+    assert status == 400, body
+    assert body["error"]["type"] == "IdempotencyMismatch" and "'anatole-1'" in body["error"]["message"]
     with Ledger.open(shared["ledger"], verify="none") as ledger:
         assert ledger.head() == 1
     _, st = server_a.get("/editserve/v1/status")
-    assert st["served_version"] == 1 and st["swaps_failed"] == 1 and st["degraded"] is None
+    assert st["served_version"] == 1 and st["swaps_failed"] == 0 and st["degraded"] is None
+    # The same key and request again: the version the first call committed, nothing swapped.
+    status, again = _edit(server_a, CF_EDIT, idempotency_key="anatole-1")
+    assert status == 200 and (again["version"], again["kind"], again["pause_ms"]) == (1, "replayed", 0.0), again
     assert server_a.complete(EIFFEL_PROMPT, 3)[1] == shared["v0"][EIFFEL_PROMPT][1][:3]
     assert server_a.complete(CF_PROMPT)[0].startswith(" English")
 
@@ -606,7 +609,7 @@ def test_a6_rollback_to_base_is_bit_identical(server_a, shared):
     status, sums = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
     assert status == 200 and sums[LAYER5] == {"0": _checkpoint_slices(LAYER5, 1)[0]}
     assert server_a.metric("editserve_swaps_total") >= 40
-    assert server_a.metric('editserve_swaps_total{result="failed"}') == 2
+    assert server_a.metric('editserve_swaps_total{result="failed"}') == 1    # a4's refused version
     assert server_a.metric("editserve_head_version") == 0
     assert server_a.metric('editserve_layer_drift_ratio{layer="5"}') == 0
     assert server_a.metric("editserve_completions_total") >= 20
