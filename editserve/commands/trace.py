@@ -53,6 +53,7 @@ def _remote(args: argparse.Namespace, json_path: Path, png_path: Path) -> TraceR
         r = client.trace(args.prompt, args.subject, target=args.target, kind=args.kind, samples=args.samples,
                          seed=args.seed, window=args.window, noise_scale=args.noise_scale)
     result = TraceResult.from_dict(json.loads(r.result_json))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(result.to_json(indent=1) + "\n")
     png_path.write_bytes(r.png)
     print(f"traced on the server's version {r.version}")
@@ -68,6 +69,7 @@ def _local(args: argparse.Namespace, json_path: Path, png_path: Path) -> TraceRe
     result = trace(model, tok, args.prompt, args.subject, target=args.target, kind=args.kind,
                    samples=args.samples, seed=args.seed, window=args.window, noise_scale=args.noise_scale,
                    top_k=args.top)
+    json_path.parent.mkdir(parents=True, exist_ok=True)        # only once there is something to write
     json_path.write_text(result.to_json(indent=1) + "\n")
     model_name = Path(str(getattr(model, "editserve_checkpoint", "") or "the model")).name
     save_png(result, png_path, model_name=model_name)
@@ -76,7 +78,6 @@ def _local(args: argparse.Namespace, json_path: Path, png_path: Path) -> TraceRe
 
 def run(args: argparse.Namespace) -> int:
     json_path, png_path = _paths(args.out)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     result = _remote(args, json_path, png_path) if args.server else _local(args, json_path, png_path)
 
     s0, s1 = result.subject_range
