@@ -53,7 +53,9 @@ bench: venv
 	$(BIN)/python bench/edit_bench.py
 
 eval: venv
-	$(BIN)/editserve eval --method rome --records 200
+	mkdir -p bench/results
+	$(BIN)/editserve eval --method rome --records 200 --out bench/results/eval_rome200.json
+	$(BIN)/editserve eval --method memit --records 100 --batch 100 --out bench/results/eval_memit100.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
