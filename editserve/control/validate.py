@@ -201,7 +201,5 @@ def trace_args(request: Any) -> TraceArgs:
     noise = float(request.noise_scale) if request.noise_scale else 3.0
     if not math.isfinite(noise) or noise <= 0 or noise > MAX_NOISE_SCALE:
         raise InvalidRequestError(f"noise_scale={noise!r} is out of range; it must be in (0, {MAX_NOISE_SCALE:g}]")
-    if "{}" not in prompt and subject not in prompt:
-        raise InvalidRequestError(f"subject {subject!r} does not occur in prompt {prompt!r} (and it has no '{{}}')")
     return TraceArgs(prompt=prompt, subject=subject, target=target, kind=kind, samples=samples,
                      seed=int(request.seed), window=window, noise_scale=noise)
