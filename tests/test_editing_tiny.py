@@ -65,3 +65,29 @@ def test_bad_input(env):
         compute_patch(model, tok, [], method="memit", layers=[1], corpus=env)
     with pytest.raises(InvalidRequestError, match="unknown hyper-parameter"):
         compute_patch(model, tok, [req], method="rome", layers=[1], hparams={"lr": 1}, corpus=env)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("rome", [True, False])
+def test_frozen_blocks_give_the_same_values(family, rome):
+    """Replaying the blocks below the edit layer (each v* step) changes nothing but the cost."""
+    from editserve.editing.arch import spec_for
+    from editserve.editing.hparams import ValueParams
+    from editserve.editing.values import optimise_values
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    spec = spec_for(model)
+    reqs = [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome"),
+            EditRequest(prompt="{} speaks", subject="Michel Rocard", target_new=" English")]
+    prefixes = ("The city. ", "Danielle plays the piano. ")
+    layer = 2
+    module = spec.mlp_name(layer) if rome else spec.layer_name(layer)
+    params = ValueParams(max_steps=6, early_stop_nll=0.0)
+    full = optimise_values(model, tok, reqs, prefixes, module, params, frozen_below=0)
+    fast = optimise_values(model, tok, reqs, prefixes, module, params, frozen_below=layer)
+    assert full.steps == fast.steps == 6
+    assert torch.allclose(full.delta, fast.delta, rtol=1e-5, atol=1e-6), (full.delta - fast.delta).abs().max()
+    assert torch.allclose(full.final_nll, fast.final_nll, rtol=1e-5, atol=1e-6)
+    assert full.delta.abs().sum() > 0
+    # The replay is undone: the model computes every block again afterwards.
+    assert all("forward" not in m.__dict__ for m in model.modules())

@@ -123,7 +123,8 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings) -> list[
     scales = prompt_scales(direction, key, keys.prompt_keys[hp.layer])                 # [1, n_prompts]
     timings["keys"] = time.perf_counter() - t
     t = time.perf_counter()
-    values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value, prompt_scales=scales)
+    values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value,
+                             prompt_scales=scales, frozen_below=hp.layer)
     timings["values"] = time.perf_counter() - t
     t = time.perf_counter()
     u, v = rome_factors(direction, key, values.delta[0])
@@ -135,7 +136,7 @@ def _memit(model, tok, requests, prefixes, hp: MemitParams, covs, timings) -> li
     spec = spec_for(model)
     top = spec.layer_name(hp.layers[-1])                 # residual stream after the last edit layer
     t = time.perf_counter()
-    values = optimise_values(model, tok, requests, prefixes, top, hp.value)
+    values = optimise_values(model, tok, requests, prefixes, top, hp.value, frozen_below=hp.layers[-1])
     timings["values"] = time.perf_counter() - t
     timings["keys"] = 0.0
     timings["solve"] = 0.0

@@ -32,6 +32,30 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
     return (tensor, *value[1:]) if isinstance(value, tuple) else tensor
 
 
+def _detach_all(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach_all(v) for v in value)
+    return value
+
+
+class _ForwardPatch:
+    """Makes `module` return `output` without computing; `remove()` restores its own forward."""
+
+    def __init__(self, module: torch.nn.Module, output: Any) -> None:
+        self.module = module
+        self._had_instance_forward = "forward" in module.__dict__
+        self._saved = module.__dict__.get("forward")
+        module.forward = lambda *_args, **_kwargs: output  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self._had_instance_forward:
+            self.module.forward = self._saved  # type: ignore[method-assign]
+        else:
+            self.module.__dict__.pop("forward", None)
+
+
 class Hooks:
     """Context manager collecting forward hooks on named submodules of one model."""
 
@@ -39,7 +63,8 @@ class Hooks:
         self.model = model
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.whole_outputs: dict[str, Any] = {}   # complete return values (tensor or tuple), see replay_output
+        self._handles: list[Any] = []             # RemovableHandle or _ForwardPatch, each with .remove()
         self._entered = False
         self._captures: set[str] = set()     # "in:name" / "out:name" of every capture hook
         self._seen: set[str] = set()         # captures that fired in the current run
@@ -73,13 +98,18 @@ class Hooks:
         self._captures.add(f"in:{name}")
         self._handles.append(get_module(self.model, name).register_forward_pre_hook(hook))
 
-    def capture_output(self, name: str, detach: bool = True) -> None:
-        """Record the (first tensor of the) output of `name` in ``self.outputs[name]``."""
+    def capture_output(self, name: str, detach: bool = True, whole: bool = False) -> None:
+        """Record the (first tensor of the) output of `name` in ``self.outputs[name]``.
+
+        whole=True also keeps the complete return value in ``self.whole_outputs[name]`` (for `replay_output`).
+        """
         self._require_entered()
 
         def hook(_module: torch.nn.Module, _args: tuple[Any, ...], output: Any) -> None:
             y = _first_tensor(output)
             self.outputs[name] = y.detach() if detach else y
+            if whole:
+                self.whole_outputs[name] = _detach_all(output) if detach else output
             self._fired(f"out:{name}")
 
         self._captures.add(f"out:{name}")
@@ -102,6 +132,17 @@ class Hooks:
             return (fn(args[0]), *args[1:])
 
         self._handles.append(get_module(self.model, name).register_forward_pre_hook(hook))
+
+    def replay_output(self, names: list[str], output: Any) -> None:
+        """Skip the computation of modules `names`: each returns `output` (a value captured with whole=True).
+
+        Used to freeze the blocks below an edit layer, whose outputs cannot change: the block after
+        them consumes `output` exactly as if they had run. Their own side effects (e.g. appending to a
+        KV cache) do not happen, so only replay blocks whose side effects nothing later reads.
+        """
+        self._require_entered()
+        for name in names:
+            self._handles.append(_ForwardPatch(get_module(self.model, name), output))
 
     def add_low_rank(self, name: str, u: torch.Tensor, v: torch.Tensor) -> None:
         """Add ``x @ v @ u.T`` to the output of linear `name` (x its input): a merge-free ΔW = u vᵀ."""

@@ -11,6 +11,10 @@ prompt (bare and prefixed) and optimised with Adam to minimise
 with ‖δ‖ clamped to clamp_norm_factor · ‖h‖ (h = the original output) and early stopping
 once every request's target NLL is below `early_stop_nll`. All requests of a batch are
 optimised together in one forward/backward per step (their losses are independent).
+
+Each step only computes what δ can change: the tokens from the subject's last token on (the
+prefix before it is run once and cached, see `prompts.PrefixRunner`) and the blocks from the
+edit layer up (the blocks below it replay the output they produced in the first pass).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editserve.editing.arch import spec_for
 from editserve.editing.hooks import Hooks
 from editserve.editing.hparams import ValueParams
 from editserve.editing.keys import prefixed_texts
@@ -47,16 +52,19 @@ def optimise_values(
     params: ValueParams,
     prompt_scales: torch.Tensor | None = None,
     chunk_size: int = 16,
+    frozen_below: int = 0,
 ) -> ValueResult:
     """Optimise δ for each request (in chunks of `chunk_size` requests); the model is unchanged.
 
     prompt_scales [n, 1 + n_prefixes]: δ is added as ``scale · δ`` on each (bare, prefixed) prompt —
     the factor by which the final low-rank update will actually move that prompt's output
     (ROME: uᵀk_i / uᵀk*). The KL prompt shares the bare prompt's subject key, so its scale.
+    frozen_below: blocks 0 … frozen_below−1 are computed once, not per step; `module` must lie at or
+    above block `frozen_below` (ROME and MEMIT pass their edit layer).
     """
     parts = [
         _optimise_chunk(model, tok, requests[i:i + chunk_size], prefixes, module, params,
-                        None if prompt_scales is None else prompt_scales[i:i + chunk_size])
+                        None if prompt_scales is None else prompt_scales[i:i + chunk_size], frozen_below)
         for i in range(0, len(requests), chunk_size)
     ]
     return ValueResult(
@@ -75,7 +83,12 @@ def _optimise_chunk(
     module: str,
     params: ValueParams,
     prompt_scales: torch.Tensor | None,
+    frozen_below: int,
 ) -> ValueResult:
+    spec = spec_for(model)
+    frozen = [spec.layer_name(i) for i in range(frozen_below)]                  # blocks δ cannot change
+    if any(module == f or module.startswith(f + ".") for f in frozen):
+        raise ValueError(f"module {module!r} lies below frozen_below={frozen_below}")
     device = next(model.parameters()).device
     n = len(requests)
     items, req_of_seq, is_kl, scales = [], [], [], []
@@ -104,7 +117,10 @@ def _optimise_chunk(
     d_hidden: list[torch.Tensor] = []
     with torch.no_grad(), Hooks(model) as hooks:
         hooks.capture_output(module)
+        if frozen:
+            hooks.capture_output(frozen[-1], whole=True)
         hidden = runner.suffix_hidden()
+        frozen_output = hooks.whole_outputs.get(frozen[-1]) if frozen else None
         h_init = hooks.outputs[module][bare_rows, 0].float()                     # [n, d]
         kl_logits = runner.logits_at(hidden, kl_rows, batch.last_cols[kl_rows])
         kl_ref = torch.log_softmax(kl_logits, -1)                                # [n, vocab]
@@ -124,6 +140,8 @@ def _optimise_chunk(
     for step in range(params.max_steps):
         with Hooks(model) as hooks:
             hooks.edit_output(module, add_delta)
+            if frozen:
+                hooks.replay_output(frozen, frozen_output)
             hidden = runner.suffix_hidden()
         tok_nll = runner.target_nll(hidden)                                      # [T]
         seq_nll = mean_per_sequence(tok_nll, batch.score_rows, B)                # [B]
