@@ -3,6 +3,8 @@ the model is untouched by computing, the patch hits its target, typed errors on 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,3 +93,41 @@ def test_frozen_blocks_give_the_same_values(family, rome):
     assert full.delta.abs().sum() > 0
     # The replay is undone: the model computes every block again afterwards.
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_values_match_single_requests(family, monkeypatch):
+    """In a batch each request's δ is what it would be alone, also after converged requests
+    have left the batch (it is rebuilt without them)."""
+    from editserve.editing.arch import spec_for
+    from editserve.editing.hparams import ValueParams
+    from editserve.editing.values import optimise_values
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    module = spec_for(model).mlp_name(1)
+    reqs = [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome"),
+            EditRequest(prompt="{} speaks", subject="Michel Rocard", target_new=" English"),
+            EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new=" piano")]
+    prefixes = ("The city. ", "Danielle plays the piano. ")
+    free = ValueParams(max_steps=30, lr=0.5, early_stop_nll=0.0, kl_factor=0.0, clamp_norm_factor=1e4, weight_decay=0.0)
+    reached = sorted(optimise_values(model, tok, [r], prefixes, module, free, frozen_below=1).final_nll.item() for r in reqs)
+    # Stop between the lowest and the highest NLL reached: some requests converge early, one never does.
+    params = dataclasses.replace(free, early_stop_nll=(reached[0] + reached[-1]) / 2)
+    alone = [optimise_values(model, tok, [r], prefixes, module, params, frozen_below=1) for r in reqs]
+    from editserve.editing import values
+
+    built = []
+    real_build = values._build_prompts
+    monkeypatch.setattr(values, "_build_prompts", lambda *a: built.append(list(a[3])) or real_build(*a))
+    together = optimise_values(model, tok, reqs, prefixes, module, params, frozen_below=1)
+    assert len(built) > 1 and len(built[-1]) < len(reqs), f"the batch was never rebuilt: {built}"
+    steps = [a.steps for a in alone]
+    assert len(set(steps)) > 1 and max(steps) == 30, f"requests must converge at different steps to test the rebuild, got {steps}"
+    assert together.steps == max(steps)
+    # Chunks of 2 are formed by suffix length ([1, 2], then [0]); results come back in request order.
+    chunked = optimise_values(model, tok, reqs, prefixes, module, params, frozen_below=1, chunk_size=2)
+    for res in (together, chunked):
+        for i, a in enumerate(alone):
+            assert torch.allclose(res.delta[i], a.delta[0], rtol=1e-4, atol=1e-5), (i, (res.delta[i] - a.delta[0]).abs().max())
+            assert torch.allclose(res.final_nll[i], a.final_nll[0], rtol=1e-4, atol=1e-5)
+            assert torch.allclose(res.init_output[i], a.init_output[0], rtol=1e-5, atol=1e-6)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from editserve.editing.arch import spec_for
 from editserve.editing.hooks import Hooks
 from editserve.editing.hparams import ValueParams
 from editserve.editing.keys import prefixed_texts
-from editserve.editing.prompts import PrefixRunner, mean_per_sequence, split_batch, target_ids
+from editserve.editing.prompts import PrefixRunner, SplitBatch, mean_per_sequence, split_batch, target_ids
 from editserve.editing.requests import EditRequest
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,79 @@ def optimise_values(
     frozen_below: blocks 0 … frozen_below−1 are computed once, not per step; `module` must lie at or
     above block `frozen_below` (ROME and MEMIT pass their edit layer).
     """
-    parts = [
-        _optimise_chunk(model, tok, requests[i:i + chunk_size], prefixes, module, params,
-                        None if prompt_scales is None else prompt_scales[i:i + chunk_size], frozen_below)
-        for i in range(0, len(requests), chunk_size)
-    ]
+    # Chunks of requests with similar suffix lengths pad less.
+    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tok, requests[i]))
+    parts = []
+    for i in range(0, len(requests), chunk_size):
+        idx = order[i:i + chunk_size]
+        parts.append(_optimise_chunk(model, tok, [requests[j] for j in idx], prefixes, module, params,
+                                     None if prompt_scales is None else prompt_scales[idx], frozen_below))
+    back = torch.argsort(torch.tensor(order))                                     # sorted position of each request
     return ValueResult(
-        delta=torch.cat([p.delta for p in parts]),
-        init_output=torch.cat([p.init_output for p in parts]),
+        delta=torch.cat([p.delta for p in parts])[back],
+        init_output=torch.cat([p.init_output for p in parts])[back],
         steps=max(p.steps for p in parts),
-        final_nll=torch.cat([p.final_nll for p in parts]),
+        final_nll=torch.cat([p.final_nll for p in parts])[back],
+    )
+
+
+def _suffix_tokens(tok: object, req: EditRequest) -> int:
+    """About how many tokens a step runs per prompt of `req`: prompt after the subject + target."""
+    after = req.prompt[req.prompt.index("{}") + 2:]
+    return len(tok(after, add_special_tokens=False)["input_ids"]) + len(target_ids(tok, req.target_new))  # type: ignore[operator]
+
+
+@dataclass
+class _Prompts:
+    """The prompts of some requests of a chunk, split at the subject and with their prefixes cached.
+
+    B sequences: for each included request its bare and prefixed rewrite prompts, then one KL
+    prompt per included request (in `reqs` order).
+    """
+
+    reqs: torch.Tensor           # [m] chunk index of each included request
+    batch: SplitBatch
+    runner: PrefixRunner
+    req_of_seq: torch.Tensor     # [B] chunk index of each sequence's request
+    scale: torch.Tensor          # [B, 1] factor on δ per sequence
+    rewrite_seq: torch.Tensor    # [R] sequence indices of the rewrite prompts
+    kl_seq: torch.Tensor         # [m] sequence index of each included request's KL prompt
+    bare_seq: torch.Tensor       # [m] sequence index of each included request's bare prompt
+    frozen_output: Any = None    # output of the last frozen block on this batch (see Hooks.replay_output)
+
+
+def _build_prompts(
+    model: torch.nn.Module,
+    tok: object,
+    requests: Sequence[EditRequest],
+    include: Sequence[int],
+    prefixes: Sequence[str],
+    params: ValueParams,
+    prompt_scales: torch.Tensor | None,
+) -> _Prompts:
+    device = next(model.parameters()).device
+    items, req_of_seq, scales, bare_seq = [], [], [], []
+    for r in include:
+        req = requests[r]
+        tgt = target_ids(tok, req.target_new)
+        bare_seq.append(len(items))
+        for j, (text, end) in enumerate(prefixed_texts(req, prefixes)):
+            items.append((text, end, tgt))
+            req_of_seq.append(r)
+            scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, j]))
+    n_rewrite = len(items)
+    for r in include:  # one KL prompt per request, after the rewrites; it shares the bare prompt's key
+        items.append((params.kl_prompt.format(requests[r].subject), params.kl_prompt.index("{}") + len(requests[r].subject), []))
+        req_of_seq.append(r)
+        scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, 0]))
+    batch = split_batch(tok, items, tok.pad_token_id).to(device)  # type: ignore[attr-defined]
+    return _Prompts(
+        reqs=torch.tensor(list(include), device=device), batch=batch, runner=PrefixRunner(model, batch),
+        req_of_seq=torch.tensor(req_of_seq, device=device),
+        scale=torch.tensor(scales, device=device)[:, None],
+        rewrite_seq=torch.arange(n_rewrite, device=device),
+        kl_seq=torch.arange(n_rewrite, len(items), device=device),
+        bare_seq=torch.tensor(bare_seq, device=device),
     )
 
 
@@ -85,83 +149,78 @@ def _optimise_chunk(
     prompt_scales: torch.Tensor | None,
     frozen_below: int,
 ) -> ValueResult:
+    """Optimise δ for `requests` together; converged requests leave the batch (it is rebuilt
+    without them once a quarter of its requests have converged), so each step only computes
+    the requests still optimising."""
     spec = spec_for(model)
     frozen = [spec.layer_name(i) for i in range(frozen_below)]                  # blocks δ cannot change
     if any(module == f or module.startswith(f + ".") for f in frozen):
         raise ValueError(f"module {module!r} lies below frozen_below={frozen_below}")
     device = next(model.parameters()).device
     n = len(requests)
-    items, req_of_seq, is_kl, scales = [], [], [], []
-    for r, req in enumerate(requests):
-        tgt = target_ids(tok, req.target_new)
-        for j, (text, end) in enumerate(prefixed_texts(req, prefixes)):
-            items.append((text, end, tgt))
-            req_of_seq.append(r)
-            is_kl.append(False)
-            scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, j]))
-    for r, req in enumerate(requests):  # one KL prompt per request, appended after the rewrites
-        kl_text = params.kl_prompt.format(req.subject)
-        items.append((kl_text, params.kl_prompt.index("{}") + len(req.subject), []))
-        req_of_seq.append(r)
-        is_kl.append(True)
-        scales.append(1.0 if prompt_scales is None else float(prompt_scales[r, 0]))
-    batch = split_batch(tok, items, tok.pad_token_id).to(device)  # type: ignore[attr-defined]
-    B = len(items)
-    req_of_seq_t = torch.tensor(req_of_seq, device=device)
-    scale_t = torch.tensor(scales, device=device)[:, None]                      # [B, 1]
-    kl_rows = torch.nonzero(torch.tensor(is_kl, device=device))[:, 0]          # [n]
-    rewrite = ~torch.tensor(is_kl, device=device)
-    bare_rows = torch.tensor([i for i, (r, k) in enumerate(zip(req_of_seq, is_kl)) if not k and (i == 0 or req_of_seq[i - 1] != r)], device=device)
-    runner = PrefixRunner(model, batch)
 
-    d_hidden: list[torch.Tensor] = []
-    with torch.no_grad(), Hooks(model) as hooks:
-        hooks.capture_output(module)
-        if frozen:
-            hooks.capture_output(frozen[-1], whole=True)
-        hidden = runner.suffix_hidden()
-        frozen_output = hooks.whole_outputs.get(frozen[-1]) if frozen else None
-        h_init = hooks.outputs[module][bare_rows, 0].float()                     # [n, d]
-        kl_logits = runner.logits_at(hidden, kl_rows, batch.last_cols[kl_rows])
-        kl_ref = torch.log_softmax(kl_logits, -1)                                # [n, vocab]
+    def prepare(include: Sequence[int]) -> tuple[_Prompts, torch.Tensor, torch.Tensor]:
+        """Prompts of `include`, with the unedited output of `module` at their bare prompts and
+        the log-probabilities after their KL prompts; captures the frozen blocks' output."""
+        P = _build_prompts(model, tok, requests, include, prefixes, params, prompt_scales)
+        with torch.no_grad(), Hooks(model) as hooks:
+            hooks.capture_output(module)
+            if frozen:
+                hooks.capture_output(frozen[-1], whole=True)
+            hidden = P.runner.suffix_hidden()
+        P.frozen_output = hooks.whole_outputs.get(frozen[-1]) if frozen else None
+        h = hooks.outputs[module][P.bare_seq, 0].float()                          # [m, d]
+        with torch.no_grad():
+            kl_ref = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)
+        return P, h, kl_ref
+
+    P, h_init, kl_ref = prepare(range(n))                                          # h_init [n, d], kl_ref [n, vocab]
     d = h_init.shape[-1]
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
     max_norm = params.clamp_norm_factor * h_init.norm(dim=-1)                   # [n]
     init_sq = (h_init.norm(dim=-1) ** 2).clamp(min=1e-12)
-    rewrite_seq = torch.nonzero(rewrite)[:, 0]
     nll = torch.full((n,), float("inf"), device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = 0
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        rows = (delta[req_of_seq_t] * scale_t).to(out.dtype)                     # [B, d]
+        rows = (delta[P.req_of_seq] * P.scale).to(out.dtype)                     # [B, d]
         return torch.cat([out[:, :1] + rows[:, None, :], out[:, 1:]], dim=1)
 
     for step in range(params.max_steps):
+        active = torch.nonzero(~done)[:, 0]
+        if 0 < len(active) <= 0.75 * len(P.reqs):
+            P, _, _ = prepare(active.tolist())
         with Hooks(model) as hooks:
             hooks.edit_output(module, add_delta)
             if frozen:
-                hooks.replay_output(frozen, frozen_output)
-            hidden = runner.suffix_hidden()
-        tok_nll = runner.target_nll(hidden)                                      # [T]
-        seq_nll = mean_per_sequence(tok_nll, batch.score_rows, B)                # [B]
-        per_req = torch.zeros(n, device=device).index_add(0, req_of_seq_t[rewrite_seq], seq_nll[rewrite_seq])
-        per_req = per_req / torch.bincount(req_of_seq_t[rewrite_seq], minlength=n).clamp(min=1)
-        nll = per_req.detach()
+                hooks.replay_output(frozen, P.frozen_output)
+            hidden = P.runner.suffix_hidden()
+        tok_nll = P.runner.target_nll(hidden)                                      # [T]
+        seq_nll = mean_per_sequence(tok_nll, P.batch.score_rows, len(P.req_of_seq))  # [B]
+        rw = P.req_of_seq[P.rewrite_seq]
+        per_req = torch.zeros(n, device=device).index_add(0, rw, seq_nll[P.rewrite_seq])
+        per_req = per_req / torch.bincount(rw, minlength=n).clamp(min=1)         # [n], 0 outside P.reqs
+        nll[P.reqs] = per_req[P.reqs].detach()
         steps = step + 1
-        if bool((nll < params.early_stop_nll).all()):
+        done = done | (nll < params.early_stop_nll)
+        if bool(done.all()):
             break
-        kl_now = torch.log_softmax(runner.logits_at(hidden, kl_rows, batch.last_cols[kl_rows]), -1)
-        kl = torch.nn.functional.kl_div(kl_now, kl_ref, log_target=True, reduction="none").sum(-1)  # [n]
+        kl_now = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)
+        kl = torch.zeros(n, device=device).index_add(
+            0, P.reqs, torch.nn.functional.kl_div(kl_now, kl_ref[P.reqs], log_target=True, reduction="none").sum(-1))
         decay = (delta.norm(dim=-1) ** 2) / init_sq
-        loss = (per_req + params.kl_factor * kl + params.weight_decay * decay)
-        done = (nll < params.early_stop_nll).float()                             # freeze converged requests
+        loss = per_req + params.kl_factor * kl + params.weight_decay * decay     # [n]
+        train = torch.zeros(n, dtype=torch.bool, device=device)
+        train[P.reqs] = True
+        train &= ~done                                                           # converged requests are frozen
         opt.zero_grad()
-        (loss * (1 - done)).sum().backward()
+        (loss * train.float()).sum().backward()
         before = delta.detach().clone()
         opt.step()
         with torch.no_grad():
-            delta[done.bool()] = before[done.bool()]  # Adam momentum must not move converged requests
+            delta[~train] = before[~train]  # Adam momentum must not move frozen requests
             norms = delta.norm(dim=-1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
             delta.mul_(scale[:, None])
