@@ -131,3 +131,38 @@ def test_batched_values_match_single_requests(family, monkeypatch):
             assert torch.allclose(res.delta[i], a.delta[0], rtol=1e-4, atol=1e-5), (i, (res.delta[i] - a.delta[0]).abs().max())
             assert torch.allclose(res.final_nll[i], a.final_nll[0], rtol=1e-4, atol=1e-5)
             assert torch.allclose(res.init_output[i], a.init_output[0], rtol=1e-5, atol=1e-6)
+
+
+def test_memit_factors_solve_the_least_squares_problem():
+    """ΔW = U Vᵀ minimises Σ_i w_i‖ΔW k_i − r_i‖² + λ tr(ΔW C ΔWᵀ): its gradient vanishes, for mean keys
+    and for per-prompt keys (weights 1/m); with one prompt per request both modes agree."""
+    from editserve.editing.memit import memit_factors
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n, m, lam = 12, 7, 3, 4, 2.5
+    x = torch.randn(50, d_in, generator=g, dtype=torch.float64)
+    cov = x.T @ x / 50                                               # [d_in, d_in]
+    pk = torch.randn(n, m, d_in, generator=g, dtype=torch.float64)   # per-prompt keys
+    keys = pk.mean(1)                                                # [n, d_in]
+    resid = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    for prompt_keys in (None, pk):
+        u, v = memit_factors(cov, keys, resid, lam, prompt_keys)
+        assert u.shape == (d_out, n) and v.shape == (d_in, n) and u.dtype == torch.float32
+        dw = u.double() @ v.double().T                                # [d_out, d_in]
+        ks = keys[:, None, :] if prompt_keys is None else prompt_keys  # [n, m', d_in]
+        w = 1.0 / ks.shape[1]
+        err = torch.einsum("oi,nmi->nmo", dw, ks) - resid[:, None, :]  # [n, m', d_out]
+        grad = w * torch.einsum("nmo,nmi->oi", err, ks) + lam * dw @ cov
+        assert grad.abs().max() < 1e-5, grad.abs().max()
+    one = pk[:, :1]
+    a = memit_factors(cov, one[:, 0], resid, lam)
+    b = memit_factors(cov, one[:, 0], resid, lam, one)
+    assert torch.allclose(a[1], b[1], rtol=1e-5, atol=1e-6)
+
+
+def test_memit_keys_mode_is_checked():
+    from editserve.editing.hparams import load_hparams
+
+    assert load_hparams("memit", ["llama"], {"keys": "per_prompt"}).keys == "per_prompt"
+    with pytest.raises(InvalidRequestError, match="'median'"):
+        load_hparams("memit", ["llama"], {"keys": "median"})

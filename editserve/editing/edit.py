@@ -156,7 +156,8 @@ def _memit(model, tok, requests, prefixes, hp: MemitParams, covs, timings) -> li
         if z0 is None:
             z0 = cur
         resid = (z0 + values.delta - cur) / (len(hp.layers) - i)
-        u, v = memit_factors(covs[layer], res.keys[layer], resid, hp.cov_weight)
+        u, v = memit_factors(covs[layer], res.keys[layer], resid, hp.cov_weight,
+                             res.prompt_keys[layer] if hp.keys == "per_prompt" else None)
         deltas.append(WeightDelta(name=spec.weight_name(layer), layer=layer, u=u, v=v))
         timings["solve"] += time.perf_counter() - t
     return deltas

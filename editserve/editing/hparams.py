@@ -63,9 +63,14 @@ class RomeParams:
 class MemitParams:
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
     cov_weight: float = 1500.0     # λ in Δ = R Kᵀ (λC + KKᵀ)⁻¹
+    keys: str = "mean"             # "mean": K = prefix-averaged keys; "per_prompt": KKᵀ over every prompt (memit.py)
     value: ValueParams = ValueParams()
     prefixes: PrefixParams = PrefixParams()
     stats: StatsParams = StatsParams()
+
+    def __post_init__(self) -> None:
+        if self.keys not in ("mean", "per_prompt"):
+            raise InvalidRequestError(f"unknown MEMIT keys mode {self.keys!r}; choose 'mean' or 'per_prompt'")
 
 
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}

@@ -7,6 +7,14 @@ left:
 
     ΔW_l = R Kᵀ (λ C_l + K Kᵀ)⁻¹      solved in float64
          = U Vᵀ with U = R, V = (λ C_l + K Kᵀ)⁻¹ K     (rank ≤ n)
+
+`keys="per_prompt"` fits every prompt's key (bare and each prefixed copy, m per request) instead
+of their mean, each with weight 1/m, all asked for the request's residual:
+
+    ΔW_l = Σ_r R_r (1/m Σ_j k_rj)ᵀ A⁻¹,   A = λ C_l + 1/m Σ_rj k_rj k_rjᵀ
+         = U Vᵀ with U = R, V_r = A⁻¹ k̄_r                (still rank ≤ n)
+
+so only A changes: it sees the spread of each request's keys over contexts, not only their mean.
 """
 
 from __future__ import annotations
@@ -14,14 +22,21 @@ from __future__ import annotations
 import torch
 
 
-def memit_factors(cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def memit_factors(cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float,
+                  prompt_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R Kᵀ(λC + KKᵀ)⁻¹.
 
-    cov [d_in, d_in], keys [n, d_in], resid [n, d_out].
+    cov [d_in, d_in], keys [n, d_in] (the mean over each request's prompts), resid [n, d_out].
+    prompt_keys [n, m, d_in]: when given, A = λC + mean over prompts of k kᵀ (see module docs).
     """
     c = cov.to(torch.float64)
     k = keys.to(torch.float64).T                   # [d_in, n]
-    a = cov_weight * c + k @ k.T                   # [d_in, d_in], symmetric positive definite
+    if prompt_keys is None:
+        second = k @ k.T                           # [d_in, d_in]
+    else:
+        pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])  # [n·m, d_in]
+        second = pk.T @ pk / prompt_keys.shape[1]
+    a = cov_weight * c + second                    # [d_in, d_in], symmetric positive definite
     v = torch.linalg.solve(a, k)                   # [d_in, n]
     u = resid.to(torch.float64).T                  # [d_out, n]
     return u.float(), v.float()
