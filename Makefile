@@ -56,6 +56,7 @@ eval: venv
 	mkdir -p bench/results
 	$(BIN)/editserve eval --method rome --records 200 --out bench/results/eval_rome200.json
 	$(BIN)/editserve eval --method memit --records 100 --batch 100 --out bench/results/eval_memit100.json
+	$(BIN)/editserve eval --method memit --records 40 --batch 40 --out bench/results/eval_memit40.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

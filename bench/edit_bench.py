@@ -4,8 +4,8 @@
 
 For ROME (single edits) and MEMIT batches of 1, 10 and 100 CounterFact requests: seconds per
 edit split into keys / values / solve, and the peak resident memory of the process that ran
-them. Covariance statistics are timed separately on a cold cache (tokens/s). Each
-configuration runs in its own process so peak memory is its own.
+them. Covariance statistics for the default ROME and MEMIT layers are timed separately on a
+cold cache (tokens/s). Each configuration runs in its own process so peak memory is its own.
 """
 
 from __future__ import annotations
@@ -85,13 +85,17 @@ def main() -> int:
     from editserve.config import home
     from editserve.editing.model import embedded_checkpoint
 
-    embedded_checkpoint()
+    from editserve.editing.hparams import load_hparams
+
+    ckpt = embedded_checkpoint()
+    names = [ckpt.name.lower(), "llama"]  # the hyper-parameter files compute_patch uses for it
+    stat_layers = [list(load_hparams("rome", names).layers), list(load_hparams("memit", names).layers)]
     rows = [_run(_edits, "rome", 1, args.rome_edits)]
     for b in [int(x) for x in args.memit_batches.split(",") if x]:
         rows.append(_run(_edits, "memit", b, b))
     # cold covariance statistics: each run gets a scratch home sharing the converted model and corpus
     stats = []
-    for layers in ([5], [3, 4, 5, 6, 7]):
+    for layers in stat_layers:
         scratch = tempfile.mkdtemp(prefix="editserve-bench-")
         for sub in ("models", "corpora"):
             os.symlink(home() / sub, Path(scratch) / sub)
