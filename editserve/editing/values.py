@@ -159,9 +159,9 @@ def _optimise_chunk(
     device = next(model.parameters()).device
     n = len(requests)
 
-    def prepare(include: Sequence[int]) -> tuple[_Prompts, torch.Tensor, torch.Tensor]:
-        """Prompts of `include`, with the unedited output of `module` at their bare prompts and
-        the log-probabilities after their KL prompts; captures the frozen blocks' output."""
+    def prepare(include: Sequence[int]) -> tuple[_Prompts, Hooks, torch.Tensor]:
+        """Prompts of `include` after one unedited pass, which captured the frozen blocks' output
+        and `module`'s output; returns them with that pass's hooks and final hidden states."""
         P = _build_prompts(model, tok, requests, include, prefixes, params, prompt_scales)
         with torch.no_grad(), Hooks(model) as hooks:
             hooks.capture_output(module)
@@ -169,12 +169,12 @@ def _optimise_chunk(
                 hooks.capture_output(frozen[-1], whole=True)
             hidden = P.runner.suffix_hidden()
         P.frozen_output = hooks.whole_outputs.get(frozen[-1]) if frozen else None
-        h = hooks.outputs[module][P.bare_seq, 0].float()                          # [m, d]
-        with torch.no_grad():
-            kl_ref = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)
-        return P, h, kl_ref
+        return P, hooks, hidden
 
-    P, h_init, kl_ref = prepare(range(n))                                          # h_init [n, d], kl_ref [n, vocab]
+    P, first, hidden = prepare(range(n))
+    h_init = first.outputs[module][P.bare_seq, 0].float()                         # [n, d] unedited output
+    with torch.no_grad():
+        kl_ref = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)  # [n, vocab]
     d = h_init.shape[-1]
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
@@ -191,7 +191,7 @@ def _optimise_chunk(
     for step in range(params.max_steps):
         active = torch.nonzero(~done)[:, 0]
         if 0 < len(active) <= 0.75 * len(P.reqs):
-            P, _, _ = prepare(active.tolist())
+            P, _, _ = prepare(active.tolist())                                 # the references stay as they are
         with Hooks(model) as hooks:
             hooks.edit_output(module, add_delta)
             if frozen:
