@@ -37,3 +37,14 @@ class ParityError(EngineError, RuntimeError):
 
 class PluginSetupError(EngineError, RuntimeError):
     """The engine was not started with the editserve plugin in place (e.g. packed CPU weights)."""
+
+
+class SidecarTimeout(SidecarError):
+    """A sidecar call (compute, probe, trace, sync) ran past its deadline. The sidecar process
+    was killed (a restart follows) and nothing was committed; the version lock is released.
+    Maps to gRPC DEADLINE_EXCEEDED and HTTP 504."""
+
+    def __init__(self, message: str, call: str = "", timeout_s: float | None = None) -> None:
+        super().__init__(message)
+        self.call = call
+        self.timeout_s = timeout_s
