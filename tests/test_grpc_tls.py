@@ -31,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 from editserve.cli import main as cli_main  # noqa: E402
 from editserve.client import ControlError, EditClient  # noqa: E402
 from editserve.control.auth import TLSConfig, TokenTable  # noqa: E402
+from editserve.control.operations import Operations  # noqa: E402
 from editserve.control.server import maybe_start, start_server  # noqa: E402
 from editserve.engine.control import ControlPlane, ControlSettings  # noqa: E402
 from editserve.ledger import Ledger  # noqa: E402
@@ -149,11 +150,16 @@ class LoopbackServer:
     def start(self, tls: TLSConfig | None) -> "LoopbackServer":
         tokens = TokenTable()
         tokens.add(VIEWER, "viewer", "tls-viewer")
-        self.server = self.run(start_server(self.control, self.target, tokens, tls))
+        self.server = self.run(start_server(Operations(self.control, tokens), self.target, tls))
         return self
 
     def start_from_env(self, env: dict[str, str]) -> "LoopbackServer":
         self.server = self.run(maybe_start(self.control, {"EDITSERVE_GRPC_ADDR": self.target, **env}))
+        return self
+
+    def start_on(self, addr: str, env: dict[str, str]) -> "LoopbackServer":
+        """maybe_start on `addr` (the test then reaches it on 127.0.0.1 at the same port)."""
+        self.server = self.run(maybe_start(self.control, {"EDITSERVE_GRPC_ADDR": addr, **env}))
         return self
 
     def stop(self) -> None:
@@ -256,3 +262,58 @@ def test_tls_config_needs_cert_and_key() -> None:
     cfg = TLSConfig.from_env({"EDITSERVE_GRPC_TLS_CERT": "/c", "EDITSERVE_GRPC_TLS_KEY": "/k",
                               "EDITSERVE_GRPC_TLS_CLIENT_CA": "/ca"})
     assert cfg == TLSConfig(cert="/c", key="/k", client_ca="/ca")
+
+
+# ------------------------------------------------------------------------------ secure defaults
+
+
+def test_default_address_is_loopback_and_always_on() -> None:
+    from editserve.control.server import DEFAULT_ADDR, GrpcSettings, is_loopback
+
+    assert DEFAULT_ADDR == "127.0.0.1:50051" and GrpcSettings.from_env({}).addr == DEFAULT_ADDR
+    assert GrpcSettings.from_env({"EDITSERVE_GRPC_ADDR": "off"}).addr is None
+    assert all(is_loopback(a) for a in ("127.0.0.1:1", "localhost:1", "[::1]:1", "unix:/tmp/x", "127.1.2.3:5"))
+    assert not any(is_loopback(a) for a in ("0.0.0.0:1", "[::]:1", "10.0.0.1:1", "example.com:1", "editserve:50051"))
+
+
+def test_plaintext_on_a_non_loopback_address_is_refused(loopback: LoopbackServer, tmp_path: Path) -> None:
+    from editserve.control.server import GrpcSettings, InsecureAddress
+
+    port = _free_port()
+    env = {"EDITSERVE_CONTROL_TOKEN": VIEWER + "-admin", "EDITSERVE_HOME": str(tmp_path)}
+    for addr in (f"0.0.0.0:{port}", f"[::]:{port}"):
+        with pytest.raises(InsecureAddress, match="--insecure"):
+            loopback.start_on(addr, env)
+        with pytest.raises(InsecureAddress):
+            GrpcSettings.from_env({"EDITSERVE_GRPC_ADDR": addr})
+    assert loopback.server is None
+    with socket.socket() as s:                       # nothing listens there
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_insecure_opt_in_starts_and_warns(loopback: LoopbackServer, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    port = _free_port()
+    token = "admin-token-insecure-01"
+    with caplog.at_level("WARNING", logger="editserve.control.server"):
+        loopback.start_on(f"0.0.0.0:{port}", {"EDITSERVE_CONTROL_TOKEN": token, "EDITSERVE_GRPC_INSECURE": "1",
+                                              "EDITSERVE_HOME": str(tmp_path)})
+    assert any(r.levelname == "WARNING" and "PLAINTEXT" in r.getMessage() for r in caplog.records)
+    with EditClient(f"127.0.0.1:{port}", token, timeout_s=20) as c:
+        assert c.status().ledger_head == 0
+    assert _refused(target=f"127.0.0.1:{port}", token="").code == "UNAUTHENTICATED"
+
+
+def test_no_token_configured_creates_the_local_admin_token(loopback: LoopbackServer, tmp_path: Path) -> None:
+    from editserve.control.home import local_admin_token, local_tokens_file
+
+    home = tmp_path / "home"
+    loopback.start_from_env({"EDITSERVE_HOME": str(home)})
+    path = local_tokens_file({"EDITSERVE_HOME": str(home)})
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = local_admin_token({"EDITSERVE_HOME": str(home)})
+    assert token and len(token) >= 32
+    with EditClient(loopback.target, token, timeout_s=20) as c:
+        assert c.status().ledger_head == 0
+    assert _refused(target=loopback.target, token="").code == "UNAUTHENTICATED"
+    assert _refused(target=loopback.target, token="not-the-local-token").code == "UNAUTHENTICATED"

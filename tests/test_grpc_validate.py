@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from editserve.control.auth import TokenTable, authenticate
-from editserve.control.errors import PermissionDenied, Unauthenticated, status_code
+from editserve.control.errors import PermissionDenied, Unauthenticated, http_status, status_code
+from editserve.control.principals import GRPC_OPERATIONS, OPERATION_ROLES, TokenTable, authorize, bearer_token
 from editserve.control.gen import pb2
 from editserve.control.validate import edit_args
 from editserve.errors import EditserveError
@@ -63,17 +64,61 @@ def test_tokens_and_roles() -> None:
     t = TokenTable()
     t.add("viewer-token-1", "viewer", "v")
     t.add("admin-token-12", "admin")
-    meta = lambda tok: (("authorization", f"Bearer {tok}"),)  # noqa: E731
-    assert authenticate(t, "/editserve.v1.EditService/Status", meta("viewer-token-1")).name == "v"
+    assert authorize(t, "status", bearer_token("Bearer viewer-token-1")).name == "v"
     with pytest.raises(PermissionDenied):
-        authenticate(t, "/editserve.v1.EditService/Edit", meta("viewer-token-1"))
+        authorize(t, "edit", bearer_token("Bearer viewer-token-1"))
     with pytest.raises(Unauthenticated) as e:
-        authenticate(t, "/editserve.v1.EditService/Status", meta("wrong-token-xx"))
+        authorize(t, "status", bearer_token("Bearer wrong-token-xx"))
     assert "wrong-token" not in str(e.value)
-    admin = authenticate(t, "/editserve.v1.EditService/ImportPatch", meta("admin-token-12"))
-    assert admin.role == "admin" and admin.caller.startswith("grpc:token-") and "admin-token" not in admin.caller
-    with pytest.raises(Unauthenticated):
-        authenticate(t, "/editserve.v1.EditService/Status", ())
+    admin = authorize(t, "import", bearer_token(b"bearer admin-token-12"))
+    assert admin.role == "admin" and admin.caller.startswith("token:token-") and "admin-token" not in admin.caller
+    for header in (None, "Basic abc", "Bearer ", "admin-token-12"):
+        with pytest.raises(Unauthenticated):
+            authorize(t, "status", bearer_token(header))
+    with pytest.raises(PermissionDenied):
+        authorize(t, "no-such-operation", bearer_token("Bearer admin-token-12"))
+
+
+def test_every_rpc_has_an_operation_and_role() -> None:
+    methods = {m.name for m in pb2.DESCRIPTOR.services_by_name["EditService"].methods}
+    assert set(GRPC_OPERATIONS) == methods
+    assert all(OPERATION_ROLES[op] in ("viewer", "editor", "admin") for op in GRPC_OPERATIONS.values())
+
+
+def test_one_status_table_for_both_transports() -> None:
+    from editserve.control.errors import ProbeRejected, RequestTooLarge, TooManyStreams
+    from editserve.engine.errors import SidecarError, SidecarTimeout, SwapFailed
+    from editserve.errors import InvalidRequestError
+    from editserve.ledger.errors import LedgerConflict, VersionNotFound
+
+    cases = [(Unauthenticated("x"), "UNAUTHENTICATED", 401), (PermissionDenied("x"), "PERMISSION_DENIED", 403),
+             (InvalidRequestError("x"), "INVALID_ARGUMENT", 400), (RequestTooLarge("x"), "RESOURCE_EXHAUSTED", 413),
+             (TooManyStreams("x"), "RESOURCE_EXHAUSTED", 429), (VersionNotFound("x"), "NOT_FOUND", 404),
+             (LedgerConflict("x", expected_head=1, actual_head=2), "ABORTED", 409),
+             (ProbeRejected("x"), "FAILED_PRECONDITION", 422), (SidecarTimeout("x"), "DEADLINE_EXCEEDED", 504),
+             (SidecarError("x"), "UNAVAILABLE", 503), (SwapFailed("x"), "UNAVAILABLE", 503),
+             (RuntimeError("x"), "INTERNAL", 500)]
+    for exc, code, http in cases:
+        assert (status_code(exc).name, http_status(exc)) == (code, http), exc
+
+
+def test_hparams_overrides_are_whitelisted_and_bounded() -> None:
+    from editserve.control.limits import hparam_overrides
+
+    ok = hparam_overrides("rome", '{"value": {"max_steps": 10, "lr": 0.5}}')
+    assert ok.nested() == {"value": {"lr": 0.5, "max_steps": 10}} and not ok.needs_admin
+    assert hparam_overrides("memit", '{"stats": {"n_tokens": 5000}}').needs_admin
+    assert hparam_overrides("rome", '{"prefixes": {"n_prefixes": 2}}').needs_admin
+    assert hparam_overrides("memit", '{"cov_weight": 100, "keys": "per_prompt"}').nested() == {
+        "cov_weight": 100.0, "keys": "per_prompt"}
+    assert hparam_overrides("rome", "").nested() is None
+    for text, fragment in (('{"value": {"max_steps": 100000}}', "max_steps=100000"),
+                           ('{"value": {"max_steps": 2.5}}', "integer"), ('{"value": {"lr": "NaN"}}', "number"),
+                           ('{"layer": 3}', "'layer'"), ('{"cov_weight": 10}', "'cov_weight'"),
+                           ('{"value": {"lr": true}}', "number"), ('[1]', "object"), ("{x", "not JSON"),
+                           ('{"stats": {"n_tokens": 1e12}}', "n_tokens"), ('{"keys": "all"}', "keys='all'")):
+        with pytest.raises(EditserveError, match=re.escape(fragment)):
+            hparam_overrides("memit" if "keys\": \"all" in text else "rome", text)
 
 
 class _Terminal(io.StringIO):

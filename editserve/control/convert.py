@@ -65,3 +65,43 @@ def event_to_pb(e: Any) -> Any:
     return pb2.Event(id=e.id, kind=e.kind, version=e.version if e.version is not None else -1,
                      from_version=e.from_version if e.from_version is not None else -1, caller=e.caller, ts=e.ts,
                      details_json=json.dumps(e.details, sort_keys=True, default=str))
+
+
+def local_event_to_pb(e: Any) -> Any:
+    """A server-local `editserve.control.events.Event` (id 0)."""
+    return pb2.Event(id=0, kind=e.kind, operation_id=e.operation_id, caller=e.caller, ts=e.ts, progress=e.progress,
+                     message=e.message, version=e.version, from_version=-1, details_json=e.details_json)
+
+
+def status_to_pb(st: dict[str, Any]) -> Any:
+    """`Operations.status`'s dict as a ``StatusResponse``."""
+    bounds = st["threshold_bounds"]
+    return pb2.StatusResponse(
+        model=st.get("model", ""), family=st.get("family") or "",
+        served_version=st["served_version"] if st["served_version"] is not None else -1,
+        ledger_head=st["ledger_head"] if st["ledger_head"] is not None else -1,
+        sidecar_in_sync=bool(st["sidecar"]["in_sync"]), sidecar_alive=bool(st["sidecar"]["alive"]),
+        active_patches=int(st["active_patches"]), tensor_parallel_size=int(st["tensor_parallel_size"]),
+        swaps_ok=st["swaps_ok"], swaps_failed=st["swaps_failed"], parity_failures=st["parity_failures"],
+        degraded=st["degraded"] or "",
+        threshold_bounds=pb2.ThresholdBounds(defaults=pb2.ProbeThresholds(**bounds["defaults"]),
+                                             loosest=pb2.ProbeThresholds(**bounds["loosest"])),
+        ledger_root=st.get("ledger_root") or "")
+
+
+def scores_to_pb(scored: Any) -> Any:
+    scores = []
+    for r in scored.rows:
+        s = pb2.ProbeScore(prompt=r["prompt"], target=r["target"], target_logprob=r["target_logprob"],
+                           other=r["other"], top_token=r["top_token"])
+        if r["other_logprob"] is not None:
+            s.other_logprob = r["other_logprob"]
+        scores.append(s)
+    return pb2.ProbeResponse(version=scored.version, scores=scores)
+
+
+def traced_to_pb(traced: Any) -> Any:
+    r = traced.result
+    return pb2.TraceResponse(version=traced.version, result_json=json.dumps(r), png=traced.png,
+                             p_clean=r["p_clean"], p_corrupted=r["p_corrupted"],
+                             top_mlp_layers=[int(x) for x in r["top_mlp_layers"]], seconds=r["seconds"])

@@ -1,10 +1,14 @@
-"""Errors of the gRPC control plane and the mapping of every editserve error to a status code."""
+"""Errors of the control plane, and THE table from every editserve error to its status on each
+transport (a gRPC status code and an HTTP status), used by both adapters.
+
+`status_of(exc)` → `Status` (gRPC code name, HTTP status); `status_code(exc)` (gRPC) and
+`http_status(exc)` read the same row. The rows are tried in order, most specific class first.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
-
-import grpc
 
 from editserve.errors import (
     DataError,
@@ -31,7 +35,11 @@ class ThresholdOutOfBounds(InvalidRequestError):
 
 
 class RequestTooLarge(InvalidRequestError):
-    """A batch or list in the request has more entries than the server accepts."""
+    """A batch, list or text in the request is larger than the server accepts."""
+
+
+class TooManyStreams(EditserveError, RuntimeError):
+    """More concurrent event streams than the server serves at once."""
 
 
 class AuthError(EditserveError):
@@ -46,14 +54,22 @@ class PermissionDenied(AuthError):
     pass
 
 
-def status_code(exc: BaseException) -> grpc.StatusCode:
-    """The gRPC status of an error (most specific class first)."""
+@dataclass(frozen=True)
+class Status:
+    """The status of an error on each transport."""
+
+    grpc: str          # a grpc.StatusCode name
+    http: int
+
+
+def _table() -> tuple[tuple[type | tuple[type, ...], Status], ...]:
     from editserve.engine.errors import (
         ChecksumMismatch,
         EngineStateUnknown,
         ParityError,
         PluginSetupError,
         SidecarError,
+        SidecarTimeout,
         SwapFailed,
     )
     from editserve.ledger.errors import (
@@ -71,27 +87,48 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         VersionNotFound,
     )
 
-    table: tuple[tuple[type, grpc.StatusCode], ...] = (
-        (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-        (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-        (ProbeRejected, grpc.StatusCode.FAILED_PRECONDITION),
-        (LedgerConflict, grpc.StatusCode.ABORTED),
-        (IdempotencyMismatch, grpc.StatusCode.ALREADY_EXISTS),
-        ((VersionNotFound, PatchNotFound), grpc.StatusCode.NOT_FOUND),
-        (LayerOutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
-        (ThresholdOutOfBounds, grpc.StatusCode.OUT_OF_RANGE),
-        (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ((RevertError, LedgerModelMismatch, BaseCopyMissing, PatchStateError), grpc.StatusCode.FAILED_PRECONDITION),
+    return (
+        (Unauthenticated, Status("UNAUTHENTICATED", 401)),
+        (PermissionDenied, Status("PERMISSION_DENIED", 403)),
+        (ProbeRejected, Status("FAILED_PRECONDITION", 422)),
+        (LedgerConflict, Status("ABORTED", 409)),
+        (IdempotencyMismatch, Status("ALREADY_EXISTS", 409)),
+        ((VersionNotFound, PatchNotFound), Status("NOT_FOUND", 404)),
+        (LayerOutOfRangeError, Status("OUT_OF_RANGE", 400)),
+        (ThresholdOutOfBounds, Status("OUT_OF_RANGE", 400)),
+        (RequestTooLarge, Status("RESOURCE_EXHAUSTED", 413)),
+        (TooManyStreams, Status("RESOURCE_EXHAUSTED", 429)),
+        ((RevertError, LedgerModelMismatch, BaseCopyMissing, PatchStateError), Status("FAILED_PRECONDITION", 409)),
         ((ImportRejected, BaseCopyMismatch, NonFiniteError, PatchMismatchError, DataError, InvalidRequestError),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (LedgerCorrupt, grpc.StatusCode.DATA_LOSS),
-        ((SwapFailed, SidecarError, EngineStateUnknown, PluginSetupError, LedgerBusy), grpc.StatusCode.UNAVAILABLE),
-        ((ParityError, ChecksumMismatch), grpc.StatusCode.INTERNAL),
-        (LedgerError, grpc.StatusCode.FAILED_PRECONDITION),
+         Status("INVALID_ARGUMENT", 400)),
+        (LedgerCorrupt, Status("DATA_LOSS", 500)),
+        (SidecarTimeout, Status("DEADLINE_EXCEEDED", 504)),
+        ((SwapFailed, SidecarError, EngineStateUnknown, PluginSetupError, LedgerBusy), Status("UNAVAILABLE", 503)),
+        ((ParityError, ChecksumMismatch), Status("INTERNAL", 500)),
+        (LedgerError, Status("FAILED_PRECONDITION", 409)),
     )
-    for classes, code in table:
+
+
+INTERNAL = Status("INTERNAL", 500)
+
+
+def status_of(exc: BaseException) -> Status:
+    """The row of `exc` (INTERNAL / 500 for anything not raised on purpose)."""
+    for classes, status in _table():
         if isinstance(exc, classes):
-            return code
+            return status
     if isinstance(exc, EditserveError) and isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
+        return Status("INVALID_ARGUMENT", 400)
+    return INTERNAL
+
+
+def status_code(exc: BaseException) -> Any:
+    """The gRPC status code (``grpc.StatusCode``) of an error."""
+    import grpc
+
+    return grpc.StatusCode[status_of(exc).grpc]
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status of an error."""
+    return status_of(exc).http

@@ -1,21 +1,21 @@
-"""The server interceptor of the control plane: request decoding, authentication, roles, errors.
+"""The gRPC server interceptor: request decoding, authentication and roles, error → status.
 
 For every call of ``editserve.v1.EditService`` it
 
 1. decodes the request itself, so that a malformed message (e.g. a string field that is not
    UTF-8) is answered INVALID_ARGUMENT naming the message type, not INTERNAL;
-2. checks the bearer token and the call's role (`editserve.control.auth`): UNAUTHENTICATED /
-   PERMISSION_DENIED; the principal is put in `auth.CURRENT_PRINCIPAL` for the audit log;
-3. maps editserve errors to status codes (`editserve.control.errors.status_code`) with the
-   error's message; a `ProbeRejected` also carries the full report in the trailing metadata
+2. authenticates the bearer token and checks the call's role through the shared
+   `editserve.control.operations.Operations.authenticate` (the same table as the HTTP routes:
+   `editserve.control.principals`); the principal goes to the servicer in `CURRENT_PRINCIPAL`;
+3. maps errors to status codes with the one table of `editserve.control.errors`; a
+   `ProbeRejected` also carries the full report in the trailing metadata
    ``editserve-probe-report-bin`` (a serialised ``ProbeReport``). Unexpected exceptions are
    logged and answered INTERNAL with their type only.
-
-The service methods only translate messages.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,13 +23,25 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from editserve.control import auth
+from editserve.control.auth import SERVICE_PREFIX, metadata_token
 from editserve.control.errors import AuthError, ProbeRejected, status_code
-from editserve.errors import EditserveError
+from editserve.control.principals import GRPC_OPERATIONS, Principal
+from editserve.errors import EditserveError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
 REPORT_KEY = "editserve-probe-report-bin"
+
+# The authenticated principal of the call being served (set per call task by the interceptor).
+CURRENT_PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("editserve_principal",
+                                                                                     default=None)
+
+
+def current_principal() -> Principal:
+    principal = CURRENT_PRINCIPAL.get()
+    if principal is None:
+        raise InvalidRequestError("no authenticated caller for this call")
+    return principal
 
 
 class _BadMessage:
@@ -63,26 +75,25 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
 
 
 class ControlInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: auth.TokenTable, type_names: dict[str, str]) -> None:
-        self.tokens = tokens
+    def __init__(self, ops: Any, type_names: dict[str, str]) -> None:
+        self.ops = ops                           # editserve.control.operations.Operations
         self.type_names = type_names             # method name → request message full name
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         method = details.method
-        if handler is None or not method.startswith(auth.SERVICE_PREFIX):
+        if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        name = method[len(auth.SERVICE_PREFIX):]
+        name = method[len(SERVICE_PREFIX):]
         metadata = details.invocation_metadata
-        tokens = self.tokens
+        ops = self.ops
         decode = _guarded(handler.request_deserializer, self.type_names.get(name, "request"))
 
-        def check(request: Any) -> auth.Principal:
-            principal = auth.authenticate(tokens, method, metadata)
+        def check(request: Any) -> Principal:
+            operation = GRPC_OPERATIONS.get(name, name)
+            principal = ops.authenticate(operation, metadata_token(metadata), name, "grpc")
             if isinstance(request, _BadMessage):
-                from editserve.errors import InvalidRequestError
-
                 raise InvalidRequestError(request.why)
             return principal
 
@@ -91,11 +102,11 @@ class ControlInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    token = auth.CURRENT_PRINCIPAL.set(check(request))
+                    token = CURRENT_PRINCIPAL.set(check(request))
                     try:
                         return await inner(request, context)
                     finally:
-                        auth.CURRENT_PRINCIPAL.reset(token)
+                        CURRENT_PRINCIPAL.reset(token)
                 except Exception as exc:  # every error becomes a status (abort raises its own)
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
@@ -111,7 +122,7 @@ class ControlInterceptor(grpc.aio.ServerInterceptor):
                 # context (the event loop finalises the generator), where a reset would fail; the call
                 # runs in its own task, so the value does not outlive it anyway.
                 try:
-                    auth.CURRENT_PRINCIPAL.set(check(request))
+                    CURRENT_PRINCIPAL.set(check(request))
                 except Exception as exc:
                     await _abort_for(exc, context, name)
                     return

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from editserve.control.errors import RequestTooLarge, ThresholdOutOfBounds
+from editserve.control.limits import HparamOverrides, hparam_overrides
 from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
 from editserve.editing.requests import MAX_TEXT_CHARS, EditRequest
 from editserve.errors import InvalidRequestError, LayerOutOfRangeError
@@ -71,6 +72,8 @@ class EditArgs:
     expected_head: int | None
     idempotency_key: str | None
     gate: GateConfig
+    hparams: HparamOverrides = HparamOverrides()
+    skip_gate: bool = False
 
 
 def thresholds_from(msg: Any, defaults: Thresholds = DEFAULT_THRESHOLDS,
@@ -142,7 +145,8 @@ def edit_args(msg: Any, n_layers: int | None) -> EditArgs:
     return EditArgs(requests=reqs, method=method, layers=layers, dry_run=bool(msg.dry_run),
                     expected_head=expected_head, idempotency_key=key,
                     gate=GateConfig(thresholds=th, paraphrases=gate_prompts["paraphrases"],
-                                    neighbours=gate_prompts["neighbours"]))
+                                    neighbours=gate_prompts["neighbours"]),
+                    hparams=hparam_overrides(method, msg.hparams_json), skip_gate=bool(msg.skip_gate))
 
 
 def version_number(field: str, value: int) -> int:
@@ -203,3 +207,114 @@ def trace_args(request: Any) -> TraceArgs:
         raise InvalidRequestError(f"noise_scale={noise!r} is out of range; it must be in (0, {MAX_NOISE_SCALE:g}]")
     return TraceArgs(prompt=prompt, subject=subject, target=target, kind=kind, samples=samples,
                      seed=int(request.seed), window=window, noise_scale=noise)
+
+
+# ------------------------------------------------------------------- version changes and reads
+
+
+@dataclass(frozen=True)
+class RollbackArgs:
+    version: int
+    expected_head: int | None
+
+
+@dataclass(frozen=True)
+class RevertArgs:
+    version: int
+    expected_head: int | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class ImportArgs:
+    manifest_json: bytes
+    factors: bytes
+    expected_head: int | None
+    idempotency_key: str | None
+
+
+MAX_IMPORT_BYTES = 64 << 20
+MAX_CHECKSUM_NAMES = 256
+MAX_LIST_LIMIT = 100_000
+WEIGHT_NAME_RE = re.compile(r"[A-Za-z0-9_.]{1,200}")
+REF_RE = re.compile(r"[0-9a-f]{4,64}")
+
+
+def _expected_head(msg: Any) -> int | None:
+    if not msg.HasField("expected_head"):
+        return None
+    return version_number("expected_head", msg.expected_head)
+
+
+def idempotency_key(value: str) -> str | None:
+    key = value or None
+    if key is not None and (len(key) > MAX_KEY_CHARS or not KEY_RE.fullmatch(key)):
+        raise InvalidRequestError(f"idempotency_key {_show(key)} must be 1..{MAX_KEY_CHARS} characters of "
+                                  "[A-Za-z0-9._:-]")
+    return key
+
+
+def rollback_args(msg: Any) -> RollbackArgs:
+    return RollbackArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg))
+
+
+def revert_args(msg: Any) -> RevertArgs:
+    return RevertArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
+                      idempotency_key=idempotency_key(msg.idempotency_key))
+
+
+def import_args(msg: Any) -> ImportArgs:
+    """The parts of an import; the export itself (manifest, factors, fingerprint, norms) is checked
+    once by the ledger's reader before anything is swapped."""
+    import json
+
+    from editserve.ledger.errors import ImportRejected
+
+    if not msg.manifest_json or not msg.factors:
+        raise ImportRejected("an import needs both manifest_json and factors (got "
+                             f"{len(msg.manifest_json)} and {len(msg.factors)} bytes)")
+    size = len(msg.manifest_json) + len(msg.factors)
+    if size > MAX_IMPORT_BYTES:
+        raise RequestTooLarge(f"the import is {size} bytes; the limit is {MAX_IMPORT_BYTES}")
+    try:
+        manifest = json.loads(msg.manifest_json.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ImportRejected(f"manifest_json is not UTF-8 JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ImportRejected(f"manifest_json must be a JSON object, got {type(manifest).__name__}")
+    return ImportArgs(manifest_json=bytes(msg.manifest_json), factors=bytes(msg.factors),
+                      expected_head=_expected_head(msg), idempotency_key=idempotency_key(msg.idempotency_key))
+
+
+def export_ref(msg: Any) -> str | int:
+    if msg.ref:
+        if not REF_RE.fullmatch(msg.ref):
+            raise InvalidRequestError(f"ref {_show(msg.ref)} must be a patch digest or a prefix of >= 4 hex digits")
+        return str(msg.ref)
+    return version_number("version", msg.version)
+
+
+def list_limit(value: int) -> int:
+    if value < 0 or value > MAX_LIST_LIMIT:
+        raise InvalidRequestError(f"limit must be in 0..{MAX_LIST_LIMIT} (0: all), got {value}")
+    return int(value)
+
+
+def checksum_names(names: Sequence[str]) -> tuple[str, ...] | None:
+    """The weight names of a checksums query: deduplicated (first occurrence kept), at most
+    `MAX_CHECKSUM_NAMES`, each a plain parameter name; None (the served matrices) when empty."""
+    if not names:
+        return None
+    unique = tuple(dict.fromkeys(names))
+    if len(unique) > MAX_CHECKSUM_NAMES:
+        raise RequestTooLarge(f"{len(unique)} weight names; the limit is {MAX_CHECKSUM_NAMES}")
+    for n in unique:
+        if not WEIGHT_NAME_RE.fullmatch(n):
+            raise InvalidRequestError(f"weight name {_show(n)} must be 1..200 characters of [A-Za-z0-9_.]")
+    return unique
+
+
+def since_id(value: int) -> int:
+    if value < 0:
+        raise InvalidRequestError(f"since_id must be >= 0, got {value}")
+    return int(value)

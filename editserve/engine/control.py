@@ -3,8 +3,11 @@
 `ControlPlane` owns the ledger handle, the sidecar and the `Swapper`, and serialises every
 version change behind one lock (edits hold it only to read the head and to swap, not while
 the sidecar computes, so a rollback never waits for a v* optimisation). The HTTP routes
-(`editserve.engine.http`) and, later, the
-gRPC server call its methods; they never touch the engine themselves.
+and the gRPC service reach it only through `editserve.control.operations.Operations` (which
+authenticates, validates, applies the gate policy and audits); they never touch the engine
+themselves. Every sidecar call has a deadline (`ControlSettings`): past it the sidecar is
+killed (`SidecarTimeout`), the locks are released and the supervisor restarts it at the served
+version.
 
 An edit:
 
@@ -58,8 +61,8 @@ from editserve.engine.errors import (
     PluginSetupError,
     SwapFailed,
 )
-from editserve.engine.sidecar import (ComputeEdit, ProbePrompt, Progress, Scored, SidecarClient, SidecarConfig,
-                                     TraceFact, Traced)
+from editserve.engine.sidecar import (ComputeEdit, EditComputed, ProbePrompt, Progress, Scored, SidecarClient,
+                                     SidecarConfig, TraceFact, Traced)
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, SwapResult, Swapper, check_mode, verify
 from editserve.engine.wire import ApplyMessage, message_for, rank_range, weight_checksum
 from editserve.errors import InvalidRequestError
@@ -71,6 +74,10 @@ LEDGER_ENV = "EDITSERVE_LEDGER"
 PAUSE_MODE_ENV = "EDITSERVE_PAUSE_MODE"
 SIDECAR_DEVICE_ENV = "EDITSERVE_SIDECAR_DEVICE"
 SIDECAR_THREADS_ENV = "EDITSERVE_SIDECAR_THREADS"
+SIDECAR_TIMEOUT_ENV = "EDITSERVE_SIDECAR_TIMEOUT_S"              # compute (an edit's keys, values, solve, gate)
+SIDECAR_READ_TIMEOUT_ENV = "EDITSERVE_SIDECAR_READ_TIMEOUT_S"    # probe / trace
+SIDECAR_SYNC_TIMEOUT_ENV = "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S"    # sync to a version, open the ledger
+BASE_CACHE_ENV = "EDITSERVE_BASE_CACHE_MB"
 VERSION_HEADER = "x-editserve-version"
 VERSION_START_HEADER = "x-editserve-version-start"
 
@@ -89,12 +96,18 @@ class ControlSettings:
     drain_timeout_s: float = 600.0            # ``wait`` mode: longest wait for requests in flight
     sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
     sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
+    compute_timeout_s: float = 900.0          # deadline of an edit's computation on the sidecar
+    read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
+    sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
+    base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
         if self.tensor_parallel_size < 1:
             raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        for name in ("sidecar_watch_s", "sidecar_retry_s"):
+        if self.base_cache_bytes < 0:
+            raise InvalidRequestError(f"base_cache_bytes must be >= 0, got {self.base_cache_bytes}")
+        for name in ("sidecar_watch_s", "sidecar_retry_s", "compute_timeout_s", "read_timeout_s", "sync_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -105,10 +118,29 @@ class ControlSettings:
         threads = env.get(SIDECAR_THREADS_ENV)
         if threads is not None and not threads.strip().isdigit():
             raise InvalidRequestError(f"{SIDECAR_THREADS_ENV} must be a positive integer, got {threads!r}")
+        def seconds(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InvalidRequestError(f"{name} must be a number of seconds, got {raw!r}") from None
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidRequestError(f"{name} must be a positive number of seconds, got {raw!r}")
+            return value
+
+        cache_mb = env.get(BASE_CACHE_ENV, "").strip()
+        if cache_mb and not cache_mb.isdigit():
+            raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
         return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
                    pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
                    sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
-                   sidecar_threads=int(threads) if threads else None)
+                   sidecar_threads=int(threads) if threads else None,
+                   compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
+                   read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
+                   sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
+                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20)
 
 
 @dataclass(frozen=True)
@@ -210,6 +242,7 @@ class ControlPlane:
         self.family: str | None = None
         self.workers: list[dict[str, Any]] = []
         self.served: _Served | None = None
+        self.operations: Any = None                 # editserve.control.operations.Operations (set by it)
         self.counters = _Counters()
         self.metrics: Any = None
         self._sidecar_in_sync = False
@@ -221,7 +254,8 @@ class ControlPlane:
         self._sidecar_retry_at = 0.0
         self._closing = False
         self._degraded: str | None = None
-        self._base_cache: dict[str, tuple[torch.Tensor, Layout]] = {}
+        self._base_cache: OrderedDict[str, tuple[torch.Tensor, Layout]] = OrderedDict()
+        self._base_cache_bytes = 0
         self._expected_cache: OrderedDict[tuple[str, tuple[str, ...]], dict[int, str]] = OrderedDict()
 
     # -- start / stop -------------------------------------------------------------------------
@@ -262,7 +296,7 @@ class ControlPlane:
             raise PluginSetupError(f"the sidecar loaded a {ready.family!r} model, the engine serves {self.family!r}")
         self._fingerprint = ready.fingerprint
         self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
-        await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root))
+        await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         await self._check_base()
         base_message = message_for(0, self.family, [])
@@ -383,7 +417,7 @@ class ControlPlane:
             if ready.fingerprint != self._fingerprint:
                 raise SidecarError(f"the restarted sidecar loaded weights with fingerprint {ready.fingerprint[:16]}, "
                                    f"expected {str(self._fingerprint)[:16]}")
-            await asyncio.to_thread(new.open_ledger, str(self.ledger.root))
+            await asyncio.to_thread(new.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
             if self._closing:
                 raise SidecarError("the control plane is shutting down")
             async with self._lock:
@@ -405,10 +439,19 @@ class ControlPlane:
     # -- expected checksums -------------------------------------------------------------------
 
     def _base(self, name: str) -> tuple[torch.Tensor, Layout]:
+        """The ledger's base copy of `name`, from an LRU cache of at most `base_cache_bytes`."""
         hit = self._base_cache.get(name)
-        if hit is None:
-            hit = self.ledger.base_copy(name)
+        if hit is not None:
+            self._base_cache.move_to_end(name)
+            return hit
+        hit = self.ledger.base_copy(name)
+        size = hit[0].numel() * hit[0].element_size()
+        if size <= self.settings.base_cache_bytes:
             self._base_cache[name] = hit
+            self._base_cache_bytes += size
+            while self._base_cache_bytes > self.settings.base_cache_bytes:
+                _, (old, _) = self._base_cache.popitem(last=False)
+                self._base_cache_bytes -= old.numel() * old.element_size()
         return hit
 
     def _expected_for(self, patches: Sequence[Patch], names: Iterable[str]) -> dict[tuple[str, int], str]:
@@ -549,7 +592,8 @@ class ControlPlane:
             self._sidecar_died_during(f"the swap to version {version}")
             return
         try:
-            synced = await asyncio.to_thread(sidecar.sync, version, self.settings.tensor_parallel_size, names)
+            synced = await asyncio.to_thread(sidecar.sync, version, self.settings.tensor_parallel_size, names,
+                                           self.settings.sync_timeout_s)
         except SidecarError:
             self._sidecar_in_sync = False
             self.metrics.set_sidecar_up(False)
@@ -617,6 +661,7 @@ class ControlPlane:
         gate: Any = None,
         dry_run: bool = False,
         progress: Callable[[str, float, str], None] | None = None,
+        report_extra: dict[str, Any] | None = None,
     ) -> VersionChange:
         """Compute, commit and serve a patch for `requests` (see the module docstring).
 
@@ -625,12 +670,13 @@ class ControlPlane:
         before anything is committed or swapped. `dry_run` returns the computed report without
         committing (``kind="dry_run"``, the version stays the head); neither a dry run nor a rejected
         edit writes anything to the ledger. `progress` (called from worker threads too) receives
-        ``(stage, fraction, message)`` as the edit goes on (see the module docstring)."""
+        ``(stage, fraction, message)`` as the edit goes on (see the module docstring). `report_extra`
+        is merged into the probe report the ledger records (e.g. who skipped the gate)."""
         t0 = time.perf_counter()
         stages: dict[str, float] = {}                   # seconds per stage, filled by _edit as they run
         try:
             return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
-                                    probes, gate, dry_run, progress, stages=stages)
+                                    probes, gate, dry_run, progress, stages=stages, report_extra=report_extra)
         except Exception as exc:
             if self.metrics is not None and method in self.metrics.methods:
                 from editserve.control.errors import ProbeRejected
@@ -675,7 +721,8 @@ class ControlPlane:
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
                     idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
                     dry_run: bool = False, progress: Callable[[str, float, str], None] | None = None,
-                    stages: dict[str, float] | None = None) -> VersionChange:
+                    stages: dict[str, float] | None = None,
+                    report_extra: dict[str, Any] | None = None) -> VersionChange:
         from editserve.ledger import LedgerConflict
 
         stages = {} if stages is None else stages
@@ -708,8 +755,11 @@ class ControlPlane:
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
-                gate=gate, store_bases=not dry_run), forward)
+                gate=gate, store_bases=not dry_run), forward, self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
+            if report_extra:
+                computed = EditComputed(patch=computed.patch, probe_report={**computed.probe_report, **report_extra},
+                                        seconds=computed.seconds)
             stages.update(self._compute_stages(computed.patch.timings, computed.probe_report))
             # The probe gauges show every probe: committed, rejected and dry-run edits alike.
             self.metrics.record_probe(*probe_scores(computed.probe_report))
@@ -828,7 +878,7 @@ class ControlPlane:
         """Validate the exported patch in directory `src` (`editserve.ledger.transfer`), then commit
         and serve it on top of the head."""
         from editserve.ledger.errors import ImportRejected
-        from editserve.ledger.transfer import import_patch, read_patch_export
+        from editserve.ledger.transfer import read_patch_export
 
         self._check_usable()
         src = Path(src)
@@ -845,7 +895,9 @@ class ControlPlane:
             return current + [patch]
 
         def write(head: int) -> int:
-            return import_patch(self.ledger, src, head, who, idempotency_key=idempotency_key)
+            # Validated once above, before the pause; inside it only the ledger write remains.
+            return self.ledger._import([patch], head, who, idempotency_key, None, Layout.OUT_IN, replace=False,
+                                       details={"source": "control plane import"})
 
         return await self._change("import", expected_head, target_of, write, patch_id=patch.digest)
 
@@ -885,7 +937,8 @@ class ControlPlane:
         sidecar, which holds exactly the served version's patches while it scores)."""
         self._check_usable()
         assert self.served is not None and self.sidecar is not None
-        return await asyncio.to_thread(self.sidecar.score, self.served.version, tuple(items))
+        return await asyncio.to_thread(self.sidecar.score, self.served.version, tuple(items),
+                                       self.settings.read_timeout_s)
 
     async def trace(self, prompt: str, subject: str, target: str | None = None, kind: str = "hidden",
                     samples: int = 10, seed: int = 0, window: int = 10, noise_scale: float = 3.0) -> Traced:
@@ -896,7 +949,7 @@ class ControlPlane:
         assert self.served is not None and self.sidecar is not None
         msg = TraceFact(version=self.served.version, prompt=prompt, subject=subject, target=target, kind=kind,
                         samples=samples, seed=seed, window=window, noise_scale=noise_scale)
-        return await asyncio.to_thread(self.sidecar.trace, msg)
+        return await asyncio.to_thread(self.sidecar.trace, msg, self.settings.read_timeout_s)
 
     async def follow(self) -> VersionChange | None:
         """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""

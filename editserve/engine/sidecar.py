@@ -34,7 +34,7 @@ import torch
 
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
-from editserve.engine.errors import SidecarError
+from editserve.engine.errors import SidecarError, SidecarTimeout
 from editserve.engine.wire import rank_range, weight_checksum
 from editserve.errors import EditserveError
 from editserve.patches import Patch
@@ -485,6 +485,19 @@ class SidecarClient:
         except EOFError as exc:
             raise SidecarError(f"the sidecar process exited (exit code {self._proc.exitcode})") from exc
 
+    def _recv_by(self, deadline: float | None, call: str, timeout_s: float | None) -> object:
+        """The next message, or — past `deadline` (time.monotonic) — kill the process and raise
+        `SidecarTimeout` (a stuck or stopped sidecar cannot hold its caller, or a lock, forever)."""
+        if deadline is not None and not self._conn.poll(max(0.0, deadline - time.monotonic())):
+            log.error("the sidecar's %s ran past its deadline of %.0f s; killing the sidecar (pid %s)", call,
+                      timeout_s or 0.0, self._proc.pid)
+            self._proc.kill()                       # SIGKILL: ends a SIGSTOPped process too
+            self._proc.join(10)
+            raise SidecarTimeout(f"the sidecar's {call} ran past its deadline of {timeout_s:.0f} s; the sidecar was "
+                                 "killed and is being restarted at the served version; nothing was committed",
+                                 call=call, timeout_s=timeout_s)
+        return self._recv(None)
+
     @staticmethod
     def _expect(reply: object, kind: type) -> Any:
         if isinstance(reply, Failed):
@@ -496,37 +509,43 @@ class SidecarClient:
     def call(self, msg: object, kind: type, timeout_s: float | None = None,
              on_progress: Callable[[Progress], None] | None = None) -> Any:
         """Send `msg` and wait for its reply of type `kind`; `Progress` messages before the reply go
-        to `on_progress` (its exceptions are logged, never raised: progress is advisory)."""
+        to `on_progress` (its exceptions are logged, never raised: progress is advisory). With
+        `timeout_s`, the whole call (progress included) has that deadline: past it the sidecar
+        process is killed and `SidecarTimeout` is raised."""
         self.wait_ready()
+        call = type(msg).__name__
         with self._lock:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             try:
                 self._conn.send(msg)
             except (BrokenPipeError, OSError) as exc:
                 raise SidecarError(f"cannot reach the sidecar process: {exc}") from exc
-            reply = self._recv(timeout_s)
+            reply = self._recv_by(deadline, call, timeout_s)
             while isinstance(reply, Progress):
                 if on_progress is not None:
                     try:
                         on_progress(reply)
                     except Exception:
                         log.exception("progress callback failed at stage %s", reply.stage)
-                reply = self._recv(timeout_s)
+                reply = self._recv_by(deadline, call, timeout_s)
             return self._expect(reply, kind)
 
-    def open_ledger(self, root: str) -> LedgerOpened:
-        return self.call(OpenLedger(root=root), LedgerOpened)
+    def open_ledger(self, root: str, timeout_s: float | None = None) -> LedgerOpened:
+        return self.call(OpenLedger(root=root), LedgerOpened, timeout_s)
 
-    def sync(self, version: int, tp_size: int, names: tuple[str, ...] = ()) -> Synced:
-        return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced)
+    def sync(self, version: int, tp_size: int, names: tuple[str, ...] = (), timeout_s: float | None = None) -> Synced:
+        return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced, timeout_s)
 
-    def compute(self, msg: ComputeEdit, on_progress: Callable[[Progress], None] | None = None) -> EditComputed:
-        return self.call(msg, EditComputed, on_progress=on_progress)
+    def compute(self, msg: ComputeEdit, on_progress: Callable[[Progress], None] | None = None,
+                timeout_s: float | None = None) -> EditComputed:
+        return self.call(msg, EditComputed, timeout_s, on_progress=on_progress)
 
-    def score(self, version: int, items: tuple[tuple[str, str, str | None], ...]) -> Scored:
-        return self.call(ScorePrompts(version=version, items=items), Scored)
+    def score(self, version: int, items: tuple[tuple[str, str, str | None], ...],
+              timeout_s: float | None = None) -> Scored:
+        return self.call(ScorePrompts(version=version, items=items), Scored, timeout_s)
 
-    def trace(self, msg: TraceFact) -> Traced:
-        return self.call(msg, Traced)
+    def trace(self, msg: TraceFact, timeout_s: float | None = None) -> Traced:
+        return self.call(msg, Traced, timeout_s)
 
     @property
     def alive(self) -> bool:

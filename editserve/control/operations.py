@@ -1,0 +1,257 @@
+"""The transport-neutral operations of the control plane: the one door every change goes through.
+
+`Operations` is what the gRPC servicer (`editserve.control.service`) and the HTTP routes
+(`editserve.control.http`) call, with an authenticated `Principal` and a validated request
+(`editserve.control.validate`): edit, rollback, revert, import, sync, probe, trace, status,
+versions, version, diff, export, checksums and the event stream. Each operation checks the
+principal's role again (`editserve.control.principals.OPERATION_ROLES`), applies the gate
+policy (`editserve.control.gate`) and the limits (`editserve.control.limits`), records the
+caller from the principal (never from the request), writes one audit line
+(logger ``editserve.audit``) and publishes its progress to the `EventHub`, whatever the
+transport. The adapters only translate messages and map errors (`editserve.control.errors`).
+
+Dependency direction: ``control`` drives ``engine``. `Operations` uses the engine's
+`editserve.engine.control.ControlPlane` through the small interface it exposes (``edit``,
+``rollback``, ``revert``, ``import_patch``, ``follow``, ``score``, ``trace``, ``status``,
+``engine_checksums``, ``ledger``, ``settings``, ``metrics``); it imports nothing of
+``editserve.engine`` at module import time, and ``editserve.engine`` imports ``control`` only
+inside functions (the plugin's wiring). One `Operations` exists per control plane
+(`Operations.of`), shared by both transports, with the token table and the event hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from editserve.control import gate as gate_policy
+from editserve.control import validate
+from editserve.control.errors import AuthError, ProbeRejected
+from editserve.control.events import DEFAULT_MAX_STREAMS, Event, EventHub
+from editserve.control.principals import Principal, TokenTable, authorize, require
+from editserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("editserve.audit")
+
+MAX_STREAMS_ENV = "EDITSERVE_MAX_EVENT_STREAMS"
+EVENT_POLL_S = 0.25
+OPERATION_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def operation_id(value: str | None) -> str:
+    """A caller-chosen operation id (to follow its own edit on an event stream), else a random one."""
+    if value is None:
+        return uuid.uuid4().hex[:12]
+    if not OPERATION_RE.fullmatch(value):
+        raise InvalidRequestError(f"operation id {value!r} must be 1-64 characters of [A-Za-z0-9._:-]")
+    return value
+
+
+class Operations:
+    """See the module docstring."""
+
+    def __init__(self, engine: Any, tokens: TokenTable, hub: EventHub | None = None) -> None:
+        self.engine = engine
+        self.tokens = tokens
+        self.hub = hub or EventHub()
+
+    @classmethod
+    def of(cls, engine: Any, environ: Mapping[str, str] | None = None) -> "Operations":
+        """The control plane's `Operations`, created on first use (tokens from the environment,
+        creating the local admin token file when none is configured)."""
+        ops = getattr(engine, "operations", None)
+        if ops is None:
+            env = os.environ if environ is None else environ
+            streams = env.get(MAX_STREAMS_ENV, "")
+            if streams and not streams.isdigit():
+                raise InvalidRequestError(f"{MAX_STREAMS_ENV} must be a positive integer, got {streams!r}")
+            tokens = TokenTable.from_env(env)
+            ops = cls(engine, tokens, EventHub(max_streams=int(streams) if streams else DEFAULT_MAX_STREAMS))
+            engine.operations = ops
+            log.info("control plane: %d token(s) from %s", len(tokens), tokens.source or "the environment")
+        return ops
+
+    # -- authentication (called by both adapters) ------------------------------------------
+
+    def authenticate(self, operation: str, token: str | None, what: str, transport: str) -> Principal:
+        try:
+            return authorize(self.tokens, operation, token, what)
+        except AuthError as exc:
+            audit.warning("audit: refused %s over %s: %s: %s", what, transport, type(exc).__name__, exc)
+            raise
+
+    def n_layers(self) -> int | None:
+        m = getattr(self.engine, "metrics", None)
+        return int(m.n_layers) if m is not None and getattr(m, "n_layers", None) else None
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def _publish(self, op: str, caller: str, stage: str, fraction: float, message: str = "",
+                 version: int = -1) -> None:
+        self.hub.publish(Event(kind="progress", operation_id=op, caller=caller, progress=fraction,
+                               message=f"{stage}: {message}" if message else stage, version=version))
+
+    async def edit(self, who: Principal, args: validate.EditArgs, op: str) -> Any:
+        """Compute, gate, commit and serve an edit; progress goes to the event hub under `op`."""
+        require(who, "edit")
+        if args.hparams.needs_admin:
+            require(who, "edit.hparams.admin", "an edit overriding statistics or prefix hyper-parameters")
+        gate = gate_policy.gate_for(who, args.gate, args.skip_gate)
+        caller = who.caller
+        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            if threading.get_ident() == loop_thread:          # in order with the events published here
+                self._publish(op, caller, stage, fraction, message)
+            else:                                             # from the thread waiting on the sidecar
+                loop.call_soon_threadsafe(self._publish, op, caller, stage, fraction, message)
+
+        self._publish(op, caller, "accepted", 0.0, f"{len(args.requests)} fact(s), method {args.method}")
+        try:
+            change = await self.engine.edit(
+                list(args.requests), method=args.method, layers=args.layers, hparams=args.hparams.nested(),
+                expected_head=args.expected_head, caller=caller, idempotency_key=args.idempotency_key, gate=gate,
+                dry_run=args.dry_run, progress=progress,
+                report_extra=gate_policy.skip_record(who) if gate is None else None)
+        except ProbeRejected as exc:
+            self.hub.publish(Event(kind="rejected", operation_id=op, caller=caller, message=str(exc),
+                                   details_json=json.dumps(exc.report, default=str)))
+            audit.info("audit: edit by %s rejected by the probe gate", caller)
+            raise
+        except Exception as exc:
+            audit.info("audit: edit by %s failed: %s", caller, type(exc).__name__)
+            raise
+        self._publish(op, caller, "dry_run" if args.dry_run else "committed", 1.0, version=change.version)
+        audit.info("audit: edit by %s → %s version %d (patch %s)", caller, change.kind, change.version,
+                   (change.patch_id or "")[:12])
+        return change
+
+    async def rollback(self, who: Principal, args: validate.RollbackArgs) -> Any:
+        require(who, "rollback")
+        change = await self.engine.rollback(args.version, expected_head=args.expected_head, caller=who.caller)
+        audit.info("audit: rollback by %s → version %d", who.caller, change.version)
+        return change
+
+    async def revert(self, who: Principal, args: validate.RevertArgs) -> Any:
+        require(who, "revert")
+        change = await self.engine.revert(args.version, caller=who.caller, expected_head=args.expected_head,
+                                          idempotency_key=args.idempotency_key)
+        audit.info("audit: revert of version %d by %s → version %d", args.version, who.caller, change.version)
+        return change
+
+    async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:
+        require(who, "import")
+        with tempfile.TemporaryDirectory(prefix="editserve-import-") as tmp:
+            src = Path(tmp)
+            (src / "manifest.json").write_bytes(args.manifest_json)
+            (src / "patch.safetensors").write_bytes(args.factors)
+            change = await self.engine.import_patch(src, caller=who.caller, expected_head=args.expected_head,
+                                                    idempotency_key=args.idempotency_key)
+        audit.info("audit: import of patch %s by %s → version %d", (change.patch_id or "")[:12], who.caller,
+                   change.version)
+        return change
+
+    async def sync(self, who: Principal) -> Any:
+        require(who, "sync")
+        change = await self.engine.follow()
+        if change is not None:
+            audit.info("audit: sync by %s → version %d", who.caller, change.version)
+        return change
+
+    # -- reads through the sidecar -------------------------------------------------------------
+
+    async def probe(self, who: Principal, items: tuple[tuple[str, str, str | None], ...]) -> Any:
+        require(who, "probe")
+        return await self.engine.score(items)
+
+    async def trace(self, who: Principal, a: validate.TraceArgs) -> Any:
+        require(who, "trace")
+        return await self.engine.trace(a.prompt, a.subject, target=a.target, kind=a.kind, samples=a.samples,
+                                       seed=a.seed, window=a.window, noise_scale=a.noise_scale)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def status(self, who: Principal) -> dict[str, Any]:
+        """The engine's status (`ControlPlane.status`) plus the gate's threshold bounds and the model."""
+        from dataclasses import asdict
+
+        from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS
+
+        require(who, "status")
+        st = dict(await self.engine.status())
+        st["model"] = str(self.engine.settings.model or "")
+        served = st.get("served_version")
+        st["active_patches"] = (len(await asyncio.to_thread(self.engine.ledger.active_ids, served))
+                                if served is not None else 0)
+        st["threshold_bounds"] = {"defaults": asdict(DEFAULT_THRESHOLDS), "loosest": asdict(LOOSEST_THRESHOLDS)}
+        st["event_streams"] = {"open": len(self.hub), "max": self.hub.max_streams}
+        return st
+
+    async def versions(self, who: Principal, limit: int) -> tuple[list[Any], int]:
+        require(who, "versions")
+        ledger = self.engine.ledger
+        infos = await asyncio.to_thread(ledger.versions)
+        head = await asyncio.to_thread(ledger.head)
+        return (infos[-limit:] if limit else infos), head
+
+    async def version(self, who: Principal, version: int) -> tuple[Any, int]:
+        require(who, "version")
+        ledger = self.engine.ledger
+        info = await asyncio.to_thread(ledger.version, version)
+        return info, await asyncio.to_thread(ledger.head)
+
+    async def diff(self, who: Principal, a: int, b: int) -> Any:
+        require(who, "diff")
+        return await asyncio.to_thread(self.engine.ledger.diff, a, b)
+
+    async def export(self, who: Principal, ref: str | int) -> tuple[str, bytes, bytes]:
+        """(patch id, manifest JSON, factors) of a patch (a digest prefix or the version that added it)."""
+        require(who, "export")
+        with tempfile.TemporaryDirectory(prefix="editserve-export-") as tmp:
+            out = await asyncio.to_thread(self.engine.ledger.export_patch, ref, Path(tmp) / "patch")
+            manifest = (out / "manifest.json").read_bytes()
+            factors = (out / "patch.safetensors").read_bytes()
+        return str(json.loads(manifest).get("digest", "")), manifest, factors
+
+    async def checksums(self, who: Principal, names: tuple[str, ...] | None) -> dict[str, dict[int, str]]:
+        require(who, "checksums")
+        return await self.engine.engine_checksums(names)
+
+    async def events(self, who: Principal, since: int, include_history: bool) -> AsyncIterator[Any]:
+        """Ledger events after `since` (with `since` 0 and no history: from now) interleaved with
+        this server's local events, starting with one ``watching`` `Event` whose details say
+        ``{"after_event": N}``. Bounded by the hub's stream cap."""
+        require(who, "events")
+        ledger = self.engine.ledger
+        local = self.hub.subscribe()
+        try:
+            if since == 0 and not include_history:
+                existing = await asyncio.to_thread(ledger.events, 0)
+                last = existing[-1].id if existing else 0
+            else:
+                last = since
+            yield Event(kind="watching", operation_id="", caller="",
+                        message=f"ledger events after #{last} and this server's events from now on",
+                        details_json=json.dumps({"after_event": last}))
+            while True:
+                for e in await asyncio.to_thread(ledger.events, last):
+                    last = max(last, e.id)
+                    yield e
+                try:
+                    yield await asyncio.wait_for(local.get(), EVENT_POLL_S)
+                    while not local.empty():
+                        yield local.get_nowait()
+                except asyncio.TimeoutError:
+                    continue
+        finally:
+            self.hub.unsubscribe(local)
