@@ -191,6 +191,14 @@ def test_control_settings_from_env():
         ControlSettings.from_env("m", 1, {"EDITSERVE_PAUSE_MODE": "sometimes"})
     with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_THREADS"):
         ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_THREADS": "many"})
+    d = ControlSettings.from_env("m", 1, {})
+    assert (d.compute_timeout_s, d.read_timeout_s, d.sync_timeout_s, d.base_cache_bytes) == (900, 600, 300, 512 << 20)
+    t = ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_TIMEOUT_S": "30", "EDITSERVE_SIDECAR_READ_TIMEOUT_S": "5",
+                                          "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S": "7.5", "EDITSERVE_BASE_CACHE_MB": "64"})
+    assert (t.compute_timeout_s, t.read_timeout_s, t.sync_timeout_s, t.base_cache_bytes) == (30, 5, 7.5, 64 << 20)
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_TIMEOUT_S"):
+            ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_TIMEOUT_S": bad})
 
 
 def test_transposed_materialisation_is_bit_identical():
@@ -247,6 +255,20 @@ def test_sidecar_process_mirrors_ledger_in_vllm_orientation(tmp_path):
         assert back.checksums == {(name, 0): tensor_sha256(hf_weight.t())} and back.drift == {1: 0.0}
         with pytest.raises(VersionNotFound):
             client.sync(99, tp_size=1)
+        # A stopped sidecar: the call ends at its deadline, and the process is killed (not left stopped).
+        import os
+        import signal
+        import time
+
+        from editserve.engine.errors import SidecarTimeout
+
+        pid = client.pid
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(SidecarTimeout, match="Sync ran past its deadline of 2 s") as e:
+            client.sync(version, tp_size=1, timeout_s=2.0)
+        assert 1.9 <= time.monotonic() - t0 < 30 and e.value.call == "Sync" and e.value.timeout_s == 2.0
+        assert not client.alive
     finally:
         client.close()
     assert not client.alive
@@ -267,3 +289,23 @@ def test_probe_scores_for_the_gauges_from_gate_and_sidecar_reports():
                                   "canary_kl_mean": math.nan}}) == (1.0, None, None, None)
     assert probe_scores({"scores": {"efficacy": 1.0, "neighbourhood": 0.5}, "canary_kl": 0.02}) == (1.0, None, 0.5, 0.02)
     assert probe_scores({"scores": {"efficacy": 0.5}}) == (0.5, None, None, None)
+
+
+def test_base_copy_cache_is_bounded_lru(tmp_path):
+    """The API server keeps at most `base_cache_bytes` of the ledger's base copies (least recently
+    used first out); a copy larger than the whole bound is read but not kept."""
+    from editserve.engine.control import ControlPlane, ControlSettings
+    from editserve.ledger import Ledger
+
+    fp = "f" * 64
+    with Ledger.open(tmp_path / "ledger", fp) as ledger:
+        for i in range(3):
+            ledger.ensure_base(f"w{i}", torch.full((64, 64), float(i)), Layout.OUT_IN)     # 16 KiB each
+        ledger.ensure_base("big", torch.zeros(256, 256), Layout.OUT_IN)                       # 256 KiB
+        control = ControlPlane(None, ControlSettings(model=None, base_cache_bytes=40 << 10))
+        control.ledger = ledger
+        for name in ("w0", "w1", "w0", "w2"):
+            assert torch.equal(control._base(name)[0], ledger.base_copy(name)[0])
+        assert list(control._base_cache) == ["w0", "w2"] and control._base_cache_bytes == 32 << 10
+        assert control._base("big")[0].shape == (256, 256) and "big" not in control._base_cache
+        assert control._base_cache_bytes <= 40 << 10

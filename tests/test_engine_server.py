@@ -49,6 +49,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "smollm2"
+ADMIN_TOKEN = "engine-test-admin-0123456789"
 LAYER5 = "model.layers.5.mlp.down_proj.weight"
 
 # CounterFact case 371 (true object French, counterfactual English). The paraphrase is the
@@ -88,6 +89,7 @@ class Server:
             "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
             "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"),
             "EDITSERVE_SIDECAR_THREADS": "1", "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+            "EDITSERVE_CONTROL_TOKEN": ADMIN_TOKEN, "EDITSERVE_GRPC_ADDR": "off",
             **(env or {}),
         }
         self.log_path = log_dir / f"server-{name}.log"
@@ -137,8 +139,10 @@ class Server:
 
     def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 600.0):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if path.startswith("/editserve/"):
+            headers["authorization"] = f"Bearer {ADMIN_TOKEN}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, json.loads(resp.read() or b"null"), dict(resp.headers)
@@ -181,7 +185,10 @@ def shared(tmp_path_factory) -> dict[str, Any]:
 
 
 def _edit(server: Server, req: dict, **extra: Any) -> tuple[int, Any]:
-    return server.post("/editserve/v1/edit", {"requests": [req], "method": "rome", **extra})
+    """An admin's edit; the probe gate is skipped (admin-only, recorded) unless thresholds are given."""
+    body = {"facts": [req], "method": "rome", **extra}
+    body.setdefault("skip_gate", "thresholds" not in extra)
+    return server.post("/editserve/v1/edit", body)
 
 
 def _checkpoint_tensor(name: str, ckpt: Path | None = None) -> torch.Tensor:
@@ -261,7 +268,8 @@ def test_a2_edit_is_committed_swapped_and_served(server_a, shared):
     with Ledger.open(shared["ledger"], verify="none") as ledger:
         assert ledger.head() == 1 and len(ledger.active_patches(1)) == 1
         info = ledger.version(1)
-        assert info.caller == "http" and info.probe_report["scores"]["efficacy"] == 1.0
+        assert info.caller == "token:control-token" and info.probe_report["scores"]["efficacy"] == 1.0
+        assert info.probe_report["gate_skipped"] == {"by": "token:control-token", "role": "admin"}
 
 
 def test_a3_reused_idempotency_key_is_refused_and_head_stays(server_a, shared):
@@ -526,7 +534,7 @@ def test_a5c_metrics_move_with_rejected_committed_and_rolled_back_edits(server_a
 
     # 1. The probe gate rejects (a canary KL bound of 0 fails any real edit): nothing is committed.
     reject = {"prompt": "{} is a professional", "subject": "Michael Jordan", "target_new": " chess"}
-    status, body = _edit(server_a, reject, gate={"max_canary_kl": 0.0}, hparams={"value": {"max_steps": 3}})
+    status, body = _edit(server_a, reject, thresholds={"max_canary_kl": 0.0}, hparams={"value": {"max_steps": 3}})
     assert status == 422 and body["error"]["type"] == "ProbeRejected", body
     gate = body["error"]["report"]
     assert not gate["passed"] and any("canary KL" in f for f in gate["failures"])
@@ -550,7 +558,7 @@ def test_a5c_metrics_move_with_rejected_committed_and_rolled_back_edits(server_a
     # 2. A committed edit through the gate (the loosest thresholds the server allows).
     fact = {"prompt": "The capital of {} is", "subject": "Germany", "target_new": " Rome", "target_true": " Berlin"}
     loose = {"min_efficacy": 0.5, "max_ns_drop": 0.5, "max_canary_kl": 0.5}
-    status, change = _edit(server_a, fact, gate=loose, caller="metrics-test")
+    status, change = _edit(server_a, fact, thresholds=loose)
     assert status == 200, change
     gate = change["probe_report"]["gate"]
     assert gate["passed"] and gate["paraphrase"] >= 0 and gate["neighbourhood_after"] >= 0, gate

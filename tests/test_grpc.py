@@ -41,6 +41,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"admin": "adm-0123456789abcdef", "editor": "edt-0123456789abcdef", "viewer": "vwr-0123456789abcdef"}
+# The sidecar's compute deadline on this server: long enough for every edit here on a loaded
+# machine, short enough for the stopped-sidecar test.
+SIDECAR_TIMEOUT_S = 150
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
           "target_true": " Paris"}
 
@@ -65,7 +68,8 @@ class GrpcServer:
                     "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TMPDIR": str(cache / "tmp"),
                     "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "EDITSERVE_SIDECAR_THREADS": "1",
                     "VLLM_NO_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
-                    "EDITSERVE_GRPC_ADDR": self.target, "EDITSERVE_CONTROL_TOKENS_FILE": str(tokens)}
+                    "EDITSERVE_GRPC_ADDR": self.target, "EDITSERVE_CONTROL_TOKENS_FILE": str(tokens),
+                    "EDITSERVE_SIDECAR_TIMEOUT_S": str(SIDECAR_TIMEOUT_S)}
         self.env.pop("EDITSERVE_CONTROL_TOKEN", None)
         self.log_path = tmp / "server.log"
         self.cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(self.ledger),
@@ -424,7 +428,7 @@ def test_overgeneral_edit_is_rejected_and_nothing_changes(server: GrpcServer) ->
     assert "probe gate rejected" in e.value.details
     report = e.value.report
     assert report is not None and not report.passed and report.failures and report.canaries == 20
-    assert rejected.caller == "grpc:editor-user" and "probe gate rejected" in rejected.message
+    assert rejected.caller == "token:editor-user" and "probe gate rejected" in rejected.message
     assert json.loads(rejected.details_json)["passed"] is False
     assert watcher.stages("overgeneral-1") == ["accepted", "compute", "keys", "values", "solve", "probe", "probe"]
     assert _state(server) == before
@@ -459,14 +463,14 @@ def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_p
     assert st.returncode == 0 and "sidecar parity" in st.stdout and "ok" in st.stdout, st.stdout + st.stderr
     with server.client("viewer") as c:
         head = c.versions().versions[-1]
-        assert head.caller == "grpc:editor-user" and head.is_head
+        assert head.caller == "token:editor-user" and head.is_head
     out = subprocess.run([sys.executable, "-m", "editserve.cli", "versions", *common], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[1].split()[:4] == ["version", "parent", "kind", "patch"]
     assert any(line.startswith("*") and "The Eiffel Tower is located in the city of → Rome" in line
-               and "grpc:editor-user" in line for line in lines), out.stdout
+               and "token:editor-user" in line for line in lines), out.stdout
 
 
 def test_eight_concurrent_clients_serialised(server: GrpcServer) -> None:
@@ -554,7 +558,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             st = ed.status()
             assert st.ledger_head == st.served_version == vb
         commit_a = watcher.wait_for(lambda e: e.kind == "commit" and e.version == va)
-        assert commit_a.caller == "grpc:editor-user" and commit_a.id > 0
+        assert commit_a.caller == "token:editor-user" and commit_a.id > 0
         watcher.wait_for(lambda e: e.kind == "progress" and e.operation_id == "life-a" and e.progress == 1.0)
         assert watcher.stages("life-a") == ["accepted", "compute", "keys", "values", "solve", "probe", "probe", "swap",
                                             "commit", "committed"]
@@ -575,10 +579,10 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             st = adm.status()
             assert st.served_version == st.ledger_head == vr and st.sidecar_in_sync
             assert st.active_patches == b.change.active_patches - 1
-            assert watcher.wait_for(lambda e: e.kind == "revert" and e.version == vr).caller == "grpc:admin-user"
+            assert watcher.wait_for(lambda e: e.kind == "revert" and e.version == vr).caller == "token:admin-user"
 
             info = adm.get_version(vr)
-            assert info.kind == "revert" and info.parent == vb and info.is_head and info.caller == "grpc:admin-user"
+            assert info.kind == "revert" and info.parent == vb and info.is_head and info.caller == "token:admin-user"
             assert list(info.removed) == [a.change.patch_id] and not info.added
             info_a = adm.get_version(va)
             assert info_a.kind == "commit" and info_a.patch_id == a.change.patch_id and info_a.method == "rome"
@@ -598,7 +602,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert row.split()[1] == "model.layers.5.mlp.down_proj.weight" and float(row.split()[2]) > 0
             out = cli("show", str(va))
             assert "The Space Needle is located in the city of → London" in out and "probe gate: PASSED" in out
-            assert "grpc:editor-user" in out and a.change.patch_id in out
+            assert "token:editor-user" in out and a.change.patch_id in out
 
             # Export A's patch and import it again: a new version with it on top, served.
             exp = adm.export_patch(version=va)
@@ -610,7 +614,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert imp.kind == "import" and imp.previous_version == vr and imp.patch_id == a.change.patch_id
             assert imp.active_patches == b.change.active_patches
             assert "London" in server.complete(NEEDLE_TEXT) and "Tokyo" in server.complete(BRIDGE_TEXT)
-            assert watcher.wait_for(lambda e: e.kind == "import" and e.version == vi).caller == "grpc:admin-user"
+            assert watcher.wait_for(lambda e: e.kind == "import" and e.version == vi).caller == "token:admin-user"
             info_i = adm.get_version(vi)
             assert info_i.kind == "import" and info_i.patch_id == a.change.patch_id and info_i.is_head
             d = adm.diff(vr, vi)
@@ -625,7 +629,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert back.version == vr and back.previous_version == vi
             assert server.complete(NEEDLE_TEXT) == needle_before
             event = watcher.wait_for(lambda e: e.kind == "rollback" and e.version == vr)
-            assert event.from_version == vi and event.caller == "grpc:admin-user"
+            assert event.from_version == vi and event.caller == "token:admin-user"
             assert cli("rollback", str(vi)).startswith(f"now serving version {vi} (was {vr})")
             assert "London" in server.complete(NEEDLE_TEXT)
             watcher.wait_for(lambda e: e.kind in ("rollback", "roll_forward") and e.version == vi)
@@ -635,3 +639,199 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert st.served_version == st.ledger_head == vi and st.sidecar_in_sync
     finally:
         watcher.close()
+
+
+# ------------------------------------------------------------------------------ one door: HTTP too
+
+from tests._door import HTTP_OF, http_call, http_request_of  # noqa: E402
+
+
+def _http(server: GrpcServer, method: str, path: str, body: Any = None, role: str | None = "admin",
+          **kw: Any) -> tuple[int, Any]:
+    return http_call(server.port, method, path, body, TOKENS[role] if role else None, **kw)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_over_http(server: GrpcServer, case: tuple) -> None:
+    """The same catalogue through the HTTP routes: the same validation, the status of the one table."""
+    _, (method, kwargs), code, fragment = case
+    verb, path, body, query = http_request_of(method, kwargs)
+    before = _state(server)
+    status, data = _http(server, verb, path, body, query=query)
+    assert (status, data["error"]["code"]) == (HTTP_OF[code], code), data
+    assert fragment in data["error"]["message"], data
+    assert _state(server) == before
+
+
+HTTP_BAD = [
+    ("caller-field", "POST", "/edit", {"facts": [EIFFEL], "caller": "mallory"}, 400, "'caller' is not accepted"),
+    ("unknown-field", "POST", "/rollback", {"version": 0, "force": True}, 400, "force"),
+    ("old-requests-field", "POST", "/edit", {"requests": [EIFFEL]}, 400, "requests"),
+    ("not-json", "POST", "/edit", b"{nope", 400, "not UTF-8 JSON"),
+    ("json-list", "POST", "/rollback", [1, 2], 400, "JSON object"),
+    ("version-not-int", "POST", "/rollback", {"version": "abc"}, 400, "abc"),
+    ("hparams-unbounded", "POST", "/edit", {"facts": [EIFFEL], "hparams": {"value": {"max_steps": 100000}}}, 400,
+     "max_steps=100000"),
+    ("hparams-not-whitelisted", "POST", "/edit", {"facts": [EIFFEL], "hparams": {"layer": 2}}, 400, "'layer'"),
+    ("hparams-not-object", "POST", "/edit", {"facts": [EIFFEL], "hparams": [1]}, 400, "hparams must be an object"),
+    ("checksums-too-many", "GET", "/checksums", None, 413, "257 weight names"),
+    ("checksums-bad-name", "GET", "/checksums", None, 400, "weight name"),
+    ("versions-negative-limit", "GET", "/versions", None, 400, "limit"),
+]
+
+
+@pytest.mark.parametrize("case", HTTP_BAD, ids=[c[0] for c in HTTP_BAD])
+def test_http_only_bad_input(server: GrpcServer, case: tuple) -> None:
+    name, verb, path, body, status, fragment = case
+    query = {"checksums-too-many": {"name": [f"w{i}" for i in range(257)]},
+             "checksums-bad-name": {"name": ["../x"]}, "versions-negative-limit": {"limit": "-1"}}.get(name)
+    before = _state(server)
+    got, data = _http(server, verb, path, body, query=query)
+    assert got == status and fragment in data["error"]["message"], data
+    assert _state(server) == before
+
+
+def test_checksums_are_deduplicated(server: GrpcServer) -> None:
+    name = "model.layers.5.mlp.down_proj.weight"
+    status, data = _http(server, "GET", "/checksums", role="viewer", query={"name": [name] * 300})
+    assert status == 200 and list(data) == [name] and set(data[name]) == {"0"}, data
+
+
+def test_edit_options_need_their_role(server: GrpcServer) -> None:
+    """Skipping the gate and overriding statistics / prefix hyper-parameters are admin-only, on both
+    transports; nothing is computed for a refused request."""
+    before = _state(server)
+    cases = [({"skip_gate": True}, "skip_gate"), ({"hparams_json": '{"stats": {"n_tokens": 5000}}'}, "statistics"),
+             ({"hparams_json": '{"prefixes": {"n_prefixes": 2}}'}, "statistics or prefix")]
+    ch = grpc.insecure_channel(server.target)
+    stub = pb2_grpc.EditServiceStub(ch)
+    for extra, fragment in cases:
+        msg = pb2.EditRequest(facts=[pb2.Fact(**EIFFEL)], dry_run=True, **extra)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Edit(msg, metadata=[("authorization", f"Bearer {TOKENS['editor']}")], timeout=60)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and fragment in e.value.details()
+        assert "admin" in e.value.details()
+        body = {"facts": [EIFFEL], "dry_run": True, **extra}
+        status, data = _http(server, "POST", "/edit", body, role="editor")
+        assert (status, data["error"]["code"]) == (403, "PERMISSION_DENIED") and fragment in data["error"]["message"]
+    ch.close()
+    assert _state(server) == before
+
+
+# Every RPC and every route: without a token, with a wrong one, and with the role just below.
+RPC_CALLS = {"Status": pb2.StatusRequest(), "ListVersions": pb2.ListVersionsRequest(),
+             "GetVersion": pb2.GetVersionRequest(version=0), "Diff": pb2.DiffRequest(a=0, b=0),
+             "WatchEvents": pb2.WatchEventsRequest(), "ExportPatch": pb2.ExportPatchRequest(version=1),
+             "Edit": pb2.EditRequest(facts=[pb2.Fact(**EIFFEL)]),
+             "Probe": pb2.ProbeRequest(items=[pb2.ProbeItem(prompt="The sky is", target=" blue")]),
+             "Trace": pb2.TraceRequest(prompt="{} is", subject="Windows XP"),
+             "Rollback": pb2.RollbackRequest(version=0), "Revert": pb2.RevertRequest(version=1),
+             "ImportPatch": pb2.ImportPatchRequest(manifest_json=b"{}", factors=b"x")}
+HTTP_BODIES = {"/edit": {"facts": [EIFFEL]}, "/rollback": {"version": 0}, "/revert": {"version": 1},
+               "/probe": {"items": [{"prompt": "The sky is", "target": " blue"}]},
+               "/trace": {"prompt": "{} is", "subject": "Windows XP"},
+               "/import": {"manifest_json": "e30=", "factors": "eA=="}, "/sync": {}}
+BELOW = {"viewer": None, "editor": "viewer", "admin": "editor"}
+
+
+def test_every_rpc_and_route_refuses_missing_wrong_and_low_tokens(server: GrpcServer) -> None:
+    from editserve.control.http import ROUTES
+    from editserve.control.principals import GRPC_OPERATIONS, OPERATION_ROLES
+
+    text_before, before = server.complete(EIFFEL_TEXT), _state(server)
+    ch = grpc.insecure_channel(server.target)
+    methods = {m.name: m for m in pb2.DESCRIPTOR.services_by_name["EditService"].methods}
+    assert set(RPC_CALLS) == set(methods) == set(GRPC_OPERATIONS)
+    refused = 0
+    for name, request in RPC_CALLS.items():
+        needed = OPERATION_ROLES[GRPC_OPERATIONS[name]]
+        attempts = [(None, "UNAUTHENTICATED"), ("not-a-token-0123456789", "UNAUTHENTICATED")]
+        if BELOW[needed]:
+            attempts.append((TOKENS[BELOW[needed]], "PERMISSION_DENIED"))
+        path = f"/editserve.v1.EditService/{name}"
+        for token, code in attempts:
+            meta = [("authorization", f"Bearer {token}")] if token else []
+            if methods[name].server_streaming:
+                call = ch.unary_stream(path, request_serializer=type(request).SerializeToString,
+                                       response_deserializer=pb2.Event.FromString)
+                with pytest.raises(grpc.RpcError) as e:
+                    next(iter(call(request, metadata=meta, timeout=60)))
+            else:
+                call = ch.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                      response_deserializer=lambda b: b)
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request, metadata=meta, timeout=60)
+            assert e.value.code().name == code, (name, token, e.value)
+            refused += 1
+    ch.close()
+    for verb, path, operation in ROUTES:
+        needed = OPERATION_ROLES[operation]
+        concrete = path.replace("{version}", "0")
+        attempts = [(None, 401), ("not-a-token-0123456789", 401), ("Basic-scheme", 401)]
+        if BELOW[needed]:
+            attempts.append((TOKENS[BELOW[needed]], 403))
+        for token, status in attempts:
+            headers = {"authorization": "Basic YWxhZGRpbjpvcGVu"} if token == "Basic-scheme" else None
+            got, data = http_call(server.port, verb, concrete, HTTP_BODIES.get(path) if verb == "POST" else None,
+                                  None if token == "Basic-scheme" else token, headers=headers, timeout=60)
+            assert got == status, (verb, path, token, data)
+            assert data["error"]["type"] in ("Unauthenticated", "PermissionDenied")
+            refused += 1
+    assert refused >= 60
+    assert _state(server) == before and server.complete(EIFFEL_TEXT) == text_before
+    log = server.log_path.read_text(errors="replace")
+    assert not any(t in log for t in TOKENS.values()) and "not-a-token-0123456789" not in log
+    assert "audit: refused POST /editserve/v1/edit over http" in log
+
+
+def test_stopped_sidecar_hits_the_deadline_and_the_next_edit_works(server: GrpcServer) -> None:
+    """SIGSTOP the sidecar while it computes an edit: the call ends DEADLINE_EXCEEDED after the
+    compute deadline, the sidecar is killed and restarted at the served version, and the next
+    edit (over HTTP, an admin skipping the gate: recorded in the ledger) is committed."""
+    status, st = _http(server, "GET", "/status", role="viewer")
+    assert status == 200 and st["sidecar"]["alive"], st
+    pid, head = st["sidecar"]["pid"], st["ledger_head"]
+    fact = {"prompt": "{} is located in the country of", "subject": "The Colosseum", "target_new": " Japan",
+            "target_true": " Italy"}
+    watcher = Watcher(server)
+    errors: list[ControlError] = []
+
+    def edit() -> None:
+        with server.client("editor") as c:
+            try:
+                c.edit([fact], operation_id="stopped-1")
+            except ControlError as exc:
+                errors.append(exc)
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=edit)
+    thread.start()
+    try:
+        watcher.wait_for(lambda e: e.operation_id == "stopped-1" and e.message.startswith("compute"), 300)
+        os.kill(pid, signal.SIGSTOP)
+        thread.join(SIDECAR_TIMEOUT_S + 240)
+    finally:
+        watcher.close()
+    assert not thread.is_alive()
+    assert errors and errors[0].code == "DEADLINE_EXCEEDED", errors
+    assert "the sidecar's ComputeEdit ran past its deadline" in errors[0].details, errors
+    assert time.monotonic() - t0 >= SIDECAR_TIMEOUT_S * 0.9
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)                                       # killed (and reaped), not left stopped
+    deadline = time.monotonic() + 600
+    while True:
+        _, st = _http(server, "GET", "/status", role="viewer")
+        if st["sidecar"]["alive"] and st["sidecar"]["in_sync"] and st["sidecar"]["pid"] != pid:
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(3)
+    assert st["ledger_head"] == st["served_version"] == head and st["sidecar"]["restarts"] >= 1
+    status, change = _http(server, "POST", "/edit", {"facts": [fact], "skip_gate": True})
+    assert status == 200 and change["kind"] == "edit" and change["version"] > head, change
+    assert change["probe_report"]["gate_skipped"] == {"by": "token:admin-user", "role": "admin"}
+    status, info = _http(server, "GET", f"/versions/{change['version']}", role="viewer")
+    assert status == 200 and info["caller"] == "token:admin-user"
+    assert json.loads(info["probe_report_json"])["gate_skipped"]["by"] == "token:admin-user"
+    assert "skips the probe gate" in server.log_path.read_text(errors="replace")
+    status, back = _http(server, "POST", "/rollback", {"version": head})
+    assert status == 200 and back["version"] == head, back
