@@ -295,6 +295,7 @@ def test_base_copy_cache_is_bounded_lru(tmp_path):
     """The API server keeps at most `base_cache_bytes` of the ledger's base copies (least recently
     used first out); a copy larger than the whole bound is read but not kept."""
     from editserve.engine.control import ControlPlane, ControlSettings
+    from editserve.engine.expected import ExpectedChecksums
     from editserve.ledger import Ledger
 
     fp = "f" * 64
@@ -302,10 +303,13 @@ def test_base_copy_cache_is_bounded_lru(tmp_path):
         for i in range(3):
             ledger.ensure_base(f"w{i}", torch.full((64, 64), float(i)), Layout.OUT_IN)     # 16 KiB each
         ledger.ensure_base("big", torch.zeros(256, 256), Layout.OUT_IN)                       # 256 KiB
-        control = ControlPlane(None, ControlSettings(model=None, base_cache_bytes=40 << 10))
-        control.ledger = ledger
+        cache = ExpectedChecksums(tensor_parallel_size=2, base_cache_bytes=40 << 10, ledger=ledger)
         for name in ("w0", "w1", "w0", "w2"):
-            assert torch.equal(control._base(name)[0], ledger.base_copy(name)[0])
-        assert list(control._base_cache) == ["w0", "w2"] and control._base_cache_bytes == 32 << 10
-        assert control._base("big")[0].shape == (256, 256) and "big" not in control._base_cache
-        assert control._base_cache_bytes <= 40 << 10
+            assert torch.equal(cache.base(name)[0], ledger.base_copy(name)[0])
+        assert cache.cached_base_names == ["w0", "w2"] and cache.cached_base_bytes == 32 << 10
+        assert cache.base("big")[0].shape == (256, 256) and "big" not in cache.cached_base_names
+        assert cache.cached_base_bytes <= 40 << 10
+        sums = cache.of([], ["w1"])
+        assert sums == {("w1", 0): tensor_sha256(torch.full((64, 32), 1.0)), ("w1", 1): tensor_sha256(torch.full((64, 32), 1.0))}
+        control = ControlPlane(None, ControlSettings(model=None, base_cache_bytes=1 << 20))
+        assert control.expected.base_cache_bytes == 1 << 20

@@ -42,145 +42,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
-from editserve.engine.errors import (
-    EngineStateUnknown,
-    ParityError,
-    PluginSetupError,
-    SwapFailed,
-)
+from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
+from editserve.engine.changes import VersionChange
+from editserve.engine.errors import PluginSetupError, SwapFailed
+from editserve.engine.expected import ExpectedChecksums
+from editserve.engine.orchestration import Counters, Served, SwapOrchestration
+from editserve.engine.probe_scores import probe_scores
+from editserve.engine.settings import (BASE_CACHE_ENV, LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV,
+                                       SIDECAR_READ_TIMEOUT_ENV, SIDECAR_SYNC_TIMEOUT_ENV, SIDECAR_THREADS_ENV,
+                                       SIDECAR_TIMEOUT_ENV, ControlSettings)
 from editserve.engine.sidecar import (ComputeEdit, EditComputed, ProbePrompt, Progress, Scored, SidecarClient,
                                      SidecarConfig, TraceFact, Traced)
-from editserve.engine.swap import DEFAULT_PAUSE_MODE, SwapResult, Swapper, check_mode, verify
-from editserve.engine.wire import ApplyMessage, message_for, rank_range, weight_checksum
+from editserve.engine.supervisor import SidecarSupervision
+from editserve.engine.swap import Swapper, verify
+from editserve.engine.wire import message_for
 from editserve.errors import InvalidRequestError
-from editserve.patches import Patch, materialize
+from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
 
-LEDGER_ENV = "EDITSERVE_LEDGER"
-PAUSE_MODE_ENV = "EDITSERVE_PAUSE_MODE"
-SIDECAR_DEVICE_ENV = "EDITSERVE_SIDECAR_DEVICE"
-SIDECAR_THREADS_ENV = "EDITSERVE_SIDECAR_THREADS"
-SIDECAR_TIMEOUT_ENV = "EDITSERVE_SIDECAR_TIMEOUT_S"              # compute (an edit's keys, values, solve, gate)
-SIDECAR_READ_TIMEOUT_ENV = "EDITSERVE_SIDECAR_READ_TIMEOUT_S"    # probe / trace
-SIDECAR_SYNC_TIMEOUT_ENV = "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S"    # sync to a version, open the ledger
-BASE_CACHE_ENV = "EDITSERVE_BASE_CACHE_MB"
-VERSION_HEADER = "x-editserve-version"
-VERSION_START_HEADER = "x-editserve-version-start"
-
-
-@dataclass(frozen=True)
-class ControlSettings:
-    """Where the control plane finds things; the plugin reads them from the environment."""
-
-    model: str | None                     # the checkpoint vLLM serves (a local HF directory)
-    tensor_parallel_size: int = 1
-    ledger_root: str | None = None        # None: $EDITSERVE_HOME/ledger/<fingerprint[:16]>
-    pause_mode: str = DEFAULT_PAUSE_MODE
-    sidecar_device: str | None = None     # None: cuda when available, else cpu
-    sidecar_threads: int | None = None
-    caller: str = "engine"
-    drain_timeout_s: float = 600.0            # ``wait`` mode: longest wait for requests in flight
-    sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
-    sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
-    compute_timeout_s: float = 900.0          # deadline of an edit's computation on the sidecar
-    read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
-    sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
-    base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
-
-    def __post_init__(self) -> None:
-        check_mode(self.pause_mode)
-        if self.tensor_parallel_size < 1:
-            raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.base_cache_bytes < 0:
-            raise InvalidRequestError(f"base_cache_bytes must be >= 0, got {self.base_cache_bytes}")
-        for name in ("sidecar_watch_s", "sidecar_retry_s", "compute_timeout_s", "read_timeout_s", "sync_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,
-                 ) -> "ControlSettings":
-        env = os.environ if environ is None else environ
-        threads = env.get(SIDECAR_THREADS_ENV)
-        if threads is not None and not threads.strip().isdigit():
-            raise InvalidRequestError(f"{SIDECAR_THREADS_ENV} must be a positive integer, got {threads!r}")
-        def seconds(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"{name} must be a number of seconds, got {raw!r}") from None
-            if not (math.isfinite(value) and value > 0):
-                raise InvalidRequestError(f"{name} must be a positive number of seconds, got {raw!r}")
-            return value
-
-        cache_mb = env.get(BASE_CACHE_ENV, "").strip()
-        if cache_mb and not cache_mb.isdigit():
-            raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
-        return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
-                   pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
-                   sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
-                   sidecar_threads=int(threads) if threads else None,
-                   compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
-                   read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
-                   sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
-                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20)
-
-
-@dataclass(frozen=True)
-class VersionChange:
-    """The result of an edit or rollback: which version is served now and what it cost."""
-
-    version: int
-    previous_version: int
-    kind: str                                     # "edit" | "dry_run" | "replayed" | "rollback" | "revert" | "import" | "follow" | "start"
-    pause_ms: float
-    swap: dict[str, Any]
-    timings_ms: dict[str, float]
-    patch_id: str | None = None
-    method: str | None = None
-    probe_report: dict[str, Any] | None = None
-    active_patches: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class _Served:
-    """What the engine holds now (mutated only under the control plane's lock)."""
-
-    version: int
-    message: ApplyMessage
-    expected: dict[tuple[str, int], str]
-    epoch: int = 0                                # successful swaps so far
-
-
-@dataclass
-class _Counters:
-    swaps_ok: int = 0
-    swaps_failed: int = 0
-    parity_failures: int = 0
-    last_pause_ms: float | None = None
-    last_drain_ms: float | None = None
-    pauses_ms: list[float] = field(default_factory=list)
-    sidecar_restarts: int = 0
+__all__ = ["ControlPlane", "ControlSettings", "VersionChange", "probe_scores", "registry_for", "VERSION_HEADER",
+           "VERSION_START_HEADER", "LEDGER_ENV", "PAUSE_MODE_ENV", "SIDECAR_DEVICE_ENV", "SIDECAR_THREADS_ENV",
+           "SIDECAR_TIMEOUT_ENV", "SIDECAR_READ_TIMEOUT_ENV", "SIDECAR_SYNC_TIMEOUT_ENV", "BASE_CACHE_ENV"]
 
 
 def registry_for() -> Any:
@@ -190,40 +81,12 @@ def registry_for() -> Any:
     return get_prometheus_registry()
 
 
-def _log_restart_outcome(task: "asyncio.Task[None]") -> None:
-    """Done-callback of a sidecar restart: its failure is logged even if nobody awaits it."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("sidecar restart failed: %s", task.exception())
+class ControlPlane(SidecarSupervision, SwapOrchestration):
+    """See the module docstring. Create, ``await start()``, then call `edit`/`rollback`/`status`.
 
-
-def _optional_score(value: Any) -> float | None:
-    """A probe fraction or KL from a report; None where it was not measured (absent, -1, not finite)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    x = float(value)
-    return x if math.isfinite(x) and x >= 0 else None
-
-
-def probe_scores(report: dict[str, Any]) -> tuple[float, float | None, float | None, float | None]:
-    """(efficacy, paraphrase, neighbourhood, canary KL) of a probe report, for the probe gauges.
-
-    With the probe gate (``report["gate"]``, `editserve.control.probe.ProbeReport`): its CounterFact
-    fractions (neighbourhood = NS after the edit) and mean canary KL; otherwise the sidecar's own
-    report (efficacy on the requests' prompts, paraphrase / neighbourhood fractions of the
-    caller's probes, canary KL). None: not measured."""
-    gate = report.get("gate")
-    if gate is not None:
-        efficacy = _optional_score(gate.get("efficacy"))
-        return (efficacy if efficacy is not None else 0.0, _optional_score(gate.get("paraphrase")),
-                _optional_score(gate.get("neighbourhood_after")), _optional_score(gate.get("canary_kl_mean")))
-    scores = report.get("scores") or {}
-    efficacy = _optional_score(scores.get("efficacy"))
-    return (efficacy if efficacy is not None else 0.0, _optional_score(scores.get("paraphrase")),
-            _optional_score(scores.get("neighbourhood")), _optional_score(report.get("canary_kl")))
-
-
-class ControlPlane:
-    """See the module docstring. Create, ``await start()``, then call `edit`/`rollback`/`status`."""
+    Its parts: `SidecarSupervision` (editserve/engine/supervisor.py), `SwapOrchestration`
+    (editserve/engine/orchestration.py), `ExpectedChecksums` (editserve/engine/expected.py) and
+    `Admission` (editserve/engine/admission.py); here: start / close, the operations and status."""
 
     def __init__(self, engine_client: Any, settings: ControlSettings, registry: Any = None) -> None:
         self.engine = engine_client
@@ -231,19 +94,16 @@ class ControlPlane:
         self.swapper = Swapper(engine_client, settings.tensor_parallel_size, settings.pause_mode)
         self._lock = asyncio.Lock()                 # every version change
         self._edit_lock = asyncio.Lock()            # edits one at a time (computing holds only this)
-        self._not_swapping = asyncio.Event()
-        self._not_swapping.set()
-        self._inflight = 0                          # HTTP requests past the version middleware
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.admission = Admission()                # requests held during swaps, counted in flight
+        self.expected = ExpectedChecksums(settings.tensor_parallel_size, settings.base_cache_bytes)
         self._registry = registry
         self.ledger: Any = None
         self.sidecar: SidecarClient | None = None
         self.family: str | None = None
         self.workers: list[dict[str, Any]] = []
-        self.served: _Served | None = None
+        self.served: Served | None = None
         self.operations: Any = None                 # editserve.control.operations.Operations (set by it)
-        self.counters = _Counters()
+        self.counters = Counters()
         self.metrics: Any = None
         self._sidecar_in_sync = False
         self._fingerprint: str | None = None
@@ -254,11 +114,6 @@ class ControlPlane:
         self._sidecar_retry_at = 0.0
         self._closing = False
         self._degraded: str | None = None
-        self._base_cache: OrderedDict[str, tuple[torch.Tensor, Layout]] = OrderedDict()
-        self._base_cache_bytes = 0
-        self._expected_cache: OrderedDict[tuple[str, tuple[str, ...]], dict[int, str]] = OrderedDict()
-
-    # -- start / stop -------------------------------------------------------------------------
 
     async def start(self) -> VersionChange:
         """Describe the workers, start the sidecar, open the ledger, check the base weights and
@@ -296,11 +151,12 @@ class ControlPlane:
             raise PluginSetupError(f"the sidecar loaded a {ready.family!r} model, the engine serves {self.family!r}")
         self._fingerprint = ready.fingerprint
         self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
+        self.expected.ledger = self.ledger
         await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         await self._check_base()
         base_message = message_for(0, self.family, [])
-        self.served = _Served(version=0, message=base_message, expected={})
+        self.served = Served(version=0, message=base_message, expected={})
         head = await asyncio.to_thread(self.ledger.head)
         async with self._lock:
             change = await self._swap_to_version(head, kind="start", commit_rollback=False)
@@ -329,7 +185,7 @@ class ControlPlane:
         names = sorted(await asyncio.to_thread(self.ledger.base_names))
         if not names:
             return
-        expected = await asyncio.to_thread(self._expected_for, [], names)
+        expected = await asyncio.to_thread(self.expected.of, [], names)
         reports = await self.swapper.checksums(names)
         try:
             verify(reports, expected, self.settings.tensor_parallel_size)
@@ -357,296 +213,6 @@ class ControlPlane:
         if self.ledger is not None:
             ledger, self.ledger = self.ledger, None
             ledger.close()
-
-    # -- sidecar supervision ------------------------------------------------------------------
-
-    async def _watch_sidecar(self) -> None:
-        """Notice a dead sidecar process within `sidecar_watch_s` and replace it (see `_restart_sidecar`)."""
-        while not self._closing:
-            await asyncio.sleep(self.settings.sidecar_watch_s)
-            sidecar = self.sidecar
-            restarting = self._sidecar_restart is not None and not self._sidecar_restart.done()
-            if (sidecar is not None and not sidecar.alive and not restarting
-                    and time.monotonic() >= self._sidecar_retry_at):
-                try:
-                    await self._begin_sidecar_restart()
-                except Exception as exc:  # noqa: BLE001 - reported in status and the log; retried later
-                    log.error("sidecar restart failed (next try in %.0f s): %s", self.settings.sidecar_retry_s, exc)
-
-    def _begin_sidecar_restart(self) -> asyncio.Task[None]:
-        """The running restart, or a new one (the caller awaits it)."""
-        task = self._sidecar_restart
-        if task is None or task.done():
-            task = asyncio.create_task(self._restart_sidecar(), name="editserve-sidecar-restart")
-            task.add_done_callback(_log_restart_outcome)
-            self._sidecar_restart = task
-        return task
-
-    async def _ensure_sidecar(self) -> None:
-        """Wait until a live sidecar exists: if it died, restart it now (or wait for the running restart)."""
-        task = self._sidecar_restart
-        if (task is None or task.done()) and self.sidecar is not None and self.sidecar.alive:
-            return
-        if self._closing:
-            from editserve.engine.errors import SidecarError
-
-            raise SidecarError("the control plane is shutting down")
-        await asyncio.shield(self._begin_sidecar_restart())
-
-    async def _restart_sidecar(self) -> None:
-        """Replace a dead sidecar: count and report the death, start a new process with the same
-        configuration, check it loaded the same weights, open the ledger, and (under the version
-        lock) make it mirror the served version with the usual parity check."""
-        from editserve.engine.errors import SidecarError
-
-        old = self.sidecar
-        assert old is not None and self.ledger is not None
-        t0 = time.perf_counter()
-        exit_code = old.exitcode
-        self._sidecar_in_sync = False
-        self.counters.sidecar_restarts += 1
-        self.metrics.set_sidecar_up(False)
-        self.metrics.record_sidecar_restart()
-        self._sidecar_failure = {"pid": old.pid, "exit_code": exit_code, "at": time.time(), "error": None}
-        log.error("the sidecar process (pid %s) died with exit code %s; starting a new one", old.pid, exit_code)
-        await asyncio.to_thread(old.close)
-        new = await asyncio.to_thread(SidecarClient, old.config)
-        self._sidecar_starting = new
-        try:
-            ready = await asyncio.to_thread(new.wait_ready)
-            if ready.fingerprint != self._fingerprint:
-                raise SidecarError(f"the restarted sidecar loaded weights with fingerprint {ready.fingerprint[:16]}, "
-                                   f"expected {str(self._fingerprint)[:16]}")
-            await asyncio.to_thread(new.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
-            if self._closing:
-                raise SidecarError("the control plane is shutting down")
-            async with self._lock:
-                self.sidecar = new
-                await self._resync_sidecar()
-        except BaseException as exc:
-            self._sidecar_failure = {**self._sidecar_failure, "error": f"{type(exc).__name__}: {exc}"}
-            self._sidecar_retry_at = time.monotonic() + self.settings.sidecar_retry_s
-            if self.sidecar is not new:
-                await asyncio.to_thread(new.kill)
-                await asyncio.to_thread(new.close)
-            raise
-        finally:
-            self._sidecar_starting = None
-        self._sidecar_failure = {**self._sidecar_failure, "restart_seconds": round(time.perf_counter() - t0, 3)}
-        log.info("sidecar restarted (pid %s) in %.1f s; it mirrors version %d", new.pid, time.perf_counter() - t0,
-                 self.served.version if self.served else -1)
-
-    # -- expected checksums -------------------------------------------------------------------
-
-    def _base(self, name: str) -> tuple[torch.Tensor, Layout]:
-        """The ledger's base copy of `name`, from an LRU cache of at most `base_cache_bytes`."""
-        hit = self._base_cache.get(name)
-        if hit is not None:
-            self._base_cache.move_to_end(name)
-            return hit
-        hit = self.ledger.base_copy(name)
-        size = hit[0].numel() * hit[0].element_size()
-        if size <= self.settings.base_cache_bytes:
-            self._base_cache[name] = hit
-            self._base_cache_bytes += size
-            while self._base_cache_bytes > self.settings.base_cache_bytes:
-                _, (old, _) = self._base_cache.popitem(last=False)
-                self._base_cache_bytes -= old.numel() * old.element_size()
-        return hit
-
-    def _expected_for(self, patches: Sequence[Patch], names: Iterable[str]) -> dict[tuple[str, int], str]:
-        """Per (matrix, rank) checksums of base + Σ deltas of `patches`, from the ledger's base copies."""
-        tp = self.settings.tensor_parallel_size
-        deltas: dict[str, list[Any]] = {}
-        keys: dict[str, list[str]] = {}
-        for p in patches:
-            digest = p.digest
-            for i, d in enumerate(p.deltas):
-                deltas.setdefault(d.name, []).append(d)
-                keys.setdefault(d.name, []).append(f"{digest}:{i}")
-        out: dict[tuple[str, int], str] = {}
-        for name in names:
-            cache_key = (name, tuple(keys.get(name, [])))
-            per_rank = self._expected_cache.get(cache_key)
-            if per_rank is None:
-                base, layout = self._base(name)
-                full = materialize(base, deltas.get(name, []), layout)
-                w = full if layout is Layout.OUT_IN else full.t()         # vLLM holds [out, in]
-                per_rank = {}
-                for r in range(tp):
-                    lo, hi = rank_range(int(w.shape[1]), tp, r)
-                    per_rank[r] = weight_checksum(w[:, lo:hi])
-                self._expected_cache[cache_key] = per_rank
-                while len(self._expected_cache) > 4096:
-                    self._expected_cache.popitem(last=False)
-            else:
-                self._expected_cache.move_to_end(cache_key)
-            for r, sha in per_rank.items():
-                out[(name, r)] = sha
-        return out
-
-    # -- swaps --------------------------------------------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self.served is None or self.ledger is None:
-            raise PluginSetupError("the editserve control plane has not started")
-        if self._degraded:
-            raise EngineStateUnknown(f"edits are refused: {self._degraded}")
-
-    @property
-    def served_version(self) -> int | None:
-        """The version the engine serves now (None before `start`)."""
-        return self.served.version if self.served is not None else None
-
-    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
-        """Swap to `message` (whose content is `patches`) with the protocol of `Swapper.swap`."""
-        assert self.served is not None
-        served = self.served
-        names = sorted(set(message.names) | set(served.message.names))
-        expected = await asyncio.to_thread(self._expected_for, patches, names)
-        previous_expected = {k: v for k, v in served.expected.items()}
-        missing = [n for n in names if (n, 0) not in previous_expected]
-        if missing:
-            # Matrices the served version does not touch: a restore must bring back exactly what
-            # the engine holds now (its own base), whatever the ledger's copy says.
-            for report in await self.swapper.checksums(missing):
-                if report.error:
-                    raise SwapFailed(f"rank {report.rank} cannot checksum {missing}: {report.error}; nothing was "
-                                     "changed", restored_version=served.version)
-                previous_expected.update({(n, report.tp_rank): sha for n, sha in report.checksums.items()})
-        self._not_swapping.clear()
-        try:
-            if self.settings.pause_mode == "wait":
-                # New requests are held by the middleware; the ones already admitted finish on the
-                # old version (including those not yet handed to the engine), so every completion
-                # comes from exactly one version.
-                t_drain = time.perf_counter()
-                try:
-                    await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
-                except asyncio.TimeoutError:
-                    raise SwapFailed(f"{self._inflight} request(s) still in flight after "
-                                     f"{self.settings.drain_timeout_s:.0f} s; nothing was changed",
-                                     restored_version=served.version) from None
-                self.counters.last_drain_ms = (time.perf_counter() - t_drain) * 1e3
-            result = await self.swapper.swap(message, expected, served.message, previous_expected, commit)
-        except EngineStateUnknown as exc:
-            self._degraded = str(exc)
-            self.counters.swaps_failed += 1
-            self.metrics.record_swap_result("failed")
-            raise
-        except SwapFailed:
-            self.counters.swaps_failed += 1
-            self.metrics.record_swap_result("failed")
-            raise
-        finally:
-            self._not_swapping.set()
-        self.counters.swaps_ok += 1
-        self.counters.last_pause_ms = result.pause_seconds * 1e3
-        self.counters.pauses_ms = (self.counters.pauses_ms + [result.pause_seconds * 1e3])[-1000:]
-        self.metrics.record_swap_result("ok")
-        self.metrics.record_swap(result.pause_seconds)
-        return result, expected
-
-    def _set_served(self, version: int, message: ApplyMessage, expected: dict[tuple[str, int], str],
-                    active: int) -> None:
-        assert self.served is not None
-        label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
-        self.served = _Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
-        self.metrics.set_head(version, active)
-
-    async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
-                               expected_head: int | None = None, caller: str | None = None) -> VersionChange:
-        """Serve ledger `version` (must hold the lock). With `commit_rollback`, the ledger head is
-        moved to `version` inside the pause (a rollback, recorded as `caller`); otherwise the head
-        is already there."""
-        assert self.served is not None
-        t0 = time.perf_counter()
-        previous = self.served.version
-        patches = await asyncio.to_thread(self.ledger.active_patches, version)
-        message = message_for(version, self.family, patches)
-        commit = None
-        if commit_rollback:
-            async def commit() -> int:
-                return await asyncio.to_thread(self.ledger.rollback, version, caller or self.settings.caller,
-                                               expected_head)
-        result, expected = await self._swap(message, patches, commit)
-        self._set_served(version, message, expected, len(patches))
-        t_swap = time.perf_counter()
-        await self._sync_sidecar(version, result)
-        timings = {"swap": round((t_swap - t0) * 1e3, 3), "sidecar_sync": round((time.perf_counter() - t_swap) * 1e3, 3)}
-        return VersionChange(version=version, previous_version=previous, kind=kind,
-                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
-                             timings_ms=timings, active_patches=len(patches))
-
-    async def _sync_sidecar(self, version: int, result: SwapResult) -> None:
-        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones.
-
-        A dead sidecar is not an error of the version change that was just served: the sync is
-        skipped, a restart is started, and the new sidecar mirrors the served version."""
-        from editserve.engine.errors import SidecarError
-
-        sidecar = self.sidecar
-        assert sidecar is not None
-        names = tuple(sorted({n for r in result.reports for n in r.checksums}))
-        if not sidecar.alive:
-            self._sidecar_died_during(f"the swap to version {version}")
-            return
-        try:
-            synced = await asyncio.to_thread(sidecar.sync, version, self.settings.tensor_parallel_size, names,
-                                           self.settings.sync_timeout_s)
-        except SidecarError:
-            self._sidecar_in_sync = False
-            self.metrics.set_sidecar_up(False)
-            if not sidecar.alive:
-                self._sidecar_died_during(f"the swap to version {version}")
-                return
-            raise
-        except Exception:
-            self._sidecar_in_sync = False
-            self.metrics.set_sidecar_up(False)
-            raise
-        engine = {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
-        bad = sorted(f"{n} rank {k}" for (n, k), sha in engine.items() if synced.checksums.get((n, k)) != sha)
-        if bad:
-            self._sidecar_in_sync = False
-            self.metrics.set_sidecar_up(False)
-            self.counters.parity_failures += 1
-            self.metrics.parity_failure()
-            raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
-                              f"for {', '.join(bad)}")
-        self._sidecar_in_sync = True
-        self.metrics.set_sidecar_up(True)
-        self.metrics.set_drifts(synced.drift)
-        self.metrics.set_ledger_bytes(await asyncio.to_thread(self.ledger.nbytes))
-
-    def _sidecar_died_during(self, what: str) -> None:
-        """The sidecar is dead: mark it out of sync and make sure a restart is under way."""
-        self._sidecar_in_sync = False
-        self.metrics.set_sidecar_up(False)
-        log.warning("the sidecar process is dead during %s; it is restarted and will mirror the served version", what)
-        if not self._closing:
-            self._begin_sidecar_restart()
-
-    async def _follow_head(self) -> VersionChange | None:
-        """Serve the ledger head if it moved outside this process (must hold the lock)."""
-        assert self.served is not None
-        head = await asyncio.to_thread(self.ledger.head)
-        if head == self.served.version:
-            if not self._sidecar_in_sync:
-                await self._resync_sidecar()
-            return None
-        log.info("ledger head moved to version %d outside this engine (serving %d); following it",
-                 head, self.served.version)
-        return await self._swap_to_version(head, kind="follow", commit_rollback=False)
-
-    async def _resync_sidecar(self) -> None:
-        assert self.served is not None
-        reports = await self.swapper.checksums(sorted(self.served.message.names))
-        fake = SwapResult(label=self.served.version, pause_seconds=0.0, rpc_seconds=0.0, worker_seconds=0.0,
-                          reports=tuple(reports))
-        await self._sync_sidecar(self.served.version, fake)
-
-    # -- public operations --------------------------------------------------------------------
 
     async def edit(
         self,
@@ -684,38 +250,6 @@ class ControlPlane:
                 outcome = "rejected" if isinstance(exc, (ValueError, ProbeRejected)) else "failed"
                 self.metrics.record_edit(method, outcome, stages, total_seconds=time.perf_counter() - t0)
             raise
-
-    async def _followed_head(self, expected_head: int | None) -> int:
-        """Under the version lock: serve the ledger head if it moved, check `expected_head`, return it."""
-        from editserve.ledger import LedgerConflict
-
-        await self._follow_head()
-        assert self.served is not None
-        head = self.served.version
-        if expected_head is not None and expected_head != head:
-            raise LedgerConflict(f"expected head {expected_head}, the head is version {head}",
-                                 expected_head=expected_head, actual_head=head)
-        return head
-
-    async def _replayed(self, key: str | None, kind: str, matches: Callable[[Any], bool]) -> VersionChange | None:
-        """A retried call (same idempotency key): the version the first call created, reported
-        without computing or swapping anything; the same key used for another request is refused."""
-        from editserve.ledger.errors import IdempotencyMismatch
-
-        if not key:
-            return None
-        info = await asyncio.to_thread(self.ledger.version_for_key, key)
-        if info is None:
-            return None
-        if not matches(info):
-            raise IdempotencyMismatch(f"idempotency key {key!r} was used for version {info.version} "
-                                      f"({info.kind}) with another request")
-        log.info("%s replayed: idempotency key %r already created version %d", kind, key, info.version)
-        assert self.served is not None
-        return VersionChange(version=info.version, previous_version=self.served.version, kind="replayed",
-                             pause_ms=0.0, swap={}, timings_ms={}, patch_id=info.patch_id, method=info.method,
-                             probe_report=info.probe_report,
-                             active_patches=len(await asyncio.to_thread(self.ledger.active_ids, info.version)))
 
     async def _edit(self, t0: float, requests: Sequence[EditRequest], method: str, layers: Sequence[int] | None,
                     hparams: dict[str, Any] | None, expected_head: int | None, caller: str | None,
@@ -901,37 +435,6 @@ class ControlPlane:
 
         return await self._change("import", expected_head, target_of, write, patch_id=patch.digest)
 
-    async def _change(self, kind: str, expected_head: int | None, target_of: Callable[[list[Patch]], Sequence[Patch]],
-                      write: Callable[[int], int], patch_id: str | None = None) -> VersionChange:
-        """Under the version lock: follow the head, swap to ``target_of(active patches at the head)``
-        with ``write(head)`` (the new ledger version) as the swap's commit step, move the sidecar."""
-        t0 = time.perf_counter()
-        async with self._lock:
-            head = await self._followed_head(expected_head)
-            current = await asyncio.to_thread(self.ledger.active_patches, head)
-            target = list(target_of(current))
-            message = message_for(-1, self.family, target)
-
-            async def commit() -> int:
-                version = await asyncio.to_thread(write, head)
-                active = await asyncio.to_thread(self.ledger.active_ids, version)
-                if tuple(active) != tuple(p.digest for p in target):
-                    raise SwapFailed(f"ledger version {version} does not hold the patches just applied")
-                return version
-
-            result, expected = await self._swap(message, target, commit)
-            version = int(result.committed)
-            self._set_served(version, message, expected, len(target))
-            t_swap = time.perf_counter()
-            await self._sync_sidecar(version, result)
-        t_end = time.perf_counter()
-        log.info("%s → version %d served (pause %.2f ms)", kind, version, result.pause_seconds * 1e3)
-        return VersionChange(version=version, previous_version=head, kind=kind,
-                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
-                             timings_ms={"swap": round((t_swap - t0) * 1e3, 3),
-                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
-                             patch_id=patch_id, active_patches=len(target))
-
     async def score(self, items: Sequence[tuple[str, str, str | None]]) -> Scored:
         """Score (prompt, target, other or None) continuations on the served version (on the
         sidecar, which holds exactly the served version's patches while it scores)."""
@@ -988,7 +491,7 @@ class ControlPlane:
             "parity_failures": self.counters.parity_failures,
             "last_pause_ms": self.counters.last_pause_ms,
             "last_drain_ms": self.counters.last_drain_ms,
-            "requests_in_flight": self._inflight,
+            "requests_in_flight": self.admission.inflight,
             "median_pause_ms": pauses[len(pauses) // 2] if pauses else None,
             "sidecar": {"alive": self.sidecar.alive if self.sidecar else False,
                         "in_sync": self._sidecar_in_sync,
@@ -1002,22 +505,14 @@ class ControlPlane:
                 "editable_layers": len(w["editable"])} for w in self.workers],
         }
 
-    # -- request version tracking (used by the HTTP middleware) ----------------------------------
-
     async def admit(self) -> tuple[int, int]:
         """Admit one HTTP request: wait while a swap is in progress, count it as in flight, and
         return its start mark (epoch, served version). Pair with `release`."""
-        while not self._not_swapping.is_set():
-            await self._not_swapping.wait()
-        self._inflight += 1
-        self._idle.clear()
+        await self.admission.admit()
         return self.version_mark()
 
     def release(self) -> None:
-        self._inflight -= 1
-        if self._inflight <= 0:
-            self._inflight = 0
-            self._idle.set()
+        self.admission.release()
 
     def version_mark(self) -> tuple[int, int]:
         """(epoch, served version) now; a request whose start and end marks differ was in flight

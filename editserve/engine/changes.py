@@ -1,0 +1,25 @@
+"""`VersionChange`: what an edit, rollback, revert, import or follow did — the version served now and its cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    """The result of an edit or rollback: which version is served now and what it cost."""
+
+    version: int
+    previous_version: int
+    kind: str                                     # "edit" | "dry_run" | "replayed" | "rollback" | "revert" | "import" | "follow" | "start"
+    pause_ms: float
+    swap: dict[str, Any]
+    timings_ms: dict[str, float]
+    patch_id: str | None = None
+    method: str | None = None
+    probe_report: dict[str, Any] | None = None
+    active_patches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

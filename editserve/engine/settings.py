@@ -1,0 +1,84 @@
+"""Settings of the engine's control plane (`ControlSettings`) and the environment variables they come from.
+
+The endpoint plugin reads them from the environment (`ControlSettings.from_env`); `editserve
+serve` (editserve/engine/launch.py) sets the variables from its flags.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
+from editserve.errors import InvalidRequestError
+
+LEDGER_ENV = "EDITSERVE_LEDGER"
+PAUSE_MODE_ENV = "EDITSERVE_PAUSE_MODE"
+SIDECAR_DEVICE_ENV = "EDITSERVE_SIDECAR_DEVICE"
+SIDECAR_THREADS_ENV = "EDITSERVE_SIDECAR_THREADS"
+SIDECAR_TIMEOUT_ENV = "EDITSERVE_SIDECAR_TIMEOUT_S"              # compute (an edit's keys, values, solve, gate)
+SIDECAR_READ_TIMEOUT_ENV = "EDITSERVE_SIDECAR_READ_TIMEOUT_S"    # probe / trace
+SIDECAR_SYNC_TIMEOUT_ENV = "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S"    # sync to a version, open the ledger
+BASE_CACHE_ENV = "EDITSERVE_BASE_CACHE_MB"
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Where the control plane finds things; the plugin reads them from the environment."""
+
+    model: str | None                     # the checkpoint vLLM serves (a local HF directory)
+    tensor_parallel_size: int = 1
+    ledger_root: str | None = None        # None: $EDITSERVE_HOME/ledger/<fingerprint[:16]>
+    pause_mode: str = DEFAULT_PAUSE_MODE
+    sidecar_device: str | None = None     # None: cuda when available, else cpu
+    sidecar_threads: int | None = None
+    caller: str = "engine"
+    drain_timeout_s: float = 600.0            # ``wait`` mode: longest wait for requests in flight
+    sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
+    sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
+    compute_timeout_s: float = 900.0          # deadline of an edit's computation on the sidecar
+    read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
+    sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
+    base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
+
+    def __post_init__(self) -> None:
+        check_mode(self.pause_mode)
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.base_cache_bytes < 0:
+            raise InvalidRequestError(f"base_cache_bytes must be >= 0, got {self.base_cache_bytes}")
+        for name in ("sidecar_watch_s", "sidecar_retry_s", "compute_timeout_s", "read_timeout_s", "sync_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,
+                 ) -> "ControlSettings":
+        env = os.environ if environ is None else environ
+        threads = env.get(SIDECAR_THREADS_ENV)
+        if threads is not None and not threads.strip().isdigit():
+            raise InvalidRequestError(f"{SIDECAR_THREADS_ENV} must be a positive integer, got {threads!r}")
+        def seconds(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InvalidRequestError(f"{name} must be a number of seconds, got {raw!r}") from None
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidRequestError(f"{name} must be a positive number of seconds, got {raw!r}")
+            return value
+
+        cache_mb = env.get(BASE_CACHE_ENV, "").strip()
+        if cache_mb and not cache_mb.isdigit():
+            raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
+        return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
+                   pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
+                   sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
+                   sidecar_threads=int(threads) if threads else None,
+                   compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
+                   read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
+                   sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
+                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20)
