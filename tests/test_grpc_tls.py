@@ -15,6 +15,7 @@ import datetime
 import hashlib
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,33 @@ def test_no_token_configured_creates_the_local_admin_token(loopback: LoopbackSer
         assert c.status().ledger_head == 0
     assert _refused(target=loopback.target, token="").code == "UNAUTHENTICATED"
     assert _refused(target=loopback.target, token="not-the-local-token").code == "UNAUTHENTICATED"
+
+
+def test_watch_streams_are_capped(loopback: LoopbackServer, tmp_path: Path) -> None:
+    """Beyond EDITSERVE_MAX_EVENT_STREAMS concurrent WatchEvents streams: RESOURCE_EXHAUSTED; a
+    closed stream frees its place."""
+    from editserve.control.gen import pb2
+
+    token = "admin-token-streams-01"
+    loopback.start_from_env({"EDITSERVE_CONTROL_TOKEN": token, "EDITSERVE_MAX_EVENT_STREAMS": "2",
+                             "EDITSERVE_HOME": str(tmp_path)})
+    with EditClient(loopback.target, token, timeout_s=20) as c:
+        meta = c._metadata()
+        streams = [c.stub.WatchEvents(pb2.WatchEventsRequest(), metadata=meta) for _ in range(2)]
+        assert [next(s).kind for s in streams] == ["watching", "watching"]
+        extra = c.stub.WatchEvents(pb2.WatchEventsRequest(), metadata=meta)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 2" in e.value.details()
+        streams[0].cancel()
+        deadline = time.monotonic() + 20
+        while True:                                   # the server notices the cancellation asynchronously
+            again = c.stub.WatchEvents(pb2.WatchEventsRequest(), metadata=meta)
+            try:
+                assert next(again).kind == "watching"
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.5)
+        again.cancel()
+        streams[1].cancel()

@@ -63,7 +63,7 @@ class Operations:
     def __init__(self, engine: Any, tokens: TokenTable, hub: EventHub | None = None) -> None:
         self.engine = engine
         self.tokens = tokens
-        self.hub = hub or EventHub()
+        self.hub = hub if hub is not None else EventHub()      # (an empty hub is falsy)
 
     @classmethod
     def of(cls, engine: Any, environ: Mapping[str, str] | None = None) -> "Operations":
