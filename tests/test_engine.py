@@ -313,3 +313,22 @@ def test_base_copy_cache_is_bounded_lru(tmp_path):
         assert sums == {("w1", 0): tensor_sha256(torch.full((64, 32), 1.0)), ("w1", 1): tensor_sha256(torch.full((64, 32), 1.0))}
         control = ControlPlane(None, ControlSettings(model=None, base_cache_bytes=1 << 20))
         assert control.expected.base_cache_bytes == 1 << 20
+
+
+def test_one_meaning_of_a_probe_outcome():
+    """The sidecar's report counts a probe as the gate and the evaluation do (new vs true target,
+    mean per-token log-probability after the edit); a probe without a true target has no outcome."""
+    from editserve.editing.scoring import fact_success
+    from editserve.engine.sidecar import ProbePrompt, _probe_report
+
+    assert fact_success("efficacy", -1.0, -2.0) and not fact_success("efficacy", -2.0, -1.0)
+    assert fact_success("neighbourhood", -2.0, -1.0) and not fact_success("paraphrase", -1.0, -1.0)
+    with pytest.raises(ValueError, match="unknown probe kind"):
+        fact_success("canary", 0.0, 0.0)
+    probes = [ProbePrompt("a", " x", " y", "efficacy"), ProbePrompt("b", " x", " y", "efficacy"),
+              ProbePrompt("c", " x", None, "efficacy")]
+    before = [(-3.0, -1.0), (-3.0, -1.0), (-3.0, None)]
+    after = [(-0.5, -2.0), (-1.5, -1.0), (-0.1, None)]          # won, lost, more likely but no true target
+    report = _probe_report(probes, before, after)
+    assert report["scores"] == {"efficacy": 0.5}
+    assert [r["success"] for r in report["probes"]] == [True, False, None]

@@ -226,6 +226,8 @@ def probe_gate(model: torch.nn.Module, tok: Any, patch: Any, requests: Sequence[
     from editserve.patches import apply_patch, remove_patch
 
     t0 = time.perf_counter()
+    from editserve.editing.scoring import fact_success
+
     reqs = list(requests)
     if not reqs:
         raise InvalidRequestError("the probe gate needs at least one edit request")
@@ -269,7 +271,7 @@ def probe_gate(model: torch.nn.Module, tok: Any, patch: Any, requests: Sequence[
     rows = []
     for k, (kind, text, i) in enumerate(items):
         nb, tb, na, ta = before[k], before[n + k], after[k], after[n + k]
-        ok = (ta > na) if kind == "neighbourhood" else (na > ta)
+        ok = fact_success(kind, na, ta)
         rows.append(ProbeRow(kind=kind, prompt=text, target_new=reqs[i].target_new, target_true=true_of[i],
                              new_logprob_before=round(nb, 5), true_logprob_before=round(tb, 5),
                              new_logprob_after=round(na, 5), true_logprob_after=round(ta, 5), success=bool(ok)))

@@ -1,4 +1,5 @@
-"""Scoring continuations: mean per-token NLL of a target after a prompt, batched.
+"""Scoring continuations: mean per-token NLL of a target after a prompt, batched, and what a
+probe prompt's outcome means (`fact_success`).
 
 Right-padded batches through the model body; the LM head runs only at the positions that
 predict target tokens.
@@ -12,6 +13,21 @@ import torch
 
 from editserve.editing.arch import get_module, spec_for
 from editserve.editing.prompts import mean_per_sequence, target_ids
+
+
+PROBE_KINDS = ("efficacy", "paraphrase", "neighbourhood")
+
+
+def fact_success(kind: str, new_logprob: float, true_logprob: float) -> bool:
+    """The one meaning of a probe prompt's outcome, shared by the probe gate
+    (editserve/control/probe.py), the sidecar's edit report (editserve/engine/sidecar.py) and the
+    CounterFact evaluation (editserve/editing/evaluate.py, vectorised there): with the mean
+    per-token log-probabilities of the new and the true target after the edit, an efficacy or
+    paraphrase prompt succeeds when the new target is the more likely one, a neighbourhood prompt
+    when the true one still is. "Efficacy" is the fraction of successful efficacy prompts."""
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"unknown probe kind {kind!r}; one of {PROBE_KINDS}")
+    return true_logprob > new_logprob if kind == "neighbourhood" else new_logprob > true_logprob
 
 
 def target_nll(

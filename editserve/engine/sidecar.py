@@ -189,7 +189,7 @@ class Failed:
 
 
 def _target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -> float:
-    """log p(target | prompt), summed over the target's tokens."""
+    """Mean per-token log p(target | prompt) (what `editserve.editing.scoring.target_nll` negates)."""
     from editserve.editing.prompts import target_ids
 
     device = next(model.parameters()).device
@@ -199,7 +199,7 @@ def _target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) 
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
     logp = torch.log_softmax(logits[len(pids) - 1: len(pids) - 1 + len(tids)], dim=-1)
-    return float(logp[torch.arange(len(tids)), torch.tensor(tids, device=device)].sum())
+    return float(logp[torch.arange(len(tids)), torch.tensor(tids, device=device)].mean())
 
 
 class _Worker:
@@ -408,17 +408,22 @@ def _mean_kl(p_log: torch.Tensor | None, q_log: torch.Tensor | None) -> float:
 
 def _probe_report(probes: list[ProbePrompt], before: list[tuple[float, float | None]],
                   after: list[tuple[float, float | None]]) -> dict[str, Any]:
-    """Per probe: log-probabilities before/after; success = target beats `other` after the edit
-    (or, with no `other`, the target became more likely). Fractions per kind."""
+    """Per probe: mean per-token log-probabilities before/after, and its outcome as the gate and
+    the evaluation mean it (`editserve.editing.scoring.fact_success`, `target` being the new
+    answer and `other` the true one). A probe without `other` (a fact given without
+    ``target_true``) has no outcome (None) and is left out of the fractions per kind."""
+    from editserve.editing.scoring import fact_success
+
     rows = []
     by_kind: dict[str, list[bool]] = {}
     for p, (tb, ob), (ta, oa) in zip(probes, before, after):
-        ok = (ta > oa) if oa is not None else (ta > tb)
+        ok = fact_success(p.kind, ta, oa) if oa is not None else None
         rows.append({"kind": p.kind, "prompt": p.prompt, "target": p.target, "other": p.other,
                      "target_logprob_before": round(tb, 4), "target_logprob_after": round(ta, 4),
                      "other_logprob_before": None if ob is None else round(ob, 4),
-                     "other_logprob_after": None if oa is None else round(oa, 4), "success": bool(ok)})
-        by_kind.setdefault(p.kind, []).append(bool(ok))
+                     "other_logprob_after": None if oa is None else round(oa, 4), "success": ok})
+        if ok is not None:
+            by_kind.setdefault(p.kind, []).append(ok)
     return {"scores": {k: sum(v) / len(v) for k, v in by_kind.items()}, "probes": rows}
 
 
