@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"admin": "adm-0123456789abcdef", "editor": "edt-0123456789abcdef", "viewer": "vwr-0123456789abcdef"}
 # The sidecar's compute deadline on this server: long enough for every edit here on a loaded
 # machine, short enough for the stopped-sidecar test.
-SIDECAR_TIMEOUT_S = 150
+SIDECAR_TIMEOUT_S = 75
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
           "target_true": " Paris"}
 

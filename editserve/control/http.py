@@ -40,6 +40,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import Request               # module level: FastAPI resolves the endpoints' annotations here
+
 from editserve.control import convert, validate
 from editserve.control.errors import RequestTooLarge, status_of
 from editserve.control.operations import Operations, operation_id
@@ -120,7 +122,7 @@ def error_response(exc: EditserveError) -> Any:
 
 def router() -> Any:
     """The ``/editserve/v1`` routes (the control plane is ``app.state.editserve``)."""
-    from fastapi import APIRouter, Request
+    from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
     from editserve.control.gen import pb2
