@@ -50,10 +50,15 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "The native language of
            "The capital of Germany is", "Michael Jordan is a professional"]
 
 
+BENCH_TOKEN = "swap-bench-admin-0123456789"      # the control routes need a token (docs/security.md)
+
+
 def call(url: str, path: str, body: dict | None = None, timeout: float = 900.0) -> tuple[int, Any, dict[str, str]]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST",
-                                 headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if path.startswith("/editserve/"):
+        headers["authorization"] = f"Bearer {BENCH_TOKEN}"
+    req = urllib.request.Request(url + path, data=data, method="GET" if body is None else "POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
@@ -75,7 +80,7 @@ def start_server(port: int, ledger: Path, log: Path) -> subprocess.Popen:
         (cache / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "EDITSERVE_SIDECAR_THREADS": "1",
-           "VLLM_NO_USAGE_STATS": "1"}
+           "VLLM_NO_USAGE_STATS": "1", "EDITSERVE_CONTROL_TOKEN": BENCH_TOKEN, "EDITSERVE_GRPC_ADDR": "off"}
     cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager",
            "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "1024"]
@@ -255,7 +260,7 @@ def main() -> int:
         # 1. edit-to-served latency
         base_text = complete(url, PROMPTS[0], 4)[0]
         t0 = time.perf_counter()
-        status, change, _ = call(url, "/editserve/v1/edit", {"requests": [{
+        status, change, _ = call(url, "/editserve/v1/edit", {"skip_gate": True, "facts": [{
             "prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
             "target_true": " Paris"}]})
         t_resp = time.perf_counter()
