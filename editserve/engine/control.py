@@ -7,7 +7,16 @@ and the gRPC service reach it only through `editserve.control.operations.Operati
 authenticates, validates, applies the gate policy and audits); they never touch the engine
 themselves. Every sidecar call has a deadline (`ControlSettings`): past it the sidecar is
 killed (`SidecarTimeout`), the locks are released and the supervisor restarts it at the served
-version.
+version. Dependency direction: ``editserve.control`` drives this module through that small
+interface; nothing in ``editserve.engine`` imports ``editserve.control`` at module import time
+(only inside functions: the plugin's wiring, the gate on the sidecar, the gate's error type).
+
+Layout of the engine's control plane: `settings` (ControlSettings, environment), `changes`
+(VersionChange), `admission` (requests held during swaps, version headers), `expected`
+(expected checksums, bounded base-copy cache), `supervisor` (sidecar supervision),
+`orchestration` (swaps and what is served), `probe_scores` (a report's scores for the gauges),
+and here: start / close, the operations (edit, rollback, revert, import, score, trace,
+follow, checksums) and ``status`` (extended by `Operations.status`).
 
 An edit:
 
