@@ -275,7 +275,7 @@ def test_a2_edit_is_committed_swapped_and_served(server_a, shared):
 def test_a3_reused_idempotency_key_is_refused_and_head_stays(server_a, shared):
     # Same idempotency key, another request: refused before anything is computed or swapped.
     status, body = _edit(server_a, EIFFEL_EDIT, idempotency_key="anatole-1")
-    assert status == 400, body
+    assert status == 409 and body["error"]["code"] == "ALREADY_EXISTS", body
     assert body["error"]["type"] == "IdempotencyMismatch" and "'anatole-1'" in body["error"]["message"]
     with Ledger.open(shared["ledger"], verify="none") as ledger:
         assert ledger.head() == 1
