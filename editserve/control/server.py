@@ -126,11 +126,36 @@ async def start_server(ops: Any, addr: str, tls: TLSConfig | None = None) -> Any
     return server
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def ensure_log_output() -> None:
+    """Make editserve's log records (the audit lines, the plaintext warning) reach stderr in the
+    API-server process: loggers of the ``editserve`` tree that a logging configuration disabled
+    are enabled again, and when no handler would receive them (nothing on the root logger), the
+    ``editserve`` logger gets its own stderr handler at INFO (once)."""
+    import sys
+
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("editserve") and isinstance(lg, logging.Logger):
+            lg.disabled = False
+    tree = logging.getLogger("editserve")
+    if logging.root.handlers or any(getattr(h, "name", None) == "editserve" for h in tree.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.name = "editserve"
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    tree.addHandler(handler)
+    if tree.level == logging.NOTSET:
+        tree.setLevel(logging.INFO)
+
+
 async def maybe_start(control: Any, environ: Mapping[str, str] | None = None) -> Any:
     """Create the control plane's `Operations` (tokens; the HTTP routes share it) and start the gRPC
     server per the environment (see the module docstring); returns it, or None when off."""
     from editserve.control.operations import Operations
 
+    ensure_log_output()
     env = os.environ if environ is None else environ
     settings = GrpcSettings.from_env(env)
     ops = Operations.of(control, env)
