@@ -293,13 +293,18 @@ def test_plaintext_on_a_non_loopback_address_is_refused(loopback: LoopbackServer
 
 
 def test_insecure_opt_in_starts_and_warns(loopback: LoopbackServer, tmp_path: Path,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
     port = _free_port()
     token = "admin-token-insecure-01"
-    with caplog.at_level("WARNING", logger="editserve.control.server"):
-        loopback.start_on(f"0.0.0.0:{port}", {"EDITSERVE_CONTROL_TOKEN": token, "EDITSERVE_GRPC_INSECURE": "1",
-                                              "EDITSERVE_HOME": str(tmp_path)})
-    assert any(r.levelname == "WARNING" and "PLAINTEXT" in r.getMessage() for r in caplog.records)
+    tree = logging.getLogger("editserve")
+    for h in [h for h in tree.handlers if h.name == "editserve"]:   # ensure_log_output adds it anew, to this stderr
+        tree.removeHandler(h)
+    loopback.start_on(f"0.0.0.0:{port}", {"EDITSERVE_CONTROL_TOKEN": token, "EDITSERVE_GRPC_INSECURE": "1",
+                                          "EDITSERVE_HOME": str(tmp_path)})
+    err = capsys.readouterr().err
+    assert "WARNING editserve.control.server: WARNING: the gRPC control plane listens in PLAINTEXT" in err, err
     with EditClient(f"127.0.0.1:{port}", token, timeout_s=20) as c:
         assert c.status().ledger_head == 0
     assert _refused(target=f"127.0.0.1:{port}", token="").code == "UNAUTHENTICATED"

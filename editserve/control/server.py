@@ -131,16 +131,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def ensure_log_output() -> None:
     """Make editserve's log records (the audit lines, the plaintext warning) reach stderr in the
-    API-server process: loggers of the ``editserve`` tree that a logging configuration disabled
-    are enabled again, and when no handler would receive them (nothing on the root logger), the
-    ``editserve`` logger gets its own stderr handler at INFO (once)."""
+    API-server process, whatever vLLM's and uvicorn's logging set-up left in place (there, records
+    propagated to the root logger are not written): loggers of the ``editserve`` tree that a
+    logging configuration disabled are enabled again, and the ``editserve`` logger gets its own
+    stderr handler at INFO (once) and stops propagating."""
     import sys
 
     for name, lg in list(logging.root.manager.loggerDict.items()):
         if name.startswith("editserve") and isinstance(lg, logging.Logger):
             lg.disabled = False
     tree = logging.getLogger("editserve")
-    if logging.root.handlers or any(getattr(h, "name", None) == "editserve" for h in tree.handlers):
+    if any(getattr(h, "name", None) == "editserve" for h in tree.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.name = "editserve"
@@ -148,6 +149,7 @@ def ensure_log_output() -> None:
     tree.addHandler(handler)
     if tree.level == logging.NOTSET:
         tree.setLevel(logging.INFO)
+    tree.propagate = False
 
 
 async def maybe_start(control: Any, environ: Mapping[str, str] | None = None) -> Any:
