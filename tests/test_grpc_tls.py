@@ -353,3 +353,19 @@ def test_watch_streams_are_capped(loopback: LoopbackServer, tmp_path: Path) -> N
                 time.sleep(0.5)
         again.cancel()
         streams[1].cancel()
+
+
+def test_editserve_serve_refuses_plaintext_on_a_non_loopback_address(tmp_path: Path) -> None:
+    """The real ``editserve serve`` command stops before vLLM starts, with a one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDITSERVE_GRPC_ADDR": f"0.0.0.0:{_free_port()}", "EDITSERVE_HOME": str(tmp_path)}
+    env.pop("EDITSERVE_GRPC_INSECURE", None)
+    env.pop("EDITSERVE_GRPC_TLS_CERT", None)
+    out = subprocess.run([sys.executable, "-m", "editserve.cli", "serve", "--port", str(_free_port())],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "refusing plaintext gRPC on '0.0.0.0:" in out.stderr and "--insecure" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "Starting vLLM" not in out.stderr

@@ -72,6 +72,9 @@ def serve(vllm_args: Sequence[str], options: ServeOptions = ServeOptions()) -> N
     os.environ[PLUGINS_ENV] = plugins_value(os.environ.get(PLUGINS_ENV))
     os.environ.update(options.environment())
     argv = with_default_model(vllm_args)
+    from editserve.control.server import GrpcSettings
+
+    GrpcSettings.from_env()                  # an insecure gRPC address is refused before vLLM starts
 
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
