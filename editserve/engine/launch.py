@@ -22,6 +22,8 @@ from editserve.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 PLUGINS_ENV = "VLLM_PLUGINS"
+GRPC_ADDR_ENV = "EDITSERVE_GRPC_ADDR"          # read by editserve.control.server
+GRPC_INSECURE_ENV = "EDITSERVE_GRPC_INSECURE"  # read by editserve.control.server
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class ServeOptions:
     sidecar_device: str | None = None      # EDITSERVE_SIDECAR_DEVICE
     sidecar_threads: int | None = None     # EDITSERVE_SIDECAR_THREADS
     editable_layers: str | None = None     # EDITSERVE_EDITABLE_LAYERS
+    grpc_addr: str | None = None           # EDITSERVE_GRPC_ADDR (the control plane; default 127.0.0.1:50051)
+    insecure: bool = False                 # EDITSERVE_GRPC_INSECURE=1: plaintext gRPC on a non-loopback address
 
     def environment(self) -> dict[str, str]:
         from editserve.engine.control import LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV, SIDECAR_THREADS_ENV
@@ -40,7 +44,8 @@ class ServeOptions:
 
         pairs = {LEDGER_ENV: self.ledger, PAUSE_MODE_ENV: self.pause_mode, SIDECAR_DEVICE_ENV: self.sidecar_device,
                  SIDECAR_THREADS_ENV: None if self.sidecar_threads is None else str(self.sidecar_threads),
-                 EDITABLE_LAYERS_ENV: self.editable_layers}
+                 EDITABLE_LAYERS_ENV: self.editable_layers, GRPC_ADDR_ENV: self.grpc_addr,
+                 GRPC_INSECURE_ENV: "1" if self.insecure else None}
         return {k: v for k, v in pairs.items() if v is not None}
 
 
@@ -71,6 +76,9 @@ def serve(vllm_args: Sequence[str], options: ServeOptions = ServeOptions()) -> N
     """Run vLLM's ``serve`` with the editserve plugins (blocks until the server exits)."""
     os.environ[PLUGINS_ENV] = plugins_value(os.environ.get(PLUGINS_ENV))
     os.environ.update(options.environment())
+    if options.insecure:
+        log.warning("editserve serve --insecure: the gRPC control plane may listen in PLAINTEXT on a non-loopback "
+                    "address; bearer tokens and edits then cross the network unencrypted")
     argv = with_default_model(vllm_args)
 
     from vllm.entrypoints.cli.serve import ServeSubcommand
