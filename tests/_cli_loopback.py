@@ -46,10 +46,11 @@ class LoopbackControl:
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
-    def start(self) -> "LoopbackControl":
+    def start(self, tls: Any = None) -> "LoopbackControl":
+        """Serve plaintext, or TLS with `tls` (an `editserve.control.auth.TLSConfig`)."""
         from editserve.control.server import start_server
 
-        self.server = self.run(start_server(self.control, self.target, self.tokens, None))
+        self.server = self.run(start_server(self.control, self.target, self.tokens, tls))
         return self
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ import argparse
 
 HELP = """usage: editserve serve [--ledger DIR] [--pause-mode keep|wait|abort] [--sidecar-device DEV]
                        [--sidecar-threads N] [--editable-layers all|3-7,12] [--grpc-addr HOST:PORT]
-                       [--insecure] [MODEL] [vllm serve options]
+                       [--insecure] [--api-key-file FILE] [MODEL] [vllm serve options]
 
 Start vLLM's OpenAI-compatible server with the editserve plugins: edits are served live through
 the gRPC control plane (127.0.0.1:50051 by default; `editserve edit|rollback|status ...`) and
@@ -26,6 +26,7 @@ editserve options (each also settable as an environment variable with plain `vll
   --editable-layers L    CPU only: down-projections kept dense for editing (EDITSERVE_EDITABLE_LAYERS)
   --grpc-addr ADDR       gRPC control plane address (EDITSERVE_GRPC_ADDR; default 127.0.0.1:50051);
                          a non-loopback address needs TLS (EDITSERVE_GRPC_TLS_CERT/_KEY) or --insecure
+  --api-key-file FILE    vLLM's OpenAI-API key from a file (EDITSERVE_API_KEY_FILE; sets VLLM_API_KEY)
   --insecure             allow plaintext gRPC on a non-loopback address (EDITSERVE_GRPC_INSECURE=1;
                          logged as a warning: tokens and edits cross the network unencrypted)
 
@@ -33,7 +34,8 @@ MODEL: a Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-I
 Everything else is passed to `vllm serve` unchanged, e.g. --port 8000 --tensor-parallel-size 2."""
 
 _OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": "sidecar_device",
-        "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr"}
+        "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr",
+        "--api-key-file": "api_key_file"}
 _FLAGS = {"--insecure": "insecure"}        # editserve options that take no value
 
 
