@@ -230,12 +230,12 @@ class _Worker:
         self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
         self.warmup: Any = None                  # a StatisticsWarmup once sidecar_main has started it
 
-    def start_warmup(self, state_file: Any) -> None:
-        """Build the default layers' statistics in the background (after `Ready` was sent)."""
+    def plan_warmup(self, state_file: Any) -> None:
+        """Decide which statistics the warm-up builds and publish that state (before `Ready`, so a
+        client reading the state after `Ready` sees the plan); `warmup.start()` then builds them."""
         from editserve.engine.stats_warmup import StatisticsWarmup
 
         self.warmup = StatisticsWarmup(self.model, self.tok, self.fingerprint, self.ready.checkpoint, state_file)
-        self.warmup.start()
 
     def _wait_for_statistics(self, msg: "ComputeEdit") -> None:
         """An edit whose statistics the warm-up is building waits for them (never builds them twice),
@@ -468,14 +468,16 @@ def sidecar_main(conn: Connection, config: SidecarConfig) -> None:
         log.exception("sidecar failed to start")
         conn.send(Failed(type(exc).__name__, str(exc)))
         return
-    conn.send(worker.ready)
-    worker.notify = conn.send
     from editserve.engine.stats_warmup import state_path
 
     try:
-        worker.start_warmup(state_path(os.getpid(), config.editserve_home))
+        worker.plan_warmup(state_path(os.getpid(), config.editserve_home))
     except Exception:  # the warm-up is an optimisation: edits build their own statistics without it
-        log.exception("sidecar: the statistics warm-up could not start")
+        log.exception("sidecar: the statistics warm-up could not be planned")
+    conn.send(worker.ready)
+    worker.notify = conn.send
+    if worker.warmup is not None:
+        worker.warmup.start()                      # in the background, once the parent has `Ready`
     try:
         _serve(conn, worker)
     finally:
