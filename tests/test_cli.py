@@ -159,3 +159,17 @@ def test_serve_refuses_a_bad_grpc_addr(home: Path, tmp_path: Path) -> None:
     r = _cli(["serve", "--grpc-addr", "nowhere", "--port", "8000"], home, tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "--grpc-addr must be HOST:PORT" in r.stderr
+
+
+def test_status_line_for_the_statistics_warm_up() -> None:
+    """What `editserve status` prints for the warm-up once the control plane reports it (the
+    dict is `SidecarClient.statistics()`'s shape; the status message carries the same fields)."""
+    from editserve.commands.remote import statistics_text
+
+    building = {"state": "building", "fraction": 0.4, "layers": [1, 2, 3, 4, 5], "seconds": 21.7, "error": None}
+    assert statistics_text(building) == "building for layers 1, 2, 3, 4, 5: 40% after 22 s"
+    ready = {**building, "state": "ready", "fraction": 1.0, "seconds": 48.2}
+    assert statistics_text(ready) == "ready for layers 1, 2, 3, 4, 5 (48 s)"
+    failed = {**building, "state": "failed", "error": "DataError: corpus too short"}
+    assert statistics_text(failed) == "failed for layers 1, 2, 3, 4, 5; DataError: corpus too short"
+    assert statistics_text({"state": "off", "fraction": 0.0, "layers": [], "seconds": 0.0, "error": None}) == "off"

@@ -261,6 +261,22 @@ def run(args: argparse.Namespace) -> int:
         return 3
 
 
+def statistics_text(st: Any) -> str:
+    """One line for the covariance-statistics warm-up (a StatusResponse's ``statistics``, or the
+    dict of ``SidecarClient.statistics()``): state, percent, layers, seconds, error."""
+    get = st.get if isinstance(st, dict) else lambda k: getattr(st, k)
+    layers = list(get("layers") or [])
+    where = f" for layers {', '.join(str(x) for x in layers)}" if layers else ""
+    text = f"{get('state')}{where}"
+    if get("state") == "building":
+        text += f": {float(get('fraction')) * 100:.0f}% after {float(get('seconds')):.0f} s"
+    elif get("state") == "ready":
+        text += f" ({float(get('seconds')):.0f} s)"
+    if get("error"):
+        text += f"; {get('error')}"
+    return text
+
+
 def _hint(exc: Any, args: argparse.Namespace) -> str:
     """What to try next, for the errors a new user meets first (kept on the same line)."""
     from editserve.client import TOKEN_HINT
@@ -361,6 +377,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["gate defaults", f"efficacy ≥ {d.min_efficacy:g}, paraphrase ≥ {d.min_paraphrase:g}, "
                                   f"NS drop ≤ {d.max_ns_drop:g}, canary KL ≤ {d.max_canary_kl:g}"],
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
+        if "statistics" in s.DESCRIPTOR.fields_by_name and s.HasField("statistics"):
+            rows.insert(7, ["statistics", statistics_text(s.statistics)])
         print(_table(rows, ["", "value"]))
         return 0
     if cmd == "watch":
