@@ -12,6 +12,7 @@ the state ends ``ready`` with fraction 1; a restarted sidecar finds them in the 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -129,3 +130,24 @@ def test_warmup_off_and_plan_from_the_hparams_files(cold_home: tuple[Path, Path]
     assert on.plan == {StatsParams(): (1, 2, 3, 4, 5)} and on.layers == (1, 2, 3, 4, 5)
     assert on.covers((5,), StatsParams()) and on.covers((5, 20), StatsParams())
     assert not on.covers((20,), StatsParams()) and not on.covers((5,), StatsParams(n_tokens=5000))
+
+
+def test_state_files_of_dead_sidecars_are_pruned(tmp_path: Path) -> None:
+    """A killed sidecar leaves its state file; the next sidecar removes it, and the parent reads a
+    dead sidecar's ``building`` as ``failed``."""
+    import subprocess
+    import sys
+
+    from editserve.engine.stats_warmup import prune_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = state_path(dead.pid, tmp_path)
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"state": "building", "fraction": 0.3, "layers": [5], "seconds": 1.0,
+                                 "error": None}))
+    assert read_state(stale, alive=False)["state"] == "failed"
+    mine = state_path(os.getpid(), tmp_path)
+    mine.write_text(json.dumps({"state": "ready"}))
+    assert prune_stale(stale.parent) == [stale]
+    assert not stale.exists() and mine.exists()

@@ -56,6 +56,24 @@ def state_path(pid: int, home: str | os.PathLike[str] | None = None) -> Path:
     return root / "run" / f"sidecar-{pid}.statistics.json"
 
 
+def prune_stale(run_dir: Path) -> list[Path]:
+    """Remove the state files of sidecar processes that no longer run (a killed sidecar cannot remove
+    its own); returns the files removed."""
+    removed = []
+    for f in run_dir.glob("sidecar-*.statistics.json"):
+        pid = f.name.split("-", 1)[1].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed.append(f)
+        except PermissionError:
+            continue                       # alive, another user's
+    return removed
+
+
 @dataclass(frozen=True)
 class StatisticsState:
     state: str                       # one of STATES
@@ -132,6 +150,8 @@ class StatisticsWarmup:
         self._checkpoint = checkpoint
         self._dtype = next(model.parameters()).dtype
         self._device = next(model.parameters()).device
+        if state_file is not None and state_file.parent.is_dir():
+            prune_stale(state_file.parent)
         self._board = _Board(state_file)
         self._done = threading.Event()
         self._lock = threading.Lock()
