@@ -151,3 +151,30 @@ def test_state_files_of_dead_sidecars_are_pruned(tmp_path: Path) -> None:
     mine.write_text(json.dumps({"state": "ready"}))
     assert prune_stale(stale.parent) == [stale]
     assert not stale.exists() and mine.exists()
+
+
+def test_truncated_copy_gives_the_full_models_statistics_bit_for_bit(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up computes on the first L+1 blocks of the base checkpoint; the statistics must be
+    exactly those the full model gives (an edit loads them in place of computing its own)."""
+    import torch
+
+    from editserve.editing.corpus import Corpus
+    from editserve.editing.hparams import StatsParams
+    from editserve.editing.stats import layer_stats
+    from tests.tiny import TEXT, tiny_model, tiny_tokenizer
+
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    model, tok = tiny_model("llama", n_layers=4), tiny_tokenizer()
+    ckpt = tmp_path / "tiny-llama"
+    model.save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    corpus = Corpus("tiny", "\n".join(TEXT * 20))
+    params = StatsParams(n_tokens=512, seq_len=64, batch_size=3)
+    full, _ = layer_stats(model, tok, (1, 2), corpus, "a" * 64, params, progress=False)
+    warm = StatisticsWarmup(model, tok, "b" * 64, str(ckpt), None, environ={"EDITSERVE_WARM_STATISTICS": "0"})
+    short = warm._truncated(3)
+    assert sum(1 for _ in short.model.layers) == 3
+    cut, _ = layer_stats(short, tok, (1, 2), corpus, "b" * 64, params, progress=False)
+    for layer in (1, 2):
+        assert torch.equal(full[layer].cov, cut[layer].cov), layer
