@@ -278,16 +278,49 @@ class StatisticsWarmup:
 
     def _truncated(self, n_layers: int) -> torch.nn.Module:
         """The base checkpoint with only its first `n_layers` blocks (the statistics of layer L need
-        blocks 0..L only), loaded apart from the sidecar's model."""
-        from transformers import AutoModelForCausalLM
+        blocks 0..L only), loaded apart from the sidecar's model. From safetensors files only the
+        tensors those blocks use are read; otherwise transformers loads the checkpoint and drops
+        the rest."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from editserve.editing.arch import num_layers
 
-        model = AutoModelForCausalLM.from_pretrained(self._checkpoint, dtype=self._dtype,
-                                                     num_hidden_layers=n_layers).to(self._device)
+        config = AutoConfig.from_pretrained(self._checkpoint)
+        config.num_hidden_layers = n_layers
+        model = self._from_safetensors(config) or AutoModelForCausalLM.from_pretrained(
+            self._checkpoint, dtype=self._dtype, num_hidden_layers=n_layers)
+        model = model.to(self._device)
         model.eval()
         model.requires_grad_(False)
         if num_layers(model) != n_layers:
             raise RuntimeError(f"could not load the first {n_layers} layers of {self._checkpoint!r} "
                                f"(got {num_layers(model)})")
+        return model
+
+    def _from_safetensors(self, config: Any) -> torch.nn.Module | None:
+        """`config`'s model with its tensors read from the checkpoint's ``*.safetensors`` files, or
+        None when a tensor it needs is not there under its own name (then from_pretrained decides)."""
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        files = sorted(Path(self._checkpoint).glob("*.safetensors"))
+        if not files:
+            return None
+        model = AutoModelForCausalLM.from_config(config, dtype=self._dtype)
+        want = set(model.state_dict())
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    if key in want:
+                        state[key] = sf.get_tensor(key)
+        result = model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        tied = {name for name, p in model.named_parameters(remove_duplicate=False)
+                if any(p is q for other, q in model.named_parameters() if other != name)}
+        missing = set(result.missing_keys) - tied
+        if missing:
+            log.info("statistics warm-up: %d tensor(s) not found by name in %s (e.g. %s); loading with "
+                     "transformers", len(missing), self._checkpoint, sorted(missing)[0])
+            return None
         return model
