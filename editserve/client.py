@@ -1,10 +1,13 @@
 """`EditClient`: a synchronous Python client of the gRPC control plane (``editserve.v1``).
 
     from editserve.client import EditClient
-    with EditClient("127.0.0.1:50051", token=os.environ["EDITSERVE_CONTROL_TOKEN"]) as c:
+    with EditClient("127.0.0.1:50051") as c:       # token: see `resolve_token`
         r = c.edit([{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
                      "target_new": " Rome", "target_true": " Paris"}])
         print(r.change.version, r.report.efficacy)
+
+The bearer token, when none is passed, is `resolve_token`'s: ``$EDITSERVE_CONTROL_TOKEN``, else
+the admin token a server on this machine created in ``$EDITSERVE_HOME/control-tokens.json``.
 
 Failures raise `ControlError` with the gRPC status code name, the server's message and, for a
 probe-gate rejection, the full ``ProbeReport``. ``edit(..., progress=callback)`` follows the
@@ -35,6 +38,55 @@ WATCH_READY_TIMEOUT_S = 10.0
 FINAL_EVENT_WAIT_S = 2.0
 
 
+TOKEN_ENV = "EDITSERVE_CONTROL_TOKEN"        # the server's editserve.control.auth.TOKEN_ENV
+TOKEN_HINT = (f"pass --token-file FILE or --token TOKEN, or set {TOKEN_ENV}; a server started on this machine "
+              "with no token configured writes its admin token to $EDITSERVE_HOME/control-tokens.json, "
+              "which is used by default")
+
+
+class TokenError(EditserveError, ValueError):
+    """No bearer token could be found, or the token file given cannot be read."""
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace stripped); `TokenError` naming the file otherwise."""
+    try:
+        token = Path(path).read_text().strip()
+    except FileNotFoundError:
+        raise TokenError(f"--token-file {path!r}: no such file") from None
+    except IsADirectoryError:
+        raise TokenError(f"--token-file {path!r} is a directory, not a file") from None
+    except PermissionError:
+        raise TokenError(f"--token-file {path!r}: permission denied") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenError(f"--token-file {path!r} cannot be read: {type(exc).__name__}") from None
+    if not token or any(c.isspace() for c in token):
+        raise TokenError(f"--token-file {path!r} must hold one token on one line (it holds "
+                         f"{'nothing' if not token else 'whitespace inside the token'})")
+    return token
+
+
+def resolve_token(token: str | None = None, token_file: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(token, where it came from): `token`, else `token_file`, else ``$EDITSERVE_CONTROL_TOKEN``, else
+    the local admin token under ``$EDITSERVE_HOME``; `TokenError` (naming every way to give one) if none."""
+    from editserve.control.home import local_admin_token, local_tokens_file
+
+    env = os.environ if environ is None else environ
+    if token is not None:
+        if not token.strip():
+            raise TokenError("--token is empty; " + TOKEN_HINT)
+        return token.strip(), "--token"
+    if token_file is not None:
+        return read_token_file(token_file), f"--token-file {token_file}"
+    if env.get(TOKEN_ENV, "").strip():
+        return env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    local = local_admin_token(dict(env))
+    if local:
+        return local, str(local_tokens_file(dict(env)))
+    raise TokenError(f"no control token: {TOKEN_HINT} (there is no {str(local_tokens_file(dict(env)))!r})")
+
+
 class ControlError(EditserveError):
     """A call failed: `code` is the status name (e.g. ``"FAILED_PRECONDITION"``)."""
 
@@ -55,11 +107,15 @@ def _fact(f: Any) -> Any:
 
 class EditClient:
     def __init__(self, target: str | None = None, token: str | None = None, *, ca: str | None = None,
-                 cert: str | None = None, key: str | None = None, timeout_s: float = 900.0) -> None:
+                 cert: str | None = None, key: str | None = None, timeout_s: float = 900.0,
+                 token_file: str | None = None) -> None:
         from editserve.control.gen import pb2_grpc
 
         self.target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
-        self.token = token if token is not None else os.environ.get("EDITSERVE_CONTROL_TOKEN")
+        if token is not None:                # given explicitly (an empty one sends no token at all)
+            self.token, self.token_source = token, "argument"
+        else:
+            self.token, self.token_source = resolve_token(None, token_file)
         self.timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
         if ca or cert:

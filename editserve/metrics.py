@@ -182,6 +182,9 @@ class Metrics:
                                  "served version, else 0.", multiprocess_mode="mostrecent", registry=registry)
         self._sidecar_restarts = Counter(f"{p}_sidecar_restarts", "Sidecar processes that died and were "
                                          "replaced by a new one.", registry=registry)
+        self._statistics = Gauge(f"{p}_statistics_progress", "Fraction (0..1) of the default edit layers' "
+                                 "covariance statistics built since the sidecar started (1 once ready).",
+                                 multiprocess_mode="mostrecent", registry=registry)
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
         # and rate() sees its first increment. Drift children appear when a layer is measured.
         for method in self.methods:
@@ -303,6 +306,10 @@ class Metrics:
     def record_sidecar_restart(self) -> None:
         """Count one sidecar process found dead and replaced."""
         self._sidecar_restarts.inc()
+
+    def set_statistics_progress(self, fraction: float) -> None:
+        """Progress of the statistics warm-up (``SidecarClient.statistics()["fraction"]``), in [0, 1]."""
+        self._statistics.set(_finite(fraction, "statistics progress", hi=1.0))
 
 
 # Sample-name suffixes each metric type always exports (``_created`` only when enabled; taken from samples).

@@ -278,7 +278,8 @@ def test_k8s_manifests_validate_against_kubernetes_schemas():
     proc = run([tool("kubernetes-validate"), "--strict", *files])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for kind in ("deployment/editserve", "service/editserve-http", "service/editserve-grpc",
-                 "persistentvolumeclaim/editserve-ledger", "secret/editserve-tokens"):
+                 "persistentvolumeclaim/editserve-ledger", "secret/editserve-tokens",
+                 "secret/editserve-control-tokens", "secret/editserve-tls"):
         assert f"passed for resource {kind}" in proc.stdout + proc.stderr, kind
 
 
@@ -323,9 +324,9 @@ def test_k8s_objects_reference_each_other():
         if ref:
             secret = objs[("Secret", ref["name"])]
             assert ref["key"] in secret["stringData"], ref
-    # Probes hit vLLM's /health on the HTTP port.
+    # Probes hit vLLM's /health on the HTTP port, which serves HTTPS only.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
     # Services select the pod and target named container ports.
     services = {name: o for (kind, name), o in objs.items() if kind == "Service"}
     assert {s["spec"]["ports"][0]["port"] for s in services.values()} == {8000, 50051}
@@ -341,6 +342,45 @@ def test_k8s_objects_reference_each_other():
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in services["editserve-http"]["spec"]["ports"]}
+    assert endpoint["scheme"] == "https"
+    ca = endpoint["tlsConfig"]["ca"]["secret"]
+    assert ca["key"] in objs[("Secret", ca["name"])]["stringData"]
+
+
+def _mounted_secret_files(pod: dict, container: dict, objs: dict) -> dict[str, tuple[str, str]]:
+    """Path in the container → (Secret name, key) for every file of a mounted Secret volume."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    files = {}
+    for m in container["volumeMounts"]:
+        secret = volumes[m["name"]].get("secret")
+        if secret:
+            assert m.get("readOnly") is True, m
+            for key in objs[("Secret", secret["secretName"])]["stringData"]:
+                files[f"{m['mountPath']}/{key}"] = (secret["secretName"], key)
+    return files
+
+
+def test_k8s_listeners_use_tls_and_tokens_come_from_secret_files():
+    """Both listeners bind 0.0.0.0 in the pod with the certificate of a TLS Secret; the control
+    plane's tokens are a mounted tokens file; no bearer token is a plain environment value."""
+    objs = k8s_objects()
+    pod = objs[("Deployment", "editserve")]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    files = _mounted_secret_files(pod, container, objs)
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("EDITSERVE_CONTROL_TOKEN", "EDITSERVE_GRPC_INSECURE"):
+        assert name not in env, f"{name} must not be set in the pod"
+    tokens_file = env["EDITSERVE_CONTROL_TOKENS_FILE"]["value"]
+    secret, key = files[tokens_file]
+    tokens = json.loads(objs[("Secret", secret)]["stringData"][key])
+    assert {v["role"] for v in tokens.values()} == {"viewer", "editor", "admin"}
+    assert env["EDITSERVE_GRPC_ADDR"]["value"] == "0.0.0.0:50051"
+    cert, tls_key = env["EDITSERVE_GRPC_TLS_CERT"]["value"], env["EDITSERVE_GRPC_TLS_KEY"]["value"]
+    assert files[cert][1] == "tls.crt" and files[tls_key][1] == "tls.key" and files[cert][0] == files[tls_key][0]
+    assert objs[("Secret", files[cert][0])]["type"] == "kubernetes.io/tls"
+    args = container["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    assert flags == {"--host": "0.0.0.0", "--port": "8000", "--ssl-certfile": cert, "--ssl-keyfile": tls_key}
 
 
 def test_prometheusrule_matches_rules_yml():
@@ -364,6 +404,24 @@ def test_compose_wires_editserve_prometheus_grafana():
     assert (COMPOSE.parent / editserve["build"]["context"] / editserve["build"]["dockerfile"]).resolve() == DOCKERFILE
     assert {"8000:8000", "50051:50051"} <= set(editserve["ports"])
     assert "ledger:/var/lib/editserve/ledger" in editserve["volumes"]
+    # TLS on both listeners and tokens from secret files; no token in a plain environment value.
+    env = editserve["environment"]
+    secrets = {name: f"/run/secrets/{name}" for name in editserve["secrets"]}
+    assert set(editserve["secrets"]) <= set(compose["secrets"])
+    for name in secrets:
+        assert compose["secrets"][name]["file"] == f"./secrets/{name}"
+    for name in ("EDITSERVE_CONTROL_TOKEN", "VLLM_API_KEY", "EDITSERVE_GRPC_INSECURE"):
+        assert name not in env, f"{name} must not be set in compose.yml"
+    assert env["EDITSERVE_CONTROL_TOKENS_FILE"] == secrets["control-tokens.json"]
+    assert env["EDITSERVE_API_KEY_FILE"] == secrets["api-key"]
+    assert env["EDITSERVE_GRPC_ADDR"] == "0.0.0.0:50051"
+    assert (env["EDITSERVE_GRPC_TLS_CERT"], env["EDITSERVE_GRPC_TLS_KEY"]) == (secrets["tls.crt"], secrets["tls.key"])
+    flags = dict(zip(editserve["command"][::2], editserve["command"][1::2]))
+    assert flags == {"--host": "0.0.0.0", "--port": "8000", "--ssl-certfile": secrets["tls.crt"],
+                     "--ssl-keyfile": secrets["tls.key"]}
+    # The secret files are what deploy/make-secrets.sh writes (tested below), and git ignores them.
+    ignored = run(["git", "check-ignore", "deploy/secrets/tls.key", "deploy/secrets/control-tokens.json"], cwd=REPO)
+    assert ignored.returncode == 0, "deploy/secrets/* must be git-ignored"
     # Every bind-mounted file or folder exists; Prometheus gets the config and the rules next to it.
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -372,10 +430,51 @@ def test_compose_wires_editserve_prometheus_grafana():
                 assert (COMPOSE.parent / source).exists(), volume
     assert "./prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in services["prometheus"]["volumes"]
     assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
-    # The scrape target is the editserve service's HTTP port.
-    target = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    # The scrape target is the editserve service's HTTP port, over HTTPS with the CA from a secret.
+    job = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"][0]
+    target = job["static_configs"][0]["targets"][0]
     host, port = target.split(":")
     assert host in services and f"{port}:{port}" in services[host]["ports"]
+    assert job["scheme"] == "https" and job["tls_config"]["server_name"] == host
+    assert job["tls_config"]["ca_file"] == "/run/secrets/ca.crt" and "ca.crt" in services["prometheus"]["secrets"]
+
+
+def test_make_secrets_writes_what_the_listeners_accept(tmp_path):
+    """deploy/make-secrets.sh: a tokens file with the three roles, an API key, and a certificate for
+    localhost and the service names, signed by its CA; a real gRPC control plane serves TLS with it."""
+    import ipaddress
+
+    from cryptography import x509
+
+    from editserve.client import EditClient
+    from editserve.control.auth import TLSConfig
+    from tests._cli_loopback import LoopbackControl
+
+    out = tmp_path / "secrets"
+    proc = run(["bash", str(DEPLOY / "make-secrets.sh"), str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tokens = json.loads((out / "control-tokens.json").read_text())
+    assert sorted(v["role"] for v in tokens.values()) == ["admin", "editor", "viewer"]
+    assert len((out / "api-key").read_text().strip()) >= 32
+    assert (out.stat().st_mode & 0o777) == 0o700
+    cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "editserve", "editserve-http", "editserve-grpc"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+    verify = run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "tls.crt")])
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # Running it again keeps every file.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run(["bash", str(DEPLOY / "make-secrets.sh"), str(out)]).returncode == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    server = LoopbackControl(tmp_path, out / "control-tokens.json")
+    server.start(TLSConfig(cert=str(out / "tls.crt"), key=str(out / "tls.key")))
+    try:
+        admin = next(t for t, v in tokens.items() if v["role"] == "admin")
+        with EditClient(server.target, admin, ca=str(out / "ca.crt"), timeout_s=20) as c:
+            assert c.status().ledger_head == 0
+    finally:
+        server.stop()
 
 
 def test_dockerfile_passes_hadolint():
@@ -404,12 +503,29 @@ def test_dockerfile_targets_user_volume_healthcheck():
     assert "USER ${EDITSERVE_UID}:${EDITSERVE_UID}" in lines
     assert 'VOLUME ["/var/lib/editserve/ledger"]' in lines
     assert re.search(r"EDITSERVE_HOME=/var/lib/editserve\b", text)
-    assert re.search(r"^HEALTHCHECK .*\n.*http://127\.0\.0\.1:8000/health", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n.*https://127\.0\.0\.1:8000/health.*http://127\.0\.0\.1:8000/health", text, re.M)
+    health = json.loads(re.search(r"^HEALTHCHECK .*\n\s*CMD (\[.*\])$", text, re.M).group(1))
+    assert health[:2] == ["python3", "-c"]
+    compile(health[2], "HEALTHCHECK", "exec")
     assert "EXPOSE 8000 50051" in lines
     assert 'ENTRYPOINT ["editserve", "serve"]' in lines
+    # Binds explicitly.
+    assert 'CMD ["--host", "0.0.0.0", "--port", "8000"]' in lines
+    # editserve comes from a wheel built in its own stage from protos/ (stubs generated by setup.py),
+    # with the same grpcio-tools pin as the build requirement; the final image has no source tree.
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim-\w+ AS wheel$", text, re.M)
+    assert "COPY protos ./protos" in lines and "COPY pyproject.toml setup.py MANIFEST.in README.md ./" in lines
+    build_requires = pyproject["build-system"]["requires"]
+    tools_pin = next(r for r in build_requires if r.startswith("grpcio-tools=="))
+    assert f"ARG GRPCIO_TOOLS_VERSION={tools_pin.split('==')[1]}" in lines
+    assert "COPY --from=wheel /dist /tmp/dist" in lines
+    final = text[text.index("AS final"):]
+    assert "COPY editserve" not in final and "COPY protos" not in final
 
 
 def test_dockerignore_keeps_the_venv_out_of_the_build_context():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+    # Secrets never enter the build context; the checkout's stubs are not copied over the wheel's.
+    assert "deploy/secrets" in ignored and "editserve/control/_gen" in ignored
 

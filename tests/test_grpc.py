@@ -469,7 +469,7 @@ def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_p
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[1].split()[:4] == ["version", "parent", "kind", "patch"]
-    assert any(line.startswith("*") and "The Eiffel Tower is located in the city of → Rome" in line
+    assert any(line.startswith("*") and 'The Eiffel Tower is located in the city of → " Rome"' in line
                and "token:editor-user" in line for line in lines), out.stdout
 
 
@@ -601,7 +601,7 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             row = next(line for line in out.splitlines() if line.startswith("5 "))
             assert row.split()[1] == "model.layers.5.mlp.down_proj.weight" and float(row.split()[2]) > 0
             out = cli("show", str(va))
-            assert "The Space Needle is located in the city of → London" in out and "probe gate: PASSED" in out
+            assert 'The Space Needle is located in the city of → " London"' in out and "probe gate: PASSED" in out
             assert "token:editor-user" in out and a.change.patch_id in out
 
             # Export A's patch and import it again: a new version with it on top, served.

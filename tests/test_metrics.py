@@ -281,7 +281,7 @@ def test_metric_names_lists_every_exported_sample_name():
     for counter in ("edits", "rollbacks", "reverts", "parity_failures", "swaps", "completions", "sidecar_restarts"):
         assert f"editserve_{counter}_total" in names
     for gauge in ("head_version", "active_patches", "last_probe_score", "last_canary_kl", "ledger_size_bytes",
-                  "sidecar_up"):
+                  "sidecar_up", "statistics_progress"):
         assert f"editserve_{gauge}" in names
     # Every family the registry exports, with its type: nothing is registered elsewhere.
     families = {f.name: f.type for f in registry.collect()}
@@ -293,7 +293,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_last_canary_kl": "gauge", "editserve_layer_drift_ratio": "gauge",
         "editserve_parity_failures": "counter", "editserve_ledger_size_bytes": "gauge",
         "editserve_swaps": "counter", "editserve_completions": "counter", "editserve_sidecar_up": "gauge",
-        "editserve_sidecar_restarts": "counter",
+        "editserve_sidecar_restarts": "counter", "editserve_statistics_progress": "gauge",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
@@ -423,3 +423,21 @@ def promtool() -> str:
     if path is None:
         pytest.fail("promtool is not installed; run `make tools` (Debian package `prometheus`)")
     return path
+
+
+def test_statistics_progress_gauge_takes_fractions_only():
+    """The warm-up gauge shows the last fraction set, and refuses values outside [0, 1]."""
+    from prometheus_client import CollectorRegistry
+
+    from editserve.metrics import Metrics, MetricsError
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, n_layers=30)
+    assert registry.get_sample_value("editserve_statistics_progress") == 0.0
+    metrics.set_statistics_progress(0.4)
+    metrics.set_statistics_progress(1.0)
+    assert registry.get_sample_value("editserve_statistics_progress") == 1.0
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(MetricsError):
+            metrics.set_statistics_progress(bad)
+    assert registry.get_sample_value("editserve_statistics_progress") == 1.0

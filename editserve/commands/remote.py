@@ -3,8 +3,9 @@
 
 (The same operations on a ledger directory, without a server, are ``editserve ledger ...``,
 `editserve.commands.ledger`.) Server: ``--server HOST:PORT`` or ``EDITSERVE_GRPC_TARGET``
-(default 127.0.0.1:50051); token: ``--token-file`` or ``EDITSERVE_CONTROL_TOKEN``; TLS: ``--ca``
-(and ``--cert``/``--key`` for mutual TLS). ``edit`` shows a progress bar on stderr, fed by the
+(default 127.0.0.1:50051); token: ``--token``, ``--token-file`` or ``EDITSERVE_CONTROL_TOKEN``, else the
+admin token that a server on this machine wrote to ``$EDITSERVE_HOME/control-tokens.json``
+(`editserve.client.resolve_token`); TLS: ``--ca`` (and ``--cert``/``--key`` for mutual TLS). ``edit`` shows a progress bar on stderr, fed by the
 edit's progress events (``WatchEvents``); ``--no-progress`` turns it off.
 """
 
@@ -15,7 +16,6 @@ import json
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 COMMANDS = ("edit", "rollback", "revert", "versions", "show", "diff", "probe", "status", "watch")
@@ -23,11 +23,20 @@ COMMANDS = ("edit", "rollback", "revert", "versions", "show", "diff", "probe", "
 
 def _conn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, help="HOST:PORT of the gRPC control plane (else $EDITSERVE_GRPC_TARGET)")
-    p.add_argument("--token-file", default=None, help="file holding the bearer token (else $EDITSERVE_CONTROL_TOKEN)")
+    add_token_options(p)
     p.add_argument("--ca", default=None, help="CA certificate (PEM) for TLS")
     p.add_argument("--cert", default=None, help="client certificate (PEM) for mutual TLS")
     p.add_argument("--key", default=None, help="client key (PEM) for mutual TLS")
     p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+
+
+def add_token_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--token`` and ``--token-file`` (shared with ``editserve trace --server``)."""
+    p.add_argument("--token-file", default=None,
+                   help=prefix + "file holding the bearer token (else $EDITSERVE_CONTROL_TOKEN, else the local admin "
+                        "token in $EDITSERVE_HOME/control-tokens.json)")
+    p.add_argument("--token", default=None, help=prefix + "the bearer token itself (visible in the process list: "
+                                                       "prefer --token-file)")
 
 
 def _add(sub: argparse._SubParsersAction, name: str) -> None:
@@ -90,10 +99,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from editserve.client import EditClient
+    from editserve.client import EditClient, resolve_token
 
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    token, _source = resolve_token(getattr(args, "token", None), getattr(args, "token_file", None))
     return EditClient(args.server, token, ca=args.ca, cert=args.cert, key=args.key)
+
+
+def _shown(text: str) -> str:
+    """A target as it is scored, quoted so that a leading space is visible (``" Rome"``)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def target_warnings(prompt: str, target_new: str, target_true: str = "") -> list[str]:
+    """One line per target that does not start with a space: the model would continue the prompt
+    right after its last word (learning "ofRome" instead of "of Rome")."""
+    words = prompt.replace("{}", "X").split()
+    last = words[-1] if words else ""
+    out = []
+    for flag, value, effect in (("--target-new", target_new, "the model would learn"),
+                                ("--target-true", target_true, "the gate would score")):
+        if value and not value[0].isspace():
+            out.append(f"editserve: warning: {flag} {_shown(value)} has no leading space: {effect} {_shown(last + value)} "
+                       f"(glued to the prompt's last word); did you mean {_shown(' ' + value)}?")
+    return out
 
 
 def _cut(text: str, width: int) -> str:
@@ -182,16 +210,28 @@ def _report_table(report: Any) -> str:
              f"paraphrase {para}  NS {ns}  canary KL {report.canary_kl_mean:.4f} (max {report.canary_kl_max:.4f}, "
              f"{report.canaries} prompts)  {report.seconds:.1f} s"]
     lines += [f"  failed: {f}" for f in report.failures]
-    rows = [[r.kind, _cut(r.prompt, 50), r.target_new.strip(), f"{r.new_logprob_before:.2f}→{r.new_logprob_after:.2f}",
-             r.target_true.strip() or "-", f"{r.true_logprob_before:.2f}→{r.true_logprob_after:.2f}",
-             "yes" if r.success else "NO"] for r in report.rows]
+    rows = [[r.kind, _cut(r.prompt, 50), _shown(r.target_new), f"{r.new_logprob_before:.2f}→{r.new_logprob_after:.2f}",
+             _shown(r.target_true) if r.target_true else "-", f"{r.true_logprob_before:.2f}→{r.true_logprob_after:.2f}",
+             row_verdict(r)] for r in report.rows]
     if rows:
         lines.append(_table(rows, ["kind", "prompt", "new", "log p(new)", "true", "log p(true)", "ok"]))
     return "\n".join(lines)
 
 
+def row_verdict(r: Any) -> str:
+    """The "ok" cell of a gate row. Efficacy and paraphrase rows: did the new target win after the edit.
+    A neighbourhood row is judged against where it stood before: one the model already got wrong
+    (the new target above the true one before the edit) is not the edit's failure."""
+    if r.kind != "neighbourhood":
+        return "yes" if r.success else "NO"
+    right_before = r.true_logprob_before > r.new_logprob_before
+    if right_before:
+        return "yes" if r.success else "NO (broken by the edit)"
+    return "fixed by the edit" if r.success else "was wrong before (unchanged)"
+
+
 def _fact_text(f: Any) -> str:
-    return f"{f.prompt.replace('{}', f.subject)} →{f.target_new}"
+    return f"{f.prompt.replace('{}', f.subject)} → {_shown(f.target_new)}"
 
 
 def _what(v: Any) -> str:
@@ -215,10 +255,40 @@ def run(args: argparse.Namespace) -> int:
         with _client(args) as c:
             return _run(c, cmd, args)
     except ControlError as exc:
-        print(f"editserve: {exc}", file=sys.stderr)
+        print(f"editserve: {exc}{_hint(exc, args)}", file=sys.stderr)
         if exc.report is not None:
             print(_report_table(exc.report), file=sys.stderr)
         return 3
+
+
+def statistics_text(st: Any) -> str:
+    """One line for the covariance-statistics warm-up (a StatusResponse's ``statistics``, or the
+    dict of ``SidecarClient.statistics()``): state, percent, layers, seconds, error."""
+    get = st.get if isinstance(st, dict) else lambda k: getattr(st, k)
+    layers = list(get("layers") or [])
+    where = f" for layers {', '.join(str(x) for x in layers)}" if layers else ""
+    text = f"{get('state')}{where}"
+    if get("state") == "building":
+        text += f": {float(get('fraction')) * 100:.0f}% after {float(get('seconds')):.0f} s"
+    elif get("state") == "ready":
+        text += f" ({float(get('seconds')):.0f} s)"
+    if get("error"):
+        text += f"; {get('error')}"
+    return text
+
+
+def _hint(exc: Any, args: argparse.Namespace) -> str:
+    """What to try next, for the errors a new user meets first (kept on the same line)."""
+    from editserve.client import TOKEN_HINT
+
+    if exc.code == "UNAUTHENTICATED":
+        return f" (check the token; {TOKEN_HINT})"
+    if exc.code == "PERMISSION_DENIED":
+        return " (this token's role is too low for the call; use an editor or admin token)"
+    if exc.code == "UNAVAILABLE":
+        where = args.server or "the default 127.0.0.1:50051"
+        return f" (is `editserve serve` running with its gRPC control plane on {where}? see --server)"
+    return ""
 
 
 def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
@@ -254,7 +324,7 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["patch", v.patch_id or "-"], ["method", v.method or "-"],
                 ["added", ", ".join(p[:12] for p in v.added) or "-"],
                 ["removed", ", ".join(p[:12] for p in v.removed) or "-"]]
-        rows += [[f"fact {i}", _fact_text(f) + (f" (was{f.target_true})" if f.target_true else "")]
+        rows += [[f"fact {i}", _fact_text(f) + (f" (was {_shown(f.target_true)})" if f.target_true else "")]
                  for i, f in enumerate(v.facts)]
         if v.idempotency_key:
             rows.append(["idempotency key", v.idempotency_key])
@@ -287,7 +357,7 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         if args.json:
             print(_dump(r))
             return 0
-        rows = [[_cut(s.prompt, 50), s.target, f"{s.target_logprob:.3f}", s.other or "-",
+        rows = [[_cut(s.prompt, 50), _shown(s.target), f"{s.target_logprob:.3f}", _shown(s.other) if s.other else "-",
                  f"{s.other_logprob:.3f}" if s.HasField("other_logprob") else "-", repr(s.top_token)] for s in r.scores]
         print(f"version {r.version}")
         print(_table(rows, ["prompt", "target", "log p", "other", "log p(other)", "greedy"]))
@@ -307,6 +377,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["gate defaults", f"efficacy ≥ {d.min_efficacy:g}, paraphrase ≥ {d.min_paraphrase:g}, "
                                   f"NS drop ≤ {d.max_ns_drop:g}, canary KL ≤ {d.max_canary_kl:g}"],
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
+        if "statistics" in s.DESCRIPTOR.fields_by_name and s.HasField("statistics"):
+            rows.insert(7, ["statistics", statistics_text(s.statistics)])
         print(_table(rows, ["", "value"]))
         return 0
     if cmd == "watch":
@@ -338,6 +410,8 @@ def _edit(c: Any, args: argparse.Namespace) -> int:
     th = {k: v for k, v in (("min_efficacy", args.min_efficacy), ("min_paraphrase", args.min_paraphrase),
                             ("max_ns_drop", args.max_ns_drop), ("max_canary_kl", args.max_canary_kl))
           if v is not None}
+    for line in target_warnings(args.prompt, args.target_new, args.target_true):
+        print(line, file=sys.stderr)
     fact = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target_new,
             "target_true": args.target_true}
     kwargs = dict(method=args.method, layers=args.layer, dry_run=args.dry_run, expected_head=args.expected_head,

@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 
 HELP = """usage: editserve serve [--ledger DIR] [--pause-mode keep|wait|abort] [--sidecar-device DEV]
-                       [--sidecar-threads N] [--editable-layers all|3-7,12] [MODEL] [vllm serve options]
+                       [--sidecar-threads N] [--editable-layers all|3-7,12] [--grpc-addr HOST:PORT]
+                       [--insecure] [--api-key-file FILE] [MODEL] [vllm serve options]
 
 Start vLLM's OpenAI-compatible server with the editserve plugins: edits are served live through
-POST /editserve/v1/edit and /rollback, GET /editserve/v1/status.
+the gRPC control plane (127.0.0.1:50051 by default; `editserve edit|rollback|status ...`) and
+POST /editserve/v1/edit and /rollback, GET /editserve/v1/status. Every control call needs a
+bearer token: with none configured, the first start writes an admin token to
+$EDITSERVE_HOME/control-tokens.json (mode 0600), which the CLI on this machine uses by default.
 
 editserve options (each also settable as an environment variable with plain `vllm serve`):
   --ledger DIR           ledger directory (EDITSERVE_LEDGER; default $EDITSERVE_HOME/ledger/<fingerprint>)
@@ -20,12 +24,19 @@ editserve options (each also settable as an environment variable with plain `vll
   --sidecar-device DEV   device of the sidecar's model copy (EDITSERVE_SIDECAR_DEVICE; default cuda if any)
   --sidecar-threads N    torch CPU threads of the sidecar (EDITSERVE_SIDECAR_THREADS)
   --editable-layers L    CPU only: down-projections kept dense for editing (EDITSERVE_EDITABLE_LAYERS)
+  --grpc-addr ADDR       gRPC control plane address (EDITSERVE_GRPC_ADDR; default 127.0.0.1:50051);
+                         a non-loopback address needs TLS (EDITSERVE_GRPC_TLS_CERT/_KEY) or --insecure
+  --api-key-file FILE    vLLM's OpenAI-API key from a file (EDITSERVE_API_KEY_FILE; sets VLLM_API_KEY)
+  --insecure             allow plaintext gRPC on a non-loopback address (EDITSERVE_GRPC_INSECURE=1;
+                         logged as a warning: tokens and edits cross the network unencrypted)
 
 MODEL: a Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct).
 Everything else is passed to `vllm serve` unchanged, e.g. --port 8000 --tensor-parallel-size 2."""
 
 _OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": "sidecar_device",
-        "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers"}
+        "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr",
+        "--api-key-file": "api_key_file"}
+_FLAGS = {"--insecure": "insecure"}        # editserve options that take no value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
-    """editserve's own options (leading, ``--opt value`` or ``--opt=value``) and the rest."""
+    """editserve's own options (leading, ``--opt value``, ``--opt=value`` or a bare ``--flag``, whose
+    value is then ``"1"``) and the rest."""
     from editserve.errors import InvalidRequestError
 
     own: dict[str, str] = {}
@@ -46,6 +58,12 @@ def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
     while rest:
         head = rest[0]
         key, eq, value = head.partition("=")
+        if key in _FLAGS:
+            if eq:
+                raise InvalidRequestError(f"{key} takes no value, got {head!r}")
+            own[_FLAGS[key]] = "1"
+            rest = rest[1:]
+            continue
         if key not in _OWN:
             break
         if eq:
@@ -69,5 +87,9 @@ def run(args: argparse.Namespace) -> int:
     threads = own.pop("sidecar_threads", None)
     if threads is not None and not threads.isdigit():
         raise InvalidRequestError(f"--sidecar-threads must be a positive integer, got {threads!r}")
-    serve(rest, ServeOptions(**own, sidecar_threads=int(threads) if threads else None))
+    insecure = own.pop("insecure", None) == "1"
+    addr = own.get("grpc_addr")
+    if addr is not None and addr.lower() != "off" and (":" not in addr or not addr.rpartition(":")[2].isdigit()):
+        raise InvalidRequestError(f"--grpc-addr must be HOST:PORT (or off), got {addr!r}")
+    serve(rest, ServeOptions(**own, sidecar_threads=int(threads) if threads else None, insecure=insecure))
     return 0

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from editserve.commands.remote import add_token_options
+
 if TYPE_CHECKING:
     from editserve.editing.tracing import TraceResult
 
@@ -30,8 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=3, help="how many top MLP layers to print")
     p.add_argument("--out", default=".", help="output directory, or a path ending in .json (PNG beside it)")
     p.add_argument("--server", default=None, help="trace on a running server (gRPC HOST:PORT) instead of locally")
-    p.add_argument("--token-file", default=None, help="with --server: file holding the bearer token "
-                   "(else $EDITSERVE_CONTROL_TOKEN)")
+    add_token_options(p, prefix="with --server: ")
     p.add_argument("--ca", default=None, help="with --server: CA certificate (PEM) for TLS")
     p.add_argument("--cert", default=None, help="with --server: client certificate (PEM) for mutual TLS")
     p.add_argument("--key", default=None, help="with --server: client key (PEM) for mutual TLS")

@@ -22,6 +22,10 @@ from editserve.errors import InvalidRequestError
 log = logging.getLogger(__name__)
 
 PLUGINS_ENV = "VLLM_PLUGINS"
+GRPC_ADDR_ENV = "EDITSERVE_GRPC_ADDR"          # read by editserve.control.server
+GRPC_INSECURE_ENV = "EDITSERVE_GRPC_INSECURE"  # read by editserve.control.server
+API_KEY_FILE_ENV = "EDITSERVE_API_KEY_FILE"    # a file holding vLLM's API key (becomes VLLM_API_KEY)
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class ServeOptions:
     sidecar_device: str | None = None      # EDITSERVE_SIDECAR_DEVICE
     sidecar_threads: int | None = None     # EDITSERVE_SIDECAR_THREADS
     editable_layers: str | None = None     # EDITSERVE_EDITABLE_LAYERS
+    grpc_addr: str | None = None           # EDITSERVE_GRPC_ADDR (the control plane; default 127.0.0.1:50051)
+    insecure: bool = False                 # EDITSERVE_GRPC_INSECURE=1: plaintext gRPC on a non-loopback address
+    api_key_file: str | None = None        # EDITSERVE_API_KEY_FILE: vLLM's API key, read into VLLM_API_KEY
 
     def environment(self) -> dict[str, str]:
         from editserve.engine.control import LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV, SIDECAR_THREADS_ENV
@@ -40,8 +47,21 @@ class ServeOptions:
 
         pairs = {LEDGER_ENV: self.ledger, PAUSE_MODE_ENV: self.pause_mode, SIDECAR_DEVICE_ENV: self.sidecar_device,
                  SIDECAR_THREADS_ENV: None if self.sidecar_threads is None else str(self.sidecar_threads),
-                 EDITABLE_LAYERS_ENV: self.editable_layers}
+                 EDITABLE_LAYERS_ENV: self.editable_layers, GRPC_ADDR_ENV: self.grpc_addr,
+                 GRPC_INSECURE_ENV: "1" if self.insecure else None}
         return {k: v for k, v in pairs.items() if v is not None}
+
+
+def api_key_from_file(path: str) -> str:
+    """vLLM's API key from a secret file (one line), so that it need not sit in the environment of
+    whoever starts the server; `InvalidRequestError` naming the file if it is unusable."""
+    try:
+        key = open(path, encoding="utf-8").read().strip()
+    except OSError as exc:
+        raise InvalidRequestError(f"the API key file {path!r} cannot be read: {exc.strerror or exc}") from None
+    if not key or any(c.isspace() for c in key):
+        raise InvalidRequestError(f"the API key file {path!r} must hold one key on one line")
+    return key
 
 
 def plugins_value(current: str | None) -> str:
@@ -71,6 +91,12 @@ def serve(vllm_args: Sequence[str], options: ServeOptions = ServeOptions()) -> N
     """Run vLLM's ``serve`` with the editserve plugins (blocks until the server exits)."""
     os.environ[PLUGINS_ENV] = plugins_value(os.environ.get(PLUGINS_ENV))
     os.environ.update(options.environment())
+    key_file = options.api_key_file or os.environ.get(API_KEY_FILE_ENV)
+    if key_file:
+        os.environ[VLLM_API_KEY_ENV] = api_key_from_file(key_file)
+    if options.insecure:
+        log.warning("editserve serve --insecure: the gRPC control plane may listen in PLAINTEXT on a non-loopback "
+                    "address; bearer tokens and edits then cross the network unencrypted")
     argv = with_default_model(vllm_args)
     from editserve.control.server import GrpcSettings
 

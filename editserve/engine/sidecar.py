@@ -15,6 +15,11 @@ at a time. Every request gets either its reply type or `Failed` (error type and 
 which the client raises as `SidecarError` (or the original editserve error type when known).
 A long request (`ComputeEdit`) may send `Progress` messages before its reply; the client
 hands them to the caller's callback.
+
+After `Ready`, a background thread builds the covariance statistics of the default edit layers
+(`editserve.engine.stats_warmup`); an edit that needs them while they are being built waits and
+says so in a ``statistics`` progress stage. Its state is read by `SidecarClient.statistics`
+from a state file, never through the pipe.
 This module imports torch and transformers only, never vLLM.
 """
 
@@ -223,6 +228,35 @@ class _Worker:
         self.ledger: Any = None
         self.version = 0
         self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
+        self.warmup: Any = None                  # a StatisticsWarmup once sidecar_main has started it
+
+    def plan_warmup(self, state_file: Any) -> None:
+        """Decide which statistics the warm-up builds and publish that state (before `Ready`, so a
+        client reading the state after `Ready` sees the plan); `warmup.start()` then builds them."""
+        from editserve.engine.stats_warmup import StatisticsWarmup
+
+        self.warmup = StatisticsWarmup(self.model, self.tok, self.fingerprint, self.ready.checkpoint, state_file)
+
+    def _wait_for_statistics(self, msg: "ComputeEdit") -> None:
+        """An edit whose statistics the warm-up is building waits for them (never builds them twice),
+        reporting the wait as stage ``statistics``."""
+        if self.warmup is None:
+            return
+        from editserve.editing.edit import resolve_hparams
+
+        try:
+            hp = resolve_hparams(self.model, msg.method, list(msg.layers) if msg.layers is not None else None,
+                                 msg.hparams)
+        except EditserveError:
+            return                                   # compute_patch reports the bad request itself
+
+        def report(st: Any) -> None:
+            text = st.message or f"building covariance statistics for layers {list(st.layers)}"
+            if st.state != "building":
+                text = f"covariance statistics {st.state}" + (f": {st.error}" if st.error else "")
+            self._progress("statistics", round(0.05 * float(st.fraction), 4), text)
+
+        self.warmup.wait_for(tuple(hp.layers), hp.stats, report)
 
     def _progress(self, stage: str, fraction: float, message: str = "") -> None:
         if self.notify is not None:
@@ -318,6 +352,7 @@ class _Worker:
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
+        self._wait_for_statistics(msg)
         self._hold(msg.version)
         self._progress("compute", 0.05, f"{msg.method} for {len(msg.requests)} fact(s) at version {msg.version}: "
                                         "keys → values → solve")
@@ -438,8 +473,25 @@ def sidecar_main(conn: Connection, config: SidecarConfig) -> None:
         log.exception("sidecar failed to start")
         conn.send(Failed(type(exc).__name__, str(exc)))
         return
+    from editserve.engine.stats_warmup import state_path
+
+    try:
+        worker.plan_warmup(state_path(os.getpid(), config.editserve_home))
+    except Exception:  # the warm-up is an optimisation: edits build their own statistics without it
+        log.exception("sidecar: the statistics warm-up could not be planned")
     conn.send(worker.ready)
     worker.notify = conn.send
+    if worker.warmup is not None:
+        worker.warmup.start()                      # in the background, once the parent has `Ready`
+    try:
+        _serve(conn, worker)
+    finally:
+        if worker.warmup is not None:
+            worker.warmup.close()
+
+
+def _serve(conn: Connection, worker: _Worker) -> None:
+    """The request loop: one request, one reply, until EOF or `Shutdown`."""
     while True:
         try:
             msg = conn.recv()
@@ -551,6 +603,17 @@ class SidecarClient:
 
     def trace(self, msg: TraceFact, timeout_s: float | None = None) -> Traced:
         return self.call(msg, Traced, timeout_s)
+
+    def statistics(self) -> dict[str, Any]:
+        """The covariance-statistics warm-up of this sidecar, without touching the request pipe:
+        ``{"state": "building"|"ready"|"failed"|"off", "fraction", "layers", "seconds", "error", "message"}``."""
+        from editserve.engine.stats_warmup import read_state, state_path
+
+        pid = self._proc.pid
+        if pid is None:
+            return {"state": "building", "fraction": 0.0, "layers": [], "seconds": 0.0, "error": None,
+                    "message": "the sidecar has not started"}
+        return read_state(state_path(pid, self.config.editserve_home), self._proc.is_alive())
 
     @property
     def alive(self) -> bool:
