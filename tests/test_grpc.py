@@ -332,6 +332,30 @@ CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
 ]
 
 
+def test_statistics_warm_up_shows_in_status_and_metrics(server: GrpcServer) -> None:
+    """The sidecar's statistics warm-up reaches Status (gRPC and HTTP) and editserve_statistics_progress."""
+    deadline = time.monotonic() + 600
+    with server.client("viewer") as c:
+        while True:
+            st = c.status().statistics
+            assert st.state in ("building", "ready"), st
+            if st.state == "ready" or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    assert st.state == "ready" and list(st.layers) == [1, 2, 3, 4, 5] and st.error == "", st
+    status, body = _http(server, "GET", "/status", role="viewer")
+    assert status == 200 and body["sidecar"]["statistics"]["state"] == "ready", body
+    metric = None
+    for _ in range(30):                      # the supervisor publishes it on its next watch tick
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=30) as resp:
+            lines = [ln for ln in resp.read().decode().splitlines() if ln.startswith("editserve_statistics_progress")]
+        metric = float(lines[0].rsplit(" ", 1)[1]) if lines else None
+        if metric == 1.0:
+            break
+        time.sleep(1)
+    assert metric == 1.0, lines
+
+
 def test_catalogue_is_large_enough() -> None:
     assert len(CATALOGUE) >= 50
     assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)

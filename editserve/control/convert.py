@@ -86,7 +86,17 @@ def status_to_pb(st: dict[str, Any]) -> Any:
         degraded=st["degraded"] or "",
         threshold_bounds=pb2.ThresholdBounds(defaults=pb2.ProbeThresholds(**bounds["defaults"]),
                                              loosest=pb2.ProbeThresholds(**bounds["loosest"])),
-        ledger_root=st.get("ledger_root") or "")
+        ledger_root=st.get("ledger_root") or "", statistics=_statistics_to_pb(st["sidecar"].get("statistics")))
+
+
+def _statistics_to_pb(st: dict[str, Any] | None) -> Any:
+    """The sidecar's statistics warm-up state (`SidecarClient.statistics`) as a ``StatisticsStatus``."""
+    if not st:
+        return pb2.StatisticsStatus(state="off", message="no sidecar")
+    return pb2.StatisticsStatus(state=str(st.get("state") or ""), fraction=float(st.get("fraction") or 0.0),
+                                layers=[int(x) for x in st.get("layers") or ()],
+                                seconds=float(st.get("seconds") or 0.0), error=str(st.get("error") or ""),
+                                message=str(st.get("message") or ""))
 
 
 def scores_to_pb(scored: Any) -> Any:

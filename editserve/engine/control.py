@@ -121,6 +121,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._sidecar_starting: SidecarClient | None = None     # a replacement still loading
         self._sidecar_failure: dict[str, Any] | None = None     # the last death / failed restart
         self._sidecar_retry_at = 0.0
+        self._statistics_published: float | None = None        # last editserve_statistics_progress value
         self._closing = False
         self._degraded: str | None = None
 
@@ -508,7 +509,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                         "pid": self.sidecar.pid if self.sidecar else None,
                         "restarting": self._sidecar_restart is not None and not self._sidecar_restart.done(),
                         "restarts": self.counters.sidecar_restarts,
-                        "last_failure": self._sidecar_failure},
+                        "last_failure": self._sidecar_failure,
+                        "statistics": self.sidecar.statistics() if self.sidecar else None},
             "degraded": self._degraded,
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],

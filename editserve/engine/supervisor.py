@@ -40,12 +40,15 @@ class SidecarSupervision:
     metrics: Any
     counters: Any
     swapper: Any
+    _statistics_published: float | None
 
     async def _watch_sidecar(self) -> None:
         """Notice a dead sidecar process within `sidecar_watch_s` and replace it (see `_restart_sidecar`)."""
         while not self._closing:
             await asyncio.sleep(self.settings.sidecar_watch_s)
             sidecar = self.sidecar
+            if sidecar is not None and sidecar.alive:
+                self._publish_statistics(sidecar)
             restarting = self._sidecar_restart is not None and not self._sidecar_restart.done()
             if (sidecar is not None and not sidecar.alive and not restarting
                     and time.monotonic() >= self._sidecar_retry_at):
@@ -53,6 +56,15 @@ class SidecarSupervision:
                     await self._begin_sidecar_restart()
                 except Exception as exc:  # noqa: BLE001 - reported in status and the log; retried later
                     log.error("sidecar restart failed (next try in %.0f s): %s", self.settings.sidecar_retry_s, exc)
+
+    def _publish_statistics(self, sidecar: Any) -> None:
+        """Move ``editserve_statistics_progress`` with the sidecar's warm-up (state file, no pipe)."""
+        st = sidecar.statistics()
+        state = st.get("state")
+        fraction = 1.0 if state in ("ready", "off") else float(st.get("fraction") or 0.0)
+        if fraction != self._statistics_published:
+            self.metrics.set_statistics_progress(fraction)
+            self._statistics_published = fraction
 
     def _begin_sidecar_restart(self) -> asyncio.Task[None]:
         """The running restart, or a new one (the caller awaits it)."""
