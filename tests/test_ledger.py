@@ -1,5 +1,8 @@
-"""Ledger behaviour on a real SQLite file with small synthetic patches: versions, head, rollback,
-revert, idempotency, audit log, materialisation, integrity checks, export/import validation, CLI.
+"""Ledger behaviour with small synthetic patches, on both backends: a real SQLite file and a real
+PostgreSQL server (started by the tests, `tests._pg`): versions, head, rollback, revert,
+idempotency, audit log, materialisation, integrity checks, export/import validation, CLI.
+Backend-specific tests (SQLite files and $EDITSERVE_HOME; PostgreSQL DSN secrecy, migrations,
+lost server, blob tables) follow the shared ones.
 
 The same behaviour on the real SmolLM2 checkpoint is in test_ledger_smollm.py; crash and
 multi-process tests are in test_ledger_crash.py.
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests._ledger_util import FP, NAME, NAME2, SHAPE, base_weights, synth_patch, tensor_hash
+from tests._ledger_util import FP, NAME, NAME2, SHAPE, Backend, backend, base_weights, synth_patch, tensor_hash  # noqa: F401
+from tests._pg import pg_server  # noqa: F401
 
 from editserve.cli import main as cli_main
 from editserve.editing.arch import Layout
@@ -44,8 +48,8 @@ def base() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, base: dict[str, torch.Tensor]) -> Ledger:
-    led = Ledger.open(tmp_path / "ledger", model_fingerprint=FP, caller="test")
+def ledger(backend: Backend, base: dict[str, torch.Tensor]) -> Ledger:
+    led = Ledger.open(backend.location(), model_fingerprint=FP, caller="test")
     yield led
     led.close()
 
@@ -206,7 +210,7 @@ def test_revert_rebase_conflict_if_head_moves(ledger: Ledger, base: dict[str, to
 
     def slow(step: RebaseStep):
         # Another writer commits while we recompute.
-        with Ledger.open(ledger.root, model_fingerprint=FP) as other:
+        with Ledger.open(ledger.location, model_fingerprint=FP) as other:
             other.commit(synth_patch(50), other.head(), base=base)
         return synth_patch(60)
 
@@ -222,16 +226,16 @@ def test_idempotent_revert(ledger: Ledger, base: dict[str, torch.Tensor]) -> Non
     assert r1.version == r2.version == 3 and r2.created is False and len(ledger.versions()) == 4
 
 
-def test_event_log_and_history_are_append_only(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+def test_event_log_and_history_are_append_only(ledger: Ledger, backend: Backend,
+                                                base: dict[str, torch.Tensor]) -> None:
     _commit_n(ledger, base, 1)
-    conn = sqlite3.connect(str(ledger.root / "ledger.sqlite3"))
-    try:
-        for sql in ("UPDATE events SET kind='x'", "DELETE FROM events", "DELETE FROM versions WHERE version=1",
-                    "UPDATE versions SET caller='mallory'", "DELETE FROM patches"):
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-                conn.execute(sql)
-    finally:
-        conn.close()
+    before = _state(ledger)
+    for sql in ("UPDATE events SET kind='x'", "DELETE FROM events", "DELETE FROM versions WHERE version=1",
+                "UPDATE versions SET caller='mallory'", "DELETE FROM patches", "UPDATE version_ops SET op='remove'",
+                "DELETE FROM base_copies"):
+        assert "append-only" in backend.raw_write_fails(ledger, sql)
+    assert _state(ledger) == before
+    ledger.check_integrity()
 
 
 # -- materialisation ---------------------------------------------------------------------------
@@ -258,9 +262,9 @@ def test_materialize_is_bit_reproducible_and_v0_is_base(ledger: Ledger, base: di
     assert torch.equal(t[NAME].t(), a[NAME])
 
 
-def test_materialize_in_bfloat16_casts_once(tmp_path: Path) -> None:
+def test_materialize_in_bfloat16_casts_once(backend: Backend) -> None:
     base = {NAME: base_weights()[NAME].to(torch.bfloat16)}
-    with Ledger.open(tmp_path, model_fingerprint=FP) as led:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as led:
         for i in range(1, 4):
             led.commit(synth_patch(i), led.head(), base=base)
         w = led.materialize(3)[NAME]
@@ -288,6 +292,8 @@ def test_diff_reports_patches_and_norms(ledger: Ledger, base: dict[str, torch.Te
 
 def test_open_refuses_other_model_and_uses_editserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EDITSERVE_LEDGER", raising=False)
+    monkeypatch.delenv("EDITSERVE_LEDGER_DSN_FILE", raising=False)
     with Ledger.open(model_fingerprint=FP) as led:
         assert led.root == tmp_path / "home" / "ledger" / FP[:16]
     with pytest.raises(LedgerModelMismatch, match=FP[:16]):
@@ -298,25 +304,24 @@ def test_open_refuses_other_model_and_uses_editserve_home(tmp_path: Path, monkey
         assert led.model_fingerprint == FP
 
 
-def _blob_of(ledger: Ledger, version: int) -> Path:
-    rec = ledger.store.patch(ledger.version(version).patch_id)
-    return ledger.blobs.path(rec.blob)
+def _blob_of(ledger: Ledger, version: int) -> str:
+    return ledger.store.patch(ledger.version(version).patch_id).blob
 
 
-def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
-    root = tmp_path / "l"
+def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(backend: Backend,
+                                                                  base: dict[str, torch.Tensor]) -> None:
+    root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
         _commit_n(led, base, 4)
         good = led.expected_checksums(2)
         bad_blob = _blob_of(led, 3)
-    data = bytearray(bad_blob.read_bytes())
-    data[-3] ^= 0x55
-    bad_blob.write_bytes(bytes(data))
+        backend.corrupt_blob(led, bad_blob)
+    assert Ledger.open(root, verify="quick").close() is None      # same size: only hashing finds it
     with pytest.raises(LedgerCorrupt) as exc:
         Ledger.open(root, model_fingerprint=FP)
     err = exc.value
-    assert bad_blob.name in str(err) and "checksum mismatch" in str(err)
-    assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob.name in err.bad_blobs
+    assert bad_blob in str(err) and "checksum mismatch" in str(err)
+    assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob in err.bad_blobs
     with Ledger.open(root, model_fingerprint=FP, strict=False) as led:
         assert led.damage is not None and led.damage.last_good == 2
         assert led.expected_checksums(2) == good                     # the last good version is usable
@@ -331,18 +336,18 @@ def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(tmp_path: Path
         assert led.expected_checksums(5) == led.expected_checksums(5)
 
 
-def test_missing_blob_and_missing_base_copy(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
-    root = tmp_path / "l"
+def test_missing_blob_and_missing_base_copy(backend: Backend, base: dict[str, torch.Tensor]) -> None:
+    root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
         _commit_n(led, base, 2)
         led.commit(synth_patch(5, names=(NAME2,)), 2, base=base)
-        missing = _blob_of(led, 2)
-        base_blob = led.blobs.path(led.store.base_copies()[NAME2].blob)
-    missing.unlink()
+        backend.remove_blob(led, _blob_of(led, 2))
+        base_blob = led.store.base_copies()[NAME2].blob
     with pytest.raises(LedgerCorrupt, match="missing") as exc:
         Ledger.open(root)
     assert exc.value.bad_versions == (2, 3) and exc.value.last_good == 1
-    base_blob.unlink()
+    with Ledger.open(root, strict=False) as led:
+        backend.remove_blob(led, base_blob)
     with pytest.raises(LedgerCorrupt, match=f"base copy of {NAME2}"):
         Ledger.open(root)
 
@@ -377,14 +382,15 @@ def _fix_checksum(src: Path, file_name: str) -> None:
     (src / "manifest.json").write_text(json.dumps(m))
 
 
-def test_export_import_patch_and_version(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_export_import_patch_and_version(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor],
+                                         tmp_path: Path) -> None:
     _commit_n(ledger, base, 3)
     ledger.export_patch(2, tmp_path / "p2")
     ledger.export_version(3, tmp_path / "v3")
     from editserve.patches import load_patch
 
     assert load_patch(tmp_path / "p2").digest == synth_patch(2).digest      # a plain patch directory too
-    with Ledger.open(tmp_path / "other", model_fingerprint=FP) as other:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         v = other.import_patch(tmp_path / "p2", 0, caller="importer", base=base)
         assert v == 1 and other.active_ids() == (synth_patch(2).digest,)
         assert other.version(1).kind == "import" and other.events()[-1].kind == "import"
@@ -398,10 +404,8 @@ def test_export_import_patch_and_version(ledger: Ledger, base: dict[str, torch.T
             other.import_patch(tmp_path / "p2", v)
 
 
-def _rejects(tmp_path: Path, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
-    import tempfile
-
-    with Ledger.open(tempfile.mkdtemp(dir=tmp_path), model_fingerprint=FP) as other:
+def _rejects(backend: Backend, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         other.commit(synth_patch(40), 0, base=base)
         before = _state(other)
         with pytest.raises(ImportRejected, match=match):
@@ -419,7 +423,7 @@ def _rejects(tmp_path: Path, base: dict[str, torch.Tensor], src: Path, match: st
     ("missing", "missing"),
     ("format", "format"),
 ])
-def test_import_rejects_bad_exports(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+def test_import_rejects_bad_exports(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor], tmp_path: Path,
                                     damage: str, match: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -456,19 +460,19 @@ def test_import_rejects_bad_exports(ledger: Ledger, base: dict[str, torch.Tensor
         data = bytearray((src / "patch.safetensors").read_bytes())
         data[-1] ^= 1
         (src / "patch.safetensors").write_bytes(bytes(data))
-    _rejects(tmp_path, base, src, match)
+    _rejects(backend, base, src, match)
 
 
-def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, base: dict[str, torch.Tensor],
-                                                          tmp_path: Path) -> None:
+def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, backend: Backend,
+                                                          base: dict[str, torch.Tensor], tmp_path: Path) -> None:
     huge = synth_patch(3, scale=50.0)
     ledger.commit(huge, 0, base=base)
     src = ledger.export_patch(1, tmp_path / "huge")
-    _rejects(tmp_path, base, src, "the bound is 0.5")
+    _rejects(backend, base, src, "the bound is 0.5")
     ledger.commit(synth_patch(4), 1, base=base)
     src = ledger.export_patch(2, tmp_path / "ok")
-    _rejects(tmp_path, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
-    with Ledger.open(tmp_path / "nobase", model_fingerprint=FP) as other:
+    _rejects(backend, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         with pytest.raises(ImportRejected, match="no base weight"):
             other.import_patch(src, 0)
         assert other.head() == 0 and len(other.versions()) == 1
@@ -477,10 +481,10 @@ def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, base: 
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+def test_cli_commands(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor], tmp_path: Path,
                       capsys: pytest.CaptureFixture[str]) -> None:
     _commit_n(ledger, base, 3)
-    root = str(ledger.root)
+    root = ledger.location.dsn or str(ledger.root)
 
     def run(*argv: str) -> str:
         code = cli_main(["ledger", *argv, "--ledger", root])
@@ -506,9 +510,10 @@ def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: P
     # Errors are typed and reported with exit status 2.
     assert cli_main(["ledger", "rollback", "42", "--ledger", root]) == 2
     assert "version 42" in capsys.readouterr().err
-    with Ledger.open(tmp_path / "imp", model_fingerprint=FP) as other:
+    imp = backend.location()
+    with Ledger.open(imp, model_fingerprint=FP) as other:
         other.ensure_base(NAME, base[NAME])
-    assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", str(tmp_path / "imp")]) == 0
+    assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", imp]) == 0
     assert "as version 1" in capsys.readouterr().out
 
 
@@ -525,10 +530,12 @@ def test_cli_finds_the_only_ledger_under_home(tmp_path: Path, monkeypatch: pytes
     assert "2 ledgers" in capsys.readouterr().err
 
 
-def test_blob_writes_are_atomic_files(ledger: Ledger) -> None:
+def test_blob_writes_are_atomic_files(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l", model_fingerprint=FP)
     digest = ledger.blobs.put(b"x" * 1000)
     path = ledger.blobs.path(digest)
     assert path.read_bytes() == b"x" * 1000 and oct(path.stat().st_mode)[-3:] == "644"
     assert not any(p.suffix == ".tmp" for p in (ledger.root / "tmp").iterdir()) if (ledger.root / "tmp").exists() else True
     assert ledger.blobs.put(b"x" * 1000) == digest
     assert os.path.getsize(path) == 1000
+    ledger.close()

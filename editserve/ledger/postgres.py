@@ -121,7 +121,7 @@ class PostgresStore(LedgerStore):
         return {str(k): str(v) for k, v in self._query("SELECT key, value FROM meta")}
 
     def nbytes(self) -> int:
-        rows = self._query("SELECT coalesce(sum(pg_total_relation_size(to_regclass(t))), 0)::bigint FROM unnest(%s) AS t",
+        rows = self._query("SELECT coalesce(sum(pg_total_relation_size(to_regclass(t))), 0)::bigint FROM unnest(%s::text[]) AS t",
                            (list(_META_TABLES),))
         return int(rows[0][0])
 
@@ -326,7 +326,7 @@ class PostgresStore(LedgerStore):
                 problems.append(f"schema migrations applied: {applied}, expected {want}")
             enabled = {str(name): str(state) for name, state in c.execute(
                 "SELECT t.tgname, t.tgenabled FROM pg_trigger t WHERE NOT t.tgisinternal "
-                "AND t.tgrelid IN (SELECT to_regclass(x) FROM unnest(%s) AS x)",
+                "AND t.tgrelid IN (SELECT to_regclass(x) FROM unnest(%s::text[]) AS x)",
                 (["events", "versions", "version_ops", "patches", "base_copies", "head", "blobs", "blob_chunks"],))}
             missing = [t for t in REQUIRED_TRIGGERS if t not in enabled]
             disabled = [t for t in REQUIRED_TRIGGERS if enabled.get(t) == "D"]
