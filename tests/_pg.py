@@ -90,12 +90,7 @@ class TempPostgres:
         (self.data / "pg_hba.conf").write_text(
             f"local all {SUPERUSER} trust\n"
             "local all all scram-sha-256\n")
-        opts = [f"-k {self.socket_dir}", "-c listen_addresses=''", "-c max_connections=60",
-                "-c shared_buffers=32MB", "-c log_min_messages=warning"]
-        if not self.fsync:
-            opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                  "-o", " ".join(opts), "start")
+        self.start_server()
         if self.spare:
             for _ in range(self.spare):
                 self._wanted.release()
@@ -124,8 +119,18 @@ class TempPostgres:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def restart(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "restart", timeout=120)
+    def start_server(self) -> None:
+        """Start the postmaster on the existing data directory."""
+        opts = [f"-k {self.socket_dir}", "-c listen_addresses=''", "-c max_connections=60",
+                "-c shared_buffers=32MB", "-c log_min_messages=warning"]
+        if not self.fsync:
+            opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                  "-o", " ".join(opts), "start")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the postmaster (its connections are cut), keeping the data for `start_server`."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", timeout=120)
 
     def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
         auth = f"{user}:{password}" if password is not None else user

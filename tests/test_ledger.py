@@ -539,3 +539,299 @@ def test_blob_writes_are_atomic_files(tmp_path: Path) -> None:
     assert ledger.blobs.put(b"x" * 1000) == digest
     assert os.path.getsize(path) == 1000
     ledger.close()
+
+
+# -- both backends: locks, migrations ------------------------------------------------------------
+
+
+def test_a_held_write_lock_is_ledger_busy(backend: Backend, base: dict[str, torch.Tensor]) -> None:
+    import time
+
+    from editserve.ledger import LedgerBusy
+
+    root = backend.location()
+    with Ledger.open(root, model_fingerprint=FP, busy_timeout_s=0.5) as led:
+        if backend.server is None:
+            holder = sqlite3.connect(str(led.root / "ledger.sqlite3"), isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+        else:
+            import psycopg
+
+            holder = psycopg.connect(led.location.dsn)          # a transaction stays open until rollback
+            holder.execute("SELECT version FROM head WHERE id = 1 FOR UPDATE")
+        t = time.monotonic()
+        with pytest.raises(LedgerBusy, match="locked"):
+            led.commit(synth_patch(1), 0, base=base)
+        assert time.monotonic() - t < 30
+        holder.rollback() if backend.server is not None else holder.execute("ROLLBACK")
+        holder.close()
+        assert led.commit(synth_patch(1), 0, base=base) == 1 and led.head() == 1
+
+
+def test_schema_migrations_are_recorded_and_a_newer_schema_is_refused(backend: Backend) -> None:
+    from editserve.ledger import LedgerSchemaError
+
+    root = backend.location()
+    Ledger.open(root, model_fingerprint=FP).close()
+    with Ledger.open(root) as led:
+        assert led.store.schema_version() == 1
+        assert led.store.upgrade() == []                       # nothing pending: nothing applied twice
+    # A database written by a newer editserve (migration 99) is not opened by this one.
+    if backend.server is None:
+        conn = sqlite3.connect(str(Path(root) / "ledger.sqlite3"))
+        conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 'x', 0)")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(root, autocommit=True) as conn:
+            conn.execute("INSERT INTO schema_migrations(version, name, checksum) VALUES (99, 'future', 'x')")
+    with pytest.raises(LedgerSchemaError, match=r"migration\(s\) \[99\].*newer editserve"):
+        Ledger.open(root)
+
+
+def test_sqlite_ledger_from_before_migrations_is_adopted(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
+    root = tmp_path / "old"
+    with Ledger.open(root, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+    conn = sqlite3.connect(str(root / "ledger.sqlite3"))
+    conn.execute("DROP TABLE schema_migrations")                 # what a ledger written before this change has
+    conn.commit()
+    conn.close()
+    with Ledger.open(root) as led:
+        assert led.store.schema_version() == 1 and led.head() == 1
+        led.check_integrity(deep=True)
+
+
+# -- PostgreSQL: DSN secrecy, migrations, a lost server, blob tables -------------------------------
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text, f"the password leaked into: {text[:300]}"
+
+
+def test_redact_dsn() -> None:
+    from editserve.ledger import LedgerLocation, redact_dsn
+
+    assert redact_dsn("postgresql://app:pw@db.example:5432/ledger") == "postgresql://app@db.example:5432/ledger"
+    assert redact_dsn("postgres://app@/l?host=/run/pg&password=pw&sslmode=require") == \
+        "postgres://app@/l?host=/run/pg&sslmode=require"
+    assert redact_dsn("postgresql://h1:5432,h2:5433/l?sslpassword=x") == "postgresql://h1:5432,h2:5433/l"
+    loc = LedgerLocation.parse("postgresql://app:pw@db/ledger")
+    assert loc.backend == "postgresql" and loc.dsn.endswith("pw@db/ledger")
+    assert "pw" not in repr(loc) and "pw" not in str(loc) and "pw" not in f"{loc!r} {loc}"
+    assert LedgerLocation.parse("/tmp/x").backend == "sqlite"
+    with pytest.raises(InvalidRequestError):
+        LedgerLocation(dsn="mysql://root:pw@db/x")
+
+
+def _password_database(pg_server) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    role = f"app_{os.getpid()}_{len(pg_server.dsn())}"
+    pg_server.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN "
+                      f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{SECRET}'; END IF; END $$")
+    db = pg_server.create_database()
+    pg_server.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
+    return role, db
+
+
+def test_postgres_dsn_password_is_never_shown(pg_server, tmp_path: Path, base: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
+                                              caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import traceback
+
+    from editserve.ledger import LedgerUnavailable
+
+    caplog.set_level(logging.DEBUG)
+    role, db = _password_database(pg_server)
+    dsn = pg_server.dsn(db, user=role, password=SECRET)
+    with Ledger.open(dsn, model_fingerprint=FP, caller="app") as led:
+        led.commit(synth_patch(1), 0, base=base)
+        assert led.backend == "postgresql" and led.root is None
+        assert str(led.location) == f"postgresql://{role}@/{db}?host={pg_server.socket_dir}"
+        _no_secret(repr(led), str(led.location), repr(led.location), repr(led.store), repr(led.blobs))
+    # Wrong password, unknown database, no server: typed errors that name the redacted DSN only.
+    for bad in (pg_server.dsn(db, user=role, password=SECRET + "x"), pg_server.dsn("nope", user=role, password=SECRET),
+                f"postgresql://{role}:{SECRET}@/{db}?host={tmp_path}"):
+        with pytest.raises(LedgerUnavailable) as exc:
+            Ledger.open(bad, model_fingerprint=FP)
+        assert "cannot connect to ledger postgresql://" in str(exc.value)
+        _no_secret(str(exc.value), "".join(traceback.format_exception(exc.value)))
+    # From a DSN file (a mounted Secret), for the library and the CLI.
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(dsn_file))
+    with Ledger.open(model_fingerprint=FP) as led:
+        assert led.head() == 1
+    assert cli_main(["ledger", "versions"]) == 0
+    out = capsys.readouterr()
+    assert "head = version 1" in out.out and f"postgresql://{role}@" in out.out
+    assert cli_main(["ledger", "check-ledger", "--ledger", pg_server.dsn("nope", user=role, password=SECRET)]) == 2
+    out2 = capsys.readouterr()
+    _no_secret(out.out, out.err, out2.out, out2.err, caplog.text)
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(LedgerError, match="cannot read the ledger DSN file .*missing"):
+        Ledger.open(model_fingerprint=FP)
+    dsn_file.write_text(f"host=/tmp password={SECRET}")
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(dsn_file))
+    with pytest.raises(LedgerError, match="does not hold a postgresql:// or postgres:// DSN") as exc2:
+        Ledger.open(model_fingerprint=FP)
+    _no_secret(str(exc2.value), caplog.text)
+
+
+def test_postgres_open_checks(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    dsn = pg_server.dsn(pg_server.create_database())
+    with pytest.raises(LedgerError, match="no ledger in database"):
+        Ledger.open(dsn, create=False)
+    with pytest.raises(InvalidRequestError, match="needs the model fingerprint"):
+        Ledger.open(dsn)
+    Ledger.open(dsn, model_fingerprint=FP).close()
+    with pytest.raises(LedgerModelMismatch, match=FP[:16]):
+        Ledger.open(dsn, model_fingerprint="1" * 64)
+    with Ledger.open(dsn) as led:
+        assert led.model_fingerprint == FP and led.nbytes() > 0
+
+
+def _opener(dsn: str, barrier, out) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        with Ledger.open(dsn, model_fingerprint=FP, caller=f"p{os.getpid()}") as led:
+            out.put(("ok", led.head()))
+    except BaseException as exc:  # reported to the test
+        out.put(("error", repr(exc)))
+
+
+def test_postgres_concurrent_openers_create_one_ledger(pg_server) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing as mp
+
+    import psycopg
+
+    ctx = mp.get_context("fork")
+    dsn = pg_server.dsn(pg_server.create_database())
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_opener, args=(dsn, barrier, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert results == [("ok", 0)] * 8, results
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "ledger_schema")]
+        assert conn.execute("SELECT count(*) FROM versions").fetchone()[0] == 1
+        assert conn.execute("SELECT kind FROM events").fetchall() == [("create",)]
+
+
+def test_postgres_later_migration_adds_per_version_state(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    """The shape of a later migration (per-version editing state in blobs) applies to an existing ledger."""
+    import psycopg
+
+    from editserve.ledger import LedgerSchemaError
+    from editserve.ledger.migrations import Migration
+    from editserve.ledger.pgconn import PgConnection
+    from editserve.ledger.pgschema import PG_MIGRATIONS
+    from editserve.ledger.postgres import PostgresStore
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        state_blob = led.blobs.put(b"preserved-key factors of version 1")
+    m2 = Migration(2, "version_state", (
+        "CREATE TABLE version_state (version integer NOT NULL REFERENCES versions(version), kind text NOT NULL, "
+        "blob text NOT NULL REFERENCES blobs(digest), blob_size bigint NOT NULL, PRIMARY KEY (version, kind))",
+        "CREATE TRIGGER version_state_append_only BEFORE UPDATE OR DELETE ON version_state "
+        "FOR EACH ROW EXECUTE FUNCTION editserve_append_only()",
+    ))
+    newer = PostgresStore(PgConnection(Ledger.open(dsn).location), migrations=PG_MIGRATIONS + (m2,))
+    assert newer.upgrade() == [2] and newer.upgrade() == [] and newer.schema_version() == 2
+    with newer.conn.transaction() as c:
+        c.execute("INSERT INTO version_state VALUES (1, 'alphaedit_keys', %s, 34)", (state_blob,))
+    assert newer.check_consistency() == []
+    newer.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("DELETE FROM version_state")
+        with pytest.raises(psycopg.Error, match="foreign key"):
+            conn.execute("DELETE FROM blobs WHERE digest = %s", (state_blob,))     # referenced: not garbage
+    with pytest.raises(LedgerSchemaError, match=r"\[2\]"):                      # this code knows only 1
+        Ledger.open(dsn)
+
+
+def test_postgres_blob_tables(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    from editserve.ledger.pgblobs import PgBlobStore
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        small = PgBlobStore(led.blobs.conn, chunk_bytes=1000)
+        data = bytes(range(256)) * 10                                   # 2,560 bytes: 3 chunks
+        digest = small.put(data)
+        assert small.put(data) == digest and led.blobs.get(digest) == data and small.check(digest, len(data)) is None
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM blob_chunks WHERE digest = %s", (digest,)).fetchone()[0] == 3
+            for sql, match in (("UPDATE blob_chunks SET data = 'x'", "append-only"),
+                               ("DELETE FROM blob_chunks WHERE seq = 1", "only be deleted with the blob"),
+                               ("TRUNCATE blobs CASCADE", "append-only"), ("DELETE FROM head", "append-only"),
+                               ("UPDATE blobs SET size = 1", "append-only"),
+                               (f"DELETE FROM blobs WHERE digest = '{led.store.patches()[0].blob}'", "foreign key")):
+                with pytest.raises(psycopg.Error, match=match):
+                    conn.execute(sql)
+            with conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("UPDATE blob_chunks SET data = 'x' || data WHERE digest = %s AND seq = 1", (digest,))
+        assert small.check(digest, len(data)) == f"size {len(data) + 1} != {len(data)}"
+        with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("UPDATE blob_chunks SET data = substr(data, 2) WHERE digest = %s AND seq = 1", (digest,))
+            conn.execute("UPDATE blob_chunks SET data = 'y' || substr(data, 2) WHERE digest = %s AND seq = 2", (digest,))
+        assert small.check(digest, len(data), full=False) is None
+        assert small.check(digest, len(data)) == "checksum mismatch"   # multi-chunk: hashed here, not on the server
+        with pytest.raises(LedgerCorrupt, match="corrupt"):
+            small.get(digest)
+        assert led.collect_garbage(min_age_s=0) == [digest]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM blob_chunks WHERE digest = %s", (digest,)).fetchone()[0] == 0
+        led.check_integrity(deep=True)
+
+
+def test_postgres_disabled_trigger_fails_the_integrity_check(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER events_append_only")
+    with pytest.raises(LedgerCorrupt, match=r"append-only triggers disabled: \['events_append_only'\]"):
+        Ledger.open(dsn)
+
+
+def test_postgres_server_down_is_unavailable_and_nothing_is_lost(base: dict[str, torch.Tensor]) -> None:
+    from editserve.ledger import LedgerUnavailable
+    from tests._pg import TempPostgres
+
+    server = TempPostgres(fsync=False).start()
+    try:
+        dsn = server.dsn(server.create_database())
+        with Ledger.open(dsn, model_fingerprint=FP) as led:
+            led.commit(synth_patch(1), 0, base=base, idempotency_key="k1")
+            server.stop_server()
+            for call in (led.head, lambda: led.commit(synth_patch(2), 1, base=base, idempotency_key="k2"),
+                         lambda: led.rollback(0)):
+                with pytest.raises(LedgerUnavailable, match="ledger postgresql://"):
+                    call()
+            server.start_server()
+            # The same connection object reconnects; the retried commit lands once.
+            assert led.head() == 1
+            assert led.commit(synth_patch(2), 1, base=base, idempotency_key="k2") == 2
+            assert led.commit(synth_patch(2), 1, base=base, idempotency_key="k2") == 2
+            led.check_integrity(deep=True)
+            assert [v.version for v in led.versions()] == [0, 1, 2]
+    finally:
+        server.stop()
