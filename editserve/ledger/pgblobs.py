@@ -55,9 +55,9 @@ class PgBlobStore(BlobStore):
 
     def get(self, digest: str, verify: bool = True) -> bytes:
         check_digest(digest)
-        with self.conn.snapshot() as c:
-            head = c.execute("SELECT size, chunks FROM blobs WHERE digest = %s", (digest,)).fetchone()
-            rows = c.execute("SELECT seq, data FROM blob_chunks WHERE digest = %s ORDER BY seq", (digest,)).fetchall()
+        with self.conn.snapshot() as c, c.cursor(binary=True) as cur:     # binary: bytea without hex text
+            head = cur.execute("SELECT size, chunks FROM blobs WHERE digest = %s", (digest,)).fetchone()
+            rows = cur.execute("SELECT seq, data FROM blob_chunks WHERE digest = %s ORDER BY seq", (digest,)).fetchall()
         if head is None:
             raise LedgerCorrupt(f"{self._where(digest)} is missing", bad_blobs={digest: "missing"})
         size, n = int(head[0]), int(head[1])
@@ -114,8 +114,10 @@ class PgBlobStore(BlobStore):
                         bad[str(digest)] = "checksum mismatch"
             for digest in hash_here:
                 h = hashlib.sha256()
-                for (data,) in c.execute("SELECT data FROM blob_chunks WHERE digest = %s ORDER BY seq", (digest,)):
-                    h.update(data)
+                with c.cursor(binary=True) as cur:
+                    for (data,) in cur.execute("SELECT data FROM blob_chunks WHERE digest = %s ORDER BY seq",
+                                               (digest,)):
+                        h.update(data)
                 if h.hexdigest() != digest:
                     bad[digest] = "checksum mismatch"
         return bad

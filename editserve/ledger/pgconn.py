@@ -129,9 +129,14 @@ class PgConnection:
         with self._lock:
             conn = self._connection()
             try:
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")     # one round trip
+                try:
                     yield conn
+                except BaseException:
+                    if not (conn.closed or conn.broken):
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
             except psycopg.Error as exc:
                 raise self._map(exc, "a read") from exc
 
