@@ -661,6 +661,10 @@ def test_postgres_dsn_password_is_never_shown(pg_server, tmp_path: Path, base: d
             Ledger.open(bad, model_fingerprint=FP)
         assert "cannot connect to ledger postgresql://" in str(exc.value)
         _no_secret(str(exc.value), "".join(traceback.format_exception(exc.value)))
+    with pytest.raises(LedgerError, match="invalid ledger DSN") as exc:
+        Ledger.open(f"postgresql://{role}:{SECRET}@[::1/{db}", model_fingerprint=FP)    # libpq quotes the URI
+    assert not isinstance(exc.value, LedgerUnavailable)
+    _no_secret(str(exc.value), "".join(traceback.format_exception(exc.value)))
     # From a DSN file (a mounted Secret), for the library and the CLI.
     dsn_file = tmp_path / "dsn"
     dsn_file.write_text(dsn + "\n")

@@ -13,6 +13,7 @@ Resolution order when no location is passed (`location_from_env`):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,10 @@ def scrub(text: str, dsn: str | None) -> str:
         parts = urlsplit(dsn.strip())
         secrets = [parts.password] if parts.password else []
         secrets += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_PARAMS and v]
-    except ValueError:
-        secrets = []
+    except ValueError:                               # unparseable: find the password by pattern
+        found = re.search(r"://[^:/@]*:([^@]+)@", dsn)
+        secrets = [found.group(1)] if found else []
+        secrets += re.findall(r"(?:^|[?&])(?:ssl)?password=([^&]+)", dsn, flags=re.IGNORECASE)
     for secret in secrets:
         text = text.replace(secret, "***")
     return text

@@ -6,7 +6,7 @@ reads in a read-only REPEATABLE READ snapshot (`snapshot`), one caller at a time
 connection is lost, or in a forked child, the next call connects anew.
 
 Errors are mapped to the ledger's types with the DSN redacted: a server that cannot be
-reached → `LedgerUnavailable`, a lock wait beyond ``lock_timeout`` → `LedgerBusy`, anything
+reached → `LedgerUnavailable`, a malformed DSN → `LedgerError`, a lock wait beyond ``lock_timeout`` → `LedgerBusy`, anything
 else from the driver → `LedgerError`. The driver's exception is not chained when connecting
 (its text may quote the connection string); it is scrubbed and chained otherwise.
 """
@@ -57,9 +57,11 @@ class PgConnection:
         try:
             conn = psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(round(self.connect_timeout_s))),
                                    application_name=self.application_name)
-        except psycopg.Error as exc:
+        except psycopg.OperationalError as exc:     # no server, refused, unknown database, authentication
             raise LedgerUnavailable(f"cannot connect to ledger {self.location.redacted}: "
                                     f"{scrub(str(exc).strip(), dsn)}") from None
+        except psycopg.Error as exc:                # a malformed DSN (libpq quotes it: scrubbed, not chained)
+            raise LedgerError(f"invalid ledger DSN {self.location.redacted}: {scrub(str(exc).strip(), dsn)}") from None
         try:
             conn.execute(f"SET lock_timeout = {int(self.lock_timeout_s * 1000)}")
             conn.execute("SET idle_in_transaction_session_timeout = 0")
