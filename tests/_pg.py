@@ -71,7 +71,11 @@ class TempPostgres:
         self._names = itertools.count(1)
         self._run_as: list[str] = []
         if os.geteuid() == 0:                      # initdb/postgres refuse root: run as `postgres`
-            user = pwd.getpwnam("postgres")
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root needs the unprivileged `postgres` user to run the server "
+                                   "(Debian's postgresql package creates it: `make pg`)") from None
             os.chown(self.dir, user.pw_uid, user.pw_gid)
             self._run_as = ["runuser", "-u", "postgres", "--"]
         os.chmod(self.dir, 0o755)
