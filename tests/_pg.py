@@ -121,7 +121,9 @@ class TempPostgres:
             if (self.data / "postmaster.pid").exists():
                 self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            # Tens of databases are thousands of files (14 s to unlink on this loaded disk): remove them
+            # in a detached process instead of holding up the test session.
+            subprocess.run(["sh", "-c", 'rm -rf -- "$0" >/dev/null 2>&1 &', str(self.dir)], check=False)
 
     def start_server(self) -> None:
         """Start the postmaster on the existing data directory."""

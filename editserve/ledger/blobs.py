@@ -91,6 +91,10 @@ class BlobStore(abc.ABC):
     def get(self, digest: str, verify: bool = True) -> bytes:
         """The blob's bytes; `LedgerCorrupt` (with ``bad_blobs``) if missing or, with `verify`, not matching its name."""
 
+    def get_many(self, digests: Sequence[str]) -> dict[str, bytes]:
+        """Several verified blobs at once (`LedgerCorrupt` as `get` for any bad one)."""
+        return {d: self.get(d) for d in dict.fromkeys(digests)}
+
     @abc.abstractmethod
     def check(self, digest: str, size: int | None = None, full: bool = True) -> str | None:
         """None if the blob is present (of `size` bytes) and, with `full`, hashes to its name; else what is wrong."""

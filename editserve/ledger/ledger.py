@@ -465,7 +465,17 @@ class Ledger:
         """The patches in effect at `version` (default: the head), in the order they are summed."""
         version = self._resolve_version(version)
         self._refuse_damaged(version)
-        return [self.patch(d) for d in self.active_ids(version)]
+        ids = self.active_ids(version)
+        with self._lock:
+            missing = [d for d in ids if d not in self._patch_cache]
+        if len(missing) > 8:                 # cold: fetch records and factor blobs in bulk (one query each)
+            wanted = set(missing)
+            records = {r.digest: r for r in self._store.patches() if r.digest in wanted}
+            blobs = self._blobs.get_many([records[d].blob for d in missing if d in records])
+            for d in missing:
+                if d in records and records[d].blob in blobs:
+                    self._load_patch(records[d], blobs[records[d].blob])
+        return [self.patch(d) for d in ids]
 
     def patch(self, ref: str) -> Patch:
         """A stored patch by digest (or unique prefix of at least 6 characters), loaded and verified."""
@@ -476,7 +486,11 @@ class Ledger:
                 self._patch_cache.move_to_end(digest)
                 return hit
         rec = self._store.patch(digest)
-        data = self._blobs.get(rec.blob)
+        return self._load_patch(rec, self._blobs.get(rec.blob))
+
+    def _load_patch(self, rec: PatchRecord, data: bytes) -> Patch:
+        """Parse and verify a patch from its (checksum-verified) blob; cache it."""
+        digest = rec.digest
         try:
             patch = patch_from_bytes(data, rec.manifest)
         except (PatchMismatchError, NonFiniteError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from editserve.ledger.blobs import BlobStore, check_digest, sha256_bytes
 from editserve.ledger.errors import LedgerCorrupt
@@ -55,16 +56,31 @@ class PgBlobStore(BlobStore):
 
     def get(self, digest: str, verify: bool = True) -> bytes:
         check_digest(digest)
-        with self.conn.snapshot() as c, c.cursor(binary=True) as cur:     # binary: bytea without hex text
-            head = cur.execute("SELECT size, chunks FROM blobs WHERE digest = %s", (digest,)).fetchone()
-            rows = cur.execute("SELECT seq, data FROM blob_chunks WHERE digest = %s ORDER BY seq", (digest,)).fetchall()
-        if head is None:
+        # One statement (one snapshot, one round trip); binary: bytea without hex text.
+        rows = self.conn.query("SELECT b.size, b.chunks, k.seq, k.data FROM blobs b LEFT JOIN blob_chunks k "
+                               "ON k.digest = b.digest WHERE b.digest = %s ORDER BY k.seq", (digest,), binary=True)
+        return self._assemble(digest, rows, verify)
+
+    def get_many(self, digests: Sequence[str]) -> dict[str, bytes]:
+        wanted = sorted({check_digest(d) for d in digests})
+        rows = self.conn.query("SELECT b.digest, b.size, b.chunks, k.seq, k.data FROM blobs b LEFT JOIN blob_chunks k "
+                               "ON k.digest = b.digest WHERE b.digest = ANY(%s) ORDER BY b.digest, k.seq",
+                               (wanted,), binary=True)
+        grouped: dict[str, list[tuple[Any, ...]]] = {d: [] for d in wanted}
+        for r in rows:
+            grouped[str(r[0])].append(r[1:])
+        return {d: self._assemble(d, grouped[d], True) for d in wanted}
+
+    def _assemble(self, digest: str, rows: Sequence[tuple[Any, ...]], verify: bool) -> bytes:
+        """The blob from its ``(size, chunks, seq, data)`` rows, checked."""
+        if not rows:
             raise LedgerCorrupt(f"{self._where(digest)} is missing", bad_blobs={digest: "missing"})
-        size, n = int(head[0]), int(head[1])
-        if [int(r[0]) for r in rows] != list(range(n)):
-            raise LedgerCorrupt(f"{self._where(digest)} has chunks {[int(r[0]) for r in rows][:10]}, expected 0..{n - 1}",
+        size, n = int(rows[0][0]), int(rows[0][1])
+        seqs = [int(r[2]) for r in rows if r[2] is not None]
+        if seqs != list(range(n)):
+            raise LedgerCorrupt(f"{self._where(digest)} has chunks {seqs[:10]}, expected 0..{n - 1}",
                                 bad_blobs={digest: "chunks missing"})
-        data = b"".join(bytes(r[1]) for r in rows)
+        data = b"".join(bytes(r[3]) for r in rows if r[3] is not None)
         if len(data) != size:
             raise LedgerCorrupt(f"{self._where(digest)} holds {len(data)} bytes, expected {size}",
                                 bad_blobs={digest: f"size {len(data)} != {size}"})

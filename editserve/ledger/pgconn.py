@@ -142,13 +142,13 @@ class PgConnection:
             except psycopg.Error as exc:
                 raise self._map(exc, "a read") from exc
 
-    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
-        """One statement in autocommit mode; its rows."""
+    def query(self, sql: str, args: Sequence[Any] | dict[str, Any] = (), binary: bool = False) -> list[tuple[Any, ...]]:
+        """One statement in autocommit mode (one snapshot); its rows, in binary format if `binary`."""
         import psycopg
 
         with self._lock:
             conn = self._connection()
             try:
-                return conn.execute(sql, args).fetchall()
+                return conn.execute(sql, args, binary=binary).fetchall()
             except psycopg.Error as exc:
                 raise self._map(exc, "a read") from exc
