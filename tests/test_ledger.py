@@ -839,3 +839,17 @@ def test_postgres_server_down_is_unavailable_and_nothing_is_lost(base: dict[str,
             assert [v.version for v in led.versions()] == [0, 1, 2]
     finally:
         server.stop()
+
+
+def test_postgres_ledger_survives_fork(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    """A child forked with an open ledger connects anew; the parent's session is untouched."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with Ledger.open(pg_server.dsn(pg_server.create_database()), model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        child = ctx.Process(target=lambda: os._exit(0 if led.commit(synth_patch(2), 1, base=base) == 2 else 1))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert led.head() == 2 and led.commit(synth_patch(3), 2, base=base) == 3

@@ -43,6 +43,7 @@ class PgConnection:
         self.application_name = application_name
         self._lock = threading.RLock()
         self._conn: Any = None
+        self._inherited: Any = None
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -73,7 +74,8 @@ class PgConnection:
 
     def _connection(self) -> Any:
         if self._pid != os.getpid():                 # forked: never share the parent's socket
-            self._conn, self._pid = None, os.getpid()
+            # Keep (never use, never close) the parent's connection object: dropping it would warn.
+            self._inherited, self._conn, self._pid = self._conn, None, os.getpid()
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None and not self._conn.closed:
                 self._conn.close()
