@@ -47,6 +47,15 @@ $(BIN)/promtool: | $(VENV)/.installed
 	  tmp=$$(mktemp -d) && $(SUDO) apt-get update -qq && (cd $$tmp && apt-get download -q prometheus) && \
 	  dpkg-deb -x $$tmp/prometheus_*.deb $$tmp/root && cp $$tmp/root/usr/bin/promtool $@ && rm -rf $$tmp; fi
 
+# PostgreSQL server binaries (initdb, pg_ctl, postgres) for the ledger tests, which start a throwaway
+# server in a temp dir (tests/_pg.py): Debian's `postgresql` package where initdb is missing.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb 2>/dev/null))
+.PHONY: pg
+pg:
+ifeq ($(PG_INITDB),)
+	$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+endif
+
 # The OpenAI-compatible vLLM server with live edits (docs/engine.md), embedded SmolLM2 by default.
 # SERVE_ARGS go to `vllm serve`. Every control route and RPC needs a token: with none configured the first
 # start writes an admin token to $(EDITSERVE_HOME)/control-tokens.json (0600), which `editserve edit ...`
@@ -58,7 +67,7 @@ endif
 serve: venv
 	$(BIN)/editserve serve $(SERVE_CPU_ARGS) $(SERVE_ARGS)
 
-test: venv tools
+test: venv tools pg
 	$(BIN)/python -m pytest -q -x tests
 
 bench: venv

@@ -1,20 +1,26 @@
-"""Ledger benchmark: commit latency, materialisation time for 1/100/1000 active patches on one
-576x1536 layer (SmolLM2-135M's down_proj shape), rollback latency, open+integrity time and
-ledger bytes per patch.
+"""Ledger benchmark, SQLite against PostgreSQL: commit latency (p50/p99), rollback latency,
+open+integrity time, materialisation time for 1/100/1000 active patches on one 576x1536 layer
+(SmolLM2-135M's down_proj shape) and ledger bytes per patch, one column per backend.
 
-    .venv/bin/python bench/ledger_bench.py [--patches 1000] [--rank 1] [--root DIR]
+    PYTHONPATH=. .venv/bin/python bench/ledger_bench.py [--patches 1000] [--rank 1]
+        [--backend both|sqlite|postgresql] [--root DIR] [--dsn postgresql://...]
 
-Patches are rank-`rank` float32 factors (a ROME edit is rank 1) with random values; the ledger
-is a real SQLite (WAL, synchronous=FULL) file with fsynced blobs on the local disk.
+Patches are rank-`rank` float32 factors (a ROME edit is rank 1) with random values.
+SQLite: a real file (WAL, synchronous=FULL) with fsynced blob files on the local disk.
+PostgreSQL: the database named by --dsn (or $EDITSERVE_LEDGER_BENCH_DSN), else a throwaway
+server started here (`tests._pg.TempPostgres`: initdb in /tmp, Unix socket, PostgreSQL's
+defaults, so fsync on and synchronous_commit on), blobs in its tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,88 +57,129 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--patches", type=int, default=1000)
-    ap.add_argument("--rank", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--root", default=None, help="ledger directory (default: a temporary one)")
-    args = ap.parse_args()
-    root = Path(args.root or tempfile.mkdtemp(prefix="ledger-bench-"))
-    base = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(0))
-    patches = [make_patch(i, args.rank) for i in range(1, args.patches + 1)]
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered))) - 1))]
 
-    ledger = Ledger.open(root / "ledger", model_fingerprint=FP)
+
+def run(location: str, patches: list[Patch], base: torch.Tensor, repeat: int) -> dict[str, object]:
+    """Every measurement on one (empty) ledger location."""
+    ledger = Ledger.open(location, model_fingerprint=FP)
     ledger.ensure_base(NAME, base, Layout.OUT_IN)
     bytes0 = ledger.nbytes()
-    disk0 = sum(f.stat().st_blocks * 512 for f in (root / "ledger").rglob("*") if f.is_file())
     commit_s = []
     for p in patches:
         t = time.perf_counter()
         ledger.commit(p, ledger.head(), caller="bench", probe_report={"efficacy": 1.0})
         commit_s.append(time.perf_counter() - t)
     ledger.close()
-    ledger = Ledger.open(root / "ledger", model_fingerprint=FP, verify="none")   # checkpoint the WAL on reopen
+    ledger = Ledger.open(location, model_fingerprint=FP, verify="none")   # SQLite: checkpoint the WAL on reopen
     per_patch = (ledger.nbytes() - bytes0) / len(patches)
-    blob_bytes = sum(ledger.store.patch(p.digest).blob_size for p in patches[:50]) / 50
-    db_bytes = ledger.store.nbytes()
-    disk_bytes = sum(f.stat().st_blocks * 512 for f in (root / "ledger").rglob("*") if f.is_file())
+    blob_bytes = sum(ledger.store.patch(p.digest).blob_size for p in patches[:50]) / min(50, len(patches))
     ledger.close()
 
     t = time.perf_counter()
-    ledger = Ledger.open(root / "ledger", model_fingerprint=FP)
+    ledger = Ledger.open(location, model_fingerprint=FP)
     open_full = time.perf_counter() - t
 
     rows = []
-    counts = [c for c in (1, 100, 1000) if c <= args.patches]
-    for n in counts:
+    for n in [c for c in (1, 100, 1000) if c <= len(patches)]:
         cold = []
-        for _ in range(args.repeat):
-            fresh = Ledger.open(root / "ledger", model_fingerprint=FP, verify="none")
+        for _ in range(repeat):
+            fresh = Ledger.open(location, model_fingerprint=FP, verify="none")
             t = time.perf_counter()
             fresh.materialize(n)
             cold.append(time.perf_counter() - t)
             fresh.close()
         ledger.materialize(n)                                     # warm the patch cache
-        warm = timed(lambda: ledger.materialize(n), args.repeat)
+        warm = timed(lambda: ledger.materialize(n), repeat)
         deltas = [d for p in ledger.active_patches(n) for d in p.deltas]
-        pure = timed(lambda: materialize(base, deltas, Layout.OUT_IN), args.repeat)
+        pure = timed(lambda: materialize(base, deltas, Layout.OUT_IN), repeat)
         rows.append((n, statistics.median(cold), statistics.median(warm), statistics.median(pure)))
-    a = ledger.materialize(args.patches)[NAME]
-    b = ledger.materialize(args.patches)[NAME]
+    a = ledger.materialize(len(patches))[NAME]
+    b = ledger.materialize(len(patches))[NAME]
     reproducible = torch.equal(a, b) and torch.equal(ledger.materialize(0)[NAME], base)
 
     head = ledger.head()
     rollback_s = []
-    for target in (0, head) * args.repeat:
+    for target in (0, head) * repeat:
         t = time.perf_counter()
         ledger.rollback(target, caller="bench")
         rollback_s.append(time.perf_counter() - t)
     ledger.close()
+    return {"commit_s": commit_s, "rollback_s": rollback_s, "open_full": open_full, "rows": rows,
+            "reproducible": reproducible, "per_patch": per_patch, "blob_bytes": blob_bytes}
 
-    in_order = list(commit_s)
-    commit_s.sort()
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--patches", type=int, default=1000)
+    ap.add_argument("--rank", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--backend", choices=("both", "sqlite", "postgresql"), default="both")
+    ap.add_argument("--root", default=None, help="SQLite ledger directory (default: a temporary one)")
+    ap.add_argument("--dsn", default=os.environ.get("EDITSERVE_LEDGER_BENCH_DSN"),
+                    help="an empty PostgreSQL database (default: a throwaway server started here)")
+    args = ap.parse_args()
+    base = torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(0))
+    patches = [make_patch(i, args.rank) for i in range(1, args.patches + 1)]
+
+    results: dict[str, dict[str, object]] = {}
+    where: dict[str, str] = {}
+    if args.backend in ("both", "sqlite"):
+        root = Path(args.root or tempfile.mkdtemp(prefix="ledger-bench-")) / "ledger"
+        where["sqlite"] = f"{root} (WAL, synchronous=FULL, fsynced blob files)"
+        results["sqlite"] = run(str(root), patches, base, args.repeat)
+    if args.backend in ("both", "postgresql"):
+        server = None
+        dsn = args.dsn
+        if dsn is None:
+            from tests._pg import TempPostgres
+
+            server = TempPostgres(fsync=True).start()
+            dsn = server.dsn(server.create_database())
+        try:
+            from editserve.ledger import redact_dsn
+
+            where["postgresql"] = f"{redact_dsn(dsn)} ({'throwaway server, durable defaults' if server else 'given'})"
+            results["postgresql"] = run(dsn, patches, base, args.repeat)
+        finally:
+            if server is not None:
+                server.stop()
+
+    names = list(results)
     print(f"ledger benchmark: {len(patches)} rank-{args.rank} patches on one {D_OUT}x{D_IN} float32 layer, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, ledger at {root}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    for name in names:
+        print(f"  {name}: {where[name]}")
     print()
-    print("commit latency (blobs fsynced + SQLite WAL synchronous=FULL transaction)")
-    print(f"  median {ms(statistics.median(commit_s))}   p95 {ms(commit_s[int(0.95 * len(commit_s)) - 1])}   "
-          f"max {ms(commit_s[-1])}")
-    print(f"  median of the first 100 {ms(statistics.median(in_order[:100]))}, of the last 100 "
-          f"{ms(statistics.median(in_order[-100:]))}")
-    print(f"rollback / roll-forward (head move + event)   median {ms(statistics.median(rollback_s))}")
-    print(f"open with full integrity check ({len(patches)} blobs hashed)   {ms(open_full)}")
+    col = 18
+    table: list[tuple[str, Callable[[dict[str, object]], str]]] = [
+        ("commit p50", lambda r: ms(pct(r["commit_s"], 50))),
+        ("commit p99", lambda r: ms(pct(r["commit_s"], 99))),
+        ("commit max", lambda r: ms(max(r["commit_s"]))),
+        ("commit p50, first 100", lambda r: ms(statistics.median(r["commit_s"][:100]))),
+        ("commit p50, last 100", lambda r: ms(statistics.median(r["commit_s"][-100:]))),
+        ("rollback p50", lambda r: ms(statistics.median(r["rollback_s"]))),
+        (f"open + full check", lambda r: ms(r["open_full"])),
+    ]
+    for i, n in enumerate(c for c in (1, 100, 1000) if c <= len(patches)):
+        table.append((f"materialise {n}: cold", lambda r, i=i: ms(r["rows"][i][1])))
+        table.append((f"materialise {n}: warm", lambda r, i=i: ms(r["rows"][i][2])))
+        table.append((f"materialise {n}: Σ UVᵀ only", lambda r, i=i: ms(r["rows"][i][3])))
+    table += [
+        ("bytes per patch", lambda r: f"{r['per_patch']:,.0f} B"),
+        ("factor blob", lambda r: f"{r['blob_bytes']:,.0f} B"),
+        ("bit-reproducible", lambda r: str(r["reproducible"])),
+    ]
+    print(f"{'':<28}" + "".join(f"{n:>{col}}" for n in names))
+    print("-" * (28 + col * len(names)))
+    for label, fn in table:
+        print(f"{label:<28}" + "".join(f"{fn(results[n]):>{col}}" for n in names))
     print()
-    print(f"{'active patches':>14} | {'materialise cold':>16} | {'materialise warm':>16} | {'Σ UVᵀ only':>12}")
-    print(f"{'':>14} | {'(fresh open)':>16} | {'(patch cache)':>16} | {'(in memory)':>12}")
-    print("-" * 68)
-    for n, cold, warm, pure in rows:
-        print(f"{n:>14} | {ms(cold):>16} | {ms(warm):>16} | {ms(pure):>12}")
-    print(f"materialise twice bit-identical, v0 == base bit for bit: {reproducible}")
-    print()
-    print(f"ledger bytes per patch: {per_patch:,.0f} B  (factor blob {blob_bytes:,.0f} B incl. safetensors header; "
-          f"raw factors {(D_OUT + D_IN) * args.rank * 4:,} B; database total {db_bytes / 1e6:.2f} MB)")
-    print(f"disk blocks per patch: {(disk_bytes - disk0) / len(patches):,.0f} B (one file per blob, 4 KiB blocks)")
+    print(f"commit = blob write(s) + one transaction (expected head, idempotency key, version, ops, head, event); "
+          f"raw factors {(D_OUT + D_IN) * args.rank * 4:,} B per patch")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""Ledger behaviour on a real SQLite file with small synthetic patches: versions, head, rollback,
-revert, idempotency, audit log, materialisation, integrity checks, export/import validation, CLI.
+"""Ledger behaviour with small synthetic patches, on both backends: a real SQLite file and a real
+PostgreSQL server (started by the tests, `tests._pg`): versions, head, rollback, revert,
+idempotency, audit log, materialisation, integrity checks, export/import validation, CLI.
+Backend-specific tests (SQLite files and $EDITSERVE_HOME; PostgreSQL DSN secrecy, migrations,
+lost server, blob tables) follow the shared ones.
 
 The same behaviour on the real SmolLM2 checkpoint is in test_ledger_smollm.py; crash and
 multi-process tests are in test_ledger_crash.py.
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests._ledger_util import FP, NAME, NAME2, SHAPE, base_weights, synth_patch, tensor_hash
+from tests._ledger_util import FP, NAME, NAME2, SHAPE, Backend, backend, base_weights, synth_patch, tensor_hash  # noqa: F401
+from tests._pg import pg_server  # noqa: F401
 
 from editserve.cli import main as cli_main
 from editserve.editing.arch import Layout
@@ -44,8 +48,8 @@ def base() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, base: dict[str, torch.Tensor]) -> Ledger:
-    led = Ledger.open(tmp_path / "ledger", model_fingerprint=FP, caller="test")
+def ledger(backend: Backend, base: dict[str, torch.Tensor]) -> Ledger:
+    led = Ledger.open(backend.location(), model_fingerprint=FP, caller="test")
     yield led
     led.close()
 
@@ -206,7 +210,7 @@ def test_revert_rebase_conflict_if_head_moves(ledger: Ledger, base: dict[str, to
 
     def slow(step: RebaseStep):
         # Another writer commits while we recompute.
-        with Ledger.open(ledger.root, model_fingerprint=FP) as other:
+        with Ledger.open(ledger.location, model_fingerprint=FP) as other:
             other.commit(synth_patch(50), other.head(), base=base)
         return synth_patch(60)
 
@@ -222,16 +226,16 @@ def test_idempotent_revert(ledger: Ledger, base: dict[str, torch.Tensor]) -> Non
     assert r1.version == r2.version == 3 and r2.created is False and len(ledger.versions()) == 4
 
 
-def test_event_log_and_history_are_append_only(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
+def test_event_log_and_history_are_append_only(ledger: Ledger, backend: Backend,
+                                                base: dict[str, torch.Tensor]) -> None:
     _commit_n(ledger, base, 1)
-    conn = sqlite3.connect(str(ledger.root / "ledger.sqlite3"))
-    try:
-        for sql in ("UPDATE events SET kind='x'", "DELETE FROM events", "DELETE FROM versions WHERE version=1",
-                    "UPDATE versions SET caller='mallory'", "DELETE FROM patches"):
-            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-                conn.execute(sql)
-    finally:
-        conn.close()
+    before = _state(ledger)
+    for sql in ("UPDATE events SET kind='x'", "DELETE FROM events", "DELETE FROM versions WHERE version=1",
+                "UPDATE versions SET caller='mallory'", "DELETE FROM patches", "UPDATE version_ops SET op='remove'",
+                "DELETE FROM base_copies"):
+        assert "append-only" in backend.raw_write_fails(ledger, sql)
+    assert _state(ledger) == before
+    ledger.check_integrity()
 
 
 # -- materialisation ---------------------------------------------------------------------------
@@ -258,9 +262,9 @@ def test_materialize_is_bit_reproducible_and_v0_is_base(ledger: Ledger, base: di
     assert torch.equal(t[NAME].t(), a[NAME])
 
 
-def test_materialize_in_bfloat16_casts_once(tmp_path: Path) -> None:
+def test_materialize_in_bfloat16_casts_once(backend: Backend) -> None:
     base = {NAME: base_weights()[NAME].to(torch.bfloat16)}
-    with Ledger.open(tmp_path, model_fingerprint=FP) as led:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as led:
         for i in range(1, 4):
             led.commit(synth_patch(i), led.head(), base=base)
         w = led.materialize(3)[NAME]
@@ -288,6 +292,8 @@ def test_diff_reports_patches_and_norms(ledger: Ledger, base: dict[str, torch.Te
 
 def test_open_refuses_other_model_and_uses_editserve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EDITSERVE_LEDGER", raising=False)
+    monkeypatch.delenv("EDITSERVE_LEDGER_DSN_FILE", raising=False)
     with Ledger.open(model_fingerprint=FP) as led:
         assert led.root == tmp_path / "home" / "ledger" / FP[:16]
     with pytest.raises(LedgerModelMismatch, match=FP[:16]):
@@ -298,25 +304,24 @@ def test_open_refuses_other_model_and_uses_editserve_home(tmp_path: Path, monkey
         assert led.model_fingerprint == FP
 
 
-def _blob_of(ledger: Ledger, version: int) -> Path:
-    rec = ledger.store.patch(ledger.version(version).patch_id)
-    return ledger.blobs.path(rec.blob)
+def _blob_of(ledger: Ledger, version: int) -> str:
+    return ledger.store.patch(ledger.version(version).patch_id).blob
 
 
-def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
-    root = tmp_path / "l"
+def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(backend: Backend,
+                                                                  base: dict[str, torch.Tensor]) -> None:
+    root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
         _commit_n(led, base, 4)
         good = led.expected_checksums(2)
         bad_blob = _blob_of(led, 3)
-    data = bytearray(bad_blob.read_bytes())
-    data[-3] ^= 0x55
-    bad_blob.write_bytes(bytes(data))
+        backend.corrupt_blob(led, bad_blob)
+    assert Ledger.open(root, verify="quick").close() is None      # same size: only hashing finds it
     with pytest.raises(LedgerCorrupt) as exc:
         Ledger.open(root, model_fingerprint=FP)
     err = exc.value
-    assert bad_blob.name in str(err) and "checksum mismatch" in str(err)
-    assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob.name in err.bad_blobs
+    assert bad_blob in str(err) and "checksum mismatch" in str(err)
+    assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob in err.bad_blobs
     with Ledger.open(root, model_fingerprint=FP, strict=False) as led:
         assert led.damage is not None and led.damage.last_good == 2
         assert led.expected_checksums(2) == good                     # the last good version is usable
@@ -331,18 +336,18 @@ def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(tmp_path: Path
         assert led.expected_checksums(5) == led.expected_checksums(5)
 
 
-def test_missing_blob_and_missing_base_copy(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
-    root = tmp_path / "l"
+def test_missing_blob_and_missing_base_copy(backend: Backend, base: dict[str, torch.Tensor]) -> None:
+    root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
         _commit_n(led, base, 2)
         led.commit(synth_patch(5, names=(NAME2,)), 2, base=base)
-        missing = _blob_of(led, 2)
-        base_blob = led.blobs.path(led.store.base_copies()[NAME2].blob)
-    missing.unlink()
+        backend.remove_blob(led, _blob_of(led, 2))
+        base_blob = led.store.base_copies()[NAME2].blob
     with pytest.raises(LedgerCorrupt, match="missing") as exc:
         Ledger.open(root)
     assert exc.value.bad_versions == (2, 3) and exc.value.last_good == 1
-    base_blob.unlink()
+    with Ledger.open(root, strict=False) as led:
+        backend.remove_blob(led, base_blob)
     with pytest.raises(LedgerCorrupt, match=f"base copy of {NAME2}"):
         Ledger.open(root)
 
@@ -377,14 +382,15 @@ def _fix_checksum(src: Path, file_name: str) -> None:
     (src / "manifest.json").write_text(json.dumps(m))
 
 
-def test_export_import_patch_and_version(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_export_import_patch_and_version(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor],
+                                         tmp_path: Path) -> None:
     _commit_n(ledger, base, 3)
     ledger.export_patch(2, tmp_path / "p2")
     ledger.export_version(3, tmp_path / "v3")
     from editserve.patches import load_patch
 
     assert load_patch(tmp_path / "p2").digest == synth_patch(2).digest      # a plain patch directory too
-    with Ledger.open(tmp_path / "other", model_fingerprint=FP) as other:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         v = other.import_patch(tmp_path / "p2", 0, caller="importer", base=base)
         assert v == 1 and other.active_ids() == (synth_patch(2).digest,)
         assert other.version(1).kind == "import" and other.events()[-1].kind == "import"
@@ -398,10 +404,8 @@ def test_export_import_patch_and_version(ledger: Ledger, base: dict[str, torch.T
             other.import_patch(tmp_path / "p2", v)
 
 
-def _rejects(tmp_path: Path, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
-    import tempfile
-
-    with Ledger.open(tempfile.mkdtemp(dir=tmp_path), model_fingerprint=FP) as other:
+def _rejects(backend: Backend, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         other.commit(synth_patch(40), 0, base=base)
         before = _state(other)
         with pytest.raises(ImportRejected, match=match):
@@ -419,7 +423,7 @@ def _rejects(tmp_path: Path, base: dict[str, torch.Tensor], src: Path, match: st
     ("missing", "missing"),
     ("format", "format"),
 ])
-def test_import_rejects_bad_exports(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+def test_import_rejects_bad_exports(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor], tmp_path: Path,
                                     damage: str, match: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -456,19 +460,19 @@ def test_import_rejects_bad_exports(ledger: Ledger, base: dict[str, torch.Tensor
         data = bytearray((src / "patch.safetensors").read_bytes())
         data[-1] ^= 1
         (src / "patch.safetensors").write_bytes(bytes(data))
-    _rejects(tmp_path, base, src, match)
+    _rejects(backend, base, src, match)
 
 
-def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, base: dict[str, torch.Tensor],
-                                                          tmp_path: Path) -> None:
+def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, backend: Backend,
+                                                          base: dict[str, torch.Tensor], tmp_path: Path) -> None:
     huge = synth_patch(3, scale=50.0)
     ledger.commit(huge, 0, base=base)
     src = ledger.export_patch(1, tmp_path / "huge")
-    _rejects(tmp_path, base, src, "the bound is 0.5")
+    _rejects(backend, base, src, "the bound is 0.5")
     ledger.commit(synth_patch(4), 1, base=base)
     src = ledger.export_patch(2, tmp_path / "ok")
-    _rejects(tmp_path, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
-    with Ledger.open(tmp_path / "nobase", model_fingerprint=FP) as other:
+    _rejects(backend, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
+    with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         with pytest.raises(ImportRejected, match="no base weight"):
             other.import_patch(src, 0)
         assert other.head() == 0 and len(other.versions()) == 1
@@ -477,10 +481,10 @@ def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, base: 
 # -- CLI ---------------------------------------------------------------------------------------
 
 
-def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: Path,
+def test_cli_commands(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor], tmp_path: Path,
                       capsys: pytest.CaptureFixture[str]) -> None:
     _commit_n(ledger, base, 3)
-    root = str(ledger.root)
+    root = ledger.location.dsn or str(ledger.root)
 
     def run(*argv: str) -> str:
         code = cli_main(["ledger", *argv, "--ledger", root])
@@ -506,9 +510,10 @@ def test_cli_commands(ledger: Ledger, base: dict[str, torch.Tensor], tmp_path: P
     # Errors are typed and reported with exit status 2.
     assert cli_main(["ledger", "rollback", "42", "--ledger", root]) == 2
     assert "version 42" in capsys.readouterr().err
-    with Ledger.open(tmp_path / "imp", model_fingerprint=FP) as other:
+    imp = backend.location()
+    with Ledger.open(imp, model_fingerprint=FP) as other:
         other.ensure_base(NAME, base[NAME])
-    assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", str(tmp_path / "imp")]) == 0
+    assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", imp]) == 0
     assert "as version 1" in capsys.readouterr().out
 
 
@@ -525,10 +530,326 @@ def test_cli_finds_the_only_ledger_under_home(tmp_path: Path, monkeypatch: pytes
     assert "2 ledgers" in capsys.readouterr().err
 
 
-def test_blob_writes_are_atomic_files(ledger: Ledger) -> None:
+def test_blob_writes_are_atomic_files(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l", model_fingerprint=FP)
     digest = ledger.blobs.put(b"x" * 1000)
     path = ledger.blobs.path(digest)
     assert path.read_bytes() == b"x" * 1000 and oct(path.stat().st_mode)[-3:] == "644"
     assert not any(p.suffix == ".tmp" for p in (ledger.root / "tmp").iterdir()) if (ledger.root / "tmp").exists() else True
     assert ledger.blobs.put(b"x" * 1000) == digest
     assert os.path.getsize(path) == 1000
+    ledger.close()
+
+
+# -- both backends: locks, migrations ------------------------------------------------------------
+
+
+def test_a_held_write_lock_is_ledger_busy(backend: Backend, base: dict[str, torch.Tensor]) -> None:
+    import time
+
+    from editserve.ledger import LedgerBusy
+
+    root = backend.location()
+    with Ledger.open(root, model_fingerprint=FP, busy_timeout_s=0.5) as led:
+        if backend.server is None:
+            holder = sqlite3.connect(str(led.root / "ledger.sqlite3"), isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+        else:
+            import psycopg
+
+            holder = psycopg.connect(led.location.dsn)          # a transaction stays open until rollback
+            holder.execute("SELECT version FROM head WHERE id = 1 FOR UPDATE")
+        t = time.monotonic()
+        with pytest.raises(LedgerBusy, match="locked"):
+            led.commit(synth_patch(1), 0, base=base)
+        assert time.monotonic() - t < 30
+        holder.rollback() if backend.server is not None else holder.execute("ROLLBACK")
+        holder.close()
+        assert led.commit(synth_patch(1), 0, base=base) == 1 and led.head() == 1
+
+
+def test_schema_migrations_are_recorded_and_a_newer_schema_is_refused(backend: Backend) -> None:
+    from editserve.ledger import LedgerSchemaError
+
+    root = backend.location()
+    Ledger.open(root, model_fingerprint=FP).close()
+    with Ledger.open(root) as led:
+        assert led.store.schema_version() == 1
+        assert led.store.upgrade() == []                       # nothing pending: nothing applied twice
+    # A database written by a newer editserve (migration 99) is not opened by this one.
+    if backend.server is None:
+        conn = sqlite3.connect(str(Path(root) / "ledger.sqlite3"))
+        conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 'x', 0)")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(root, autocommit=True) as conn:
+            conn.execute("INSERT INTO schema_migrations(version, name, checksum) VALUES (99, 'future', 'x')")
+    with pytest.raises(LedgerSchemaError, match=r"migration\(s\) \[99\].*newer editserve"):
+        Ledger.open(root)
+
+
+def test_sqlite_ledger_from_before_migrations_is_adopted(tmp_path: Path, base: dict[str, torch.Tensor]) -> None:
+    root = tmp_path / "old"
+    with Ledger.open(root, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+    conn = sqlite3.connect(str(root / "ledger.sqlite3"))
+    conn.execute("DROP TABLE schema_migrations")                 # what a ledger written before this change has
+    conn.commit()
+    conn.close()
+    with Ledger.open(root) as led:
+        assert led.store.schema_version() == 1 and led.head() == 1
+        led.check_integrity(deep=True)
+
+
+# -- PostgreSQL: DSN secrecy, migrations, a lost server, blob tables -------------------------------
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def _no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text, f"the password leaked into: {text[:300]}"
+
+
+def test_redact_dsn() -> None:
+    from editserve.ledger import LedgerLocation, redact_dsn
+
+    assert redact_dsn("postgresql://app:pw@db.example:5432/ledger") == "postgresql://app@db.example:5432/ledger"
+    assert redact_dsn("postgres://app@/l?host=/run/pg&password=pw&sslmode=require") == \
+        "postgres://app@/l?host=/run/pg&sslmode=require"
+    assert redact_dsn("postgresql://h1:5432,h2:5433/l?sslpassword=x") == "postgresql://h1:5432,h2:5433/l"
+    loc = LedgerLocation.parse("postgresql://app:pw@db/ledger")
+    assert loc.backend == "postgresql" and loc.dsn.endswith("pw@db/ledger")
+    assert "pw" not in repr(loc) and "pw" not in str(loc) and "pw" not in f"{loc!r} {loc}"
+    assert LedgerLocation.parse("/tmp/x").backend == "sqlite"
+    with pytest.raises(InvalidRequestError):
+        LedgerLocation(dsn="mysql://root:pw@db/x")
+
+
+def _password_database(pg_server) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    role = f"app_{os.getpid()}_{len(pg_server.dsn())}"
+    pg_server.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN "
+                      f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{SECRET}'; END IF; END $$")
+    db = pg_server.create_database()
+    pg_server.execute(f'ALTER DATABASE "{db}" OWNER TO "{role}"')
+    return role, db
+
+
+def test_postgres_dsn_password_is_never_shown(pg_server, tmp_path: Path, base: dict[str, torch.Tensor],  # type: ignore[no-untyped-def]
+                                              caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import traceback
+
+    from editserve.ledger import LedgerUnavailable
+
+    caplog.set_level(logging.DEBUG)
+    role, db = _password_database(pg_server)
+    dsn = pg_server.dsn(db, user=role, password=SECRET)
+    with Ledger.open(dsn, model_fingerprint=FP, caller="app") as led:
+        led.commit(synth_patch(1), 0, base=base)
+        assert led.backend == "postgresql" and led.root is None
+        assert str(led.location) == f"postgresql://{role}@/{db}?host={pg_server.socket_dir}"
+        _no_secret(repr(led), str(led.location), repr(led.location), repr(led.store), repr(led.blobs))
+    # Wrong password, unknown database, no server: typed errors that name the redacted DSN only.
+    for bad in (pg_server.dsn(db, user=role, password=SECRET + "x"), pg_server.dsn("nope", user=role, password=SECRET),
+                f"postgresql://{role}:{SECRET}@/{db}?host={tmp_path}"):
+        with pytest.raises(LedgerUnavailable) as exc:
+            Ledger.open(bad, model_fingerprint=FP)
+        assert "cannot connect to ledger postgresql://" in str(exc.value)
+        _no_secret(str(exc.value), "".join(traceback.format_exception(exc.value)))
+    with pytest.raises(LedgerError, match="invalid ledger DSN") as exc:
+        Ledger.open(f"postgresql://{role}:{SECRET}@[::1/{db}", model_fingerprint=FP)    # libpq quotes the URI
+    assert not isinstance(exc.value, LedgerUnavailable)
+    _no_secret(str(exc.value), "".join(traceback.format_exception(exc.value)))
+    # From a DSN file (a mounted Secret), for the library and the CLI.
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(dsn + "\n")
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(dsn_file))
+    with Ledger.open(model_fingerprint=FP) as led:
+        assert led.head() == 1
+    assert cli_main(["ledger", "versions"]) == 0
+    out = capsys.readouterr()
+    assert "head = version 1" in out.out and f"postgresql://{role}@" in out.out
+    assert cli_main(["ledger", "check-ledger", "--ledger", pg_server.dsn("nope", user=role, password=SECRET)]) == 2
+    out2 = capsys.readouterr()
+    _no_secret(out.out, out.err, out2.out, out2.err, caplog.text)
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(LedgerError, match="cannot read the ledger DSN file .*missing"):
+        Ledger.open(model_fingerprint=FP)
+    dsn_file.write_text(f"host=/tmp password={SECRET}")
+    monkeypatch.setenv("EDITSERVE_LEDGER_DSN_FILE", str(dsn_file))
+    with pytest.raises(LedgerError, match="does not hold a postgresql:// or postgres:// DSN") as exc2:
+        Ledger.open(model_fingerprint=FP)
+    _no_secret(str(exc2.value), caplog.text)
+
+
+def test_postgres_open_checks(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    dsn = pg_server.dsn(pg_server.create_database())
+    with pytest.raises(LedgerError, match="no ledger in database"):
+        Ledger.open(dsn, create=False)
+    with pytest.raises(InvalidRequestError, match="needs the model fingerprint"):
+        Ledger.open(dsn)
+    Ledger.open(dsn, model_fingerprint=FP).close()
+    with pytest.raises(LedgerModelMismatch, match=FP[:16]):
+        Ledger.open(dsn, model_fingerprint="1" * 64)
+    with Ledger.open(dsn) as led:
+        assert led.model_fingerprint == FP and led.nbytes() > 0
+
+
+def _opener(dsn: str, barrier, out) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        with Ledger.open(dsn, model_fingerprint=FP, caller=f"p{os.getpid()}") as led:
+            out.put(("ok", led.head()))
+    except BaseException as exc:  # reported to the test
+        out.put(("error", repr(exc)))
+
+
+def test_postgres_concurrent_openers_create_one_ledger(pg_server) -> None:  # type: ignore[no-untyped-def]
+    import multiprocessing as mp
+
+    import psycopg
+
+    ctx = mp.get_context("fork")
+    dsn = pg_server.dsn(pg_server.create_database())
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_opener, args=(dsn, barrier, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert results == [("ok", 0)] * 8, results
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "ledger_schema")]
+        assert conn.execute("SELECT count(*) FROM versions").fetchone()[0] == 1
+        assert conn.execute("SELECT kind FROM events").fetchall() == [("create",)]
+
+
+def test_postgres_later_migration_adds_per_version_state(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    """The shape of a later migration (per-version editing state in blobs) applies to an existing ledger."""
+    import psycopg
+
+    from editserve.ledger import LedgerSchemaError
+    from editserve.ledger.migrations import Migration
+    from editserve.ledger.pgconn import PgConnection
+    from editserve.ledger.pgschema import PG_MIGRATIONS
+    from editserve.ledger.postgres import PostgresStore
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        state_blob = led.blobs.put(b"preserved-key factors of version 1")
+    m2 = Migration(2, "version_state", (
+        "CREATE TABLE version_state (version integer NOT NULL REFERENCES versions(version), kind text NOT NULL, "
+        "blob text NOT NULL REFERENCES blobs(digest), blob_size bigint NOT NULL, PRIMARY KEY (version, kind))",
+        "CREATE TRIGGER version_state_append_only BEFORE UPDATE OR DELETE ON version_state "
+        "FOR EACH ROW EXECUTE FUNCTION editserve_append_only()",
+    ))
+    newer = PostgresStore(PgConnection(Ledger.open(dsn).location), migrations=PG_MIGRATIONS + (m2,))
+    assert newer.upgrade() == [2] and newer.upgrade() == [] and newer.schema_version() == 2
+    with newer.conn.transaction() as c:
+        c.execute("INSERT INTO version_state VALUES (1, 'alphaedit_keys', %s, 34)", (state_blob,))
+    assert newer.check_consistency() == []
+    newer.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error, match="append-only"):
+            conn.execute("DELETE FROM version_state")
+        with pytest.raises(psycopg.Error, match="foreign key"):
+            conn.execute("DELETE FROM blobs WHERE digest = %s", (state_blob,))     # referenced: not garbage
+    with pytest.raises(LedgerSchemaError, match=r"\[2\]"):                      # this code knows only 1
+        Ledger.open(dsn)
+
+
+def test_postgres_blob_tables(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    from editserve.ledger.pgblobs import PgBlobStore
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        small = PgBlobStore(led.blobs.conn, chunk_bytes=1000)
+        data = bytes(range(256)) * 10                                   # 2,560 bytes: 3 chunks
+        digest = small.put(data)
+        assert small.put(data) == digest and led.blobs.get(digest) == data and small.check(digest, len(data)) is None
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM blob_chunks WHERE digest = %s", (digest,)).fetchone()[0] == 3
+            for sql, match in (("UPDATE blob_chunks SET data = 'x'", "append-only"),
+                               ("DELETE FROM blob_chunks WHERE seq = 1", "only be deleted with the blob"),
+                               ("TRUNCATE blobs CASCADE", "append-only"), ("DELETE FROM head", "append-only"),
+                               ("UPDATE blobs SET size = 1", "append-only"),
+                               (f"DELETE FROM blobs WHERE digest = '{led.store.patches()[0].blob}'", "foreign key")):
+                with pytest.raises(psycopg.Error, match=match):
+                    conn.execute(sql)
+            with conn.transaction():
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("UPDATE blob_chunks SET data = 'x' || data WHERE digest = %s AND seq = 1", (digest,))
+        assert small.check(digest, len(data)) == f"size {len(data) + 1} != {len(data)}"
+        with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute("UPDATE blob_chunks SET data = substr(data, 2) WHERE digest = %s AND seq = 1", (digest,))
+            conn.execute("UPDATE blob_chunks SET data = 'y' || substr(data, 2) WHERE digest = %s AND seq = 2", (digest,))
+        assert small.check(digest, len(data), full=False) is None
+        assert small.check(digest, len(data)) == "checksum mismatch"   # multi-chunk: hashed here, not on the server
+        with pytest.raises(LedgerCorrupt, match="corrupt"):
+            small.get(digest)
+        assert led.collect_garbage(min_age_s=0) == [digest]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM blob_chunks WHERE digest = %s", (digest,)).fetchone()[0] == 0
+        led.check_integrity(deep=True)
+
+
+def test_postgres_disabled_trigger_fails_the_integrity_check(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    import psycopg
+
+    dsn = pg_server.dsn(pg_server.create_database())
+    with Ledger.open(dsn, model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER events_append_only")
+    with pytest.raises(LedgerCorrupt, match=r"append-only triggers disabled: \['events_append_only'\]"):
+        Ledger.open(dsn)
+
+
+def test_postgres_server_down_is_unavailable_and_nothing_is_lost(base: dict[str, torch.Tensor]) -> None:
+    from editserve.ledger import LedgerUnavailable
+    from tests._pg import TempPostgres
+
+    server = TempPostgres(fsync=False).start()
+    try:
+        dsn = server.dsn(server.create_database())
+        with Ledger.open(dsn, model_fingerprint=FP) as led:
+            led.commit(synth_patch(1), 0, base=base, idempotency_key="k1")
+            server.stop_server()
+            for call in (led.head, lambda: led.commit(synth_patch(2), 1, base=base, idempotency_key="k2"),
+                         lambda: led.rollback(0)):
+                with pytest.raises(LedgerUnavailable, match="ledger postgresql://"):
+                    call()
+            server.start_server()
+            # The same connection object reconnects; the retried commit lands once.
+            assert led.head() == 1
+            assert led.commit(synth_patch(2), 1, base=base, idempotency_key="k2") == 2
+            assert led.commit(synth_patch(2), 1, base=base, idempotency_key="k2") == 2
+            led.check_integrity(deep=True)
+            assert [v.version for v in led.versions()] == [0, 1, 2]
+    finally:
+        server.stop()
+
+
+def test_postgres_ledger_survives_fork(pg_server, base: dict[str, torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    """A child forked with an open ledger connects anew; the parent's session is untouched."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    with Ledger.open(pg_server.dsn(pg_server.create_database()), model_fingerprint=FP) as led:
+        led.commit(synth_patch(1), 0, base=base)
+        child = ctx.Process(target=lambda: os._exit(0 if led.commit(synth_patch(2), 1, base=base) == 2 else 1))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert led.head() == 2 and led.commit(synth_patch(3), 2, base=base) == 3

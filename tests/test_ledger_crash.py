@@ -1,4 +1,5 @@
-"""Crash safety and concurrency of the ledger with real processes on a real SQLite file.
+"""Crash safety and concurrency of the ledger with real processes, on a real SQLite file and on a
+real PostgreSQL server (`tests._pg`; every test runs on both backends).
 
 - Fault injection: a child process commits (and sometimes rolls back, rolls forward and
   reverts) in a loop and is killed with SIGKILL at a random moment, 60 times. After each
@@ -7,6 +8,8 @@
 - Concurrency: 8 processes commit against the same head; exactly one wins each round.
 
 Small synthetic patches keep the loops fast; the processes are forked from the test process.
+On PostgreSQL a SIGKILLed client's transaction is rolled back by the server when its
+connection drops; the checks after each kill are the same.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 import torch
 
 from editserve.ledger import Ledger, LedgerConflict
-from tests._ledger_util import FP, NAME, NAME2, base_weights, synth_patch
+from tests._ledger_util import FP, NAME, NAME2, Backend, backend, base_weights, synth_patch  # noqa: F401
+from tests._pg import pg_server  # noqa: F401
 
 KILLS = 60
 _ctx = mp.get_context("fork")
@@ -61,8 +65,8 @@ def _churn(root: str, ack_path: str, seed: int, ready: mp.synchronize.Event) -> 
         os.fsync(ack)
 
 
-def test_sigkill_during_commits_never_leaves_a_partial_version(tmp_path: Path) -> None:
-    root = str(tmp_path / "ledger")
+def test_sigkill_during_commits_never_leaves_a_partial_version(backend: Backend, tmp_path: Path) -> None:
+    root = backend.location()
     ack_path = str(tmp_path / "acks")
     Ledger.open(root, model_fingerprint=FP).close()
     rng = random.Random(0)
@@ -102,7 +106,8 @@ def test_sigkill_during_commits_never_leaves_a_partial_version(tmp_path: Path) -
         ledger.check_integrity(deep=True)
         ledger.collect_garbage(min_age_s=0)
         ledger.check_integrity(deep=True)
-    print(f"\n{KILLS} kills, {n} versions, {killed_with_orphans} kills landed between a blob write and its transaction")
+    print(f"\n{backend.name}: {KILLS} kills, {n} versions, {killed_with_orphans} kills landed between a blob write "
+          f"and its transaction")
     assert n > KILLS                                            # the children did make progress
 
 
@@ -131,8 +136,8 @@ def _collect(procs: list, out: mp.Queue, n: int) -> list:
     return results
 
 
-def test_eight_processes_racing_on_the_same_head(tmp_path: Path) -> None:
-    root = str(tmp_path / "ledger")
+def test_eight_processes_racing_on_the_same_head(backend: Backend) -> None:
+    root = backend.location()
     Ledger.open(root, model_fingerprint=FP).close()
     n_proc, rounds = 8, 6
     barrier, out = _ctx.Barrier(n_proc), _ctx.Queue()
@@ -172,8 +177,8 @@ def _retrying(root: str, idx: int, n: int, out: mp.Queue) -> None:
     ledger.close()
 
 
-def test_concurrent_committers_with_retry_lose_nothing(tmp_path: Path) -> None:
-    root = str(tmp_path / "ledger")
+def test_concurrent_committers_with_retry_lose_nothing(backend: Backend) -> None:
+    root = backend.location()
     Ledger.open(root, model_fingerprint=FP).close()
     n_proc, n = 8, 5
     out = _ctx.Queue()

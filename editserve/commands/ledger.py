@@ -5,7 +5,9 @@
 gRPC control plane, `editserve.commands.remote`; a server follows a head moved here at its next
 version change, or at ``POST /editserve/v1/sync``.) Every command takes ``--ledger PATH``;
 without it the ledger under ``$EDITSERVE_HOME/ledger/`` is used when there is exactly one (else
-the command lists them and asks for ``--ledger``).
+the command lists them and asks for ``--ledger``). ``--ledger`` also takes a ``postgresql://``
+DSN; ``$EDITSERVE_LEDGER_DSN_FILE`` (a file holding the DSN, which keeps the password off the
+command line) or ``$EDITSERVE_LEDGER``, when set, are used before the search.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 
 
 def _add_ledger_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ledger", default=None, metavar="PATH",
-                   help="ledger directory (default: the only ledger under $EDITSERVE_HOME/ledger/)")
+    p.add_argument("--ledger", default=None, metavar="PATH|DSN",
+                   help="ledger directory or postgresql:// DSN (default: $EDITSERVE_LEDGER_DSN_FILE, "
+                        "$EDITSERVE_LEDGER, else the only ledger under $EDITSERVE_HOME/ledger/)")
     p.add_argument("--caller", default="cli", help="identity recorded in the audit log (default: cli)")
 
 
@@ -86,17 +89,22 @@ def register(parent: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_ledger_path(path: str | None) -> Path:
+def resolve_ledger_path(path: str | None) -> Any:
+    """The `LedgerLocation` to open: `path` (directory or DSN), the environment's, or the only one under home."""
     from editserve.config import home
     from editserve.ledger.errors import LedgerError
     from editserve.ledger.ledger import DB_FILE
+    from editserve.ledger.location import LedgerLocation, location_from_env
 
     if path is not None:
-        return Path(path).expanduser()
+        return LedgerLocation.parse(path)
+    from_env = location_from_env()
+    if from_env is not None:
+        return from_env
     parent = home() / "ledger"
     found = sorted(d for d in parent.iterdir() if (d / DB_FILE).exists()) if parent.exists() else []
     if len(found) == 1:
-        return found[0]
+        return LedgerLocation(path=found[0])
     if not found:
         raise LedgerError(f"no ledger under {str(parent)!r}; pass --ledger PATH")
     raise LedgerError(f"{len(found)} ledgers under {str(parent)!r} ({', '.join(d.name for d in found)}); pass --ledger PATH")
@@ -142,7 +150,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 what = "base model"
             rows.append(["*" if v.version == head else "", str(v.version), "" if v.parent is None else str(v.parent),
                          v.kind, (v.patch_id or "")[:12], v.method or "", v.caller, _when(v.created_at), what])
-        print(f"ledger {ledger.root} (model {ledger.model_fingerprint[:16]}), head = version {head}")
+        print(f"ledger {ledger.location} (model {ledger.model_fingerprint[:16]}), head = version {head}")
         print(_table(["", "version", "parent", "kind", "patch", "method", "caller", "created", "edit"], rows))
         if ledger.damage is not None:
             print(f"\nWARNING: {ledger.damage.describe()}")

@@ -4,6 +4,7 @@ Public API::
 
     from editserve.ledger import Ledger, LedgerConflict
     ledger = Ledger.open(model_fingerprint=fp)          # $EDITSERVE_HOME/ledger/<fp[:16]>
+    ledger = Ledger.open("postgresql://editserve@db/ledger", model_fingerprint=fp)   # or a DSN
     v = ledger.commit(patch, expected_head=ledger.head(), base={name: base_weight})
     ledger.rollback(0); ledger.rollback(v)              # back to the base model, forward again
     weights = ledger.materialize(v)                     # base copies + Σ UVᵀ, bit-reproducible
@@ -24,6 +25,8 @@ from editserve.ledger.errors import (
     LedgerCorrupt,
     LedgerError,
     LedgerModelMismatch,
+    LedgerSchemaError,
+    LedgerUnavailable,
     PatchNotFound,
     RevertError,
     VersionNotFound,
@@ -40,6 +43,7 @@ from editserve.ledger.ledger import (
     WeightDiff,
     tensor_sha256,
 )
+from editserve.ledger.location import LedgerLocation, redact_dsn
 from editserve.ledger.store import Event, LedgerStore
 
 __all__ = [
@@ -47,5 +51,5 @@ __all__ = [
     "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "tensor_sha256",
     "LedgerError", "LedgerConflict", "IdempotencyMismatch", "VersionNotFound", "PatchNotFound",
     "LedgerModelMismatch", "LedgerCorrupt", "LedgerBusy", "BaseCopyMissing", "BaseCopyMismatch",
-    "RevertError", "ImportRejected",
+    "RevertError", "ImportRejected", "LedgerUnavailable", "LedgerSchemaError", "LedgerLocation", "redact_dsn",
 ]

@@ -1,6 +1,11 @@
-"""Content-addressed blob files: ``<root>/<sha[:2]>/<sha>``, written atomically.
+"""Content-addressed blobs: the `BlobStore` interface and its file implementation.
 
-A blob is written to a temporary file in the same file system, fsynced, renamed into place
+A blob is an immutable byte string named by its sha256; reading it back checks that name.
+`BlobStore` is what the ledger needs; `FileBlobStore` keeps blobs as files
+``<root>/<sha[:2]>/<sha>`` next to a SQLite ledger, and `editserve.ledger.pgblobs.PgBlobStore`
+keeps them in PostgreSQL tables (no shared filesystem).
+
+A blob file is written to a temporary file in the same file system, fsynced, renamed into place
 and its directory fsynced, so a reader either sees the whole blob or none. Blobs are
 immutable; writing one that already exists is a no-op. Blobs that no version references
 (left by a crash between the write and the database transaction) are harmless and can be
@@ -9,12 +14,13 @@ removed by `BlobStore.collect_garbage`.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from editserve.ledger.errors import LedgerCorrupt
@@ -68,7 +74,57 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
     fsync_dir(path.parent)
 
 
-class BlobStore:
+def check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        raise LedgerCorrupt(f"{digest!r} is not a sha256 blob name")
+    return digest
+
+
+class BlobStore(abc.ABC):
+    """Immutable, content-addressed blobs named by their sha256, integrity-checked on read."""
+
+    @abc.abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store `data` durably (before any transaction refers to it); returns its sha256. Idempotent."""
+
+    @abc.abstractmethod
+    def get(self, digest: str, verify: bool = True) -> bytes:
+        """The blob's bytes; `LedgerCorrupt` (with ``bad_blobs``) if missing or, with `verify`, not matching its name."""
+
+    def get_many(self, digests: Sequence[str]) -> dict[str, bytes]:
+        """Several verified blobs at once (`LedgerCorrupt` as `get` for any bad one)."""
+        return {d: self.get(d) for d in dict.fromkeys(digests)}
+
+    @abc.abstractmethod
+    def check(self, digest: str, size: int | None = None, full: bool = True) -> str | None:
+        """None if the blob is present (of `size` bytes) and, with `full`, hashes to its name; else what is wrong."""
+
+    def check_many(self, blobs: Sequence[tuple[str, int | None]], full: bool = True) -> dict[str, str]:
+        """`check` for many ``(digest, size)`` at once: ``{digest: problem}`` for the bad ones."""
+        out = {}
+        for digest, size in blobs:
+            why = self.check(digest, size, full)
+            if why:
+                out[digest] = why
+        return out
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[str]:
+        """The digests of every stored blob."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the blobs occupy."""
+
+    @abc.abstractmethod
+    def collect_garbage(self, referenced: Iterable[str], min_age_s: float = 3600.0) -> list[str]:
+        """Remove blobs not in `referenced` older than `min_age_s` (younger ones may belong to a commit in flight)."""
+
+    def close(self) -> None:
+        """Release resources (the file store holds none)."""
+
+
+class FileBlobStore(BlobStore):
     """Immutable, content-addressed files under `root`."""
 
     def __init__(self, root: Path) -> None:
@@ -77,8 +133,7 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        if not _HEX64.match(digest):
-            raise LedgerCorrupt(f"{digest!r} is not a sha256 blob name")
+        check_digest(digest)
         return self.root / digest[:2] / digest
 
     def put(self, data: bytes) -> str:

@@ -71,3 +71,16 @@ class ImportRejected(LedgerError, ValueError):
 
 class LedgerBusy(LedgerError, TimeoutError):
     """The ledger's database stayed locked by another writer for longer than the busy timeout."""
+
+
+class LedgerUnavailable(LedgerBusy, ConnectionError):
+    """The ledger's database server cannot be reached (down, restarting, connection lost).
+
+    A `LedgerBusy` so that every layer treating "busy" as "retry later" (gRPC UNAVAILABLE) does
+    the same here. A write interrupted while committing may or may not have landed: retry it
+    with the same idempotency key. Messages name the ledger by its redacted location only.
+    """
+
+
+class LedgerSchemaError(LedgerError, RuntimeError):
+    """The ledger's schema cannot be used by this editserve (migrations unknown to it, or failed)."""

@@ -12,9 +12,14 @@ Model of the data
 - **Head.** A pointer to one version, kept apart from the versions: `rollback` moves it back
   (or forward again) and every version stays in history.
 - **Blobs.** Patch factors (safetensors of ``Patch.tensors()``) and the saved base copy of
-  every touched matrix are content-addressed files, written and fsynced *before* the database
-  transaction that refers to them. A crash leaves either the whole version or none of it (and
-  perhaps an unreferenced blob, which is harmless).
+  every touched matrix are content-addressed blobs (`editserve.ledger.blobs.BlobStore`),
+  written durably *before* the database transaction that refers to them. A crash leaves either
+  the whole version or none of it (and perhaps an unreferenced blob, which is harmless).
+- **Backends.** A directory holds a SQLite database and blob files
+  (`editserve.ledger.sqlite`, `FileBlobStore`); a ``postgresql://`` DSN names a database that
+  holds everything, blobs included (`editserve.ledger.postgres`, `editserve.ledger.pgblobs`),
+  so replicas need no shared filesystem. See `editserve.ledger.location` for how the location
+  is chosen and how the DSN is kept secret.
 - **Audit log.** Every create, commit, rollback, roll-forward, revert and import appends an
   event in the same transaction as the change it records.
 
@@ -43,7 +48,7 @@ import torch
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
 from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
-from editserve.ledger.blobs import BlobStore
+from editserve.ledger.blobs import BlobStore, FileBlobStore
 from editserve.ledger.errors import (
     BaseCopyMismatch,
     BaseCopyMissing,
@@ -55,6 +60,7 @@ from editserve.ledger.errors import (
     PatchNotFound,
     RevertError,
 )
+from editserve.ledger.location import LedgerLocation, location_from_env
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
     ADD,
@@ -263,15 +269,53 @@ def default_root(model_fingerprint: str) -> Path:
     return cache_dir("ledger") / model_fingerprint[:16]
 
 
+def locate(root: str | Path | LedgerLocation | None, model_fingerprint: str | None) -> LedgerLocation:
+    """The ledger `root` names; without one, ``$EDITSERVE_LEDGER_DSN_FILE``, ``$EDITSERVE_LEDGER``, else
+    ``$EDITSERVE_HOME/ledger/<fingerprint[:16]>``."""
+    if root is not None:
+        return LedgerLocation.parse(root)
+    found = location_from_env()
+    if found is not None:
+        return found
+    if model_fingerprint is None:
+        raise InvalidRequestError("Ledger.open needs a ledger location (directory or postgresql:// DSN), "
+                                  "$EDITSERVE_LEDGER(_DSN_FILE), or a model fingerprint")
+    return LedgerLocation(path=default_root(model_fingerprint))
+
+
+def _open_backend(location: LedgerLocation, create: bool, model_fingerprint: str | None,
+                  busy_timeout_s: float) -> tuple[LedgerStore, BlobStore]:
+    if location.path is None:
+        from editserve.ledger.pgblobs import PgBlobStore
+        from editserve.ledger.postgres import PostgresStore
+
+        pg = PostgresStore.connect(location, busy_timeout_s=busy_timeout_s)
+        return pg, PgBlobStore(pg.conn)
+    root = location.path
+    db = root / DB_FILE
+    if not db.exists():
+        if not create:
+            raise LedgerError(f"no ledger at {str(root)!r} ({DB_FILE} not found)")
+        if model_fingerprint is None:
+            raise InvalidRequestError(f"creating a ledger at {str(root)!r} needs the model fingerprint")
+        root.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(db, busy_timeout_s=busy_timeout_s)
+    try:
+        return store, FileBlobStore(root / BLOB_DIR)
+    except BaseException:
+        store.close()
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 
 
 class Ledger:
     """The patch ledger of one model. Open with `Ledger.open`."""
 
-    def __init__(self, root: Path, store: LedgerStore, blobs: BlobStore, model_fingerprint: str,
+    def __init__(self, location: LedgerLocation, store: LedgerStore, blobs: BlobStore, model_fingerprint: str,
                  patch_cache_size: int = 4096) -> None:
-        self.root = root
+        self.location = location
         self._store = store
         self._blobs = blobs
         self.model_fingerprint = model_fingerprint
@@ -284,61 +328,70 @@ class Ledger:
     # -- opening -------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | Path | None = None, model_fingerprint: str | None = None, *, caller: str = "local",
-             create: bool = True, strict: bool = True, verify: str = "full", busy_timeout_s: float = 60.0) -> "Ledger":
-        """Open (or create) the ledger at `root` (default ``$EDITSERVE_HOME/ledger/<fingerprint[:16]>``).
+    def open(cls, root: str | Path | LedgerLocation | None = None, model_fingerprint: str | None = None, *,
+             caller: str = "local", create: bool = True, strict: bool = True, verify: str = "full",
+             busy_timeout_s: float = 60.0) -> "Ledger":
+        """Open (or create) the ledger at `root`.
 
+        root:              a directory (SQLite database + blob files) or a ``postgresql://`` /
+                           ``postgres://`` DSN (everything in that database); default
+                           ``$EDITSERVE_LEDGER_DSN_FILE`` (a file holding the DSN), ``$EDITSERVE_LEDGER``,
+                           else ``$EDITSERVE_HOME/ledger/<fingerprint[:16]>``. A DSN is never shown: see
+                           `location` (redacted).
         model_fingerprint: the base model's fingerprint; required to create a ledger, and if given
                            must match an existing ledger's (`LedgerModelMismatch` otherwise).
         strict:            raise `LedgerCorrupt` if the integrity check at open finds missing or
                            corrupt blobs; with ``strict=False`` open anyway, keep the report in
                            `damage`, and refuse only operations that need the damaged versions.
         verify:            "full" (hash every blob), "quick" (presence and size) or "none".
+        busy_timeout_s:    how long a write waits for another writer's lock (`LedgerBusy` after).
+
+        Pending schema migrations are applied (`editserve.ledger.migrations`). A PostgreSQL server
+        that cannot be reached raises `LedgerUnavailable`.
         """
         if verify not in VERIFY_MODES:
             raise InvalidRequestError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-        if root is None:
-            if model_fingerprint is None:
-                raise InvalidRequestError("Ledger.open needs a root directory or a model fingerprint")
-            root = default_root(model_fingerprint)
-        root = Path(root).expanduser()
-        db = root / DB_FILE
-        if not db.exists():
-            if not create:
-                raise LedgerError(f"no ledger at {str(root)!r} ({DB_FILE} not found)")
-            if model_fingerprint is None:
-                raise InvalidRequestError(f"creating a ledger at {str(root)!r} needs the model fingerprint")
-            root.mkdir(parents=True, exist_ok=True)
-        store = SqliteStore(db, busy_timeout_s=busy_timeout_s)
+        location = locate(root, model_fingerprint)
+        where = repr(str(location))
+        store, blobs = _open_backend(location, create, model_fingerprint, busy_timeout_s)
         try:
             if not store.is_initialized():
+                if location.path is None and not create:
+                    raise LedgerError(f"no ledger in database {where} (it has no ledger tables)")
                 if model_fingerprint is None:
-                    raise LedgerCorrupt(f"ledger database {str(db)!r} exists but was never initialised")
+                    if location.path is None:
+                        raise InvalidRequestError(f"creating a ledger in database {where} needs the model fingerprint")
+                    raise LedgerCorrupt(f"ledger database {str(location.path / DB_FILE)!r} exists but was never "
+                                        f"initialised")
                 store.initialize(model_fingerprint, caller, {"created_by": caller})
+            else:
+                store.upgrade()
             stored = store.meta().get("model_fingerprint")
             if stored is None:
-                raise LedgerCorrupt(f"ledger {str(root)!r} records no model fingerprint")
+                raise LedgerCorrupt(f"ledger {where} records no model fingerprint")
             if model_fingerprint is not None and stored != model_fingerprint:
                 raise LedgerModelMismatch(
-                    f"ledger {str(root)!r} belongs to model {stored[:16]}..., not {model_fingerprint[:16]}...")
-            ledger = cls(root, store, BlobStore(root / BLOB_DIR), stored)
+                    f"ledger {where} belongs to model {stored[:16]}..., not {model_fingerprint[:16]}...")
+            ledger = cls(location, store, blobs, stored)
             if verify != "none":
                 report = ledger.integrity_report(mode=verify)
                 if not report.ok:
                     if strict:
                         raise LedgerCorrupt(
-                            f"ledger {str(root)!r} failed its integrity check at open: {report.describe()}. "
+                            f"ledger {where} failed its integrity check at open: {report.describe()}. "
                             f"Open with strict=False to use version {report.last_good} and earlier.",
                             bad_blobs=report.bad_blobs, bad_versions=report.bad_versions, last_good=report.last_good)
-                    log.error("ledger %s is damaged: %s", root, report.describe())
+                    log.error("ledger %s is damaged: %s", location, report.describe())
                     ledger.damage = report
         except BaseException:
             store.close()
+            blobs.close()
             raise
         return ledger
 
     def close(self) -> None:
         self._store.close()
+        self._blobs.close()
 
     def __enter__(self) -> "Ledger":
         return self
@@ -347,7 +400,17 @@ class Ledger:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Ledger({str(self.root)!r}, model={self.model_fingerprint[:16]})"
+        return f"Ledger({str(self.location)!r}, model={self.model_fingerprint[:16]})"
+
+    @property
+    def root(self) -> Path | None:
+        """The ledger directory of a SQLite ledger; None for a PostgreSQL one (see `location`)."""
+        return self.location.path
+
+    @property
+    def backend(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self.location.backend
 
     @property
     def store(self) -> LedgerStore:
@@ -402,7 +465,17 @@ class Ledger:
         """The patches in effect at `version` (default: the head), in the order they are summed."""
         version = self._resolve_version(version)
         self._refuse_damaged(version)
-        return [self.patch(d) for d in self.active_ids(version)]
+        ids = self.active_ids(version)
+        with self._lock:
+            missing = [d for d in ids if d not in self._patch_cache]
+        if len(missing) > 8:                 # cold: fetch records and factor blobs in bulk (one query each)
+            wanted = set(missing)
+            records = {r.digest: r for r in self._store.patches() if r.digest in wanted}
+            blobs = self._blobs.get_many([records[d].blob for d in missing if d in records])
+            for d in missing:
+                if d in records and records[d].blob in blobs:
+                    self._load_patch(records[d], blobs[records[d].blob])
+        return [self.patch(d) for d in ids]
 
     def patch(self, ref: str) -> Patch:
         """A stored patch by digest (or unique prefix of at least 6 characters), loaded and verified."""
@@ -413,7 +486,11 @@ class Ledger:
                 self._patch_cache.move_to_end(digest)
                 return hit
         rec = self._store.patch(digest)
-        data = self._blobs.get(rec.blob)
+        return self._load_patch(rec, self._blobs.get(rec.blob))
+
+    def _load_patch(self, rec: PatchRecord, data: bytes) -> Patch:
+        """Parse and verify a patch from its (checksum-verified) blob; cache it."""
+        digest = rec.digest
         try:
             patch = patch_from_bytes(data, rec.manifest)
         except (PatchMismatchError, NonFiniteError) as exc:
@@ -809,14 +886,16 @@ class Ledger:
         bases = self._store.base_copies()
         bad_blobs: dict[str, str] = {}
         full = mode == "full"
+        checked = self._blobs.check_many([(b.blob, b.blob_size) for b in bases.values()]
+                                         + [(p.blob, p.blob_size) for p in patches], full)
         for b in bases.values():
-            why = self._blobs.check(b.blob, b.blob_size, full)
+            why = checked.get(b.blob)
             if why:
                 bad_blobs[b.blob] = f"{why} (base copy of {b.name})"
         bad_base = {b.name for b in bases.values() if b.blob in bad_blobs}
         bad_patch = set()
         for p in patches:
-            why = self._blobs.check(p.blob, p.blob_size, full)
+            why = checked.get(p.blob)
             if why:
                 bad_blobs[p.blob] = f"{why} (factors of patch {p.digest[:12]})"
             elif deep:
@@ -858,7 +937,7 @@ class Ledger:
         """Like `integrity_report`, but raise `LedgerCorrupt` (naming the bad blobs and versions) if not intact."""
         report = self.integrity_report(mode, deep)
         if not report.ok:
-            raise LedgerCorrupt(f"ledger {str(self.root)!r} is damaged: {report.describe()}", bad_blobs=report.bad_blobs,
+            raise LedgerCorrupt(f"ledger {str(self.location)!r} is damaged: {report.describe()}", bad_blobs=report.bad_blobs,
                                 bad_versions=report.bad_versions, last_good=report.last_good)
         return report
 
@@ -866,7 +945,7 @@ class Ledger:
         return self.integrity_report().last_good
 
     def nbytes(self) -> int:
-        """Bytes on disk: database (with WAL) and blobs."""
+        """Bytes the ledger occupies: database (with WAL) and blobs (PostgreSQL: its tables and indexes)."""
         return self._store.nbytes() + self._blobs.nbytes()
 
     def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:

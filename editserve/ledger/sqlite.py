@@ -3,7 +3,10 @@
 Every state change is one ``BEGIN IMMEDIATE`` transaction: the write lock is taken first,
 then the expected head and idempotency key are checked, then rows are inserted. Triggers make
 the versions, their operations, patches, base copies and the event log append-only; only the
-single head row is ever updated.
+single head row is ever updated. The schema is versioned (`SQLITE_MIGRATIONS`, recorded in
+``schema_migrations``; see `editserve.ledger.migrations`). Migration 1 is the schema ledgers
+had before migrations were recorded, written with ``IF NOT EXISTS``, so such a ledger is
+adopted by recording it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from editserve.ledger.errors import (
     PatchNotFound,
     VersionNotFound,
 )
+from editserve.ledger.migrations import Migration, latest, pending
 from editserve.ledger.store import (
     EVENT_CREATE,
     EVENT_ROLL_FORWARD,
@@ -113,6 +117,14 @@ def _triggers() -> str:
     return "\n".join(out)
 
 
+_MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                     "checksum TEXT NOT NULL, applied_at REAL NOT NULL)")
+
+SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "ledger_schema", tuple(s for s in (_SCHEMA + _triggers()).split(";\n") if s.strip())),
+)
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -176,12 +188,42 @@ class SqliteStore(LedgerStore):
         rows = self._query("SELECT name FROM sqlite_master WHERE type='table' AND name='head'")
         return bool(rows) and bool(self._query("SELECT 1 FROM head WHERE id=1"))
 
-    def initialize(self, model_fingerprint: str, caller: str, meta: dict[str, str]) -> None:
+    def _applied(self, c: sqlite3.Connection) -> dict[int, str]:
+        return {int(v): str(ck) for v, ck in c.execute("SELECT version, checksum FROM schema_migrations")}
+
+    def upgrade(self) -> list[int]:
+        """Apply pending schema migrations, each in one ``BEGIN IMMEDIATE`` transaction; returns their numbers."""
+        if self._query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'"):
+            with self._lock:
+                applied = self._applied(self._conn)
+            if all(m.number in applied for m in SQLITE_MIGRATIONS):      # fast path: no write lock
+                pending(applied, SQLITE_MIGRATIONS, repr(str(self.path)))
+                return []
+        done = []
         with self._tx() as c:
-            # One statement at a time: executescript() would commit the open transaction.
-            for stmt in (_SCHEMA + _triggers()).split(";\n"):
-                if stmt.strip():
+            c.execute(_MIGRATIONS_TABLE)
+            todo = pending(self._applied(c), SQLITE_MIGRATIONS, repr(str(self.path)))
+        for m in todo:
+            with self._tx() as c:
+                if m.number in self._applied(c):              # another opener applied it meanwhile
+                    continue
+                # One statement at a time: executescript() would commit the open transaction.
+                for stmt in m.statements:
                     c.execute(stmt)
+                c.execute("INSERT INTO schema_migrations(version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
+                          (m.number, m.name, m.checksum, time.time()))
+            done.append(m.number)
+            log.info("ledger %s: applied schema migration %d (%s)", self.path, m.number, m.name)
+        return done
+
+    def schema_version(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") if self._query(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_migrations'") else [(0,)]
+        return int(rows[0][0])
+
+    def initialize(self, model_fingerprint: str, caller: str, meta: dict[str, str]) -> None:
+        self.upgrade()
+        with self._tx() as c:
             if c.execute("SELECT 1 FROM head WHERE id=1").fetchone():
                 return
             now = time.time()
@@ -396,6 +438,12 @@ class SqliteStore(LedgerStore):
             return [f"database check failed: {exc}"]
         if [r[0] for r in result] != ["ok"]:
             problems.append("database quick_check: " + "; ".join(str(r[0]) for r in result[:5]))
+        if self.schema_version() != latest(SQLITE_MIGRATIONS):
+            problems.append(f"schema is at migration {self.schema_version()}, expected {latest(SQLITE_MIGRATIONS)}")
+        missing = {f"{t}_no_{a}" for t in _APPEND_ONLY for a in ("update", "delete")} - {
+            r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        if missing:
+            problems.append(f"append-only triggers missing: {sorted(missing)}")
         numbers = [int(r[0]) for r in self._query("SELECT version FROM versions ORDER BY version")]
         if numbers != list(range(len(numbers))):
             problems.append(f"version numbers are not contiguous from 0: {numbers[:10]}...")

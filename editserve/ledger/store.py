@@ -3,12 +3,13 @@
 `LedgerStore` is what `Ledger` needs from a database: an append-only history of versions
 (each a list of add/remove operations on patch ids over its parent), a movable head, patch
 and base-copy metadata, and an append-only event log, with every state change done in one
-transaction that also checks the caller's expected head and idempotency key. The default
-implementation is `editserve.ledger.sqlite.SqliteStore`; a PostgreSQL backend implements the
-same methods (``SELECT ... FOR UPDATE`` on the head row in place of ``BEGIN IMMEDIATE``).
+transaction that also checks the caller's expected head and idempotency key, and a versioned
+schema (`editserve.ledger.migrations`). Implementations: `editserve.ledger.sqlite.SqliteStore`
+(``BEGIN IMMEDIATE``) and `editserve.ledger.postgres.PostgresStore` (``SELECT ... FOR UPDATE``
+on the head row).
 
-Factor and base-copy bytes never live in the store: they are content-addressed blobs
-(`editserve.ledger.blobs`) written *before* the transaction that references them.
+Factor and base-copy bytes are not rows of these tables: they are content-addressed blobs
+(`editserve.ledger.blobs.BlobStore`) written *before* the transaction that references them.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def is_initialized(self) -> bool: ...
+
+    @abc.abstractmethod
+    def upgrade(self) -> list[int]:
+        """Apply the schema migrations not applied yet (each in one transaction); returns their numbers."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The number of the last schema migration applied (0 for an empty database)."""
 
     @abc.abstractmethod
     def meta(self) -> dict[str, str]: ...
