@@ -48,9 +48,10 @@ class LoopbackControl:
 
     def start(self, tls: Any = None) -> "LoopbackControl":
         """Serve plaintext, or TLS with `tls` (an `editserve.control.auth.TLSConfig`)."""
+        from editserve.control.operations import Operations
         from editserve.control.server import start_server
 
-        self.server = self.run(start_server(self.control, self.target, self.tokens, tls))
+        self.server = self.run(start_server(Operations(self.control, self.tokens), self.target, tls))
         return self
 
     def stop(self) -> None:

@@ -40,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from editserve.client import ControlError, EditClient
 from editserve.control.auth import TokenTable
 from editserve.control.home import ensure_local_admin_token
+from editserve.control.operations import Operations
 from editserve.control.server import start_server
 from editserve.engine.control import ControlPlane, ControlSettings
 from editserve.ledger import Ledger
@@ -52,7 +53,8 @@ async def main():
     ledger = Ledger.open(ledger_dir, model_fingerprint="f" * 64)
     control = ControlPlane(None, ControlSettings(model=None))
     control.ledger = ledger
-    server = await start_server(control, addr, TokenTable.from_file(ensure_local_admin_token()), None)
+    ops = Operations(control, TokenTable.from_file(ensure_local_admin_token()))
+    server = await start_server(ops, addr, None)
     try:
         def calls():
             with grpc.insecure_channel(addr) as ch:
