@@ -102,17 +102,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM
 
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=bool(spec["eager"]), kv_cache_memory_bytes=64 << 20,
-              max_model_len=256, seed=0)
+              max_model_len=256, seed=0, tensor_parallel_size=int(spec.get("tp", 1)))
     result: dict[str, Any] = {"base": _generate(llm)}
     if spec.get("edit"):
-        (described,) = llm.collective_rpc("editserve_describe")
-        result["kernels"] = described["kernels"]
-        (edited,) = llm.collective_rpc("editserve_apply", args=(_message(1, True),))
-        result["edit_report"] = edited
+        result["kernels"] = llm.collective_rpc("editserve_describe")[0]["kernels"]
+        result["edit_reports"] = llm.collective_rpc("editserve_apply", args=(_message(1, True),))
         result["edited"] = _generate(llm)
-        (rolled,) = llm.collective_rpc("editserve_apply", args=(_message(0, False),))
-        result["rollback_report"] = rolled
+        result["rollback_reports"] = llm.collective_rpc("editserve_apply", args=(_message(0, False),))
         result["rolled_back"] = _generate(llm)
+        result["edit_report"], result["rollback_report"] = result["edit_reports"][0], result["rollback_reports"][0]
     return result
 
 
