@@ -90,6 +90,16 @@ def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, int, dict[str
     return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), headers
 
 
+def status_of(url: str) -> dict[str, Any] | None:
+    """Pause figures from ``GET /editserve/v1/status`` when it answers without a token, else None."""
+    try:
+        with urllib.request.urlopen(url + "/editserve/v1/status", timeout=30) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return {k: body.get(k) for k in ("served_version", "last_pause_ms", "median_pause_ms")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -160,6 +170,7 @@ class Arm:
     latencies: list[float] = field(default_factory=list)
     check_text: str | None = None
     served_version: str | None = None
+    start_swap: dict[str, Any] | None = None     # the server's own report of its start-up swap, if readable
 
     @property
     def url(self) -> str:
@@ -209,6 +220,8 @@ def start(arm: Arm, ckpt: Path, work: Path, eager: bool, edits: int) -> None:
             text, _, headers = complete(arm.url, CHECK_PROMPT, 16)
             arm.check_text, arm.served_version = text, headers.get(VERSION_HEADER)
             arm.start_s = time.perf_counter() - t0
+            if arm.name != "plain":
+                arm.start_swap = status_of(arm.url)
             return
         except (OSError, RuntimeError):
             time.sleep(2)
@@ -321,6 +334,33 @@ def middleware_cost(n: int = 20000) -> dict[str, Any]:
     return {"bare_us": bare * 1e6, "with_middleware_us": with_mw * 1e6, "added_us": (with_mw - bare) * 1e6}
 
 
+# -- re-packing ----------------------------------------------------------------------------------
+
+def repack_cost(shapes: tuple[tuple[int, int], ...] = ((576, 1536), (4096, 11008)), repeats: int = 7) -> dict[str, Any]:
+    """Median ms to re-pack one float32 down-projection [d_out, d_in] for vLLM's oneDNN kernel
+    (`editserve.engine.cpu_gemm.repack`'s build step), in this process with torch's threads:
+    SmolLM2's, and a 7B Llama's for scale."""
+    try:
+        from vllm import _custom_ops as ops
+
+        from editserve.engine.cpu_gemm import ONEDNN_PRIMITIVE_CACHE
+    except ImportError as exc:
+        return {"error": f"no vLLM CPU ops here: {exc}"}
+    if not getattr(ops, "_supports_onednn", False):
+        return {"error": "this vLLM build has no oneDNN GEMM"}
+    out = {}
+    for d_out, d_in in shapes:
+        w = torch.randn(d_out, d_in)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            handler = ops.create_onednn_mm(w.t(), ONEDNN_PRIMITIVE_CACHE)
+            times.append(time.perf_counter() - t)
+            del handler
+        out[f"{d_out}x{d_in}"] = round(statistics.median(times) * 1e3, 3)
+    return {"ms": out, "threads": torch.get_num_threads()}
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 def summarise(arms: dict[str, Arm], rounds: int) -> dict[str, Any]:
@@ -333,7 +373,7 @@ def summarise(arms: dict[str, Arm], rounds: int) -> dict[str, Any]:
                      "p50_s": pct(arm.latencies, 0.5), "p99_s": pct(arm.latencies, 0.99),
                      "requests": len(arm.latencies), "failures": sum(w["failures"] for w in arm.windows),
                      "start_s": round(arm.start_s, 1), "served_version_header": arm.served_version,
-                     "check_text": arm.check_text}
+                     "check_text": arm.check_text, "start_swap": arm.start_swap}
     if "plain" in arms:
         p = out["plain"]
         for name in arms:
@@ -379,10 +419,12 @@ def main() -> int:
     print(f"serve_overhead: {ckpt.name}, arms {names}, {args.rounds} rounds x {args.seconds:.0f} s, "
           f"{args.clients} clients x {args.max_tokens} tokens; logs in {work}", flush=True)
     mw = middleware_cost()
+    rp = repack_cost()
     try:
         for arm in arms.values():
             start(arm, ckpt, work, args.enforce_eager, args.edits)
-            print(f"  {arm.name} ready in {arm.start_s:.0f} s (version header {arm.served_version})", flush=True)
+            print(f"  {arm.name} ready in {arm.start_s:.0f} s (version header {arm.served_version}; "
+                  f"start-up swap {arm.start_swap})", flush=True)
         for arm in arms.values():                  # one warm-up request each, then quiet
             complete(arm.url, PROMPTS[1], args.max_tokens)
         for r in range(args.rounds):
@@ -418,9 +460,14 @@ def main() -> int:
         print(f"\nversion-header middleware + admission: +{mw['added_us']:.1f} us per request on a bare ASGI app "
               f"({mw['bare_us']:.1f} -> {mw['with_middleware_us']:.1f} us), {mw['added_us'] * 1e-6 / p50 * 100:.4f}% "
               f"of a {p50:.2f} s request")
+    if "error" in rp:
+        print(f"re-pack cost: {rp['error']}")
+    else:
+        print("re-pack of one float32 down-projection for oneDNN (in the swap pause, per touched matrix and rank): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in rp["ms"].items()) + f" ({rp['threads']} threads)")
     print(f"total {total / 60:.1f} min")
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "checkpoint": str(ckpt), "arms": summary,
-              "middleware": mw, "total_s": round(total, 1), "load_avg_end": os.getloadavg(),
+              "middleware": mw, "repack": rp, "total_s": round(total, 1), "load_avg_end": os.getloadavg(),
               "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
