@@ -32,11 +32,12 @@ arm: ``plain`` and ``es0`` must answer identically (same kernels, same weights).
 It also times, in this process, the version-header middleware and request admission of
 `editserve.engine.http` on a bare ASGI app (µs per request), to set against request latency.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/serve_overhead.py            # ~9 min on 2 idle cores
+    PYTHONPATH=$PWD .venv/bin/python bench/serve_overhead.py   # ~9-10 min on 2 quiet cores (20 min under load)
         [--arms plain,es0,es1000] [--rounds 4] [--seconds 30] [--clients 4] [--max-tokens 48]
         [--edits 1000] [--model DIR] [--enforce-eager]
 
-Prints a table; writes bench/results/serve_overhead.json. Needs ~3 GiB of memory per arm.
+Prints a table; writes bench/results/serve_overhead.json. Needs ~3 GiB of memory per arm (all
+arms stay up at once): keep to three arms on a 24 GiB machine shared with other jobs.
 """
 
 from __future__ import annotations
