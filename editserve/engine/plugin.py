@@ -8,7 +8,9 @@ processes, possibly more than once per process, so every step checks whether it 
 - On CPU it wraps ``dispatch_cpu_unquantized_gemm``: vLLM packs every linear weight for
   oneDNN after loading and leaves an empty ``weight`` behind, which cannot be edited. The
   down-projections named by the architecture table (all layers, or those listed in
-  ``EDITSERVE_EDITABLE_LAYERS``) keep their dense weight and run through ``F.linear``.
+  ``EDITSERVE_EDITABLE_LAYERS``) get vLLM's own packed kernel and keep their dense weight as
+  the master that swaps write and re-pack from (`editserve.engine.cpu_gemm`;
+  ``EDITSERVE_CPU_GEMM=dense`` runs them through ``F.linear`` instead).
 
 ``vllm.endpoint_plugins`` → `endpoint_plugin`: builds `EditserveEndpoint`, which adds the
 ``/editserve/v1/*`` routes and the version header, and in ``init_state`` starts the control
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "editserve"
 EDITABLE_LAYERS_ENV = "EDITSERVE_EDITABLE_LAYERS"
-_MARK = "_editserve_dense_dispatch"
+_MARK = "_editserve_editable_dispatch"
 
 
 def parse_layers(text: str | None) -> frozenset[int] | None:
@@ -69,9 +71,12 @@ def is_editable(prefix: str, layers: frozenset[int] | None, pattern: re.Pattern[
     return layers is None or layer in layers
 
 
-def install_dense_dispatch(layers: frozenset[int] | None) -> bool:
-    """Keep editable down-projections dense on CPU; returns False if already installed."""
+def install_editable_dispatch(layers: frozenset[int] | None, mode: str) -> bool:
+    """Prepare editable down-projections on CPU (`editserve.engine.cpu_gemm.prepare`: vLLM's
+    kernel plus the dense master, or ``F.linear`` in ``dense`` mode); False if already installed."""
     from vllm.model_executor.layers import utils as layer_utils
+
+    from editserve.engine.cpu_gemm import prepare
 
     original = layer_utils.dispatch_cpu_unquantized_gemm
     if getattr(original, _MARK, False):
@@ -83,8 +88,8 @@ def install_dense_dispatch(layers: frozenset[int] | None) -> bool:
         weight = getattr(layer, "weight", None)
         if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta
                 and is_editable(prefix, layers, pattern)):
-            layer.cpu_linear = torch.nn.functional.linear
-            log.debug("editserve keeps %s dense (%s)", prefix, tuple(weight.shape))
+            kind = prepare(layer, original, mode)
+            log.debug("editserve keeps %s editable %s with a %s kernel", prefix, tuple(weight.shape), kind)
             return
         original(layer, remove_weight)
 
@@ -114,10 +119,13 @@ def register() -> None:
 
     added = install_worker_methods()
     if current_platform.is_cpu():
+        from editserve.engine.cpu_gemm import KERNEL_ENV, kernel_mode
+
         layers = parse_layers(os.environ.get(EDITABLE_LAYERS_ENV))
-        if install_dense_dispatch(layers):
-            log.info("editserve: CPU down-projections of %s stay dense for in-place edits",
-                     "all layers" if layers is None else f"layers {sorted(layers)}")
+        mode = kernel_mode(os.environ)
+        if install_editable_dispatch(layers, mode):
+            log.info("editserve: CPU down-projections of %s are editable (%s=%s)",
+                     "all layers" if layers is None else f"layers {sorted(layers)}", KERNEL_ENV, mode)
     if added:
         log.debug("editserve: worker methods %s installed", added)
 

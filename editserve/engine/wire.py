@@ -188,11 +188,13 @@ class RankReport:
     checksums: dict[str, str]          # HF weight name → checksum of the rank's live slice
     seconds: float = 0.0               # time spent in the worker
     error: str | None = None           # "<ErrorType>: message" when the worker refused or failed
+    repack_seconds: float = 0.0        # part of `seconds` spent re-packing CPU kernels
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "rank": self.rank, "tp_rank": self.tp_rank, "tp_size": self.tp_size, "version": self.version,
             "checksums": dict(self.checksums), "seconds": self.seconds, "error": self.error,
+            "repack_seconds": self.repack_seconds,
         }
 
     @classmethod
@@ -202,6 +204,7 @@ class RankReport:
                 rank=int(obj["rank"]), tp_rank=int(obj["tp_rank"]), tp_size=int(obj["tp_size"]),
                 version=int(obj["version"]), checksums={str(k): str(v) for k, v in dict(obj["checksums"]).items()},
                 seconds=float(obj.get("seconds", 0.0)), error=obj.get("error"),
+                repack_seconds=float(obj.get("repack_seconds", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PatchMismatchError(f"malformed worker report {obj!r}: {exc!r}") from exc

@@ -15,7 +15,9 @@ Per rank and per touched matrix the worker keeps, attached to the model object:
 
 Every value is computed and checked finite before the first write; writes are ``copy_``
 into the existing parameter storage (a new ``Parameter`` would leave CUDA graphs pointing
-at the old one).
+at the old one). On CPU the parameter is the dense master of a packed kernel: after the
+writes, each written matrix is re-packed from it (`editserve.engine.cpu_gemm.repack`) before
+the answer goes back, so the next step computes with exactly the checksummed weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from editserve.editing.arch import ArchSpec, Layout, spec_for_model_type
+from editserve.engine.cpu_gemm import kernel_of, repack
 from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, WireDelta, rank_range, weight_checksum
 from editserve.errors import NonFiniteError, PatchMismatchError, PatchStateError
 
@@ -66,7 +69,8 @@ class _Slot:
 
     name: str                          # HF weight name
     vllm_name: str
-    param: torch.nn.Parameter
+    module: torch.nn.Module            # the vLLM linear layer (its kernel may need re-packing)
+    param: torch.nn.Parameter          # its dense weight [d_out, hi-lo]: the master swaps write
     lo: int                            # rank's input slice [lo, hi) of the full input dimension
     hi: int
     d_in: int
@@ -106,8 +110,8 @@ def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slo
         raise PatchMismatchError(
             f"{module_name!r} holds {param.shape[1]} input columns on rank {tp_rank}/{tp_size}, expected {hi - lo}"
         )
-    return _Slot(name=name, vllm_name=spec.vllm_weight_name(layer), param=param, lo=lo, hi=hi, d_in=d_in,
-                 tp_rank=tp_rank, tp_size=tp_size)
+    return _Slot(name=name, vllm_name=spec.vllm_weight_name(layer), module=module, param=param, lo=lo, hi=hi,
+                 d_in=d_in, tp_rank=tp_rank, tp_size=tp_size)
 
 
 def accumulate_slice(acc: torch.Tensor, deltas: Sequence[WireDelta], lo: int, hi: int, d_in: int,
@@ -191,11 +195,14 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
         else:
             state.matrices[name].acc = new_acc[name]
             state.matrices[name].keys = new_keys[name]
+    # Phase 3: the packed kernels of the written matrices follow their masters. The state above
+    # already describes the masters, so a failure here is repaired by the restore that follows.
+    repack_seconds = sum(repack(slots[name].module) for name in writes)
     state.version = int(message.version)
     checksums = {name: weight_checksum(slots[name].param) for name in names}
     tp_rank, tp_size = _tp(worker)
     return RankReport(rank=_rank_of(worker), tp_rank=tp_rank, tp_size=tp_size, version=state.version,
-                      checksums=checksums, seconds=time.perf_counter() - t0)
+                      checksums=checksums, seconds=time.perf_counter() - t0, repack_seconds=repack_seconds)
 
 
 def _layer_of(spec: ArchSpec, name: str) -> int:
@@ -214,6 +221,7 @@ def describe(worker: Any) -> dict[str, Any]:
     model = worker.get_model()
     n_layers = int(getattr(worker.vllm_config.model_config.hf_config, spec.n_layers_attr))
     editable: dict[str, list[int]] = {}
+    kernels: dict[str, int] = {}
     tp_rank, tp_size = _tp(worker)
     for layer in range(n_layers):
         try:
@@ -221,10 +229,12 @@ def describe(worker: Any) -> dict[str, Any]:
         except (PatchStateError, PatchMismatchError):
             continue
         editable[slot.name] = [int(slot.param.shape[0]), slot.d_in]
+        kind = kernel_of(slot.module)
+        kernels[kind] = kernels.get(kind, 0) + 1
     state = _state(model)
     return {
         "rank": _rank_of(worker), "tp_rank": tp_rank, "tp_size": tp_size, "family": spec.family,
-        "n_layers": n_layers, "editable": editable, "version": state.version,
+        "n_layers": n_layers, "editable": editable, "kernels": kernels, "version": state.version,
         "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
         "device": str(next(iter(model.parameters())).device),
     }
