@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+SHARED = HERE.parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 log = logging.getLogger("lifelong")
 
 
@@ -126,7 +126,7 @@ def _load(run: Path, model):
 
 
 def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
-               hparams: dict | None, fresh: bool, deadline: float) -> list[Row]:
+               hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False) -> list[Row]:
     from editserve.editing.alphaedit import PreservedKeys
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
@@ -139,8 +139,10 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
 
     if (run / "state.json").exists() and not fresh:
         st = json.loads((run / "state.json").read_text())
-        if st["done"] >= n:
+        if st["done"] >= n or report_only:
             return [Row(**r) for r in st["rows"] if r["n_edits"] <= n]
+    if report_only:
+        return []
     model, tok = load_model()                                   # a fresh model: no merge state from another run
     w0 = down_proj_weights(model)
     if (run / "state.json").exists() and not fresh:
@@ -231,6 +233,8 @@ def main() -> int:
     ap.add_argument("--hparams", default=None, help="JSON object: method -> hyper-parameter overrides")
     ap.add_argument("--fresh", action="store_true", help="ignore saved state and start over")
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop starting new commits after this")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: table, JSON and plot from the saved checkpoints only")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -249,7 +253,7 @@ def main() -> int:
     for b in [int(x) for x in args.batch.split(",")]:
         for m in [x for x in args.methods.split(",") if x]:
             results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
-                                              overrides.get(m), args.fresh, deadline)
+                                              overrides.get(m), args.fresh, deadline, args.report_only)
     print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
           f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
     print(table(results))
