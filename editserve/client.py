@@ -150,7 +150,7 @@ class EditClient:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    def edit(self, facts: Sequence[Any], method: str = "rome", layers: Sequence[int] = (), dry_run: bool = False,
+    def edit(self, facts: Sequence[Any], method: str = "", layers: Sequence[int] = (), dry_run: bool = False,
              expected_head: int | None = None, idempotency_key: str = "", thresholds: Mapping[str, float] | None = None,
              paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = (),
              progress: Callable[[Any], None] | None = None, operation_id: str = "") -> Any:

@@ -1,4 +1,4 @@
-"""``editserve eval``: CounterFact evaluation of ROME or MEMIT on a model, table + JSON."""
+"""``editserve eval``: CounterFact (or close-neighbour) evaluation of ROME, MEMIT or AlphaEdit, table + JSON."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ _SHARED_DEFAULT = Path("../shared/data/counterfact/counterfact-edit.json")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="CounterFact evaluation (ES/PS/NS/EM/PM/NM/S/fluency) before and after edits")
-    p.add_argument("--method", default="rome", choices=["rome", "memit"])
+    p.add_argument("--method", default="rome", choices=["rome", "memit", "alphaedit"])
     p.add_argument("--records", type=int, default=50, help="number of known records to edit")
     p.add_argument("--batch", type=int, default=None, help="edits per MEMIT batch (default: all records in one batch)")
     p.add_argument("--data", default=None, help="CounterFact JSON (simplified or original format); "
                    "default $EDITSERVE_COUNTERFACT or ../shared/data/counterfact/counterfact-edit.json")
+    p.add_argument("--close-neighbours", default=None, choices=["tune", "report", "all"],
+                   help="evaluate on the shipped close-neighbour set (this half) instead of CounterFact")
+    p.add_argument("--hparams", default=None, help="JSON object of hyper-parameter overrides, e.g. '{\"alpha\": 1}'")
     p.add_argument("--model", default=None, help="checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--layers", default=None, help="comma-separated edit layers (default: per-model hyper-parameters)")
     p.add_argument("--fluency", action="store_true", help="also score generation fluency (needs generation prompts)")
@@ -47,13 +50,25 @@ def run(args: argparse.Namespace) -> int:
     from editserve.editing.counterfact import load_counterfact
     from editserve.editing.evaluate import evaluate
 
-    records = load_counterfact(_data_path(args.data))
+    if args.close_neighbours:
+        from editserve.editing.counterfact import load_close_neighbours
+
+        records = load_close_neighbours(None if args.close_neighbours == "all" else args.close_neighbours)
+    else:
+        records = load_counterfact(_data_path(args.data))
+    try:
+        hparams = json.loads(args.hparams) if args.hparams else None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"--hparams is not valid JSON: {exc}") from exc
+    if hparams is not None and not isinstance(hparams, dict):
+        raise DataError(f"--hparams must be a JSON object, got {args.hparams!r}")
     model, tok = load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     batch = 1 if args.method == "rome" else (args.batch or args.records)
     report = evaluate(
         model, tok, records,
-        make_patch=lambda recs: compute_patch(model, tok, [r.request for r in recs], method=args.method, layers=layers),
+        make_patch=lambda recs: compute_patch(model, tok, [r.request for r in recs], method=args.method, layers=layers,
+                                         hparams=hparams),
         n_known=args.records, batch=batch, method=args.method, with_fluency=args.fluency,
     )
     print(f"\n{args.method.upper()}: {report.records_edited} edits (batch {batch}); "

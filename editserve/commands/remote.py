@@ -46,7 +46,8 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--subject", required=True)
         p.add_argument("--target-new", required=True)
         p.add_argument("--target-true", default="")
-        p.add_argument("--method", default="rome", choices=["rome", "memit"])
+        p.add_argument("--method", default="", choices=["", "rome", "memit", "alphaedit"],
+                       help="editing method (default: the server's, EDITSERVE_DEFAULT_METHOD there)")
         p.add_argument("--layer", type=int, action="append", default=[])
         p.add_argument("--dry-run", action="store_true", help="probe only, commit nothing")
         p.add_argument("--expected-head", type=int, default=None)

@@ -43,6 +43,9 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
     "value.clamp_norm_factor": Bound(float, 0.1, 100.0),
     "value.early_stop_nll": Bound(float, 0.0, 10.0),
     "cov_weight": Bound(float, 1.0, 1e6),
+    "alpha": Bound(float, 1e-3, 1e4),
+    # a new threshold builds and caches another projection per layer (d_in² float64 each)
+    "nullspace_threshold": Bound(float, 1e-8, 1e3, admin=True),
     "keys": Bound(str, choices=("mean", "per_prompt")),
     "prefixes.n_prefixes": Bound(int, 0, 50, admin=True),
     "prefixes.prefix_tokens": Bound(int, 1, 50, admin=True),
@@ -52,8 +55,9 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
     "stats.batch_size": Bound(int, 1, 64, admin=True),
 }
 METHOD_KEYS: Mapping[str, frozenset[str]] = {
-    "rome": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys")),
-    "memit": frozenset(HPARAM_BOUNDS),
+    "rome": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys", "alpha", "nullspace_threshold")),
+    "memit": frozenset(k for k in HPARAM_BOUNDS if k not in ("alpha", "nullspace_threshold")),
+    "alphaedit": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys")),
 }
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 from editserve.control.errors import RequestTooLarge, ThresholdOutOfBounds
 from editserve.control.limits import HparamOverrides, hparam_overrides
+from editserve.control.methods import EDIT_METHODS, default_method
 from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
 from editserve.editing.requests import MAX_TEXT_CHARS, EditRequest
 from editserve.errors import InvalidRequestError, LayerOutOfRangeError
 
-METHODS = ("rome", "memit")
+METHODS = EDIT_METHODS
 MAX_FACTS = 32
 MAX_GATE_PROMPTS = 32
 MAX_PROBE_ITEMS = 64
@@ -100,7 +101,7 @@ def edit_args(msg: Any, n_layers: int | None) -> EditArgs:
         raise InvalidRequestError("facts must hold at least one fact, got none")
     if len(msg.facts) > MAX_FACTS:
         raise RequestTooLarge(f"{len(msg.facts)} facts in one request; the limit is {MAX_FACTS}")
-    method = msg.method or "rome"
+    method = msg.method or default_method()
     if method not in METHODS:
         raise InvalidRequestError(f"unknown method {_show(method)}; choose one of {list(METHODS)}")
     reqs = tuple(fact_request(f, i) for i, f in enumerate(msg.facts))

@@ -1,4 +1,5 @@
-"""CounterFact records: reading the simplified (EasyEdit/MEND) and the original ROME formats.
+"""CounterFact records: reading the simplified (EasyEdit/MEND) and the original ROME formats,
+and the close-neighbour test set shipped in editserve/data/close_neighbours/.
 
 Simplified: ``{case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
 locality_prompt, locality_ground_truth}`` with the subject written into the prompt.
@@ -84,3 +85,19 @@ def load_counterfact(path: str | Path, limit: int | None = None, skip_invalid: b
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+CLOSE_NEIGHBOUR_SPLITS = ("tune", "report")
+
+
+def load_close_neighbours(split: str | None = None) -> list[CounterFactRecord]:
+    """The close-neighbour test set (editserve/data/close_neighbours/README.md): edits SmolLM2-135M
+    knows, each with 4 neighbourhood prompts about entities closely tied to the subject. `split`:
+    "tune" (choose hyper-parameters on it), "report" (report on it) or None (both)."""
+    from importlib import resources
+
+    if split is not None and split not in CLOSE_NEIGHBOUR_SPLITS:
+        raise InvalidRequestError(f"unknown split {split!r}; choose one of {list(CLOSE_NEIGHBOUR_SPLITS)}")
+    f = resources.files("editserve").joinpath("data", "close_neighbours", "close_neighbours.json")
+    data = json.loads(f.read_text())
+    return [parse_record(d) for d in data if split is None or d["split"] == split]

@@ -1,4 +1,11 @@
-"""`compute_patch`: turn edit requests into a `Patch` with ROME or MEMIT; never changes the model."""
+"""`compute_patch` / `compute_edit`: turn edit requests into a `Patch` with ROME, MEMIT or AlphaEdit;
+never changes the model.
+
+`compute_edit` also takes and returns the preserved-keys state (`alphaedit.PreservedKeys`): the
+keys of the committed edits that AlphaEdit keeps in place. It is a pure value: the caller passes
+the state of the version being edited and stores the returned one (the old blocks plus this
+patch's keys, tagged with the patch's digest) with the new version.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +17,28 @@ from typing import Any
 
 import torch
 
+from dataclasses import dataclass
+
+from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus, load_corpus
 from editserve.editing.hooks import Hooks
-from editserve.editing.hparams import MemitParams, RomeParams, load_hparams, to_dict
+from editserve.editing.hparams import HParams, MemitParams, RomeParams, load_hparams, to_dict
 from editserve.editing.keys import compute_keys
 from editserve.editing.memit import memit_factors
 from editserve.editing.model import fingerprint
 from editserve.editing.prefixes import context_prefixes
 from editserve.editing.requests import EditRequest
 from editserve.editing.rome import prompt_scales, rome_direction, rome_factors
-from editserve.editing.stats import layer_stats
+from editserve.editing.nullspace import cached_null_space
+from editserve.editing.stats import layer_stats, stats_key
 from editserve.editing.values import optimise_values
 from editserve.errors import InvalidRequestError
 from editserve.patches import Patch, WeightDelta
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rome", "memit")
+METHODS = ("rome", "memit", "alphaedit")
 MAX_BATCH = 10_000
 
 
@@ -43,7 +54,7 @@ def model_names(model: torch.nn.Module) -> list[str]:
 
 def resolve_hparams(
     model: torch.nn.Module, method: str, layers: Sequence[int] | None = None, overrides: dict[str, Any] | None = None
-) -> RomeParams | MemitParams:
+) -> HParams:
     """Hyper-parameters for `method` on `model`, with `layers` and `overrides` applied and checked."""
     over = dict(overrides or {})
     if layers is not None:
@@ -59,6 +70,12 @@ def resolve_hparams(
     return hp
 
 
+@dataclass(frozen=True)
+class EditResult:
+    patch: Patch
+    preserved: PreservedKeys     # the state passed in plus this patch's keys (tag = patch.digest)
+
+
 def compute_patch(
     model: torch.nn.Module,
     tok: object,
@@ -68,16 +85,38 @@ def compute_patch(
     hparams: dict[str, Any] | None = None,
     corpus: Corpus | str | Path | None = None,
     progress: bool = False,
+    preserved: PreservedKeys | None = None,
 ) -> Patch:
-    """Compute the low-rank patch that rewrites `requests` (see module docs of rome/memit).
+    """The patch of `compute_edit` (see there)."""
+    return compute_edit(model, tok, requests, method, layers, hparams, corpus, progress, preserved).patch
 
-    method:  "rome" (one request) or "memit" (one or many).
-    layers:  edit layer(s); default from the per-model hyper-parameter file.
-    hparams: overrides of hyper-parameter fields, e.g. {"value": {"max_steps": 10}}.
-    corpus:  text for covariance statistics (default: the Wikipedia excerpt).
+
+def compute_edit(
+    model: torch.nn.Module,
+    tok: object,
+    requests: Sequence[EditRequest],
+    method: str = "rome",
+    layers: Sequence[int] | None = None,
+    hparams: dict[str, Any] | None = None,
+    corpus: Corpus | str | Path | None = None,
+    progress: bool = False,
+    preserved: PreservedKeys | None = None,
+) -> EditResult:
+    """Compute the low-rank patch that rewrites `requests` (see module docs of rome/memit/alphaedit).
+
+    method:    "rome" (one request), "memit" or "alphaedit" (one or many).
+    layers:    edit layer(s); default from the per-model hyper-parameter file.
+    hparams:   overrides of hyper-parameter fields, e.g. {"value": {"max_steps": 10}}.
+    corpus:    text for covariance statistics (default: the Wikipedia excerpt).
+    preserved: keys of the edits committed in the model being edited (AlphaEdit keeps them in place;
+               ROME and MEMIT ignore them). The result's state adds this patch's keys, whatever the method.
     """
     if method not in METHODS:
         raise InvalidRequestError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if preserved is None:
+        preserved = PreservedKeys()
+    elif not isinstance(preserved, PreservedKeys):
+        raise InvalidRequestError(f"preserved must be a PreservedKeys, got {type(preserved).__name__}")
     requests = tuple(requests)
     if not requests:
         raise InvalidRequestError("at least one edit request is required, got none")
@@ -101,19 +140,41 @@ def compute_patch(
     prefixes = context_prefixes(model, tok, fp, hp.prefixes)
 
     if isinstance(hp, RomeParams):
-        deltas = _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings)
+        deltas, new_keys = _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings)
+    elif isinstance(hp, MemitParams):
+        covs = {l: s.cov for l, s in stats.items()}
+
+        def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
+            return memit_factors(covs[layer], keys, resid, hp.cov_weight,
+                                 prompt_keys if hp.keys == "per_prompt" else None)
+
+        deltas, new_keys = _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings)
     else:
-        deltas = _memit(model, tok, requests, prefixes, hp, {l: s.cov for l, s in stats.items()}, timings)
+        t = time.perf_counter()
+        dtype = next(model.parameters()).dtype
+        projs = {l: cached_null_space(s.cov, hp.nullspace_threshold, l, fp, stats_key(corpus, l, hp.stats, dtype))
+                 for l, s in stats.items()}
+        timings["projection"] = time.perf_counter() - t
+
+        def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
+            gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
+            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha)
+
+        deltas, new_keys = _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings)
     patch = Patch(
         deltas=tuple(deltas), requests=requests, method=method, hparams=to_dict(hp),
         model_fingerprint=fp, family=spec.family, timings=timings,
     )
+    state = preserved
+    for layer, k in new_keys.items():
+        state = state.add(patch.digest, layer, k.T.contiguous())                         # [d_in, n]
     log.info("%s patch for %d request(s): %s", method, len(requests),
              ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    return patch
+    return EditResult(patch=patch, preserved=state)
 
 
-def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings) -> list[WeightDelta]:
+def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings):
+    """([delta], {layer: keys [1, d_in]})."""
     spec = spec_for(model)
     t = time.perf_counter()
     keys = compute_keys(model, tok, requests, prefixes, [hp.layer])
@@ -129,25 +190,29 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings) -> list[
     t = time.perf_counter()
     u, v = rome_factors(direction, key, values.delta[0])
     timings["solve"] = time.perf_counter() - t
-    return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)]
+    return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)], {hp.layer: key[None, :]}
 
 
-def _memit(model, tok, requests, prefixes, hp: MemitParams, covs, timings) -> list[WeightDelta]:
+def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_params, solve, timings):
+    """MEMIT's machinery (memit.py): δ at the last edit layer's residual stream, then layer by layer
+    `solve(layer, keys [n,d_in], prompt_keys [n,m,d_in], resid [n,d_out]) -> (U, V)` with the earlier
+    layers' updates in effect. Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
     spec = spec_for(model)
-    top = spec.layer_name(hp.layers[-1])                 # residual stream after the last edit layer
+    top = spec.layer_name(layers[-1])                    # residual stream after the last edit layer
     t = time.perf_counter()
-    values = optimise_values(model, tok, requests, prefixes, top, hp.value, frozen_below=hp.layers[-1])
+    values = optimise_values(model, tok, requests, prefixes, top, value_params, frozen_below=layers[-1])
     timings["values"] = time.perf_counter() - t
     timings["keys"] = 0.0
     timings["solve"] = 0.0
     z0 = None
     deltas: list[WeightDelta] = []
+    used: dict[int, torch.Tensor] = {}
 
     def earlier(hooks: Hooks) -> None:
         for d in deltas:
             hooks.add_low_rank(spec.down_proj_name(d.layer), d.u, d.v)
 
-    for i, layer in enumerate(hp.layers):
+    for i, layer in enumerate(layers):
         t = time.perf_counter()
         res = compute_keys(model, tok, requests, prefixes, [layer], capture_outputs=[top], extra_hooks=earlier)
         timings["keys"] += time.perf_counter() - t
@@ -155,9 +220,9 @@ def _memit(model, tok, requests, prefixes, hp: MemitParams, covs, timings) -> li
         cur = res.outputs[top]                            # [n, d_model] with earlier layers' updates
         if z0 is None:
             z0 = cur
-        resid = (z0 + values.delta - cur) / (len(hp.layers) - i)
-        u, v = memit_factors(covs[layer], res.keys[layer], resid, hp.cov_weight,
-                             res.prompt_keys[layer] if hp.keys == "per_prompt" else None)
+        resid = (z0 + values.delta - cur) / (len(layers) - i)
+        u, v = solve(layer, res.keys[layer], res.prompt_keys[layer], resid)
         deltas.append(WeightDelta(name=spec.weight_name(layer), layer=layer, u=u, v=v))
+        used[layer] = res.keys[layer]
         timings["solve"] += time.perf_counter() - t
-    return deltas
+    return deltas, used

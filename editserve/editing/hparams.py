@@ -1,4 +1,4 @@
-"""Hyper-parameters of ROME and MEMIT as frozen dataclasses, loaded from per-model data files.
+"""Hyper-parameters of ROME, MEMIT and AlphaEdit as frozen dataclasses, loaded from per-model data files.
 
 Files live in ``editserve/data/hparams/<method>/``: ``<model-name>.json`` for a specific model
 (e.g. ``smollm2-135m-instruct.json``), else ``<family>.json`` for the architecture family.
@@ -73,8 +73,27 @@ class MemitParams:
             raise InvalidRequestError(f"unknown MEMIT keys mode {self.keys!r}; choose 'mean' or 'per_prompt'")
 
 
+@dataclass(frozen=True)
+class AlphaEditParams:
+    """AlphaEdit (alphaedit.py): MEMIT's keys and residuals, a null-space-projected solve."""
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    nullspace_threshold: float = 2e-2   # keep C's eigen-directions with eigenvalue below this (absolute)
+    alpha: float = 10.0                 # α in Δ = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + αI)⁻¹
+    value: ValueParams = ValueParams()
+    prefixes: PrefixParams = PrefixParams()
+    stats: StatsParams = StatsParams()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise InvalidRequestError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not (isinstance(self.nullspace_threshold, (int, float)) and self.nullspace_threshold > 0):
+            raise InvalidRequestError(f"nullspace_threshold must be a positive number, got {self.nullspace_threshold!r}")
+
+
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}
-_METHODS = {"rome": RomeParams, "memit": MemitParams}
+_METHODS = {"rome": RomeParams, "memit": MemitParams, "alphaedit": AlphaEditParams}
+HParams = RomeParams | MemitParams | AlphaEditParams
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -109,7 +128,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] | None = None) -> RomeParams | MemitParams:
+def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] | None = None) -> HParams:
     """Hyper-parameters for `method`, from the first data file among `model_names`, plus overrides."""
     if method not in _METHODS:
         raise InvalidRequestError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
@@ -120,7 +139,7 @@ def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] 
     return _build(_METHODS[method], data, where)
 
 
-def to_dict(hp: RomeParams | MemitParams) -> dict[str, Any]:
+def to_dict(hp: HParams) -> dict[str, Any]:
     d = dataclasses.asdict(hp)
     if "layers" in d:
         d["layers"] = list(d["layers"])

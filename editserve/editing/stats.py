@@ -45,9 +45,14 @@ class StatsRun:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _cache_path(model_fp: str, corpus: Corpus, layer: int, p: StatsParams, dtype: torch.dtype) -> Path:
+def stats_key(corpus: Corpus, layer: int, p: StatsParams, dtype: torch.dtype) -> str:
+    """What one layer's statistics depend on besides the model: corpus, layer, token count, length, dtype."""
     dt = str(dtype).replace("torch.", "")
-    return cache_dir("stats", model_fp[:16]) / f"{corpus.fingerprint[:16]}-L{layer}-n{p.n_tokens}-s{p.seq_len}-{dt}.safetensors"
+    return f"{corpus.fingerprint[:16]}-L{layer}-n{p.n_tokens}-s{p.seq_len}-{dt}"
+
+
+def _cache_path(model_fp: str, corpus: Corpus, layer: int, p: StatsParams, dtype: torch.dtype) -> Path:
+    return cache_dir("stats", model_fp[:16]) / f"{stats_key(corpus, layer, p, dtype)}.safetensors"
 
 
 def _pack(tok: object, corpus: Corpus, p: StatsParams) -> torch.Tensor:

@@ -50,6 +50,7 @@ base copies.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -303,7 +304,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             t_computed = time.perf_counter()
             if report_extra:
                 computed = EditComputed(patch=computed.patch, probe_report={**computed.probe_report, **report_extra},
-                                        seconds=computed.seconds)
+                                        seconds=computed.seconds, keys=computed.keys)
             stages.update(self._compute_stages(computed.patch.timings, computed.probe_report))
             # The probe gauges show every probe: committed, rejected and dry-run edits alike.
             self.metrics.record_probe(*probe_scores(computed.probe_report))
@@ -331,8 +332,10 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 who = caller or self.settings.caller
 
                 async def commit() -> int:
-                    version = await asyncio.to_thread(
-                        self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key)
+                    # The patch's preserved-keys blocks (issue 16) are stored with it.
+                    version = await asyncio.to_thread(functools.partial(
+                        self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key,
+                        preserved=computed.keys))
                     active = await asyncio.to_thread(self.ledger.active_ids, version)
                     if tuple(active) != tuple(p.digest for p in target):
                         raise SwapFailed(f"ledger version {version} does not hold the patches just applied "

@@ -168,6 +168,8 @@ class EditComputed:
     patch: Patch
     probe_report: dict[str, Any]
     seconds: float
+    keys: Any = None                   # editing.alphaedit.PreservedKeys: the patch's own key blocks (issue
+                                       # 16), committed with it so that later AlphaEdit edits preserve them
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class _Worker:
                            seconds=time.perf_counter() - t0)
         self.ledger: Any = None
         self.version = 0
+        self.preserved: Any = None               # PreservedKeys of `version` (set by _hold)
         self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
         self.warmup: Any = None                  # a StatisticsWarmup once sidecar_main has started it
 
@@ -304,6 +307,9 @@ class _Worker:
             remove_patch(self.model, p)
         for p in want[keep:]:
             apply_patch(self.model, p)
+        # The preserved-keys state of `version`: the blocks stored with its active patches, in order
+        # (rebuilt from the ledger, so a restart or a rollback gives exactly that version's state).
+        self.preserved = ledger.preserved_keys(version)
         self.version = version
 
     def checksums(self, names: tuple[str, ...], tp_size: int) -> dict[tuple[str, int], str]:
@@ -347,7 +353,7 @@ class _Worker:
                       drift=self.drift(names))
 
     def compute(self, msg: ComputeEdit) -> EditComputed:
-        from editserve.editing.edit import compute_patch
+        from editserve.editing.edit import compute_edit
         from editserve.patches import apply_patch, base_state_dict, remove_patch
 
         t0 = time.perf_counter()
@@ -356,8 +362,12 @@ class _Worker:
         self._hold(msg.version)
         self._progress("compute", 0.05, f"{msg.method} for {len(msg.requests)} fact(s) at version {msg.version}: "
                                         "keys → values → solve")
-        patch = compute_patch(self.model, self.tok, list(msg.requests), method=msg.method,
-                              layers=list(msg.layers) if msg.layers is not None else None, hparams=msg.hparams)
+        # The preserved-keys state of the version edited (rebuilt from the ledger by _hold): AlphaEdit
+        # keeps those keys in place; every method returns the new patch's own key blocks.
+        result = compute_edit(self.model, self.tok, list(msg.requests), method=msg.method,
+                              layers=list(msg.layers) if msg.layers is not None else None, hparams=msg.hparams,
+                              preserved=self.preserved)
+        patch = result.patch
         # compute_patch reports its stages only when it is done: their times, in order.
         for stage, fraction in (("keys", 0.2), ("values", 0.5), ("solve", 0.6)):
             if stage in patch.timings:
@@ -396,7 +406,8 @@ class _Worker:
             base = base_state_dict(self.model)
             for d in patch.deltas:
                 ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
-        return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0)
+        return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0,
+                            keys=result.preserved.for_patch(patch.digest))
 
     def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         if not prompts:

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
 from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
@@ -60,6 +61,7 @@ from editserve.ledger.errors import (
     PatchNotFound,
     RevertError,
 )
+from editserve.ledger.keystate import state_bytes, state_from_bytes
 from editserve.ledger.location import LedgerLocation, location_from_env
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
@@ -76,6 +78,7 @@ from editserve.ledger.store import (
     LedgerStore,
     NewVersion,
     PatchRecord,
+    PatchStateRecord,
     VersionRecord,
 )
 from editserve.patches import Patch, WeightDelta, materialize
@@ -146,6 +149,7 @@ class RebaseOutcome:
     patch: Patch
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
+    keys: PreservedKeys | None = None      # the new patch's preserved-keys blocks (stored with it)
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,7 @@ class Ledger:
         self._patch_cache: OrderedDict[str, Patch] = OrderedDict()
         self._patch_cache_size = patch_cache_size
         self._active_cache: OrderedDict[int, tuple[tuple[str, int], ...]] = OrderedDict()
+        self._keys_cache: OrderedDict[str, PreservedKeys] = OrderedDict()     # patch digest -> its blocks
         self.damage: IntegrityReport | None = None
 
     # -- opening -------------------------------------------------------------------------------
@@ -631,6 +636,66 @@ class Ledger:
         return PatchRecord(digest=patch.digest, blob=blob, blob_size=len(data), manifest=patch.manifest(),
                            created_at=time.time())
 
+    def _state_records(self, keys: Mapping[str, PreservedKeys | None]) -> list[PatchStateRecord]:
+        """Write the preserved-keys blob of each patch (durable before the transaction); records to insert.
+        `keys` maps a patch digest to its blocks (those tagged with other digests are dropped)."""
+        out = []
+        for digest, state in keys.items():
+            if state is None:
+                continue
+            if not isinstance(state, PreservedKeys):
+                raise InvalidRequestError(f"preserved keys must be a PreservedKeys, got {type(state).__name__}")
+            own = state.for_patch(digest)
+            if not own.blocks:
+                continue
+            data = state_bytes(own)
+            out.append(PatchStateRecord(digest=digest, blob=self._blobs.put(data), blob_size=len(data),
+                                        n_blocks=len(own.blocks), created_at=time.time()))
+            with self._lock:
+                self._keys_cache[digest] = own
+        return out
+
+    def patch_keys(self, digest: str) -> PreservedKeys:
+        """The preserved-keys blocks stored with patch `digest` (empty if it has none)."""
+        return self._keys_of([digest])[digest]
+
+    def _keys_of(self, digests: Sequence[str]) -> dict[str, PreservedKeys]:
+        with self._lock:
+            out = {d: self._keys_cache[d] for d in digests if d in self._keys_cache}
+        missing = [d for d in digests if d not in out]
+        if missing:
+            records = self._store.patch_states(missing)
+            blobs = self._blobs.get_many([r.blob for r in records.values()]) if records else {}
+            for d in missing:
+                rec = records.get(d)
+                if rec is None:
+                    keys = PreservedKeys()
+                else:
+                    if rec.blob not in blobs:
+                        raise LedgerCorrupt(f"preserved-keys blob {rec.blob} of patch {d[:12]} is missing",
+                                            bad_blobs={rec.blob: "missing"})
+                    try:
+                        keys = state_from_bytes(blobs[rec.blob], d)
+                    except PatchMismatchError as exc:
+                        raise LedgerCorrupt(str(exc), bad_blobs={rec.blob: str(exc)}) from exc
+                out[d] = keys
+                with self._lock:
+                    self._keys_cache[d] = keys
+                    while len(self._keys_cache) > self._patch_cache_size:
+                        self._keys_cache.popitem(last=False)
+        return out
+
+    def preserved_keys(self, version: int | None = None) -> PreservedKeys:
+        """The preserved-keys state of `version` (default: the head): the blocks stored with its
+        active patches, in their summation (commit) order — exactly the state that was current
+        when that version was the head (`PreservedKeys.select` of the active ids)."""
+        version = self._resolve_version(version)
+        self._refuse_damaged(version)
+        ids = self.active_ids(version)
+        per = self._keys_of(list(ids))
+        blocks = tuple(b for d in ids for b in per[d].blocks)
+        return PreservedKeys(blocks)
+
     def _refuse_damaged(self, version: int) -> None:
         if self.damage is not None and version in self.damage.bad_versions:
             raise LedgerCorrupt(f"version {version} is damaged ({self.damage.describe()})",
@@ -649,7 +714,8 @@ class Ledger:
 
     def _add_patch(self, patch: Patch, expected_head: int, caller: str, probe_report: dict[str, Any] | None,
                    idempotency_key: str | None, base: Mapping[str, torch.Tensor] | None, base_layout: Layout,
-                   kind: str, event_kind: str, details: dict[str, Any]) -> int:
+                   kind: str, event_kind: str, details: dict[str, Any],
+                   preserved: PreservedKeys | None = None) -> int:
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
             raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
         self._check_patch(patch)
@@ -666,6 +732,9 @@ class Ledger:
             raise InvalidRequestError(f"patch {digest[:12]} is already active at version {expected_head}")
         bases = self._bases_for([patch], base, base_layout)
         record = self._patch_record(patch)                     # blobs are durable before the transaction
+        states = self._state_records({digest: preserved})
+        if states:                  # before the version: a committed version always has its state
+            self._store.add_patch_states(states)
         new = NewVersion(parent=expected_head, kind=kind, patch=digest, ops=((ADD, digest),), caller=caller,
                          probe_report=report, idempotency_key=idempotency_key, request_digest=request,
                          details=details, event_kind=event_kind,
@@ -683,16 +752,17 @@ class Ledger:
 
     def commit(self, patch: Patch, expected_head: int, caller: str = "local", probe_report: dict[str, Any] | None = None,
                idempotency_key: str | None = None, base: Mapping[str, torch.Tensor] | None = None,
-               base_layout: Layout = Layout.OUT_IN) -> int:
+               base_layout: Layout = Layout.OUT_IN, preserved: PreservedKeys | None = None) -> int:
         """Record `patch` as a new version on top of `expected_head`; returns the new version number.
 
         Raises `LedgerConflict` if the head is not `expected_head` (nothing is written then). A
         retried call with the same `idempotency_key` returns the version the first call created.
         `base` supplies the base model's weights of matrices the ledger has no base copy of yet
-        (in `base_layout`); the copies are stored with the version.
+        (in `base_layout`); the copies are stored with the version. `preserved`: the patch's
+        preserved-keys blocks (those tagged with its digest are stored with it; `preserved_keys`).
         """
         return self._add_patch(patch, expected_head, caller, probe_report, idempotency_key, base, base_layout,
-                               KIND_COMMIT, EVENT_COMMIT, {})
+                               KIND_COMMIT, EVENT_COMMIT, {}, preserved)
 
     def rollback(self, version: int, caller: str = "local", expected_head: int | None = None) -> int:
         """Move the head to `version` (back, or forward to one still in history); returns the head."""
@@ -736,6 +806,7 @@ class Ledger:
         ops: list[tuple[str, str]] = [(REMOVE, rec.patch)]
         rebased: list[RebasedPatch] = []
         new_patches: list[Patch] = []
+        new_keys: dict[str, PreservedKeys | None] = {}
         if rebase is not None:
             new_context = [self.patch(d) for d in ids[:idx]]
             for digest, origin in chain[idx + 1:]:
@@ -756,6 +827,7 @@ class Ledger:
                                             metrics_after=_json_safe(dict(outcome.metrics_after), "metrics_after")))
                 new_context.append(outcome.patch)
                 new_patches.append(outcome.patch)
+                new_keys[outcome.patch.digest] = outcome.keys
                 ops.append((REMOVE, digest))
             ops += [(ADD, p.digest) for p in new_patches]
             final = ids[:idx] + [p.digest for p in new_patches]
@@ -763,6 +835,9 @@ class Ledger:
                 raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         bases = self._bases_for(new_patches, None, Layout.OUT_IN)
         records = [self._patch_record(p) for p in new_patches]
+        states = self._state_records(new_keys)
+        if states:
+            self._store.add_patch_states(states)
         details = {"reverted": rec.version, "removed_patch": rec.patch, "rebased": [r.to_dict() for r in rebased]}
         new = NewVersion(parent=head, kind=KIND_REVERT, patch=None, ops=tuple(ops), caller=caller,
                          probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
@@ -779,7 +854,7 @@ class Ledger:
 
     def _import(self, patches: Sequence[Patch], expected_head: int, caller: str, idempotency_key: str | None,
                 base: Mapping[str, torch.Tensor] | None, base_layout: Layout, replace: bool,
-                details: dict[str, Any]) -> int:
+                details: dict[str, Any], keys: Mapping[str, PreservedKeys] | None = None) -> int:
         """Used by `editserve.ledger.transfer` after validation: one version adding `patches`
         (on top of the head, or replacing the head's active list when `replace`)."""
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
@@ -801,6 +876,9 @@ class Ledger:
             ops = [(ADD, p.digest) for p in patches]
         bases = self._bases_for(patches, base, base_layout, error=ImportRejected)
         records = [self._patch_record(p) for p in patches]
+        states = self._state_records(dict(keys or {}))
+        if states:
+            self._store.add_patch_states(states)
         new = NewVersion(parent=expected_head, kind=KIND_IMPORT, patch=patches[0].digest if len(patches) == 1 and not replace
                          else None, ops=tuple(ops), caller=caller, probe_report=None, idempotency_key=idempotency_key,
                          request_digest=request, details=details, event_kind=EVENT_IMPORT,
@@ -951,6 +1029,7 @@ class Ledger:
     def collect_garbage(self, min_age_s: float = 3600.0) -> list[str]:
         """Remove blobs no record refers to (left by commits that crashed before their transaction)."""
         referenced = [p.blob for p in self._store.patches()] + [b.blob for b in self._store.base_copies().values()]
+        referenced += [r.blob for r in self._store.patch_states([p.digest for p in self._store.patches()]).values()]
         return self._blobs.collect_garbage(referenced, min_age_s)
 
     # -- export / import (see editserve.ledger.transfer) ------------------------------------------

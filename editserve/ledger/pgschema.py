@@ -109,6 +109,17 @@ PG_MIGRATIONS: tuple[Migration, ...] = (
         "CREATE TRIGGER blob_chunks_with_blob BEFORE DELETE ON blob_chunks FOR EACH ROW "
         "EXECUTE FUNCTION editserve_chunk_delete()",
     )),
+    # Issue 16: the preserved-keys blocks of each patch (editserve.ledger.keystate), append-only.
+    Migration(2, "patch_state", (
+        "CREATE TABLE patch_state (digest text PRIMARY KEY, blob text NOT NULL REFERENCES blobs(digest), "
+        "blob_size bigint NOT NULL, n_blocks integer NOT NULL CHECK (n_blocks >= 0), "
+        "created_at double precision NOT NULL)",
+        "CREATE INDEX patch_state_blob ON patch_state(blob)",
+        "CREATE TRIGGER patch_state_append_only BEFORE UPDATE OR DELETE ON patch_state "
+        "FOR EACH ROW EXECUTE FUNCTION editserve_append_only()",
+        "CREATE TRIGGER patch_state_no_truncate BEFORE TRUNCATE ON patch_state "
+        "FOR EACH STATEMENT EXECUTE FUNCTION editserve_append_only()",
+    )),
 )
 
 

@@ -26,6 +26,7 @@ from editserve.ledger.errors import (
     IdempotencyMismatch,
     LedgerConflict,
     LedgerCorrupt,
+    LedgerError,
     PatchNotFound,
     VersionNotFound,
 )
@@ -43,13 +44,15 @@ from editserve.ledger.store import (
     LedgerStore,
     NewVersion,
     PatchRecord,
+    PatchStateRecord,
     VersionRecord,
 )
 
 log = logging.getLogger(__name__)
 
 _NOW = "extract(epoch from transaction_timestamp())"
-_META_TABLES = ("meta", "patches", "base_copies", "versions", "version_ops", "head", "events", "schema_migrations")
+_META_TABLES = ("meta", "patches", "base_copies", "versions", "version_ops", "head", "events", "schema_migrations",
+                "patch_state")
 
 
 def _dumps(value: Any) -> str:
@@ -221,6 +224,25 @@ class PostgresStore(LedgerStore):
                 for i, ts, k, v, f, c, d in self._query(
                     "SELECT id, ts, kind, version, from_version, caller, details FROM events WHERE id > %s ORDER BY id",
                     (int(since_id),))]
+
+    def add_patch_states(self, states: Sequence[PatchStateRecord]) -> None:
+        with self.conn.transaction("storing preserved keys") as c:
+            for st in states:
+                row = c.execute("SELECT blob FROM patch_state WHERE digest = %s", (st.digest,)).fetchone()
+                if row is not None:
+                    if row[0] != st.blob:
+                        raise LedgerError(f"patch {st.digest[:12]} already has preserved keys (blob {row[0][:16]}); "
+                                          f"the ones offered hash to {st.blob[:16]}")
+                    continue
+                c.execute("INSERT INTO patch_state(digest, blob, blob_size, n_blocks, created_at) "
+                          "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (digest) DO NOTHING",
+                          (st.digest, st.blob, st.blob_size, st.n_blocks, st.created_at))
+
+    def patch_states(self, digests: Sequence[str]) -> dict[str, PatchStateRecord]:
+        rows = self._query("SELECT digest, blob, blob_size, n_blocks, created_at FROM patch_state "
+                           "WHERE digest = ANY(%s::text[])", (list(dict.fromkeys(digests)),))
+        return {d: PatchStateRecord(digest=d, blob=blob, blob_size=int(size), n_blocks=int(n), created_at=float(created))
+                for d, blob, size, n, created in rows}
 
     def idempotent(self, key: str) -> tuple[int, str | None] | None:
         rows = self._query("SELECT version, request_digest FROM versions WHERE idempotency_key = %s", (key,))

@@ -42,6 +42,7 @@ from editserve.ledger.store import (
     LedgerStore,
     NewVersion,
     PatchRecord,
+    PatchStateRecord,
     VersionRecord,
 )
 
@@ -120,8 +121,18 @@ def _triggers() -> str:
 _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
                      "checksum TEXT NOT NULL, applied_at REAL NOT NULL)")
 
+# Migration 2 (issue 16): the preserved-keys blocks of each patch (editserve.ledger.keystate).
+_PATCH_STATE = (
+    "CREATE TABLE IF NOT EXISTS patch_state (digest TEXT PRIMARY KEY, blob TEXT NOT NULL, "
+    "blob_size INTEGER NOT NULL, n_blocks INTEGER NOT NULL, created_at REAL NOT NULL)",
+    *(f"CREATE TRIGGER IF NOT EXISTS patch_state_no_{a.lower()} BEFORE {a} ON patch_state "
+      f"BEGIN SELECT RAISE(ABORT, 'ledger table patch_state is append-only'); END"
+      for a in ("UPDATE", "DELETE")),
+)
+
 SQLITE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger_schema", tuple(s for s in (_SCHEMA + _triggers()).split(";\n") if s.strip())),
+    Migration(2, "patch_state", _PATCH_STATE),
 )
 
 
@@ -407,6 +418,30 @@ class SqliteStore(LedgerStore):
             c.execute("INSERT INTO events(ts, kind, version, from_version, caller, details) VALUES (?, ?, ?, ?, ?, ?)",
                       (now, new.event_kind, number, head, new.caller, _dumps(new.event_details)))
         return number, True
+
+    def add_patch_states(self, states: Sequence[PatchStateRecord]) -> None:
+        with self._tx() as c:
+            for st in states:
+                row = c.execute("SELECT blob FROM patch_state WHERE digest = ?", (st.digest,)).fetchone()
+                if row is not None:
+                    if row[0] != st.blob:
+                        raise LedgerError(f"patch {st.digest[:12]} already has preserved keys (blob {row[0][:16]}); "
+                                          f"the ones offered hash to {st.blob[:16]}")
+                    continue
+                c.execute("INSERT INTO patch_state(digest, blob, blob_size, n_blocks, created_at) VALUES (?, ?, ?, ?, ?)",
+                          (st.digest, st.blob, st.blob_size, st.n_blocks, st.created_at))
+
+    def patch_states(self, digests: Sequence[str]) -> dict[str, PatchStateRecord]:
+        out: dict[str, PatchStateRecord] = {}
+        digests = list(dict.fromkeys(digests))
+        for i in range(0, len(digests), 500):
+            part = digests[i:i + 500]
+            for d, blob, size, n, created in self._query(
+                    f"SELECT digest, blob, blob_size, n_blocks, created_at FROM patch_state WHERE digest IN "
+                    f"({','.join('?' * len(part))})", part):
+                out[d] = PatchStateRecord(digest=d, blob=blob, blob_size=int(size), n_blocks=int(n),
+                                          created_at=float(created))
+        return out
 
     def idempotent(self, key: str) -> tuple[int, str | None] | None:
         rows = self._query("SELECT version, request_digest FROM versions WHERE idempotency_key = ?", (key,))

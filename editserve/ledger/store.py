@@ -47,6 +47,17 @@ class PatchRecord:
 
 
 @dataclass(frozen=True)
+class PatchStateRecord:
+    """The preserved-keys blocks of one patch (`editserve.ledger.keystate`): blob and block count."""
+
+    digest: str
+    blob: str
+    blob_size: int
+    n_blocks: int
+    created_at: float
+
+
+@dataclass(frozen=True)
 class BaseCopyRecord:
     """The saved original of one matrix, taken the first time a patch touched it."""
 
@@ -181,3 +192,12 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def add_patch_states(self, states: Sequence[PatchStateRecord]) -> None:
+        """Insert preserved-keys records of patches that have none yet (one transaction; a patch's
+        state is immutable: `LedgerError` if one is stored with another blob)."""
+
+    @abc.abstractmethod
+    def patch_states(self, digests: Sequence[str]) -> dict[str, PatchStateRecord]:
+        """The preserved-keys records of those of `digests` that have one."""

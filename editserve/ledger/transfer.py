@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.arch import Layout
-from editserve.errors import EditserveError
+from editserve.errors import EditserveError, PatchMismatchError
 from editserve.ledger.blobs import atomic_write, sha256_bytes
 from editserve.ledger.errors import ImportRejected, LedgerError
 from editserve.ledger.ledger import Ledger, _out_in_shape
@@ -40,6 +41,7 @@ EXPORT_FORMAT = 1
 PATCH_FILE = "patch.safetensors"
 VERSION_FILE = "version.safetensors"
 MANIFEST_FILE = "manifest.json"
+KEYS_FILE = "keys.safetensors"       # preserved-keys blocks of the exported patches (issue 16), when any
 # ROME patches on SmolLM2-135M layer 5 measured 0.04-0.07 of ‖W_base‖_F; a patch half the size of the
 # weight itself is not the edit of a fact.
 DEFAULT_MAX_RELATIVE_NORM = 0.5
@@ -54,6 +56,42 @@ def _write(dest: Path, files: dict[str, bytes]) -> Path:
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, sort_keys=True).encode()
+
+
+def _keys_file(ledger: Ledger, digests: list[str], files: dict[str, bytes], listing: dict[str, Any]) -> None:
+    """Add the preserved-keys blocks of `digests` (in that order) as KEYS_FILE, if any patch has some."""
+    from editserve.ledger.keystate import state_bytes
+
+    keys = PreservedKeys(tuple(b for d in digests for b in ledger.patch_keys(d).blocks))
+    if keys.blocks:
+        data = state_bytes(keys)
+        files[KEYS_FILE] = data
+        listing[KEYS_FILE] = {"sha256": sha256_bytes(data), "size": len(data)}
+
+
+def _read_keys(src: Path, manifest: dict[str, Any], digests: list[str]) -> dict[str, PreservedKeys]:
+    """The preserved-keys blocks of an export, per patch digest (empty if it carries none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    want = (manifest["export"].get("files") or {}).get(KEYS_FILE)
+    if want is None:
+        return {}
+    try:
+        data = (src / KEYS_FILE).read_bytes()
+    except FileNotFoundError as exc:
+        raise ImportRejected(f"{str(src)!r} lists {KEYS_FILE} but has none") from exc
+    got = sha256_bytes(data)
+    if not isinstance(want, dict) or want.get("sha256") != got or want.get("size") != len(data):
+        raise ImportRejected(f"checksum of {KEYS_FILE} is {got} ({len(data)} bytes); the manifest says {want!r}")
+    try:
+        keys = PreservedKeys.from_tensors(load(data))
+    except (SafetensorError, PatchMismatchError, ValueError, RuntimeError) as exc:
+        raise ImportRejected(f"{KEYS_FILE} is not a readable preserved-keys file: {exc}") from exc
+    stray = sorted({b.tag[:12] for b in keys.blocks if b.tag not in set(digests)})
+    if stray:
+        raise ImportRejected(f"{KEYS_FILE} holds keys of patches {stray} that the export does not carry")
+    return {d: keys.for_patch(d) for d in digests if keys.for_patch(d).blocks}
 
 
 def export_patch(ledger: Ledger, ref: str | int, dest: str | Path) -> Path:
@@ -74,7 +112,9 @@ def export_patch(ledger: Ledger, ref: str | int, dest: str | Path) -> Path:
         "source_version": source_version, "exported_at": time.time(),
         "files": {PATCH_FILE: {"sha256": sha256_bytes(data), "size": len(data)}},
     }
-    return _write(Path(dest), {PATCH_FILE: data, MANIFEST_FILE: _json(manifest)})
+    files = {PATCH_FILE: data}
+    _keys_file(ledger, [patch.digest], files, manifest["export"]["files"])
+    return _write(Path(dest), {**files, MANIFEST_FILE: _json(manifest)})
 
 
 def export_version(ledger: Ledger, version: int, dest: str | Path) -> Path:
@@ -101,7 +141,9 @@ def export_version(ledger: Ledger, version: int, dest: str | Path) -> Path:
         "patches": [p.manifest() for p in patches],
         "weight_checksums": checksums,
     }
-    return _write(Path(dest), {VERSION_FILE: data, MANIFEST_FILE: _json(manifest)})
+    files = {VERSION_FILE: data}
+    _keys_file(ledger, [p.digest for p in patches], files, manifest["export"]["files"])
+    return _write(Path(dest), {**files, MANIFEST_FILE: _json(manifest)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +260,10 @@ def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: st
     manifest, tensors = _read_export(src, "patch", PATCH_FILE)
     _check_fingerprint(ledger, manifest)
     patch = _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
+    keys = _read_keys(src, manifest, [patch.digest])
     return ledger._import([patch], expected_head, caller, idempotency_key, base, base_layout, replace=False,
-                          details={"source": str(src), "source_version": manifest["export"].get("source_version")})
+                          details={"source": str(src), "source_version": manifest["export"].get("source_version")},
+                          keys=keys)
 
 
 def import_version(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
@@ -244,5 +288,6 @@ def import_version(ledger: Ledger, src: str | Path, expected_head: int, caller: 
     digests = [p.digest for p in patches]
     if len(set(digests)) != len(digests):
         raise ImportRejected(f"{str(src)!r}: the same patch is listed twice")
+    keys = _read_keys(src, manifest, digests)
     return ledger._import(patches, expected_head, caller, idempotency_key, base, base_layout, replace=True,
-                          details={"source": str(src), "source_version": manifest.get("version")})
+                          details={"source": str(src), "source_version": manifest.get("version")}, keys=keys)

@@ -1,0 +1,270 @@
+"""Lifelong editing benchmark: a stream of known CounterFact records committed one after another.
+
+Each commit is computed on the model that holds every earlier one, as the server's sidecar does:
+``compute_edit`` on the current model (with the preserved-keys state of the current version), then
+``apply_patch``. Single edits or batches (``--batch 1,10,100``), up to ``--n`` edits per run, for
+plain ROME, plain MEMIT and AlphaEdit. At every checkpoint (``--every`` edits) it measures:
+
+- retention: ES and PS over all records committed so far (ES/PS as in editing/evaluate.py);
+- NS of those records' neighbourhood prompts, and its ratio to NS on the unedited model;
+- fluency: weighted 2/3-gram entropy of greedy 50-token generations from 10 fixed neutral prompts
+  (editing/lifelong.py), and its ratio to the unedited model's;
+- perplexity of editserve/data/heldout.txt (neutral prose written for this benchmark; not the
+  statistics corpus), and its ratio to the unedited model's;
+- ‖W − W₀‖_F / ‖W₀‖_F of every edited down-projection;
+- seconds per edit (compute + apply, excluding the checkpoint evaluations).
+
+The stream: records of the CounterFact file in file order, kept when the unedited model ranks
+the true object above the new one on the rewrite prompt; built once per output folder
+(``stream.json``) and shared by every run, so all methods see the same edits.
+
+State is saved at every checkpoint (``<out>/<method>-b<batch>/``: the edited weights, the
+preserved-keys blocks, the rows so far) and a rerun of the same command resumes from it
+(``--fresh`` starts over). A resumed run loads the saved edited weights as its new base, so later
+merges sum from there (float32 rounding may differ from an uninterrupted run in the last bits).
+
+    PYTHONPATH=$PWD python bench/lifelong.py --methods alphaedit,rome,memit --n 200 --every 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+log = logging.getLogger("lifelong")
+
+
+@dataclass
+class Row:
+    n_edits: int
+    es: float
+    ps: float
+    ns: float
+    ns_ratio: float
+    fluency: float
+    fluency_ratio: float
+    ppl: float
+    ppl_ratio: float
+    norm_growth: dict[str, float] = field(default_factory=dict)   # layer -> ‖W − W₀‖/‖W₀‖
+    seconds_per_edit: float = float("nan")
+
+
+# ---------------------------------------------------------------------------------------- stream
+
+
+def build_stream(data: Path, n: int, out: Path) -> dict:
+    """The first `n` known records of `data` with their unedited scores; cached in out/stream.json."""
+    from editserve.editing.counterfact import load_counterfact
+    from editserve.editing.evaluate import score_records
+    from editserve.editing.lifelong import generation_fluency, heldout_perplexity
+
+    path = out / "stream.json"
+    if path.exists():
+        s = json.loads(path.read_text())
+        if s["data"] == str(data) and len(s["case_ids"]) >= n:
+            return s
+    from editserve.editing import load_model
+
+    model, tok = load_model()
+    records = load_counterfact(data)
+    keep, ns_before, scanned = [], [], 0
+    for i in range(0, len(records), 64):
+        chunk = records[i:i + 64]
+        for rec, sc in zip(chunk, score_records(model, tok, chunk)):
+            scanned += 1
+            if sc.es == 0.0:
+                keep.append(rec.case_id)
+                ns_before.append(sc.ns)
+        log.info("stream: %d known of %d scanned", len(keep), scanned)
+        if len(keep) >= n:
+            break
+    s = {"data": str(data), "case_ids": keep[:n], "ns_before": ns_before[:n], "scanned": scanned,
+         "ppl": heldout_perplexity(model, tok), "fluency": generation_fluency(model, tok)}
+    path.write_text(json.dumps(s))
+    return s
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done: int, seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    params = dict(model.named_parameters())
+    tmp = run / "weights.tmp"
+    save_file({n: params[n].detach().contiguous() for n in sorted(touched)}, str(tmp))
+    tmp.replace(run / "weights.safetensors")
+    if preserved.blocks:
+        save_file(preserved.tensors(), str(run / "preserved.tmp"))
+        (run / "preserved.tmp").replace(run / "preserved.safetensors")
+    (run / "state.tmp").write_text(json.dumps({"done": done, "seconds": seconds, "rows": [asdict(r) for r in rows]}))
+    (run / "state.tmp").replace(run / "state.json")
+
+
+def _load(run: Path, model):
+    from safetensors.torch import load_file
+
+    from editserve.editing.alphaedit import PreservedKeys
+
+    st = json.loads((run / "state.json").read_text())
+    weights = load_file(str(run / "weights.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    pk = run / "preserved.safetensors"
+    preserved = PreservedKeys.from_tensors(load_file(str(pk))) if pk.exists() else PreservedKeys()
+    return st["done"], st["seconds"], [Row(**r) for r in st["rows"]], set(weights), preserved
+
+
+def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
+               hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False) -> list[Row]:
+    from editserve.editing.alphaedit import PreservedKeys
+    from editserve.editing.corpus import load_corpus
+    from editserve.editing.evaluate import score_records, summarize
+    from editserve.editing.lifelong import commit, generation_fluency, heldout_perplexity, norm_growth
+
+    run = out / f"{method}-b{batch}"
+    run.mkdir(parents=True, exist_ok=True)
+    from editserve.editing import load_model
+    from editserve.editing.lifelong import down_proj_weights
+
+    if (run / "state.json").exists() and not fresh:
+        st = json.loads((run / "state.json").read_text())
+        if st["done"] >= n or report_only:
+            return [Row(**r) for r in st["rows"] if r["n_edits"] <= n]
+    if report_only:
+        return []
+    model, tok = load_model()                                   # a fresh model: no merge state from another run
+    w0 = down_proj_weights(model)
+    if (run / "state.json").exists() and not fresh:
+        done, seconds, rows, touched, preserved = _load(run, model)
+        log.info("%s: resumed at %d edits", run.name, done)
+    else:
+        done, seconds, rows, touched, preserved = 0, 0.0, [], set(), PreservedKeys()
+    corpus = load_corpus(None)
+    ns0 = stream["ns_before"]
+    since, since_t = 0, 0.0
+    while done < n and time.time() < deadline:
+        recs = records[done:done + batch]
+        t = time.perf_counter()
+        res = commit(model, tok, [r.request for r in recs], method, preserved, corpus, hparams)
+        dt = time.perf_counter() - t
+        preserved = res.preserved
+        touched |= set(res.patch.weight_names)
+        done += len(recs)
+        seconds += dt
+        since += len(recs)
+        since_t += dt
+        if done % every == 0 or done >= n:
+            committed = records[:done]
+            summ = summarize(score_records(model, tok, committed))
+            ns_b = sum(ns0[:done]) / done
+            flu = generation_fluency(model, tok)
+            ppl = heldout_perplexity(model, tok)
+            row = Row(n_edits=done, es=summ.es, ps=summ.ps, ns=summ.ns, ns_ratio=summ.ns / ns_b if ns_b else float("nan"),
+                      fluency=flu, fluency_ratio=flu / stream["fluency"], ppl=ppl, ppl_ratio=ppl / stream["ppl"],
+                      norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since)
+            rows.append(row)
+            since, since_t = 0, 0.0
+            _save(run, model, touched, preserved, rows, done, seconds)
+            log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit",
+                     run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
+                     max(row.norm_growth.values(), default=0.0), row.seconds_per_edit)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def table(results: dict[str, list[Row]]) -> str:
+    lines = ["| run | edits | ES | PS | NS ratio | ppl ratio | fluency ratio | max ‖W−W₀‖/‖W₀‖ | s/edit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        for r in rows:
+            lines.append(f"| {name} | {r.n_edits} | {r.es:.3f} | {r.ps:.3f} | {r.ns_ratio:.3f} | {r.ppl_ratio:.3f} | "
+                         f"{r.fluency_ratio:.3f} | {max(r.norm_growth.values(), default=0.0):.4f} | {r.seconds_per_edit:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[Row]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("es", "retained ES"), ("ps", "retained PS"), ("ns_ratio", "NS / unedited NS"),
+              ("ppl_ratio", "held-out perplexity / unedited"), ("fluency_ratio", "fluency / unedited"),
+              ("norm", "max ‖W−W₀‖/‖W₀‖")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for name, rows in results.items():
+            xs = [0] + [r.n_edits for r in rows]
+            if key == "norm":
+                ys = [0.0] + [max(r.norm_growth.values(), default=0.0) for r in rows]
+            else:
+                ys = [1.0] + [getattr(r, key) for r in rows]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("sequential edits")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Lifelong (sequential) editing benchmark")
+    ap.add_argument("--methods", default="alphaedit,rome,memit")
+    ap.add_argument("--batch", default="1", help="comma-separated edits per commit, e.g. 1,10,100")
+    ap.add_argument("--n", type=int, default=2000, help="edits per run")
+    ap.add_argument("--every", type=int, default=100, help="checkpoint every this many edits")
+    ap.add_argument("--data", default=str(SHARED), help="CounterFact JSON (default ../shared/.../counterfact-edit.json)")
+    ap.add_argument("--out", default="bench/results/lifelong", help="state and results folder")
+    ap.add_argument("--hparams", default=None, help="JSON object: method -> hyper-parameter overrides")
+    ap.add_argument("--fresh", action="store_true", help="ignore saved state and start over")
+    ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop starting new commits after this")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: table, JSON and plot from the saved checkpoints only")
+    ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("editserve").setLevel(logging.WARNING)
+    from editserve.editing.counterfact import load_counterfact
+
+    deadline = time.time() + 60 * args.max_minutes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stream = build_stream(Path(args.data), args.n, out)
+    by_id = {r.case_id: r for r in load_counterfact(Path(args.data))}
+    records = [by_id[c] for c in stream["case_ids"]]
+    n = min(args.n, len(records))
+    overrides = json.loads(args.hparams) if args.hparams else {}
+    results: dict[str, list[Row]] = {}
+    for b in [int(x) for x in args.batch.split(",")]:
+        for m in [x for x in args.methods.split(",") if x]:
+            results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
+                                              overrides.get(m), args.fresh, deadline, args.report_only)
+    print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
+          f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
+    print(table(results))
+    (out / "lifelong.json").write_text(json.dumps(
+        {"stream": {k: stream[k] for k in ("data", "scanned", "ppl", "fluency")},
+         "runs": {k: [asdict(r) for r in v] for k, v in results.items()}}, indent=1))
+    png = Path(args.plot) if args.plot else out / "lifelong.png"
+    plot(results, png)
+    print(f"wrote {out / 'lifelong.json'} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Which editing methods an edit request may name, and which one it gets when it names none.
+
+`DEFAULT_METHOD` is the one switch for the method of commits that do not choose (issue 16:
+whether AlphaEdit becomes the default is decided from the lifelong-editing measurements); an
+operator overrides it per server with ``EDITSERVE_DEFAULT_METHOD``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from editserve.errors import InvalidRequestError
+
+EDIT_METHODS = ("rome", "memit", "alphaedit")
+DEFAULT_METHOD = "rome"
+DEFAULT_METHOD_ENV = "EDITSERVE_DEFAULT_METHOD"
+
+
+def default_method(environ: Mapping[str, str] | None = None) -> str:
+    """The method of an edit request that names none: ``$EDITSERVE_DEFAULT_METHOD`` or `DEFAULT_METHOD`."""
+    env = os.environ if environ is None else environ
+    method = env.get(DEFAULT_METHOD_ENV, "").strip() or DEFAULT_METHOD
+    if method not in EDIT_METHODS:
+        raise InvalidRequestError(f"{DEFAULT_METHOD_ENV}={method!r} is not an editing method; "
+                                  f"choose one of {list(EDIT_METHODS)}")
+    return method

@@ -1,0 +1,120 @@
+"""AlphaEdit: null-space-constrained updates that also preserve earlier edits' keys.
+
+Per edited layer, with P the null-space projection of the layer's statistics (nullspace.py),
+K₁ [d_in, n] the new edits' keys, R [d_out, n] their residual targets (MEMIT's, spread over the
+layer range), K_p [d_in, N] the keys of edits already committed and α > 0:
+
+    ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹                 (Fang et al. 2025, eq. 7)
+
+Transposed, ΔWᵀ = X Rᵀ with X = (P M + α I)⁻¹ P K₁ [d_in, n], M = K_p K_pᵀ + K₁ K₁ᵀ, solved in
+float64. So ΔW = U Vᵀ with U = R, V = X (rank ≤ n). Since α X = P (K₁ Rᵀ − M X), X = P X and the
+update lies in the range of P (ΔW = ΔW P). It is the minimiser over D = D P of
+
+    ‖D K₁ − R‖² + ‖D K_p‖² + α ‖D‖²,   normal equations  D (M + α I) P = R K₁ᵀ P.
+
+`PreservedKeys` is the state carried from commit to commit: the key blocks K of every committed
+patch, per layer and tagged with the patch's digest, never a running sum — so the state of any
+version is `select`ed from the blocks of the patches active at that version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from editserve.errors import InvalidRequestError, PatchMismatchError
+
+
+@dataclass(frozen=True)
+class KeyBlock:
+    """The keys one patch wrote at one layer."""
+
+    tag: str                 # the patch's digest
+    layer: int
+    keys: torch.Tensor       # [d_in, n] float32
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 2 or self.keys.dtype != torch.float32:
+            raise PatchMismatchError(f"key block {self.tag[:12]}@{self.layer} must be a float32 [d_in, n] "
+                                     f"matrix, got {self.keys.dtype} {tuple(self.keys.shape)}")
+        if not torch.isfinite(self.keys).all():
+            raise PatchMismatchError(f"key block {self.tag[:12]}@{self.layer} contains NaN or infinity")
+
+
+@dataclass(frozen=True)
+class PreservedKeys:
+    """Keys of committed edits, per layer, as blocks in commit order. An immutable value."""
+
+    blocks: tuple[KeyBlock, ...] = ()
+
+    def add(self, tag: str, layer: int, keys: torch.Tensor) -> "PreservedKeys":
+        """A new state with `keys` [d_in, n] of patch `tag` at `layer` appended."""
+        return PreservedKeys(self.blocks + (KeyBlock(tag, int(layer), keys.detach().to(torch.float32).cpu()),))
+
+    def extend(self, other: "PreservedKeys") -> "PreservedKeys":
+        return PreservedKeys(self.blocks + other.blocks)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """Patch digests in commit order (each once)."""
+        return tuple(dict.fromkeys(b.tag for b in self.blocks))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({b.layer for b in self.blocks}))
+
+    def for_patch(self, tag: str) -> "PreservedKeys":
+        return PreservedKeys(tuple(b for b in self.blocks if b.tag == tag))
+
+    def select(self, tags: Iterable[str]) -> "PreservedKeys":
+        """The state made of the blocks of patches `tags` only, in their commit order (e.g. the
+        patches active at version n: the exact state at n)."""
+        keep = set(tags)
+        return PreservedKeys(tuple(b for b in self.blocks if b.tag in keep))
+
+    def n_keys(self, layer: int) -> int:
+        return sum(b.keys.shape[1] for b in self.blocks if b.layer == layer)
+
+    def gram(self, layer: int, d_in: int) -> torch.Tensor:
+        """Σ K Kᵀ over the blocks of `layer` [d_in, d_in] float64 (zeros when there are none)."""
+        ks = [b.keys for b in self.blocks if b.layer == layer]
+        if not ks:
+            return torch.zeros((d_in, d_in), dtype=torch.float64)
+        k = torch.cat(ks, dim=1).to(torch.float64)          # [d_in, N]
+        if k.shape[0] != d_in:
+            raise PatchMismatchError(f"preserved keys at layer {layer} have d_in={k.shape[0]}, the layer has {d_in}")
+        return k @ k.T
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat dict for safetensors: ``<i>::<layer>::<tag>`` -> K, i the block's position."""
+        return {f"{i}::{b.layer}::{b.tag}": b.keys.contiguous() for i, b in enumerate(self.blocks)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "PreservedKeys":
+        items = []
+        for name, t in tensors.items():
+            try:
+                i, layer, tag = name.split("::", 2)
+                items.append((int(i), KeyBlock(tag, int(layer), t)))
+            except ValueError as exc:
+                raise PatchMismatchError(f"bad preserved-keys entry name {name!r}") from exc
+        return cls(tuple(b for _, b in sorted(items, key=lambda x: x[0])))
+
+
+def alphaedit_factors(p: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, preserved_gram: torch.Tensor,
+                      alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + αI)⁻¹.
+
+    p [d_in, d_in] the projection, keys [n, d_in] K₁ᵀ, resid [n, d_out] Rᵀ,
+    preserved_gram [d_in, d_in] K_p K_pᵀ, alpha > 0.
+    """
+    if not alpha > 0:
+        raise InvalidRequestError(f"alpha must be positive, got {alpha!r}")
+    p64 = p.to(torch.float64)
+    k = keys.to(torch.float64).T                                  # [d_in, n]
+    m = preserved_gram.to(torch.float64) + k @ k.T                # [d_in, d_in]
+    a = p64 @ m + alpha * torch.eye(m.shape[0], dtype=torch.float64)
+    x = torch.linalg.solve(a, p64 @ k)                            # [d_in, n]
+    return resid.to(torch.float64).T.float(), x.float()

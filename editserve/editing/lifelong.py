@@ -1,0 +1,90 @@
+"""Sequential (lifelong) editing: committing a stream of edits one after another, and the health
+measures of the edited model (held-out perplexity, generation fluency, weight-norm growth).
+
+`commit` does what the server's sidecar does for one version: compute the patch on the current
+model with the current preserved-keys state, then merge it. The state is a value: it is passed in
+and the new one is returned with the patch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.corpus import Corpus
+from editserve.editing.edit import EditResult, compute_edit
+from editserve.editing.requests import EditRequest
+
+HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
+FLUENCY_PROMPTS = (
+    "The weather today is", "My favourite food is", "The history of the city begins",
+    "In the morning I usually", "The best way to learn a language is", "The river flows",
+    "Our neighbours have a dog that", "The museum opened in", "A good teacher", "The train to the coast",
+)
+
+
+def commit(model: torch.nn.Module, tok: object, requests: Sequence[EditRequest], method: str,
+           preserved: PreservedKeys, corpus: Corpus, hparams: dict | None = None) -> EditResult:
+    """Compute `requests` on the model as it is now and merge the patch (apply_patch)."""
+    from editserve.patches import apply_patch
+
+    res = compute_edit(model, tok, requests, method=method, hparams=hparams, corpus=corpus, preserved=preserved)
+    apply_patch(model, res.patch)
+    return res
+
+
+def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 256) -> float:
+    """exp(mean token NLL) of `text` over consecutive windows of `seq_len` tokens."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, seq_len):
+            chunk = torch.tensor(ids[s:s + seq_len + 1], device=device)[None]          # [1, ≤ seq_len+1]
+            if chunk.shape[1] < 2:
+                break
+            logits = model(input_ids=chunk[:, :-1]).logits.float()                     # [1, T, vocab]
+            total += float(torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+def heldout_perplexity(model: torch.nn.Module, tok: object) -> float:
+    """Perplexity of editserve/data/heldout.txt: neutral prose written for this purpose, not the
+    statistics corpus (see its header in docs/lifelong.md)."""
+    return perplexity(model, tok, HELDOUT_TEXT.read_text())
+
+
+def generation_fluency(model: torch.nn.Module, tok: object, prompts: Sequence[str] = FLUENCY_PROMPTS,
+                       max_new_tokens: int = 50) -> float:
+    """ROME's fluency (weighted 2/3-gram entropy) of greedy generations from `prompts`."""
+    from editserve.editing.evaluate import _generate, fluency
+
+    return fluency(_generate(model, tok, prompts, max_new_tokens=max_new_tokens))
+
+
+def down_proj_weights(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """A float32 copy of every layer's edited weight (the down-projection), by layer: W₀ for `norm_growth`."""
+    from editserve.editing.arch import spec_for
+
+    spec = spec_for(model)
+    params = dict(model.named_parameters())
+    return {i: params[spec.weight_name(i)].detach().float().clone() for i in range(model.config.num_hidden_layers)}
+
+
+def norm_growth(model: torch.nn.Module, w0: dict[int, torch.Tensor]) -> dict[int, float]:
+    """‖W − W₀‖_F / ‖W₀‖_F for each layer of `w0` (from `down_proj_weights`) whose weight changed."""
+    from editserve.editing.arch import spec_for
+
+    spec = spec_for(model)
+    params = dict(model.named_parameters())
+    out: dict[int, float] = {}
+    for layer, base in w0.items():
+        diff = float((params[spec.weight_name(layer)].detach().float() - base).norm())
+        if diff > 0:
+            out[layer] = diff / float(base.norm())
+    return out

@@ -1,0 +1,153 @@
+"""AlphaEdit (null-space-constrained editing) on tiny random models and on random matrices:
+the update lies in the range of P, keeps preserved keys' outputs, satisfies the least-squares
+normal equations, is deterministic, and the preserved-keys state is a pure value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing import EditRequest, apply_patch, remove_patch
+from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
+from editserve.editing.corpus import load_corpus
+from editserve.editing.edit import compute_edit, compute_patch
+from editserve.editing.model import fingerprint
+from editserve.editing.nullspace import cached_null_space, null_space
+from editserve.editing.stats import layer_stats, stats_key
+from editserve.editing.hparams import StatsParams
+from editserve.errors import InvalidRequestError
+from tests.tiny import TEXT, tiny_model, tiny_tokenizer
+
+STATS = {"n_tokens": 200, "seq_len": 20}
+FAST = {"stats": STATS, "prefixes": {"n_prefixes": 0},
+        "value": {"max_steps": 30, "lr": 0.5, "kl_factor": 0.0, "clamp_norm_factor": 1e4, "weight_decay": 0.0}}
+LAYERS = [1, 2]
+REQS = [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome"),
+        EditRequest(prompt="{} speaks", subject="Michel Rocard", target_new=" English")]
+LATER = [EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new=" piano")]
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n".join(TEXT * 3))
+    return load_corpus(f)
+
+
+def _random_problem(seed=0, d_in=24, d_out=16, n=3, n_p=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.01, 3, d_in, dtype=torch.float64)
+    cov = x.T @ x / 200
+    return (cov, torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g),
+            torch.randn(d_in, n_p, generator=g, dtype=torch.float64))
+
+
+def test_null_space_is_a_projection_onto_small_eigen_directions():
+    cov, *_ = _random_problem()
+    evals = torch.linalg.eigvalsh(cov)
+    thr = float(evals[10])                                    # keeps exactly the 10 smallest
+    proj = null_space(cov, thr)
+    p = proj.p
+    assert proj.kept == 10 and p.dtype == torch.float64
+    assert torch.allclose(p @ p, p, atol=1e-10) and torch.allclose(p, p.T, atol=1e-12)
+    assert abs(torch.trace(p).item() - 10) < 1e-8
+    # ordinary keys' energy in range(P) is the kept eigenvalues' share
+    assert abs(torch.trace(p @ cov).item() / torch.trace(cov).item() - proj.kept_energy) < 1e-8
+    with pytest.raises(InvalidRequestError, match="nullspace_threshold"):
+        null_space(cov, -1.0)
+
+
+def test_factors_normal_equations_range_and_preservation():
+    cov, k1, r, kp = _random_problem()
+    p = null_space(cov, float(torch.linalg.eigvalsh(cov)[12])).p
+    alpha = 0.5
+    u, v = alphaedit_factors(p, k1, r, kp @ kp.T, alpha)
+    d = (u.double() @ v.double().T)                           # [d_out, d_in]
+    assert u.dtype == torch.float32 and v.dtype == torch.float32 and u.shape[1] == v.shape[1] == 3
+    assert torch.allclose(d @ p, d, atol=1e-5)                # lies in the range of P
+    k = k1.double().T
+    m = kp @ kp.T + k @ k.T
+    lhs = d @ (m + alpha * torch.eye(m.shape[0], dtype=torch.float64)) @ p
+    rhs = r.double().T @ k.T @ p
+    assert torch.allclose(lhs, rhs, atol=1e-4 * rhs.abs().max()), (lhs - rhs).abs().max()   # normal equations
+    # preserved keys: the projected update barely moves them compared with the new keys
+    d0 = alphaedit_factors(p, k1, r, torch.zeros_like(m), alpha)
+    d0 = d0[0].double() @ d0[1].double().T
+    moved_p = (d @ kp).norm() / kp.norm()
+    assert moved_p < 0.5 * (d0 @ kp).norm() / kp.norm()       # the K_p term protects them
+    with pytest.raises(InvalidRequestError, match="alpha"):
+        alphaedit_factors(p, k1, r, m, 0.0)
+
+
+def _threshold(model, tok, corpus, frac=0.6):
+    """An eigenvalue threshold keeping ~`frac` of each edited layer's directions on the tiny model."""
+    stats, _ = layer_stats(model, tok, LAYERS, corpus, fingerprint(model), StatsParams(**STATS), progress=False)
+    return max(float(torch.quantile(torch.linalg.eigvalsh(s.cov.double()), frac)) for s in stats.values()), stats
+
+
+def test_end_to_end_range_state_determinism(env):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    thr, stats = _threshold(model, tok, env)
+    hp = {**FAST, "nullspace_threshold": thr, "alpha": 1.0}
+    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = compute_edit(model, tok, REQS, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env)
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters()), "computing must not change the model"
+    patch = res.patch
+    assert patch.method == "alphaedit" and [d.layer for d in patch.deltas] == LAYERS
+    assert all(d.rank == len(REQS) and d.u.dtype == torch.float32 for d in patch.deltas)
+    fp = fingerprint(model)
+    for d in patch.deltas:
+        proj = cached_null_space(stats[d.layer].cov, thr, d.layer, fp, stats_key(env, d.layer, StatsParams(**STATS), torch.float32))
+        assert 0 < proj.kept < stats[d.layer].cov.shape[0]
+        dense = d.dense().double()
+        assert torch.allclose(dense @ proj.p, dense, atol=1e-5 * dense.abs().max())
+    # the state: one block per layer, tagged with the patch digest, [d_in, n]
+    assert res.preserved.tags == (patch.digest,) and res.preserved.layers == tuple(LAYERS)
+    assert all(b.keys.shape == (48, len(REQS)) for b in res.preserved.blocks)
+    # deterministic: same inputs, same bytes
+    again = compute_edit(model, tok, REQS, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env)
+    assert again.patch.digest == patch.digest
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(again.preserved.blocks, res.preserved.blocks))
+    # the edit works
+    from editserve.editing.scoring import target_nll
+    before = target_nll(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])
+    apply_patch(model, patch)
+    after = target_nll(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])
+    assert (after < before - 0.05).all(), (before, after)
+
+    # a later edit with the state carried moves the first edit's keys far less than without it
+    second = compute_edit(model, tok, LATER, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env,
+                          preserved=res.preserved)
+    blind = compute_patch(model, tok, LATER, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env)
+    for with_state, without in zip(second.patch.deltas, blind.deltas):
+        kp = res.preserved.for_patch(patch.digest).blocks[LAYERS.index(with_state.layer)].keys
+        rel = (with_state.dense() @ kp).norm() / (with_state.dense().norm() * kp.norm())
+        rel_blind = (without.dense() @ kp).norm() / (without.dense().norm() * kp.norm())
+        assert rel < 0.5 * rel_blind, (with_state.layer, rel, rel_blind)
+    # the new state holds both patches' blocks; rollback to the first version selects exactly res.preserved
+    assert second.preserved.tags == (patch.digest, second.patch.digest)
+    back = second.preserved.select([patch.digest])
+    assert all(torch.equal(a.keys, b.keys) and a.tag == b.tag and a.layer == b.layer
+               for a, b in zip(back.blocks, res.preserved.blocks))
+    assert len(back.blocks) == len(res.preserved.blocks)
+    # export / import round trip
+    rt = PreservedKeys.from_tensors(second.preserved.tensors())
+    assert [(b.tag, b.layer) for b in rt.blocks] == [(b.tag, b.layer) for b in second.preserved.blocks]
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(rt.blocks, second.preserved.blocks))
+    remove_patch(model, patch)
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+
+
+def test_rome_and_memit_record_keys_and_bad_state(env):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    res = compute_edit(model, tok, REQS[:1], method="rome", layers=[1], hparams=FAST, corpus=env)
+    assert res.preserved.layers == (1,) and res.preserved.blocks[0].keys.shape == (128, 1)
+    res2 = compute_edit(model, tok, REQS, method="memit", layers=[1, 2], hparams={**FAST, "cov_weight": 1.0},
+                        corpus=env, preserved=res.preserved)
+    assert res2.preserved.tags == (res.patch.digest, res2.patch.digest)
+    assert res2.preserved.n_keys(1) == 3 and res2.preserved.n_keys(2) == 2
+    with pytest.raises(InvalidRequestError, match="PreservedKeys"):
+        compute_edit(model, tok, REQS[:1], method="rome", layers=[1], hparams=FAST, corpus=env, preserved={"a": 1})
+    with pytest.raises(InvalidRequestError, match="alpha"):
+        compute_edit(model, tok, REQS[:1], method="alphaedit", layers=[1], hparams={**FAST, "alpha": -1}, corpus=env)

@@ -1,0 +1,39 @@
+"""Issue 16: alphaedit is an edit method of the control plane, with its own overrides, and the
+method of a request that names none is one switch (DEFAULT_METHOD / EDITSERVE_DEFAULT_METHOD)."""
+
+from __future__ import annotations
+
+import pytest
+
+from editserve.control.gen import pb2
+from editserve.control.limits import hparam_overrides
+from editserve.control.methods import DEFAULT_METHOD, DEFAULT_METHOD_ENV, default_method
+from editserve.control.validate import edit_args
+from editserve.errors import EditserveError, InvalidRequestError
+
+
+def _msg(method: str = "", hparams: str = "", n: int = 1) -> pb2.EditRequest:
+    facts = [pb2.Fact(prompt="{} is in", subject=f"S{i}", target_new=" X") for i in range(n)]
+    return pb2.EditRequest(facts=facts, method=method, hparams_json=hparams)
+
+
+def test_alphaedit_is_accepted_with_its_overrides():
+    args = edit_args(_msg("alphaedit", '{"alpha": 5, "value": {"max_steps": 10}}', n=3), 30)
+    assert args.method == "alphaedit" and args.hparams.nested() == {"alpha": 5.0, "value": {"max_steps": 10}}
+    assert hparam_overrides("alphaedit", '{"nullspace_threshold": 0.01}').needs_admin
+    for method, text in (("alphaedit", '{"cov_weight": 10}'), ("memit", '{"alpha": 1}'), ("rome", '{"alpha": 1}')):
+        with pytest.raises(EditserveError, match="cannot be overridden"):
+            hparam_overrides(method, text)
+    with pytest.raises(EditserveError, match=r"alpha=0"):
+        hparam_overrides("alphaedit", '{"alpha": 0}')
+
+
+def test_default_method_is_one_switch(monkeypatch):
+    assert default_method({}) == DEFAULT_METHOD
+    assert default_method({DEFAULT_METHOD_ENV: "alphaedit"}) == "alphaedit"
+    with pytest.raises(InvalidRequestError, match=DEFAULT_METHOD_ENV):
+        default_method({DEFAULT_METHOD_ENV: "fancy"})
+    monkeypatch.setenv(DEFAULT_METHOD_ENV, "alphaedit")
+    assert edit_args(_msg(), 30).method == "alphaedit"
+    monkeypatch.delenv(DEFAULT_METHOD_ENV)
+    assert edit_args(_msg(), 30).method == DEFAULT_METHOD
