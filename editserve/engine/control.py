@@ -162,7 +162,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._fingerprint = ready.fingerprint
         self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
         self.expected.ledger = self.ledger
-        await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
+        await asyncio.to_thread(self.sidecar.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         await self._check_base()
         base_message = message_for(0, self.family, [])
@@ -175,13 +175,13 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             "sidecar_load": round(ready.seconds * 1e3, 3)}})
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
         log.info("editserve control plane ready: serving ledger version %d (%d patches) from %s; sidecar on %s",
-                 change.version, change.active_patches, self.ledger.root, ready.device)
+                 change.version, change.active_patches, self.ledger.location, ready.device)
         return change
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger
 
-        return Ledger.open(self.settings.ledger_root, fingerprint, caller=self.settings.caller)
+        return Ledger.open(self.settings.ledger_location, fingerprint, caller=self.settings.caller)
 
     def _init_metrics(self, n_layers: int) -> None:
         from editserve.metrics import Metrics
@@ -201,7 +201,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             verify(reports, expected, self.settings.tensor_parallel_size)
         except Exception as exc:
             raise PluginSetupError(f"the served checkpoint's weights differ from the ledger's base copies at "
-                                   f"{self.ledger.root}: {exc}") from exc
+                                   f"{self.ledger.location}: {exc}") from exc
 
     async def close(self) -> None:
         self._closing = True
@@ -491,7 +491,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         return {
             "served_version": served.version if served else None,
             "ledger_head": head,
-            "ledger_root": str(self.ledger.root) if self.ledger is not None else None,
+            "ledger_root": str(self.ledger.location) if self.ledger is not None else None,
             "active_matrices": list(served.message.names) if served else [],
             "family": self.family,
             "tensor_parallel_size": self.settings.tensor_parallel_size,
