@@ -574,7 +574,7 @@ def test_schema_migrations_are_recorded_and_a_newer_schema_is_refused(backend: B
     root = backend.location()
     Ledger.open(root, model_fingerprint=FP).close()
     with Ledger.open(root) as led:
-        assert led.store.schema_version() == 1
+        assert led.store.schema_version() == 2                 # 1 ledger_schema, 2 replicas
         assert led.store.upgrade() == []                       # nothing pending: nothing applied twice
     # A database written by a newer editserve (migration 99) is not opened by this one.
     if backend.server is None:
@@ -600,7 +600,7 @@ def test_sqlite_ledger_from_before_migrations_is_adopted(tmp_path: Path, base: d
     conn.commit()
     conn.close()
     with Ledger.open(root) as led:
-        assert led.store.schema_version() == 1 and led.head() == 1
+        assert led.store.schema_version() == 2 and led.head() == 1
         led.check_integrity(deep=True)
 
 
@@ -744,14 +744,14 @@ def test_postgres_later_migration_adds_per_version_state(pg_server, base: dict[s
     with Ledger.open(dsn, model_fingerprint=FP) as led:
         led.commit(synth_patch(1), 0, base=base)
         state_blob = led.blobs.put(b"preserved-key factors of version 1")
-    m2 = Migration(2, "version_state", (
+    m3 = Migration(3, "version_state", (
         "CREATE TABLE version_state (version integer NOT NULL REFERENCES versions(version), kind text NOT NULL, "
         "blob text NOT NULL REFERENCES blobs(digest), blob_size bigint NOT NULL, PRIMARY KEY (version, kind))",
         "CREATE TRIGGER version_state_append_only BEFORE UPDATE OR DELETE ON version_state "
         "FOR EACH ROW EXECUTE FUNCTION editserve_append_only()",
     ))
-    newer = PostgresStore(PgConnection(Ledger.open(dsn).location), migrations=PG_MIGRATIONS + (m2,))
-    assert newer.upgrade() == [2] and newer.upgrade() == [] and newer.schema_version() == 2
+    newer = PostgresStore(PgConnection(Ledger.open(dsn).location), migrations=PG_MIGRATIONS + (m3,))
+    assert newer.upgrade() == [3] and newer.upgrade() == [] and newer.schema_version() == 3
     with newer.conn.transaction() as c:
         c.execute("INSERT INTO version_state VALUES (1, 'alphaedit_keys', %s, 34)", (state_blob,))
     assert newer.check_consistency() == []
@@ -761,7 +761,7 @@ def test_postgres_later_migration_adds_per_version_state(pg_server, base: dict[s
             conn.execute("DELETE FROM version_state")
         with pytest.raises(psycopg.Error, match="foreign key"):
             conn.execute("DELETE FROM blobs WHERE digest = %s", (state_blob,))     # referenced: not garbage
-    with pytest.raises(LedgerSchemaError, match=r"\[2\]"):                      # this code knows only 1
+    with pytest.raises(LedgerSchemaError, match=r"\[3\]"):                      # this code knows only 1..2
         Ledger.open(dsn)
 
 
