@@ -121,6 +121,9 @@ class SwapOrchestration:
         label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
         self.served = Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
         self.metrics.set_head(version, active)
+        fleet = getattr(self, "fleet", None)
+        if fleet is not None:
+            fleet.served_changed()                  # the replica registry learns of it at once
 
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
                                expected_head: int | None = None, caller: str | None = None) -> VersionChange:

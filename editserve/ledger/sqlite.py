@@ -125,7 +125,7 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger_schema", tuple(s for s in (_SCHEMA + _triggers()).split(";\n") if s.strip())),
     # The replica registry (docs/fleet.md); mutable by design. SQLite has no NOTIFY: followers reconcile.
     Migration(2, "replicas", (
-        "CREATE TABLE replicas (replica_id TEXT PRIMARY KEY CHECK (length(replica_id) BETWEEN 1 AND 128), "
+        "CREATE TABLE IF NOT EXISTS replicas (replica_id TEXT PRIMARY KEY CHECK (length(replica_id) BETWEEN 1 AND 128), "
         "version INTEGER NOT NULL REFERENCES versions(version), role TEXT NOT NULL CHECK (role IN "
         "('compute', 'serve-only')), address TEXT NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL, "
         "details TEXT NOT NULL DEFAULT '{}')",
