@@ -33,7 +33,8 @@ def free_port() -> int:
 class Replica:
     """One ``editserve serve`` process; `ledger` is passed as ``--ledger`` (a directory or a DSN)."""
 
-    def __init__(self, tmp: Path, ledger: str, name: str = "a", extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, ledger: str | None, name: str = "a", extra_env: dict[str, str] | None = None) -> None:
+        """`ledger`: passed as ``--ledger``; None: from the environment (e.g. EDITSERVE_LEDGER_DSN_FILE in `extra_env`)."""
         self.name = name
         self.port, self.grpc_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
@@ -51,7 +52,7 @@ class Replica:
                     "EDITSERVE_SIDECAR_TIMEOUT_S": "300", "EDITSERVE_REPLICA_ID": name, **(extra_env or {})}
         self.env.pop("EDITSERVE_CONTROL_TOKEN", None)
         self.log_path = tmp / f"server-{name}.log"
-        self.cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", ledger,
+        self.cmd = [sys.executable, "-m", "editserve.cli", "serve", *(["--ledger", ledger] if ledger else []),
                     str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
                     "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512"]
