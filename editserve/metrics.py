@@ -185,6 +185,12 @@ class Metrics:
         self._statistics = Gauge(f"{p}_statistics_progress", "Fraction (0..1) of the default edit layers' "
                                  "covariance statistics built since the sidecar started (1 once ready).",
                                  multiprocess_mode="mostrecent", registry=registry)
+        # Label `replica`: one value per replica in the ledger's registry that is live (bounded by
+        # the fleet's size; a replica that leaves or goes stale is removed). See docs/fleet.md.
+        self._skew = Gauge(f"{p}_version_skew", "Ledger head minus the version each live replica serves "
+                           "(as recorded in the ledger's replica registry).", ["replica"],
+                           multiprocess_mode="mostrecent", registry=registry)
+        self._skew_replicas: set[str] = set()
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
         # and rate() sees its first increment. Drift children appear when a layer is measured.
         for method in self.methods:
@@ -228,6 +234,14 @@ class Metrics:
     def record_swap(self, pause_seconds: float) -> None:
         """Observe how long generation was paused while new weights were swapped in."""
         self._pause.observe(_finite(pause_seconds, "pause_seconds"))
+
+    def set_skew(self, skew: dict[str, int]) -> None:
+        """Head minus served per live replica; replicas no longer listed lose their series."""
+        for gone in self._skew_replicas - set(skew):
+            self._skew.remove(gone)
+        for replica, value in skew.items():
+            self._skew.labels(replica=replica).set(_count(value, "skew"))
+        self._skew_replicas = set(skew)
 
     def set_head(self, version: int, active_patches: int) -> None:
         """The ledger version now served and how many patches it has active."""

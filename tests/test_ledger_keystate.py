@@ -135,7 +135,7 @@ def test_sqlite_ledger_at_schema_1_is_upgraded(tmp_path, edits):
     conn.commit()
     conn.close()
     with Ledger.open(root, fp) as ledger:
-        assert ledger.store.schema_version() == len(SQLITE_MIGRATIONS) == 2
+        assert ledger.store.schema_version() == len(SQLITE_MIGRATIONS) == 3
         assert ledger.preserved_keys().blocks == ()
         ledger.commit(edits[1][0], expected_head=1, base=base, preserved=edits[1][1])
         assert _same(ledger.preserved_keys(), edits[1][1])

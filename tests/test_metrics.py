@@ -294,6 +294,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_parity_failures": "counter", "editserve_ledger_size_bytes": "gauge",
         "editserve_swaps": "counter", "editserve_completions": "counter", "editserve_sidecar_up": "gauge",
         "editserve_sidecar_restarts": "counter", "editserve_statistics_progress": "gauge",
+        "editserve_version_skew": "gauge",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
@@ -441,3 +442,16 @@ def test_statistics_progress_gauge_takes_fractions_only():
         with pytest.raises(MetricsError):
             metrics.set_statistics_progress(bad)
     assert registry.get_sample_value("editserve_statistics_progress") == 1.0
+
+
+def test_version_skew_gauge_per_live_replica():
+    """One series per replica in the last `set_skew`; a replica that left loses its series."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, n_layers=4)
+    metrics.set_skew({"a": 0, "b": 3})
+    assert registry.get_sample_value("editserve_version_skew", {"replica": "b"}) == 3.0
+    metrics.set_skew({"a": 1})
+    assert registry.get_sample_value("editserve_version_skew", {"replica": "a"}) == 1.0
+    assert registry.get_sample_value("editserve_version_skew", {"replica": "b"}) is None
+    with pytest.raises(MetricsError):
+        metrics.set_skew({"a": -1})

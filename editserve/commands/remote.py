@@ -308,11 +308,16 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         if args.json:
             print(_dump(r))
             return 0
+        served_by: dict[int, list[str]] = {}
+        for rep in c.status().fleet:                    # which live replica serves which version
+            if rep.live:
+                served_by.setdefault(rep.version, []).append(rep.replica_id)
         rows = [["*" if v.is_head else "", v.version, v.parent if v.HasField("parent") else "", v.kind,
                  v.patch_id[:12], v.method, v.caller, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
-                 _cut(_what(v), 70)] for v in r.versions]
+                 _cut(_what(v), 70), ",".join(served_by.get(v.version, []))] for v in r.versions]
         print(f"head = version {r.head}")
-        print(_table(rows, ["", "version", "parent", "kind", "patch", "method", "caller", "created", "edit"]))
+        print(_table(rows, ["", "version", "parent", "kind", "patch", "method", "caller", "created", "edit",
+                            "served by"]))
         return 0
     if cmd == "show":
         v = c.get_version(args.version)
@@ -380,7 +385,12 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
         if "statistics" in s.DESCRIPTOR.fields_by_name and s.HasField("statistics"):
             rows.insert(7, ["statistics", statistics_text(s.statistics)])
+        if s.replica_id:
+            rows.insert(0, ["replica", f"{s.replica_id} ({'ready' if s.ready else 'NOT READY'})"])
         print(_table(rows, ["", "value"]))
+        if s.fleet:
+            print()
+            print(fleet_table(s.fleet, s.replica_id))
         return 0
     if cmd == "watch":
         n = 0
@@ -434,3 +444,10 @@ def _edit(c: Any, args: argparse.Namespace) -> int:
     if r.HasField("report"):
         print(_report_table(r.report))
     return 0
+
+
+def fleet_table(fleet: Any, me: str = "") -> str:
+    """The ledger's replica registry (Status.fleet): which replica serves what (docs/fleet.md)."""
+    rows = [[("* " if r.replica_id == me else "  ") + r.replica_id, r.version, r.skew, r.role, r.address,
+             f"{r.age_s:.1f}s", "yes" if r.live else "no"] for r in fleet]
+    return _table(rows, ["replica", "serves", "skew", "role", "address", "last report", "live"])

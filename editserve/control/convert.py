@@ -31,7 +31,8 @@ def change_to_pb(change: Any, committed: bool = True) -> Any:
         version=change.version, previous_version=change.previous_version, kind=change.kind,
         pause_ms=float(change.pause_ms), patch_id=change.patch_id or "", method=change.method or "",
         active_patches=int(change.active_patches), timings_ms={k: float(v) for k, v in change.timings_ms.items()},
-        committed=committed)
+        committed=committed, serving_replicas=list(change.serving_replicas),
+        lagging_replicas=list(change.lagging_replicas))
 
 
 def fact_to_pb(r: Any) -> Any:
@@ -86,7 +87,11 @@ def status_to_pb(st: dict[str, Any]) -> Any:
         degraded=st["degraded"] or "",
         threshold_bounds=pb2.ThresholdBounds(defaults=pb2.ProbeThresholds(**bounds["defaults"]),
                                              loosest=pb2.ProbeThresholds(**bounds["loosest"])),
-        ledger_root=st.get("ledger_root") or "", statistics=_statistics_to_pb(st["sidecar"].get("statistics")))
+        ledger_root=st.get("ledger_root") or "", statistics=_statistics_to_pb(st["sidecar"].get("statistics")),
+        replica_id=st.get("replica_id") or "", ready=bool(st.get("ready")),
+        fleet=[pb2.ReplicaStatus(replica_id=r["replica_id"], version=r["version"], role=r["role"],
+                                 address=r["address"], age_s=float(r["age_s"]), live=bool(r["live"]),
+                                 skew=int(r["skew"])) for r in st.get("fleet") or []])
 
 
 def _statistics_to_pb(st: dict[str, Any] | None) -> Any:

@@ -131,6 +131,8 @@ class Operations:
         except Exception as exc:
             audit.info("audit: edit by %s failed: %s", caller, type(exc).__name__)
             raise
+        if not args.dry_run:
+            change = await self._rollout(change, args.wait_for_replicas_s)
         self._publish(op, caller, "dry_run" if args.dry_run else "committed", 1.0, version=change.version)
         audit.info("audit: edit by %s → %s version %d (patch %s)", caller, change.kind, change.version,
                    (change.patch_id or "")[:12])
@@ -139,8 +141,30 @@ class Operations:
     async def rollback(self, who: Principal, args: validate.RollbackArgs) -> Any:
         require(who, "rollback")
         change = await self.engine.rollback(args.version, expected_head=args.expected_head, caller=who.caller)
+        change = await self._rollout(change, args.wait_for_replicas_s)
         audit.info("audit: rollback by %s → version %d", who.caller, change.version)
         return change
+
+    async def _rollout(self, change: Any, wait_s: float | None) -> Any:
+        """`change` with the live replicas that serve its version (after waiting up to `wait_s` for
+        all of them, when given). The registry is read once this replica has recorded the version."""
+        from dataclasses import replace
+
+        fleet = getattr(self.engine, "fleet", None)
+        if fleet is None:
+            return change
+        try:
+            await fleet.report()
+            if wait_s is not None:
+                serving, lagging = await fleet.wait_for_replicas(change.version, wait_s)
+            else:
+                rows = [r for r in await fleet.fleet() if r["live"]]
+                serving = sorted(r["replica_id"] for r in rows if r["version"] == change.version)
+                lagging = sorted(r["replica_id"] for r in rows if r["version"] != change.version)
+        except Exception as exc:   # committed and served here; the registry is only a report
+            log.warning("replica registry not readable after version %d: %s", change.version, exc)
+            return change
+        return replace(change, serving_replicas=tuple(serving), lagging_replicas=tuple(lagging))
 
     async def revert(self, who: Principal, args: validate.RevertArgs) -> Any:
         require(who, "revert")

@@ -75,6 +75,7 @@ class EditArgs:
     gate: GateConfig
     hparams: HparamOverrides = HparamOverrides()
     skip_gate: bool = False
+    wait_for_replicas_s: float | None = None
 
 
 def thresholds_from(msg: Any, defaults: Thresholds = DEFAULT_THRESHOLDS,
@@ -147,7 +148,8 @@ def edit_args(msg: Any, n_layers: int | None) -> EditArgs:
                     expected_head=expected_head, idempotency_key=key,
                     gate=GateConfig(thresholds=th, paraphrases=gate_prompts["paraphrases"],
                                     neighbours=gate_prompts["neighbours"]),
-                    hparams=hparam_overrides(method, msg.hparams_json), skip_gate=bool(msg.skip_gate))
+                    hparams=hparam_overrides(method, msg.hparams_json), skip_gate=bool(msg.skip_gate),
+                    wait_for_replicas_s=wait_for_replicas(msg))
 
 
 def version_number(field: str, value: int) -> int:
@@ -217,6 +219,7 @@ def trace_args(request: Any) -> TraceArgs:
 class RollbackArgs:
     version: int
     expected_head: int | None
+    wait_for_replicas_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,23 @@ def idempotency_key(value: str) -> str | None:
     return key
 
 
+MAX_WAIT_FOR_REPLICAS_S = 600.0
+
+
+def wait_for_replicas(msg: Any) -> float | None:
+    """``wait_for_replicas_s``: None when unset, else seconds in (0, 600]."""
+    if not msg.HasField("wait_for_replicas_s"):
+        return None
+    value = float(msg.wait_for_replicas_s)
+    if not (math.isfinite(value) and 0 < value <= MAX_WAIT_FOR_REPLICAS_S):
+        raise InvalidRequestError(f"wait_for_replicas_s must be in (0, {MAX_WAIT_FOR_REPLICAS_S:.0f}] seconds, "
+                                  f"got {value!r}")
+    return value
+
+
 def rollback_args(msg: Any) -> RollbackArgs:
-    return RollbackArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg))
+    return RollbackArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
+                        wait_for_replicas_s=wait_for_replicas(msg))
 
 
 def revert_args(msg: Any) -> RevertArgs:

@@ -20,6 +20,8 @@ class VersionChange:
     method: str | None = None
     probe_report: dict[str, Any] | None = None
     active_patches: int = 0
+    serving_replicas: tuple[str, ...] = ()        # live replicas serving `version` at the reply (docs/fleet.md)
+    lagging_replicas: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -125,6 +125,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._statistics_published: float | None = None        # last editserve_statistics_progress value
         self._closing = False
         self._degraded: str | None = None
+        self.fleet: Any = None                      # editserve.engine.fleet.FleetMember once started
 
     async def start(self) -> VersionChange:
         """Describe the workers, start the sidecar, open the ledger, check the base weights and
@@ -163,7 +164,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._fingerprint = ready.fingerprint
         self.ledger = await asyncio.to_thread(self._open_ledger, ready.fingerprint)
         self.expected.ledger = self.ledger
-        await asyncio.to_thread(self.sidecar.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
+        await asyncio.to_thread(self.sidecar.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         await self._check_base()
         base_message = message_for(0, self.family, [])
@@ -175,14 +176,23 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3),
             "sidecar_load": round(ready.seconds * 1e3, 3)}})
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
+        await self._join_fleet()
         log.info("editserve control plane ready: serving ledger version %d (%d patches) from %s; sidecar on %s",
-                 change.version, change.active_patches, self.ledger.root, ready.device)
+                 change.version, change.active_patches, self.ledger.location, ready.device)
         return change
+
+    async def _join_fleet(self) -> None:
+        """Report the served version to the ledger's replica registry and follow the head from now on."""
+        from editserve.engine.fleet import FleetMember, FleetSettings
+
+        self.fleet = FleetMember(self, FleetSettings.from_env())
+        await self.fleet.report()
+        self.fleet.start()
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger
 
-        return Ledger.open(self.settings.ledger_root, fingerprint, caller=self.settings.caller)
+        return Ledger.open(self.settings.ledger_location, fingerprint, caller=self.settings.caller)
 
     def _init_metrics(self, n_layers: int) -> None:
         from editserve.metrics import Metrics
@@ -202,10 +212,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             verify(reports, expected, self.settings.tensor_parallel_size)
         except Exception as exc:
             raise PluginSetupError(f"the served checkpoint's weights differ from the ledger's base copies at "
-                                   f"{self.ledger.root}: {exc}") from exc
+                                   f"{self.ledger.location}: {exc}") from exc
 
     async def close(self) -> None:
         self._closing = True
+        if self.fleet is not None:
+            await self.fleet.close()
         if self._sidecar_watch is not None:
             self._sidecar_watch.cancel()
         restart = self._sidecar_restart
@@ -323,6 +335,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             async with self._lock:
                 now = await asyncio.to_thread(self.ledger.head)
                 if self.served.version != head or now != head:
+                    await self._follow_head()           # a stale replica serves the head before it reports
                     raise LedgerConflict(f"the head moved from version {head} to {now} while the patch was computed; "
                                          "nothing was committed (retry the edit)", expected_head=head, actual_head=now)
                 patch = computed.patch
@@ -494,7 +507,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         return {
             "served_version": served.version if served else None,
             "ledger_head": head,
-            "ledger_root": str(self.ledger.root) if self.ledger is not None else None,
+            "ledger_root": str(self.ledger.location) if self.ledger is not None else None,
             "active_matrices": list(served.message.names) if served else [],
             "family": self.family,
             "tensor_parallel_size": self.settings.tensor_parallel_size,
@@ -515,9 +528,21 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                         "last_failure": self._sidecar_failure,
                         "statistics": self.sidecar.statistics() if self.sidecar else None},
             "degraded": self._degraded,
+            **(await self._fleet_status()),
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],
         }
+
+    async def _fleet_status(self) -> dict[str, Any]:
+        """This replica's id, readiness and the ledger's replica registry (empty if unreachable)."""
+        if self.fleet is None:
+            return {"replica_id": None, "ready": False, "fleet": [], "fleet_error": None}
+        try:
+            rows, error = await self.fleet.fleet(), None
+        except Exception as exc:             # the ledger may be down: status still answers
+            rows, error = [], f"{type(exc).__name__}: {exc}"
+        return {"replica_id": self.fleet.settings.replica_id, "ready": self.fleet.readiness()[0], "fleet": rows,
+                "fleet_error": error}
 
     async def admit(self) -> tuple[int, int]:
         """Admit one HTTP request: wait while a swap is in progress, count it as in flight, and

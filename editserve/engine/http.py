@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+from starlette.requests import Request
+
 from editserve.engine.control import VERSION_HEADER, VERSION_START_HEADER
 
 log = logging.getLogger(__name__)
@@ -76,12 +78,28 @@ class VersionHeaderMiddleware:
         await self.app(scope, receive, send_with_version)
 
 
+READY_PATH = "/editserve/v1/ready"
+
+
+async def ready(request: Request) -> Any:
+    """Readiness for a load balancer, unauthenticated like /health: 200 ``{"ready": true}`` once this
+    replica serves the ledger head (after start) and lags it by at most EDITSERVE_MAX_SKEW versions,
+    else 503 ``{"ready": false}``. It reveals nothing else (docs/fleet.md)."""
+    from fastapi.responses import JSONResponse
+
+    control = getattr(request.app.state, "editserve", None)
+    fleet = getattr(control, "fleet", None)
+    ok = bool(fleet is not None and fleet.readiness()[0])
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
 def install_routes(app: Any) -> None:
     """Add the control routes, the version middleware and a shutdown hook to `app`."""
     from editserve.control.http import router
     from editserve.control.server import GrpcSettings
 
     GrpcSettings.from_env()                       # refuse an insecure gRPC address before the model loads
+    app.add_api_route(READY_PATH, ready, methods=["GET"])
     app.include_router(router())
     app.add_middleware(VersionHeaderMiddleware)
     _chain_shutdown(app)

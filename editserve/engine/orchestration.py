@@ -121,6 +121,29 @@ class SwapOrchestration:
         label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
         self.served = Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
         self.metrics.set_head(version, active)
+        fleet = getattr(self, "fleet", None)
+        if fleet is not None:
+            fleet.served_changed()                  # the replica registry learns of it at once
+        self._weight_version_tasks = [t for t in getattr(self, "_weight_version_tasks", []) if not t.done()]
+        self._weight_version_tasks.append(asyncio.get_running_loop().create_task(self._publish_weight_version(version)))
+
+    async def _publish_weight_version(self, version: int) -> None:
+        """Set vLLM's own weight version to the editserve version, so its per-request weight-version
+        spans (``CompletionOutput.weight_versions``) name editserve versions. vLLM 0.32: the engine
+        client's ``update_weight_version`` (which calls the engine core's ``set_weight_version_async``);
+        set after the swap's resume, so tokens of the step in flight may carry the previous version.
+        Tasks run in swap order (FIFO lock)."""
+        engine = getattr(self, "engine", None)
+        setter = getattr(engine, "update_weight_version", None) or getattr(
+            getattr(engine, "engine_core", None), "set_weight_version_async", None)
+        if setter is None:
+            return
+        lock = self.__dict__.setdefault("_weight_version_lock", asyncio.Lock())
+        async with lock:
+            try:
+                await setter(str(version))
+            except Exception as exc:    # serving is unaffected; only vLLM's span labels lag
+                log.warning("could not set vLLM's weight version to %d: %s: %s", version, type(exc).__name__, exc)
 
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
                                expected_head: int | None = None, caller: str | None = None) -> VersionChange:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
 from editserve.errors import InvalidRequestError
+from editserve.ledger.location import LedgerLocation
 
 LEDGER_ENV = "EDITSERVE_LEDGER"
 PAUSE_MODE_ENV = "EDITSERVE_PAUSE_MODE"
@@ -29,7 +30,9 @@ class ControlSettings:
 
     model: str | None                     # the checkpoint vLLM serves (a local HF directory)
     tensor_parallel_size: int = 1
-    ledger_root: str | None = None        # None: $EDITSERVE_HOME/ledger/<fingerprint[:16]>
+    # A directory or a DSN (may hold a password: kept out of repr; `ledger_location` is safe to show).
+    # None: $EDITSERVE_LEDGER_DSN_FILE, else $EDITSERVE_HOME/ledger/<fingerprint[:16]>.
+    ledger_root: str | None = field(default=None, repr=False)
     pause_mode: str = DEFAULT_PAUSE_MODE
     sidecar_device: str | None = None     # None: cuda when available, else cpu
     sidecar_threads: int | None = None
@@ -51,6 +54,15 @@ class ControlSettings:
         for name in ("sidecar_watch_s", "sidecar_retry_s", "compute_timeout_s", "read_timeout_s", "sync_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def ledger_location(self) -> LedgerLocation | None:
+        """`ledger_root` parsed (str() of it is redacted); None when not set."""
+        return LedgerLocation.parse(self.ledger_root) if self.ledger_root else None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__dataclass_fields__ if k != "ledger_root")
+        return f"ControlSettings(ledger={str(self.ledger_location) if self.ledger_root else None!r}, {shown})"
 
     @classmethod
     def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,

@@ -42,6 +42,7 @@ from editserve.editing.requests import EditRequest
 from editserve.engine.errors import SidecarError, SidecarTimeout
 from editserve.engine.wire import rank_range, weight_checksum
 from editserve.errors import EditserveError
+from editserve.ledger.location import LedgerLocation
 from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ class Ready:
 
 @dataclass(frozen=True)
 class OpenLedger:
-    root: str
+    """Open the ledger at `location` (a directory or a DSN; its repr never shows the DSN's secret)."""
+
+    location: LedgerLocation
 
 
 @dataclass(frozen=True)
 class LedgerOpened:
-    root: str
+    root: str                 # the redacted location (safe to log)
     head: int
 
 
@@ -283,8 +286,8 @@ class _Worker:
 
         if self.ledger is not None:
             self.ledger.close()
-        self.ledger = Ledger.open(msg.root, self.fingerprint, caller="sidecar", create=False, verify="quick")
-        return LedgerOpened(root=msg.root, head=self.ledger.head())
+        self.ledger = Ledger.open(msg.location, self.fingerprint, caller="sidecar", create=False, verify="quick")
+        return LedgerOpened(root=str(msg.location), head=self.ledger.head())
 
     def _need_ledger(self) -> Any:
         if self.ledger is None:
@@ -598,8 +601,8 @@ class SidecarClient:
                 reply = self._recv_by(deadline, call, timeout_s)
             return self._expect(reply, kind)
 
-    def open_ledger(self, root: str, timeout_s: float | None = None) -> LedgerOpened:
-        return self.call(OpenLedger(root=root), LedgerOpened, timeout_s)
+    def open_ledger(self, location: LedgerLocation, timeout_s: float | None = None) -> LedgerOpened:
+        return self.call(OpenLedger(location=location), LedgerOpened, timeout_s)
 
     def sync(self, version: int, tp_size: int, names: tuple[str, ...] = (), timeout_s: float | None = None) -> Synced:
         return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced, timeout_s)

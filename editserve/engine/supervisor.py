@@ -110,7 +110,7 @@ class SidecarSupervision:
             if ready.fingerprint != self._fingerprint:
                 raise SidecarError(f"the restarted sidecar loaded weights with fingerprint {ready.fingerprint[:16]}, "
                                    f"expected {str(self._fingerprint)[:16]}")
-            await asyncio.to_thread(new.open_ledger, str(self.ledger.root), self.settings.sync_timeout_s)
+            await asyncio.to_thread(new.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
             if self._closing:
                 raise SidecarError("the control plane is shutting down")
             async with self._lock:

@@ -430,6 +430,27 @@ class Ledger:
     def head(self) -> int:
         return self._store.head()
 
+    # -- the replica registry (docs/fleet.md) ------------------------------------------------
+
+    def record_replica(self, replica_id: str, version: int, role: str, address: str, started_at: float,
+                       details: dict[str, Any] | None = None) -> None:
+        """Record that replica `replica_id` serves `version` now (also its heartbeat)."""
+        self._store.record_replica(replica_id, version, role, address, started_at, dict(details or {}))
+
+    def replicas(self) -> list[Any]:
+        """`editserve.ledger.store.ReplicaRecord` of every replica that reported, by id."""
+        return self._store.replicas()
+
+    def forget_replica(self, replica_id: str) -> bool:
+        return self._store.forget_replica(replica_id)
+
+    def head_listener(self) -> Any:
+        """A `editserve.ledger.notify.HeadListener` on this ledger (PostgreSQL: LISTEN/NOTIFY;
+        SQLite: waits only for its timeout)."""
+        from editserve.ledger.notify import HeadListener
+
+        return HeadListener(self.location)
+
     def _active_with_origin(self, version: int) -> tuple[tuple[str, int], ...]:
         """(patch digest, version that added it) in effect at `version`, in summation order."""
         with self._lock:

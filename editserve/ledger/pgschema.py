@@ -120,7 +120,23 @@ PG_MIGRATIONS: tuple[Migration, ...] = (
         "CREATE TRIGGER patch_state_no_truncate BEFORE TRUNCATE ON patch_state "
         "FOR EACH STATEMENT EXECUTE FUNCTION editserve_append_only()",
     )),
+    # The replica registry (docs/fleet.md): what each serving replica serves, updated after every
+    # swap and by a heartbeat (mutable by design: not append-only). The head's trigger NOTIFYs
+    # `HEAD_CHANNEL` with the new head inside the transaction that moves it, so followers hear of
+    # a commit or rollback exactly when it becomes visible.
+    Migration(3, "replicas", (
+        "CREATE TABLE replicas (replica_id text PRIMARY KEY CHECK (length(replica_id) BETWEEN 1 AND 128), "
+        "version integer NOT NULL REFERENCES versions(version), role text NOT NULL CHECK (role IN "
+        "('compute', 'serve-only')), address text NOT NULL, started_at double precision NOT NULL, "
+        "updated_at double precision NOT NULL, details text NOT NULL DEFAULT '{}')",
+        "CREATE FUNCTION editserve_head_notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_notify('editserve_head', NEW.version::text); RETURN NEW; END $$",
+        "CREATE TRIGGER head_notify AFTER INSERT OR UPDATE ON head FOR EACH ROW "
+        "EXECUTE FUNCTION editserve_head_notify()",
+    )),
 )
+
+HEAD_CHANNEL = "editserve_head"           # NOTIFY payload: the new head version (decimal)
 
 
 def applied_migrations(conn: PgConnection) -> dict[int, str]:

@@ -43,6 +43,7 @@ from editserve.ledger.store import (
     Event,
     LedgerStore,
     NewVersion,
+    ReplicaRecord,
     PatchRecord,
     PatchStateRecord,
     VersionRecord,
@@ -383,3 +384,25 @@ class PostgresStore(LedgerStore):
             if empty:
                 problems.append(f"versions without operations: {[r[0] for r in empty]}")
         return problems
+
+    # -- the replica registry (migration 3) ------------------------------------------------
+
+    def record_replica(self, replica_id: str, version: int, role: str, address: str, started_at: float,
+                       details: dict[str, Any]) -> None:
+        with self.conn.transaction("recording a replica") as c:
+            c.execute("INSERT INTO replicas(replica_id, version, role, address, started_at, updated_at, details) "
+                      f"VALUES (%s, %s, %s, %s, %s, {_NOW}, %s) ON CONFLICT (replica_id) DO UPDATE SET "
+                      "version = EXCLUDED.version, role = EXCLUDED.role, address = EXCLUDED.address, "
+                      "started_at = EXCLUDED.started_at, updated_at = EXCLUDED.updated_at, details = EXCLUDED.details",
+                      (replica_id, int(version), role, address, float(started_at), _dumps(details)))
+
+    def replicas(self) -> list[ReplicaRecord]:
+        rows = self._query("SELECT replica_id, version, role, address, started_at, updated_at, details, "
+                           "extract(epoch from clock_timestamp()) FROM replicas ORDER BY replica_id")
+        return [ReplicaRecord(replica_id=r, version=int(v), role=role, address=a, started_at=float(st),
+                              updated_at=float(up), age_s=max(0.0, float(now) - float(up)), details=json.loads(d))
+                for r, v, role, a, st, up, d, now in rows]
+
+    def forget_replica(self, replica_id: str) -> bool:
+        with self.conn.transaction("forgetting a replica") as c:
+            return c.execute("DELETE FROM replicas WHERE replica_id = %s", (replica_id,)).rowcount > 0

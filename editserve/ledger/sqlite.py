@@ -41,6 +41,7 @@ from editserve.ledger.store import (
     Event,
     LedgerStore,
     NewVersion,
+    ReplicaRecord,
     PatchRecord,
     PatchStateRecord,
     VersionRecord,
@@ -133,6 +134,13 @@ _PATCH_STATE = (
 SQLITE_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "ledger_schema", tuple(s for s in (_SCHEMA + _triggers()).split(";\n") if s.strip())),
     Migration(2, "patch_state", _PATCH_STATE),
+    # The replica registry (docs/fleet.md); mutable by design. SQLite has no NOTIFY: followers reconcile.
+    Migration(3, "replicas", (
+        "CREATE TABLE IF NOT EXISTS replicas (replica_id TEXT PRIMARY KEY CHECK (length(replica_id) BETWEEN 1 AND 128), "
+        "version INTEGER NOT NULL REFERENCES versions(version), role TEXT NOT NULL CHECK (role IN "
+        "('compute', 'serve-only')), address TEXT NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL, "
+        "details TEXT NOT NULL DEFAULT '{}')",
+    )),
 )
 
 
@@ -505,6 +513,29 @@ class SqliteStore(LedgerStore):
         if empty:
             problems.append(f"versions without operations: {[r[0] for r in empty]}")
         return problems
+
+    # -- the replica registry (migration 3) ------------------------------------------------
+
+    def record_replica(self, replica_id: str, version: int, role: str, address: str, started_at: float,
+                       details: dict[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute("INSERT INTO replicas(replica_id, version, role, address, started_at, updated_at, details) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(replica_id) DO UPDATE SET version = excluded.version, "
+                      "role = excluded.role, address = excluded.address, started_at = excluded.started_at, "
+                      "updated_at = excluded.updated_at, details = excluded.details",
+                      (replica_id, int(version), role, address, float(started_at), time.time(), _dumps(details)))
+
+    def replicas(self) -> list[ReplicaRecord]:
+        now = time.time()
+        rows = self._query("SELECT replica_id, version, role, address, started_at, updated_at, details "
+                           "FROM replicas ORDER BY replica_id")
+        return [ReplicaRecord(replica_id=r, version=int(v), role=role, address=a, started_at=float(st),
+                              updated_at=float(up), age_s=max(0.0, now - float(up)), details=json.loads(d))
+                for r, v, role, a, st, up, d in rows]
+
+    def forget_replica(self, replica_id: str) -> bool:
+        with self._tx() as c:
+            return c.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,)).rowcount > 0
 
 
 def open_sqlite(path: Path, busy_timeout_s: float = 60.0) -> SqliteStore:

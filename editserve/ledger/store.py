@@ -115,6 +115,20 @@ class Event:
     details: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """What one serving replica last reported (the ``replicas`` table; see docs/fleet.md)."""
+
+    replica_id: str
+    version: int                 # the version it serves
+    role: str                    # "compute" (has a sidecar) | "serve-only"
+    address: str                 # its control-plane address (gRPC), for forwarding / operators
+    started_at: float            # epoch seconds (the replica's process start)
+    updated_at: float            # epoch seconds, the store's clock (last report or heartbeat)
+    age_s: float                 # seconds since updated_at, measured on the store's clock
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class LedgerStore(abc.ABC):
     """Transactional metadata store of one ledger (one model)."""
 
@@ -201,3 +215,18 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def patch_states(self, digests: Sequence[str]) -> dict[str, PatchStateRecord]:
         """The preserved-keys records of those of `digests` that have one."""
+
+    # -- the replica registry (migration 3; appended) ---------------------------------------
+
+    @abc.abstractmethod
+    def record_replica(self, replica_id: str, version: int, role: str, address: str, started_at: float,
+                       details: dict[str, Any]) -> None:
+        """Insert or replace the row of `replica_id` (its clock: the store's)."""
+
+    @abc.abstractmethod
+    def replicas(self) -> list[ReplicaRecord]:
+        """Every replica that ever reported, by id."""
+
+    @abc.abstractmethod
+    def forget_replica(self, replica_id: str) -> bool:
+        """Remove the row of `replica_id` (a replica shut down cleanly); True if there was one."""
