@@ -13,9 +13,9 @@ import torch
 
 from editserve.editing import load_model
 from editserve.editing.alphaedit import PreservedKeys
-from editserve.editing.arch import spec_for
 from editserve.editing.corpus import load_corpus
 from editserve.editing.counterfact import load_counterfact
+from editserve.editing.edit import resolve_hparams
 from editserve.editing.evaluate import score_records, summarize
 from editserve.editing.lifelong import commit, down_proj_weights, heldout_perplexity, norm_growth
 from editserve.patches import applied_patches, remove_patch
@@ -65,9 +65,8 @@ def test_alphaedit_state_holds_every_commit(results, setup):
     model = setup[0]
     state = results["alphaedit"]["state"]
     assert len(state.tags) == N
-    layers = state.layers
-    assert all(state.n_keys(l) == N for l in layers)
-    assert spec_for(model).family == "llama"
+    assert state.layers == tuple(resolve_hparams(model, "alphaedit").layers)
+    assert all(state.n_keys(layer) == N for layer in state.layers)
 
 
 def test_alphaedit_at_least_as_good_as_rome(results):
