@@ -69,20 +69,23 @@ def test_stage_reaches_only_named_requests(server: CandidateServer, state: dict[
     with server.client("admin") as c:
         c.rollback(0)
     assert {p: server.generate(p)[0] for p in PROMPTS} == base
+    st = server.control("GET", "/status", "viewer")[1]
+    served, head = str(st["served_version"]), st["ledger_head"]
+    state.update(served=served, head=head)
     status, cand = server.control("POST", "/candidates", "editor", {"version": 1})
     assert status == 200, cand
-    assert cand["model"] == f"smollm2@candidate-{cand['id']}" and cand["staged_at_head"] == 2
-    assert cand["weights"] == ["model.layers.5.mlp.down_proj.weight"] or len(cand["weights"]) == 1
+    assert cand["model"] == f"smollm2@candidate-{cand['id']}" and cand["staged_at_head"] == head
+    assert len(cand["weights"]) == 1 and cand["weights"][0].endswith(".mlp.down_proj.weight"), cand
     assert cand["model"] in server.models()
     status, listing = server.control("GET", "/candidates", "viewer")
     assert status == 200 and [c["id"] for c in listing["candidates"]] == [cand["id"]]
     # Default traffic: bit-identical token ids, plain version header.
     for p in PROMPTS:
         ids, _, version = server.generate(p)
-        assert ids == base[p] and version == "2"
+        assert ids == base[p] and version == served
     # Named traffic: the candidate, labelled; its greedy completions are the merged version's.
     named = {p: server.generate(p, model=cand["model"]) for p in PROMPTS}
-    assert named[PROMPTS[0]][2] == f"2+candidate-{cand['id']}"
+    assert named[PROMPTS[0]][2] == f"{served}+candidate-{cand['id']}"
     assert "Rome" in named[PROMPTS[0]][1]
     assert named[PROMPTS[0]][0] != base[PROMPTS[0]]
     mismatched = [p for p in PROMPTS if named[p][0] != merged[p][0]]
@@ -139,7 +142,7 @@ def test_share_routes_about_30_percent_sticky(server: CandidateServer, state: di
     for rid in list(sides)[:20]:
         assert server.generate(PROMPTS[0], max_tokens=1, request_id=rid)[2].endswith(label) == sides[rid]
     # A request without an id stays on the head.
-    assert server.generate(PROMPTS[0], max_tokens=1)[2] == "2"
+    assert server.generate(PROMPTS[0], max_tokens=1)[2] == state["served"]
 
 
 def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> None:
@@ -163,7 +166,7 @@ def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> N
         w.start()
     try:
         status, out = server.control("POST", f"/candidates/{cid}/promote", "admin")
-        assert status == 200 and out["outcome"] == "promoted" and out["version"] == 3, out
+        assert status == 200 and out["outcome"] == "promoted" and out["version"] > state["head"], out
         assert server.control("POST", f"/candidates/{cid}/promote", "admin") == (200, out)   # idempotent
     finally:
         done.set()
@@ -174,5 +177,5 @@ def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> N
     assert state["cand"]["model"] not in server.models()
     for p in PROMPTS:
         ids, _, version = server.generate(p)
-        assert version == "3"
+        assert version == str(out["version"])
         assert ids == state["named"][p], p

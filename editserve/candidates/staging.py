@@ -222,6 +222,7 @@ class Candidates:
             await self.engine.engine.add_lora(request)
             self.serving_models.lora_requests[cand.model] = request
             self._staged[cid] = (cand, patch, kept)
+            self._gauge()
         return cand
 
     async def check_applies(self, cand: Candidate) -> int:
@@ -252,12 +253,18 @@ class Candidates:
             if hit is None:
                 return None
             cand = hit[0]
+            self._gauge()
             self.serving_models.lora_requests.pop(cand.model, None)
             try:
                 await self.engine.engine.remove_lora(cand.lora_int_id)
             finally:
                 shutil.rmtree(self.workdir / cid, ignore_errors=True)
         return cand
+
+    def _gauge(self) -> None:
+        metrics = getattr(self.engine, "metrics", None)
+        if metrics is not None:
+            metrics.set_candidates_staged(len(self._staged))
 
     def patch_dir(self, cid: str) -> Path:
         self.get(cid)

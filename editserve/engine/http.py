@@ -67,6 +67,8 @@ class VersionHeaderMiddleware:
 
             if wants_routing(candidates, scope):
                 receive, candidate = await route(candidates, scope, receive)
+                if control.metrics is not None:
+                    control.metrics.record_served_by(candidate is not None)
 
         async def send_with_version(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
