@@ -109,6 +109,9 @@ def _chain_shutdown(app: Any) -> None:
             finally:
                 control = getattr(inner_app.state, "editserve", None)
                 if control is not None:
+                    candidates = getattr(control, "candidates", None)
+                    if candidates is not None:          # adapters and their temp files (docs/candidates.md)
+                        await candidates.close()
                     await control.close()
 
     app.router.lifespan_context = lifespan
