@@ -271,11 +271,10 @@ class Candidates:
         return self._staged[cid][2]
 
     async def close(self) -> None:
-        for cid in list(self._staged):
-            try:
-                await self.unload(cid)
-            except Exception as exc:                      # the engine may be gone at shutdown
-                log.warning("candidate %s not unloaded at shutdown: %s", cid, exc)
+        """At shutdown: forget the candidates and remove their files (the engine, and the adapters
+        in it, go away with the server; nothing is asked of it here, so shutdown cannot hang on it)."""
+        self._staged.clear()
+        self._promoting.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
