@@ -3,7 +3,7 @@ one server for the module, the tests run in order and share its state.
 
 A ROME edit (Eiffel Tower → Rome) is committed as version 1 and its greedy completions recorded;
 a rollback to version 0 makes the head the base again, and version 1's patch is staged as a
-candidate (a LoRA adapter on layer 5's... on the edited down-projection). Then: the candidate's
+candidate (a LoRA adapter on the edited down-projection). Then: the candidate's
 name reaches it and only it (default traffic bit-identical token ids to the base), the listing
 and /v1/models; roles; a 30 % share over 200 request ids (binomial bounds, sticky per id);
 discard leaves the ledger as it was; promote under light concurrent load commits the patch and

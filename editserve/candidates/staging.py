@@ -11,8 +11,8 @@ OpenAI model registry, so it is listed in ``/v1/models``) or by a share of defau
 "Still applies on top": a candidate staged at head h stays valid at a later head h' when the
 patches active at h' that were not active at h touch none of the candidate's weights, and the
 patches active at h that are gone at h' touched none of them either (then head' + candidate is
-exactly what the adapter computes). Otherwise promote and discard... promote is refused with
-`CandidateConflict`; discard always works.
+exactly what the adapter computes). Otherwise promote is refused with `CandidateConflict`;
+discard always works.
 """
 
 from __future__ import annotations
