@@ -29,6 +29,9 @@ Exported metrics (sample names as Prometheus sees them):
                                                         version was restored)
 ``editserve_completions_total``              counter    ``versions`` (one, spanning: a swap
                                                         happened while it ran)
+``editserve_candidate_completions_total``    counter    ``served_by`` (head, candidate): completions
+                                                        routed while candidates are staged
+``editserve_candidates_staged``              gauge      candidates staged as LoRA adapters
 ``editserve_sidecar_up``                     gauge      1 while the sidecar is alive and
                                                         mirrors the served version, else 0
 ``editserve_sidecar_restarts_total``         counter    sidecar processes found dead and replaced
@@ -191,6 +194,13 @@ class Metrics:
                            "(as recorded in the ledger's replica registry).", ["replica"],
                            multiprocess_mode="mostrecent", registry=registry)
         self._skew_replicas: set[str] = set()
+        self._served_by = Counter(f"{p}_candidate_completions", "Completions of the generation routes by what "
+                                  "served them while candidates are staged: the head or a candidate "
+                                  "(docs/candidates.md).", ["served_by"], registry=registry)
+        self._staged = Gauge(f"{p}_candidates_staged", "Candidates staged as LoRA adapters.",
+                             multiprocess_mode="mostrecent", registry=registry)
+        for side in ("head", "candidate"):
+            self._served_by.labels(served_by=side)
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
         # and rate() sees its first increment. Drift children appear when a layer is measured.
         for method in self.methods:
@@ -310,6 +320,13 @@ class Metrics:
             raise MetricsError(f"spanned must be a bool, got {spanned!r}")
         versions = CompletionVersions.SPANNING if spanned else CompletionVersions.ONE
         self._completions.labels(versions=versions.value).inc()
+
+    def record_served_by(self, candidate: bool) -> None:
+        """Count one completion routed while candidates are staged: by a candidate or by the head."""
+        self._served_by.labels(served_by="candidate" if candidate else "head").inc()
+
+    def set_candidates_staged(self, n: int) -> None:
+        self._staged.set(int(n))
 
     def set_sidecar_up(self, up: bool) -> None:
         """Whether the sidecar process is alive and mirrors the served version."""

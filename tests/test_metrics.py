@@ -295,6 +295,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_swaps": "counter", "editserve_completions": "counter", "editserve_sidecar_up": "gauge",
         "editserve_sidecar_restarts": "counter", "editserve_statistics_progress": "gauge",
         "editserve_version_skew": "gauge",
+        "editserve_candidate_completions": "counter", "editserve_candidates_staged": "gauge",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)

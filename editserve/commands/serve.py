@@ -27,6 +27,10 @@ editserve options (each also settable as an environment variable with plain `vll
   --grpc-addr ADDR       gRPC control plane address (EDITSERVE_GRPC_ADDR; default 127.0.0.1:50051);
                          a non-loopback address needs TLS (EDITSERVE_GRPC_TLS_CERT/_KEY) or --insecure
   --api-key-file FILE    vLLM's OpenAI-API key from a file (EDITSERVE_API_KEY_FILE; sets VLLM_API_KEY)
+  --candidates N         stage up to N candidates as LoRA adapters (EDITSERVE_CANDIDATES; default 0: off,
+                         no LoRA cost); see docs/candidates.md
+  --candidate-share S    default share of default-model traffic for a staged candidate (EDITSERVE_CANDIDATE_SHARE)
+  --candidate-max-rank R vLLM's --max-lora-rank for candidates (EDITSERVE_CANDIDATE_MAX_RANK; default 16)
   --insecure             allow plaintext gRPC on a non-loopback address (EDITSERVE_GRPC_INSECURE=1;
                          logged as a warning: tokens and edits cross the network unencrypted)
 
@@ -35,7 +39,8 @@ Everything else is passed to `vllm serve` unchanged, e.g. --port 8000 --tensor-p
 
 _OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": "sidecar_device",
         "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr",
-        "--api-key-file": "api_key_file"}
+        "--api-key-file": "api_key_file", "--candidates": "candidates", "--candidate-share": "candidate_share",
+        "--candidate-max-rank": "candidate_max_rank"}
 _FLAGS = {"--insecure": "insecure"}        # editserve options that take no value
 
 

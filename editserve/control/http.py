@@ -96,6 +96,20 @@ async def _body(request: Any, cls: Any) -> Any:
     return _message(body, cls)
 
 
+async def _plain_body(request: Any) -> dict[str, Any]:
+    """A JSON object body (for the routes without a proto message), bounded like `_body`."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        body = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequestError(f"the request body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
 def _query(request: Any, cls: Any, repeated: tuple[str, ...] = ()) -> Any:
     data: dict[str, Any] = {}
     for key in request.query_params.keys():
@@ -215,7 +229,27 @@ def router() -> Any:
         patch_id, manifest, factors = await ops.export(who, ref)
         return _to_json(pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=manifest, factors=factors))
 
+    async def candidates(ops: Operations, who: Principal, request: Any) -> Any:
+        return {"candidates": await ops.candidates(who)}
+
+    async def stage(ops: Operations, who: Principal, request: Any) -> Any:
+        from editserve.candidates.validate import stage_args
+
+        a = stage_args(await _plain_body(request))
+        return (await ops.stage(who, a.ref, a.export, a.share)).to_dict()
+
+    async def promote(ops: Operations, who: Principal, request: Any) -> Any:
+        from editserve.candidates.validate import candidate_id
+
+        return (await ops.promote(who, candidate_id(request.path_params["cid"]))).to_dict()
+
+    async def discard(ops: Operations, who: Principal, request: Any) -> Any:
+        from editserve.candidates.validate import candidate_id
+
+        return (await ops.discard(who, candidate_id(request.path_params["cid"]))).to_dict()
+
     handlers: dict[str, Handler] = {
+        "candidates": candidates, "stage": stage, "promote": promote, "discard": discard,
         "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "import": import_,
         "sync": sync, "status": status, "checksums": checksums, "versions": versions, "version": version,
         "diff": diff, "export": export}
@@ -230,4 +264,6 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/rollback", "rollback"), ("POST", "/revert", "revert"), ("POST", "/import", "import"),
     ("POST", "/sync", "sync"), ("GET", "/status", "status"), ("GET", "/checksums", "checksums"),
     ("GET", "/versions", "versions"), ("GET", "/versions/{version}", "version"), ("GET", "/diff", "diff"),
-    ("GET", "/export", "export"))
+    ("GET", "/export", "export"),
+    ("GET", "/candidates", "candidates"), ("POST", "/candidates", "stage"),
+    ("POST", "/candidates/{cid}/promote", "promote"), ("POST", "/candidates/{cid}/discard", "discard"))

@@ -279,3 +279,32 @@ class Operations:
                     continue
         finally:
             self.hub.unsubscribe(local)
+
+    # -- candidates (editserve.candidates.operations; docs/candidates.md) ----------------------
+
+    async def stage(self, who: Principal, ref: str | int | None, export: tuple[bytes, bytes] | None,
+                    share: float | None) -> Any:
+        from editserve.candidates import operations as candidate_ops
+
+        require(who, "stage")
+        if share:
+            require(who, "stage.share", "staging with a share of default traffic")
+        return await candidate_ops.stage(self.engine, who.caller, ref, export, share)
+
+    async def candidates(self, who: Principal) -> list[dict[str, Any]]:
+        from editserve.candidates import operations as candidate_ops
+
+        require(who, "candidates")
+        return candidate_ops.listing(self.engine)
+
+    async def promote(self, who: Principal, cid: str) -> Any:
+        from editserve.candidates import operations as candidate_ops
+
+        require(who, "promote")
+        return await candidate_ops.promote(self.engine, who.caller, cid)
+
+    async def discard(self, who: Principal, cid: str) -> Any:
+        from editserve.candidates import operations as candidate_ops
+
+        require(who, "discard")
+        return await candidate_ops.discard(self.engine, who.caller, cid)

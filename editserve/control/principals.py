@@ -48,6 +48,9 @@ OPERATION_ROLES: Mapping[str, str] = {
     "rollback": "admin", "revert": "admin", "import": "admin", "sync": "admin",
     # options of an edit that only an admin may use (checked by the operations, not the adapters)
     "edit.skip_gate": "admin", "edit.hparams.admin": "admin",
+    # candidates (editserve.candidates, docs/candidates.md)
+    "candidates": "viewer", "stage": "editor", "stage.share": "admin", "compare": "editor",
+    "discard": "editor", "promote": "admin",
 }
 
 # gRPC method → operation.

@@ -62,12 +62,22 @@ class VersionHeaderMiddleware:
 
     async def _run(self, control: Any, start_epoch: int, start_version: int, scope: Scope, receive: Receive,
                    send: Send) -> None:
+        candidate = None
+        candidates = getattr(control, "candidates", None)
+        if candidates is not None:                      # only with --candidates N (docs/candidates.md)
+            from editserve.candidates.routing import route, wants_routing
+
+            if wants_routing(candidates, scope):
+                receive, candidate = await route(candidates, scope, receive)
+                if control.metrics is not None:
+                    control.metrics.record_served_by(candidate is not None)
 
         async def send_with_version(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 epoch, version = control.version_mark()
                 headers = list(message.get("headers", []))
-                headers.append((VERSION_HEADER.encode(), str(version).encode()))
+                label = str(version) if candidate is None else candidate.label(version)
+                headers.append((VERSION_HEADER.encode(), label.encode()))
                 if epoch != start_epoch:
                     headers.append((VERSION_START_HEADER.encode(), str(start_version).encode()))
                 message["headers"] = headers
@@ -117,6 +127,9 @@ def _chain_shutdown(app: Any) -> None:
             finally:
                 control = getattr(inner_app.state, "editserve", None)
                 if control is not None:
+                    candidates = getattr(control, "candidates", None)
+                    if candidates is not None:          # adapters and their temp files (docs/candidates.md)
+                        await candidates.close()
                     await control.close()
 
     app.router.lifespan_context = lifespan

@@ -40,15 +40,20 @@ class ServeOptions:
     grpc_addr: str | None = None           # EDITSERVE_GRPC_ADDR (the control plane; default 127.0.0.1:50051)
     insecure: bool = False                 # EDITSERVE_GRPC_INSECURE=1: plaintext gRPC on a non-loopback address
     api_key_file: str | None = None        # EDITSERVE_API_KEY_FILE: vLLM's API key, read into VLLM_API_KEY
+    candidates: str | None = None          # EDITSERVE_CANDIDATES (editserve.candidates; adds vLLM's LoRA flags)
+    candidate_share: str | None = None     # EDITSERVE_CANDIDATE_SHARE
+    candidate_max_rank: str | None = None  # EDITSERVE_CANDIDATE_MAX_RANK
 
     def environment(self) -> dict[str, str]:
         from editserve.engine.control import LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV, SIDECAR_THREADS_ENV
+        from editserve.candidates.staging import CANDIDATES_ENV, MAX_RANK_ENV, SHARE_ENV
         from editserve.engine.plugin import EDITABLE_LAYERS_ENV
 
         pairs = {LEDGER_ENV: self.ledger, PAUSE_MODE_ENV: self.pause_mode, SIDECAR_DEVICE_ENV: self.sidecar_device,
                  SIDECAR_THREADS_ENV: None if self.sidecar_threads is None else str(self.sidecar_threads),
                  EDITABLE_LAYERS_ENV: self.editable_layers, GRPC_ADDR_ENV: self.grpc_addr,
-                 GRPC_INSECURE_ENV: "1" if self.insecure else None}
+                 GRPC_INSECURE_ENV: "1" if self.insecure else None, CANDIDATES_ENV: self.candidates,
+                 SHARE_ENV: self.candidate_share, MAX_RANK_ENV: self.candidate_max_rank}
         return {k: v for k, v in pairs.items() if v is not None}
 
 
@@ -98,6 +103,11 @@ def serve(vllm_args: Sequence[str], options: ServeOptions = ServeOptions()) -> N
         log.warning("editserve serve --insecure: the gRPC control plane may listen in PLAINTEXT on a non-loopback "
                     "address; bearer tokens and edits then cross the network unencrypted")
     argv = with_default_model(vllm_args)
+    from editserve.candidates.staging import CandidateSettings
+
+    lora = CandidateSettings.from_env().vllm_args()          # [] unless --candidates N (no LoRA cost then)
+    if lora and "--enable-lora" not in argv:
+        argv = [*argv, *lora]
     from editserve.control.server import GrpcSettings
 
     GrpcSettings.from_env()                  # an insecure gRPC address is refused before vLLM starts

@@ -150,6 +150,10 @@ class EditserveEndpoint:
         control = ControlPlane(engine_client, settings)
         await control.start()
         state.editserve = control
+        from editserve.candidates.staging import attach as attach_candidates
+
+        names = getattr(args, "served_model_name", None) or [str(args.model)]
+        attach_candidates(control, state, str(names[0]))        # control.candidates (None unless --candidates N)
         # The gRPC control plane (editserve.control.server) on the same loop and ControlPlane.
         from editserve.control.server import maybe_start
 

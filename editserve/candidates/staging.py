@@ -1,0 +1,294 @@
+"""Staged candidates: patches loaded into the running engine as LoRA adapters, beside the head.
+
+`Candidates` (one per control plane, created by `attach` when ``EDITSERVE_CANDIDATES`` > 0)
+keeps the staged candidates in memory (they are removed on restart: nothing of a candidate is
+durable except its audit line and, once promoted, the ledger version). A candidate is one
+patch (a ledger patch or an uploaded patch export) applied as +UVᵀ on top of whatever the head
+serves; requests reach it by model name ``<served-name>@candidate-<id>`` (registered with vLLM's
+OpenAI model registry, so it is listed in ``/v1/models``) or by a share of default traffic
+(`route_share`, deterministic per request id).
+
+"Still applies on top": a candidate staged at head h stays valid at a later head h' when the
+patches active at h' that were not active at h touch none of the candidate's weights, and the
+patches active at h that are gone at h' touched none of them either (then head' + candidate is
+exactly what the adapter computes). Otherwise promote is refused with `CandidateConflict`;
+discard always works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from editserve.candidates.adapter import factors_of, write_adapter
+from editserve.errors import InvalidRequestError, PatchStateError
+from editserve.ledger.errors import PatchNotFound
+from editserve.patches import Patch
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_ENV = "EDITSERVE_CANDIDATES"
+MAX_RANK_ENV = "EDITSERVE_CANDIDATE_MAX_RANK"
+SHARE_ENV = "EDITSERVE_CANDIDATE_SHARE"
+DEFAULT_MAX_RANK = 16
+NAME_SEP = "@candidate-"
+
+
+class CandidatesDisabled(PatchStateError):
+    """The server was started without ``--candidates N``."""
+
+
+class CandidateConflict(PatchStateError):
+    """The head moved since staging and touched the candidate's weights (or too many are staged)."""
+
+
+class CandidateNotFound(PatchNotFound):
+    """No staged candidate has this id."""
+
+
+@dataclass(frozen=True)
+class CandidateSettings:
+    """How many candidates may be staged, their largest LoRA rank, the default traffic share."""
+
+    max_candidates: int = 0
+    max_rank: int = DEFAULT_MAX_RANK
+    share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_candidates < 0:
+            raise InvalidRequestError(f"{CANDIDATES_ENV} must be >= 0, got {self.max_candidates}")
+        if self.max_rank < 1:
+            raise InvalidRequestError(f"{MAX_RANK_ENV} must be >= 1, got {self.max_rank}")
+        check_share(self.share)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "CandidateSettings":
+        env = os.environ if environ is None else environ
+
+        def integer(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit():
+                raise InvalidRequestError(f"{name} must be a whole number, got {raw!r}")
+            return int(raw)
+
+        raw_share = env.get(SHARE_ENV, "").strip()
+        try:
+            share = float(raw_share) if raw_share else 0.0
+        except ValueError:
+            raise InvalidRequestError(f"{SHARE_ENV} must be a number in [0, 1], got {raw_share!r}") from None
+        return cls(max_candidates=integer(CANDIDATES_ENV, 0), max_rank=integer(MAX_RANK_ENV, DEFAULT_MAX_RANK),
+                   share=share)
+
+    def vllm_args(self) -> list[str]:
+        """The ``vllm serve`` flags that enable LoRA for the candidates (none when disabled)."""
+        if self.max_candidates == 0:
+            return []
+        return ["--enable-lora", "--max-loras", str(self.max_candidates), "--max-lora-rank", str(self.max_rank),
+                "--lora-target-modules", "down_proj"]
+
+
+def check_share(share: float) -> float:
+    if not (isinstance(share, (int, float)) and 0.0 <= float(share) <= 1.0):
+        raise InvalidRequestError(f"share must be a number in [0, 1], got {share!r}")
+    return float(share)
+
+
+def bucket(request_id: str) -> float:
+    """A request id's fixed point in [0, 1) (sha256), so a retried request lands on the same side."""
+    h = hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A staged candidate (as listed)."""
+
+    id: str
+    model: str                     # <served-name>@candidate-<id>
+    patch_id: str
+    weights: tuple[str, ...]
+    rank: int
+    staged_at_head: int
+    share: float
+    caller: str
+    staged_at: float
+    lora_int_id: int
+
+    def label(self, version: int) -> str:
+        return f"{version}+candidate-{self.id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Candidates:
+    """The staged candidates of one server (see the module docstring)."""
+
+    def __init__(self, engine: Any, serving_models: Any, served_name: str, settings: CandidateSettings,
+                 workdir: Path) -> None:
+        self.engine = engine                 # editserve.engine.control.ControlPlane
+        self.serving_models = serving_models  # vLLM's OpenAIServingModels
+        self.served_name = served_name
+        self.settings = settings
+        self.workdir = workdir
+        self._staged: dict[str, tuple[Candidate, Patch, Path]] = {}
+        self._lock = asyncio.Lock()
+        self._next_int_id = 1_000_000        # away from vLLM's own counter for API-loaded adapters
+        self._promoting: set[str] = set()    # ids being promoted: their traffic goes to the head
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def list(self) -> list[Candidate]:
+        return [c for c, _, _ in self._staged.values()]
+
+    def get(self, cid: str) -> Candidate:
+        hit = self._staged.get(cid)
+        if hit is None:
+            raise CandidateNotFound(f"no staged candidate {cid!r} (staged: {sorted(self._staged) or 'none'})")
+        return hit[0]
+
+    def by_model(self, model: str) -> Candidate | None:
+        if NAME_SEP not in model:
+            return None
+        hit = self._staged.get(model.rpartition(NAME_SEP)[2])
+        return hit[0] if hit is not None and hit[0].model == model else None
+
+    def route_share(self, request_id: str) -> Candidate | None:
+        """The candidate a default-model request with this id goes to, or None (the head).
+        The candidates' shares partition [0, 1) in staging order."""
+        x, lo = bucket(request_id), 0.0
+        for c, _, _ in self._staged.values():
+            if c.share > 0 and lo <= x < lo + c.share:
+                return None if c.id in self._promoting else c
+            lo += c.share
+        return None
+
+    def promoting(self, cid: str) -> bool:
+        return cid in self._promoting
+
+    def begin_promotion(self, cid: str) -> None:
+        """From now on the candidate's traffic (by name or share) is served by the head: once its
+        patch is committed, head + adapter would apply the patch twice."""
+        self.get(cid)
+        self._promoting.add(cid)
+
+    def end_promotion(self, cid: str) -> None:
+        self._promoting.discard(cid)
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    async def stage(self, patch: Patch, export_dir: Path, caller: str, share: float | None = None) -> Candidate:
+        """Load `patch` as an adapter (head + patch); the patch must not be active at the head."""
+        from vllm.lora.request import LoRARequest
+
+        share = self.settings.share if share is None else check_share(share)
+        async with self._lock:
+            if len(self._staged) >= self.settings.max_candidates:
+                raise CandidateConflict(f"{len(self._staged)} candidate(s) are staged, the maximum "
+                                        f"(--candidates {self.settings.max_candidates}); promote or discard one first")
+            if sum(c.share for c, _, _ in self._staged.values()) + share > 1.0 + 1e-9:
+                raise InvalidRequestError(f"share {share} would send more than all default traffic to candidates")
+            head = await asyncio.to_thread(self.engine.ledger.head)
+            active = await asyncio.to_thread(self.engine.ledger.active_ids, head)
+            if patch.digest in active:
+                raise CandidateConflict(f"patch {patch.digest[:12]} is already active at the head (version {head})")
+            for c, _, _ in self._staged.values():
+                if c.patch_id == patch.digest:
+                    raise CandidateConflict(f"patch {patch.digest[:12]} is already staged as candidate {c.id}")
+            factors = factors_of([(1, patch)])
+            cid = secrets.token_hex(3)
+            adapter_dir = write_adapter(factors, self.workdir / cid / "adapter", str(self.engine.settings.model),
+                                        self.settings.max_rank)
+            kept = self.workdir / cid / "patch"
+            shutil.copytree(export_dir, kept)
+            int_id = self._next_int_id
+            self._next_int_id += 1
+            cand = Candidate(id=cid, model=f"{self.served_name}{NAME_SEP}{cid}", patch_id=patch.digest,
+                             weights=factors.weight_names, rank=factors.rank, staged_at_head=head, share=share,
+                             caller=caller, staged_at=time.time(), lora_int_id=int_id)
+            request = LoRARequest(lora_name=cand.model, lora_int_id=int_id, lora_path=str(adapter_dir))
+            await self.engine.engine.add_lora(request)
+            self.serving_models.lora_requests[cand.model] = request
+            self._staged[cid] = (cand, patch, kept)
+            self._gauge()
+        return cand
+
+    async def check_applies(self, cand: Candidate) -> int:
+        """The head, if `cand` still applies on top of it; `CandidateConflict` otherwise."""
+        ledger = self.engine.ledger
+        head = await asyncio.to_thread(ledger.head)
+        if head == cand.staged_at_head:
+            return head
+        before = set(await asyncio.to_thread(ledger.active_ids, cand.staged_at_head))
+        now = set(await asyncio.to_thread(ledger.active_ids, head))
+        if cand.patch_id in now:
+            return head
+        touched: set[str] = set()
+        for digest in before ^ now:
+            touched.update((await asyncio.to_thread(ledger.patch, digest)).weight_names)
+        clash = sorted(touched & set(cand.weights))
+        if clash:
+            raise CandidateConflict(
+                f"the head moved from version {cand.staged_at_head} to {head} and changed {clash} that candidate "
+                f"{cand.id} also changes; it no longer applies on top: discard it and stage it again")
+        return head
+
+    async def unload(self, cid: str) -> Candidate | None:
+        """Remove a candidate's adapter (None if it is not staged: idempotent)."""
+        async with self._lock:
+            hit = self._staged.pop(cid, None)
+            self._promoting.discard(cid)
+            if hit is None:
+                return None
+            cand = hit[0]
+            self._gauge()
+            self.serving_models.lora_requests.pop(cand.model, None)
+            try:
+                await self.engine.engine.remove_lora(cand.lora_int_id)
+            finally:
+                shutil.rmtree(self.workdir / cid, ignore_errors=True)
+        return cand
+
+    def _gauge(self) -> None:
+        metrics = getattr(self.engine, "metrics", None)
+        if metrics is not None:
+            metrics.set_candidates_staged(len(self._staged))
+
+    def patch_dir(self, cid: str) -> Path:
+        self.get(cid)
+        return self._staged[cid][2]
+
+    async def close(self) -> None:
+        """At shutdown: forget the candidates and remove their files (the engine, and the adapters
+        in it, go away with the server; nothing is asked of it here, so shutdown cannot hang on it)."""
+        self._staged.clear()
+        self._promoting.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def attach(control: Any, state: Any, served_name: str, environ: Mapping[str, str] | None = None) -> Candidates | None:
+    """Create the server's `Candidates` as ``control.candidates`` when ``EDITSERVE_CANDIDATES`` > 0."""
+    settings = CandidateSettings.from_env(environ)
+    if settings.max_candidates == 0:
+        control.candidates = None
+        return None
+    models = getattr(state, "openai_serving_models", None)
+    if models is None or not hasattr(models, "lora_requests"):
+        raise CandidatesDisabled("candidates need vLLM's OpenAI model registry with LoRA support")
+    workdir = Path(tempfile.mkdtemp(prefix="editserve-candidates-"))
+    control.candidates = Candidates(control, models, served_name, settings, workdir)
+    log.info("candidates: up to %d staged, LoRA rank <= %d, default share %.2f", settings.max_candidates,
+             settings.max_rank, settings.share)
+    return control.candidates

@@ -1,0 +1,48 @@
+"""Helpers of tests/test_candidates.py: a real ``editserve serve --candidates 2`` and HTTP calls."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.test_grpc import TOKENS, GrpcServer
+
+
+class CandidateServer(GrpcServer):
+    """The gRPC test server, started with candidates enabled (LoRA rank <= 8, 2 slots)."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.cmd[4:4] = ["--candidates", "2", "--candidate-max-rank", "8"]
+
+    def control(self, method: str, path: str, role: str = "admin", body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/editserve/v1{path}", data=data, method=method,
+                                     headers={"content-type": "application/json",
+                                              "authorization": f"Bearer {TOKENS[role]}"})
+        try:
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def generate(self, prompt: str, model: str = "smollm2", max_tokens: int = 6, request_id: str | None = None,
+                 ) -> tuple[list[int], str, str]:
+        """(greedy token ids, text, x-editserve-version header)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True}
+        headers = {"content-type": "application/json"}
+        if request_id is not None:
+            headers["x-request-id"] = request_id
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers=headers)
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            out = json.loads(resp.read())
+            return list(out["choices"][0]["token_ids"]), out["choices"][0]["text"], resp.headers["x-editserve-version"]
+
+    def models(self) -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=60) as resp:
+            return [m["id"] for m in json.loads(resp.read())["data"]]
