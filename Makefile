@@ -68,7 +68,7 @@ serve: venv
 	$(BIN)/editserve serve $(SERVE_CPU_ARGS) $(SERVE_ARGS)
 
 test: venv tools pg
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x --durations=30 tests
 
 bench: venv
 	$(BIN)/python bench/edit_bench.py

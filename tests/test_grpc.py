@@ -356,6 +356,17 @@ def test_statistics_warm_up_shows_in_status_and_metrics(server: GrpcServer) -> N
     assert metric == 1.0, lines
 
 
+def test_alphaedit_edit_through_the_server(server: GrpcServer) -> None:
+    """method="alphaedit" goes through the one door: computed by the sidecar with the head's
+    preserved-keys state, probed by the gate; a dry run commits nothing."""
+    before = _state(server)
+    with server.client("editor") as c:
+        resp = c.edit([EIFFEL], method="alphaedit", dry_run=True)
+    assert resp.change.kind == "dry_run" and resp.change.method == "alphaedit" and not resp.change.committed
+    assert resp.report.passed and resp.report.efficacy == 1.0, resp.report
+    assert _state(server) == before
+
+
 def test_catalogue_is_large_enough() -> None:
     assert len(CATALOGUE) >= 50
     assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
