@@ -94,6 +94,9 @@ def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slo
         module = model.get_submodule(module_name)
     except AttributeError as exc:
         raise PatchMismatchError(f"the served model has no module {module_name!r} (layer {layer})") from exc
+    # With LoRA enabled (candidates, docs/candidates.md) vLLM wraps the layer; its weight, packed
+    # kernel and tensor-parallel slice are the wrapped base layer's, which must be written and re-packed.
+    module = getattr(module, "base_layer", module)
     param = getattr(module, "weight", None)
     if not isinstance(param, torch.Tensor) or param.dim() != 2:
         raise PatchMismatchError(f"{module_name!r} has no 2-D weight to edit")
