@@ -72,7 +72,8 @@ def _to_json(msg: Any) -> Any:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
-async def _body(request: Any, cls: Any) -> Any:
+async def _plain_body(request: Any) -> dict[str, Any]:
+    """The request's JSON object body: bounded in size, and never naming its own caller."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise RequestTooLarge(f"the request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
@@ -88,26 +89,18 @@ async def _body(request: Any, cls: Any) -> Any:
     if "caller" in body:
         raise InvalidRequestError("'caller' is not accepted: the audit log records the authenticated token's "
                                   f"principal (got caller={body['caller']!r})")
+    return body
+
+
+async def _body(request: Any, cls: Any) -> Any:
+    """The request's body as the proto message `cls` (the JSON form of the gRPC request)."""
+    body = await _plain_body(request)
     if "hparams" in body:
         hp = body.pop("hparams")
         if not isinstance(hp, dict):
             raise InvalidRequestError(f"hparams must be an object, got {hp!r}")
         body["hparams_json"] = json.dumps(hp)
     return _message(body, cls)
-
-
-async def _plain_body(request: Any) -> dict[str, Any]:
-    """A JSON object body (for the routes without a proto message), bounded like `_body`."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise RequestTooLarge(f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequestError(f"the request body is not UTF-8 JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 def _query(request: Any, cls: Any, repeated: tuple[str, ...] = ()) -> Any:
