@@ -29,6 +29,7 @@ RULE_TESTS = DEPLOY / "prometheus" / "rules.test.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "editserve-dashboard.json"
 K8S = DEPLOY / "k8s"
+PG_EXAMPLE = K8S / "postgres-example"
 COMPOSE = DEPLOY / "compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 VENV_BIN = Path(sys.executable).parent
@@ -185,7 +186,7 @@ def test_scrape_config_passes_promtool_check(promtool):
     assert config["rule_files"] == ["rules.yml"]
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "editserve")
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == ["editserve:8000"]
+    assert job["static_configs"][0]["targets"] == ["editserve-a:8000", "editserve-b:8000"]
 
 
 def test_rule_and_rule_test_metric_names_are_exported(exported):
@@ -274,12 +275,13 @@ def k8s_objects() -> dict[tuple[str, str], dict]:
 
 
 def test_k8s_manifests_validate_against_kubernetes_schemas():
-    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    files = sorted(str(p) for p in [*K8S.glob("*.yaml"), *PG_EXAMPLE.glob("*.yaml")])
     proc = run([tool("kubernetes-validate"), "--strict", *files])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for kind in ("deployment/editserve", "service/editserve-http", "service/editserve-grpc",
-                 "persistentvolumeclaim/editserve-ledger", "secret/editserve-tokens",
-                 "secret/editserve-control-tokens", "secret/editserve-tls"):
+                 "poddisruptionbudget/editserve", "secret/editserve-tokens",
+                 "secret/editserve-control-tokens", "secret/editserve-tls", "secret/editserve-ledger-dsn",
+                 "statefulset/editserve-postgres", "service/editserve-postgres", "secret/editserve-postgres"):
         assert f"passed for resource {kind}" in proc.stdout + proc.stderr, kind
 
 
@@ -290,9 +292,10 @@ def test_kubernetes_validate_rejects_a_broken_deployment(tmp_path):
     assert proc.returncode != 0
 
 
-def test_kustomization_lists_every_manifest():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+@pytest.mark.parametrize("folder", [K8S, PG_EXAMPLE], ids=["k8s", "postgres-example"])
+def test_kustomization_lists_every_manifest(folder):
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    files = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
 
 
@@ -301,7 +304,13 @@ def test_k8s_objects_reference_each_other():
     deploy = objs[("Deployment", "editserve")]
     pod = deploy["spec"]["template"]
     assert deploy["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    # A fleet: three replicas, replaced one at a time, at most one down through a voluntary disruption.
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate",
+                                          "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    pdb = objs[("PodDisruptionBudget", "editserve")]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     # GPU request.
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -310,23 +319,32 @@ def test_k8s_objects_reference_each_other():
     assert ports == {"http": 8000, "grpc": 50051}
     # Non-root.
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    # The ledger PVC is mounted at $EDITSERVE_HOME/ledger.
+    # The ledger is PostgreSQL: its DSN is a file of a mounted Secret; no persistent volume, no
+    # ledger path under $EDITSERVE_HOME; the replica id is the pod name.
     env = {e["name"]: e for e in container["env"]}
     home = env["EDITSERVE_HOME"]["value"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    ledger_volume = volumes[mounts[f"{home}/ledger"]]
-    pvc_name = ledger_volume["persistentVolumeClaim"]["claimName"]
-    assert ("PersistentVolumeClaim", pvc_name) in objs
+    assert not any("persistentVolumeClaim" in v for v in volumes.values())
+    assert not any(kind == "PersistentVolumeClaim" for kind, _ in objs)
+    assert f"{home}/ledger" not in mounts and "EDITSERVE_LEDGER" not in env
+    dsn_file = env["EDITSERVE_LEDGER_DSN_FILE"]["value"]
+    secret, key = _mounted_secret_files(pod, container, objs)[dsn_file]
+    assert (secret, key) == ("editserve-ledger-dsn", "dsn")
+    assert env["EDITSERVE_REPLICA_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["EDITSERVE_MAX_SKEW"]["value"].isdigit()
     # Every secret key the pod reads exists.
     for e in env.values():
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         if ref:
             secret = objs[("Secret", ref["name"])]
             assert ref["key"] in secret["stringData"], ref
-    # Probes hit vLLM's /health on the HTTP port, which serves HTTPS only.
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Liveness and startup hit vLLM's /health, readiness the skew-aware route, on the HTTP port (HTTPS only).
+    from editserve.engine.http import READY_PATH
+
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+    assert container["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "http", "scheme": "HTTPS"}
     # Services select the pod and target named container ports.
     services = {name: o for (kind, name), o in objs.items() if kind == "Service"}
     assert {s["spec"]["ports"][0]["port"] for s in services.values()} == {8000, 50051}
@@ -396,31 +414,50 @@ def test_compose_file_matches_the_compose_spec():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_compose_wires_editserve_prometheus_grafana():
-    compose = yaml.safe_load(COMPOSE.read_text())
+REPLICAS = ("editserve-a", "editserve-b")
+
+
+def test_compose_wires_two_replicas_postgres_prometheus_grafana():
+    compose = yaml.safe_load(COMPOSE.read_text())   # YAML merge keys (<<) resolved, as compose does
     services = compose["services"]
-    assert set(services) == {"editserve", "prometheus", "grafana"}
-    editserve = services["editserve"]
-    assert (COMPOSE.parent / editserve["build"]["context"] / editserve["build"]["dockerfile"]).resolve() == DOCKERFILE
-    assert {"8000:8000", "50051:50051"} <= set(editserve["ports"])
-    assert "ledger:/var/lib/editserve/ledger" in editserve["volumes"]
-    # TLS on both listeners and tokens from secret files; no token in a plain environment value.
-    env = editserve["environment"]
-    secrets = {name: f"/run/secrets/{name}" for name in editserve["secrets"]}
-    assert set(editserve["secrets"]) <= set(compose["secrets"])
-    for name in secrets:
-        assert compose["secrets"][name]["file"] == f"./secrets/{name}"
-    for name in ("EDITSERVE_CONTROL_TOKEN", "VLLM_API_KEY", "EDITSERVE_GRPC_INSECURE"):
-        assert name not in env, f"{name} must not be set in compose.yml"
-    assert env["EDITSERVE_CONTROL_TOKENS_FILE"] == secrets["control-tokens.json"]
-    assert env["EDITSERVE_API_KEY_FILE"] == secrets["api-key"]
-    assert env["EDITSERVE_GRPC_ADDR"] == "0.0.0.0:50051"
-    assert (env["EDITSERVE_GRPC_TLS_CERT"], env["EDITSERVE_GRPC_TLS_KEY"]) == (secrets["tls.crt"], secrets["tls.key"])
-    flags = dict(zip(editserve["command"][::2], editserve["command"][1::2]))
-    assert flags == {"--host": "0.0.0.0", "--port": "8000", "--ssl-certfile": secrets["tls.crt"],
-                     "--ssl-keyfile": secrets["tls.key"]}
+    assert set(services) == {*REPLICAS, "postgres", "prometheus", "grafana"}
+    published = set()
+    for name in REPLICAS:
+        editserve = services[name]
+        assert (COMPOSE.parent / editserve["build"]["context"] / editserve["build"]["dockerfile"]).resolve() == DOCKERFILE
+        ports = {p.split(":")[1]: p.split(":")[0] for p in editserve["ports"]}
+        assert set(ports) == {"8000", "50051"}
+        published |= set(ports.values())
+        # TLS on both listeners and tokens from secret files; no token in a plain environment value.
+        env = editserve["environment"]
+        secrets = {name: f"/run/secrets/{name}" for name in editserve["secrets"]}
+        assert set(editserve["secrets"]) <= set(compose["secrets"])
+        for secret in secrets:
+            assert compose["secrets"][secret]["file"] == f"./secrets/{secret}"
+        for var in ("EDITSERVE_CONTROL_TOKEN", "VLLM_API_KEY", "EDITSERVE_GRPC_INSECURE", "EDITSERVE_LEDGER"):
+            assert var not in env, f"{var} must not be set in compose.yml"
+        assert env["EDITSERVE_CONTROL_TOKENS_FILE"] == secrets["control-tokens.json"]
+        assert env["EDITSERVE_API_KEY_FILE"] == secrets["api-key"]
+        assert env["EDITSERVE_GRPC_ADDR"] == "0.0.0.0:50051"
+        assert (env["EDITSERVE_GRPC_TLS_CERT"], env["EDITSERVE_GRPC_TLS_KEY"]) == (secrets["tls.crt"], secrets["tls.key"])
+        flags = dict(zip(editserve["command"][::2], editserve["command"][1::2]))
+        assert flags == {"--host": "0.0.0.0", "--port": "8000", "--ssl-certfile": secrets["tls.crt"],
+                         "--ssl-keyfile": secrets["tls.key"]}
+        # One ledger for both: the PostgreSQL DSN from a secret file; each replica its own id and home.
+        assert env["EDITSERVE_LEDGER_DSN_FILE"] == secrets["ledger-dsn"]
+        assert env["EDITSERVE_REPLICA_ID"] == name
+        assert not any(v.split(":")[1].startswith("/var/lib/editserve/ledger") for v in editserve["volumes"])
+        assert editserve["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert len(published) == 4, "each replica publishes its own host ports"
+    assert len({services[n]["volumes"][0].split(":")[0] for n in REPLICAS}) == 2, "one home volume per replica"
+    postgres = services["postgres"]
+    assert postgres["image"].startswith("postgres:15")
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres-password"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert compose["secrets"]["postgres-password"]["file"] == "./secrets/postgres-password"
     # The secret files are what deploy/make-secrets.sh writes (tested below), and git ignores them.
-    ignored = run(["git", "check-ignore", "deploy/secrets/tls.key", "deploy/secrets/control-tokens.json"], cwd=REPO)
+    ignored = run(["git", "check-ignore", "deploy/secrets/tls.key", "deploy/secrets/control-tokens.json",
+                   "deploy/secrets/ledger-dsn"], cwd=REPO)
     assert ignored.returncode == 0, "deploy/secrets/* must be git-ignored"
     # Every bind-mounted file or folder exists; Prometheus gets the config and the rules next to it.
     for service in services.values():
@@ -430,13 +467,37 @@ def test_compose_wires_editserve_prometheus_grafana():
                 assert (COMPOSE.parent / source).exists(), volume
     assert "./prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in services["prometheus"]["volumes"]
     assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
-    # The scrape target is the editserve service's HTTP port, over HTTPS with the CA from a secret.
+    # The scrape targets are both replicas' HTTP ports, over HTTPS with the CA from a secret.
     job = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"][0]
-    target = job["static_configs"][0]["targets"][0]
-    host, port = target.split(":")
-    assert host in services and f"{port}:{port}" in services[host]["ports"]
-    assert job["scheme"] == "https" and job["tls_config"]["server_name"] == host
+    targets = job["static_configs"][0]["targets"]
+    assert sorted(t.split(":")[0] for t in targets) == sorted(REPLICAS)
+    assert all(t.split(":")[1] == "8000" for t in targets)
+    assert job["scheme"] == "https" and job["tls_config"]["server_name"] == "editserve"
     assert job["tls_config"]["ca_file"] == "/run/secrets/ca.crt" and "ca.crt" in services["prometheus"]["secrets"]
+
+
+def test_postgres_example_serves_the_dsn_the_replicas_read():
+    """deploy/k8s/postgres-example: a StatefulSet with a volume, a Service and a password Secret
+    whose names match the DSN shown in Secret editserve-ledger-dsn's comment."""
+    objs = {}
+    for path in sorted(PG_EXAMPLE.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            if doc["kind"] != "Kustomization":
+                objs[(doc["kind"], doc["metadata"]["name"])] = doc
+    sts = objs[("StatefulSet", "editserve-postgres")]
+    svc = objs[("Service", "editserve-postgres")]
+    pod = sts["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["image"].startswith("postgres:15")
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["ports"][0]["port"] == 5432
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in objs[("Secret", ref["name"])]["stringData"]
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    dsn_doc = (K8S / "secret.yaml").read_text()
+    user, db = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    assert f"postgresql://{user}:<password of Secret editserve-postgres>@editserve-postgres:5432/{db}" in dsn_doc
 
 
 def test_make_secrets_writes_what_the_listeners_accept(tmp_path):
@@ -459,7 +520,11 @@ def test_make_secrets_writes_what_the_listeners_accept(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o700
     cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {"localhost", "editserve", "editserve-http", "editserve-grpc"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert {"localhost", "editserve", *REPLICAS, "editserve-http", "editserve-grpc"} <= set(sans.get_values_for_type(x509.DNSName))
+    # The compose ledger: a password, and the DSN with it that the replicas read.
+    password = (out / "postgres-password").read_text().strip()
+    assert len(password) >= 32
+    assert (out / "ledger-dsn").read_text().strip() == f"postgresql://editserve:{password}@postgres:5432/editserve"
     assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
     verify = run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), str(out / "tls.crt")])
     assert verify.returncode == 0, verify.stdout + verify.stderr
