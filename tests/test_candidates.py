@@ -181,10 +181,10 @@ def test_roles_and_typed_errors(server: CandidateServer, state: dict[str, Any]) 
 def test_discard_leaves_ledger_unchanged(server: CandidateServer, state: dict[str, Any]) -> None:
     before = _ledger_rows(server)
     cid, model = state["cand"]["id"], state["cand"]["model"]
+    cli = _cli(server, "discard", cid)
+    assert cli.returncode == 0 and f"candidate {cid} discarded" in cli.stdout, (cli.stdout, cli.stderr)
     status, out = server.control("POST", f"/candidates/{cid}/discard", "editor")
-    assert status == 200 and out["outcome"] == "discarded", out
-    again = server.control("POST", f"/candidates/{cid}/discard", "editor")
-    assert again == (200, out)                                   # idempotent
+    assert status == 200 and out["outcome"] == "discarded" and out["version"] is None, out   # idempotent
     assert model not in server.models()
     assert _ledger_rows(server) == before
     for p in PROMPTS:
@@ -217,6 +217,7 @@ def test_stage_dry_run_edit_and_discard_under_load(server: CandidateServer, stat
     assert not load.failures, load.failures[:5]
     later = [x for t, x in load.labels if t > t_discarded]
     assert later and not any(label in x for x in later), later
+    assert f"candidate {cand.id}: drained" in server.log_path.read_text(errors="replace")   # observed, not timed
     assert cand.model not in server.models()
     assert _ledger_rows(server) == before
     for p in PROMPTS:
@@ -224,8 +225,14 @@ def test_stage_dry_run_edit_and_discard_under_load(server: CandidateServer, stat
 
 
 def test_share_routes_about_30_percent_sticky(server: CandidateServer, state: dict[str, Any]) -> None:
-    status, cand = server.control("POST", "/candidates", "admin", {"version": 1, "share": 0.3})
-    assert status == 200, cand
+    cli = _cli(server, "stage", "--version", "1", "--share", "0.3", "--json", role="editor")
+    assert cli.returncode == 3 and "PERMISSION_DENIED" in cli.stderr, cli.stderr      # a share needs admin
+    cli = _cli(server, "stage", "--version", "1", "--share", "0.3", "--json", role="admin")
+    assert cli.returncode == 0, cli.stderr
+    staged = json.loads(cli.stdout)
+    status, listing = server.control("GET", "/candidates", "viewer")
+    cand = next(c for c in listing["candidates"] if c["id"] == staged["id"])
+    assert cand["share"] == 0.3 and cand["source"] == "ledger", cand
     state["cand"] = cand
     label = f"+candidate-{cand['id']}"
     sides = {}
@@ -265,12 +272,15 @@ def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> N
         status, out = server.control("POST", f"/candidates/{cid}/promote", "admin")
         assert status == 200 and out["outcome"] == "promoted" and out["version"] > state["head"], out
         assert server.control("POST", f"/candidates/{cid}/promote", "admin") == (200, out)   # idempotent
+        cli = _cli(server, "promote", cid, role="admin")
+        assert cli.returncode == 0 and f"now serving version {out['version']}" in cli.stdout, cli.stderr
     finally:
         done.set()
         for w in workers:
             w.join(300)
     assert not failures, failures[:5]
     assert count[0] > 0
+    assert f"candidate {cid}: drained" in server.log_path.read_text(errors="replace")
     assert state["cand"]["model"] not in server.models()
     for p in PROMPTS:
         ids, _, version = server.generate(p)

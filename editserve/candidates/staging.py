@@ -234,17 +234,23 @@ class Candidates:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         quiet_since: float | None = None
+        t0, most = loop.time(), 0
         while loop.time() < deadline:
             n = self.in_flight(cand)
             if n is None:
+                log.warning("candidate %s: vLLM's running requests are not observable here; unloading its "
+                            "adapter after %.1f s", cid, QUIET_S)
                 await asyncio.sleep(QUIET_S)
                 return False
             now = loop.time()
+            most = max(most, n)
             if n:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= QUIET_S:
+                log.info("candidate %s: drained (at most %d request(s) still ran on its adapter; %.2f s)", cid, most,
+                         now - t0)
                 return True
             await asyncio.sleep(DRAIN_POLL_S)
         log.warning("candidate %s: requests still ran on its adapter after %.0f s; unloading it anyway "
