@@ -19,6 +19,15 @@ class CandidateServer(GrpcServer):
         super().__init__(tmp)
         self.cmd[4:4] = ["--candidates", "2", "--candidate-max-rank", "8"]
 
+    def start(self, timeout_s: float = 600.0) -> None:
+        """Start (again): the log of an earlier run of this server is kept as ``server.log.<n>``."""
+        if self.log_path.exists():
+            n = 1
+            while self.log_path.with_name(f"server.log.{n}").exists():
+                n += 1
+            self.log_path.rename(self.log_path.with_name(f"server.log.{n}"))
+        super().start(timeout_s)
+
     def control(self, method: str, path: str, role: str = "admin", body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/editserve/v1{path}", data=data, method=method,

@@ -3,7 +3,8 @@
 `Operations` is what the gRPC servicer (`editserve.control.service`) and the HTTP routes
 (`editserve.control.http`) call, with an authenticated `Principal` and a validated request
 (`editserve.control.validate`): edit, rollback, revert, import, sync, probe, trace, status,
-versions, version, diff, export, checksums and the event stream. Each operation checks the
+versions, version, diff, export, checksums, the event stream, and the candidates' stage, list,
+compare, promote and discard (`editserve.candidates.operations`). Each operation checks the
 principal's role again (`editserve.control.principals.OPERATION_ROLES`), applies the gate
 policy (`editserve.control.gate`) and the limits (`editserve.control.limits`), records the
 caller from the principal (never from the request), writes one audit line
