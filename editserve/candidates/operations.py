@@ -29,7 +29,13 @@ from typing import Any
 
 from editserve.candidates.compare import CompareItem, Comparison, gate_items
 from editserve.candidates.compare import compare as compare_sides
-from editserve.candidates.staging import Candidate, Candidates, CandidatesDisabled, CandidateNotFound
+from editserve.candidates.staging import (
+    Candidate,
+    CandidateConflict,
+    Candidates,
+    CandidatesDisabled,
+    CandidateNotFound,
+)
 from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
@@ -146,7 +152,7 @@ async def promote(engine: Any, caller: str, cid: str) -> Outcome:
     cands = candidates_of(engine)
     cand = cands.get(cid)
     await cands.check_applies(cand)
-    cands.begin_leaving(cid)
+    cands.begin_leaving(cid, promotion=True)
     try:
         await cands.drain(cid)
         head = await cands.check_applies(cand)          # the head may have moved while draining
@@ -170,6 +176,8 @@ async def discard(engine: Any, caller: str, cid: str) -> Outcome:
         return book[cid]
     cands = candidates_of(engine)
     cand = cands.get(cid)
+    if cands.promoting(cid):
+        raise CandidateConflict(f"candidate {cid} is being promoted; it cannot be discarded now")
     await cands.unload(cid)
     out = _remember(engine, Outcome(candidate=cid, outcome="discarded", version=None, patch_id=cand.patch_id))
     audit.info("audit: discard of candidate %s (patch %s) by %s", cid, cand.patch_id[:12], caller)

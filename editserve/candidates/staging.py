@@ -160,6 +160,7 @@ class Candidates:
         self._lock = asyncio.Lock()
         self._next_int_id = 1_000_000        # away from vLLM's own counter for API-loaded adapters
         self._leaving: set[str] = set()      # ids being promoted or discarded: their traffic goes to the head
+        self._promoting: set[str] = set()    # ids being promoted (a discard is refused meanwhile)
         self._probes: dict[str, tuple[Any, ...]] = {}   # id → the gate's prompts (editserve.candidates.compare)
         self._routed: dict[str, int] = {}    # id → generation requests routed to it
         self.head_routed = 0                 # generation requests left on the head while candidates were staged
@@ -195,14 +196,20 @@ class Candidates:
     def leaving(self, cid: str) -> bool:
         return cid in self._leaving
 
-    def begin_leaving(self, cid: str) -> None:
+    def begin_leaving(self, cid: str, promotion: bool = False) -> None:
         """From now on the candidate's traffic (by name or share) is served by the head (before a
         promotion: once its patch is committed, head + adapter would apply the patch twice)."""
         self.get(cid)
         self._leaving.add(cid)
+        if promotion:
+            self._promoting.add(cid)
 
     def end_leaving(self, cid: str) -> None:
         self._leaving.discard(cid)
+        self._promoting.discard(cid)
+
+    def promoting(self, cid: str) -> bool:
+        return cid in self._promoting
 
     def count(self, cand: Candidate | None) -> None:
         """Count one generation request routed while candidates are staged (to `cand`, or the head)."""
@@ -345,6 +352,7 @@ class Candidates:
                 await self.engine.engine.remove_lora(cand.lora_int_id)
             finally:
                 self._leaving.discard(cid)
+                self._promoting.discard(cid)
                 self._retired.append((time.monotonic(), self.workdir / cid))
         self._prune_retired()
         return cand
@@ -373,6 +381,7 @@ class Candidates:
         in it, go away with the server; nothing is asked of it here, so shutdown cannot hang on it)."""
         self._staged.clear()
         self._leaving.clear()
+        self._promoting.clear()
         self._probes.clear()
         self._retired.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
