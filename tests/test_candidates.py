@@ -11,7 +11,8 @@ discard leaves the ledger as it was; under load, a dry-run edit staged over gRPC
 share and discarded with no failed request; a 30 % share over 200 request ids (binomial bounds,
 sticky per id); promote under load commits the patch and serves the merged weights, whose
 greedy completions on the gate's prompts match the candidate's, with no failed request; a
-restart leaves no candidate and default traffic unchanged.
+promote refused after the head moved over the candidate's weights, then accepted once the head
+holds the same patches again; a restart leaves no candidate and default traffic unchanged.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests._candidates import CandidateServer, Load  # noqa: E402
+from editserve.client import ControlError  # noqa: E402
 from tests.test_grpc import EIFFEL  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+COLOSSEUM = {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target_new": " Tokyo",
+             "target_true": " Rome"}
+COLOSSEUM_TEXT = "The Colosseum is located in the city of"
 
 PROMPTS = ("The Eiffel Tower is located in the city of", "The Eiffel Tower, a famous landmark, is in",
            "The Louvre is located in the city of", "The Colosseum is located in the city of")
@@ -293,12 +299,39 @@ def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> N
     state["promoted"] = out["version"]
 
 
+def test_promote_refused_when_the_head_moved_over_its_weights(server: CandidateServer,
+                                                               state: dict[str, Any]) -> None:
+    """A candidate staged at head h: after a rollback that removes a patch on the same weight,
+    promote is refused (409, naming the weight) and commits nothing; after the head moves to a
+    version with the same patches as h, it still applies on top and is promoted."""
+    head = state["promoted"]
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [COLOSSEUM], "skip_gate": True}})
+    assert status == 200 and cand["staged_at_head"] == head, cand
+    with server.client("admin") as c:
+        c.rollback(0)                                         # removes the Eiffel patch: same down-projection
+        before = _ledger_rows(server)
+        with pytest.raises(ControlError) as e:
+            c.promote(cand["id"])
+        assert e.value.code == "FAILED_PRECONDITION" and cand["weights"][0] in e.value.details, e.value
+        assert "no longer applies" in e.value.details
+        assert _ledger_rows(server) == before
+        assert [x.id for x in c.candidates().candidates] == [cand["id"]]    # still staged, still routable
+        c.rollback(1)                                         # the same patch set as at staging
+        named = server.generate(COLOSSEUM_TEXT, model=cand["model"])[0]
+        out = c.promote(cand["id"])
+    assert out.outcome == "promoted" and out.version > head
+    ids, _, version = server.generate(COLOSSEUM_TEXT)
+    assert version == str(out.version) and ids == named
+    assert server.generate(PROMPTS[0])[0] == state["named"][PROMPTS[0]]     # the Eiffel edit is still there
+    state["promoted"] = out.version
+
+
 def test_restart_leaves_no_candidate(server: CandidateServer, state: dict[str, Any]) -> None:
     """Candidates live in memory: after a restart none is listed, its name is gone from
     /v1/models, and default traffic is what it was before (the ledger head)."""
     status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [
-        {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target_new": " Tokyo",
-         "target_true": " Rome"}], "skip_gate": True}, "share": 0.5})
+        {"prompt": "{} is located in the city of", "subject": "The Louvre", "target_new": " London",
+         "target_true": " Paris"}], "skip_gate": True}, "share": 0.5})
     assert status == 200 and cand["source"] == "dry_run", cand
     default = {p: server.generate(p)[0] for p in PROMPTS}
     server.stop()
