@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "editserve.commands.serve",
     "editserve.commands.trace",
     "editserve.commands.remote",
+    "editserve.commands.candidates",
 )
 
 

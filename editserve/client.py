@@ -284,6 +284,50 @@ class EditClient:
             req.expected_head = expected_head
         return self._call("ImportPatch", req)
 
+    # -- candidates (docs/candidates.md) ------------------------------------------------------
+
+    def candidates(self) -> Any:
+        """The staged candidates (``ListCandidatesResponse``)."""
+        from editserve.control.gen import pb2
+
+        return self._call("ListCandidates", pb2.ListCandidatesRequest(), timeout_s=60)
+
+    def stage(self, ref: str = "", version: int | None = None, manifest_json: bytes = b"", factors: bytes = b"",
+              edit: Any = None, share: float | None = None, operation_id: str = "") -> Any:
+        """Stage a candidate from exactly one of: a ledger patch (`ref` or the `version` that added
+        it), a patch export (`manifest_json` + `factors`), or `edit` (an ``EditRequest``, or a list
+        of fact mappings): computed as a dry run through the probe gate. Returns a ``Candidate``."""
+        from editserve.control.gen import pb2
+
+        req = pb2.StageCandidateRequest(ref=ref, manifest_json=manifest_json, factors=factors)
+        if version is not None:
+            req.version = version
+        if share is not None:
+            req.share = share
+        if edit is not None:
+            req.edit.CopyFrom(edit if isinstance(edit, pb2.EditRequest)
+                              else pb2.EditRequest(facts=[_fact(f) for f in edit]))
+        meta = [(OPERATION_KEY, operation_id)] if operation_id else []
+        return self._call("StageCandidate", req, metadata=meta)
+
+    def promote(self, candidate: str) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("PromoteCandidate", pb2.PromoteCandidateRequest(candidate=candidate))
+
+    def discard(self, candidate: str) -> Any:
+        from editserve.control.gen import pb2
+
+        return self._call("DiscardCandidate", pb2.DiscardCandidateRequest(candidate=candidate))
+
+    def compare(self, candidate: str, items: Sequence[tuple[str, str] | tuple[str, str, str]] = ()) -> Any:
+        """The gate's prompts of the candidate's facts plus `items` (prompt, target[, other]),
+        scored on the head and on the candidate (``CompareCandidateResponse``)."""
+        from editserve.control.gen import pb2
+
+        msgs = [pb2.ProbeItem(prompt=it[0], target=it[1], other=it[2] if len(it) > 2 else "") for it in items]
+        return self._call("CompareCandidate", pb2.CompareCandidateRequest(candidate=candidate, items=msgs))
+
 
 def _error(err: grpc.RpcError) -> ControlError:
     from editserve.control.gen import pb2

@@ -5,16 +5,25 @@ A ROME edit (Eiffel Tower → Rome) is committed as version 1 and its greedy com
 a rollback to version 0 makes the head the base again, and version 1's patch is staged as a
 candidate (a LoRA adapter on the edited down-projection). Then: the candidate's
 name reaches it and only it (default traffic bit-identical token ids to the base), the listing
-and /v1/models; roles; a 30 % share over 200 request ids (binomial bounds, sticky per id);
-discard leaves the ledger as it was; promote under light concurrent load commits the patch and
-serves the merged weights, whose greedy completions match the candidate's, with no failed request.
+(HTTP and gRPC, with routed-request counts) and /v1/models; compare (gRPC, HTTP, CLI): the
+gate's prompts and a caller's scored on both sides, vLLM's weight-version label; roles;
+discard leaves the ledger as it was; under load, a dry-run edit staged over gRPC with a 50 %
+share and discarded with no failed request; a 30 % share over 200 request ids (binomial bounds,
+sticky per id); promote under load commits the patch and serves the merged weights, whose
+greedy completions on the gate's prompts match the candidate's, with no failed request; a
+promote refused after the head moved over the candidate's weights, then accepted once the head
+holds the same patches again; a restart leaves no candidate and default traffic unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -23,10 +32,15 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests._candidates import CandidateServer  # noqa: E402
+from tests._candidates import CandidateServer, Load  # noqa: E402
+from editserve.client import ControlError  # noqa: E402
 from tests.test_grpc import EIFFEL  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+COLOSSEUM = {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target_new": " Tokyo",
+             "target_true": " Rome"}
+COLOSSEUM_TEXT = "The Colosseum is located in the city of"
 
 PROMPTS = ("The Eiffel Tower is located in the city of", "The Eiffel Tower, a famous landmark, is in",
            "The Louvre is located in the city of", "The Colosseum is located in the city of")
@@ -79,6 +93,7 @@ def test_stage_reaches_only_named_requests(server: CandidateServer, state: dict[
     assert cand["model"] in server.models()
     status, listing = server.control("GET", "/candidates", "viewer")
     assert status == 200 and [c["id"] for c in listing["candidates"]] == [cand["id"]]
+    assert listing["candidates"][0]["routed_requests"] == 0 and listing["candidates"][0]["source"] == "ledger"
     # Default traffic: bit-identical token ids, plain version header.
     for p in PROMPTS:
         ids, _, version = server.generate(p)
@@ -91,6 +106,62 @@ def test_stage_reaches_only_named_requests(server: CandidateServer, state: dict[
     mismatched = [p for p in PROMPTS if named[p][0] != merged[p][0]]
     assert not mismatched, {p: (named[p][1], merged[p][1]) for p in mismatched}
     state.update(cand=cand, base=base, named={p: named[p][0] for p in PROMPTS})
+    with server.client("viewer") as c:                       # the same listing over gRPC, with the counts
+        listed = c.candidates()
+    assert [x.id for x in listed.candidates] == [cand["id"]] and listed.served_version == int(served)
+    assert listed.candidates[0].routed_requests == len(PROMPTS) and listed.head_requests >= len(PROMPTS)
+    assert listed.max_candidates == 2 and listed.max_rank == 8
+
+
+def test_compare_side_by_side(server: CandidateServer, state: dict[str, Any]) -> None:
+    """The gate's prompts of the staged fact plus a caller's, scored on the head and on the
+    candidate by the engine; the same over HTTP and in ``editserve compare``."""
+    cid, served = state["cand"]["id"], state["served"]
+    caller = ("The capital of Italy is", " Rome", " Paris")
+    with server.client("editor") as c:
+        r = c.compare(cid, [caller])
+    kinds = [x.kind for x in r.scores]
+    assert kinds[0] == "efficacy" and kinds[-1] == "caller" and "neighbourhood" in kinds, kinds
+    assert r.head.label == served and r.staged.label == f"{served}+candidate-{cid}"
+    eff = r.scores[0]
+    assert eff.prompt == PROMPTS[0] and eff.target == " Rome" and eff.other == " Paris"
+    assert eff.candidate_target_logprob > eff.candidate_other_logprob        # the edit, on the candidate
+    assert eff.head_target_logprob < eff.head_other_logprob                  # the base, on the head
+    assert (eff.head_success, eff.candidate_success) == (False, True)
+    assert "Rome" in eff.candidate_top_token and "Rome" not in eff.head_top_token
+    assert r.staged.efficacy == 1.0 and r.head.efficacy == 0.0
+    assert 0.0 <= r.staged.neighbourhood <= 1.0
+    last = r.scores[-1]
+    assert (last.prompt, last.target, last.other) == caller and last.HasField("candidate_other_logprob")
+    # vLLM's weight-version label is engine-wide: the head's version on both sides.
+    assert r.head.weight_version == r.staged.weight_version == served, (r.head, r.staged)
+    # Scoring is deterministic: the same request over HTTP gives the same numbers.
+    status, h = server.control("POST", f"/candidates/{cid}/compare", "editor",
+                               {"items": [{"prompt": caller[0], "target": caller[1], "other": caller[2]}]})
+    assert status == 200, h
+    # (to a tolerance: the engine's batches differ between the two calls)
+    assert [x["prompt"] for x in h["scores"]] == [x.prompt for x in r.scores]
+    for x, y in zip(h["scores"], r.scores):
+        assert abs(x["candidate"]["target_logprob"] - y.candidate_target_logprob) < 0.02, (x, y)
+        assert abs(x["head"]["target_logprob"] - y.head_target_logprob) < 0.02, (x, y)
+    status, err = server.control("POST", f"/candidates/{cid}/compare", "viewer", {})
+    assert status == 403, err
+    # The candidate's greedy completions on the gate's prompts, for the promote test.
+    gate_prompts = sorted({x.prompt for x in r.scores if x.kind != "caller"})
+    state["gate_named"] = {p: server.generate(p, model=state["cand"]["model"])[0] for p in gate_prompts}
+    out = _cli(server, "compare", cid, "--item", *caller)
+    assert out.returncode == 0, out.stderr
+    assert f"{served}+candidate-{cid}" in out.stdout and "efficacy" in out.stdout and "caller" in out.stdout
+    out = _cli(server, "candidates", role="viewer")
+    assert out.returncode == 0 and cid in out.stdout and "requests" in out.stdout, (out.stdout, out.stderr)
+
+
+def _cli(server: CandidateServer, *args: str, role: str = "editor") -> subprocess.CompletedProcess:
+    from tests.test_grpc import TOKENS
+
+    env = {**os.environ, "EDITSERVE_CONTROL_TOKEN": TOKENS[role]}
+    return subprocess.run([sys.executable, "-m", "editserve.cli", *args, "--server", server.target], env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_roles_and_typed_errors(server: CandidateServer, state: dict[str, Any]) -> None:
@@ -116,19 +187,58 @@ def test_roles_and_typed_errors(server: CandidateServer, state: dict[str, Any]) 
 def test_discard_leaves_ledger_unchanged(server: CandidateServer, state: dict[str, Any]) -> None:
     before = _ledger_rows(server)
     cid, model = state["cand"]["id"], state["cand"]["model"]
+    cli = _cli(server, "discard", cid)
+    assert cli.returncode == 0 and f"candidate {cid} discarded" in cli.stdout, (cli.stdout, cli.stderr)
     status, out = server.control("POST", f"/candidates/{cid}/discard", "editor")
-    assert status == 200 and out["outcome"] == "discarded", out
-    again = server.control("POST", f"/candidates/{cid}/discard", "editor")
-    assert again == (200, out)                                   # idempotent
+    assert status == 200 and out["outcome"] == "discarded" and out["version"] is None, out   # idempotent
     assert model not in server.models()
     assert _ledger_rows(server) == before
     for p in PROMPTS:
         assert server.generate(p)[0] == state["base"][p]
 
 
+def test_stage_dry_run_edit_and_discard_under_load(server: CandidateServer, state: dict[str, Any]) -> None:
+    """While two clients send default traffic with request ids: an edit computed as a dry run is
+    staged over gRPC with a 50 % share (some responses come from it), then discarded; no request
+    fails, and the ledger is as it was (a dry run and a discard write nothing)."""
+    before = _ledger_rows(server)
+    with Load(server, PROMPTS, prefix="stage-load") as load:
+        with server.client("admin") as c:
+            cand = c.stage(edit=[EIFFEL], share=0.5)
+        assert cand.source == "dry_run" and cand.share == 0.5 and cand.model.endswith(cand.id)
+        label = f"+candidate-{cand.id}"
+        deadline = time.monotonic() + 300
+        while not any(x.endswith(label) for _, x in list(load.labels)):
+            assert time.monotonic() < deadline and not load.failures, load.failures[:3]
+            time.sleep(0.5)
+        with server.client("editor") as c:
+            out = c.discard(cand.id)
+            t_discarded = time.monotonic()
+            assert out.outcome == "discarded" and not out.HasField("version")
+            assert c.discard(cand.id) == out                                  # idempotent
+            assert not c.candidates().candidates
+        deadline = time.monotonic() + 60
+        while sum(1 for t, _ in list(load.labels) if t > t_discarded) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert not load.failures, load.failures[:5]
+    later = [x for t, x in load.labels if t > t_discarded]
+    assert later and not any(label in x for x in later), later
+    assert f"candidate {cand.id}: drained" in server.log_path.read_text(errors="replace")   # observed, not timed
+    assert cand.model not in server.models()
+    assert _ledger_rows(server) == before
+    for p in PROMPTS:
+        assert server.generate(p)[0] == state["base"][p]
+
+
 def test_share_routes_about_30_percent_sticky(server: CandidateServer, state: dict[str, Any]) -> None:
-    status, cand = server.control("POST", "/candidates", "admin", {"version": 1, "share": 0.3})
-    assert status == 200, cand
+    cli = _cli(server, "stage", "--version", "1", "--share", "0.3", "--json", role="editor")
+    assert cli.returncode == 3 and "PERMISSION_DENIED" in cli.stderr, cli.stderr      # a share needs admin
+    cli = _cli(server, "stage", "--version", "1", "--share", "0.3", "--json", role="admin")
+    assert cli.returncode == 0, cli.stderr
+    staged = json.loads(cli.stdout)
+    status, listing = server.control("GET", "/candidates", "viewer")
+    cand = next(c for c in listing["candidates"] if c["id"] == staged["id"])
+    assert cand["share"] == 0.3 and cand["source"] == "ledger", cand
     state["cand"] = cand
     label = f"+candidate-{cand['id']}"
     sides = {}
@@ -168,14 +278,67 @@ def test_promote_under_load(server: CandidateServer, state: dict[str, Any]) -> N
         status, out = server.control("POST", f"/candidates/{cid}/promote", "admin")
         assert status == 200 and out["outcome"] == "promoted" and out["version"] > state["head"], out
         assert server.control("POST", f"/candidates/{cid}/promote", "admin") == (200, out)   # idempotent
+        cli = _cli(server, "promote", cid, role="admin")
+        assert cli.returncode == 0 and f"now serving version {out['version']}" in cli.stdout, cli.stderr
     finally:
         done.set()
         for w in workers:
             w.join(300)
     assert not failures, failures[:5]
     assert count[0] > 0
+    assert f"candidate {cid}: drained" in server.log_path.read_text(errors="replace")
     assert state["cand"]["model"] not in server.models()
     for p in PROMPTS:
         ids, _, version = server.generate(p)
         assert version == str(out["version"])
         assert ids == state["named"][p], p
+    # The merged version's greedy completions on the gate's prompts are the candidate's.
+    merged = {p: server.generate(p)[0] for p in state["gate_named"]}
+    differ = [p for p in merged if merged[p] != state["gate_named"][p]]
+    assert not differ, differ
+    state["promoted"] = out["version"]
+
+
+def test_promote_refused_when_the_head_moved_over_its_weights(server: CandidateServer,
+                                                               state: dict[str, Any]) -> None:
+    """A candidate staged at head h: after a rollback that removes a patch on the same weight,
+    promote is refused (409, naming the weight) and commits nothing; after the head moves to a
+    version with the same patches as h, it still applies on top and is promoted."""
+    head = state["promoted"]
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [COLOSSEUM], "skip_gate": True}})
+    assert status == 200 and cand["staged_at_head"] == head, cand
+    with server.client("admin") as c:
+        c.rollback(0)                                         # removes the Eiffel patch: same down-projection
+        before = _ledger_rows(server)
+        with pytest.raises(ControlError) as e:
+            c.promote(cand["id"])
+        assert e.value.code == "FAILED_PRECONDITION" and cand["weights"][0] in e.value.details, e.value
+        assert "no longer applies" in e.value.details
+        assert _ledger_rows(server) == before
+        assert [x.id for x in c.candidates().candidates] == [cand["id"]]    # still staged, still routable
+        c.rollback(1)                                         # the same patch set as at staging
+        named = server.generate(COLOSSEUM_TEXT, model=cand["model"])[0]
+        out = c.promote(cand["id"])
+    assert out.outcome == "promoted" and out.version > head
+    ids, _, version = server.generate(COLOSSEUM_TEXT)
+    assert version == str(out.version) and ids == named
+    assert server.generate(PROMPTS[0])[0] == state["named"][PROMPTS[0]]     # the Eiffel edit is still there
+    state["promoted"] = out.version
+
+
+def test_restart_leaves_no_candidate(server: CandidateServer, state: dict[str, Any]) -> None:
+    """Candidates live in memory: after a restart none is listed, its name is gone from
+    /v1/models, and default traffic is what it was before (the ledger head)."""
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [
+        {"prompt": "{} is located in the city of", "subject": "The Louvre", "target_new": " London",
+         "target_true": " Paris"}], "skip_gate": True}, "share": 0.5})
+    assert status == 200 and cand["source"] == "dry_run", cand
+    default = {p: server.generate(p)[0] for p in PROMPTS}
+    server.stop()
+    server.start()
+    status, listing = server.control("GET", "/candidates", "viewer")
+    assert status == 200 and listing["candidates"] == [] and listing["head_requests"] == 0, listing
+    assert cand["model"] not in server.models()
+    for i, p in enumerate(PROMPTS):
+        ids, _, version = server.generate(p, request_id=f"after-restart-{i}")
+        assert version == str(state["promoted"]) and ids == default[p], p

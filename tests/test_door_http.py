@@ -1,11 +1,15 @@
 """The HTTP control routes in process (FastAPI's test client, a real ledger, no engine): every
 route refuses a missing, malformed, unknown or too-low token with the status of the one table
 and an audit line; `caller` and unknown fields are refused; reads answer the ledger's state.
-The same routes against a real ``editserve serve`` are in tests/test_grpc.py."""
+Every gRPC method, on a real gRPC server on loopback over the same `Operations`, obeys the same
+table. The same routes against a real ``editserve serve`` are in tests/test_grpc.py."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,7 @@ TOKENS = {"viewer": "vwr-http-0123456789", "editor": "edt-http-0123456789", "adm
 BELOW = {"viewer": None, "editor": "viewer", "admin": "editor"}
 
 
-@pytest.fixture()
-def client(tmp_path: Path) -> Any:
+def _control(tmp_path: Path) -> tuple[Any, Any]:
     ledger = Ledger.open(tmp_path / "ledger", model_fingerprint="c" * 64)
     control = ControlPlane(None, ControlSettings(model=None))
     control.ledger = ledger                    # what `start` opens; no engine, no sidecar
@@ -35,6 +38,12 @@ def client(tmp_path: Path) -> Any:
     for role, token in TOKENS.items():
         table.add(token, role, f"{role}-user")
     control.operations = Operations(control, table)
+    return control, ledger
+
+
+@pytest.fixture()
+def client(tmp_path: Path) -> Any:
+    control, ledger = _control(tmp_path)
     app = FastAPI()
     app.state.editserve = control
     app.include_router(router())
@@ -52,7 +61,7 @@ def _call(c: TestClient, verb: str, path: str, token: str | None = None, header:
 def test_every_route_needs_a_token_of_its_role(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="editserve.audit"):
         for verb, path, operation in ROUTES:
-            concrete = path.replace("{version}", "0")
+            concrete = path.replace("{version}", "0").replace("{cid}", "abcdef")
             body = {"json": {"version": 0}} if verb == "POST" else {}
             cases = [({}, 401), ({"token": "unknown-token-0123"}, 401), ({"header": "Basic YWI6Y2Q="}, 401),
                      ({"header": "Bearer"}, 401)]
@@ -99,3 +108,105 @@ def test_body_size_and_json_checks(client: TestClient) -> None:
     assert r.status_code == 400 and "not UTF-8 JSON" in r.text
     r = _call(client, "POST", "/rollback", TOKENS["admin"], json=[1, 2])
     assert r.status_code == 400 and "JSON object" in r.text
+
+
+@pytest.fixture()
+def grpc_target(tmp_path: Path) -> Any:
+    """A real gRPC server on loopback over the same kind of `Operations` (its own event loop thread)."""
+    from editserve.control.server import start_server
+
+    control, ledger = _control(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_server(control.operations, f"127.0.0.1:{port}"), loop).result(60)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+        ledger.close()
+
+
+def test_every_rpc_needs_a_token_of_its_role(grpc_target: str) -> None:
+    """Every method of the service (the candidates' included) refuses no / unknown / too-low
+    tokens; with its role, a candidates RPC on a server without --candidates is FAILED_PRECONDITION."""
+    import grpc
+
+    from editserve.control.gen import pb2
+    from editserve.control.principals import GRPC_OPERATIONS
+
+    methods = {m.name: m for m in pb2.DESCRIPTOR.services_by_name["EditService"].methods}
+    assert set(methods) == set(GRPC_OPERATIONS)
+    for name in ("ListCandidates", "StageCandidate", "PromoteCandidate", "DiscardCandidate", "CompareCandidate"):
+        assert name in methods
+    with grpc.insecure_channel(grpc_target) as ch:
+        for name, m in methods.items():
+            request = getattr(pb2, m.input_type.name)()
+            needed = OPERATION_ROLES[GRPC_OPERATIONS[name]]
+            attempts = [(None, "UNAUTHENTICATED"), ("unknown-token-0123", "UNAUTHENTICATED")]
+            if BELOW[needed]:
+                attempts.append((TOKENS[BELOW[needed]], "PERMISSION_DENIED"))
+            path = f"/editserve.v1.EditService/{name}"
+            for token, code in attempts:
+                meta = [("authorization", f"Bearer {token}")] if token else []
+                if m.server_streaming:
+                    call = ch.unary_stream(path, request_serializer=type(request).SerializeToString,
+                                           response_deserializer=lambda b: b)
+                    with pytest.raises(grpc.RpcError) as e:
+                        next(iter(call(request, metadata=meta, timeout=30)))
+                else:
+                    call = ch.unary_unary(path, request_serializer=type(request).SerializeToString,
+                                          response_deserializer=lambda b: b)
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(request, metadata=meta, timeout=30)
+                assert e.value.code().name == code, (name, token, e.value)
+                assert not any(t in (e.value.details() or "") for t in TOKENS.values())
+        call = ch.unary_unary("/editserve.v1.EditService/ListCandidates",
+                              request_serializer=pb2.ListCandidatesRequest.SerializeToString,
+                              response_deserializer=pb2.ListCandidatesResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb2.ListCandidatesRequest(), metadata=[("authorization", f"Bearer {TOKENS['viewer']}")], timeout=30)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--candidates" in e.value.details()
+        # A bad candidate id is named (the role passes first).
+        call = ch.unary_unary("/editserve.v1.EditService/DiscardCandidate",
+                              request_serializer=pb2.DiscardCandidateRequest.SerializeToString,
+                              response_deserializer=pb2.CandidateOutcome.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb2.DiscardCandidateRequest(candidate="ZZ"), metadata=[("authorization", f"Bearer {TOKENS['editor']}")],
+                 timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'ZZ'" in e.value.details()
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"version": 1, "ref": "abcd"}, "exactly one"),
+    ({}, "exactly one"),
+    ({"ref": "xyz!"}, "'xyz!'"),
+    ({"version": -2}, "-2"),
+    ({"version": 1, "share": 1.5}, "1.5"),
+    ({"manifest_json": "e30="}, "both"),
+    ({"edit": {"facts": []}}, "at least one fact"),
+    ({"edit": {"facts": [{"prompt": "{} is in", "subject": "X", "target_new": " Y"}], "expected_head": 3}},
+     "expected_head"),
+    ({"version": 1, "shares": 0.5}, "shares"),
+])
+def test_bad_stage_bodies(client: TestClient, body: Any, fragment: str) -> None:
+    r = _call(client, "POST", "/candidates", TOKENS["admin"], json=body)
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_bad_compare_bodies(client: TestClient) -> None:
+    r = _call(client, "POST", "/candidates/abcdef/compare", TOKENS["editor"],
+              json={"items": [{"prompt": "", "target": " x"}]})
+    assert r.status_code == 400 and "non-empty" in r.text
+    r = _call(client, "POST", "/candidates/abcdef/compare", TOKENS["editor"],
+              json={"items": [{"prompt": "p", "target": " x"}] * 65})
+    assert r.status_code == 413 and "65 items" in r.text
+    r = _call(client, "POST", "/candidates/ABCDEF/compare", TOKENS["editor"], json={})
+    assert r.status_code == 400 and "'ABCDEF'" in r.text
+    r = _call(client, "POST", "/candidates/abcdef/compare", TOKENS["editor"], json={})
+    assert r.status_code == 409 and r.json()["error"]["type"] == "CandidatesDisabled"

@@ -761,11 +761,15 @@ RPC_CALLS = {"Status": pb2.StatusRequest(), "ListVersions": pb2.ListVersionsRequ
              "Probe": pb2.ProbeRequest(items=[pb2.ProbeItem(prompt="The sky is", target=" blue")]),
              "Trace": pb2.TraceRequest(prompt="{} is", subject="Windows XP"),
              "Rollback": pb2.RollbackRequest(version=0), "Revert": pb2.RevertRequest(version=1),
-             "ImportPatch": pb2.ImportPatchRequest(manifest_json=b"{}", factors=b"x")}
+             "ImportPatch": pb2.ImportPatchRequest(manifest_json=b"{}", factors=b"x"),
+             "ListCandidates": pb2.ListCandidatesRequest(), "StageCandidate": pb2.StageCandidateRequest(version=1),
+             "PromoteCandidate": pb2.PromoteCandidateRequest(candidate="abcdef"),
+             "DiscardCandidate": pb2.DiscardCandidateRequest(candidate="abcdef"),
+             "CompareCandidate": pb2.CompareCandidateRequest(candidate="abcdef")}
 HTTP_BODIES = {"/edit": {"facts": [EIFFEL]}, "/rollback": {"version": 0}, "/revert": {"version": 1},
                "/probe": {"items": [{"prompt": "The sky is", "target": " blue"}]},
                "/trace": {"prompt": "{} is", "subject": "Windows XP"},
-               "/import": {"manifest_json": "e30=", "factors": "eA=="}, "/sync": {}}
+               "/import": {"manifest_json": "e30=", "factors": "eA=="}, "/sync": {}, "/candidates": {"version": 1}}
 BELOW = {"viewer": None, "editor": "viewer", "admin": "editor"}
 
 
@@ -801,7 +805,7 @@ def test_every_rpc_and_route_refuses_missing_wrong_and_low_tokens(server: GrpcSe
     ch.close()
     for verb, path, operation in ROUTES:
         needed = OPERATION_ROLES[operation]
-        concrete = path.replace("{version}", "0")
+        concrete = path.replace("{version}", "0").replace("{cid}", "abcdef")
         attempts = [(None, 401), ("not-a-token-0123456789", 401), ("Basic-scheme", 401)]
         if BELOW[needed]:
             attempts.append((TOKENS[BELOW[needed]], 403))

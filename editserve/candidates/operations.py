@@ -1,12 +1,14 @@
 """The candidate operations of the control plane: stage, list, compare, promote, discard.
 
 `Operations` (editserve/control/operations.py) checks the role and delegates here; these
-functions audit (logger ``editserve.audit``) and publish on the event hub like the others.
+functions audit (logger ``editserve.audit``) like the others. Both transports (HTTP routes,
+gRPC RPCs) reach these through `Operations`.
 
 Roles (docs/candidates.md): ``candidates`` viewer; ``stage`` editor (with a traffic share > 0:
-admin, since default traffic then sees it); ``compare`` editor (it scores on the sidecar);
-``discard`` editor (commits nothing); ``promote`` admin (commits a version without the gate:
-the patch passed the gate when it was first computed, like ``import``).
+admin, since default traffic then sees it; staging an edit also needs what the edit needs:
+its dry run goes through `Operations.edit` and the probe gate); ``compare`` editor (it runs
+prompts on the engine); ``discard`` editor (commits nothing); ``promote`` admin (commits a
+version without a second gate run: the patch passed the gate when it was computed, like ``import``).
 
 Promote and discard are idempotent: a repeated call returns the first call's outcome
 (remembered for the process's life, bounded to `MAX_OUTCOMES`).
@@ -15,14 +17,26 @@ Promote and discard are idempotent: a repeated call returns the first call's out
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
+import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from editserve.candidates.staging import Candidate, Candidates, CandidatesDisabled, CandidateNotFound
+from editserve.candidates.compare import CompareItem, Comparison, gate_items
+from editserve.candidates.compare import compare as compare_sides
+from editserve.candidates.staging import (
+    Candidate,
+    CandidateConflict,
+    Candidates,
+    CandidatesDisabled,
+    CandidateNotFound,
+)
+from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("editserve.audit")
@@ -68,42 +82,84 @@ def _remember(engine: Any, out: Outcome) -> Outcome:
     return out
 
 
+def _report_of(engine: Any, digest: str) -> dict[str, Any] | None:
+    """The probe report recorded with the (first) ledger version that added patch `digest`."""
+    for info in engine.ledger.versions():
+        if info.patch_id == digest and info.probe_report:
+            return dict(info.probe_report)
+    return None
+
+
+def write_export(patch: Patch, model_fingerprint: str, dest: Path) -> Path:
+    """A patch export directory (`editserve.ledger.transfer` format) of a patch the ledger does
+    not hold (a dry run's): what promote imports."""
+    from safetensors.torch import save
+
+    from editserve.ledger.blobs import sha256_bytes
+    from editserve.ledger.transfer import EXPORT_FORMAT, MANIFEST_FILE, PATCH_FILE
+
+    data = save(patch.tensors())
+    manifest = patch.manifest()
+    manifest["export"] = {"format": EXPORT_FORMAT, "kind": "patch", "model_fingerprint": model_fingerprint,
+                          "source_version": None, "exported_at": time.time(),
+                          "files": {PATCH_FILE: {"sha256": sha256_bytes(data), "size": len(data)}}}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / PATCH_FILE).write_bytes(data)
+    (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return dest
+
+
 async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[bytes, bytes] | None,
-                share: float | None) -> Candidate:
-    """Stage a ledger patch (`ref`: digest prefix or the version that added it) or an uploaded
-    patch export (`export`: manifest JSON, factors) as a candidate."""
+                share: float | None, computed: Any = None) -> Candidate:
+    """Stage a ledger patch (`ref`: digest prefix or the version that added it), an uploaded
+    patch export (`export`: manifest JSON, factors) or a dry run's patch (`computed`: the dry
+    run's `VersionChange`, carrying the patch and its probe report) as a candidate."""
     from editserve.ledger.transfer import read_patch_export
 
     cands = candidates_of(engine)
     with tempfile.TemporaryDirectory(prefix="editserve-stage-") as tmp:
         src = Path(tmp) / "patch"
-        if export is not None:
+        report: dict[str, Any] | None = None
+        if computed is not None:
+            source = "dry_run"
+            await asyncio.to_thread(write_export, computed.patch, engine.ledger.model_fingerprint, src)
+            report = computed.probe_report
+        elif export is not None:
+            source = "upload"
             src.mkdir()
             (src / "manifest.json").write_bytes(export[0])
             (src / "patch.safetensors").write_bytes(export[1])
         else:
+            source = "ledger"
             await asyncio.to_thread(engine.ledger.export_patch, ref, src)
         patch = await asyncio.to_thread(read_patch_export, engine.ledger, src)
-        cand = await cands.stage(patch, src, caller, share)
-    audit.info("audit: stage of patch %s by %s → candidate %s (%s, rank %d, share %.3f, head %d)",
-               cand.patch_id[:12], caller, cand.id, cand.model, cand.rank, cand.share, cand.staged_at_head)
+        if report is None and source != "upload":
+            report = await asyncio.to_thread(_report_of, engine, patch.digest)
+        cand = await cands.stage(patch, src, caller, share, source=source,
+                                 probes=gate_items(patch.requests, report))
+    audit.info("audit: stage of patch %s (%s) by %s → candidate %s (%s, rank %d, share %.3f, head %d)",
+               cand.patch_id[:12], source, caller, cand.id, cand.model, cand.rank, cand.share, cand.staged_at_head)
     return cand
 
 
 async def promote(engine: Any, caller: str, cid: str) -> Outcome:
-    """Commit the candidate's patch as the next version (the normal import swap), then unload it."""
+    """Commit the candidate's patch as the next version (the normal import swap), then unload it.
+    Its traffic goes to the head from the start, and the requests already on its adapter are
+    drained before the swap (none of them sees the patch twice)."""
     book = _outcomes(engine)
     if cid in book:
         return book[cid]
     cands = candidates_of(engine)
     cand = cands.get(cid)
-    head = await cands.check_applies(cand)
-    cands.begin_promotion(cid)                    # share routing stops; its model name now means the head
+    await cands.check_applies(cand)
+    cands.begin_leaving(cid, promotion=True)
     try:
+        await cands.drain(cid)
+        head = await cands.check_applies(cand)          # the head may have moved while draining
         change = await engine.import_patch(cands.patch_dir(cid), caller=caller, expected_head=head,
                                            idempotency_key=f"promote-candidate-{cid}-{cand.patch_id[:16]}")
     except BaseException:
-        cands.end_promotion(cid)
+        cands.end_leaving(cid)
         raise
     await cands.unload(cid)
     out = _remember(engine, Outcome(candidate=cid, outcome="promoted", version=int(change.version),
@@ -114,20 +170,49 @@ async def promote(engine: Any, caller: str, cid: str) -> Outcome:
 
 
 async def discard(engine: Any, caller: str, cid: str) -> Outcome:
-    """Unload the candidate; commits nothing."""
+    """Unload the candidate (after draining its requests); commits nothing."""
     book = _outcomes(engine)
     if cid in book:
         return book[cid]
     cands = candidates_of(engine)
     cand = cands.get(cid)
+    if cands.promoting(cid):
+        raise CandidateConflict(f"candidate {cid} is being promoted; it cannot be discarded now")
     await cands.unload(cid)
     out = _remember(engine, Outcome(candidate=cid, outcome="discarded", version=None, patch_id=cand.patch_id))
     audit.info("audit: discard of candidate %s (patch %s) by %s", cid, cand.patch_id[:12], caller)
     return out
 
 
-def listing(engine: Any) -> list[dict[str, Any]]:
-    return [c.to_dict() for c in candidates_of(engine).list()]
+async def compare(engine: Any, caller: str, cid: str, items: Sequence[CompareItem]) -> Comparison:
+    """The candidate's gate prompts and `items`, scored on the head and on the candidate."""
+    result = await compare_sides(candidates_of(engine), cid, items)
+    audit.info("audit: compare of candidate %s by %s (%d prompts)", cid, caller, len(result.rows))
+    return result
 
 
-__all__ = ["CandidateNotFound", "Outcome", "discard", "listing", "promote", "stage"]
+@dataclass(frozen=True)
+class Listing:
+    """The staged candidates with the requests routed to each, the served version, the requests
+    left on the head while candidates were staged, and the bounds."""
+
+    entries: tuple[tuple[Candidate, int], ...]
+    served_version: int
+    head_requests: int
+    max_candidates: int
+    max_rank: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidates": [{**c.to_dict(), "routed_requests": n} for c, n in self.entries],
+                "served_version": self.served_version, "head_requests": self.head_requests,
+                "max_candidates": self.max_candidates, "max_rank": self.max_rank}
+
+
+def listing(engine: Any) -> Listing:
+    cands = candidates_of(engine)
+    return Listing(entries=tuple((c, cands.routed(c.id)) for c in cands.list()),
+                   served_version=int(engine.version_mark()[1]), head_requests=cands.head_routed,
+                   max_candidates=cands.settings.max_candidates, max_rank=cands.settings.max_rank)
+
+
+__all__ = ["CandidateNotFound", "Listing", "Outcome", "compare", "discard", "listing", "promote", "stage", "write_export"]

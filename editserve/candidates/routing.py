@@ -4,13 +4,16 @@ Only while at least one candidate is staged does the middleware buffer a ``POST`
 OpenAI generation routes (`ROUTED_PATHS`) and call `route`:
 
 - a body naming ``<served-name>@candidate-<id>`` goes to that candidate (vLLM's own LoRA
-  routing; no rewrite), unless the candidate is being promoted: then it is rewritten to the
-  served name (the head, which is about to hold the patch);
+  routing; no rewrite), unless the candidate is leaving (being promoted or discarded): then
+  it is rewritten to the served name (the head);
 - a body naming the served model (or none) goes to the candidate whose share holds the
   request id's hash (`Candidates.route_share`): the ``model`` field is rewritten to the
   candidate's name. The request id is the ``x-request-id`` header, else the body's
   ``request_id``, else its ``user``; a request with none of them stays on the head (a share
   must be deterministic per request, so a retried request lands on the same side).
+
+Every routed request is counted per side (`Candidates.count`: the head or the candidate's id),
+what ``editserve candidates`` and ``compare`` show.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ async def route(cands: Candidates, scope: MutableMapping[str, Any], receive: Rec
     if more:                                           # too large to route: pass it on untouched
         return _replay([{"type": "http.request", "body": raw, "more_body": True}], receive), None
     body, cand = _decide(cands, scope, raw)
+    cands.count(cand)
     if body is not raw:
         scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         scope["headers"].append((b"content-length", str(len(body)).encode()))
@@ -75,7 +79,7 @@ def _decide(cands: Candidates, scope: MutableMapping[str, Any], raw: bytes) -> t
     model = data.get("model")
     named = cands.by_model(model) if isinstance(model, str) else None
     if named is not None:
-        if cands.promoting(named.id):
+        if cands.leaving(named.id):
             data["model"] = cands.served_name
             return json.dumps(data).encode(), None
         return raw, named

@@ -13,6 +13,13 @@ patches active at h' that were not active at h touch none of the candidate's wei
 patches active at h that are gone at h' touched none of them either (then head' + candidate is
 exactly what the adapter computes). Otherwise promote is refused with `CandidateConflict`;
 discard always works.
+
+Leaving (promote, discard): the candidate is first marked as leaving — requests naming it are
+served by the head from then on and share routing skips it — then the requests already running
+on its adapter are drained (`drain`: until vLLM's output processor holds none of them for
+`QUIET_S`, at most `DRAIN_TIMEOUT_S`), and only then is the adapter removed. Its files stay on
+disk for `RETIRE_S` more (vLLM re-loads an adapter from its path if a request still names it; a
+missing directory would fail that request), and are removed at shutdown at the latest.
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ MAX_RANK_ENV = "EDITSERVE_CANDIDATE_MAX_RANK"
 SHARE_ENV = "EDITSERVE_CANDIDATE_SHARE"
 DEFAULT_MAX_RANK = 16
 NAME_SEP = "@candidate-"
+SOURCES = ("ledger", "upload", "dry_run")
+QUIET_S = 0.5
+DRAIN_TIMEOUT_S = 120.0
+DRAIN_POLL_S = 0.05
+RETIRE_S = 600.0
 
 
 class CandidatesDisabled(PatchStateError):
@@ -125,6 +137,7 @@ class Candidate:
     caller: str
     staged_at: float
     lora_int_id: int
+    source: str = "ledger"         # one of SOURCES
 
     def label(self, version: int) -> str:
         return f"{version}+candidate-{self.id}"
@@ -146,7 +159,12 @@ class Candidates:
         self._staged: dict[str, tuple[Candidate, Patch, Path]] = {}
         self._lock = asyncio.Lock()
         self._next_int_id = 1_000_000        # away from vLLM's own counter for API-loaded adapters
-        self._promoting: set[str] = set()    # ids being promoted: their traffic goes to the head
+        self._leaving: set[str] = set()      # ids being promoted or discarded: their traffic goes to the head
+        self._promoting: set[str] = set()    # ids being promoted (a discard is refused meanwhile)
+        self._probes: dict[str, tuple[Any, ...]] = {}   # id → the gate's prompts (editserve.candidates.compare)
+        self._routed: dict[str, int] = {}    # id → generation requests routed to it
+        self.head_routed = 0                 # generation requests left on the head while candidates were staged
+        self._retired: list[tuple[float, Path]] = []    # (when, adapter files) of unloaded candidates
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -171,29 +189,97 @@ class Candidates:
         x, lo = bucket(request_id), 0.0
         for c, _, _ in self._staged.values():
             if c.share > 0 and lo <= x < lo + c.share:
-                return None if c.id in self._promoting else c
+                return None if c.id in self._leaving else c
             lo += c.share
         return None
+
+    def leaving(self, cid: str) -> bool:
+        return cid in self._leaving
+
+    def begin_leaving(self, cid: str, promotion: bool = False) -> None:
+        """From now on the candidate's traffic (by name or share) is served by the head (before a
+        promotion: once its patch is committed, head + adapter would apply the patch twice)."""
+        self.get(cid)
+        self._leaving.add(cid)
+        if promotion:
+            self._promoting.add(cid)
+
+    def end_leaving(self, cid: str) -> None:
+        self._leaving.discard(cid)
+        self._promoting.discard(cid)
 
     def promoting(self, cid: str) -> bool:
         return cid in self._promoting
 
-    def begin_promotion(self, cid: str) -> None:
-        """From now on the candidate's traffic (by name or share) is served by the head: once its
-        patch is committed, head + adapter would apply the patch twice."""
-        self.get(cid)
-        self._promoting.add(cid)
+    def count(self, cand: Candidate | None) -> None:
+        """Count one generation request routed while candidates are staged (to `cand`, or the head)."""
+        if cand is None:
+            self.head_routed += 1
+        else:
+            self._routed[cand.id] = self._routed.get(cand.id, 0) + 1
 
-    def end_promotion(self, cid: str) -> None:
-        self._promoting.discard(cid)
+    def routed(self, cid: str) -> int:
+        return self._routed.get(cid, 0)
+
+    def probes(self, cid: str) -> tuple[Any, ...]:
+        """The gate's prompts of the candidate's facts (`editserve.candidates.compare.CompareItem`)."""
+        self.get(cid)
+        return self._probes.get(cid, ())
+
+    def in_flight(self, cand: Candidate) -> int | None:
+        """Requests vLLM is running on the candidate's adapter now (None: not observable here)."""
+        processor = getattr(self.engine.engine, "output_processor", None)
+        states = getattr(processor, "request_states", None)
+        if not isinstance(states, dict):
+            return None
+        return sum(1 for st in list(states.values()) if getattr(st, "lora_name", None) == cand.model)
+
+    async def drain(self, cid: str, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Wait (the candidate leaving) until no request runs on its adapter for `QUIET_S`; False
+        when that could not be observed or `timeout_s` passed first."""
+        cand = self.get(cid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        quiet_since: float | None = None
+        t0, most = loop.time(), 0
+        while loop.time() < deadline:
+            n = self.in_flight(cand)
+            if n is None:
+                log.warning("candidate %s: vLLM's running requests are not observable here; unloading its "
+                            "adapter after %.1f s", cid, QUIET_S)
+                await asyncio.sleep(QUIET_S)
+                return False
+            now = loop.time()
+            most = max(most, n)
+            if n:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= QUIET_S:
+                log.info("candidate %s: drained (at most %d request(s) still ran on its adapter; %.2f s)", cid, most,
+                         now - t0)
+                return True
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.warning("candidate %s: requests still ran on its adapter after %.0f s; unloading it anyway "
+                    "(its files stay, so a late request re-loads it)", cid, timeout_s)
+        return False
 
     # -- changes ---------------------------------------------------------------------------------
 
-    async def stage(self, patch: Patch, export_dir: Path, caller: str, share: float | None = None) -> Candidate:
-        """Load `patch` as an adapter (head + patch); the patch must not be active at the head."""
+    def effective_share(self, share: float | None) -> float:
+        """The share a stage request gets: its own, else the server's ``--candidate-share``."""
+        return self.settings.share if share is None else check_share(share)
+
+    async def stage(self, patch: Patch, export_dir: Path, caller: str, share: float | None = None,
+                    source: str = "ledger", probes: tuple[Any, ...] = ()) -> Candidate:
+        """Load `patch` as an adapter (head + patch); the patch must not be active at the head.
+        `probes`: the gate's prompts of its facts, for `compare`."""
         from vllm.lora.request import LoRARequest
 
-        share = self.settings.share if share is None else check_share(share)
+        share = self.effective_share(share)
+        if source not in SOURCES:
+            raise InvalidRequestError(f"source must be one of {list(SOURCES)}, got {source!r}")
+        self._prune_retired()
         async with self._lock:
             if len(self._staged) >= self.settings.max_candidates:
                 raise CandidateConflict(f"{len(self._staged)} candidate(s) are staged, the maximum "
@@ -217,11 +303,12 @@ class Candidates:
             self._next_int_id += 1
             cand = Candidate(id=cid, model=f"{self.served_name}{NAME_SEP}{cid}", patch_id=patch.digest,
                              weights=factors.weight_names, rank=factors.rank, staged_at_head=head, share=share,
-                             caller=caller, staged_at=time.time(), lora_int_id=int_id)
+                             caller=caller, staged_at=time.time(), lora_int_id=int_id, source=source)
             request = LoRARequest(lora_name=cand.model, lora_int_id=int_id, lora_path=str(adapter_dir))
             await self.engine.engine.add_lora(request)
             self.serving_models.lora_requests[cand.model] = request
             self._staged[cid] = (cand, patch, kept)
+            self._probes[cid] = tuple(probes)
             self._gauge()
         return cand
 
@@ -246,20 +333,39 @@ class Candidates:
         return head
 
     async def unload(self, cid: str) -> Candidate | None:
-        """Remove a candidate's adapter (None if it is not staged: idempotent)."""
+        """Remove a candidate's adapter after draining its requests (None if it is not staged:
+        idempotent). Its traffic goes to the head from the first moment."""
+        if cid not in self._staged:
+            return None
+        self._leaving.add(cid)
+        await self.drain(cid)
         async with self._lock:
             hit = self._staged.pop(cid, None)
-            self._promoting.discard(cid)
             if hit is None:
                 return None
             cand = hit[0]
+            self._probes.pop(cid, None)
+            self._routed.pop(cid, None)
             self._gauge()
             self.serving_models.lora_requests.pop(cand.model, None)
             try:
                 await self.engine.engine.remove_lora(cand.lora_int_id)
             finally:
-                shutil.rmtree(self.workdir / cid, ignore_errors=True)
+                self._leaving.discard(cid)
+                self._promoting.discard(cid)
+                self._retired.append((time.monotonic(), self.workdir / cid))
+        self._prune_retired()
         return cand
+
+    def _prune_retired(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for when, path in self._retired:
+            if now - when >= RETIRE_S:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                keep.append((when, path))
+        self._retired = keep
 
     def _gauge(self) -> None:
         metrics = getattr(self.engine, "metrics", None)
@@ -274,7 +380,10 @@ class Candidates:
         """At shutdown: forget the candidates and remove their files (the engine, and the adapters
         in it, go away with the server; nothing is asked of it here, so shutdown cannot hang on it)."""
         self._staged.clear()
+        self._leaving.clear()
         self._promoting.clear()
+        self._probes.clear()
+        self._retired.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

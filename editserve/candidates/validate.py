@@ -1,13 +1,14 @@
-"""Validation of the candidate operations' requests (HTTP JSON bodies), each error naming the bad value."""
+"""Validation of the candidate operations' requests (the gRPC messages, which the HTTP routes parse
+their JSON bodies into), each error naming the bad value."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from editserve.candidates.compare import CompareItem, caller_items
 from editserve.candidates.staging import check_share
 from editserve.errors import InvalidRequestError
 
@@ -17,11 +18,13 @@ REF_RE = re.compile(r"[0-9a-f]{4,64}")
 
 @dataclass(frozen=True)
 class StageArgs:
-    """Stage a ledger patch (`ref` digest prefix, or `version` that added it) or an uploaded export."""
+    """Stage a ledger patch (`ref` digest prefix, or `version` that added it), an uploaded export,
+    or an edit computed as a dry run (`edit`, an `editserve.control.validate.EditArgs`)."""
 
     ref: str | int | None
     export: tuple[bytes, bytes] | None      # (manifest JSON, factors safetensors)
     share: float | None
+    edit: Any = None
 
 
 def candidate_id(value: Any) -> str:
@@ -30,33 +33,41 @@ def candidate_id(value: Any) -> str:
     return value
 
 
-def stage_args(body: dict[str, Any]) -> StageArgs:
-    unknown = sorted(set(body) - {"ref", "version", "manifest_json", "factors", "share"})
-    if unknown:
-        raise InvalidRequestError(f"unknown field(s) {unknown} in a stage request")
-    share = body.get("share")
-    if share is not None:
-        if isinstance(share, bool):
-            raise InvalidRequestError(f"share must be a number in [0, 1], got {share!r}")
-        share = check_share(share)
-    given = [k for k in ("ref", "version", "manifest_json") if k in body]
+def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
+    """A ``StageCandidateRequest`` → `StageArgs` (exactly one source)."""
+    share = None
+    if msg.HasField("share"):
+        if not math.isfinite(msg.share):
+            raise InvalidRequestError(f"share must be a number in [0, 1], got {msg.share!r}")
+        share = check_share(msg.share)
+    given = [name for name, present in (("ref", bool(msg.ref)), ("version", msg.HasField("version")),
+                                        ("manifest_json", bool(msg.manifest_json) or bool(msg.factors)),
+                                        ("edit", msg.HasField("edit"))) if present]
     if len(given) != 1:
-        raise InvalidRequestError(f"give exactly one of 'ref', 'version' or 'manifest_json'+'factors', got {given}")
-    if "ref" in body:
-        ref = body["ref"]
-        if not isinstance(ref, str) or not REF_RE.fullmatch(ref):
-            raise InvalidRequestError(f"ref {ref!r} must be a patch digest or a prefix of >= 4 hex digits")
-        return StageArgs(ref=ref, export=None, share=share)
-    if "version" in body:
-        v = body["version"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise InvalidRequestError(f"version must be a non-negative integer, got {v!r}")
-        return StageArgs(ref=v, export=None, share=share)
-    try:
-        manifest = base64.b64decode(body["manifest_json"], validate=True)
-        factors = base64.b64decode(body.get("factors", ""), validate=True)
-    except (binascii.Error, TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"manifest_json and factors must be base64: {exc}") from None
-    if not factors:
-        raise InvalidRequestError("an uploaded patch needs 'factors' (base64 safetensors)")
-    return StageArgs(ref=None, export=(manifest, factors), share=share)
+        raise InvalidRequestError(f"give exactly one of 'ref', 'version', 'manifest_json'+'factors' or 'edit', "
+                                  f"got {given}")
+    if msg.ref:
+        if not REF_RE.fullmatch(msg.ref):
+            raise InvalidRequestError(f"ref {msg.ref!r} must be a patch digest or a prefix of >= 4 hex digits")
+        return StageArgs(ref=msg.ref, export=None, share=share)
+    if msg.HasField("version"):
+        if msg.version < 0:
+            raise InvalidRequestError(f"version must be a non-negative integer, got {msg.version!r}")
+        return StageArgs(ref=int(msg.version), export=None, share=share)
+    if msg.HasField("edit"):
+        from editserve.control import validate
+
+        args = validate.edit_args(msg.edit, n_layers)
+        if args.expected_head is not None or args.idempotency_key or args.wait_for_replicas_s is not None:
+            raise InvalidRequestError("a staged edit commits nothing: expected_head, idempotency_key and "
+                                      "wait_for_replicas_s do not apply to it")
+        return StageArgs(ref=None, export=None, share=share, edit=replace(args, dry_run=True))
+    if not msg.manifest_json or not msg.factors:
+        raise InvalidRequestError(f"an uploaded patch needs both 'manifest_json' and 'factors', got "
+                                  f"{len(msg.manifest_json)} and {len(msg.factors)} bytes")
+    return StageArgs(ref=None, export=(bytes(msg.manifest_json), bytes(msg.factors)), share=share)
+
+
+def compare_args(msg: Any) -> tuple[str, tuple[CompareItem, ...]]:
+    """A ``CompareCandidateRequest`` → (candidate id, the caller's items)."""
+    return candidate_id(msg.candidate), caller_items([(it.prompt, it.target, it.other or None) for it in msg.items])

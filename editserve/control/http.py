@@ -28,7 +28,16 @@ route                                  role    body / query → response
 ``GET  /editserve/v1/versions/{n}``    viewer  → ``VersionInfo``
 ``GET  /editserve/v1/diff``            viewer  ``?a=&b=`` → ``DiffResponse``
 ``GET  /editserve/v1/export``          viewer  ``?ref=`` or ``?version=`` → ``ExportPatchResponse``
+``GET  /editserve/v1/candidates``      viewer  → staged candidates, routed requests per side
+``POST /editserve/v1/candidates``      editor  ``StageCandidateRequest`` → the candidate (admin
+                                               when its share > 0)
+``POST …/candidates/{id}/compare``     editor  ``{"items": [ProbeItem]}`` → head vs candidate
+``POST …/candidates/{id}/promote``     admin   → ``{"candidate", "outcome", "version", …}``
+``POST …/candidates/{id}/discard``     editor  → ``{"candidate", "outcome", …}``
 =====================================  ======  ===============================================
+
+The candidate routes answer plain JSON (numbers as numbers; docs/candidates.md) rather than the
+proto JSON mapping of their gRPC replies.
 
 The event stream is gRPC only (``WatchEvents``); HTTP edits publish their progress to it too.
 """
@@ -223,13 +232,28 @@ def router() -> Any:
         return _to_json(pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=manifest, factors=factors))
 
     async def candidates(ops: Operations, who: Principal, request: Any) -> Any:
-        return {"candidates": await ops.candidates(who)}
+        return (await ops.candidates(who)).to_dict()
 
     async def stage(ops: Operations, who: Principal, request: Any) -> Any:
         from editserve.candidates.validate import stage_args
 
-        a = stage_args(await _plain_body(request))
-        return (await ops.stage(who, a.ref, a.export, a.share)).to_dict()
+        body = await _plain_body(request)
+        edit_body = body.get("edit")
+        if isinstance(edit_body, dict) and "hparams" in edit_body:   # as on /edit: an object for hparams_json
+            hp = edit_body.pop("hparams")
+            if not isinstance(hp, dict):
+                raise InvalidRequestError(f"edit.hparams must be an object, got {hp!r}")
+            edit_body["hparams_json"] = json.dumps(hp)
+        args = stage_args(_message(body, pb2.StageCandidateRequest), ops.n_layers())
+        return (await ops.stage(who, args, request.headers.get(OPERATION_HEADER))).to_dict()
+
+    async def compare(ops: Operations, who: Principal, request: Any) -> Any:
+        from editserve.candidates.validate import compare_args
+
+        body = await _plain_body(request)
+        body["candidate"] = request.path_params["cid"]
+        cid, items = compare_args(_message(body, pb2.CompareCandidateRequest))
+        return (await ops.compare(who, cid, items)).to_dict()
 
     async def promote(ops: Operations, who: Principal, request: Any) -> Any:
         from editserve.candidates.validate import candidate_id
@@ -242,7 +266,7 @@ def router() -> Any:
         return (await ops.discard(who, candidate_id(request.path_params["cid"]))).to_dict()
 
     handlers: dict[str, Handler] = {
-        "candidates": candidates, "stage": stage, "promote": promote, "discard": discard,
+        "candidates": candidates, "stage": stage, "promote": promote, "discard": discard, "compare": compare,
         "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "import": import_,
         "sync": sync, "status": status, "checksums": checksums, "versions": versions, "version": version,
         "diff": diff, "export": export}
@@ -259,4 +283,5 @@ ROUTES: tuple[tuple[str, str, str], ...] = (
     ("GET", "/versions", "versions"), ("GET", "/versions/{version}", "version"), ("GET", "/diff", "diff"),
     ("GET", "/export", "export"),
     ("GET", "/candidates", "candidates"), ("POST", "/candidates", "stage"),
-    ("POST", "/candidates/{cid}/promote", "promote"), ("POST", "/candidates/{cid}/discard", "discard"))
+    ("POST", "/candidates/{cid}/promote", "promote"), ("POST", "/candidates/{cid}/discard", "discard"),
+    ("POST", "/candidates/{cid}/compare", "compare"))

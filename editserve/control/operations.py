@@ -3,7 +3,8 @@
 `Operations` is what the gRPC servicer (`editserve.control.service`) and the HTTP routes
 (`editserve.control.http`) call, with an authenticated `Principal` and a validated request
 (`editserve.control.validate`): edit, rollback, revert, import, sync, probe, trace, status,
-versions, version, diff, export, checksums and the event stream. Each operation checks the
+versions, version, diff, export, checksums, the event stream, and the candidates' stage, list,
+compare, promote and discard (`editserve.candidates.operations`). Each operation checks the
 principal's role again (`editserve.control.principals.OPERATION_ROLES`), applies the gate
 policy (`editserve.control.gate`) and the limits (`editserve.control.limits`), records the
 caller from the principal (never from the request), writes one audit line
@@ -282,20 +283,31 @@ class Operations:
 
     # -- candidates (editserve.candidates.operations; docs/candidates.md) ----------------------
 
-    async def stage(self, who: Principal, ref: str | int | None, export: tuple[bytes, bytes] | None,
-                    share: float | None) -> Any:
+    async def stage(self, who: Principal, args: Any, op: str | None = None) -> Any:
+        """Stage a candidate (`editserve.candidates.validate.StageArgs`). A share > 0 (asked for, or
+        the server's default) needs the admin role; an edit to stage is computed as a dry run
+        through `edit` (its role, gate policy and progress events)."""
         from editserve.candidates import operations as candidate_ops
 
         require(who, "stage")
-        if share:
+        if candidate_ops.candidates_of(self.engine).effective_share(args.share) > 0:
             require(who, "stage.share", "staging with a share of default traffic")
-        return await candidate_ops.stage(self.engine, who.caller, ref, export, share)
+        computed = None
+        if args.edit is not None:
+            computed = await self.edit(who, args.edit, operation_id(op))
+        return await candidate_ops.stage(self.engine, who.caller, args.ref, args.export, args.share, computed)
 
-    async def candidates(self, who: Principal) -> list[dict[str, Any]]:
+    async def candidates(self, who: Principal) -> Any:
         from editserve.candidates import operations as candidate_ops
 
         require(who, "candidates")
         return candidate_ops.listing(self.engine)
+
+    async def compare(self, who: Principal, cid: str, items: Any) -> Any:
+        from editserve.candidates import operations as candidate_ops
+
+        require(who, "compare")
+        return await candidate_ops.compare(self.engine, who.caller, cid, items)
 
     async def promote(self, who: Principal, cid: str) -> Any:
         from editserve.candidates import operations as candidate_ops

@@ -59,6 +59,9 @@ GRPC_OPERATIONS: Mapping[str, str] = {
     "WatchEvents": "events", "ExportPatch": "export",
     "Edit": "edit", "Probe": "probe", "Trace": "trace",
     "Rollback": "rollback", "Revert": "revert", "ImportPatch": "import",
+    # candidates
+    "ListCandidates": "candidates", "StageCandidate": "stage", "PromoteCandidate": "promote",
+    "DiscardCandidate": "discard", "CompareCandidate": "compare",
 }
 
 

@@ -85,3 +85,36 @@ class EditService(pb2_grpc.EditServiceServicer):
     async def ExportPatch(self, request: Any, context: Any) -> Any:
         patch_id, manifest, factors = await self.ops.export(current_principal(), validate.export_ref(request))
         return pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=manifest, factors=factors)
+
+    # -- candidates (editserve.candidates; docs/candidates.md) ---------------------------------
+
+    async def ListCandidates(self, request: Any, context: Any) -> Any:
+        from editserve.candidates.wire import listing_to_pb
+
+        return listing_to_pb(await self.ops.candidates(current_principal()))
+
+    async def StageCandidate(self, request: Any, context: Any) -> Any:
+        from editserve.candidates.validate import stage_args
+        from editserve.candidates.wire import candidate_to_pb
+
+        args = stage_args(request, self.ops.n_layers())
+        return candidate_to_pb(await self.ops.stage(current_principal(), args, _operation_id(context)))
+
+    async def PromoteCandidate(self, request: Any, context: Any) -> Any:
+        from editserve.candidates.validate import candidate_id
+        from editserve.candidates.wire import outcome_to_pb
+
+        return outcome_to_pb(await self.ops.promote(current_principal(), candidate_id(request.candidate)))
+
+    async def DiscardCandidate(self, request: Any, context: Any) -> Any:
+        from editserve.candidates.validate import candidate_id
+        from editserve.candidates.wire import outcome_to_pb
+
+        return outcome_to_pb(await self.ops.discard(current_principal(), candidate_id(request.candidate)))
+
+    async def CompareCandidate(self, request: Any, context: Any) -> Any:
+        from editserve.candidates.validate import compare_args
+        from editserve.candidates.wire import comparison_to_pb
+
+        cid, items = compare_args(request)
+        return comparison_to_pb(await self.ops.compare(current_principal(), cid, items))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -22,6 +22,9 @@ class VersionChange:
     active_patches: int = 0
     serving_replicas: tuple[str, ...] = ()        # live replicas serving `version` at the reply (docs/fleet.md)
     lagging_replicas: tuple[str, ...] = ()
+    patch: Any = field(default=None, compare=False, repr=False)   # a dry run's computed Patch (never serialised)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, patch=None))
+        out.pop("patch")
+        return out

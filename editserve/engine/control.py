@@ -331,7 +331,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                      timings_ms={"compute": round((t_computed - t_wait) * 1e3, 3)},
                                      patch_id=computed.patch.digest, method=method,
                                      probe_report=computed.probe_report, active_patches=len(
-                                         await asyncio.to_thread(self.ledger.active_ids, head)))
+                                         await asyncio.to_thread(self.ledger.active_ids, head)),
+                                     patch=computed.patch)          # a candidate may stage it (editserve.candidates)
             async with self._lock:
                 now = await asyncio.to_thread(self.ledger.head)
                 if self.served.version != head or now != head:
