@@ -65,8 +65,8 @@ def setup(tmp_path, monkeypatch):
     for p, _ in reversed(patches):
         remove_patch(model, p)
     ledger = Ledger.open(tmp_path / "ledger", fingerprint(model), create=True)
-    for p, own in patches:
-        ledger.commit(p, expected_head=ledger.head(), base=base, preserved=own)
+    for i, (p, own) in enumerate(patches):
+        ledger.commit(p, expected_head=ledger.head(), base=base, preserved=own, probe_report={"marker": i + 1})
     yield ledger, model, tok, corpus, patches
     ledger.close()
 
@@ -117,6 +117,16 @@ def test_alphaedit_rebase_uses_the_rebuilt_preserved_keys(setup) -> None:
     again = ledger.revert(2, caller="test", rebase=plan, expected_head=3, idempotency_key="rebase-2")
     assert (again.version, again.created) == (4, False) and again.rebased == res.rebased
     assert len(ledger.versions()) == 5
+
+    # rebasing again (out the 1st at head 4): the recomputed patch's old context is what was below it
+    # in the version that added it (patch 1), and its probe report is its original commit's
+    steps.clear()
+    ledger.plan_rebase(1, spy)
+    (step,) = steps
+    assert step.version == 4 and step.old_patch.digest == new.digest
+    assert [p.digest for p in step.old_context] == [patches[0][0].digest] and step.new_context == ()
+    assert _same(step.old_preserved, ledger.preserved_keys(1)) and step.new_preserved.blocks == ()
+    assert step.old_probe_report == {"marker": 3}
 
 
 def test_plan_checks(setup) -> None:

@@ -438,7 +438,9 @@ class _Worker:
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
-        later = len(ledger.active_ids(msg.head))
+        ids = list(ledger.active_ids(msg.head))
+        removed = ledger.version(msg.version).patch_id
+        later = len(ids) - 1 - ids.index(removed) if removed in ids else len(ids)
 
         def progress(i: int, step: Any) -> None:
             self._progress("rebase", round(0.05 + 0.9 * i / max(1, later), 4),

@@ -851,13 +851,15 @@ class Ledger:
         for digest, origin in chain[idx + 1:]:
             origin_rec = self._store.version(origin)
             old = self.patch(digest)
-            if origin_rec.parent is not None:
-                old_context = tuple(self.active_patches(origin_rec.parent))
-                old_preserved = self.preserved_keys(origin_rec.parent)
-            else:
-                old_context, old_preserved = (), PreservedKeys()
+            # What was below the old patch in the version that added it (for a patch a rebase
+            # added, the kept and earlier recomputed patches of that version, not its parent's).
+            at_origin = list(self.active_ids(origin))
+            below = at_origin[:at_origin.index(digest)]
+            old_context = tuple(self.patch(d) for d in below)
+            old_keys = self._keys_of(below)
+            old_preserved = PreservedKeys(tuple(b for d in below for b in old_keys[d].blocks))
             step = RebaseStep(version=origin, old_patch=old, old_context=old_context,
-                              new_context=tuple(new_context), old_probe_report=origin_rec.probe_report,
+                              new_context=tuple(new_context), old_probe_report=self._first_report(digest, origin_rec),
                               old_preserved=old_preserved, new_preserved=PreservedKeys(tuple(new_blocks)))
             outcome = rebase(step)
             if isinstance(outcome, Patch):
@@ -880,6 +882,18 @@ class Ledger:
         if len(set(plan.final)) != len(plan.final):
             raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         return plan
+
+    def _first_report(self, digest: str, rec: VersionRecord) -> dict[str, Any] | None:
+        """The probe report of the commit a patch descends from: a patch that an earlier rebase
+        recomputed has none of its own, so follow ``details["rebased"]`` back to the original."""
+        seen = set()
+        while rec.probe_report is None and rec.kind == KIND_REVERT and rec.version not in seen:
+            seen.add(rec.version)
+            entry = next((r for r in rec.details.get("rebased", []) if r.get("new_patch") == digest), None)
+            if entry is None:
+                break
+            digest, rec = entry["old_patch"], self._store.version(int(entry["original_version"]))
+        return rec.probe_report
 
     def revert(self, version: int, caller: str = "local",
                rebase: Callable[[RebaseStep], Patch | RebaseOutcome] | RebasePlan | None = None,
