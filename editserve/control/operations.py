@@ -219,8 +219,9 @@ class Operations:
         info = await asyncio.to_thread(self.engine.ledger.version, change.version)
         report = RebaseReport.of(change, info.details)
         self._publish(op, caller, "committed", 1.0, f"{len(report.rebased)} patch(es) rebased", version=change.version)
-        audit.info("audit: rebase of version %d by %s → version %d (%d later patch(es) recomputed)", args.version,
-                   caller, change.version, len(report.rebased))
+        audit.info("audit: rebase of version %d by %s → version %d (%d later patch(es) recomputed)%s", args.version,
+                   caller, change.version, len(report.rebased),
+                   " replayed: nothing new was written" if change.kind == "replayed" else "")
         return report
 
     async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:
