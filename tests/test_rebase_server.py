@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -158,6 +159,16 @@ def test_rebase_out_the_second_edit_over_grpc(server: GrpcServer, edited: dict[s
             # the served model changed once: one swap, one ledger event, one swap stage
             assert st.swaps_ok == swaps + 1
         assert _swaps_metric(server) == swaps_metric + 1
+        # the new version's preserved-keys state: the kept patch's blocks, then the recomputed patches'
+        # (stored with them), rebuilt from the ledger file as a restarted sidecar would
+        from editserve.ledger import Ledger
+
+        with Ledger.open(server.ledger, create=False, verify="quick") as led:
+            state = led.preserved_keys(v5)
+            assert state.tags == (p1, *new)
+            assert [b.keys.shape for b in state.blocks] == [b.keys.shape for b in led.preserved_keys(v4).blocks[:3]]
+            assert all(torch.equal(a.keys, b.keys) for a, b in zip(state.for_patch(p1).blocks,
+                                                                  led.preserved_keys(v1).blocks))
         event = watcher.wait_for(lambda e: e.kind == "revert" and e.version == v5)
         assert event.from_version == v4 and event.caller == "token:admin-user"
         watcher.wait_for(lambda e: e.operation_id == "rb-2" and e.kind == "progress" and e.progress == 1.0)
