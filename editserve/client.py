@@ -220,6 +220,23 @@ class EditClient:
             req.expected_head = expected_head
         return self._call("Revert", req)
 
+    def rebase(self, version: int, expected_head: int | None = None, idempotency_key: str = "",
+               wait_for_replicas_s: float | None = None, progress: Callable[[Any], None] | None = None,
+               operation_id: str = "") -> Any:
+        """Revert version `version`'s patch and recompute the later ones on the server (``Rebase``);
+        a ``RebaseResponse`` with each later edit's scores before and after. `progress` as in `edit`."""
+        from editserve.control.gen import pb2
+
+        req = pb2.RebaseRequest(version=version, idempotency_key=idempotency_key)
+        if expected_head is not None:
+            req.expected_head = expected_head
+        if wait_for_replicas_s is not None:
+            req.wait_for_replicas_s = wait_for_replicas_s
+        op = operation_id or uuid.uuid4().hex[:12]
+        if progress is None:
+            return self._call("Rebase", req, metadata=[(OPERATION_KEY, op)])
+        return self._with_progress(lambda: self._call("Rebase", req, metadata=[(OPERATION_KEY, op)]), op, progress)
+
     def versions(self, limit: int = 0) -> Any:
         from editserve.control.gen import pb2
 

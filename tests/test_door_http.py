@@ -79,6 +79,17 @@ def test_every_route_needs_a_token_of_its_role(client: TestClient, caplog: pytes
     assert not any(t in m for m in refusals for t in TOKENS.values())
 
 
+def test_rebase_route_is_admin_only_and_validated(client: TestClient) -> None:
+    """POST /rebase (issue 16.3) is in the role table as revert is; its body is a RebaseRequest."""
+    assert ("POST", "/rebase", "rebase") in ROUTES and OPERATION_ROLES["rebase"] == OPERATION_ROLES["revert"] == "admin"
+    r = _call(client, "POST", "/rebase", TOKENS["editor"], json={"version": 2})
+    assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+    for body, fragment in (({"version": -3}, "-3"), ({"version": 1, "idempotency_key": "a b"}, "'a b'"),
+                           ({"version": 1, "rebase": True}, "rebase"), ({"version": 1, "caller": "x"}, "caller")):
+        r = _call(client, "POST", "/rebase", TOKENS["admin"], json=body)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], (body, r.text)
+
+
 def test_reads_answer_the_ledger(client: TestClient) -> None:
     r = _call(client, "GET", "/versions", TOKENS["viewer"])
     assert r.status_code == 200 and [v["kind"] for v in r.json()["versions"]] == ["base"]

@@ -302,6 +302,9 @@ CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
     ("revert-base", ("revert", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
     ("revert-unknown", ("revert", {"version": 5151}), "NOT_FOUND", "5151"),
     ("revert-bad-key", ("revert", {"version": 0, "idempotency_key": "a b"}), "INVALID_ARGUMENT", "'a b'"),
+    ("rebase-base", ("rebase", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
+    ("rebase-unknown", ("rebase", {"version": 5151}), "NOT_FOUND", "5151"),
+    ("rebase-negative", ("rebase", {"version": -4}), "INVALID_ARGUMENT", "-4"),
     ("get-version-unknown", ("get_version", {"version": 9090}), "NOT_FOUND", "9090"),
     ("get-version-negative", ("get_version", {"version": -2}), "INVALID_ARGUMENT", "-2"),
     ("diff-unknown", ("diff", {"a": 0, "b": 8080}), "NOT_FOUND", "8080"),
@@ -765,8 +768,10 @@ RPC_CALLS = {"Status": pb2.StatusRequest(), "ListVersions": pb2.ListVersionsRequ
              "ListCandidates": pb2.ListCandidatesRequest(), "StageCandidate": pb2.StageCandidateRequest(version=1),
              "PromoteCandidate": pb2.PromoteCandidateRequest(candidate="abcdef"),
              "DiscardCandidate": pb2.DiscardCandidateRequest(candidate="abcdef"),
-             "CompareCandidate": pb2.CompareCandidateRequest(candidate="abcdef")}
+             "CompareCandidate": pb2.CompareCandidateRequest(candidate="abcdef"),
+             "Rebase": pb2.RebaseRequest(version=1)}
 HTTP_BODIES = {"/edit": {"facts": [EIFFEL]}, "/rollback": {"version": 0}, "/revert": {"version": 1},
+               "/rebase": {"version": 1},
                "/probe": {"items": [{"prompt": "The sky is", "target": " blue"}]},
                "/trace": {"prompt": "{} is", "subject": "Windows XP"},
                "/import": {"manifest_json": "e30=", "factors": "eA=="}, "/sync": {}, "/candidates": {"version": 1}}

@@ -136,10 +136,13 @@ def test_revert_with_rebase_recomputes_later_edits(tmp_path: Path, real: SimpleN
         assert led.active_ids() == tuple(new_ids)
         for r, req in zip(res.rebased, REQUESTS[1:]):
             assert led.patch(r.new_patch).requests == (req,)
-            assert set(r.changes) == {"0.logprob_new", "0.top1_new", "0.logprob_true"}
-            assert r.metrics_after["0.top1_new"] == 1.0                        # the edit still holds
+            # the probe gate's scores (editserve.ledger.rebase.probe_metrics) on the request's prompt
+            assert set(r.changes) == {"efficacy", "efficacy.margin", "fact0.logprob_new", "fact0.logprob_true"}
+            assert r.metrics_after["efficacy"] == 1.0                          # the edit still holds
         # The "before" metrics were measured on the model as it was when the edit was committed.
-        assert res.rebased[0].metrics_before == pytest.approx(real.reports[1], abs=1e-4)
+        before = res.rebased[0].metrics_before
+        assert before["fact0.logprob_new"] == pytest.approx(real.reports[1]["0.logprob_new"], abs=1e-3)
+        assert before["fact0.logprob_true"] == pytest.approx(real.reports[1]["0.logprob_true"], abs=1e-3)
         details = led.version(4).details
         assert details["reverted"] == 1 and len(details["rebased"]) == 2 and "changes" in details["rebased"][0]
         assert led.expected_checksums(3) == before3                            # history untouched

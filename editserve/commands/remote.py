@@ -62,10 +62,15 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("version", type=int)
         p.add_argument("--expected-head", type=int, default=None)
     elif name == "revert":
-        p = sub.add_parser("revert", help="serve a new version without the patch of version V (later patches kept)")
+        p = sub.add_parser("revert", help="serve a new version without the patch of version V (later patches kept, "
+                                          "or recomputed on the new base with --rebase)")
         p.add_argument("version", type=int)
         p.add_argument("--expected-head", type=int, default=None)
         p.add_argument("--idempotency-key", default="")
+        p.add_argument("--rebase", action="store_true",
+                       help="recompute every later patch on the new base on the server's sidecar (one swap at the "
+                            "end); prints each later edit's probe scores before → after")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (with --rebase)")
     elif name == "versions":
         p = sub.add_parser("versions", help="the server's ledger versions (head marked *)")
         p.add_argument("--limit", type=int, default=0, help="only the last N versions")
@@ -295,6 +300,8 @@ def _hint(exc: Any, args: argparse.Namespace) -> str:
 def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "edit":
         return _edit(c, args)
+    if cmd == "revert" and args.rebase:
+        return _rebase(c, args)
     if cmd in ("rollback", "revert"):
         if cmd == "rollback":
             ch = c.rollback(args.version, expected_head=args.expected_head)
@@ -443,6 +450,38 @@ def _edit(c: Any, args: argparse.Namespace) -> int:
           f"pause {ch.pause_ms:.1f} ms; total {total:.1f} s")
     if r.HasField("report"):
         print(_report_table(r.report))
+    return 0
+
+
+REBASE_SCORES = ("efficacy", "paraphrase", "neighbourhood")
+
+
+def _rebase(c: Any, args: argparse.Namespace) -> int:
+    kwargs = dict(expected_head=args.expected_head, idempotency_key=args.idempotency_key)
+    if args.no_progress or args.json:
+        r = c.rebase(args.version, **kwargs)
+    else:
+        with ProgressBar("rebase") as bar:
+            r = c.rebase(args.version, progress=bar.update, **kwargs)
+    if args.json:
+        print(_dump(r))
+        return 0
+    ch = r.change
+    again = " (already done: nothing new was written)" if ch.kind == "replayed" else ""
+    print(f"now serving version {ch.version} (was {ch.previous_version}){again}; reverted version "
+          f"{r.reverted_version} (patch {r.removed_patch[:12]}); {len(r.rebased)} later patch(es) recomputed; "
+          f"{ch.active_patches} active; pause {ch.pause_ms:.1f} ms")
+    rows = []
+    for e in r.rebased:
+        cells = [e.original_version, f"{e.old_patch[:12]} → {e.new_patch[:12]}"]
+        for k in REBASE_SCORES:
+            cells.append(f"{e.scores_before[k]:.2f} → {e.scores_after[k]:.2f}"
+                         if k in e.scores_before and k in e.scores_after else "-")
+        m = "efficacy.margin"
+        cells.append(f"{e.scores_before[m]:+.2f} → {e.scores_after[m]:+.2f}"
+                     if m in e.scores_before and m in e.scores_after else "-")
+        rows.append(cells)
+    print(_table(rows, ["version", "patch", *REBASE_SCORES, "efficacy margin"]))
     return 0
 
 

@@ -35,6 +35,20 @@ def change_to_pb(change: Any, committed: bool = True) -> Any:
         lagging_replicas=list(change.lagging_replicas))
 
 
+def rebase_to_pb(report: Any) -> Any:
+    """An `editserve.control.operations.RebaseReport` as a ``RebaseResponse`` message."""
+    def scores(d: Any) -> dict[str, float]:
+        return {str(k): float(v) for k, v in (d or {}).items()}
+
+    return pb2.RebaseResponse(
+        change=change_to_pb(report.change), reverted_version=int(report.reverted_version),
+        removed_patch=report.removed_patch,
+        rebased=[pb2.RebasedEdit(original_version=int(r["original_version"]), old_patch=r["old_patch"],
+                                 new_patch=r["new_patch"], scores_before=scores(r.get("metrics_before")),
+                                 scores_after=scores(r.get("metrics_after")), changes=scores(r.get("changes")))
+                 for r in report.rebased])
+
+
 def fact_to_pb(r: Any) -> Any:
     return pb2.Fact(prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true or "")
 

@@ -20,6 +20,10 @@ route                                  role    body / query → response
 ``POST /editserve/v1/trace``           editor  ``TraceRequest`` → ``TraceResponse``
 ``POST /editserve/v1/rollback``        admin   ``RollbackRequest`` → the version change
 ``POST /editserve/v1/revert``          admin   ``RevertRequest`` → the version change
+``POST /editserve/v1/rebase``          admin   ``RebaseRequest`` → ``{"change", "reverted_version",
+                                               "removed_patch", "rebased": [{"original_version",
+                                               "old_patch", "new_patch", "metrics_before",
+                                               "metrics_after", "changes"}]}``
 ``POST /editserve/v1/import``          admin   ``ImportPatchRequest`` (bytes base64) → change
 ``POST /editserve/v1/sync``            admin   ``{}`` → ``{"changed", …change}``
 ``GET  /editserve/v1/status``          viewer  served version, ledger head, counters, sidecar
@@ -180,6 +184,11 @@ def router() -> Any:
     async def revert(ops: Operations, who: Principal, request: Any) -> Any:
         return (await ops.revert(who, validate.revert_args(await _body(request, pb2.RevertRequest)))).to_dict()
 
+    async def rebase(ops: Operations, who: Principal, request: Any) -> Any:
+        args = validate.rebase_args(await _body(request, pb2.RebaseRequest))
+        op = operation_id(request.headers.get(OPERATION_HEADER))
+        return (await ops.rebase(who, args, op)).to_dict()
+
     async def import_(ops: Operations, who: Principal, request: Any) -> Any:
         args = validate.import_args(await _body(request, pb2.ImportPatchRequest))
         return (await ops.import_patch(who, args)).to_dict()
@@ -267,7 +276,7 @@ def router() -> Any:
 
     handlers: dict[str, Handler] = {
         "candidates": candidates, "stage": stage, "promote": promote, "discard": discard, "compare": compare,
-        "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "import": import_,
+        "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "rebase": rebase, "import": import_,
         "sync": sync, "status": status, "checksums": checksums, "versions": versions, "version": version,
         "diff": diff, "export": export}
     for method, path, operation in ROUTES:
@@ -278,7 +287,8 @@ def router() -> Any:
 # The routes and their operations, for the docs and the tests (method, path, operation).
 ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/edit", "edit"), ("POST", "/probe", "probe"), ("POST", "/trace", "trace"),
-    ("POST", "/rollback", "rollback"), ("POST", "/revert", "revert"), ("POST", "/import", "import"),
+    ("POST", "/rollback", "rollback"), ("POST", "/revert", "revert"), ("POST", "/rebase", "rebase"),
+    ("POST", "/import", "import"),
     ("POST", "/sync", "sync"), ("GET", "/status", "status"), ("GET", "/checksums", "checksums"),
     ("GET", "/versions", "versions"), ("GET", "/versions/{version}", "version"), ("GET", "/diff", "diff"),
     ("GET", "/export", "export"),

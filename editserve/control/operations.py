@@ -2,7 +2,7 @@
 
 `Operations` is what the gRPC servicer (`editserve.control.service`) and the HTTP routes
 (`editserve.control.http`) call, with an authenticated `Principal` and a validated request
-(`editserve.control.validate`): edit, rollback, revert, import, sync, probe, trace, status,
+(`editserve.control.validate`): edit, rollback, revert, rebase, import, sync, probe, trace, status,
 versions, version, diff, export, checksums, the event stream, and the candidates' stage, list,
 compare, promote and discard (`editserve.candidates.operations`). Each operation checks the
 principal's role again (`editserve.control.principals.OPERATION_ROLES`), applies the gate
@@ -13,7 +13,7 @@ transport. The adapters only translate messages and map errors (`editserve.contr
 
 Dependency direction: ``control`` drives ``engine``. `Operations` uses the engine's
 `editserve.engine.control.ControlPlane` through the small interface it exposes (``edit``,
-``rollback``, ``revert``, ``import_patch``, ``follow``, ``score``, ``trace``, ``status``,
+``rollback``, ``revert``, ``rebase``, ``import_patch``, ``follow``, ``score``, ``trace``, ``status``,
 ``engine_checksums``, ``ledger``, ``settings``, ``metrics``); it imports nothing of
 ``editserve.engine`` at module import time, and ``editserve.engine`` imports ``control`` only
 inside functions (the plugin's wiring). One `Operations` exists per control plane
@@ -31,6 +31,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,26 @@ def operation_id(value: str | None) -> str:
     if not OPERATION_RE.fullmatch(value):
         raise InvalidRequestError(f"operation id {value!r} must be 1-64 characters of [A-Za-z0-9._:-]")
     return value
+
+
+@dataclass(frozen=True)
+class RebaseReport:
+    """What a rebase did: the version change and, per later edit, its scores before and after
+    (the ``rebased`` entries of the revert version's details: `editserve.ledger.RebasedPatch.to_dict`)."""
+
+    change: Any                                  # editserve.engine.changes.VersionChange
+    reverted_version: int
+    removed_patch: str
+    rebased: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def of(cls, change: Any, details: Mapping[str, Any]) -> "RebaseReport":
+        return cls(change=change, reverted_version=int(details["reverted"]), removed_patch=str(details["removed_patch"]),
+                   rebased=tuple(dict(r) for r in details.get("rebased", ())))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"change": self.change.to_dict(), "reverted_version": self.reverted_version,
+                "removed_patch": self.removed_patch, "rebased": [dict(r) for r in self.rebased]}
 
 
 class Operations:
@@ -173,6 +194,36 @@ class Operations:
                                           idempotency_key=args.idempotency_key)
         audit.info("audit: revert of version %d by %s → version %d", args.version, who.caller, change.version)
         return change
+
+    async def rebase(self, who: Principal, args: validate.RebaseArgs, op: str) -> "RebaseReport":
+        """Revert `args.version`'s patch and recompute the later ones (`ControlPlane.rebase`); the
+        report is read back from the written ledger version, so a repeated idempotency key returns
+        the same report (its change is ``kind="replayed"``)."""
+        require(who, "rebase")
+        caller = who.caller
+        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            if threading.get_ident() == loop_thread:
+                self._publish(op, caller, stage, fraction, message)
+            else:
+                loop.call_soon_threadsafe(self._publish, op, caller, stage, fraction, message)
+
+        self._publish(op, caller, "accepted", 0.0, f"rebase: revert version {args.version}, recompute later patches")
+        try:
+            change = await self.engine.rebase(args.version, caller=caller, expected_head=args.expected_head,
+                                              idempotency_key=args.idempotency_key, progress=progress)
+        except Exception as exc:
+            audit.info("audit: rebase of version %d by %s failed: %s", args.version, caller, type(exc).__name__)
+            raise
+        change = await self._rollout(change, args.wait_for_replicas_s)
+        info = await asyncio.to_thread(self.engine.ledger.version, change.version)
+        report = RebaseReport.of(change, info.details)
+        self._publish(op, caller, "committed", 1.0, f"{len(report.rebased)} patch(es) rebased", version=change.version)
+        audit.info("audit: rebase of version %d by %s → version %d (%d later patch(es) recomputed)%s", args.version,
+                   caller, change.version, len(report.rebased),
+                   " replayed: nothing new was written" if change.kind == "replayed" else "")
+        return report
 
     async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:
         require(who, "import")

@@ -9,7 +9,8 @@ in the interceptor.
 An Edit's progress events carry an operation id: the one the caller sent in the metadata key
 ``editserve-operation-id`` (so that it can follow its own edit on a ``WatchEvents`` stream it
 opened first), else a random one. Stages, in order: accepted, compute, keys, values, solve,
-probe, swap, commit, then committed | dry_run (or a ``rejected`` event). A ``WatchEvents``
+probe, swap, commit, then committed | dry_run (or a ``rejected`` event); a Rebase's: accepted,
+rebase (one per recomputed patch), swap, committed. A ``WatchEvents``
 stream starts with one ``watching`` event (id 0, ``details_json`` ``{"after_event": N}``), sent
 once the stream receives server-local events.
 """
@@ -51,6 +52,10 @@ class EditService(pb2_grpc.EditServiceServicer):
 
     async def Revert(self, request: Any, context: Any) -> Any:
         return convert.change_to_pb(await self.ops.revert(current_principal(), validate.revert_args(request)))
+
+    async def Rebase(self, request: Any, context: Any) -> Any:
+        args = validate.rebase_args(request)
+        return convert.rebase_to_pb(await self.ops.rebase(current_principal(), args, _operation_id(context)))
 
     async def ImportPatch(self, request: Any, context: Any) -> Any:
         args = validate.import_args(request)

@@ -230,6 +230,14 @@ class RevertArgs:
 
 
 @dataclass(frozen=True)
+class RebaseArgs:
+    version: int
+    expected_head: int | None
+    idempotency_key: str | None
+    wait_for_replicas_s: float | None = None
+
+
+@dataclass(frozen=True)
 class ImportArgs:
     manifest_json: bytes
     factors: bytes
@@ -280,6 +288,12 @@ def rollback_args(msg: Any) -> RollbackArgs:
 def revert_args(msg: Any) -> RevertArgs:
     return RevertArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
                       idempotency_key=idempotency_key(msg.idempotency_key))
+
+
+def rebase_args(msg: Any) -> RebaseArgs:
+    """A ``RebaseRequest``; whether `version` has a patch with later ones is the ledger's to say."""
+    return RebaseArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
+                      idempotency_key=idempotency_key(msg.idempotency_key), wait_for_replicas_s=wait_for_replicas(msg))
 
 
 def import_args(msg: Any) -> ImportArgs:

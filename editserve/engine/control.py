@@ -434,6 +434,90 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self.metrics.record_revert()
         return change
 
+    async def rebase(self, version: int, caller: str | None = None, expected_head: int | None = None,
+                     idempotency_key: str | None = None,
+                     progress: Callable[[str, float, str], None] | None = None) -> VersionChange:
+        """Revert the patch that `version` added and recompute every later patch on the new base
+        (issue 16): the sidecar plans it (`Ledger.plan_rebase` with `ModelRecompute`, preserved keys
+        rebuilt from the ledger) while the engine keeps serving; then one swap to the final patches,
+        whose commit step writes the revert version with the plan. The served model changes once.
+        The per-edit score changes are in the written version's ``details["rebased"]``."""
+        from editserve.engine.sidecar import ComputeRebase
+        from editserve.ledger import LedgerConflict, RevertError
+
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+
+        def report(stage: str, fraction: float, message: str = "") -> None:
+            if progress is not None:
+                progress(stage, fraction, message)
+
+        self._check_usable()
+        info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
+        if info.patch_id is None:
+            raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
+        removed = info.patch_id
+        who = caller or self.settings.caller
+        replayed = await self._replayed(idempotency_key, "rebase", lambda i: (
+            i.kind == "revert" and i.details.get("mode") == "rebase" and i.details.get("reverted") == version))
+        if replayed is not None:
+            return replayed
+        async with self._edit_lock:                     # the sidecar computes one change at a time
+            await self._ensure_sidecar()
+            async with self._lock:
+                assert self.served is not None and self.sidecar is not None
+                head = await self._followed_head(expected_head)
+            active = await asyncio.to_thread(self.ledger.active_ids, head)
+            if removed not in active:
+                raise RevertError(f"the patch of version {version} ({removed[:12]}) is not active at version {head}")
+            later = len(active) - 1 - list(active).index(removed)
+            if later == 0:
+                raise RevertError(f"the patch of version {version} ({removed[:12]}) is the last active patch at "
+                                  f"version {head}: no later patch to rebase (revert it without rebase)")
+            report("rebase", 0.02, f"recomputing {later} later patch(es) on the sidecar")
+            t0 = time.perf_counter()
+            computed = await asyncio.to_thread(
+                self.sidecar.rebase, ComputeRebase(version=version, head=head),
+                lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s * later)
+            t_computed = time.perf_counter()
+            plan = computed.plan
+            async with self._lock:
+                now = await asyncio.to_thread(self.ledger.head)
+                if self.served.version != head or now != head:
+                    await self._follow_head()
+                    raise LedgerConflict(f"the head moved from version {head} to {now} while the rebase was computed; "
+                                         "nothing was committed (retry)", expected_head=head, actual_head=now)
+                current = await asyncio.to_thread(self.ledger.active_patches, head)
+                by_id = {p.digest: p for p in current}
+                target = [by_id[d] for d in plan.kept] + list(plan.patches)
+                message = message_for(-1, self.family, target)
+
+                async def commit() -> int:
+                    res = await asyncio.to_thread(functools.partial(
+                        self.ledger.revert, version, who, rebase=plan, expected_head=head,
+                        idempotency_key=idempotency_key))
+                    now_active = await asyncio.to_thread(self.ledger.active_ids, res.version)
+                    if tuple(now_active) != tuple(p.digest for p in target):
+                        raise SwapFailed(f"ledger version {res.version} does not hold the patches just applied")
+                    return res.version
+
+                report("swap", 0.96, f"pause, apply {len(target)} patch(es), verify, commit (one swap)")
+                result, expected = await self._swap(message, target, commit)
+                new_version = int(result.committed)
+                self._set_served(new_version, message, expected, len(target))
+                t_swap = time.perf_counter()
+                await self._sync_sidecar(new_version, result)
+                t_end = time.perf_counter()
+        self.metrics.record_revert()
+        log.info("rebase of version %d → version %d served (%d patch(es) recomputed, pause %.2f ms)", version,
+                 new_version, later, result.pause_seconds * 1e3)
+        return VersionChange(version=new_version, previous_version=head, kind="rebase",
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
+                                         "swap": round((t_swap - t_computed) * 1e3, 3),
+                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
+                             patch_id=removed, active_patches=len(target))
+
     async def import_patch(self, src: str | Path, caller: str | None = None, expected_head: int | None = None,
                            idempotency_key: str | None = None) -> VersionChange:
         """Validate the exported patch in directory `src` (`editserve.ledger.transfer`), then commit

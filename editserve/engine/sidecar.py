@@ -118,6 +118,22 @@ class ComputeEdit:
 
 
 @dataclass(frozen=True)
+class ComputeRebase:
+    """Recompute the patches after the one `version` added, on the new base, at ledger `head`
+    (`editserve.ledger.rebase.ModelRecompute` through `Ledger.plan_rebase`; nothing is written
+    but base copies). Answered with `RebaseComputed`; the sidecar holds `head` again afterwards."""
+
+    version: int
+    head: int
+
+
+@dataclass(frozen=True)
+class RebaseComputed:
+    plan: Any                          # editserve.ledger.RebasePlan (patches, key blocks, metrics)
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ScorePrompts:
     """Score continuations on the model at `version` (the gRPC Probe call); items are
     (prompt, target, other or None). Answered with `Scored`."""
@@ -275,6 +291,8 @@ class _Worker:
             return self.sync(msg)
         if isinstance(msg, ComputeEdit):
             return self.compute(msg)
+        if isinstance(msg, ComputeRebase):
+            return self.rebase(msg)
         if isinstance(msg, ScorePrompts):
             return self.score_prompts(msg)
         if isinstance(msg, TraceFact):
@@ -411,6 +429,36 @@ class _Worker:
                 ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
         return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0,
                             keys=result.preserved.for_patch(patch.digest))
+
+    def rebase(self, msg: ComputeRebase) -> RebaseComputed:
+        """Plan the rebase on the base weights (every merged patch is removed, restoring the saved
+        base copies), then hold `msg.head` again, whatever happened."""
+        from editserve.ledger.rebase import ModelRecompute
+        from editserve.patches import applied_patches, base_state_dict, remove_patch
+
+        t0 = time.perf_counter()
+        ledger = self._need_ledger()
+        ids = list(ledger.active_ids(msg.head))
+        removed = ledger.version(msg.version).patch_id
+        later = len(ids) - 1 - ids.index(removed) if removed in ids else len(ids)
+
+        def progress(i: int, step: Any) -> None:
+            self._progress("rebase", round(0.05 + 0.9 * i / max(1, later), 4),
+                           f"recomputing the patch of version {step.version} ({step.method}, "
+                           f"{len(step.requests)} fact(s)) with {len(step.new_preserved.blocks)} preserved key block(s)")
+
+        for p in reversed(list(applied_patches(self.model))):
+            remove_patch(self.model, p)
+        try:
+            plan = ledger.plan_rebase(msg.version, ModelRecompute(self.model, self.tok, progress=progress),
+                                      expected_head=msg.head)
+            base = base_state_dict(self.model)
+            for patch in plan.patches:          # normally stored already (the replaced patches touch them)
+                for d in patch.deltas:
+                    ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
+        finally:
+            self._hold(msg.head)
+        return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)
 
     def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         if not prompts:
@@ -610,6 +658,10 @@ class SidecarClient:
     def compute(self, msg: ComputeEdit, on_progress: Callable[[Progress], None] | None = None,
                 timeout_s: float | None = None) -> EditComputed:
         return self.call(msg, EditComputed, timeout_s, on_progress=on_progress)
+
+    def rebase(self, msg: ComputeRebase, on_progress: Callable[[Progress], None] | None = None,
+               timeout_s: float | None = None) -> RebaseComputed:
+        return self.call(msg, RebaseComputed, timeout_s, on_progress=on_progress)
 
     def score(self, version: int, items: tuple[tuple[str, str, str | None], ...],
               timeout_s: float | None = None) -> Scored:

@@ -36,6 +36,7 @@ from editserve.ledger.ledger import (
     Ledger,
     RebasedPatch,
     RebaseOutcome,
+    RebasePlan,
     RebaseStep,
     RevertResult,
     VersionDiff,
@@ -47,7 +48,7 @@ from editserve.ledger.location import LedgerLocation, redact_dsn
 from editserve.ledger.store import Event, LedgerStore
 
 __all__ = [
-    "Ledger", "VersionInfo", "Event", "RevertResult", "RebaseStep", "RebaseOutcome", "RebasedPatch",
+    "Ledger", "VersionInfo", "Event", "RevertResult", "RebaseStep", "RebaseOutcome", "RebasePlan", "RebasedPatch",
     "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "tensor_sha256",
     "LedgerError", "LedgerConflict", "IdempotencyMismatch", "VersionNotFound", "PatchNotFound",
     "LedgerModelMismatch", "LedgerCorrupt", "LedgerBusy", "BaseCopyMissing", "BaseCopyMismatch",

@@ -128,6 +128,10 @@ class RebaseStep:
     old_context: tuple[Patch, ...]
     new_context: tuple[Patch, ...]
     old_probe_report: dict[str, Any] | None
+    # The preserved-keys states (AlphaEdit) of the two contexts: the blocks of `old_context`'s
+    # patches as stored with them, and those of `new_context`'s (recomputed ones included), in order.
+    old_preserved: PreservedKeys = PreservedKeys()
+    new_preserved: PreservedKeys = PreservedKeys()
 
     @property
     def requests(self) -> tuple[EditRequest, ...]:
@@ -150,6 +154,30 @@ class RebaseOutcome:
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
     keys: PreservedKeys | None = None      # the new patch's preserved-keys blocks (stored with it)
+
+
+@dataclass(frozen=True)
+class RebasePlan:
+    """The recomputed later patches of a revert of `version` at `head`, not yet written
+    (`Ledger.plan_rebase`). `Ledger.revert(version, rebase=plan, expected_head=head)` writes it
+    as it is, so a plan computed in one process (the sidecar) is committed by another."""
+
+    version: int                               # the version whose patch is removed
+    head: int                                  # the head the plan was computed at
+    removed_patch: str
+    kept: tuple[str, ...]                      # active patches before the removed one (unchanged)
+    replaced: tuple[str, ...]                  # the later patches, in order
+    outcomes: tuple[RebaseOutcome, ...]        # their recomputed versions, same order
+    rebased: tuple["RebasedPatch", ...]
+
+    @property
+    def patches(self) -> tuple[Patch, ...]:
+        return tuple(o.patch for o in self.outcomes)
+
+    @property
+    def final(self) -> tuple[str, ...]:
+        """The active patch ids of the new version."""
+        return self.kept + tuple(o.patch.digest for o in self.outcomes)
 
 
 @dataclass(frozen=True)
@@ -795,21 +823,96 @@ class Ledger:
             log.info("head moved from version %d to %d by %s", previous, head, caller)
         return head
 
-    def revert(self, version: int, caller: str = "local", rebase: Callable[[RebaseStep], Patch | RebaseOutcome] | None = None,
+    def plan_rebase(self, version: int, rebase: Callable[[RebaseStep], Patch | RebaseOutcome],
+                    expected_head: int | None = None) -> RebasePlan:
+        """Recompute, with the callable `rebase`, every patch active at `expected_head` (default: the
+        head) after the one `version` added, on the new base; nothing is written. Each `RebaseStep`
+        carries the preserved-keys states of its old and new contexts (rebuilt from the blocks stored
+        per patch, the recomputed ones included). Raises `RevertError` if `version` added no patch,
+        its patch is not active at the head, or no patch follows it (nothing to rebase)."""
+        head = self.head() if expected_head is None else self._resolve_version(expected_head)
+        rec = self._store.version(self._resolve_version(version))
+        if rec.patch is None:
+            raise RevertError(f"version {rec.version} ({rec.kind}) added no patch; there is nothing to revert")
+        self._refuse_damaged(head)
+        chain = self._active_with_origin(head)
+        ids = [d for d, _ in chain]
+        if rec.patch not in ids:
+            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is not active at version {head}")
+        idx = ids.index(rec.patch)
+        if idx == len(ids) - 1:
+            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is the last active patch at "
+                              f"version {head}: no later patch to rebase (revert it without rebase)")
+        new_context = [self.patch(d) for d in ids[:idx]]
+        keys = self._keys_of(ids)
+        new_blocks = [b for d in ids[:idx] for b in keys[d].blocks]
+        outcomes: list[RebaseOutcome] = []
+        rebased: list[RebasedPatch] = []
+        for digest, origin in chain[idx + 1:]:
+            origin_rec = self._store.version(origin)
+            old = self.patch(digest)
+            # What was below the old patch in the version that added it (for a patch a rebase
+            # added, the kept and earlier recomputed patches of that version, not its parent's).
+            at_origin = list(self.active_ids(origin))
+            below = at_origin[:at_origin.index(digest)]
+            old_context = tuple(self.patch(d) for d in below)
+            old_keys = self._keys_of(below)
+            old_preserved = PreservedKeys(tuple(b for d in below for b in old_keys[d].blocks))
+            step = RebaseStep(version=origin, old_patch=old, old_context=old_context,
+                              new_context=tuple(new_context), old_probe_report=self._first_report(digest, origin_rec),
+                              old_preserved=old_preserved, new_preserved=PreservedKeys(tuple(new_blocks)))
+            outcome = rebase(step)
+            if isinstance(outcome, Patch):
+                outcome = RebaseOutcome(patch=outcome)
+            if not isinstance(outcome, RebaseOutcome):
+                raise RevertError(f"the rebase callable returned {type(outcome).__name__}, not a Patch or RebaseOutcome")
+            self._check_patch(outcome.patch)
+            own = outcome.keys.for_patch(outcome.patch.digest) if outcome.keys is not None else PreservedKeys()
+            outcome = RebaseOutcome(patch=outcome.patch, metrics_before=dict(outcome.metrics_before),
+                                    metrics_after=dict(outcome.metrics_after), keys=own if own.blocks else None)
+            before = outcome.metrics_before or dict(origin_rec.probe_report or {})
+            rebased.append(RebasedPatch(original_version=origin, old_patch=digest, new_patch=outcome.patch.digest,
+                                        metrics_before=_json_safe(before, "metrics_before"),
+                                        metrics_after=_json_safe(outcome.metrics_after, "metrics_after")))
+            new_context.append(outcome.patch)
+            new_blocks += list(own.blocks)
+            outcomes.append(outcome)
+        plan = RebasePlan(version=rec.version, head=head, removed_patch=rec.patch, kept=tuple(ids[:idx]),
+                          replaced=tuple(ids[idx + 1:]), outcomes=tuple(outcomes), rebased=tuple(rebased))
+        if len(set(plan.final)) != len(plan.final):
+            raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
+        return plan
+
+    def _first_report(self, digest: str, rec: VersionRecord) -> dict[str, Any] | None:
+        """The probe report of the commit a patch descends from: a patch that an earlier rebase
+        recomputed has none of its own, so follow ``details["rebased"]`` back to the original."""
+        seen = set()
+        while rec.probe_report is None and rec.kind == KIND_REVERT and rec.version not in seen:
+            seen.add(rec.version)
+            entry = next((r for r in rec.details.get("rebased", []) if r.get("new_patch") == digest), None)
+            if entry is None:
+                break
+            digest, rec = entry["old_patch"], self._store.version(int(entry["original_version"]))
+        return rec.probe_report
+
+    def revert(self, version: int, caller: str = "local",
+               rebase: Callable[[RebaseStep], Patch | RebaseOutcome] | RebasePlan | None = None,
                expected_head: int | None = None, idempotency_key: str | None = None,
                probe_report: dict[str, Any] | None = None) -> RevertResult:
         """Create a new version equal to the head without the patch that `version` added.
 
-        With `rebase`, every patch active after it is recomputed in order by the callable (which
-        receives a `RebaseStep` and returns the new `Patch` or a `RebaseOutcome` with metrics);
-        the new version holds the recomputed patches in place of the old ones. The head must
-        still be `expected_head` (default: the head when called) when the version is written.
+        With `rebase`, every patch active after it is recomputed in order (`plan_rebase`, by the
+        callable, which receives a `RebaseStep` and returns the new `Patch` or a `RebaseOutcome`
+        with metrics), or `rebase` is a `RebasePlan` computed earlier at the same head; the new
+        version holds the recomputed patches (and their preserved-keys blocks) in place of the old
+        ones. The head must still be `expected_head` (default: the head when called) when the
+        version is written. A repeated `idempotency_key` returns the first call's result.
         """
         head = self.head() if expected_head is None else self._resolve_version(expected_head)
         rec = self._store.version(self._resolve_version(version))
         if rec.patch is None:
             raise RevertError(f"version {rec.version} ({rec.kind}) added no patch; there is nothing to revert")
-        request = _request_digest(KIND_REVERT, str(rec.version), "rebase" if rebase else "plain")
+        request = _request_digest(KIND_REVERT, str(rec.version), "rebase" if rebase is not None else "plain")
         hit = self._idempotent_hit(idempotency_key, request)
         if hit is not None:
             done = self._store.version(hit)
@@ -819,47 +922,33 @@ class Ledger:
             return RevertResult(version=hit, reverted_version=rec.version, removed_patch=rec.patch,
                                 rebased=rebased, created=False)
         self._refuse_damaged(head)
-        chain = self._active_with_origin(head)
-        ids = [d for d, _ in chain]
+        ids = list(self.active_ids(head))
         if rec.patch not in ids:
             raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is not active at version {head}")
-        idx = ids.index(rec.patch)
         ops: list[tuple[str, str]] = [(REMOVE, rec.patch)]
-        rebased: list[RebasedPatch] = []
-        new_patches: list[Patch] = []
-        new_keys: dict[str, PreservedKeys | None] = {}
-        if rebase is not None:
-            new_context = [self.patch(d) for d in ids[:idx]]
-            for digest, origin in chain[idx + 1:]:
-                origin_rec = self._store.version(origin)
-                old = self.patch(digest)
-                old_context = tuple(self.active_patches(origin_rec.parent)) if origin_rec.parent is not None else ()
-                step = RebaseStep(version=origin, old_patch=old, old_context=old_context,
-                                  new_context=tuple(new_context), old_probe_report=origin_rec.probe_report)
-                outcome = rebase(step)
-                if isinstance(outcome, Patch):
-                    outcome = RebaseOutcome(patch=outcome)
-                if not isinstance(outcome, RebaseOutcome):
-                    raise RevertError(f"the rebase callable returned {type(outcome).__name__}, not a Patch or RebaseOutcome")
-                self._check_patch(outcome.patch)
-                before = dict(outcome.metrics_before) if outcome.metrics_before else dict(origin_rec.probe_report or {})
-                rebased.append(RebasedPatch(original_version=origin, old_patch=digest, new_patch=outcome.patch.digest,
-                                            metrics_before=_json_safe(before, "metrics_before"),
-                                            metrics_after=_json_safe(dict(outcome.metrics_after), "metrics_after")))
-                new_context.append(outcome.patch)
-                new_patches.append(outcome.patch)
-                new_keys[outcome.patch.digest] = outcome.keys
-                ops.append((REMOVE, digest))
+        plan: RebasePlan | None = None
+        if isinstance(rebase, RebasePlan):
+            plan = rebase
+            idx = ids.index(rec.patch)
+            if (plan.version, plan.head, plan.removed_patch, plan.kept, plan.replaced) != (
+                    rec.version, head, rec.patch, tuple(ids[:idx]), tuple(ids[idx + 1:])):
+                raise RevertError(f"the rebase plan was computed for reverting version {plan.version} at head "
+                                  f"{plan.head}, not version {rec.version} at head {head}; nothing was changed")
+        elif rebase is not None:
+            plan = self.plan_rebase(rec.version, rebase, expected_head=head)
+        new_patches = list(plan.patches) if plan is not None else []
+        rebased = list(plan.rebased) if plan is not None else []
+        if plan is not None:
+            ops += [(REMOVE, d) for d in plan.replaced]
             ops += [(ADD, p.digest) for p in new_patches]
-            final = ids[:idx] + [p.digest for p in new_patches]
-            if len(set(final)) != len(final):
-                raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         bases = self._bases_for(new_patches, None, Layout.OUT_IN)
         records = [self._patch_record(p) for p in new_patches]
-        states = self._state_records(new_keys)
+        states = self._state_records({o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {})
         if states:
             self._store.add_patch_states(states)
         details = {"reverted": rec.version, "removed_patch": rec.patch, "rebased": [r.to_dict() for r in rebased]}
+        if plan is not None:
+            details["mode"] = "rebase"
         new = NewVersion(parent=head, kind=KIND_REVERT, patch=None, ops=tuple(ops), caller=caller,
                          probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
                          idempotency_key=idempotency_key, request_digest=request, details=details,
@@ -869,7 +958,7 @@ class Ledger:
             for p in new_patches:
                 self._patch_cache[p.digest] = p
         log.info("version %d: reverted version %d (patch %s)%s by %s", number, rec.version, rec.patch[:12],
-                 f", rebased {len(rebased)} later patch(es)" if rebase else "", caller)
+                 f", rebased {len(rebased)} later patch(es)" if plan is not None else "", caller)
         return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
                             rebased=tuple(rebased), created=created)
 
