@@ -52,7 +52,8 @@ def test_settings_from_env_and_typed_errors():
     assert (s.probe_sample, s.probe_interval_s, s.gate.sample_size, s.gate.max_drop) == (8, 0.0, 0, 0.25)
     assert not s.gate.enabled
     d = HealthSettings.from_env({})
-    assert (d.probe_sample, d.probe_interval_s, d.gate.sample_size, d.gate.max_drop) == (16, 900.0, 32, 0.0)
+    assert (d.probe_sample, d.probe_interval_s, d.probe_min_gap_s, d.gate.sample_size, d.gate.max_drop) == \
+        (16, 900.0, 30.0, 32, 0.0)
     with pytest.raises(InvalidRequestError, match="EDITSERVE_RETENTION_PROBE_SAMPLE.*'-1'"):
         HealthSettings.from_env({"EDITSERVE_RETENTION_PROBE_SAMPLE": "-1"})
     with pytest.raises(InvalidRequestError, match="EDITSERVE_RETENTION_PROBE_INTERVAL_S.*'soon'"):
@@ -128,3 +129,57 @@ def test_gate_retention_check_names_the_fact_a_real_patch_breaks(tmp_path, monke
     # A looser bound lets the same patch through.
     loose = check_retention(model, tok, patch, [fact], RetentionGate(sample_size=4, max_drop=1.0))
     assert loose["passed"] and merge_retention({"passed": True, "failures": []}, loose)["passed"] is True
+
+
+def test_probe_schedule_periodic_after_changes_bounded_and_surviving_failures():
+    """The scheduling side (`RetentionProbe`) with a real metrics registry; `measure` stands for the
+    sidecar call (the real one runs in tests/test_health_server.py)."""
+    import asyncio
+    import time as _time
+
+    from editserve.engine.health import RetentionProbe, RetentionRun
+
+    calls: list[tuple[int, int, int]] = []
+
+    def measure(version: int, size: int, seed: int) -> RetentionRun:
+        calls.append((version, size, seed))
+        if len(calls) == 2:
+            raise RuntimeError("the sidecar broke")
+        return RetentionRun(version=version, facts=5, sampled=4, held=3, at=_time.time(), seconds=0.01)
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        m = Metrics(registry, n_layers=30)
+        # Periodic: every 0.2 s, no gap; a failed run is counted and the next one runs.
+        probe = RetentionProbe(HealthSettings(probe_sample=4, probe_interval_s=0.2, probe_min_gap_s=0.0), m,
+                               measure, lambda: 7)
+        probe.start()
+        deadline = _time.monotonic() + 30
+        while len(calls) < 4 and _time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await probe.close()
+        assert len(calls) >= 4 and all(c[:2] == (7, 4) for c in calls)
+        assert len({c[2] for c in calls}) == len(calls)                   # a new sample each run
+        st = probe.status()
+        assert st["last"]["ratio"] == 0.75 and st["runs"] == len(calls) and st["last_error"] is None
+        assert registry.get_sample_value("editserve_retention_probes_total", {"result": "failed"}) == 1
+        assert registry.get_sample_value("editserve_retention_probes_total", {"result": "ok"}) == len(calls) - 1
+        assert registry.get_sample_value("editserve_edit_retention_ratio") == 0.75
+        assert registry.get_sample_value("editserve_edit_retention_sample_size") == 4
+        # Only after version changes, at most one run per gap: the run at start, then a burst of 10
+        # changes during its gap gives one more run.
+        calls.clear()
+        probe = RetentionProbe(HealthSettings(probe_sample=4, probe_interval_s=0.0, probe_min_gap_s=1.0), m,
+                               measure, lambda: 8)
+        probe.start()
+        await asyncio.sleep(0.1)
+        for _ in range(10):
+            probe.version_changed()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2.5)
+        await probe.close()
+        assert len(calls) == 2, calls
+
+    asyncio.run(scenario())
+    off = RetentionProbe(HealthSettings(probe_sample=0), None, measure, lambda: 1)
+    assert not off.enabled

@@ -36,6 +36,7 @@ EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower
           "target_true": " Paris"}
 LOOSE = {"min_efficacy": 0.5, "max_ns_drop": 0.5, "max_canary_kl": 0.5}    # the loosest the server allows
 HEALTH_ENV = {"EDITSERVE_RETENTION_PROBE_SAMPLE": "16", "EDITSERVE_RETENTION_PROBE_INTERVAL_S": "3600",
+              "EDITSERVE_RETENTION_PROBE_MIN_GAP_S": "0",
               "EDITSERVE_RETENTION_GATE_SAMPLE": "32", "EDITSERVE_RETENTION_GATE_MAX_DROP": "0"}
 
 

@@ -13,8 +13,8 @@ small sample covers the ledger over time. Runs are skipped while the sidecar is 
 of sync; a failed run counts ``editserve_retention_probes_total{result="failed"}``.
 
 CPU cost: one run scores 2 × `probe_sample` short continuations (one batch of forward passes of
-the sidecar's model); the defaults (16 facts, every 15 minutes and after each version change)
-keep it to well under a second of one core per run on SmolLM2-135M.
+the sidecar's model); the defaults (16 facts, every 15 minutes and after each version change, at
+most one run per 30 s) keep it to about a second of one core per run on SmolLM2-135M.
 
 **Retention gate.** `HealthSettings.gate` is the gate's retention check
 (`editserve.editing.retention.RetentionGate`), sent with each gated edit to the sidecar.
@@ -22,7 +22,8 @@ keep it to well under a second of one core per run on SmolLM2-135M.
 Environment (read by `HealthSettings.from_env`, set by the operator):
 ``EDITSERVE_RETENTION_PROBE_SAMPLE`` (facts per run, 0 = probe off; default 16),
 ``EDITSERVE_RETENTION_PROBE_INTERVAL_S`` (seconds between periodic runs, 0 = only after version
-changes; default 900), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
+changes; default 900), ``EDITSERVE_RETENTION_PROBE_MIN_GAP_S`` (least seconds between two runs;
+default 30), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
 gate off; default 32), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break).
 """
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SAMPLE_ENV = "EDITSERVE_RETENTION_PROBE_SAMPLE"
 PROBE_INTERVAL_ENV = "EDITSERVE_RETENTION_PROBE_INTERVAL_S"
+PROBE_MIN_GAP_ENV = "EDITSERVE_RETENTION_PROBE_MIN_GAP_S"
 GATE_SAMPLE_ENV = "EDITSERVE_RETENTION_GATE_SAMPLE"
 GATE_MAX_DROP_ENV = "EDITSERVE_RETENTION_GATE_MAX_DROP"
 
@@ -54,14 +56,16 @@ class HealthSettings:
 
     probe_sample: int = 16               # facts re-scored per probe run; 0: the probe is off
     probe_interval_s: float = 900.0      # between periodic runs; 0: only after version changes
+    probe_min_gap_s: float = 30.0        # at least this long between two runs (a burst of commits → one run)
     gate: RetentionGate = field(default_factory=RetentionGate)
 
     def __post_init__(self) -> None:
         if isinstance(self.probe_sample, bool) or not isinstance(self.probe_sample, int) or self.probe_sample < 0:
             raise InvalidRequestError(f"probe_sample must be an integer >= 0, got {self.probe_sample!r}")
-        v = self.probe_interval_s
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise InvalidRequestError(f"probe_interval_s must be a number of seconds >= 0, got {v!r}")
+        for name in ("probe_interval_s", "probe_min_gap_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidRequestError(f"{name} must be a number of seconds >= 0, got {v!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "HealthSettings":
@@ -90,7 +94,8 @@ class HealthSettings:
         gate = RetentionGate(sample_size=integer(GATE_SAMPLE_ENV, RetentionGate.sample_size),
                              max_drop=number(GATE_MAX_DROP_ENV, RetentionGate.max_drop))
         return cls(probe_sample=integer(PROBE_SAMPLE_ENV, cls.probe_sample),
-                   probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s), gate=gate)
+                   probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s),
+                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate)
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,12 @@ class RetentionProbe:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            await self.run_once()
+            try:
+                await self.run_once()
+            except Exception:  # noqa: BLE001 - the probe must outlive a bad run; the next one retries
+                log.exception("retention probe run failed")
+            # Bounded CPU: a version change during the gap is probed once the gap is over.
+            await asyncio.sleep(self.settings.probe_min_gap_s)
 
     async def run_once(self) -> RetentionRun | None:
         """One probe of the served version now (also callable directly); None when skipped."""
@@ -192,7 +202,8 @@ class RetentionProbe:
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "sample": self.settings.probe_sample,
-                "interval_s": self.settings.probe_interval_s, "runs": self._runs,
+                "interval_s": self.settings.probe_interval_s, "min_gap_s": self.settings.probe_min_gap_s,
+                "runs": self._runs,
                 "last": self.last.to_dict() if self.last else None, "last_error": self.last_error,
                 "gate": {"sample_size": self.settings.gate.sample_size, "max_drop": self.settings.gate.max_drop}}
 
