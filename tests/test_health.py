@@ -183,3 +183,69 @@ def test_probe_schedule_periodic_after_changes_bounded_and_surviving_failures():
     asyncio.run(scenario())
     off = RetentionProbe(HealthSettings(probe_sample=0), None, measure, lambda: 1)
     assert not off.enabled
+
+
+def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
+    """A real sidecar process on a tiny Llama and a real ledger with three committed patches: the
+    probe scores the facts of the version it is asked about, in ledger order, with the committing
+    version; a fact committed without target_true takes the gate's compared object from its
+    version's report, one with neither is skipped; the outcomes equal an in-process scoring."""
+    import json
+
+    from editserve.editing.arch import Layout
+    from editserve.editing.model import FINGERPRINT_FILE, weights_fingerprint
+    from editserve.engine.health import run_of
+    from editserve.engine.sidecar import ProbeRetention, SidecarClient, SidecarConfig
+    from editserve.ledger import Ledger
+    from editserve.patches import Patch, WeightDelta, apply_patch
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ckpt = tmp_path / "tiny-llama"
+    model.save_pretrained(str(ckpt))
+    tok.save_pretrained(str(ckpt))
+    fp = weights_fingerprint(model.state_dict())
+    (ckpt / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "name": "tiny-llama"}))
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = model.state_dict()[name].clone()
+    g = torch.Generator().manual_seed(5)
+
+    def patch(req: EditRequest) -> Patch:
+        d = WeightDelta(name=name, layer=1, u=torch.randn(w.shape[0], 1, generator=g),
+                        v=torch.randn(w.shape[1], 1, generator=g))
+        return Patch(deltas=(d,), requests=(req,), method="rome", hparams={}, model_fingerprint=fp, family="llama")
+
+    reqs = [EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
+            EditRequest("{} speaks", "Michel Rocard", " English"),             # truth from the gate report
+            EditRequest("{} plays the", "Toko Yasuda", " piano")]              # no truth anywhere: skipped
+    patches = [patch(r) for r in reqs]
+    gate_row = {"kind": "efficacy", "prompt": "Michel Rocard speaks", "target_new": " English",
+                "target_true": " French"}
+    with Ledger.open(tmp_path / "ledger", fp) as ledger:
+        ledger.ensure_base(name, w, Layout.OUT_IN)
+        v1 = ledger.commit(patches[0], expected_head=0)
+        v2 = ledger.commit(patches[1], expected_head=v1, probe_report={"gate": {"rows": [gate_row]}})
+        v3 = ledger.commit(patches[2], expected_head=v2)
+    for p in patches:
+        apply_patch(model, p)
+    want = facts_hold(model, tok, [CommittedFact(v1, "The Eiffel Tower is located in the city of", "The Eiffel Tower",
+                                                 " Rome", " Paris"),
+                                   CommittedFact(v2, "Michel Rocard speaks", "Michel Rocard", " English", " French")])
+    client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1))
+    try:
+        client.wait_ready()
+        client.open_ledger(str(tmp_path / "ledger"))
+        got = client.probe_retention(ProbeRetention(version=v3, sample_size=16, seed=1), timeout_s=300)
+        assert got.version == v3 and got.facts == 3
+        assert [(r["version"], r["target_new"], r["target_true"]) for r in got.rows] == \
+            [(v1, " Rome", " Paris"), (v2, " English", " French")]
+        assert [r["holds"] for r in got.rows] == [ok for ok, _, _ in want]
+        assert [r["new_logprob"] for r in got.rows] == pytest.approx([n for _, n, _ in want], abs=1e-4)
+        run = run_of(got)
+        assert run.sampled == 2 and run.held == sum(ok for ok, _, _ in want) and run.facts == 3
+        # An earlier version: only its facts; a sample of 1 scores one of them.
+        got1 = client.probe_retention(ProbeRetention(version=v1, sample_size=16, seed=1), timeout_s=300)
+        assert got1.facts == 1 and [r["version"] for r in got1.rows] == [v1]
+        assert len(client.probe_retention(ProbeRetention(version=v3, sample_size=1, seed=2)).rows) <= 1
+        assert client.probe_retention(ProbeRetention(version=0, sample_size=16)).rows == ()
+    finally:
+        client.close()
