@@ -57,11 +57,13 @@ def check_retention(model: Any, tok: Any, patch: Any, facts: Sequence[Any], conf
 
     t0 = time.perf_counter()
     before = facts_hold(model, tok, facts)
-    apply_patch(model, patch)
-    try:
-        after = facts_hold(model, tok, facts)
-    finally:
-        remove_patch(model, patch)               # restores the saved base copies; nothing is subtracted
+    after = before
+    if facts:
+        apply_patch(model, patch)
+        try:
+            after = facts_hold(model, tok, facts)
+        finally:
+            remove_patch(model, patch)           # restores the saved base copies; nothing is subtracted
     held = [i for i, (ok, _, _) in enumerate(before) if ok]
     broken = [i for i in held if not after[i][0]]
     drop = len(broken) / len(held) if held else 0.0
