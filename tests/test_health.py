@@ -53,7 +53,7 @@ def test_settings_from_env_and_typed_errors():
     assert not s.gate.enabled
     d = HealthSettings.from_env({})
     assert (d.probe_sample, d.probe_interval_s, d.probe_min_gap_s, d.gate.sample_size, d.gate.max_drop) == \
-        (16, 900.0, 30.0, 32, 0.0)
+        (16, 900.0, 30.0, 16, 0.0)
     with pytest.raises(InvalidRequestError, match="EDITSERVE_RETENTION_PROBE_SAMPLE.*'-1'"):
         HealthSettings.from_env({"EDITSERVE_RETENTION_PROBE_SAMPLE": "-1"})
     with pytest.raises(InvalidRequestError, match="EDITSERVE_RETENTION_PROBE_INTERVAL_S.*'soon'"):

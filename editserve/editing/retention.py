@@ -49,7 +49,7 @@ class RetentionGate:
     `sample_size` committed facts (0: off); refuse when more than `max_drop` of those that held
     before the candidate patch no longer hold with it."""
 
-    sample_size: int = 32
+    sample_size: int = 16
     max_drop: float = 0.0
     seed: int = 0
 

@@ -14,7 +14,7 @@ of sync; a failed run counts ``editserve_retention_probes_total{result="failed"}
 
 CPU cost: one run scores 2 × `probe_sample` short continuations (one batch of forward passes of
 the sidecar's model); the defaults (16 facts, every 15 minutes and after each version change, at
-most one run per 30 s) keep it to about a second of one core per run on SmolLM2-135M.
+most one run per 30 s) keep it to a few seconds of one core per run on SmolLM2-135M (docs/lifelong.md).
 
 **Retention gate.** `HealthSettings.gate` is the gate's retention check
 (`editserve.editing.retention.RetentionGate`), sent with each gated edit to the sidecar.
@@ -24,7 +24,7 @@ Environment (read by `HealthSettings.from_env`, set by the operator):
 ``EDITSERVE_RETENTION_PROBE_INTERVAL_S`` (seconds between periodic runs, 0 = only after version
 changes; default 900), ``EDITSERVE_RETENTION_PROBE_MIN_GAP_S`` (least seconds between two runs;
 default 30), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
-gate off; default 32), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break).
+gate off; default 16), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break).
 """
 
 from __future__ import annotations
