@@ -37,6 +37,14 @@ Exported metrics (sample names as Prometheus sees them):
 ``editserve_sidecar_restarts_total``         counter    sidecar processes found dead and replaced
 ===========================================  =========  =====================================
 
+Edit health over a long ledger (issue 16; editserve/engine/health.py, docs/lifelong.md):
+``editserve_edit_retention_ratio`` (gauge: share of the last retention probe's sample of
+committed facts that still hold; NaN when none was scored), ``editserve_edit_retention_sample_size``
+(gauge), ``editserve_edit_retention_last_run_timestamp_seconds`` (gauge, unix time),
+``editserve_retention_probes_total`` (counter, ``result``: ok, failed) and
+``editserve_gate_retention_refusals_total`` (counter: edits the gate refused because they break
+earlier edits). The per-layer norm growth is ``editserve_layer_drift_ratio`` above.
+
 Gauges use ``multiprocess_mode="mostrecent"`` (as vLLM's own gauges do), so they read correctly
 when vLLM serves ``/metrics`` from a multi-process registry (``PROMETHEUS_MULTIPROC_DIR``).
 
@@ -199,6 +207,23 @@ class Metrics:
                                   "(docs/candidates.md).", ["served_by"], registry=registry)
         self._staged = Gauge(f"{p}_candidates_staged", "Candidates staged as LoRA adapters.",
                              multiprocess_mode="mostrecent", registry=registry)
+        # Edit health (issue 16): the retention probe (editserve/engine/health.py) and the gate's
+        # retention check (editserve/control/gate.py).
+        self._retention = Gauge(f"{p}_edit_retention_ratio", "Share of the last retention probe's sample of "
+                                "committed facts that still hold on the served version (NaN: none scored).",
+                                multiprocess_mode="mostrecent", registry=registry)
+        self._retention_n = Gauge(f"{p}_edit_retention_sample_size", "Committed facts scored by the last "
+                                  "retention probe.", multiprocess_mode="mostrecent", registry=registry)
+        self._retention_at = Gauge(f"{p}_edit_retention_last_run_timestamp_seconds", "Unix time of the last "
+                                   "retention probe run.", multiprocess_mode="mostrecent", registry=registry)
+        self._retention_runs = Counter(f"{p}_retention_probes", "Retention probe runs by result.", ["result"],
+                                       registry=registry)
+        self._retention_refusals = Counter(f"{p}_gate_retention_refusals", "Edits the gate refused because they "
+                                           "break earlier edits (retention drop above the bound).",
+                                           registry=registry)
+        self._retention.set(math.nan)
+        for result in ("ok", "failed"):
+            self._retention_runs.labels(result=result)
         for side in ("head", "candidate"):
             self._served_by.labels(served_by=side)
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
@@ -337,6 +362,26 @@ class Metrics:
     def record_sidecar_restart(self) -> None:
         """Count one sidecar process found dead and replaced."""
         self._sidecar_restarts.inc()
+
+    def set_retention(self, ratio: float | None, sample_size: int, at: float) -> None:
+        """The result of one retention probe run: the share of sampled committed facts that hold
+        (None: no fact scored → NaN), how many were scored, and when (unix time)."""
+        n = _count(sample_size, "retention sample size")
+        value = math.nan if ratio is None else _finite(ratio, "retention ratio", hi=1.0)
+        when = _finite(at, "retention probe time")
+        self._retention.set(value)
+        self._retention_n.set(n)
+        self._retention_at.set(when)
+
+    def record_retention_probe(self, ok: bool) -> None:
+        """Count one retention probe run (``ok`` false: it failed; the gauges keep the last result)."""
+        if not isinstance(ok, bool):
+            raise MetricsError(f"ok must be a bool, got {ok!r}")
+        self._retention_runs.labels(result="ok" if ok else "failed").inc()
+
+    def record_retention_refusal(self) -> None:
+        """Count one edit the gate refused because it breaks earlier edits."""
+        self._retention_refusals.inc()
 
     def set_statistics_progress(self, fraction: float) -> None:
         """Progress of the statistics warm-up (``SidecarClient.statistics()["fraction"]``), in [0, 1]."""

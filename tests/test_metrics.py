@@ -296,6 +296,9 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_sidecar_restarts": "counter", "editserve_statistics_progress": "gauge",
         "editserve_version_skew": "gauge",
         "editserve_candidate_completions": "counter", "editserve_candidates_staged": "gauge",
+        "editserve_edit_retention_ratio": "gauge", "editserve_edit_retention_sample_size": "gauge",
+        "editserve_edit_retention_last_run_timestamp_seconds": "gauge", "editserve_retention_probes": "counter",
+        "editserve_gate_retention_refusals": "counter",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)

@@ -30,6 +30,16 @@ class ProbeRejected(EditserveError, RuntimeError):
         self.report = dict(report or {})
 
 
+class RetentionRejected(ProbeRejected):
+    """The gate's retention check failed: the candidate patch breaks earlier edits (issue 16).
+    `broken` lists them (version, prompt, subject, target_new, target_true and log-probabilities,
+    from ``report["retention"]["broken"]``); the status is the probe gate's."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message, report)
+        self.broken = tuple((self.report.get("retention") or {}).get("broken") or ())
+
+
 class ThresholdOutOfBounds(InvalidRequestError):
     """A requested probe threshold is looser than the server allows."""
 

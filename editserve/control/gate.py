@@ -4,16 +4,29 @@ The gate itself (what is measured, the thresholds and their loosest bounds) live
 `editserve.control.probe`; this module decides whether it runs for a request and what the
 ledger records when it does not: the committed version's probe report carries
 ``gate_skipped: {"by": <caller>, "role": "admin"}``, and the audit log has a WARNING line.
+
+It also holds the gate's **retention check** (issue 16): an edit must not break earlier edits.
+On a sample of the facts committed at the head (`RetentionGate.sample_size`; facts about the
+candidate's own subjects first, then a seeded random draw: `editserve.editing.retention`),
+each fact is scored before and after the candidate patch; a fact that held before and not
+after is *broken*. The drop — broken / held before — above `RetentionGate.max_drop` fails the
+gate, and the report (``report["gate"]["retention"]``, see `check_retention`) names every
+broken fact (version, prompt, target). Skipping the gate (admin) skips this check too.
+It runs in the sidecar, with the probe gate, on the model at the head.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from editserve.control.principals import Principal, require
+from editserve.editing.retention import RetentionGate
 
 log = logging.getLogger("editserve.audit")
+retention_log = logging.getLogger(__name__)
 
 
 def gate_for(principal: Principal, gate: Any, skip: bool) -> Any:
@@ -29,3 +42,62 @@ def gate_for(principal: Principal, gate: Any, skip: bool) -> Any:
 def skip_record(principal: Principal) -> dict[str, Any]:
     """What the probe report of an edit whose gate was skipped records."""
     return {"gate_skipped": {"by": principal.caller, "role": principal.role}}
+
+
+# -- retention check ---------------------------------------------------------------------------
+
+
+def check_retention(model: Any, tok: Any, patch: Any, facts: Sequence[Any], config: RetentionGate) -> dict[str, Any]:
+    """Score `facts` (`editserve.editing.retention.CommittedFact`, already sampled) on `model`
+    without and with `patch` (the model is unchanged on return). The report:
+    ``{"passed", "sampled", "held_before", "held_after", "drop", "max_drop", "broken": [fact dicts with
+    log-probabilities], "seconds"}``; `drop` = broken / held before (0 when none held)."""
+    from editserve.editing.retention import facts_hold
+    from editserve.patches import apply_patch, remove_patch
+
+    t0 = time.perf_counter()
+    before = facts_hold(model, tok, facts)
+    after = before
+    if facts:
+        apply_patch(model, patch)
+        try:
+            after = facts_hold(model, tok, facts)
+        finally:
+            remove_patch(model, patch)           # restores the saved base copies; nothing is subtracted
+    held = [i for i, (ok, _, _) in enumerate(before) if ok]
+    broken = [i for i in held if not after[i][0]]
+    drop = len(broken) / len(held) if held else 0.0
+    report = {
+        "passed": drop <= config.max_drop + 1e-12,
+        "sampled": len(facts),
+        "held_before": len(held),
+        "held_after": sum(1 for ok, _, _ in after if ok),
+        "drop": round(drop, 6),
+        "max_drop": config.max_drop,
+        "broken": [{**facts[i].to_dict(),
+                    "new_logprob_before": round(before[i][1], 5), "true_logprob_before": round(before[i][2], 5),
+                    "new_logprob_after": round(after[i][1], 5), "true_logprob_after": round(after[i][2], 5)}
+                   for i in broken],
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+    retention_log.info("retention gate: %s (%d sampled, %d held before, %d broken) in %.2f s",
+             "passed" if report["passed"] else "REJECTED", len(facts), len(held), len(broken), report["seconds"])
+    return report
+
+
+def retention_failure(report: dict[str, Any]) -> str:
+    """The gate failure line of a failed retention check, naming every broken fact."""
+    named = "; ".join(f"version {b['version']}: {b['prompt']!r} -> {b['target_new']!r}" for b in report["broken"])
+    return (f"retention drop {report['drop']:.3f} > max_retention_drop {report['max_drop']}: the edit breaks "
+            f"{len(report['broken'])} of {report['held_before']} sampled earlier edit(s) ({named}); revert those "
+            "versions first if the edit is meant to replace them")
+
+
+def merge_retention(gate_report: dict[str, Any], retention: dict[str, Any]) -> dict[str, Any]:
+    """The probe gate's report (`ProbeReport.to_dict()`) with the retention check added: under
+    ``"retention"``, and as a failure (``passed`` false) when it failed."""
+    out = {**gate_report, "retention": retention}
+    if not retention["passed"]:
+        out["failures"] = [*gate_report.get("failures", ()), retention_failure(retention)]
+        out["passed"] = False
+    return out

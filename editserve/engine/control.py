@@ -126,6 +126,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._closing = False
         self._degraded: str | None = None
         self.fleet: Any = None                      # editserve.engine.fleet.FleetMember once started
+        self.health: Any = None                     # editserve.engine.health.RetentionProbe once started
 
     async def start(self) -> VersionChange:
         """Describe the workers, start the sidecar, open the ledger, check the base weights and
@@ -176,10 +177,30 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3),
             "sidecar_load": round(ready.seconds * 1e3, 3)}})
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
+        self._start_health()
         await self._join_fleet()
         log.info("editserve control plane ready: serving ledger version %d (%d patches) from %s; sidecar on %s",
                  change.version, change.active_patches, self.ledger.location, ready.device)
         return change
+
+    def _start_health(self) -> None:
+        """The retention probe (editserve/engine/health.py): after every version change and periodically."""
+        from editserve.engine.health import RetentionProbe
+
+        self.health = RetentionProbe(self.settings.health, self.metrics, self._measure_retention,
+                                     lambda: self.served_version)
+        self.health.start()
+
+    def _measure_retention(self, version: int, sample_size: int, seed: int) -> Any:
+        """One retention probe on the sidecar (blocking); None while it is dead, restarting or out of sync."""
+        from editserve.engine.health import run_of
+        from editserve.engine.sidecar import ProbeRetention
+
+        sidecar = self.sidecar
+        if sidecar is None or not sidecar.alive or not self._sidecar_in_sync or self._closing:
+            return None
+        return run_of(sidecar.probe_retention(ProbeRetention(version=version, sample_size=sample_size, seed=seed),
+                                              self.settings.read_timeout_s))
 
     async def _join_fleet(self) -> None:
         """Report the served version to the ledger's replica registry and follow the head from now on."""
@@ -216,6 +237,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
     async def close(self) -> None:
         self._closing = True
+        if self.health is not None:
+            await self.health.close()
         if self.fleet is not None:
             await self.fleet.close()
         if self._sidecar_watch is not None:
@@ -312,7 +335,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
-                gate=gate, store_bases=not dry_run), forward, self.settings.compute_timeout_s)
+                gate=gate, store_bases=not dry_run, retention=self.settings.health.gate if gate is not None else None),
+                forward, self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
             if report_extra:
                 computed = EditComputed(patch=computed.patch, probe_report={**computed.probe_report, **report_extra},
@@ -322,10 +346,14 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             self.metrics.record_probe(*probe_scores(computed.probe_report))
             gate_report = computed.probe_report.get("gate")
             if gate_report is not None and not gate_report["passed"]:
-                from editserve.control.errors import ProbeRejected
+                from editserve.control.errors import ProbeRejected, RetentionRejected
 
-                raise ProbeRejected("the probe gate rejected the edit; nothing was committed: "
-                                    + "; ".join(gate_report["failures"]), gate_report)
+                rejected = ProbeRejected
+                if not (gate_report.get("retention") or {}).get("passed", True):
+                    rejected = RetentionRejected        # the edit breaks earlier edits (issue 16)
+                    self.metrics.record_retention_refusal()
+                raise rejected("the probe gate rejected the edit; nothing was committed: "
+                               + "; ".join(gate_report["failures"]), gate_report)
             if dry_run:
                 return VersionChange(version=head, previous_version=head, kind="dry_run", pause_ms=0.0, swap={},
                                      timings_ms={"compute": round((t_computed - t_wait) * 1e3, 3)},
@@ -613,6 +641,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                         "last_failure": self._sidecar_failure,
                         "statistics": self.sidecar.statistics() if self.sidecar else None},
             "degraded": self._degraded,
+            "retention": self.health.status() if self.health is not None else None,
             **(await self._fleet_status()),
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],

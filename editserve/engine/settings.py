@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from editserve.engine.health import HealthSettings
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
 from editserve.errors import InvalidRequestError
 from editserve.ledger.location import LedgerLocation
@@ -44,6 +45,7 @@ class ControlSettings:
     read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
     sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
+    health: HealthSettings = field(default_factory=HealthSettings)   # retention probe and gate (issue 16)
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -93,4 +95,5 @@ class ControlSettings:
                    compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
                    read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
                    sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
-                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20)
+                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20,
+                   health=HealthSettings.from_env(env))

@@ -20,6 +20,9 @@ After `Ready`, a background thread builds the covariance statistics of the defau
 (`editserve.engine.stats_warmup`); an edit that needs them while they are being built waits and
 says so in a ``statistics`` progress stage. Its state is read by `SidecarClient.statistics`
 from a state file, never through the pipe.
+`ProbeRetention` re-scores a sample of the committed facts on the held version (the retention
+probe of `editserve.engine.health`); with a gate, `ComputeEdit.retention` adds the gate's
+retention check (`editserve.control.gate.check_retention`) to the probe gate's report.
 This module imports torch and transformers only, never vLLM.
 """
 
@@ -115,6 +118,8 @@ class ComputeEdit:
     gate: Any = None                   # an editserve.control.probe.GateConfig: run the probe gate too
     store_bases: bool = True           # write base copies of the touched matrices to the ledger (not
                                        # for a dry run; never when the gate rejects the patch)
+    retention: Any = None              # an editserve.editing.retention.RetentionGate: with `gate`, also check
+                                       # that the patch breaks no sampled earlier edit (issue 16)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,24 @@ class ScorePrompts:
 class Scored:
     version: int
     rows: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class ProbeRetention:
+    """Re-score a random sample (`sample_size`, drawn with `seed`) of the facts committed at
+    `version` (the retention probe, `editserve.engine.health`). Answered with `RetentionMeasured`."""
+
+    version: int
+    sample_size: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RetentionMeasured:
+    version: int
+    facts: int                         # facts committed at `version`
+    rows: tuple[dict[str, Any], ...]   # per scored fact: CommittedFact fields, "holds", log-probabilities
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -297,6 +320,8 @@ class _Worker:
             return self.score_prompts(msg)
         if isinstance(msg, TraceFact):
             return self.trace_fact(msg)
+        if isinstance(msg, ProbeRetention):
+            return self.probe_retention(msg)
         raise SidecarError(f"the sidecar does not understand a {type(msg).__name__} message")
 
     def open_ledger(self, msg: OpenLedger) -> LedgerOpened:
@@ -420,6 +445,17 @@ class _Worker:
             passed = bool(report["gate"]["passed"])
             self._progress("probe", 0.85, "gate passed" if passed else "gate failed: " + "; ".join(
                 report["gate"]["failures"]))
+        if msg.gate is not None and msg.retention is not None and msg.retention.enabled:
+            from editserve.control.gate import check_retention, merge_retention
+            from editserve.editing.retention import sample_facts
+
+            facts = self._known(sample_facts(self.committed_facts(), msg.retention.sample_size, msg.retention.seed,
+                                             at_risk=[r.subject for r in msg.requests]))
+            report["gate"] = merge_retention(report["gate"], check_retention(self.model, self.tok, patch, facts,
+                                                                             msg.retention))
+            if passed and not report["gate"]["passed"]:
+                passed = False
+                self._progress("probe", 0.9, "gate failed: " + report["gate"]["failures"][-1])
         report["probe_seconds"] = round(time.perf_counter() - t_probe, 4)
         if msg.store_bases and passed:
             # The ledger keeps the original of every matrix a patch touches; the sidecar has them.
@@ -472,6 +508,48 @@ class _Worker:
 
         self._hold(msg.version)
         return Scored(version=msg.version, rows=tuple(score_items(self.model, self.tok, list(msg.items))))
+
+    def committed_facts(self) -> list[Any]:
+        """The facts of the patches merged now (the held version), in ledger order, as
+        `editserve.editing.retention.CommittedFact` (target_true "" where the request had none)."""
+        from editserve.editing.retention import CommittedFact
+        from editserve.patches import applied_patches
+
+        origin = dict(self._need_ledger().active_origins(self.version))
+        return [CommittedFact(version=origin[p.digest], prompt=r.text, subject=r.subject, target_new=r.target_new,
+                              target_true=r.target_true or "")
+                for p in applied_patches(self.model) for r in p.requests]
+
+    def _known(self, facts: list[Any]) -> list[Any]:
+        """`facts` with the replaced object filled in where the request had none: from the probe
+        gate's efficacy rows of the committing version (the greedy answer the gate used then);
+        facts with no known replaced object are left out (they cannot be scored)."""
+        from dataclasses import replace
+
+        out, reports = [], {}
+        for f in facts:
+            if f.target_true:
+                out.append(f)
+                continue
+            if f.version not in reports:
+                reports[f.version] = self._need_ledger().version(f.version).probe_report or {}
+            rows = (reports[f.version].get("gate") or {}).get("rows") or ()
+            true = next((r["target_true"] for r in rows if r.get("kind") == "efficacy" and r.get("prompt") == f.prompt
+                         and r.get("target_new") == f.target_new), "")
+            if true:
+                out.append(replace(f, target_true=true))
+        return out
+
+    def probe_retention(self, msg: ProbeRetention) -> RetentionMeasured:
+        from editserve.editing.retention import facts_hold, sample_facts
+
+        t0 = time.perf_counter()
+        self._hold(msg.version)
+        facts = self.committed_facts()
+        sample = self._known(sample_facts(facts, msg.sample_size, msg.seed))
+        rows = tuple({**f.to_dict(), "holds": ok, "new_logprob": round(new, 5), "true_logprob": round(true, 5)}
+                     for f, (ok, new, true) in zip(sample, facts_hold(self.model, self.tok, sample)))
+        return RetentionMeasured(version=msg.version, facts=len(facts), rows=rows, seconds=time.perf_counter() - t0)
 
     def trace_fact(self, msg: TraceFact) -> Traced:
         from editserve.editing.tracing import trace
@@ -669,6 +747,9 @@ class SidecarClient:
 
     def trace(self, msg: TraceFact, timeout_s: float | None = None) -> Traced:
         return self.call(msg, Traced, timeout_s)
+
+    def probe_retention(self, msg: ProbeRetention, timeout_s: float | None = None) -> RetentionMeasured:
+        return self.call(msg, RetentionMeasured, timeout_s)
 
     def statistics(self) -> dict[str, Any]:
         """The covariance-statistics warm-up of this sidecar, without touching the request pipe:

@@ -168,6 +168,9 @@ class SidecarSupervision:
         self._sidecar_in_sync = True
         self.metrics.set_sidecar_up(True)
         self.metrics.set_drifts(synced.drift)
+        health = getattr(self, "health", None)
+        if health is not None:
+            health.version_changed()                # re-score committed facts on the new version (issue 16)
         self.metrics.set_ledger_bytes(await asyncio.to_thread(self.ledger.nbytes))
 
     def _sidecar_died_during(self, what: str) -> None:

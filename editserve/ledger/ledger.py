@@ -515,6 +515,10 @@ class Ledger:
         """Digests of the patches in effect at `version` (default: the head), in fixed order."""
         return tuple(d for d, _ in self._active_with_origin(self._resolve_version(version)))
 
+    def active_origins(self, version: int | None = None) -> tuple[tuple[str, int], ...]:
+        """(patch digest, version that added it) in effect at `version` (default: the head), in summation order."""
+        return self._active_with_origin(self._resolve_version(version))
+
     def active_patches(self, version: int | None = None) -> list[Patch]:
         """The patches in effect at `version` (default: the head), in the order they are summed."""
         version = self._resolve_version(version)

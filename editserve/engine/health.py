@@ -1,0 +1,216 @@
+"""Edit health that operators can watch (issue 16): the retention probe and its settings.
+
+**Retention probe.** After every version change of the served model (commit, rollback, revert,
+import, follow) and every `HealthSettings.probe_interval_s`, `RetentionProbe` asks the sidecar
+(`editserve.engine.sidecar.ProbeRetention`) to re-score a fixed-size random sample of the facts
+committed at the served version (their rewrite prompts, new and replaced targets) with the
+gate's outcome function (`editserve.editing.scoring.fact_success`) and exports the share that
+still holds: ``editserve_edit_retention_ratio`` (NaN when no fact is committed), the sample size
+and the time of the run (`editserve.metrics.Metrics.set_retention`). The scoring runs in the
+sidecar process, never on the serving path; the job here only schedules it (an asyncio task in
+the API server). Periodic runs draw a new sample each time (the run number is the seed), so a
+small sample covers the ledger over time. Runs are skipped while the sidecar is dead or out
+of sync; a failed run counts ``editserve_retention_probes_total{result="failed"}``.
+
+CPU cost: one run scores 2 × `probe_sample` short continuations (one batch of forward passes of
+the sidecar's model); the defaults (16 facts, every 15 minutes and after each version change, at
+most one run per 30 s) keep it to a few seconds of one core per run on SmolLM2-135M (docs/lifelong.md).
+
+**Retention gate.** `HealthSettings.gate` is the gate's retention check
+(`editserve.editing.retention.RetentionGate`), sent with each gated edit to the sidecar.
+
+Environment (read by `HealthSettings.from_env`, set by the operator):
+``EDITSERVE_RETENTION_PROBE_SAMPLE`` (facts per run, 0 = probe off; default 16),
+``EDITSERVE_RETENTION_PROBE_INTERVAL_S`` (seconds between periodic runs, 0 = only after version
+changes; default 900), ``EDITSERVE_RETENTION_PROBE_MIN_GAP_S`` (least seconds between two runs;
+default 30), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
+gate off; default 16), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from editserve.editing.retention import RetentionGate
+from editserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+PROBE_SAMPLE_ENV = "EDITSERVE_RETENTION_PROBE_SAMPLE"
+PROBE_INTERVAL_ENV = "EDITSERVE_RETENTION_PROBE_INTERVAL_S"
+PROBE_MIN_GAP_ENV = "EDITSERVE_RETENTION_PROBE_MIN_GAP_S"
+GATE_SAMPLE_ENV = "EDITSERVE_RETENTION_GATE_SAMPLE"
+GATE_MAX_DROP_ENV = "EDITSERVE_RETENTION_GATE_MAX_DROP"
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Retention probe and retention gate settings (see the module docstring)."""
+
+    probe_sample: int = 16               # facts re-scored per probe run; 0: the probe is off
+    probe_interval_s: float = 900.0      # between periodic runs; 0: only after version changes
+    probe_min_gap_s: float = 30.0        # at least this long between two runs (a burst of commits → one run)
+    gate: RetentionGate = field(default_factory=RetentionGate)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probe_sample, bool) or not isinstance(self.probe_sample, int) or self.probe_sample < 0:
+            raise InvalidRequestError(f"probe_sample must be an integer >= 0, got {self.probe_sample!r}")
+        for name in ("probe_interval_s", "probe_min_gap_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InvalidRequestError(f"{name} must be a number of seconds >= 0, got {v!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "HealthSettings":
+        env = os.environ if environ is None else environ
+
+        def integer(name: str, default: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            if not raw.isdigit():
+                raise InvalidRequestError(f"{name} must be a whole number >= 0, got {raw!r}")
+            return int(raw)
+
+        def number(name: str, default: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InvalidRequestError(f"{name} must be a number, got {raw!r}") from None
+            if not math.isfinite(value) or value < 0:
+                raise InvalidRequestError(f"{name} must be a finite number >= 0, got {raw!r}")
+            return value
+
+        gate = RetentionGate(sample_size=integer(GATE_SAMPLE_ENV, RetentionGate.sample_size),
+                             max_drop=number(GATE_MAX_DROP_ENV, RetentionGate.max_drop))
+        return cls(probe_sample=integer(PROBE_SAMPLE_ENV, cls.probe_sample),
+                   probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s),
+                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate)
+
+
+@dataclass(frozen=True)
+class RetentionRun:
+    """One probe run as the parent records it (also shown by ``status``)."""
+
+    version: int
+    facts: int                  # facts committed at `version`
+    sampled: int                # facts scored (those without a known replaced object are skipped)
+    held: int
+    at: float                   # unix time of the end of the run
+    seconds: float
+    broken: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def ratio(self) -> float | None:
+        return self.held / self.sampled if self.sampled else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "facts": self.facts, "sampled": self.sampled, "held": self.held,
+                "ratio": self.ratio, "at": self.at, "seconds": self.seconds, "broken": list(self.broken)}
+
+
+class RetentionProbe:
+    """The scheduling side of the retention probe (an asyncio task in the API server).
+
+    `measure(version, sample_size, seed)` runs one probe on the sidecar (blocking; called in a
+    worker thread) and returns a `RetentionRun`, or None when the sidecar cannot run it now
+    (dead, restarting or out of sync). `served_version()` is the version to probe."""
+
+    def __init__(self, settings: HealthSettings, metrics: Any,
+                 measure: Callable[[int, int, int], RetentionRun | None],
+                 served_version: Callable[[], int | None]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._measure = measure
+        self._served_version = served_version
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._runs = 0
+        self.last: RetentionRun | None = None
+        self.last_error: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.probe_sample > 0
+
+    def start(self) -> None:
+        if not self.enabled:
+            log.info("retention probe off (%s=0)", PROBE_SAMPLE_ENV)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="editserve-retention-probe")
+        self._wake.set()                                 # a first run on the version served at start
+
+    def version_changed(self) -> None:
+        """The served version changed: probe it soon (several changes in a row give one run)."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    async def _loop(self) -> None:
+        interval = self.settings.probe_interval_s or None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except Exception:  # noqa: BLE001 - the probe must outlive a bad run; the next one retries
+                log.exception("retention probe run failed")
+            # Bounded CPU: a version change during the gap is probed once the gap is over.
+            await asyncio.sleep(self.settings.probe_min_gap_s)
+
+    async def run_once(self) -> RetentionRun | None:
+        """One probe of the served version now (also callable directly); None when skipped."""
+        version = self._served_version()
+        if version is None:
+            return None
+        self._runs += 1
+        try:
+            run = await asyncio.to_thread(self._measure, version, self.settings.probe_sample, self._runs)
+        except Exception as exc:  # noqa: BLE001 - counted, logged and shown in status; the next run retries
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.record_retention_probe(False)
+            log.warning("retention probe of version %d failed: %s", version, self.last_error)
+            return None
+        if run is None:
+            return None
+        self.last, self.last_error = run, None
+        self.metrics.record_retention_probe(True)
+        self.metrics.set_retention(run.ratio, run.sampled, run.at)
+        log.info("retention probe of version %d: %d/%d sampled facts hold (%d committed) in %.2f s", run.version,
+                 run.held, run.sampled, run.facts, run.seconds)
+        return run
+
+    def status(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "sample": self.settings.probe_sample,
+                "interval_s": self.settings.probe_interval_s, "min_gap_s": self.settings.probe_min_gap_s,
+                "runs": self._runs,
+                "last": self.last.to_dict() if self.last else None, "last_error": self.last_error,
+                "gate": {"sample_size": self.settings.gate.sample_size, "max_drop": self.settings.gate.max_drop}}
+
+
+def run_of(measured: Any, at: float | None = None) -> RetentionRun:
+    """A `RetentionRun` from the sidecar's `RetentionMeasured` reply."""
+    rows = measured.rows
+    return RetentionRun(version=measured.version, facts=measured.facts, sampled=len(rows),
+                        held=sum(1 for r in rows if r["holds"]), at=time.time() if at is None else at,
+                        seconds=measured.seconds, broken=tuple(r for r in rows if not r["holds"]))
