@@ -209,7 +209,7 @@ def test_eight_concurrent_editors_get_serialised_versions_none_lost(fleet: Any) 
     assert head == first + 7
     for i, (version, patch_id, _) in results.items():
         info = history[version]
-        assert info.kind == "commit" and info.patch_id == patch_id and info.caller == "admin-user"
+        assert info.kind == "commit" and info.patch_id == patch_id and info.caller == "token:admin-user"
         assert info.idempotency_key == f"concurrent-{i}"
         assert patch_id in active                            # none lost: every patch is active at the head
     assert len({p for _, p, _ in results.values()}) == 8
