@@ -42,6 +42,10 @@ head's patches minus, or plus, one patch; their commit step writes the new versi
 (compute, keys, values, solve, probe from the sidecar; swap and commit here); the gRPC
 server turns them into ``WatchEvents`` progress events.
 
+A serve-only replica (``EDITSERVE_SIDECAR=0``, `editserve.engine.serveonly`) starts no sidecar:
+it opens the ledger with the checkpoint's fingerprint, serves and follows the head the same way
+(`_sync_sidecar` is a no-op), and refuses edits, probes and traces (`_require_sidecar`).
+
 At start (`start`), the ledger's head version is applied before the server
 accepts its first request, after checking that the engine's base weights equal the ledger's
 base copies.
