@@ -28,6 +28,9 @@ applied the new weights — a wide, deterministic "in the middle of a swap" wind
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -393,6 +396,10 @@ def test_serve_only_replica_refuses_edits_naming_compute_replicas_and_follows(fl
     prompt = "The Kremlin is located in the city of"
     assert b.complete(prompt) == a.complete(prompt)
     assert _ready(b) == (200, {"ready": True})
+    cli = subprocess.run([sys.executable, "-m", "editserve.cli", "status"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "EDITSERVE_GRPC_TARGET": b.target, "EDITSERVE_CONTROL_TOKEN": TOKENS["viewer"]})
+    assert cli.returncode == 0, cli.stderr
+    assert "none (serve-only replica" in cli.stdout and "NOT IN SYNC" not in cli.stdout, cli.stdout
     rss_a, rss_b = a.rss_bytes(), b.rss_bytes()
     print(f"\nserve-only B followed A's rollback in {follow:.2f} s; resident memory A (with sidecar) "
           f"{rss_a / 2**20:.0f} MiB, B (serve-only) {rss_b / 2**20:.0f} MiB")
