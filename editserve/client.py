@@ -153,7 +153,8 @@ class EditClient:
     def edit(self, facts: Sequence[Any], method: str = "", layers: Sequence[int] = (), dry_run: bool = False,
              expected_head: int | None = None, idempotency_key: str = "", thresholds: Mapping[str, float] | None = None,
              paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = (),
-             progress: Callable[[Any], None] | None = None, operation_id: str = "") -> Any:
+             progress: Callable[[Any], None] | None = None, operation_id: str = "", skip_gate: bool = False,
+             wait_for_replicas_s: float | None = None) -> Any:
         """Edit `facts` (mappings with prompt/subject/target_new/target_true, or `EditRequest`s).
 
         `progress` receives the ``Event``s (kind ``progress`` or ``rejected``) of this edit, from a
@@ -164,9 +165,12 @@ class EditClient:
                               idempotency_key=idempotency_key,
                               thresholds=pb2.ProbeThresholds(**dict(thresholds or {})),
                               paraphrases=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in paraphrases],
-                              neighbours=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in neighbours])
+                              neighbours=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in neighbours],
+                              skip_gate=skip_gate)
         if expected_head is not None:
             req.expected_head = expected_head
+        if wait_for_replicas_s is not None:
+            req.wait_for_replicas_s = wait_for_replicas_s
         op = operation_id or uuid.uuid4().hex[:12]
         if progress is None:
             return self._call("Edit", req, metadata=[(OPERATION_KEY, op)])
@@ -204,12 +208,14 @@ class EditClient:
             stream.cancel()
             thread.join(WATCH_READY_TIMEOUT_S)
 
-    def rollback(self, version: int, expected_head: int | None = None) -> Any:
+    def rollback(self, version: int, expected_head: int | None = None, wait_for_replicas_s: float | None = None) -> Any:
         from editserve.control.gen import pb2
 
         req = pb2.RollbackRequest(version=version)
         if expected_head is not None:
             req.expected_head = expected_head
+        if wait_for_replicas_s is not None:
+            req.wait_for_replicas_s = wait_for_replicas_s
         return self._call("Rollback", req)
 
     def revert(self, version: int, expected_head: int | None = None, idempotency_key: str = "") -> Any:

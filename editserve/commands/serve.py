@@ -10,7 +10,7 @@ import argparse
 
 HELP = """usage: editserve serve [--ledger DIR] [--pause-mode keep|wait|abort] [--sidecar-device DEV]
                        [--sidecar-threads N] [--editable-layers all|3-7,12] [--grpc-addr HOST:PORT]
-                       [--insecure] [--api-key-file FILE] [MODEL] [vllm serve options]
+                       [--insecure] [--serve-only] [--api-key-file FILE] [MODEL] [vllm serve options]
 
 Start vLLM's OpenAI-compatible server with the editserve plugins: edits are served live through
 the gRPC control plane (127.0.0.1:50051 by default; `editserve edit|rollback|status ...`) and
@@ -31,6 +31,8 @@ editserve options (each also settable as an environment variable with plain `vll
                          no LoRA cost); see docs/candidates.md
   --candidate-share S    default share of default-model traffic for a staged candidate (EDITSERVE_CANDIDATE_SHARE)
   --candidate-max-rank R vLLM's --max-lora-rank for candidates (EDITSERVE_CANDIDATE_MAX_RANK; default 16)
+  --serve-only           no sidecar (EDITSERVE_SIDECAR=0): follows the ledger head and serves it, refuses
+                         edits/probes/traces naming replicas that can take them (docs/fleet.md)
   --insecure             allow plaintext gRPC on a non-loopback address (EDITSERVE_GRPC_INSECURE=1;
                          logged as a warning: tokens and edits cross the network unencrypted)
 
@@ -41,7 +43,7 @@ _OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": 
         "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr",
         "--api-key-file": "api_key_file", "--candidates": "candidates", "--candidate-share": "candidate_share",
         "--candidate-max-rank": "candidate_max_rank"}
-_FLAGS = {"--insecure": "insecure"}        # editserve options that take no value
+_FLAGS = {"--insecure": "insecure", "--serve-only": "serve_only"}        # editserve options that take no value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if threads is not None and not threads.isdigit():
         raise InvalidRequestError(f"--sidecar-threads must be a positive integer, got {threads!r}")
     insecure = own.pop("insecure", None) == "1"
+    serve_only = own.pop("serve_only", None) == "1"
     addr = own.get("grpc_addr")
     if addr is not None and addr.lower() != "off" and (":" not in addr or not addr.rpartition(":")[2].isdigit()):
         raise InvalidRequestError(f"--grpc-addr must be HOST:PORT (or off), got {addr!r}")
-    serve(rest, ServeOptions(**own, sidecar_threads=int(threads) if threads else None, insecure=insecure))
+    serve(rest, ServeOptions(**own, sidecar_threads=int(threads) if threads else None, insecure=insecure,
+                             serve_only=serve_only))
     return 0

@@ -82,6 +82,7 @@ def _table() -> tuple[tuple[type | tuple[type, ...], Status], ...]:
         SidecarTimeout,
         SwapFailed,
     )
+    from editserve.engine.serveonly import ServeOnlyReplica
     from editserve.ledger.errors import (
         BaseCopyMismatch,
         BaseCopyMissing,
@@ -101,6 +102,7 @@ def _table() -> tuple[tuple[type | tuple[type, ...], Status], ...]:
         (Unauthenticated, Status("UNAUTHENTICATED", 401)),
         (PermissionDenied, Status("PERMISSION_DENIED", 403)),
         (ProbeRejected, Status("FAILED_PRECONDITION", 422)),
+        (ServeOnlyReplica, Status("FAILED_PRECONDITION", 409)),
         (LedgerConflict, Status("ABORTED", 409)),
         (IdempotencyMismatch, Status("ALREADY_EXISTS", 409)),
         ((VersionNotFound, PatchNotFound), Status("NOT_FOUND", 404)),

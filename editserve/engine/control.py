@@ -42,6 +42,10 @@ head's patches minus, or plus, one patch; their commit step writes the new versi
 (compute, keys, values, solve, probe from the sidecar; swap and commit here); the gRPC
 server turns them into ``WatchEvents`` progress events.
 
+A serve-only replica (``EDITSERVE_SIDECAR=0``, `editserve.engine.serveonly`) starts no sidecar:
+it opens the ledger with the checkpoint's fingerprint, serves and follows the head the same way
+(`_sync_sidecar` is a no-op), and refuses edits, probes and traces (`_require_sidecar`).
+
 At start (`start`), the ledger's head version is applied before the server
 accepts its first request, after checking that the engine's base weights equal the ledger's
 base copies.
@@ -148,6 +152,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             raise PluginSetupError("no down-projection of the served model is dense; on CPU the editserve general "
                                    "plugin must be active before the model loads (VLLM_PLUGINS=editserve)")
         dtype = str(self.workers[0]["dtype"])
+        if self.settings.serve_only:
+            try:
+                return await self._start_serve_only(t0, dtype)
+            except BaseException:
+                await self.close()
+                raise
         self.sidecar = SidecarClient(SidecarConfig(
             checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
             threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME")))
@@ -167,15 +177,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self.expected.ledger = self.ledger
         await asyncio.to_thread(self.sidecar.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
-        await self._check_base()
-        base_message = message_for(0, self.family, [])
-        self.served = Served(version=0, message=base_message, expected={})
-        head = await asyncio.to_thread(self.ledger.head)
-        async with self._lock:
-            change = await self._swap_to_version(head, kind="start", commit_rollback=False)
-        change = VersionChange(**{**change.to_dict(), "timings_ms": {
-            **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3),
-            "sidecar_load": round(ready.seconds * 1e3, 3)}})
+        change = await self._apply_head_at_start(t0, {"sidecar_load": round(ready.seconds * 1e3, 3)})
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
         self._start_health()
         await self._join_fleet()
@@ -202,11 +204,41 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         return run_of(sidecar.probe_retention(ProbeRetention(version=version, sample_size=sample_size, seed=seed),
                                               self.settings.read_timeout_s))
 
+    async def _start_serve_only(self, t0: float, dtype: str) -> VersionChange:
+        """Start without a sidecar (editserve.engine.serveonly): the fingerprint from the checkpoint,
+        then the same ledger, base check and head as with one."""
+        from editserve.engine.serveonly import fingerprint_async
+
+        t_fp = time.perf_counter()
+        self._fingerprint = await fingerprint_async(self.settings.model, dtype)
+        fp_ms = round((time.perf_counter() - t_fp) * 1e3, 3)
+        self.ledger = await asyncio.to_thread(self._open_ledger, self._fingerprint)
+        self.expected.ledger = self.ledger
+        self._init_metrics(int(self.workers[0]["n_layers"]))
+        change = await self._apply_head_at_start(t0, {"fingerprint": fp_ms})
+        await self._join_fleet()
+        log.info("editserve control plane ready (serve-only, no sidecar): serving ledger version %d (%d patches) "
+                 "from %s", change.version, change.active_patches, self.ledger.location)
+        return change
+
+    async def _apply_head_at_start(self, t0: float, timings: dict[str, float]) -> VersionChange:
+        """Check the base weights against the ledger's copies and serve the ledger head."""
+        assert self.family is not None
+        await self._check_base()
+        base_message = message_for(0, self.family, [])
+        self.served = Served(version=0, message=base_message, expected={})
+        head = await asyncio.to_thread(self.ledger.head)
+        async with self._lock:
+            change = await self._swap_to_version(head, kind="start", commit_rollback=False)
+        return VersionChange(**{**change.to_dict(), "timings_ms": {
+            **change.timings_ms, "start_total": round((time.perf_counter() - t0) * 1e3, 3), **timings}})
+
     async def _join_fleet(self) -> None:
         """Report the served version to the ledger's replica registry and follow the head from now on."""
-        from editserve.engine.fleet import FleetMember, FleetSettings
+        from editserve.engine.fleet import ROLE_COMPUTE, ROLE_SERVE_ONLY, FleetMember, FleetSettings
 
-        self.fleet = FleetMember(self, FleetSettings.from_env())
+        role = ROLE_SERVE_ONLY if self.settings.serve_only else ROLE_COMPUTE
+        self.fleet = FleetMember(self, FleetSettings.from_env(role=role))
         await self.fleet.report()
         self.fleet.start()
 
@@ -284,6 +316,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         edit writes anything to the ledger. `progress` (called from worker threads too) receives
         ``(stage, fraction, message)`` as the edit goes on (see the module docstring). `report_extra`
         is merged into the probe report the ledger records (e.g. who skipped the gate)."""
+        await self._require_sidecar("an edit")
         t0 = time.perf_counter()
         stages: dict[str, float] = {}                   # seconds per stage, filled by _edit as they run
         try:
@@ -578,6 +611,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         """Score (prompt, target, other or None) continuations on the served version (on the
         sidecar, which holds exactly the served version's patches while it scores)."""
         self._check_usable()
+        await self._require_sidecar("probe scores")
         assert self.served is not None and self.sidecar is not None
         return await asyncio.to_thread(self.sidecar.score, self.served.version, tuple(items),
                                        self.settings.read_timeout_s)
@@ -587,11 +621,27 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         """Causally trace a fact on the served version (on the sidecar; see editing/tracing.py).
         The sidecar answers one request at a time, so an edit submitted meanwhile waits for it."""
         self._check_usable()
+        await self._require_sidecar("a causal trace")
         await self._ensure_sidecar()
         assert self.served is not None and self.sidecar is not None
         msg = TraceFact(version=self.served.version, prompt=prompt, subject=subject, target=target, kind=kind,
                         samples=samples, seed=seed, window=window, noise_scale=noise_scale)
         return await asyncio.to_thread(self.sidecar.trace, msg, self.settings.read_timeout_s)
+
+    async def _require_sidecar(self, what: str) -> None:
+        """Refuse `what` on a serve-only replica, naming the live replicas that can do it."""
+        if not self.settings.serve_only:
+            return
+        from editserve.engine.serveonly import refusal
+
+        rows: list[dict[str, Any]] = []
+        replica_id = self.fleet.settings.replica_id if self.fleet is not None else "this replica"
+        if self.fleet is not None:
+            try:
+                rows = await self.fleet.fleet()
+            except Exception as exc:       # the refusal stands; it just cannot name the others
+                log.warning("replica registry not readable for a serve-only refusal: %s: %s", type(exc).__name__, exc)
+        raise refusal(what, replica_id, rows)
 
     async def follow(self) -> VersionChange | None:
         """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""
@@ -642,6 +692,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                         "statistics": self.sidecar.statistics() if self.sidecar else None},
             "degraded": self._degraded,
             "retention": self.health.status() if self.health is not None else None,
+            "serve_only": self.settings.serve_only,
             **(await self._fleet_status()),
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],

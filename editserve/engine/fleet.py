@@ -3,8 +3,9 @@
 `FleetMember` runs beside the control plane (`editserve.engine.control.ControlPlane`):
 
 - **Reporting.** After every swap and every `FleetSettings.heartbeat_s` it records in the
-  ledger's ``replicas`` table what this replica serves (replica id, version, role, control
-  address, start time); the store's clock stamps the row, so liveness ("heartbeat fresher than
+  ledger's ``replicas`` table what this replica serves (replica id, version, role — ``compute``,
+  or ``serve-only`` for a replica without a sidecar (`editserve.engine.serveonly`), which the
+  refusals of serve-only replicas list —, control address, start time); the store's clock stamps the row, so liveness ("heartbeat fresher than
   `FleetSettings.live_s`") is judged on one clock for the whole fleet.
 - **Following.** It waits for a head notification (PostgreSQL LISTEN/NOTIFY, sent inside the
   transaction that moves the head) for at most `FleetSettings.reconcile_s`, then calls

@@ -46,6 +46,7 @@ class ControlSettings:
     sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
     health: HealthSettings = field(default_factory=HealthSettings)   # retention probe and gate (issue 16)
+    serve_only: bool = False                  # EDITSERVE_SIDECAR=0: no sidecar (editserve.engine.serveonly)
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -85,6 +86,8 @@ class ControlSettings:
                 raise InvalidRequestError(f"{name} must be a positive number of seconds, got {raw!r}")
             return value
 
+        from editserve.engine.serveonly import serve_only_from_env
+
         cache_mb = env.get(BASE_CACHE_ENV, "").strip()
         if cache_mb and not cache_mb.isdigit():
             raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
@@ -96,4 +99,5 @@ class ControlSettings:
                    read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
                    sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
                    base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20,
-                   health=HealthSettings.from_env(env))
+                   health=HealthSettings.from_env(env),
+                   serve_only=serve_only_from_env(env))

@@ -136,6 +136,8 @@ class SidecarSupervision:
         skipped, a restart is started, and the new sidecar mirrors the served version."""
         from editserve.engine.errors import SidecarError
 
+        if self.settings.serve_only:
+            return                          # no sidecar to move (editserve.engine.serveonly)
         sidecar = self.sidecar
         assert sidecar is not None
         names = tuple(sorted({n for r in result.reports for n in r.checksums}))
@@ -182,6 +184,8 @@ class SidecarSupervision:
             self._begin_sidecar_restart()
 
     async def _resync_sidecar(self) -> None:
+        if self.settings.serve_only:
+            return
         assert self.served is not None
         reports = await self.swapper.checksums(sorted(self.served.message.names))
         fake = SwapResult(label=self.served.version, pause_seconds=0.0, rpc_seconds=0.0, worker_seconds=0.0,

@@ -34,7 +34,9 @@ the client exposes it (``engine_core.pause_scheduler_async``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PAUSE_MODES = ("keep", "wait", "abort")
 DEFAULT_PAUSE_MODE = "keep"
+TEST_HOLD_ENV = "EDITSERVE_TEST_SWAP_HOLD_FILE"      # test-only fault window, see `_test_hold`
 
 Expected = Mapping[tuple[str, int], str]      # (HF weight name, tensor-parallel rank) → checksum
 
@@ -92,6 +95,23 @@ def verify(reports: list[RankReport], expected: Expected, tp_size: int) -> None:
             bad.append(f"{name} rank {rank}: engine {str(got)[:12]} != expected {want[:12]}")
     if bad:
         raise ChecksumMismatch(f"{len(bad)} matrix slice(s) differ from the expected weights: " + "; ".join(bad))
+
+
+async def _test_hold(label: int) -> None:
+    """Test-only fault window (tests/test_fleet.py): while the file named by
+    ``EDITSERVE_TEST_SWAP_HOLD_FILE`` exists, every swap holds this many seconds (its content)
+    after the workers applied the new weights, paused, before verify/commit/resume."""
+    path = os.environ.get(TEST_HOLD_ENV)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        seconds = float(open(path).read().strip() or 0)
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable hold file %s: %s", TEST_HOLD_ENV, path, exc)
+        return
+    log.warning("test hook: holding the swap to version label %d for %.1f s (applied, paused, not yet verified)",
+                label, seconds)
+    await asyncio.sleep(seconds)
 
 
 class Swapper:
@@ -146,6 +166,7 @@ class Swapper:
             try:
                 reports = await self.apply(message)
                 marks.append(("apply", time.perf_counter()))
+                await _test_hold(message.version)
                 await self._reset_prefix_cache()
                 marks.append(("reset", time.perf_counter()))
                 verify(reports, expected, self.tp_size)
