@@ -148,6 +148,8 @@ def test_compare_side_by_side(server: CandidateServer, state: dict[str, Any]) ->
         assert abs(x["head"]["target_logprob"] - y.head_target_logprob) < 0.02, (x, y)
     status, err = server.control("POST", f"/candidates/{cid}/compare", "viewer", {})
     assert status == 403, err
+    # Version 0's scores (the head now), for the to_version test.
+    state["v0_logprobs"] = {(x.prompt, x.target): x.head_target_logprob for x in r.scores}
     # The candidate's greedy completions on the gate's prompts, for the promote test.
     gate_prompts = sorted({x.prompt for x in r.scores if x.kind != "caller"})
     state["gate_named"] = {p: server.generate(p, model=state["cand"]["model"])[0] for p in gate_prompts}
@@ -354,6 +356,12 @@ def test_stage_to_version_and_promote_as_rollback(server: CandidateServer, state
     assert (len(cand["weights"]), cand["rank"]) in ((1, 2), (2, 1)), cand
     status, err = server.control("POST", "/candidates", "editor", {"to_version": 0})
     assert status == 409 and "already staged" in err["error"]["message"], err
+    with server.client("viewer") as c:                       # gRPC: the same fields
+        listed = next(x for x in c.candidates().candidates if x.id == cid)
+    assert listed.HasField("to_version") and listed.to_version == 0 and not listed.added_patches
+    assert sorted(listed.removed_patches) == sorted(cand["removed"]) and listed.source == "to_version"
+    out = _cli(server, "candidates", role="viewer")
+    assert out.returncode == 0 and "version 0 (-2/+0 patches)" in out.stdout, (out.stdout, out.stderr)
     # Named: version 0's greedy completions; default: unchanged.
     for p in PROMPTS:
         ids, _, label = server.generate(p, model=cand["model"])
@@ -366,6 +374,13 @@ def test_stage_to_version_and_promote_as_rollback(server: CandidateServer, state
     assert {PROMPTS[0], COLOSSEUM_TEXT} <= set(eff), [x.prompt for x in gate]
     assert eff[PROMPTS[0]].head_success and not eff[PROMPTS[0]].candidate_success       # pre-edit answer
     assert all(x.candidate_target_logprob < x.head_target_logprob for x in eff.values()), list(eff.values())
+    # Candidate (head merged − removed patches in the LoRA path) vs version 0 as served at the
+    # start: the same numbers up to float rounding and the engine's batch-dependent kernels.
+    drift = {k: abs(x.candidate_target_logprob - state["v0_logprobs"][k]) for x in gate
+             if (k := (x.prompt, x.target)) in state["v0_logprobs"]}
+    print(f"to_version 0 candidate vs version 0: |Δ mean log p(target)| max {max(drift.values()):.2e} over "
+          f"{len(drift)} gate prompts")
+    assert len(drift) >= 3 and max(drift.values()) < 0.05, drift
     caller_row = r.scores[-1]
     assert caller_row.kind == "caller" and caller_row.candidate_target_logprob < caller_row.head_target_logprob
     gate_named = {p: server.generate(p, model=cand["model"])[0] for p in sorted({x.prompt for x in gate})}
