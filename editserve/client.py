@@ -316,15 +316,19 @@ class EditClient:
         return self._call("ListCandidates", pb2.ListCandidatesRequest(), timeout_s=60)
 
     def stage(self, ref: str = "", version: int | None = None, manifest_json: bytes = b"", factors: bytes = b"",
-              edit: Any = None, share: float | None = None, operation_id: str = "") -> Any:
+              edit: Any = None, share: float | None = None, operation_id: str = "",
+              to_version: int | None = None) -> Any:
         """Stage a candidate from exactly one of: a ledger patch (`ref` or the `version` that added
-        it), a patch export (`manifest_json` + `factors`), or `edit` (an ``EditRequest``, or a list
-        of fact mappings): computed as a dry run through the probe gate. Returns a ``Candidate``."""
+        it), a patch export (`manifest_json` + `factors`), `edit` (an ``EditRequest``, or a list
+        of fact mappings): computed as a dry run through the probe gate, or `to_version` (an
+        earlier version's difference from the head; promote rolls back to it). Returns a ``Candidate``."""
         from editserve.control.gen import pb2
 
         req = pb2.StageCandidateRequest(ref=ref, manifest_json=manifest_json, factors=factors)
         if version is not None:
             req.version = version
+        if to_version is not None:
+            req.to_version = to_version
         if share is not None:
             req.share = share
         if edit is not None:

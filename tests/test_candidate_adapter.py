@@ -10,9 +10,18 @@ import torch
 
 from editserve.candidates.adapter import CONFIG_FILE, WEIGHTS_FILE, RankTooLarge, factors_of, peft_key, write_adapter
 from editserve.candidates.staging import CandidateSettings, bucket
-from editserve.candidates.validate import candidate_id, stage_args
+from editserve.candidates.validate import candidate_id
+from editserve.candidates.validate import stage_args as _stage_args
 from editserve.errors import InvalidRequestError
 from editserve.patches import Patch, WeightDelta
+
+
+def stage_args(body: dict) -> object:
+    """A JSON body through the HTTP route's parsing (`editserve.control.http._message`) into `stage_args`."""
+    from editserve.control.gen import pb2
+    from editserve.control.http import _message
+
+    return _stage_args(_message(body, pb2.StageCandidateRequest))
 
 
 def _patch(seed: int, layers: tuple[int, ...], rank: int = 1) -> Patch:
@@ -32,6 +41,21 @@ def test_factors_are_the_signed_sum_of_the_patches() -> None:
         want = sum(s * d.dense() for s, p in ((1, a), (-1, b)) for d in p.deltas if d.name == name)
         torch.testing.assert_close(f.b[name] @ f.a[name], want, rtol=0, atol=1e-6)   # B[d_out,r] A[r,d_in]
         assert f.a[name].shape == (3, 10) and f.b[name].shape == (6, 3)
+
+
+def test_to_version_difference_is_w_v_minus_w_head() -> None:
+    """A to_version candidate: head holds a, b, c; version V holds a and d (a revert between them):
+    the adapter's B A is exactly Σ_V UVᵀ − Σ_head UVᵀ per weight, with rank = the sum of the ranks."""
+    a, b, c, d = _patch(0, (3,)), _patch(1, (3, 4), rank=2), _patch(2, (4,)), _patch(3, (3,))
+    head, at_v = [a, b, c], [a, d]
+    removed = [p for p in head if p.digest not in {q.digest for q in at_v}]
+    added = [p for p in at_v if p.digest not in {q.digest for q in head}]
+    f = factors_of([(-1, p) for p in removed] + [(1, p) for p in added])
+    assert f.rank == 3                                            # layer 3: b (2) + d (1); layer 4: b (2) + c (1)
+    for name in f.weight_names:
+        def total(ps: list) -> torch.Tensor:
+            return sum((dl.dense() for p in ps for dl in p.deltas if dl.name == name), torch.zeros(6, 10))
+        torch.testing.assert_close(f.b[name] @ f.a[name], total(at_v) - total(head), rtol=0, atol=1e-5)
 
 
 def test_adapter_directory_is_peft(tmp_path) -> None:
@@ -68,8 +92,10 @@ def test_settings_and_requests_are_validated() -> None:
         CandidateSettings.from_env({"EDITSERVE_CANDIDATE_SHARE": "1.5"})
     assert stage_args({"version": 3}).ref == 3
     assert stage_args({"ref": "abcd12", "share": 0.25}).share == 0.25
+    assert stage_args({"to_version": 0}).to_version == 0 and stage_args({"to_version": 2}).ref is None
     for bad, word in (({}, "exactly one"), ({"version": -1}, "-1"), ({"ref": "xyz"}, "xyz"),
-                      ({"version": 1, "share": True}, "True"), ({"version": 1, "color": 1}, "color")):
+                      ({"version": 1, "share": 1.5}, "1.5"), ({"version": 1, "color": 1}, "color"),
+                      ({"to_version": -2}, "-2"), ({"to_version": 1, "version": 1}, "to_version")):
         with pytest.raises(InvalidRequestError, match=word):
             stage_args(bad)
     assert candidate_id("a1b2c3") == "a1b2c3"

@@ -12,7 +12,9 @@ share and discarded with no failed request; a 30 % share over 200 request ids (b
 sticky per id); promote under load commits the patch and serves the merged weights, whose
 greedy completions on the gate's prompts match the candidate's, with no failed request; a
 promote refused after the head moved over the candidate's weights, then accepted once the head
-holds the same patches again; a restart leaves no candidate and default traffic unchanged.
+holds the same patches again; an earlier version's difference from the head (to_version 0, two
+edits removed) staged as a candidate that answers as version 0, promoted as the rollback to it;
+a restart leaves no candidate and default traffic unchanged.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def test_compare_side_by_side(server: CandidateServer, state: dict[str, Any]) ->
         assert abs(x["head"]["target_logprob"] - y.head_target_logprob) < 0.02, (x, y)
     status, err = server.control("POST", f"/candidates/{cid}/compare", "viewer", {})
     assert status == 403, err
+    # Version 0's scores (the head now), for the to_version test.
+    state["v0_logprobs"] = {(x.prompt, x.target): x.head_target_logprob for x in r.scores}
     # The candidate's greedy completions on the gate's prompts, for the promote test.
     gate_prompts = sorted({x.prompt for x in r.scores if x.kind != "caller"})
     state["gate_named"] = {p: server.generate(p, model=state["cand"]["model"])[0] for p in gate_prompts}
@@ -324,6 +328,86 @@ def test_promote_refused_when_the_head_moved_over_its_weights(server: CandidateS
     assert version == str(out.version) and ids == named
     assert server.generate(PROMPTS[0])[0] == state["named"][PROMPTS[0]]     # the Eiffel edit is still there
     state["promoted"] = out.version
+
+
+def test_stage_to_version_and_promote_as_rollback(server: CandidateServer, state: dict[str, Any]) -> None:
+    """The head holds two edits (Eiffel, Colosseum). ``stage --to-version 0`` loads −Σ UVᵀ of both
+    as one adapter: requests naming it answer as version 0 did, default traffic is unchanged;
+    compare shows the removed facts' gate prompts with the pre-edit answers on the candidate side;
+    a to_version ≥ the head, unknown or negative is a typed error naming it. Promote is refused
+    while the head holds other patches, and once it holds the same ones again it is the rollback to
+    version 0 (ledger head 0, audit line naming the candidate), whose greedy completions on the
+    gate's prompts are the candidate's."""
+    head = state["promoted"]
+    st = server.control("GET", "/status", "viewer")[1]
+    assert st["ledger_head"] == head and st["active_patches"] == 2, st
+    default = {p: server.generate(p)[0] for p in PROMPTS}
+    for bad, code in ((head, 400), (head + 50, 404), (-1, 400)):
+        status, err = server.control("POST", "/candidates", "editor", {"to_version": bad})
+        assert status == code and str(bad) in err["error"]["message"], (bad, err)
+    cli = _cli(server, "stage", "--to-version", "0", "--json")
+    assert cli.returncode == 0, cli.stderr
+    cid = json.loads(cli.stdout)["id"]
+    status, listing = server.control("GET", "/candidates", "viewer")
+    cand = next(c for c in listing["candidates"] if c["id"] == cid)
+    assert cand["source"] == "to_version" and cand["to_version"] == 0 and cand["patch_id"] == "", cand
+    assert len(cand["removed"]) == 2 and cand["added"] == [] and cand["staged_at_head"] == head, cand
+    # two rank-1 ROME patches: rank 2 on one down-projection, or rank 1 on two
+    assert (len(cand["weights"]), cand["rank"]) in ((1, 2), (2, 1)), cand
+    status, err = server.control("POST", "/candidates", "editor", {"to_version": 0})
+    assert status == 409 and "already staged" in err["error"]["message"], err
+    with server.client("viewer") as c:                       # gRPC: the same fields
+        listed = next(x for x in c.candidates().candidates if x.id == cid)
+    assert listed.HasField("to_version") and listed.to_version == 0 and not listed.added_patches
+    assert sorted(listed.removed_patches) == sorted(cand["removed"]) and listed.source == "to_version"
+    out = _cli(server, "candidates", role="viewer")
+    assert out.returncode == 0 and "version 0 (-2/+0 patches)" in out.stdout, (out.stdout, out.stderr)
+    # Named: version 0's greedy completions; default: unchanged.
+    for p in PROMPTS:
+        ids, _, label = server.generate(p, model=cand["model"])
+        assert label == f"{head}+candidate-{cid}" and ids == state["base"][p], (p, label)
+        assert server.generate(p)[0] == default[p]
+    with server.client("editor") as c:
+        r = c.compare(cid, [(COLOSSEUM_TEXT, " Tokyo", " Rome")])
+    gate = [x for x in r.scores if x.kind != "caller"]
+    eff = {x.prompt: x for x in gate if x.kind == "efficacy"}
+    assert {PROMPTS[0], COLOSSEUM_TEXT} <= set(eff), [x.prompt for x in gate]
+    assert eff[PROMPTS[0]].head_success and not eff[PROMPTS[0]].candidate_success       # pre-edit answer
+    assert all(x.candidate_target_logprob < x.head_target_logprob for x in eff.values()), list(eff.values())
+    # Candidate (head merged − removed patches in the LoRA path) vs version 0 as served at the
+    # start: the same numbers up to float rounding and the engine's batch-dependent kernels.
+    drift = {k: abs(x.candidate_target_logprob - state["v0_logprobs"][k]) for x in gate
+             if (k := (x.prompt, x.target)) in state["v0_logprobs"]}
+    print(f"to_version 0 candidate vs version 0: |Δ mean log p(target)| max {max(drift.values()):.2e} over "
+          f"{len(drift)} gate prompts")
+    assert len(drift) >= 3 and max(drift.values()) < 0.05, drift
+    caller_row = r.scores[-1]
+    assert caller_row.kind == "caller" and caller_row.candidate_target_logprob < caller_row.head_target_logprob
+    gate_named = {p: server.generate(p, model=cand["model"])[0] for p in sorted({x.prompt for x in gate})}
+    status, err = server.control("POST", f"/candidates/{cid}/promote", "editor")
+    assert status == 403, err
+    with server.client("admin") as c:
+        c.rollback(1)                                    # the Eiffel patch only: not what was there at staging
+        before = _ledger_rows(server)
+        with pytest.raises(ControlError) as e:
+            c.promote(cid)
+        assert e.value.code == "FAILED_PRECONDITION" and "rollback to version 0" in e.value.details, e.value
+        assert _ledger_rows(server) == before
+        c.rollback(head)                                 # the same patches again
+    status, out = server.control("POST", f"/candidates/{cid}/promote", "admin")
+    assert status == 200 and out == {"candidate": cid, "outcome": "promoted", "version": 0, "patch_id": "",
+                                     "committed_as": "rollback"}, out
+    assert server.control("POST", f"/candidates/{cid}/promote", "admin") == (200, out)      # idempotent
+    st = server.control("GET", "/status", "viewer")[1]
+    assert st["ledger_head"] == 0 and st["served_version"] == 0 and st["active_patches"] == 0, st
+    assert f"→ version 0 (promote of candidate {cid})" in server.log_path.read_text(errors="replace")
+    assert cand["model"] not in server.models()
+    merged = {p: server.generate(p)[0] for p in gate_named}
+    differ = [p for p in merged if merged[p] != gate_named[p]]
+    assert not differ, differ
+    for p in PROMPTS:
+        assert server.generate(p)[0] == state["base"][p]
+    state["promoted"] = 0
 
 
 def test_restart_leaves_no_candidate(server: CandidateServer, state: dict[str, Any]) -> None:

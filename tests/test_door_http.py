@@ -204,6 +204,8 @@ def test_every_rpc_needs_a_token_of_its_role(grpc_target: str) -> None:
     ({"edit": {"facts": [{"prompt": "{} is in", "subject": "X", "target_new": " Y"}], "expected_head": 3}},
      "expected_head"),
     ({"version": 1, "shares": 0.5}, "shares"),
+    ({"to_version": -1}, "-1"),
+    ({"to_version": 0, "version": 1}, "exactly one"),
 ])
 def test_bad_stage_bodies(client: TestClient, body: Any, fragment: str) -> None:
     r = _call(client, "POST", "/candidates", TOKENS["admin"], json=body)

@@ -8,7 +8,8 @@ Roles (docs/candidates.md): ``candidates`` viewer; ``stage`` editor (with a traf
 admin, since default traffic then sees it; staging an edit also needs what the edit needs:
 its dry run goes through `Operations.edit` and the probe gate); ``compare`` editor (it runs
 prompts on the engine); ``discard`` editor (commits nothing); ``promote`` admin (commits a
-version without a second gate run: the patch passed the gate when it was computed, like ``import``).
+version without a second gate run: the patch passed the gate when it was computed, like ``import``;
+a ``to_version`` candidate is promoted by the rollback operation, with the rollback's role).
 
 Promote and discard are idempotent: a repeated call returns the first call's outcome
 (remembered for the process's life, bounded to `MAX_OUTCOMES`).
@@ -22,7 +23,7 @@ import logging
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,22 @@ MAX_OUTCOMES = 256
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of a candidate: ``promoted`` (with the version) or ``discarded``."""
+    """What became of a candidate: ``promoted`` (with the version, committed as an ``import`` of
+    its patch or as a ``rollback`` to its ``to_version``) or ``discarded``."""
 
     candidate: str
     outcome: str
     version: int | None
     patch_id: str
+    committed_as: str = ""         # promoted: import | rollback
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "outcome": self.outcome, "version": self.version,
-                "patch_id": self.patch_id}
+                "patch_id": self.patch_id, "committed_as": self.committed_as}
+
+
+# (version, expected head) → the rollback's VersionChange: how a to_version candidate is promoted.
+Rollback = Callable[[int, int], Awaitable[Any]]
 
 
 def candidates_of(engine: Any) -> Candidates:
@@ -109,14 +116,30 @@ def write_export(patch: Patch, model_fingerprint: str, dest: Path) -> Path:
     return dest
 
 
+def difference_probes(engine: Any, removed: Sequence[Patch], added: Sequence[Patch]) -> tuple[CompareItem, ...]:
+    """The gate's prompts of the facts a ``to_version`` candidate removes (then those it adds back)."""
+    items: list[CompareItem] = []
+    for patch in (*removed, *added):
+        items.extend(gate_items(patch.requests, _report_of(engine, patch.digest)))
+    return tuple(items)
+
+
 async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[bytes, bytes] | None,
-                share: float | None, computed: Any = None) -> Candidate:
+                share: float | None, computed: Any = None, to_version: int | None = None) -> Candidate:
     """Stage a ledger patch (`ref`: digest prefix or the version that added it), an uploaded
-    patch export (`export`: manifest JSON, factors) or a dry run's patch (`computed`: the dry
-    run's `VersionChange`, carrying the patch and its probe report) as a candidate."""
+    patch export (`export`: manifest JSON, factors), a dry run's patch (`computed`: the dry
+    run's `VersionChange`, carrying the patch and its probe report), or an earlier version's
+    difference from the head (`to_version`: the candidate serves that version) as a candidate."""
     from editserve.ledger.transfer import read_patch_export
 
     cands = candidates_of(engine)
+    if to_version is not None:
+        cand = await cands.stage_to_version(to_version, caller, share,
+                                            probes=lambda removed, added: difference_probes(engine, removed, added))
+        audit.info("audit: stage of version %d (difference from head %d: %d patch(es) removed, %d added) by %s → "
+                   "candidate %s (%s, rank %d, share %.3f)", to_version, cand.staged_at_head, len(cand.removed),
+                   len(cand.added), caller, cand.id, cand.model, cand.rank, cand.share)
+        return cand
     with tempfile.TemporaryDirectory(prefix="editserve-stage-") as tmp:
         src = Path(tmp) / "patch"
         report: dict[str, Any] | None = None
@@ -142,10 +165,16 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[b
     return cand
 
 
-async def promote(engine: Any, caller: str, cid: str) -> Outcome:
-    """Commit the candidate's patch as the next version (the normal import swap), then unload it.
-    Its traffic goes to the head from the start, and the requests already on its adapter are
-    drained before the swap (none of them sees the patch twice)."""
+def outcome_of(engine: Any, cid: str) -> Outcome | None:
+    """The remembered outcome of a promoted or discarded candidate (None: not promoted/discarded)."""
+    return _outcomes(engine).get(cid)
+
+
+async def promote(engine: Any, caller: str, cid: str, rollback: Rollback | None = None) -> Outcome:
+    """Commit the candidate's patch as the next version (the normal import swap), or, for a
+    ``to_version`` candidate, roll back to that version (`rollback`, default the engine's), then
+    unload it. Its traffic goes to the head from the start, and the requests already on its
+    adapter are drained before the swap (none of them sees the change twice)."""
     book = _outcomes(engine)
     if cid in book:
         return book[cid]
@@ -156,16 +185,28 @@ async def promote(engine: Any, caller: str, cid: str) -> Outcome:
     try:
         await cands.drain(cid)
         head = await cands.check_applies(cand)          # the head may have moved while draining
-        change = await engine.import_patch(cands.patch_dir(cid), caller=caller, expected_head=head,
-                                           idempotency_key=f"promote-candidate-{cid}-{cand.patch_id[:16]}")
+        if cand.to_version is not None:
+            if rollback is None:
+                change = await engine.rollback(cand.to_version, expected_head=head, caller=caller)
+            else:
+                change = await rollback(cand.to_version, head)
+            committed_as = "rollback"
+        else:
+            change = await engine.import_patch(cands.patch_dir(cid), caller=caller, expected_head=head,
+                                               idempotency_key=f"promote-candidate-{cid}-{cand.patch_id[:16]}")
+            committed_as = "import"
     except BaseException:
         cands.end_leaving(cid)
         raise
     await cands.unload(cid)
     out = _remember(engine, Outcome(candidate=cid, outcome="promoted", version=int(change.version),
-                                    patch_id=cand.patch_id))
-    audit.info("audit: promote of candidate %s (patch %s) by %s → version %d", cid, cand.patch_id[:12], caller,
-               out.version)
+                                    patch_id=cand.patch_id, committed_as=committed_as))
+    if cand.to_version is not None:
+        audit.info("audit: promote of candidate %s (to_version %d, staged at head %d) by %s → rollback to version %d",
+                   cid, cand.to_version, cand.staged_at_head, caller, out.version)
+    else:
+        audit.info("audit: promote of candidate %s (patch %s) by %s → version %d", cid, cand.patch_id[:12], caller,
+                   out.version)
     return out
 
 
@@ -180,7 +221,8 @@ async def discard(engine: Any, caller: str, cid: str) -> Outcome:
         raise CandidateConflict(f"candidate {cid} is being promoted; it cannot be discarded now")
     await cands.unload(cid)
     out = _remember(engine, Outcome(candidate=cid, outcome="discarded", version=None, patch_id=cand.patch_id))
-    audit.info("audit: discard of candidate %s (patch %s) by %s", cid, cand.patch_id[:12], caller)
+    audit.info("audit: discard of candidate %s (%s) by %s", cid,
+               f"patch {cand.patch_id[:12]}" if cand.to_version is None else f"to_version {cand.to_version}", caller)
     return out
 
 
@@ -215,4 +257,5 @@ def listing(engine: Any) -> Listing:
                    max_candidates=cands.settings.max_candidates, max_rank=cands.settings.max_rank)
 
 
-__all__ = ["CandidateNotFound", "Listing", "Outcome", "compare", "discard", "listing", "promote", "stage", "write_export"]
+__all__ = ["CandidateNotFound", "Listing", "Outcome", "Rollback", "compare", "difference_probes", "discard", "listing",
+           "outcome_of", "promote", "stage", "write_export"]

@@ -2,17 +2,22 @@
 
 `Candidates` (one per control plane, created by `attach` when ``EDITSERVE_CANDIDATES`` > 0)
 keeps the staged candidates in memory (they are removed on restart: nothing of a candidate is
-durable except its audit line and, once promoted, the ledger version). A candidate is one
-patch (a ledger patch or an uploaded patch export) applied as +UVᵀ on top of whatever the head
-serves; requests reach it by model name ``<served-name>@candidate-<id>`` (registered with vLLM's
-OpenAI model registry, so it is listed in ``/v1/models``) or by a share of default traffic
-(`route_share`, deterministic per request id).
+durable except its audit line and, once promoted, the ledger version). A candidate is either one
+patch (a ledger patch, an uploaded patch export or a dry run's) applied as +UVᵀ on top of
+whatever the head serves, or an earlier version's difference from the head (`stage_to_version`:
+−UVᵀ for each patch active at the head but not at that version, +UVᵀ for the reverse, so the
+candidate serves that version's weights; its promote is a rollback). Requests reach it by model
+name ``<served-name>@candidate-<id>`` (registered with vLLM's OpenAI model registry, so it is
+listed in ``/v1/models``) or by a share of default traffic (`route_share`, deterministic per
+request id).
 
 "Still applies on top": a candidate staged at head h stays valid at a later head h' when the
 patches active at h' that were not active at h touch none of the candidate's weights, and the
 patches active at h that are gone at h' touched none of them either (then head' + candidate is
-exactly what the adapter computes). Otherwise promote is refused with `CandidateConflict`;
-discard always works.
+exactly what the adapter computes). A ``to_version`` candidate is promoted by a rollback, which
+restores every weight of that version, so it applies only while the head holds exactly the
+patches it held at staging. Otherwise promote is refused with `CandidateConflict`; discard
+always works.
 
 Leaving (promote, discard): the candidate is first marked as leaving — requests naming it are
 served by the head from then on and share routing skips it — then the requests already running
@@ -32,7 +37,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +54,7 @@ MAX_RANK_ENV = "EDITSERVE_CANDIDATE_MAX_RANK"
 SHARE_ENV = "EDITSERVE_CANDIDATE_SHARE"
 DEFAULT_MAX_RANK = 16
 NAME_SEP = "@candidate-"
-SOURCES = ("ledger", "upload", "dry_run")
+SOURCES = ("ledger", "upload", "dry_run", "to_version")
 QUIET_S = 0.5
 DRAIN_TIMEOUT_S = 120.0
 DRAIN_POLL_S = 0.05
@@ -138,6 +143,9 @@ class Candidate:
     staged_at: float
     lora_int_id: int
     source: str = "ledger"         # one of SOURCES
+    to_version: int | None = None  # source "to_version": the version it serves ("" patch_id)
+    added: tuple[str, ...] = ()    # source "to_version": patches active there, not at the head (+UVᵀ)
+    removed: tuple[str, ...] = ()  # source "to_version": patches active at the head, not there (−UVᵀ)
 
     def label(self, version: int) -> str:
         return f"{version}+candidate-{self.id}"
@@ -156,7 +164,7 @@ class Candidates:
         self.served_name = served_name
         self.settings = settings
         self.workdir = workdir
-        self._staged: dict[str, tuple[Candidate, Patch, Path]] = {}
+        self._staged: dict[str, tuple[Candidate, Patch | None, Path | None]] = {}   # (…, None, None): to_version
         self._lock = asyncio.Lock()
         self._next_int_id = 1_000_000        # away from vLLM's own counter for API-loaded adapters
         self._leaving: set[str] = set()      # ids being promoted or discarded: their traffic goes to the head
@@ -274,18 +282,12 @@ class Candidates:
                     source: str = "ledger", probes: tuple[Any, ...] = ()) -> Candidate:
         """Load `patch` as an adapter (head + patch); the patch must not be active at the head.
         `probes`: the gate's prompts of its facts, for `compare`."""
-        from vllm.lora.request import LoRARequest
-
         share = self.effective_share(share)
         if source not in SOURCES:
             raise InvalidRequestError(f"source must be one of {list(SOURCES)}, got {source!r}")
         self._prune_retired()
         async with self._lock:
-            if len(self._staged) >= self.settings.max_candidates:
-                raise CandidateConflict(f"{len(self._staged)} candidate(s) are staged, the maximum "
-                                        f"(--candidates {self.settings.max_candidates}); promote or discard one first")
-            if sum(c.share for c, _, _ in self._staged.values()) + share > 1.0 + 1e-9:
-                raise InvalidRequestError(f"share {share} would send more than all default traffic to candidates")
+            self._check_room(share)
             head = await asyncio.to_thread(self.engine.ledger.head)
             active = await asyncio.to_thread(self.engine.ledger.active_ids, head)
             if patch.digest in active:
@@ -293,24 +295,79 @@ class Candidates:
             for c, _, _ in self._staged.values():
                 if c.patch_id == patch.digest:
                     raise CandidateConflict(f"patch {patch.digest[:12]} is already staged as candidate {c.id}")
-            factors = factors_of([(1, patch)])
             cid = secrets.token_hex(3)
-            adapter_dir = write_adapter(factors, self.workdir / cid / "adapter", str(self.engine.settings.model),
-                                        self.settings.max_rank)
             kept = self.workdir / cid / "patch"
             shutil.copytree(export_dir, kept)
+            return await self._load(cid, [(1, patch)], dict(patch_id=patch.digest, staged_at_head=head, share=share,
+                                                            caller=caller, source=source), patch, kept, probes)
+
+    def _check_room(self, share: float) -> None:
+        """(Under the lock) a free slot, and room for `share` among the staged candidates' shares."""
+        if len(self._staged) >= self.settings.max_candidates:
+            raise CandidateConflict(f"{len(self._staged)} candidate(s) are staged, the maximum "
+                                    f"(--candidates {self.settings.max_candidates}); promote or discard one first")
+        if sum(c.share for c, _, _ in self._staged.values()) + share > 1.0 + 1e-9:
+            raise InvalidRequestError(f"share {share} would send more than all default traffic to candidates")
+
+    async def _load(self, cid: str, signed: Sequence[tuple[int, Patch]], fields: dict[str, Any],
+                    patch: Patch | None, kept: Path | None, probes: Sequence[Any]) -> Candidate:
+        """(Under the lock) write the adapter of Σ sign · UVᵀ (`RankTooLarge` above the bound),
+        load it into vLLM, register its model name, and record the candidate."""
+        from vllm.lora.request import LoRARequest
+
+        try:
+            factors = factors_of(signed)
+            adapter_dir = write_adapter(factors, self.workdir / cid / "adapter", str(self.engine.settings.model),
+                                        self.settings.max_rank)
             int_id = self._next_int_id
             self._next_int_id += 1
-            cand = Candidate(id=cid, model=f"{self.served_name}{NAME_SEP}{cid}", patch_id=patch.digest,
-                             weights=factors.weight_names, rank=factors.rank, staged_at_head=head, share=share,
-                             caller=caller, staged_at=time.time(), lora_int_id=int_id, source=source)
+            cand = Candidate(id=cid, model=f"{self.served_name}{NAME_SEP}{cid}", weights=factors.weight_names,
+                             rank=factors.rank, staged_at=time.time(), lora_int_id=int_id, **fields)
             request = LoRARequest(lora_name=cand.model, lora_int_id=int_id, lora_path=str(adapter_dir))
             await self.engine.engine.add_lora(request)
-            self.serving_models.lora_requests[cand.model] = request
-            self._staged[cid] = (cand, patch, kept)
-            self._probes[cid] = tuple(probes)
-            self._gauge()
+        except BaseException:
+            shutil.rmtree(self.workdir / cid, ignore_errors=True)     # nothing of a refused candidate stays
+            raise
+        self.serving_models.lora_requests[cand.model] = request
+        self._staged[cid] = (cand, patch, kept)
+        self._probes[cid] = tuple(probes)
+        self._gauge()
         return cand
+
+    async def stage_to_version(self, version: int, caller: str, share: float | None = None,
+                               probes: Callable[[Sequence[Patch], Sequence[Patch]], Sequence[Any]] | None = None,
+                               ) -> Candidate:
+        """Load the difference W_version − W_head as an adapter, so the candidate serves ledger
+        `version` (an earlier version than the head): −UVᵀ for each patch active at the head and
+        not at `version`, +UVᵀ for each active there and not at the head (ranks add up).
+        `probes(removed, added)`: the gate's prompts of those patches' facts, for `compare`."""
+        share = self.effective_share(share)
+        self._prune_retired()
+        ledger = self.engine.ledger
+        async with self._lock:
+            self._check_room(share)
+            head = await asyncio.to_thread(ledger.head)
+            await asyncio.to_thread(ledger.version, version)          # VersionNotFound, naming it
+            if version >= head:
+                raise InvalidRequestError(f"to_version {version} must be an earlier version than the head "
+                                          f"(version {head})")
+            now = await asyncio.to_thread(ledger.active_ids, head)
+            then = await asyncio.to_thread(ledger.active_ids, version)
+            removed = tuple(d for d in now if d not in then)               # −UVᵀ
+            added = tuple(d for d in then if d not in now)                 # +UVᵀ (a revert between them)
+            if not removed and not added:
+                raise CandidateConflict(f"to_version {version} holds the same patches as the head (version {head}); "
+                                        "as a candidate it would change nothing")
+            for c, _, _ in self._staged.values():
+                if c.to_version == version:
+                    raise CandidateConflict(f"to_version {version} is already staged as candidate {c.id}")
+            gone = [await asyncio.to_thread(ledger.patch, d) for d in removed]
+            back = [await asyncio.to_thread(ledger.patch, d) for d in added]
+            items = await asyncio.to_thread(probes, gone, back) if probes is not None else ()
+            return await self._load(secrets.token_hex(3), [(-1, p) for p in gone] + [(1, p) for p in back],
+                                    dict(patch_id="", staged_at_head=head, share=share, caller=caller,
+                                         source="to_version", to_version=version, added=added, removed=removed),
+                                    None, None, items)
 
     async def check_applies(self, cand: Candidate) -> int:
         """The head, if `cand` still applies on top of it; `CandidateConflict` otherwise."""
@@ -320,11 +377,18 @@ class Candidates:
             return head
         before = set(await asyncio.to_thread(ledger.active_ids, cand.staged_at_head))
         now = set(await asyncio.to_thread(ledger.active_ids, head))
-        if cand.patch_id in now:
-            return head
         touched: set[str] = set()
         for digest in before ^ now:
             touched.update((await asyncio.to_thread(ledger.patch, digest)).weight_names)
+        if cand.to_version is not None:
+            if touched:       # a rollback restores all of version to_version: every difference counts
+                raise CandidateConflict(
+                    f"the head moved from version {cand.staged_at_head} to {head} and changed {sorted(touched)}: "
+                    f"a rollback to version {cand.to_version} would no longer give what candidate {cand.id} "
+                    "serves; discard it and stage it again")
+            return head
+        if cand.patch_id in now:
+            return head
         clash = sorted(touched & set(cand.weights))
         if clash:
             raise CandidateConflict(
@@ -373,8 +437,12 @@ class Candidates:
             metrics.set_candidates_staged(len(self._staged))
 
     def patch_dir(self, cid: str) -> Path:
-        self.get(cid)
-        return self._staged[cid][2]
+        """The patch export a patch candidate was staged from (what its promote imports)."""
+        cand = self.get(cid)
+        kept = self._staged[cid][2]
+        if kept is None:
+            raise InvalidRequestError(f"candidate {cid} serves version {cand.to_version}; it has no patch to import")
+        return kept
 
     async def close(self) -> None:
         """At shutdown: forget the candidates and remove their files (the engine, and the adapters

@@ -19,12 +19,14 @@ REF_RE = re.compile(r"[0-9a-f]{4,64}")
 @dataclass(frozen=True)
 class StageArgs:
     """Stage a ledger patch (`ref` digest prefix, or `version` that added it), an uploaded export,
-    or an edit computed as a dry run (`edit`, an `editserve.control.validate.EditArgs`)."""
+    an edit computed as a dry run (`edit`, an `editserve.control.validate.EditArgs`), or an
+    earlier version's difference from the head (`to_version`)."""
 
     ref: str | int | None
     export: tuple[bytes, bytes] | None      # (manifest JSON, factors safetensors)
     share: float | None
     edit: Any = None
+    to_version: int | None = None
 
 
 def candidate_id(value: Any) -> str:
@@ -42,10 +44,15 @@ def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
         share = check_share(msg.share)
     given = [name for name, present in (("ref", bool(msg.ref)), ("version", msg.HasField("version")),
                                         ("manifest_json", bool(msg.manifest_json) or bool(msg.factors)),
-                                        ("edit", msg.HasField("edit"))) if present]
+                                        ("edit", msg.HasField("edit")),
+                                        ("to_version", msg.HasField("to_version"))) if present]
     if len(given) != 1:
-        raise InvalidRequestError(f"give exactly one of 'ref', 'version', 'manifest_json'+'factors' or 'edit', "
-                                  f"got {given}")
+        raise InvalidRequestError(f"give exactly one of 'ref', 'version', 'manifest_json'+'factors', 'edit' or "
+                                  f"'to_version', got {given}")
+    if msg.HasField("to_version"):
+        if msg.to_version < 0:
+            raise InvalidRequestError(f"to_version must be a non-negative integer, got {msg.to_version!r}")
+        return StageArgs(ref=None, export=None, share=share, to_version=int(msg.to_version))
     if msg.ref:
         if not REF_RE.fullmatch(msg.ref):
             raise InvalidRequestError(f"ref {msg.ref!r} must be a patch digest or a prefix of >= 4 hex digits")

@@ -12,9 +12,13 @@ from editserve.candidates.staging import Candidate
 def candidate_to_pb(c: Candidate, routed: int = 0) -> Any:
     from editserve.control.gen import pb2
 
-    return pb2.Candidate(id=c.id, model=c.model, patch_id=c.patch_id, weights=list(c.weights), rank=int(c.rank),
-                         staged_at_head=int(c.staged_at_head), share=float(c.share), caller=c.caller,
-                         staged_at=float(c.staged_at), routed_requests=int(routed), source=c.source)
+    msg = pb2.Candidate(id=c.id, model=c.model, patch_id=c.patch_id, weights=list(c.weights), rank=int(c.rank),
+                        staged_at_head=int(c.staged_at_head), share=float(c.share), caller=c.caller,
+                        staged_at=float(c.staged_at), routed_requests=int(routed), source=c.source,
+                        added_patches=list(c.added), removed_patches=list(c.removed))
+    if c.to_version is not None:
+        msg.to_version = int(c.to_version)
+    return msg
 
 
 def listing_to_pb(listing: Listing) -> Any:
@@ -28,7 +32,8 @@ def listing_to_pb(listing: Listing) -> Any:
 def outcome_to_pb(o: Outcome) -> Any:
     from editserve.control.gen import pb2
 
-    msg = pb2.CandidateOutcome(candidate=o.candidate, outcome=o.outcome, patch_id=o.patch_id)
+    msg = pb2.CandidateOutcome(candidate=o.candidate, outcome=o.outcome, patch_id=o.patch_id,
+                               committed_as=o.committed_as)
     if o.version is not None:
         msg.version = int(o.version)
     return msg

@@ -4,8 +4,10 @@ plane like `editserve.commands.remote` (same ``--server``/token/TLS options):
 - ``editserve candidates``: the staged candidates, with the requests routed to each and to the head;
 - ``editserve stage``: stage a ledger patch (``--version N`` / ``--ref DIGEST``), a patch export
   directory (``--export DIR``, as written by ``editserve ledger export``), or an edit computed as a
-  dry run through the probe gate (``--prompt/--subject/--target-new`` as for ``editserve edit``);
-  ``--share S`` sends a share of default traffic to it (admin);
+  dry run through the probe gate (``--prompt/--subject/--target-new`` as for ``editserve edit``),
+  or an earlier version's difference from the head (``--to-version V``: the candidate serves
+  version V; its promote is a rollback to V); ``--share S`` sends a share of default traffic to it
+  (admin);
 - ``editserve compare ID``: the gate's prompts of its facts (plus ``--item PROMPT TARGET [OTHER]``)
   scored on the head and on the candidate, side by side;
 - ``editserve promote ID`` / ``editserve discard ID``.
@@ -28,13 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _conn(p)
     p.set_defaults(func=run, candidates_command="candidates")
 
-    p = sub.add_parser("stage", help="stage a patch or a dry-run edit as a candidate (a LoRA adapter beside the head)")
+    p = sub.add_parser("stage", help="stage a patch, a dry-run edit or an earlier version as a candidate (a LoRA "
+                                     "adapter beside the head)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--version", type=int, default=None, help="the patch that this ledger version added")
     src.add_argument("--ref", default=None, help="a ledger patch digest (or a prefix of >= 4 hex digits)")
     src.add_argument("--export", default=None, metavar="DIR", help="a patch export directory (manifest.json, "
                                                                    "patch.safetensors)")
     src.add_argument("--prompt", default=None, help='an edit to compute as a dry run: template with "{}"')
+    src.add_argument("--to-version", type=int, default=None, metavar="V",
+                     help="serve the earlier version V (its difference from the head); promote rolls back to V")
     p.add_argument("--subject", default=None)
     p.add_argument("--target-new", default=None)
     p.add_argument("--target-true", default="")
@@ -86,9 +91,9 @@ def _run(c: Any, args: argparse.Namespace) -> int:
         print(f"serving version {r.served_version}; {len(r.candidates)} of {r.max_candidates} candidate(s) staged "
               f"(LoRA rank <= {r.max_rank}); head: {r.head_requests} request(s) while candidates were staged")
         if r.candidates:
-            rows = [[x.id, x.model, x.patch_id[:12], x.source, x.rank, f"{x.share:g}", x.staged_at_head, x.caller,
+            rows = [[x.id, x.model, _what(x), x.source, x.rank, f"{x.share:g}", x.staged_at_head, x.caller,
                      x.routed_requests] for x in r.candidates]
-            print(_table(rows, ["id", "model", "patch", "source", "rank", "share", "staged at", "caller",
+            print(_table(rows, ["id", "model", "change", "source", "rank", "share", "staged at", "caller",
                                 "requests"]))
         return 0
     if cmd == "stage":
@@ -111,10 +116,13 @@ def _run(c: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(out))
         return 0
-    if out.outcome == "promoted":
+    if out.outcome == "promoted" and out.committed_as == "rollback":
+        print(f"candidate {out.candidate} promoted: rolled back, now serving version {out.version}")
+    elif out.outcome == "promoted":
         print(f"candidate {out.candidate} promoted: now serving version {out.version} (patch {out.patch_id[:12]})")
     else:
-        print(f"candidate {out.candidate} discarded (patch {out.patch_id[:12]}); nothing committed")
+        print(f"candidate {out.candidate} discarded{f' (patch {out.patch_id[:12]})' if out.patch_id else ''}; "
+              "nothing committed")
     return 0
 
 
@@ -123,7 +131,9 @@ def _stage(c: Any, args: argparse.Namespace) -> int:
     from editserve.errors import InvalidRequestError
 
     kwargs: dict[str, Any] = {"share": args.share}
-    if args.version is not None:
+    if args.to_version is not None:
+        kwargs["to_version"] = args.to_version
+    elif args.version is not None:
         kwargs["version"] = args.version
     elif args.ref is not None:
         kwargs["ref"] = args.ref
@@ -148,9 +158,16 @@ def _stage(c: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(_dump(cand))
         return 0
-    print(f"staged candidate {cand.id}: model {cand.model!r}, patch {cand.patch_id[:12]} ({cand.source}), "
+    print(f"staged candidate {cand.id}: model {cand.model!r}, {_what(cand)} ({cand.source}), "
           f"rank {cand.rank}, share {cand.share:g}, on head {cand.staged_at_head}")
     return 0
+
+
+def _what(c: Any) -> str:
+    """A ``Candidate``'s change: its patch, or the version it serves and the patches that differ."""
+    if c.HasField("to_version"):
+        return f"version {c.to_version} (-{len(c.removed_patches)}/+{len(c.added_patches)} patches)"
+    return f"patch {c.patch_id[:12]}"
 
 
 def _frac(x: float) -> str:

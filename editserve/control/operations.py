@@ -160,11 +160,14 @@ class Operations:
                    (change.patch_id or "")[:12])
         return change
 
-    async def rollback(self, who: Principal, args: validate.RollbackArgs) -> Any:
+    async def rollback(self, who: Principal, args: validate.RollbackArgs, origin: str = "") -> Any:
+        """Serve version `args.version` and move the head there; `origin` (e.g. the candidate
+        whose promotion this is) goes into the audit line."""
         require(who, "rollback")
         change = await self.engine.rollback(args.version, expected_head=args.expected_head, caller=who.caller)
         change = await self._rollout(change, args.wait_for_replicas_s)
-        audit.info("audit: rollback by %s → version %d", who.caller, change.version)
+        audit.info("audit: rollback by %s → version %d%s", who.caller, change.version,
+                   f" ({origin})" if origin else "")
         return change
 
     async def _rollout(self, change: Any, wait_s: float | None) -> Any:
@@ -346,7 +349,8 @@ class Operations:
         computed = None
         if args.edit is not None:
             computed = await self.edit(who, args.edit, operation_id(op))
-        return await candidate_ops.stage(self.engine, who.caller, args.ref, args.export, args.share, computed)
+        return await candidate_ops.stage(self.engine, who.caller, args.ref, args.export, args.share, computed,
+                                         to_version=args.to_version)
 
     async def candidates(self, who: Principal) -> Any:
         from editserve.candidates import operations as candidate_ops
@@ -364,7 +368,15 @@ class Operations:
         from editserve.candidates import operations as candidate_ops
 
         require(who, "promote")
-        return await candidate_ops.promote(self.engine, who.caller, cid)
+        if (candidate_ops.outcome_of(self.engine, cid) is None
+                and candidate_ops.candidates_of(self.engine).get(cid).to_version is not None):
+            require(who, "rollback", "promoting a to_version candidate (a rollback)")
+
+        async def rollback(version: int, head: int) -> Any:     # a to_version candidate's promotion
+            return await self.rollback(who, validate.RollbackArgs(version=version, expected_head=head),
+                                       origin=f"promote of candidate {cid}")
+
+        return await candidate_ops.promote(self.engine, who.caller, cid, rollback)
 
     async def discard(self, who: Principal, cid: str) -> Any:
         from editserve.candidates import operations as candidate_ops
