@@ -15,6 +15,7 @@ Computing a patch (editing/) never touches the model. Merging and unmerging are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -83,9 +84,11 @@ class Patch:
     def weight_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.deltas)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """Content hash of the factors and metadata (sha256 hex); the patch's identity."""
+        """Content hash of the factors and metadata (sha256 hex); the patch's identity. Computed
+        once per object (patches are immutable; a swap at 10,000 active patches asks for every
+        digest, and hashing all factors each time made version changes grow with the ledger)."""
         h = hashlib.sha256()
         h.update(json.dumps(self.manifest(include_digest=False), sort_keys=True).encode())
         for d in self.deltas:

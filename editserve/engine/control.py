@@ -105,7 +105,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._lock = asyncio.Lock()                 # every version change
         self._edit_lock = asyncio.Lock()            # edits one at a time (computing holds only this)
         self.admission = Admission()                # requests held during swaps, counted in flight
-        self.expected = ExpectedChecksums(settings.tensor_parallel_size, settings.base_cache_bytes)
+        self.expected = ExpectedChecksums(settings.tensor_parallel_size, settings.base_cache_bytes,
+                                          checkpoint_every=settings.checkpoint_every)
         self._registry = registry
         self.ledger: Any = None
         self.sidecar: SidecarClient | None = None

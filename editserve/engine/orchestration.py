@@ -19,6 +19,7 @@ from typing import Any
 
 from editserve.engine.changes import VersionChange
 from editserve.engine.errors import EngineStateUnknown, PluginSetupError, SwapFailed
+from editserve.engine.plan import MatrixChain, changed_names, chains_of, delta_message
 from editserve.engine.swap import SwapResult
 from editserve.engine.wire import ApplyMessage, message_for
 from editserve.patches import Patch
@@ -31,9 +32,10 @@ class Served:
     """What the engine holds now (mutated only under the control plane's lock)."""
 
     version: int
-    message: ApplyMessage
-    expected: dict[tuple[str, int], str]
+    message: ApplyMessage                         # full target state (references to every factor)
+    expected: dict[tuple[str, int], str]          # per (matrix, rank) checksums of every matrix it touches
     epoch: int = 0                                # successful swaps so far
+    chains: dict[str, MatrixChain] = field(default_factory=dict)   # delta sequence held per matrix
 
 
 @dataclass
@@ -68,13 +70,35 @@ class SwapOrchestration:
         """The version the engine serves now (None before `start`)."""
         return self.served.version if self.served is not None else None
 
-    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
-        """Swap to `message` (whose content is `patches`) with the protocol of `Swapper.swap`."""
+    def _plan(self, message: ApplyMessage) -> tuple[ApplyMessage, ApplyMessage, dict[str, MatrixChain],
+                                                      tuple[str, ...], dict[tuple[str, int], str]]:
+        """(message to send, restore message, target chains, changed matrices, their expected
+        checksums) for a swap from the served state to the full message `message`. With
+        ``swap_messages`` ``full`` (the behaviour before delta messages, kept to measure against)
+        both messages carry every factor and every touched matrix is checksummed."""
         assert self.served is not None
         served = self.served
-        names = sorted(set(message.names) | set(served.message.names))
-        expected = await asyncio.to_thread(self.expected.of, patches, names)
-        previous_expected = {k: v for k, v in served.expected.items()}
+        chains = chains_of(message, served.chains)
+        changed = changed_names(served.chains, chains)
+        deltas = {m.name: m.deltas for m in message.matrices}
+        if getattr(self.settings, "swap_messages", "delta") == "full":
+            names = tuple(sorted(set(message.names) | set(served.message.names)))
+            expected = self.expected.of_chains(deltas, chains, names)
+            return message, served.message, chains, names, expected
+        expected = self.expected.of_chains(deltas, chains, changed)   # writes due checkpoints first
+        anchor = self.expected.checkpoint_path
+        send = delta_message(message, chains, served.chains, anchor, changed)
+        restore = delta_message(served.message, served.chains, None, anchor, changed)
+        return send, restore, chains, changed, expected
+
+    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
+        """Swap to `message` (the full target state, whose content is `patches`) with the protocol
+        of `Swapper.swap`; the workers get only what changed (`editserve.engine.plan`)."""
+        assert self.served is not None
+        served = self.served
+        send, restore, chains, names, expected = await asyncio.to_thread(self._plan, message)
+        self._planned_chains = (message, chains)
+        previous_expected = {k: v for k, v in served.expected.items() if k[0] in names}
         missing = [n for n in names if (n, 0) not in previous_expected]
         if missing:
             # Matrices the served version does not touch: a restore must bring back exactly what
@@ -96,7 +120,7 @@ class SwapOrchestration:
                                      f"{self.settings.drain_timeout_s:.0f} s; nothing was changed",
                                      restored_version=served.version)
                 self.counters.last_drain_ms = (time.perf_counter() - t_drain) * 1e3
-            result = await self.swapper.swap(message, expected, served.message, previous_expected, commit)
+            result = await self.swapper.swap(send, expected, restore, previous_expected, commit)
         except EngineStateUnknown as exc:
             self._degraded = str(exc)
             self.counters.swaps_failed += 1
@@ -119,7 +143,14 @@ class SwapOrchestration:
                     active: int) -> None:
         assert self.served is not None
         label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
-        self.served = Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
+        planned = getattr(self, "_planned_chains", None)
+        chains = planned[1] if planned is not None and planned[0] is message else chains_of(message, self.served.chains)
+        self._planned_chains = None
+        held = set(label.names)
+        merged = {k: v for k, v in self.served.expected.items() if k[0] in held}
+        merged.update({k: v for k, v in expected.items() if k[0] in held})
+        self.served = Served(version=version, message=label, expected=merged, epoch=self.served.epoch + 1,
+                             chains=chains)
         self.metrics.set_head(version, active)
         fleet = getattr(self, "fleet", None)
         if fleet is not None:
