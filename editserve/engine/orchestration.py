@@ -21,7 +21,7 @@ from editserve.engine.changes import VersionChange
 from editserve.engine.errors import EngineStateUnknown, PluginSetupError, SwapFailed
 from editserve.engine.plan import MatrixChain, changed_names, chains_of, delta_message
 from editserve.engine.swap import SwapResult
-from editserve.engine.wire import ApplyMessage, message_for
+from editserve.engine.wire import ApplyMessage, MatrixTarget, WireDelta, message_for
 from editserve.patches import Patch
 
 log = logging.getLogger("editserve.engine.control")
@@ -176,6 +176,32 @@ class SwapOrchestration:
             except Exception as exc:    # serving is unaffected; only vLLM's span labels lag
                 log.warning("could not set vLLM's weight version to %d: %s: %s", version, type(exc).__name__, exc)
 
+    def _target_message(self, version: int) -> tuple[ApplyMessage, tuple[str, ...]]:
+        """(full message, active patch digests) of ledger `version`, reusing the factors the served
+        message already references and loading only the patches it lacks, so that following a
+        head one patch ahead, or rolling back, does not load every active patch."""
+        assert self.served is not None
+        if self.ledger.damage is not None:              # the ledger's own checks refuse damaged versions
+            patches = self.ledger.active_patches(version)
+            return message_for(version, self.family, patches), tuple(p.digest for p in patches)
+        ids = tuple(self.ledger.active_ids(version))
+        known: dict[str, list[tuple[str, int, WireDelta]]] = {}
+        for m in self.served.message.matrices:
+            for d in m.deltas:
+                known.setdefault(d.key.partition(":")[0], []).append((m.name, m.layer, d))
+        by_name: dict[str, list[WireDelta]] = {}
+        layers: dict[str, int] = {}
+        for digest in ids:
+            entries = known.get(digest)
+            if entries is None:
+                fresh = message_for(version, self.family, [self.ledger.patch(digest)])
+                entries = [(m.name, m.layer, d) for m in fresh.matrices for d in m.deltas]
+            for name, layer, d in entries:
+                by_name.setdefault(name, []).append(d)
+                layers[name] = layer
+        matrices = tuple(MatrixTarget(name=n, layer=layers[n], deltas=tuple(ds)) for n, ds in sorted(by_name.items()))
+        return ApplyMessage(version=version, family=self.family, matrices=matrices), ids
+
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
                                expected_head: int | None = None, caller: str | None = None) -> VersionChange:
         """Serve ledger `version` (must hold the lock). With `commit_rollback`, the ledger head is
@@ -184,8 +210,7 @@ class SwapOrchestration:
         assert self.served is not None
         t0 = time.perf_counter()
         previous = self.served.version
-        patches = await asyncio.to_thread(self.ledger.active_patches, version)
-        message = message_for(version, self.family, patches)
+        message, patches = await asyncio.to_thread(self._target_message, version)
         commit = None
         if commit_rollback:
             async def commit() -> int:

@@ -7,9 +7,10 @@ encoded) and `delta_message` cuts it down to what the workers need:
 
 - a matrix whose held sequence is a prefix of the target's: the new deltas only (one patch's
   factors for an edit, whatever the number of earlier ones);
-- otherwise (a rollback, a revert, a restore after a failed swap): the deltas after the
-  latest materialised checkpoint of the target sequence, naming its file, or all of them
-  from the base when there is none (the first visit of a long sequence);
+- otherwise (a rollback, a revert, a restore after a failed swap), or when a materialised
+  checkpoint of the target sequence lies more than `CHECKPOINT_MIN_GAIN` deltas past the
+  workers' state (a jump forward): the deltas after the latest checkpoint, naming its file,
+  or all of them from the base when there is none (the first visit of a long sequence);
 - a matrix whose sequence does not change: named with no factors (so that "not named" keeps
   meaning "back to the base"), and not checksummed.
 
@@ -28,6 +29,9 @@ from editserve.ledger.checkpoints import CHAIN_ROOT, chain_of, chain_step
 
 # (matrix name, its target chain) → (checkpointed position c ≥ 1, file), or None
 Anchor = Callable[[str, "MatrixChain"], tuple[int, str] | None]
+# A checkpoint replaces the workers' own state as the start only when it saves more deltas than
+# this (reading a file costs about as much as a few rank-r updates).
+CHECKPOINT_MIN_GAIN = 8
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,9 @@ def delta_message(full: ApplyMessage, target: Mapping[str, MatrixChain], held: M
             if h.count <= n and chain.hashes[h.count] == h.head:
                 start = h.count                     # the workers are on the way: send the rest
         checkpoint = None
-        if start == 0 and n > 0:
+        if n - start > CHECKPOINT_MIN_GAIN or (start == 0 and n > 0):
             found = anchor(m.name, chain)
-            if found is not None and found[0] > start:
+            if found is not None and found[0] > start and (start == 0 or found[0] - start > CHECKPOINT_MIN_GAIN):
                 start, checkpoint = found
         matrices.append(MatrixTarget(name=m.name, layer=m.layer, deltas=m.deltas[start:], start=start,
                                      start_chain=chain.hashes[start], checkpoint=checkpoint))
