@@ -91,9 +91,10 @@ class SwapOrchestration:
         restore = delta_message(served.message, served.chains, None, anchor, changed)
         return send, restore, chains, changed, expected
 
-    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
-        """Swap to `message` (the full target state, whose content is `patches`) with the protocol
-        of `Swapper.swap`; the workers get only what changed (`editserve.engine.plan`)."""
+    async def _swap(self, message: ApplyMessage, patches: Sequence[Any], commit: Any) -> tuple[SwapResult, dict]:
+        """Swap to `message` (the full target state; `patches`, its patches or their digests, is
+        not needed any more and kept for callers) with the protocol of `Swapper.swap`; the
+        workers get only what changed (`editserve.engine.plan`)."""
         assert self.served is not None
         served = self.served
         send, restore, chains, names, expected = await asyncio.to_thread(self._plan, message)
@@ -201,6 +202,20 @@ class SwapOrchestration:
                 layers[name] = layer
         matrices = tuple(MatrixTarget(name=n, layer=layers[n], deltas=tuple(ds)) for n, ds in sorted(by_name.items()))
         return ApplyMessage(version=version, family=self.family, matrices=matrices), ids
+
+    def _message_adding(self, version: int, added: Sequence[Patch]) -> tuple[ApplyMessage, tuple[str, ...]]:
+        """(full message, active digests) of ledger `version`'s patches followed by `added` (an edit
+        or import on top of the head), without loading the patches the served message holds."""
+        message, ids = self._target_message(version)
+        extra = message_for(-1, self.family, list(added))
+        by_name = {m.name: m for m in message.matrices}
+        for m in extra.matrices:
+            held = by_name.get(m.name)
+            by_name[m.name] = MatrixTarget(name=m.name, layer=m.layer,
+                                           deltas=(held.deltas if held is not None else ()) + m.deltas)
+        matrices = tuple(by_name[n] for n in sorted(by_name))
+        return (ApplyMessage(version=-1, family=message.family, matrices=matrices),
+                ids + tuple(p.digest for p in added))
 
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
                                expected_head: int | None = None, caller: str | None = None) -> VersionChange:
