@@ -190,12 +190,17 @@ class SwapOrchestration:
         for m in self.served.message.matrices:
             for d in m.deltas:
                 known.setdefault(d.key.partition(":")[0], []).append((m.name, m.layer, d))
+        missing = [d for d in ids if d not in known]
+        if len(missing) > 64:               # e.g. the start-up swap: the ledger loads them in bulk
+            loaded = {p.digest: p for p in self.ledger.active_patches(version)}
+        else:
+            loaded = {d: self.ledger.patch(d) for d in missing}
         by_name: dict[str, list[WireDelta]] = {}
         layers: dict[str, int] = {}
         for digest in ids:
             entries = known.get(digest)
             if entries is None:
-                fresh = message_for(version, self.family, [self.ledger.patch(digest)])
+                fresh = message_for(version, self.family, [loaded[digest]])
                 entries = [(m.name, m.layer, d) for m in fresh.matrices for d in m.deltas]
             for name, layer, d in entries:
                 by_name.setdefault(name, []).append(d)
