@@ -130,3 +130,34 @@ def test_checkpoint_store_refuses_damaged_or_foreign_files(tmp_path):
         assert OTHER in str(exc)
     else:
         raise AssertionError("a checkpoint of another matrix was accepted")
+
+
+def _same(a: ApplyMessage, b: ApplyMessage) -> bool:
+    return [(m.name, m.layer, [d.key for d in m.deltas]) for m in a.matrices] == \
+        [(m.name, m.layer, [d.key for d in m.deltas]) for m in b.matrices] and all(
+        torch.equal(x.u, y.u) and torch.equal(x.v, y.v)
+        for ma, mb in zip(a.matrices, b.matrices) for x, y in zip(ma.deltas, mb.deltas))
+
+
+def test_target_messages_reuse_the_served_factors(tmp_path):
+    """`SwapOrchestration._target_message` / `_message_adding` (the control plane's, on a real
+    ledger) equal `message_for` of the ledger's active patches: following the head, rolling
+    back, moving to another branch, adding a patch."""
+    from editserve.engine.orchestration import Served, SwapOrchestration
+
+    ledger, _ = _ledger(tmp_path, 12, other_at=(4,))
+    plane = SwapOrchestration()
+    plane.ledger, plane.family = ledger, "llama"
+    served = message_for(8, "llama", ledger.active_patches(8))
+    plane.served = Served(version=8, message=served, expected={})
+    for v in (12, 8, 3, 0):
+        msg, ids = plane._target_message(v)
+        assert ids == ledger.active_ids(v) and _same(msg, message_for(v, "llama", ledger.active_patches(v))), v
+    ledger.rollback(5, caller="test")
+    branch = ledger.commit(_patch(500), expected_head=5, caller="test")           # a version off the main line
+    msg, ids = plane._target_message(branch)
+    assert _same(msg, message_for(branch, "llama", ledger.active_patches(branch)))
+    extra = _patch(501, OTHER)
+    msg, ids = plane._message_adding(8, [extra])
+    assert ids == ledger.active_ids(8) + (extra.digest,)
+    assert _same(msg, message_for(-1, "llama", ledger.active_patches(8) + [extra]))
