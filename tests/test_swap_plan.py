@@ -108,6 +108,8 @@ def test_delta_message_carries_only_the_change(tmp_path):
         acc = read_slice(r.checkpoint, NAME, r.start_chain, r.start, lo, hi)
         accumulate_slice(acc, r.deltas, lo, hi, D_IN, NAME)
         assert torch.equal(acc, w[:, lo:hi].contiguous())
+    # A matrix leaving the target (back to its base) is expected to hash as the base copy.
+    assert exp.of_chains({}, {}, [NAME]) == {(NAME, 0): tensor_sha256(ledger.base_copy(NAME)[0])}
     # Chains extend instead of being recomputed, and agree with a recomputation.
     assert chain_for(t25[NAME].keys, None) == t25[NAME] and chain_for((), held[NAME]) == EMPTY
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from editserve.editing.arch import Layout
-from editserve.engine.plan import MatrixChain, chain_for
+from editserve.engine.plan import EMPTY, MatrixChain, chain_for
 from editserve.engine.wire import rank_range, weight_checksum
 from editserve.ledger.checkpoints import DEFAULT_EVERY, CheckpointStore
 from editserve.patches import Patch
@@ -112,7 +112,7 @@ class ExpectedChecksums:
                 deltas.setdefault(d.name, []).append(d)
                 keys.setdefault(d.name, []).append(f"{digest}:{i}")
         names = list(names)
-        chains = {n: chain_for(tuple(keys.get(n, ())), None) for n in names}
+        chains = {n: chain_for(tuple(keys[n]), None) for n in names if n in keys}
         return self.of_chains(deltas, chains, names)
 
     def of_chains(self, deltas: Mapping[str, Sequence[Any]], chains: Mapping[str, MatrixChain],
@@ -122,7 +122,7 @@ class ExpectedChecksums:
         nearest known state."""
         out: dict[tuple[str, int], str] = {}
         for name in names:
-            chain = chains[name]
+            chain = chains.get(name, EMPTY)               # not in the target: back to the base
             cache_key = (name, chain.head)
             per_rank = self._sums.get(cache_key)
             if per_rank is None:
