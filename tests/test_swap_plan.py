@@ -163,3 +163,29 @@ def test_target_messages_reuse_the_served_factors(tmp_path):
     msg, ids = plane._message_adding(8, [extra])
     assert ids == ledger.active_ids(8) + (extra.digest,)
     assert _same(msg, message_for(-1, "llama", ledger.active_patches(8) + [extra]))
+
+
+def test_hold_patches_is_incremental_and_bit_exact():
+    """The sidecar's merge (`editserve.patches.hold_patches`) on a tiny GPT-2 (Conv1D: the
+    transposed layout) and a tiny Llama: appending, rolling back and moving to another list give
+    the weights of `materialize` from the base copies, bit for bit."""
+    from editserve.patches import applied_patches, hold_patches, materialize
+    from tests.tiny import tiny_model
+
+    for model in (tiny_model("llama"), tiny_model("gpt2")):
+        from editserve.editing.arch import spec_for
+
+        spec = spec_for(model)
+        params = dict(model.named_parameters())
+        name = spec.weight_name(1)
+        base = params[name].detach().clone()
+        d_out, d_in = (base.shape if spec.hf_layout.value == "out_in" else base.t().shape)
+        g = torch.Generator().manual_seed(3)
+        ps = [Patch(deltas=(WeightDelta(name=name, layer=1, u=torch.randn(d_out, 1, generator=g) * 0.1,
+                                        v=torch.randn(d_in, 1, generator=g)),),
+                    requests=(EditRequest(prompt="{} is", subject=f"S{i}", target_new=" x"),), method="rome",
+                    hparams={"i": i}, model_fingerprint=FP, family=spec.family) for i in range(12)]
+        for target in (ps[:5], ps[:6], ps[:12], ps[:3], ps[:3] + ps[7:9], [], ps[:4]):
+            hold_patches(model, target)
+            want = materialize(base, [p.deltas[0] for p in target], spec.hf_layout)
+            assert torch.equal(params[name].detach(), want) and list(applied_patches(model)) == target
