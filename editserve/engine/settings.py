@@ -44,11 +44,11 @@ class ControlSettings:
     sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
     sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
     compute_timeout_s: float = 900.0          # deadline of an edit's computation on the sidecar
+    swap_messages: str = "delta"              # what apply messages carry: the change, or every factor
+    checkpoint_every: int = 100               # a materialised checkpoint every N deltas of a matrix
     read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
     sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
-    swap_messages: str = "delta"              # what apply messages carry: the change, or every factor
-    checkpoint_every: int = 100               # a materialised checkpoint every N deltas of a matrix
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
