@@ -22,6 +22,24 @@ Measures, on a fresh ledger:
                                          [--edits 100] [--real-edits [--counterfact FILE]]
 
 Writes bench/results/swap_bench.json. CPU numbers on a shared 2-core machine are noisy.
+
+**Ledger-length scaling** (issue 16, point 4), a separate run:
+
+    .venv/bin/python bench/swap_bench.py --scale [--sizes 10,1000,10000] [--appends 5]
+                                         [--modes full,delta] [--checkpoint-every 100]
+
+builds one real SQLite ledger holding synthetic rank-1 patches on one layer (layer 3's
+down-projection, 576×1536; tiny norms), through the store API (`Ledger.commit` for the first
+ones, `Ledger._import` in chunks for the rest, as an import does), with versions holding N/2 and
+N active patches for every N. Then, for each mode — ``full`` (every factor in every apply
+message: the protocol before issue 16, ``EDITSERVE_SWAP_MESSAGES=full``) and ``delta`` (only
+the change, checkpoints every ``--checkpoint-every`` deltas) — one ``editserve serve`` on that
+ledger, and for each N: a rollback to the version with N patches, ``--appends`` one-patch
+version changes (a patch committed to the ledger, then ``POST /sync``), a rollback one version
+back (recent), one to N/2 patches (far), and forward again to the head. Printed: the median swap
+pause, message bytes, the workers' editserve memory and the engine-core and API-server RSS, and
+the pause at the largest N over the pause at the smallest. Writes
+bench/results/swap_scale.json.
 """
 
 from __future__ import annotations
@@ -74,13 +92,14 @@ def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, int, dict[str
     return data["choices"][0]["text"], int(data["usage"]["completion_tokens"]), headers
 
 
-def start_server(port: int, ledger: Path, log: Path) -> subprocess.Popen:
+def start_server(port: int, ledger: Path, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     cache = ROOT / ".cache" / "bench-engine"
     for sub in ("vllm", "inductor", "tmp", "rpc"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "EDITSERVE_SIDECAR_THREADS": "1",
-           "VLLM_NO_USAGE_STATS": "1", "EDITSERVE_CONTROL_TOKEN": BENCH_TOKEN, "EDITSERVE_GRPC_ADDR": "off"}
+           "VLLM_NO_USAGE_STATS": "1", "EDITSERVE_CONTROL_TOKEN": BENCH_TOKEN, "EDITSERVE_GRPC_ADDR": "off",
+           **(extra_env or {})}
     cmd = [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager",
            "--kv-cache-memory-bytes", str(256 << 20), "--max-model-len", "1024"]
@@ -225,6 +244,185 @@ def summarise(changes: list[dict[str, Any]]) -> dict[str, float]:
             **{f"{k}_median_ms": statistics.median(v) for k, v in phases.items()}}
 
 
+SCALE_LAYER = 3
+SCALE_NAME = f"model.layers.{SCALE_LAYER}.mlp.down_proj.weight"
+
+
+def synthetic_patch(i: int, fingerprint: str) -> Any:
+    """A rank-1 patch of layer SCALE_LAYER (ROME's shape; tiny norm so the model stays usable)."""
+    from editserve.editing.requests import EditRequest
+    from editserve.patches import Patch, WeightDelta
+
+    g = torch.Generator().manual_seed(1_000_000 + i)
+    u = torch.randn(576, 1, generator=g) * 1e-4
+    v = torch.randn(1536, 1, generator=g) / 1536 ** 0.5
+    req = EditRequest(prompt="{} is a synthetic fact number", subject=f"Scale {i}", target_new=f" {i}")
+    return Patch(deltas=(WeightDelta(name=SCALE_NAME, layer=SCALE_LAYER, u=u, v=v),), requests=(req,), method="rome",
+                 hparams={"synthetic": i}, model_fingerprint=fingerprint, family="llama")
+
+
+def build_scale_ledger(root: Path, sizes: list[int]) -> dict[int, int]:
+    """A ledger whose versions hold N/2 and N patches for each N of `sizes`; returns {active count: version}."""
+    from editserve.editing.arch import Layout
+    from editserve.ledger import Ledger
+
+    fp = embedded_fingerprint()
+    marks = sorted({n // 2 for n in sizes if n // 2 > 0} | set(sizes))
+    versions: dict[int, int] = {0: 0}
+    t0 = time.perf_counter()
+    with Ledger.open(root, fp, caller="bench") as ledger:
+        ensure_checkpoint_base(ledger, SCALE_NAME)
+        head, count = 0, 0
+        for mark in marks:
+            while count < mark:
+                if count < 20:                    # the first ones one commit each, like edits
+                    head = ledger.commit(synthetic_patch(count, fp), expected_head=head, caller="bench")
+                    count += 1
+                else:                             # then imports of up to 1,000 patches per version
+                    k = min(1000, mark - count)
+                    head = ledger._import([synthetic_patch(count + j, fp) for j in range(k)], head, "bench", None,
+                                          None, Layout.OUT_IN, replace=False, details={"source": "swap_bench"})
+                    count += k
+            versions[mark] = head
+        ledger.rollback(versions[min(sizes)], caller="bench")
+    print(f"ledger with {max(sizes)} patches built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return versions
+
+
+def embedded_fingerprint() -> str:
+    """The embedded checkpoint's weights fingerprint (written next to it when it was converted)."""
+    from editserve.editing.model import FINGERPRINT_FILE, embedded_checkpoint
+
+    return str(json.loads((embedded_checkpoint() / FINGERPRINT_FILE).read_text())["fingerprint"])
+
+
+def rss_mb(root_pid: int) -> dict[str, float]:
+    """Resident memory (MB) of the server's processes: the API server (the root) and vLLM's engine core."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out: dict[str, float] = {}
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        rss = next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0.0)
+        role = "api" if pid == root_pid else "engine" if "EngineCor" in comm or "EngineCore" in cmd else None
+        if role is not None:
+            out[role] = max(out.get(role, 0.0), rss)
+    return out
+
+
+def scale_run(args: argparse.Namespace) -> int:
+    from editserve.ledger import Ledger
+
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    modes = [m.strip() for m in args.modes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="swap-scale-"))
+    ledger_dir = work / "ledger"
+    versions = build_scale_ledger(ledger_dir, sizes)
+    fp = embedded_fingerprint()
+    results: dict[str, Any] = {"sizes": sizes, "versions": versions, "checkpoint_every": args.checkpoint_every,
+                               "rows": []}
+    seed = 10_000_000
+    for mode in modes:
+        with Ledger.open(ledger_dir, verify="none") as ledger:
+            ledger.rollback(versions[sizes[0]], caller="bench")
+        port = args.port or _free_port()
+        url = f"http://127.0.0.1:{port}"
+        t = time.perf_counter()
+        proc = start_server(port, ledger_dir, work / f"server-{mode}.log",
+                            {"EDITSERVE_SWAP_MESSAGES": mode, "EDITSERVE_CHECKPOINT_EVERY": str(args.checkpoint_every),
+                             "EDITSERVE_WARM_STATISTICS": "0"})
+        print(f"[{mode}] server up in {time.perf_counter() - t:.0f} s", flush=True)
+        try:
+            for n in sizes:
+                row: dict[str, Any] = {"mode": mode, "active": n}
+
+                def swap(path: str, body: dict) -> dict[str, Any]:
+                    t1 = time.perf_counter()
+                    status, change, _ = call(url, path, body)
+                    if status != 200:
+                        raise RuntimeError(f"{path} {body} failed: {change}")
+                    change["wall_s"] = time.perf_counter() - t1
+                    return change
+
+                row["reach"] = swap("/editserve/v1/rollback", {"version": versions[n]})
+                appends = []
+                head = versions[n]
+                for _ in range(args.appends):
+                    with Ledger.open(ledger_dir, verify="none") as ledger:
+                        head = ledger.commit(synthetic_patch(seed, fp), expected_head=head, caller="bench")
+                    seed += 1
+                    appends.append(swap("/editserve/v1/sync", {}))
+                    if appends[-1]["version"] != head:
+                        raise RuntimeError(f"sync served {appends[-1]['version']}, the head is {head}")
+                row["appends"] = appends
+                row["recent_rollback"] = swap("/editserve/v1/rollback", {"version": head - 1})
+                row["far_rollback"] = swap("/editserve/v1/rollback", {"version": versions.get(n // 2, 0)})
+                row["forward"] = swap("/editserve/v1/rollback", {"version": head})
+                row["rss_mb"] = rss_mb(proc.pid)
+                results["rows"].append(row)
+                a = row["appends"]
+                print(f"[{mode}] N={n}: append pause median {statistics.median(c['pause_ms'] for c in a):.1f} ms, "
+                      f"message {a[-1]['swap']['message_bytes']} B, sync wall "
+                      f"{statistics.median(c['wall_s'] for c in a):.2f} s; recent rollback "
+                      f"{row['recent_rollback']['pause_ms']:.1f} ms, far {row['far_rollback']['pause_ms']:.1f} ms, "
+                      f"forward {row['forward']['pause_ms']:.1f} ms; rss {row['rss_mb']}", flush=True)
+        finally:
+            stop_server(proc)
+    ck = ledger_dir / "checkpoints"
+    results["checkpoint_files"] = len(list(ck.rglob("*.safetensors"))) if ck.is_dir() else 0
+    results["checkpoint_bytes"] = sum(f.stat().st_size for f in ck.rglob("*.safetensors")) if ck.is_dir() else 0
+    print_scale(results)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "swap_scale.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def print_scale(results: dict[str, Any]) -> None:
+    def med(changes: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(c[key] for c in changes)
+
+    print()
+    print("| mode | active patches | append: pause ms (median) | apply rpc ms | message bytes | checksummed | "
+          "worker state MB | engine RSS MB | API RSS MB | sync wall s | rollback −1: pause ms / bytes | "
+          "rollback to N/2: pause ms / bytes | forward to head: pause ms / bytes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["rows"]:
+        a = r["appends"]
+        rpc = statistics.median(c["swap"]["phases_ms"].get("apply", 0.0) for c in a)
+        print(f"| {r['mode']} | {r['active']:,} | {med(a, 'pause_ms'):.1f} | {rpc:.1f} | "
+              f"{a[-1]['swap']['message_bytes']:,} | {a[-1]['swap']['checksummed']} | "
+              f"{a[-1]['swap']['worker_state_bytes'] / 2**20:.1f} | {r['rss_mb'].get('engine', 0):.0f} | "
+              f"{r['rss_mb'].get('api', 0):.0f} | {med(a, 'wall_s'):.2f} | "
+              + " | ".join(f"{r[k]['pause_ms']:.1f} / {r[k]['swap'].get('message_bytes', 0):,}"
+                           for k in ("recent_rollback", "far_rollback", "forward")) + " |")
+    print()
+    sizes = results["sizes"]
+    for mode in dict.fromkeys(r["mode"] for r in results["rows"]):
+        rows = {r["active"]: r for r in results["rows"] if r["mode"] == mode}
+        if sizes[0] in rows and sizes[-1] in rows:
+            lo = statistics.median(c["pause_ms"] for c in rows[sizes[0]]["appends"])
+            hi = statistics.median(c["pause_ms"] for c in rows[sizes[-1]]["appends"])
+            print(f"{mode}: append pause at {sizes[-1]:,} / at {sizes[0]:,} active patches = {hi / lo:.2f}x "
+                  f"({hi:.1f} ms / {lo:.1f} ms; target ≤ 2x)")
+    print(f"checkpoints on disk: {results['checkpoint_files']} files, {results['checkpoint_bytes'] / 2**20:.1f} MB "
+          f"(every {results['checkpoint_every']} deltas of the layer)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=4)
@@ -237,7 +435,14 @@ def main() -> int:
     ap.add_argument("--counterfact", type=Path,
                     default=ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json",
                     help="CounterFact file for --real-edits")
+    ap.add_argument("--scale", action="store_true", help="the ledger-length scaling run (see the docstring)")
+    ap.add_argument("--sizes", default="10,1000,10000")
+    ap.add_argument("--appends", type=int, default=5)
+    ap.add_argument("--modes", default="full,delta")
+    ap.add_argument("--checkpoint-every", type=int, default=100)
     args = ap.parse_args()
+    if args.scale:
+        return scale_run(args)
 
     from editserve.editing.requests import EditRequest
     from editserve.ledger import Ledger

@@ -15,6 +15,7 @@ Computing a patch (editing/) never touches the model. Merging and unmerging are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -83,9 +84,11 @@ class Patch:
     def weight_names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.deltas)
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """Content hash of the factors and metadata (sha256 hex); the patch's identity."""
+        """Content hash of the factors and metadata (sha256 hex); the patch's identity. Computed
+        once per object (patches are immutable; a swap at 10,000 active patches asks for every
+        digest, and hashing all factors each time made version changes grow with the ledger)."""
         h = hashlib.sha256()
         h.update(json.dumps(self.manifest(include_digest=False), sort_keys=True).encode())
         for d in self.deltas:
@@ -196,6 +199,7 @@ class _MergeState:
 
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: list[Patch] = field(default_factory=list)
+    acc: dict[str, torch.Tensor] = field(default_factory=dict)   # float32 base + Σ deltas of `applied` (hold_patches)
 
 
 _STATE_ATTR = "_editserve_merge_state"
@@ -242,6 +246,61 @@ def _rewrite(model: torch.nn.Module, names: Iterable[str], applied: list[Patch])
     with torch.no_grad():
         for name, value in new_values.items():
             params[name].copy_(value)
+            state.acc.pop(name, None)
+
+
+def hold_patches(model: torch.nn.Module, patches: Sequence[Patch]) -> None:
+    """Make the applied list exactly `patches` (in order) with at most one rebuild per touched
+    weight: when the applied list is a prefix of `patches`, the new deltas are added to a kept
+    float32 accumulator (``base + Σ u vᵀ`` in order, as `materialize` computes it, so bit for bit
+    the same); otherwise every weight the change touches is rebuilt from its base copy. Nothing
+    is subtracted. Costs the changed patches, not the applied ones, when only appending."""
+    state = _state(model)
+    patches = list(patches)
+    keep = 0
+    while keep < min(len(patches), len(state.applied)) and patches[keep].digest == state.applied[keep].digest:
+        keep += 1
+    removed, added = state.applied[keep:], patches[keep:]
+    if not removed and not added:
+        return
+    for p in added:
+        _check_fits(model, p)
+    layout = spec_for(model).hf_layout
+    params = dict(model.named_parameters())
+    touched = {n for p in removed + added for n in p.weight_names}
+    new_accs: dict[str, torch.Tensor | None] = {}
+    for name in sorted(touched):
+        base = state.base.get(name)
+        if base is None:
+            base = params[name].detach().clone()
+        if not removed and name in state.acc:
+            acc, deltas = state.acc[name].clone(), [d for p in added for d in p.deltas if d.name == name]
+        else:
+            acc, deltas = base.to(torch.float32, copy=True), [d for p in patches for d in p.deltas if d.name == name]
+            if not deltas:
+                new_accs[name] = None
+                continue
+        view = acc if layout is Layout.OUT_IN else acc.t()
+        for d in deltas:
+            if tuple(view.shape) != d.shape:
+                raise PatchMismatchError(f"delta for {d.name!r} has shape {d.shape}, weight is {tuple(view.shape)}")
+            view.addmm_(d.u.to(acc.device), d.v.to(acc.device).T)
+        if not torch.isfinite(acc).all():
+            raise NonFiniteError(f"merging the patches into {name!r} gives non-finite weights; nothing was changed")
+        new_accs[name] = acc
+    with torch.no_grad():
+        for name, acc in new_accs.items():
+            if name not in state.base:
+                state.base[name] = params[name].detach().clone()
+            params[name].copy_(state.base[name] if acc is None else acc.to(params[name].dtype))
+            if acc is None:
+                del state.base[name]
+                state.acc.pop(name, None)
+            else:
+                state.acc[name] = acc
+    state.applied = patches
+    log.debug("holding %d patch(es): %d removed, %d added, %d weight(s) rewritten", len(patches), len(removed),
+              len(added), len(new_accs))
 
 
 def apply_patch(model: torch.nn.Module, patch: Patch) -> None:

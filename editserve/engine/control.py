@@ -109,7 +109,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._lock = asyncio.Lock()                 # every version change
         self._edit_lock = asyncio.Lock()            # edits one at a time (computing holds only this)
         self.admission = Admission()                # requests held during swaps, counted in flight
-        self.expected = ExpectedChecksums(settings.tensor_parallel_size, settings.base_cache_bytes)
+        self.expected = ExpectedChecksums(settings.tensor_parallel_size, settings.base_cache_bytes,
+                                          checkpoint_every=settings.checkpoint_every)
         self._registry = registry
         self.ledger: Any = None
         self.sidecar: SidecarClient | None = None
@@ -401,9 +402,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                     raise LedgerConflict(f"the head moved from version {head} to {now} while the patch was computed; "
                                          "nothing was committed (retry the edit)", expected_head=head, actual_head=now)
                 patch = computed.patch
-                patches = await asyncio.to_thread(self.ledger.active_patches, head)
-                target = patches + [patch]
-                message = message_for(-1, self.family, target)
+                # The served factors plus the new patch's: no active patch is loaded (issue 16).
+                message, target = await asyncio.to_thread(self._message_adding, head, [patch])
                 who = caller or self.settings.caller
 
                 async def commit() -> int:
@@ -412,7 +412,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                         self.ledger.commit, patch, head, who, computed.probe_report, idempotency_key,
                         preserved=computed.keys))
                     active = await asyncio.to_thread(self.ledger.active_ids, version)
-                    if tuple(active) != tuple(p.digest for p in target):
+                    if tuple(active) != target:
                         raise SwapFailed(f"ledger version {version} does not hold the patches just applied "
                                          f"(an idempotent replay of an earlier request?)")
                     return version

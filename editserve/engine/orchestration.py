@@ -19,8 +19,9 @@ from typing import Any
 
 from editserve.engine.changes import VersionChange
 from editserve.engine.errors import EngineStateUnknown, PluginSetupError, SwapFailed
+from editserve.engine.plan import MatrixChain, changed_names, chains_of, delta_message
 from editserve.engine.swap import SwapResult
-from editserve.engine.wire import ApplyMessage, message_for
+from editserve.engine.wire import ApplyMessage, MatrixTarget, WireDelta, message_for
 from editserve.patches import Patch
 
 log = logging.getLogger("editserve.engine.control")
@@ -31,9 +32,10 @@ class Served:
     """What the engine holds now (mutated only under the control plane's lock)."""
 
     version: int
-    message: ApplyMessage
-    expected: dict[tuple[str, int], str]
+    message: ApplyMessage                         # full target state (references to every factor)
+    expected: dict[tuple[str, int], str]          # per (matrix, rank) checksums of every matrix it touches
     epoch: int = 0                                # successful swaps so far
+    chains: dict[str, MatrixChain] = field(default_factory=dict)   # delta sequence held per matrix
 
 
 @dataclass
@@ -68,13 +70,36 @@ class SwapOrchestration:
         """The version the engine serves now (None before `start`)."""
         return self.served.version if self.served is not None else None
 
-    async def _swap(self, message: ApplyMessage, patches: Sequence[Patch], commit: Any) -> tuple[SwapResult, dict]:
-        """Swap to `message` (whose content is `patches`) with the protocol of `Swapper.swap`."""
+    def _plan(self, message: ApplyMessage) -> tuple[ApplyMessage, ApplyMessage, dict[str, MatrixChain],
+                                                      tuple[str, ...], dict[tuple[str, int], str]]:
+        """(message to send, restore message, target chains, changed matrices, their expected
+        checksums) for a swap from the served state to the full message `message`. With
+        ``swap_messages`` ``full`` (the behaviour before delta messages, kept to measure against)
+        both messages carry every factor and every touched matrix is checksummed."""
         assert self.served is not None
         served = self.served
-        names = sorted(set(message.names) | set(served.message.names))
-        expected = await asyncio.to_thread(self.expected.of, patches, names)
-        previous_expected = {k: v for k, v in served.expected.items()}
+        chains = chains_of(message, served.chains)
+        changed = changed_names(served.chains, chains)
+        deltas = {m.name: m.deltas for m in message.matrices}
+        if getattr(self.settings, "swap_messages", "delta") == "full":
+            names = tuple(sorted(set(message.names) | set(served.message.names)))
+            expected = self.expected.of_chains(deltas, chains, names)
+            return message, served.message, chains, names, expected
+        expected = self.expected.of_chains(deltas, chains, changed)   # writes due checkpoints first
+        anchor = self.expected.checkpoint_path
+        send = delta_message(message, chains, served.chains, anchor, changed)
+        restore = delta_message(served.message, served.chains, None, anchor, changed)
+        return send, restore, chains, changed, expected
+
+    async def _swap(self, message: ApplyMessage, patches: Sequence[Any], commit: Any) -> tuple[SwapResult, dict]:
+        """Swap to `message` (the full target state; `patches`, its patches or their digests, is
+        not needed any more and kept for callers) with the protocol of `Swapper.swap`; the
+        workers get only what changed (`editserve.engine.plan`)."""
+        assert self.served is not None
+        served = self.served
+        send, restore, chains, names, expected = await asyncio.to_thread(self._plan, message)
+        self._planned_chains = (message, chains)
+        previous_expected = {k: v for k, v in served.expected.items() if k[0] in names}
         missing = [n for n in names if (n, 0) not in previous_expected]
         if missing:
             # Matrices the served version does not touch: a restore must bring back exactly what
@@ -96,7 +121,7 @@ class SwapOrchestration:
                                      f"{self.settings.drain_timeout_s:.0f} s; nothing was changed",
                                      restored_version=served.version)
                 self.counters.last_drain_ms = (time.perf_counter() - t_drain) * 1e3
-            result = await self.swapper.swap(message, expected, served.message, previous_expected, commit)
+            result = await self.swapper.swap(send, expected, restore, previous_expected, commit)
         except EngineStateUnknown as exc:
             self._degraded = str(exc)
             self.counters.swaps_failed += 1
@@ -119,7 +144,14 @@ class SwapOrchestration:
                     active: int) -> None:
         assert self.served is not None
         label = ApplyMessage(version=version, family=message.family, matrices=message.matrices)
-        self.served = Served(version=version, message=label, expected=dict(expected), epoch=self.served.epoch + 1)
+        planned = getattr(self, "_planned_chains", None)
+        chains = planned[1] if planned is not None and planned[0] is message else chains_of(message, self.served.chains)
+        self._planned_chains = None
+        held = set(label.names)
+        merged = {k: v for k, v in self.served.expected.items() if k[0] in held}
+        merged.update({k: v for k, v in expected.items() if k[0] in held})
+        self.served = Served(version=version, message=label, expected=merged, epoch=self.served.epoch + 1,
+                             chains=chains)
         self.metrics.set_head(version, active)
         fleet = getattr(self, "fleet", None)
         if fleet is not None:
@@ -145,6 +177,51 @@ class SwapOrchestration:
             except Exception as exc:    # serving is unaffected; only vLLM's span labels lag
                 log.warning("could not set vLLM's weight version to %d: %s: %s", version, type(exc).__name__, exc)
 
+    def _target_message(self, version: int) -> tuple[ApplyMessage, tuple[str, ...]]:
+        """(full message, active patch digests) of ledger `version`, reusing the factors the served
+        message already references and loading only the patches it lacks, so that following a
+        head one patch ahead, or rolling back, does not load every active patch."""
+        assert self.served is not None
+        if self.ledger.damage is not None:              # the ledger's own checks refuse damaged versions
+            patches = self.ledger.active_patches(version)
+            return message_for(version, self.family, patches), tuple(p.digest for p in patches)
+        ids = tuple(self.ledger.active_ids(version))
+        known: dict[str, list[tuple[str, int, WireDelta]]] = {}
+        for m in self.served.message.matrices:
+            for d in m.deltas:
+                known.setdefault(d.key.partition(":")[0], []).append((m.name, m.layer, d))
+        missing = [d for d in ids if d not in known]
+        if len(missing) > 64:               # e.g. the start-up swap: the ledger loads them in bulk
+            loaded = {p.digest: p for p in self.ledger.active_patches(version)}
+        else:
+            loaded = {d: self.ledger.patch(d) for d in missing}
+        by_name: dict[str, list[WireDelta]] = {}
+        layers: dict[str, int] = {}
+        for digest in ids:
+            entries = known.get(digest)
+            if entries is None:
+                fresh = message_for(version, self.family, [loaded[digest]])
+                entries = [(m.name, m.layer, d) for m in fresh.matrices for d in m.deltas]
+            for name, layer, d in entries:
+                by_name.setdefault(name, []).append(d)
+                layers[name] = layer
+        matrices = tuple(MatrixTarget(name=n, layer=layers[n], deltas=tuple(ds)) for n, ds in sorted(by_name.items()))
+        return ApplyMessage(version=version, family=self.family, matrices=matrices), ids
+
+    def _message_adding(self, version: int, added: Sequence[Patch]) -> tuple[ApplyMessage, tuple[str, ...]]:
+        """(full message, active digests) of ledger `version`'s patches followed by `added` (an edit
+        or import on top of the head), without loading the patches the served message holds."""
+        message, ids = self._target_message(version)
+        extra = message_for(-1, self.family, list(added))
+        by_name = {m.name: m for m in message.matrices}
+        for m in extra.matrices:
+            held = by_name.get(m.name)
+            by_name[m.name] = MatrixTarget(name=m.name, layer=m.layer,
+                                           deltas=(held.deltas if held is not None else ()) + m.deltas)
+        matrices = tuple(by_name[n] for n in sorted(by_name))
+        return (ApplyMessage(version=-1, family=message.family, matrices=matrices),
+                ids + tuple(p.digest for p in added))
+
     async def _swap_to_version(self, version: int, kind: str, commit_rollback: bool,
                                expected_head: int | None = None, caller: str | None = None) -> VersionChange:
         """Serve ledger `version` (must hold the lock). With `commit_rollback`, the ledger head is
@@ -153,8 +230,7 @@ class SwapOrchestration:
         assert self.served is not None
         t0 = time.perf_counter()
         previous = self.served.version
-        patches = await asyncio.to_thread(self.ledger.active_patches, version)
-        message = message_for(version, self.family, patches)
+        message, patches = await asyncio.to_thread(self._target_message, version)
         commit = None
         if commit_rollback:
             async def commit() -> int:

@@ -23,6 +23,9 @@ SIDECAR_TIMEOUT_ENV = "EDITSERVE_SIDECAR_TIMEOUT_S"              # compute (an e
 SIDECAR_READ_TIMEOUT_ENV = "EDITSERVE_SIDECAR_READ_TIMEOUT_S"    # probe / trace
 SIDECAR_SYNC_TIMEOUT_ENV = "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S"    # sync to a version, open the ledger
 BASE_CACHE_ENV = "EDITSERVE_BASE_CACHE_MB"
+SWAP_MESSAGES_ENV = "EDITSERVE_SWAP_MESSAGES"          # delta (default) | full (before issue 16, to measure)
+CHECKPOINT_EVERY_ENV = "EDITSERVE_CHECKPOINT_EVERY"    # deltas of a matrix between materialised checkpoints
+SWAP_MESSAGE_KINDS = ("delta", "full")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class ControlSettings:
     sidecar_watch_s: float = 1.0              # how often the sidecar process is checked for life
     sidecar_retry_s: float = 30.0             # wait after a failed sidecar restart before the next try
     compute_timeout_s: float = 900.0          # deadline of an edit's computation on the sidecar
+    swap_messages: str = "delta"              # what apply messages carry: the change, or every factor
+    checkpoint_every: int = 100               # a materialised checkpoint every N deltas of a matrix
     read_timeout_s: float = 600.0             # deadline of a probe or trace on the sidecar
     sync_timeout_s: float = 300.0             # deadline of moving the sidecar to a version
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
@@ -54,6 +59,12 @@ class ControlSettings:
             raise InvalidRequestError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.base_cache_bytes < 0:
             raise InvalidRequestError(f"base_cache_bytes must be >= 0, got {self.base_cache_bytes}")
+        if self.swap_messages not in SWAP_MESSAGE_KINDS:
+            raise InvalidRequestError(f"{SWAP_MESSAGES_ENV} must be one of {list(SWAP_MESSAGE_KINDS)}, "
+                                      f"got {self.swap_messages!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
+            raise InvalidRequestError(f"{CHECKPOINT_EVERY_ENV} must be a positive integer, got {self.checkpoint_every!r}")
         for name in ("sidecar_watch_s", "sidecar_retry_s", "compute_timeout_s", "read_timeout_s", "sync_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -91,7 +102,12 @@ class ControlSettings:
         cache_mb = env.get(BASE_CACHE_ENV, "").strip()
         if cache_mb and not cache_mb.isdigit():
             raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
+        every = env.get(CHECKPOINT_EVERY_ENV, "").strip()
+        if every and not every.isdigit():
+            raise InvalidRequestError(f"{CHECKPOINT_EVERY_ENV} must be a positive integer, got {every!r}")
         return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
+                   swap_messages=(env.get(SWAP_MESSAGES_ENV) or "delta").strip().lower(),
+                   checkpoint_every=int(every) if every else 100,
                    pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
                    sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
                    sidecar_threads=int(threads) if threads else None,

@@ -4,7 +4,9 @@ One version change:
 
 1. **pause** generation (mode below);
 2. **apply** the target state on every worker (``collective_rpc("editserve_apply")``), each
-   rank rebuilding and writing its own slice in place and answering checksums;
+   rank rebuilding and writing its own slice in place and answering checksums of the matrices
+   the change touches (the message carries only the factors the workers lack,
+   `editserve.engine.plan`);
 3. **reset the prefix cache** (KV computed with the old weights must not be reused);
    running requests are preempted and recompute their KV under the new weights;
 4. **verify** every rank's checksums against the expected values (from the ledger);
@@ -66,11 +68,16 @@ class SwapResult:
     reports: tuple[RankReport, ...]
     committed: Any = None             # what the commit callback returned
     phases: dict[str, float] | None = None   # seconds per step: pause, apply, reset, verify, commit, resume
+    message_bytes: int = 0            # factor bytes the apply message carried
+    checksummed: int = 0              # matrices verified (those the change touches)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pause_ms": round(self.pause_seconds * 1e3, 3), "rpc_ms": round(self.rpc_seconds * 1e3, 3),
                 "worker_ms": round(self.worker_seconds * 1e3, 3), "ranks": len(self.reports),
-                "phases_ms": {k: round(v * 1e3, 3) for k, v in (self.phases or {}).items()}}
+                "phases_ms": {k: round(v * 1e3, 3) for k, v in (self.phases or {}).items()},
+                "message_bytes": self.message_bytes, "checksummed": self.checksummed,
+                "worker_state_bytes": max((r.state_bytes for r in self.reports), default=0),
+                "written": sorted({n for r in self.reports for n in r.written})}
 
 
 def check_mode(mode: str) -> str:
@@ -188,7 +195,8 @@ class Swapper:
             phases[name], last = t - last, t
         return SwapResult(label=message.version, pause_seconds=end - t0, rpc_seconds=phases["apply"],
                           worker_seconds=max((r.seconds for r in reports), default=0.0), reports=tuple(reports),
-                          committed=committed, phases=phases)
+                          committed=committed, phases=phases, message_bytes=message.factor_bytes,
+                          checksummed=len({name for name, _ in expected}))
 
     async def _restore(self, previous: ApplyMessage, previous_expected: Expected, cause: Exception) -> None:
         try:

@@ -5,12 +5,18 @@ ones arrive as a bare buffer index), so every tensor crosses as ``{"data": bytes
 str, "shape": [..]}`` inside plain dicts and lists, which survive both msgpack (API server →
 engine core) and pickle (engine core → workers).
 
-An *apply message* describes the complete target state of every editable matrix, not a
-difference: the matrices it names become ``base + Σ u vᵀ`` of the listed deltas (float32,
-in the listed order, cast once, see `editserve.patches.materialize`), and every matrix the
-worker has touched before but the message does not name goes back to its saved base copy.
-Applying a message twice is therefore harmless, and a rollback is an apply of an earlier
-version's message.
+An *apply message* describes the complete target state of every editable matrix: the matrices
+it names become ``base + Σ u vᵀ`` of their delta sequence (float32, in order, cast once, see
+`editserve.patches.materialize`), and every matrix the worker has touched before but the
+message does not name goes back to its saved base copy. It carries factors only for the
+*tail* of each sequence: a `MatrixTarget` says where its deltas start — position ``start`` of
+the sequence, named by the chain hash ``start_chain`` (`editserve.ledger.checkpoints`) — and
+the worker continues from the state it holds when that is the start, else from the
+materialised checkpoint file the target names, else (``start`` 0) from its base copy. So a
+version that adds one patch sends one patch's factors, whatever the ledger's length
+(`editserve.engine.plan` builds such messages), and a rollback sends at most a checkpoint
+interval of factors. A message with ``start`` 0 everywhere (`message_for`) carries every
+factor and is valid from any state. Applying a message twice is harmless.
 
 This module imports torch only; the worker side that reads these messages lives in
 `editserve.engine.worker`.
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 
 from editserve.errors import PatchMismatchError
+from editserve.ledger.checkpoints import CHAIN_ROOT
 from editserve.patches import Patch, WeightDelta
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -100,11 +107,20 @@ class WireDelta:
 
 @dataclass(frozen=True)
 class MatrixTarget:
-    """Target content of one matrix: base + Σ deltas, in this order."""
+    """Target content of one matrix: its first `start` deltas (named by `start_chain`), then
+    `deltas` in this order, on top of the base."""
 
     name: str              # Hugging Face weight name (the ledger's key)
     layer: int
     deltas: tuple[WireDelta, ...]
+    start: int = 0                       # deltas of the sequence before `deltas` (0: from the base)
+    start_chain: str = CHAIN_ROOT        # chain hash of those `start` deltas
+    checkpoint: str | None = None        # file with the float32 accumulator at (start, start_chain)
+
+    @property
+    def count(self) -> int:
+        """Length of the whole delta sequence."""
+        return self.start + len(self.deltas)
 
 
 @dataclass(frozen=True)
@@ -114,10 +130,19 @@ class ApplyMessage:
     version: int
     family: str
     matrices: tuple[MatrixTarget, ...]
+    # Matrices whose checksums every rank answers (the ones this change touches); None: every
+    # matrix the message names or the rank holds.
+    checksum: tuple[str, ...] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.matrices)
+
+    @property
+    def factor_bytes(self) -> int:
+        """Bytes of factors the message carries (its size on the wire, less small fields)."""
+        return sum(d.u.numel() * d.u.element_size() + d.v.numel() * d.v.element_size()
+                   for m in self.matrices for d in m.deltas)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -128,9 +153,13 @@ class ApplyMessage:
                     "name": m.name,
                     "layer": int(m.layer),
                     "deltas": [{"key": d.key, "u": encode_tensor(d.u), "v": encode_tensor(d.v)} for d in m.deltas],
+                    "start": int(m.start),
+                    "start_chain": m.start_chain,
+                    "checkpoint": m.checkpoint,
                 }
                 for m in self.matrices
             ],
+            "checksum": None if self.checksum is None else list(self.checksum),
         }
 
     @classmethod
@@ -148,14 +177,25 @@ class ApplyMessage:
                             f"factors of {m['name']!r} must be U[d_out,r] and V[d_in,r], got {tuple(u.shape)}, {tuple(v.shape)}"
                         )
                     deltas.append(WireDelta(key=str(d["key"]), u=u, v=v))
-                matrices.append(MatrixTarget(name=str(m["name"]), layer=int(m["layer"]), deltas=tuple(deltas)))
-            return cls(version=int(obj["version"]), family=str(obj["family"]), matrices=tuple(matrices))
-        except (KeyError, TypeError) as exc:
+                start = int(m.get("start", 0))
+                if start < 0:
+                    raise PatchMismatchError(f"start of {m['name']!r} must be >= 0, got {start}")
+                checkpoint = m.get("checkpoint")
+                matrices.append(MatrixTarget(name=str(m["name"]), layer=int(m["layer"]), deltas=tuple(deltas),
+                                             start=start, start_chain=str(m.get("start_chain", CHAIN_ROOT)),
+                                             checkpoint=None if checkpoint is None else str(checkpoint)))
+            checksum = obj.get("checksum")
+            return cls(version=int(obj["version"]), family=str(obj["family"]), matrices=tuple(matrices),
+                       checksum=None if checksum is None else tuple(str(n) for n in checksum))
+        except PatchMismatchError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
             raise PatchMismatchError(f"malformed apply message: missing or bad field {exc!r}") from exc
 
 
 def message_for(version: int, family: str, patches: Sequence[Patch]) -> ApplyMessage:
-    """The apply message of a version whose active patches are `patches` (in ledger order)."""
+    """The apply message of a version whose active patches are `patches` (in ledger order), with
+    every factor (valid from any state; `editserve.engine.plan.delta_message` cuts it down)."""
     by_name: dict[str, list[WireDelta]] = {}
     layers: dict[str, int] = {}
     for patch in patches:
@@ -189,12 +229,14 @@ class RankReport:
     seconds: float = 0.0               # time spent in the worker
     error: str | None = None           # "<ErrorType>: message" when the worker refused or failed
     repack_seconds: float = 0.0        # part of `seconds` spent re-packing CPU kernels
+    state_bytes: int = 0               # memory editserve holds on this rank (base copies + accumulators)
+    written: tuple[str, ...] = ()      # matrices this apply rewrote
 
     def to_wire(self) -> dict[str, Any]:
         return {
             "rank": self.rank, "tp_rank": self.tp_rank, "tp_size": self.tp_size, "version": self.version,
             "checksums": dict(self.checksums), "seconds": self.seconds, "error": self.error,
-            "repack_seconds": self.repack_seconds,
+            "repack_seconds": self.repack_seconds, "state_bytes": self.state_bytes, "written": list(self.written),
         }
 
     @classmethod
@@ -204,7 +246,8 @@ class RankReport:
                 rank=int(obj["rank"]), tp_rank=int(obj["tp_rank"]), tp_size=int(obj["tp_size"]),
                 version=int(obj["version"]), checksums={str(k): str(v) for k, v in dict(obj["checksums"]).items()},
                 seconds=float(obj.get("seconds", 0.0)), error=obj.get("error"),
-                repack_seconds=float(obj.get("repack_seconds", 0.0)),
+                repack_seconds=float(obj.get("repack_seconds", 0.0)), state_bytes=int(obj.get("state_bytes", 0)),
+                written=tuple(str(n) for n in obj.get("written", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PatchMismatchError(f"malformed worker report {obj!r}: {exc!r}") from exc

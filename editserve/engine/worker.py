@@ -9,9 +9,15 @@ is either the wrapper or (with ``--worker-extension-cls``) the worker itself; bo
 Per rank and per touched matrix the worker keeps, attached to the model object:
 
 - a base copy of its slice, saved the first time the matrix is touched;
-- a float32 accumulator ``base + Σ u vᵀ`` of the deltas now applied, with their keys, so
-  that a version that only appends deltas costs one rank-r update, and anything else is
-  rebuilt from the base copy (never by subtraction).
+- a float32 accumulator ``base + Σ u vᵀ`` of the deltas now applied, with the length and
+  chain hash of their sequence (`editserve.ledger.checkpoints`), so that a message whose
+  target starts where the rank is (a version that appends patches) costs one rank-r update
+  per new delta, whatever the number of earlier ones; anything else starts again from the
+  materialised checkpoint the message names (this rank's input columns of the file) or from
+  the base copy (never by subtraction).
+
+No per-delta state is kept: memory per touched matrix is one slice in the parameter dtype
+(the base copy) and one in float32 (the accumulator), independent of the ledger's length.
 
 Every value is computed and checked finite before the first write; writes are ``copy_``
 into the existing parameter storage (a new ``Parameter`` would leave CUDA graphs pointing
@@ -34,6 +40,7 @@ from editserve.editing.arch import ArchSpec, Layout, spec_for_model_type
 from editserve.engine.cpu_gemm import kernel_of, repack
 from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, WireDelta, rank_range, weight_checksum
 from editserve.errors import NonFiniteError, PatchMismatchError, PatchStateError
+from editserve.ledger.checkpoints import CHAIN_ROOT, chain_step, read_slice
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,13 @@ class _Matrix:
 
     base: torch.Tensor                 # saved copy of the rank's slice, parameter dtype/device
     acc: torch.Tensor | None = None    # float32 base + Σ deltas; None when the live value is the base
-    keys: tuple[str, ...] = ()
+    count: int = 0                     # length of the delta sequence now applied
+    chain: str = CHAIN_ROOT            # its chain hash
+
+    @property
+    def nbytes(self) -> int:
+        acc = 0 if self.acc is None else self.acc.numel() * self.acc.element_size()
+        return self.base.numel() * self.base.element_size() + acc
 
 
 @dataclass
@@ -130,10 +143,6 @@ def accumulate_slice(acc: torch.Tensor, deltas: Sequence[WireDelta], lo: int, hi
     return acc
 
 
-def _accumulate(acc: torch.Tensor, target: MatrixTarget, slot: _Slot, start: int) -> torch.Tensor:
-    return accumulate_slice(acc, target.deltas[start:], slot.lo, slot.hi, slot.d_in, slot.name)
-
-
 def _rank_of(worker: Any) -> int:
     return int(getattr(worker, "rank", 0) or 0)
 
@@ -145,6 +154,40 @@ def _tp(worker: Any) -> tuple[int, int]:
     return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
 
 
+def _target_position(target: MatrixTarget | None, at: int) -> tuple[int, str, str | None]:
+    """(length, chain hash) of the delta sequence `target` describes ((0, root): the base), and
+    the chain hash at position `at` of it when the message carries that part (else None)."""
+    if target is None:
+        return 0, CHAIN_ROOT, CHAIN_ROOT if at == 0 else None
+    chain = target.start_chain
+    at_chain = chain if at == target.start else None
+    for i, d in enumerate(target.deltas):
+        chain = chain_step(chain, d.key)
+        if target.start + i + 1 == at:
+            at_chain = chain
+    return target.count, chain, at_chain
+
+
+def _start_acc(current: _Matrix | None, target: MatrixTarget, slot: _Slot, base: torch.Tensor,
+               held_is_prefix: bool) -> tuple[int, torch.Tensor]:
+    """(position, fresh float32 accumulator) to add the rest of the target's deltas to: the rank's
+    own when it is a prefix of the target (`held_is_prefix`), else the checkpoint file's slice,
+    else (start 0) the base copy."""
+    if current is not None and current.acc is not None and held_is_prefix and current.count >= target.start:
+        return current.count, current.acc.clone()
+    if target.start == 0:
+        return 0, base.to(torch.float32, copy=True)
+    if target.checkpoint is not None:
+        acc = read_slice(target.checkpoint, slot.name, target.start_chain, target.start, slot.lo, slot.hi)
+        if tuple(acc.shape) != tuple(slot.param.shape):
+            raise PatchMismatchError(f"checkpoint {target.checkpoint!r} slice is {tuple(acc.shape)}, "
+                                     f"{slot.name!r} is {tuple(slot.param.shape)} on this rank")
+        return target.start, acc.to(slot.param.device)
+    at = (current.count, current.chain[:12]) if current is not None else (0, CHAIN_ROOT)
+    raise PatchStateError(f"{slot.name!r}: this rank holds {at[0]} delta(s) ({at[1]}), the message starts at "
+                          f"{target.start} ({target.start_chain[:12]}) and names no checkpoint")
+
+
 def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
     """Bring this rank's matrices to the state `message` describes; see the module docstring."""
     t0 = time.perf_counter()
@@ -154,7 +197,7 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
     model = worker.get_model()
     state = _state(model)
     targets = {m.name: m for m in message.matrices}
-    names = sorted(set(targets) | set(state.matrices))
+    names = sorted(set(targets) | set(state.matrices) | set(message.checksum or ()))
     slots = {}
     for name in names:
         layer = targets[name].layer if name in targets else _layer_of(spec, name)
@@ -162,28 +205,28 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
 
     # Phase 1: compute every new value; nothing live changes here.
     new_acc: dict[str, torch.Tensor | None] = {}
-    new_keys: dict[str, tuple[str, ...]] = {}
+    new_pos: dict[str, tuple[int, str]] = {}
     writes: dict[str, torch.Tensor] = {}
     for name in names:
         slot = slots[name]
         current = state.matrices.get(name)
         target = targets.get(name)
-        keys = tuple(d.key for d in target.deltas) if target else ()
-        if current is None and target is None:
-            continue
-        if current is not None and current.keys == keys:
+        count, chain, at_chain = _target_position(target, current.count if current is not None else 0)
+        position = (count, chain)
+        if current is None and count == 0:
+            continue                                   # at the base, and stays there
+        if current is not None and (current.count, current.chain) == position:
             continue                                   # unchanged matrix: nothing to write
         base = current.base if current is not None else slot.param.detach()
-        if target is None or not keys:
-            new_acc[name], new_keys[name], writes[name] = None, (), base
+        if target is None or count == 0:
+            new_acc[name], new_pos[name], writes[name] = None, (0, CHAIN_ROOT), base
             continue
-        if current is not None and current.acc is not None and keys[: len(current.keys)] == current.keys:
-            acc = _accumulate(current.acc.clone(), target, slot, len(current.keys))
-        else:
-            acc = _accumulate(base.to(torch.float32, copy=True), target, slot, 0)
+        held_is_prefix = current is not None and at_chain == current.chain
+        start, acc = _start_acc(current, target, slot, base, held_is_prefix)
+        acc = accumulate_slice(acc, target.deltas[start - target.start:], slot.lo, slot.hi, slot.d_in, slot.name)
         if not torch.isfinite(acc).all():
             raise NonFiniteError(f"merging version {message.version} into {name!r} gives non-finite weights; nothing was changed")
-        new_acc[name], new_keys[name], writes[name] = acc, keys, acc.to(slot.param.dtype)
+        new_acc[name], new_pos[name], writes[name] = acc, position, acc.to(slot.param.dtype)
 
     # Phase 2: save base copies of first-touched matrices, then write in place.
     for name in writes:
@@ -197,15 +240,17 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
             del state.matrices[name]                   # back to base: forget the copy
         else:
             state.matrices[name].acc = new_acc[name]
-            state.matrices[name].keys = new_keys[name]
+            state.matrices[name].count, state.matrices[name].chain = new_pos[name]
     # Phase 3: the packed kernels of the written matrices follow their masters. The state above
     # already describes the masters, so a failure here is repaired by the restore that follows.
     repack_seconds = sum(repack(slots[name].module) for name in writes)
     state.version = int(message.version)
-    checksums = {name: weight_checksum(slots[name].param) for name in names}
+    wanted = names if message.checksum is None else sorted(message.checksum)
+    checksums = {name: weight_checksum(slots[name].param) for name in wanted}
     tp_rank, tp_size = _tp(worker)
     return RankReport(rank=_rank_of(worker), tp_rank=tp_rank, tp_size=tp_size, version=state.version,
-                      checksums=checksums, seconds=time.perf_counter() - t0, repack_seconds=repack_seconds)
+                      checksums=checksums, seconds=time.perf_counter() - t0, repack_seconds=repack_seconds,
+                      state_bytes=sum(m.nbytes for m in state.matrices.values()), written=tuple(sorted(writes)))
 
 
 def _layer_of(spec: ArchSpec, name: str) -> int:
@@ -238,6 +283,7 @@ def describe(worker: Any) -> dict[str, Any]:
     return {
         "rank": _rank_of(worker), "tp_rank": tp_rank, "tp_size": tp_size, "family": spec.family,
         "n_layers": n_layers, "editable": editable, "kernels": kernels, "version": state.version,
+        "state_bytes": sum(m.nbytes for m in state.matrices.values()),
         "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
         "device": str(next(iter(model.parameters())).device),
     }

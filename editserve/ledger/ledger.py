@@ -487,16 +487,18 @@ class Ledger:
                 self._active_cache.move_to_end(version)
                 return hit
         active: list[tuple[str, int]] = []
+        present: set[str] = set()           # membership in O(1): 10,000 adds must not cost 10,000² checks
         for v, op, digest in self._store.chain_ops(version):
             if op == ADD:
-                if any(d == digest for d, _ in active):
+                if digest in present:
                     raise LedgerCorrupt(f"version {v} adds patch {digest[:12]} that is already active")
                 active.append((digest, v))
+                present.add(digest)
             else:
-                idx = next((i for i, (d, _) in enumerate(active) if d == digest), None)
-                if idx is None:
+                if digest not in present:
                     raise LedgerCorrupt(f"version {v} removes patch {digest[:12]} that is not active")
-                del active[idx]
+                del active[next(i for i, (d, _) in enumerate(active) if d == digest)]
+                present.discard(digest)
         result = tuple(active)
         with self._lock:
             self._active_cache[version] = result
