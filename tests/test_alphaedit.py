@@ -80,6 +80,37 @@ def test_factors_normal_equations_range_and_preservation():
         alphaedit_factors(p, k1, r, m, 0.0)
 
 
+def test_factors_with_covariance_penalty():
+    """λ > 0: still in range(P), satisfies D(M + λC + αI)P = R K₁ᵀ P; with P = I, no preserved keys and
+    α → 0 it is MEMIT's update R K₁ᵀ(λC + K₁K₁ᵀ)⁻¹; λ = 0 is the paper's update."""
+    from editserve.editing.memit import memit_factors
+
+    cov, k1, r, kp = _random_problem()
+    p = null_space(cov, float(torch.linalg.eigvalsh(cov)[12])).p
+    alpha, lam = 0.5, 30.0
+    u, v = alphaedit_factors(p, k1, r, kp @ kp.T, alpha, cov, lam)
+    d = u.double() @ v.double().T
+    assert torch.allclose(d @ p, d, atol=1e-5)
+    k = k1.double().T
+    m = kp @ kp.T + k @ k.T + lam * cov
+    lhs = d @ (m + alpha * torch.eye(m.shape[0], dtype=torch.float64)) @ p
+    rhs = r.double().T @ k.T @ p
+    assert torch.allclose(lhs, rhs, atol=1e-4 * rhs.abs().max())
+    # the penalty moves ordinary keys (C-weighted) less than the paper's update does
+    u0, v0 = alphaedit_factors(p, k1, r, kp @ kp.T, alpha)
+    d0 = u0.double() @ v0.double().T
+    assert torch.trace(d @ cov @ d.T) < torch.trace(d0 @ cov @ d0.T)
+    assert torch.equal(u0, alphaedit_factors(p, k1, r, kp @ kp.T, alpha, cov, 0.0)[0])
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    ua, va = alphaedit_factors(eye, k1, r, torch.zeros_like(cov), 1e-9, cov, lam)
+    um, vm = memit_factors(cov, k1, r, lam)
+    assert torch.allclose(ua.double() @ va.double().T, um.double() @ vm.double().T, atol=1e-4)
+    with pytest.raises(InvalidRequestError, match="cov_weight"):
+        alphaedit_factors(p, k1, r, m, alpha, cov, -1.0)
+    with pytest.raises(InvalidRequestError, match="covariance"):
+        alphaedit_factors(p, k1, r, m, alpha, None, 1.0)
+
+
 def _threshold(model, tok, corpus, frac=0.6):
     """An eigenvalue threshold keeping ~`frac` of each edited layer's directions on the tiny model."""
     stats, _ = layer_stats(model, tok, LAYERS, corpus, fingerprint(model), StatsParams(**STATS), progress=False)

@@ -20,7 +20,10 @@ from editserve.editing.evaluate import score_records, summarize
 from editserve.editing.lifelong import commit, down_proj_weights, heldout_perplexity, norm_growth
 from editserve.patches import applied_patches, remove_patch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+# ../shared from the repository root; one level further up from a worktree under /work/wt/<name>
+DATA = next((p / "shared" / "data" / "counterfact" / "counterfact-edit.json" for p in Path(__file__).resolve().parents[2:4]
+             if (p / "shared" / "data" / "counterfact" / "counterfact-edit.json").exists()),
+            Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json")
 N = 30
 
 

@@ -104,17 +104,25 @@ class PreservedKeys:
 
 
 def alphaedit_factors(p: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, preserved_gram: torch.Tensor,
-                      alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + αI)⁻¹.
+                      alpha: float, cov: torch.Tensor | None = None,
+                      cov_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + λ C P + αI)⁻¹.
 
     p [d_in, d_in] the projection, keys [n, d_in] K₁ᵀ, resid [n, d_out] Rᵀ,
-    preserved_gram [d_in, d_in] K_p K_pᵀ, alpha > 0.
+    preserved_gram [d_in, d_in] K_p K_pᵀ, alpha > 0; cov [d_in, d_in] C and cov_weight λ ≥ 0
+    (λ = 0, the paper's update, needs no cov). See the module docs for why λ > 0.
     """
     if not alpha > 0:
         raise InvalidRequestError(f"alpha must be positive, got {alpha!r}")
+    if not cov_weight >= 0:
+        raise InvalidRequestError(f"cov_weight must be ≥ 0, got {cov_weight!r}")
     p64 = p.to(torch.float64)
     k = keys.to(torch.float64).T                                  # [d_in, n]
     m = preserved_gram.to(torch.float64) + k @ k.T                # [d_in, d_in]
+    if cov_weight > 0:
+        if cov is None:
+            raise InvalidRequestError("cov_weight > 0 needs the layer's covariance")
+        m = m + cov_weight * cov.to(torch.float64)
     a = p64 @ m + alpha * torch.eye(m.shape[0], dtype=torch.float64)
     x = torch.linalg.solve(a, p64 @ k)                            # [d_in, n]
     return resid.to(torch.float64).T.float(), x.float()

@@ -158,7 +158,7 @@ def compute_edit(
 
         def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
             gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
-            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha)
+            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight)
 
         deltas, new_keys = _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings)
     patch = Patch(

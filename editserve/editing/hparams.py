@@ -79,7 +79,8 @@ class AlphaEditParams:
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
     nullspace_threshold: float = 2e-2   # keep C's eigen-directions with eigenvalue below this (absolute)
-    alpha: float = 10.0                 # α in Δ = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + αI)⁻¹
+    alpha: float = 10.0                 # α in Δ = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + λCP + αI)⁻¹
+    cov_weight: float = 0.0             # λ: MEMIT's covariance penalty kept inside the null space (0 = paper)
     value: ValueParams = ValueParams()
     prefixes: PrefixParams = PrefixParams()
     stats: StatsParams = StatsParams()
@@ -89,6 +90,8 @@ class AlphaEditParams:
             raise InvalidRequestError(f"alpha must be a positive number, got {self.alpha!r}")
         if not (isinstance(self.nullspace_threshold, (int, float)) and self.nullspace_threshold > 0):
             raise InvalidRequestError(f"nullspace_threshold must be a positive number, got {self.nullspace_threshold!r}")
+        if not (isinstance(self.cov_weight, (int, float)) and self.cov_weight >= 0):
+            raise InvalidRequestError(f"cov_weight must be a number ≥ 0, got {self.cov_weight!r}")
 
 
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}
