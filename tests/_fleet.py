@@ -66,7 +66,7 @@ class Replica:
         self.cmd = [sys.executable, "-m", "editserve.cli", "serve", *(["--ledger", ledger] if ledger else []),
                     str(embedded_checkpoint()), "--host", "127.0.0.1", "--port", str(self.port),
                     "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
-                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", *extra_args]
+                    "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "1024", *extra_args]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Replica":

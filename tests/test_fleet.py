@@ -292,11 +292,18 @@ def _generate_stream(r: Replica, token_ids: list[int], max_tokens: int, started:
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             chunks.append(json.loads(line[len("data:"):]))
+            out["last_chunk_at"] = time.monotonic()
             started.set()
     out["chunks"] = chunks
 
 
 def test_vllm_weight_version_spans_name_editserve_versions_across_a_swap(fleet: Any) -> None:
+    """A stream on B spans a swap: its weight-version spans start at the old version and end at the new.
+
+    The stream must still be running when the swap lands; a quiet machine generates ~100 tokens/s, so
+    the stream is long (960 tokens, `--max-model-len 1024`) and the rollback goes through B itself, whose
+    swap follows its commit directly (a follower's swap also waits for the notification). The test checks
+    that precondition rather than assuming it."""
     from transformers import AutoTokenizer
 
     from editserve.editing.model import embedded_checkpoint
@@ -306,20 +313,24 @@ def test_vllm_weight_version_spans_name_editserve_versions_across_a_swap(fleet: 
     target = 0 if before != 0 else 1
     ids = AutoTokenizer.from_pretrained(str(embedded_checkpoint()))(EIFFEL_TEXT)["input_ids"]
     started, out = threading.Event(), {}
-    reader = threading.Thread(target=_generate_stream, args=(b, ids, 400, started, out))
+    reader = threading.Thread(target=_generate_stream, args=(b, ids, 1000 - len(ids), started, out))
     reader.start()
     assert started.wait(300), "no streamed token from B"
-    with a.client() as c:
+    with b.client() as c:
         c.rollback(target)
-    _wait_served(b, target, FOLLOW_BOUND_S)
+    served_at = time.monotonic()                    # B's rollback replies once B serves the target
+    assert _status(b).served_version == target
     reader.join(600)
     chunks = out["chunks"]
+    assert out["last_chunk_at"] > served_at, (
+        f"precondition: the stream ended {served_at - out['last_chunk_at']:.2f} s before B served {target}")
     spans = [s for ch in chunks for choice in ch["choices"] for s in (choice.get("weight_versions") or [])]
-    print(f"\nweight-version spans of a 400-token stream on B across a swap {before} -> {target}: {spans}")
+    print(f"\nweight-version spans of a {len(chunks)}-chunk stream on B across a swap {before} -> {target}: {spans}")
     assert spans, "vLLM reported no weight-version spans"
     labels = [s["version"] if isinstance(s, dict) else s[0] for s in spans]
     assert labels[0] == str(before) and labels[-1] == str(target), spans
     assert set(labels) <= {str(before), str(target)}, spans
+    _wait_served(a, target, FOLLOW_BOUND_S)
 
 
 def test_replica_killed_in_the_middle_of_a_swap_restarts_serving_the_head(fleet: Any) -> None:
