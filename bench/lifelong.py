@@ -14,6 +14,10 @@ plain ROME, plain MEMIT and AlphaEdit. At every checkpoint (``--every`` edits) i
 - ‖W − W₀‖_F / ‖W₀‖_F of every edited down-projection;
 - seconds per edit (compute + apply, excluding the checkpoint evaluations).
 
+A run stops early when it has collapsed: retained ES below ``--collapse-es`` (0.5) or held-out
+perplexity above ``--collapse-ppl`` (2.0) times the unedited model's, at a checkpoint. The state
+records the reason, and a rerun does not continue a collapsed run.
+
 The stream: records of the CounterFact file in file order, kept when the unedited model ranks
 the true object above the new one on the rewrite prompt; built once per output folder
 (``stream.json``) and shared by every run, so all methods see the same edits.
@@ -95,7 +99,8 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
 # ---------------------------------------------------------------------------------------- one run
 
 
-def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done: int, seconds: float) -> None:
+def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done: int, seconds: float,
+          collapsed: str | None = None) -> None:
     from safetensors.torch import save_file
 
     params = dict(model.named_parameters())
@@ -105,7 +110,8 @@ def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done:
     if preserved.blocks:
         save_file(preserved.tensors(), str(run / "preserved.tmp"))
         (run / "preserved.tmp").replace(run / "preserved.safetensors")
-    (run / "state.tmp").write_text(json.dumps({"done": done, "seconds": seconds, "rows": [asdict(r) for r in rows]}))
+    (run / "state.tmp").write_text(json.dumps({"done": done, "seconds": seconds, "rows": [asdict(r) for r in rows],
+                                                   "collapsed": collapsed}))
     (run / "state.tmp").replace(run / "state.json")
 
 
@@ -125,8 +131,23 @@ def _load(run: Path, model):
     return st["done"], st["seconds"], [Row(**r) for r in st["rows"]], set(weights), preserved
 
 
+@dataclass(frozen=True)
+class Collapse:
+    """When a run counts as collapsed (checked at every checkpoint)."""
+    es_below: float = 0.5
+    ppl_ratio_above: float = 2.0
+
+    def reason(self, row: Row) -> str | None:
+        if row.es < self.es_below:
+            return f"retained ES {row.es:.3f} < {self.es_below}"
+        if row.ppl_ratio > self.ppl_ratio_above:
+            return f"held-out perplexity ×{row.ppl_ratio:.2f} > ×{self.ppl_ratio_above}"
+        return None
+
+
 def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
-               hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False) -> list[Row]:
+               hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False,
+               collapse: Collapse = Collapse()) -> list[Row]:
     from editserve.editing.alphaedit import PreservedKeys
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
@@ -139,7 +160,9 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
 
     if (run / "state.json").exists() and not fresh:
         st = json.loads((run / "state.json").read_text())
-        if st["done"] >= n or report_only:
+        if st.get("collapsed"):
+            log.info("%s: collapsed at %d edits (%s); not continued", run.name, st["done"], st["collapsed"])
+        if st["done"] >= n or report_only or st.get("collapsed"):
             return [Row(**r) for r in st["rows"] if r["n_edits"] <= n]
     if report_only:
         return []
@@ -175,10 +198,14 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
                       norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since)
             rows.append(row)
             since, since_t = 0, 0.0
-            _save(run, model, touched, preserved, rows, done, seconds)
+            collapsed = collapse.reason(row)
+            _save(run, model, touched, preserved, rows, done, seconds, collapsed)
             log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit",
                      run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
                      max(row.norm_growth.values(), default=0.0), row.seconds_per_edit)
+            if collapsed:
+                log.info("%s: collapsed at %d edits (%s); stopping this run", run.name, done, collapsed)
+                break
     return rows
 
 
@@ -235,6 +262,9 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=float("inf"), help="stop starting new commits after this")
     ap.add_argument("--report-only", action="store_true",
                     help="compute nothing: table, JSON and plot from the saved checkpoints only")
+    ap.add_argument("--collapse-es", type=float, default=0.5, help="stop a run whose retained ES falls below this")
+    ap.add_argument("--collapse-ppl", type=float, default=2.0,
+                    help="stop a run whose held-out perplexity ratio rises above this")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -253,10 +283,16 @@ def main() -> int:
     for b in [int(x) for x in args.batch.split(",")]:
         for m in [x for x in args.methods.split(",") if x]:
             results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
-                                              overrides.get(m), args.fresh, deadline, args.report_only)
+                                              overrides.get(m), args.fresh, deadline, args.report_only,
+                                              Collapse(args.collapse_es, args.collapse_ppl))
     print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
           f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
     print(table(results))
+    for name in results:
+        state = out / name / "state.json"
+        if state.exists() and json.loads(state.read_text()).get("collapsed"):
+            st = json.loads(state.read_text())
+            print(f"{name}: collapsed at {st['done']} edits: {st['collapsed']}")
     (out / "lifelong.json").write_text(json.dumps(
         {"stream": {k: stream[k] for k in ("data", "scanned", "ppl", "fluency")},
          "runs": {k: [asdict(r) for r in v] for k, v in results.items()}}, indent=1))
