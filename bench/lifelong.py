@@ -7,7 +7,7 @@ plain ROME, plain MEMIT and AlphaEdit. At every checkpoint (``--every`` edits) i
 
 - retention: ES and PS over all records committed so far (ES/PS as in editing/evaluate.py);
 - NS of those records' neighbourhood prompts, and its ratio to NS on the unedited model;
-- fluency: weighted 2/3-gram entropy of greedy 50-token generations from 10 fixed neutral prompts
+- fluency: weighted 2/3-gram entropy of greedy 50-token generations from 40 fixed neutral prompts
   (editing/lifelong.py), and its ratio to the unedited model's;
 - perplexity of editserve/data/heldout.txt (neutral prose written for this benchmark; not the
   statistics corpus), and its ratio to the unedited model's;
@@ -68,15 +68,18 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
     """The first `n` known records of `data` with their unedited scores; cached in out/stream.json."""
     from editserve.editing.counterfact import load_counterfact
     from editserve.editing.evaluate import score_records
-    from editserve.editing.lifelong import generation_fluency, heldout_perplexity
+    from editserve.editing import load_model
+    from editserve.editing.lifelong import FLUENCY_PROMPTS, generation_fluency, heldout_perplexity
 
     path = out / "stream.json"
     if path.exists():
         s = json.loads(path.read_text())
         if s["data"] == str(data) and len(s["case_ids"]) >= n:
+            if s.get("fluency_prompts") != len(FLUENCY_PROMPTS):       # the baseline of a changed metric
+                model, tok = load_model()
+                s["fluency"], s["fluency_prompts"] = generation_fluency(model, tok), len(FLUENCY_PROMPTS)
+                path.write_text(json.dumps(s))
             return s
-    from editserve.editing import load_model
-
     model, tok = load_model()
     records = load_counterfact(data)
     keep, ns_before, scanned = [], [], 0
@@ -91,7 +94,8 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
         if len(keep) >= n:
             break
     s = {"data": str(data), "case_ids": keep[:n], "ns_before": ns_before[:n], "scanned": scanned,
-         "ppl": heldout_perplexity(model, tok), "fluency": generation_fluency(model, tok)}
+         "ppl": heldout_perplexity(model, tok), "fluency": generation_fluency(model, tok),
+         "fluency_prompts": len(FLUENCY_PROMPTS)}
     path.write_text(json.dumps(s))
     return s
 

@@ -20,10 +20,22 @@ from editserve.editing.edit import EditResult, compute_edit
 from editserve.editing.requests import EditRequest
 
 HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
+# Neutral openings for `generation_fluency`. Greedy 50-token runs of a small model often fall into a
+# loop, and an edit can move a loop; with few prompts that swings the mean, so there are 40.
 FLUENCY_PROMPTS = (
     "The weather today is", "My favourite food is", "The history of the city begins",
     "In the morning I usually", "The best way to learn a language is", "The river flows",
     "Our neighbours have a dog that", "The museum opened in", "A good teacher", "The train to the coast",
+    "When I was a child, my grandmother", "The recipe calls for", "Scientists have long wondered why",
+    "The old bridge over the valley", "Every winter the village", "The meeting was postponed because",
+    "She opened the letter and", "The garden behind the house", "A healthy breakfast should include",
+    "The library closes early on", "He spent the summer working as", "The mountains in the north are",
+    "Learning to play the piano", "The company announced that", "On the first day of school",
+    "The storm knocked out power to", "Most people agree that exercise", "The painting hanging in the hall",
+    "After dinner we walked along", "The small bakery on the corner", "Doctors recommend that children",
+    "The football match ended with", "In the distance we could hear", "The farmer planted",
+    "My brother has always wanted to", "The new road will connect", "The festival takes place every",
+    "Reading books before bed", "The ship left the harbour at", "Our teacher told us a story about",
 )
 
 
