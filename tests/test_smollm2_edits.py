@@ -71,3 +71,44 @@ def test_memit_fast_batch_meets_threshold(smollm, records):
                       n_known=10, batch=10, method="memit", progress=False)
     assert report.records_edited == 10
     assert report.after.es >= 0.90, report.after
+
+
+def _holds_now(model, tok, req) -> bool:
+    from editserve.editing.scoring import target_nll
+
+    nll = target_nll(model, tok, [req.text, req.text], [req.target_new, req.target_true])
+    return bool(nll[0] < nll[1])
+
+
+@pytest.mark.parametrize("method", ["rome", "alphaedit"])
+def test_clamp_escalation_retries_an_edit_that_does_not_hold(smollm, method):
+    """A clamp too small for the edit (0.05·‖h‖) leaves the fact unchanged; with `escalate_clamp` the
+    same request is recomputed with the next factor and holds; the model is never changed by computing."""
+    model, tok = smollm
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome",
+                      target_true=" Paris")
+    before = _digest(model)
+    weak = compute_patch(model, tok, [req], method=method, hparams={"value": {"clamp_norm_factor": 0.05}})
+    strong = compute_patch(model, tok, [req], method=method,
+                           hparams={"value": {"clamp_norm_factor": 0.05, "escalate_clamp": [0.1, 4.0]}})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "computing changed the model"
+    assert strong.hparams["value"]["escalate_clamp"] == [0.1, 4.0]
+    assert strong.timings["check"] > 0
+    for patch, holds in ((weak, False), (strong, True)):
+        apply_patch(model, patch)
+        try:
+            assert _holds_now(model, tok, req) is holds, (patch.hparams["value"], holds)
+        finally:
+            remove_patch(model, patch)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_escalate_clamp_must_rise():
+    from editserve.editing.hparams import load_hparams
+    from editserve.errors import InvalidRequestError
+
+    for bad in ([0.5], [8.0, 6.0], ["x"], [-1.0]):
+        with pytest.raises(InvalidRequestError, match="escalate_clamp"):
+            load_hparams("rome", ["smollm2-135m-instruct"], {"value": {"clamp_norm_factor": 1.0, "escalate_clamp": bad}})
+    hp = load_hparams("rome", ["smollm2-135m-instruct"], {"value": {"escalate_clamp": [8.0]}})
+    assert hp.value.escalate_clamp == (8.0,)

@@ -10,6 +10,7 @@ patch's keys, tagged with the patch's digest) with the new version.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +24,14 @@ from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus, load_corpus
 from editserve.editing.hooks import Hooks
-from editserve.editing.hparams import HParams, MemitParams, RomeParams, load_hparams, to_dict
+from editserve.editing.hparams import HParams, MemitParams, RomeParams, ValueParams, load_hparams, to_dict
 from editserve.editing.keys import compute_keys
 from editserve.editing.memit import memit_factors
 from editserve.editing.model import fingerprint
 from editserve.editing.prefixes import context_prefixes
 from editserve.editing.requests import EditRequest
 from editserve.editing.rome import prompt_scales, rome_direction, rome_factors
+from editserve.editing.scoring import target_nll
 from editserve.editing.nullspace import cached_null_space
 from editserve.editing.stats import layer_stats, stats_key
 from editserve.editing.values import optimise_values
@@ -140,7 +142,8 @@ def compute_edit(
     prefixes = context_prefixes(model, tok, fp, hp.prefixes)
 
     if isinstance(hp, RomeParams):
-        deltas, new_keys = _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings)
+        def attempt(clamps: torch.Tensor):
+            return _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings, clamps)
     elif isinstance(hp, MemitParams):
         covs = {l: s.cov for l, s in stats.items()}
 
@@ -148,7 +151,8 @@ def compute_edit(
             return memit_factors(covs[layer], keys, resid, hp.cov_weight,
                                  prompt_keys if hp.keys == "per_prompt" else None)
 
-        deltas, new_keys = _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings)
+        def attempt(clamps: torch.Tensor):
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps)
     else:
         t = time.perf_counter()
         dtype = next(model.parameters()).dtype
@@ -160,7 +164,10 @@ def compute_edit(
             gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
             return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight)
 
-        deltas, new_keys = _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings)
+        def attempt(clamps: torch.Tensor):
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps)
+
+    deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
     patch = Patch(
         deltas=tuple(deltas), requests=requests, method=method, hparams=to_dict(hp),
         model_fingerprint=fp, family=spec.family, timings=timings,
@@ -173,7 +180,46 @@ def compute_edit(
     return EditResult(patch=patch, preserved=state)
 
 
-def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings):
+def _escalating(model, tok, requests, value: ValueParams, attempt, timings):
+    """`attempt(clamp factors [n])` -> (deltas, keys) with `value.clamp_norm_factor` for every request;
+    then, while a request's edit does not hold (`_holds`) and `value.escalate_clamp` has a next factor,
+    again with that factor for the requests that failed (the others keep theirs). A small clamp keeps
+    each patch's norm, and so a long ledger's drift, low; the retry spends more only where an edit needs
+    it. Timings accumulate over attempts; ``timings["check"]`` is the time spent checking."""
+    clamps = torch.full((len(requests),), float(value.clamp_norm_factor))
+    deltas, keys = attempt(clamps)
+    for factor in value.escalate_clamp:
+        t = time.perf_counter()
+        held = _holds(model, tok, requests, deltas)
+        timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t
+        if bool(held.all()):
+            break
+        log.info("%d of %d edit(s) do not hold; retrying them with clamp factor %.2f",
+                 int((~held).sum()), len(requests), factor)
+        clamps = torch.where(held, clamps, torch.full_like(clamps, float(factor)))
+        deltas, keys = attempt(clamps)
+    return deltas, keys
+
+
+def _holds(model, tok, requests, deltas) -> torch.Tensor:
+    """[n] bool: with `deltas` added (hooks; the weights are untouched), request i's own prompt makes
+    its new target more likely than its true one (CounterFact's efficacy; `fact_success`); without a
+    true target, the new target's mean per-token probability exceeds 1/2."""
+    spec = spec_for(model)
+    prompts, targets = [], []
+    for r in requests:
+        prompts += [r.text, r.text]
+        targets += [r.target_new, r.target_true or r.target_new]
+    with Hooks(model) as hooks:
+        for d in deltas:
+            hooks.add_low_rank(spec.down_proj_name(d.layer), d.u, d.v)
+        nll = target_nll(model, tok, prompts, targets)                                  # [2n]
+    new, true = -nll[0::2], -nll[1::2]
+    has_true = torch.tensor([r.target_true is not None for r in requests])
+    return torch.where(has_true, new > true, new > math.log(0.5))
+
+
+def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: torch.Tensor):
     """([delta], {layer: keys [1, d_in]})."""
     spec = spec_for(model)
     t = time.perf_counter()
@@ -182,28 +228,30 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings):
     # Each prompt's output will move by (uᵀk_i / uᵀk*)·δ: optimise δ for exactly that.
     direction = rome_direction(cov, key)                                               # C⁻¹k* [d_in]
     scales = prompt_scales(direction, key, keys.prompt_keys[hp.layer])                 # [1, n_prompts]
-    timings["keys"] = time.perf_counter() - t
+    timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value,
-                             prompt_scales=scales, frozen_below=hp.layer)
-    timings["values"] = time.perf_counter() - t
+                             prompt_scales=scales, frozen_below=hp.layer, clamp_factors=clamps)
+    timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     u, v = rome_factors(direction, key, values.delta[0])
-    timings["solve"] = time.perf_counter() - t
+    timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
     return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)], {hp.layer: key[None, :]}
 
 
-def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_params, solve, timings):
+def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_params, solve, timings,
+            clamps: torch.Tensor):
     """MEMIT's machinery (memit.py): δ at the last edit layer's residual stream, then layer by layer
     `solve(layer, keys [n,d_in], prompt_keys [n,m,d_in], resid [n,d_out]) -> (U, V)` with the earlier
     layers' updates in effect. Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
     spec = spec_for(model)
     top = spec.layer_name(layers[-1])                    # residual stream after the last edit layer
     t = time.perf_counter()
-    values = optimise_values(model, tok, requests, prefixes, top, value_params, frozen_below=layers[-1])
-    timings["values"] = time.perf_counter() - t
-    timings["keys"] = 0.0
-    timings["solve"] = 0.0
+    values = optimise_values(model, tok, requests, prefixes, top, value_params, frozen_below=layers[-1],
+                             clamp_factors=clamps)
+    timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
+    timings.setdefault("keys", 0.0)
+    timings.setdefault("solve", 0.0)
     z0 = None
     deltas: list[WeightDelta] = []
     used: dict[int, torch.Tensor] = {}

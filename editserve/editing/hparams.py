@@ -36,6 +36,17 @@ class ValueParams:
     clamp_norm_factor: float = 4.0     # ‖δ‖ ≤ factor · ‖h‖
     early_stop_nll: float = 0.05       # stop when mean target NLL drops below this
     kl_prompt: str = "{} is a"
+    # Clamp factors to retry with, in order, for a request whose edit does not hold on its own prompt
+    # with the computed patch in place (edit.py `_holds`); the others keep their factor. () = no retry.
+    escalate_clamp: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        steps = self.escalate_clamp
+        if not isinstance(steps, tuple) or not all(isinstance(f, (int, float)) and f > 0 for f in steps):
+            raise InvalidRequestError(f"escalate_clamp must be a list of positive numbers, got {steps!r}")
+        if any(b <= a for a, b in zip((self.clamp_norm_factor, *steps), steps)):
+            raise InvalidRequestError(f"escalate_clamp must rise above clamp_norm_factor={self.clamp_norm_factor}, "
+                                      f"got {list(steps)!r}")
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):
             kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
-        elif key == "layers":
+        elif key in ("layers", "escalate_clamp") and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
             kwargs[key] = value
@@ -146,4 +157,5 @@ def to_dict(hp: HParams) -> dict[str, Any]:
     d = dataclasses.asdict(hp)
     if "layers" in d:
         d["layers"] = list(d["layers"])
+    d["value"]["escalate_clamp"] = list(d["value"]["escalate_clamp"])
     return d

@@ -54,6 +54,7 @@ def optimise_values(
     prompt_scales: torch.Tensor | None = None,
     chunk_size: int = 16,
     frozen_below: int = 0,
+    clamp_factors: torch.Tensor | None = None,
 ) -> ValueResult:
     """Optimise δ for each request (in chunks of `chunk_size` requests); the model is unchanged.
 
@@ -62,14 +63,18 @@ def optimise_values(
     (ROME: uᵀk_i / uᵀk*). The KL prompt shares the bare prompt's subject key, so its scale.
     frozen_below: blocks 0 … frozen_below−1 are computed once, not per step; `module` must lie at or
     above block `frozen_below` (ROME and MEMIT pass their edit layer).
+    clamp_factors [n]: ‖δ_i‖ ≤ clamp_factors[i]·‖h_i‖ instead of `params.clamp_norm_factor` for all.
     """
+    if clamp_factors is None:
+        clamp_factors = torch.full((len(requests),), float(params.clamp_norm_factor))
     # Chunks of requests with similar suffix lengths pad less.
     order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tok, requests[i]))
     parts = []
     for i in range(0, len(requests), chunk_size):
         idx = order[i:i + chunk_size]
         parts.append(_optimise_chunk(model, tok, [requests[j] for j in idx], prefixes, module, params,
-                                     None if prompt_scales is None else prompt_scales[idx], frozen_below))
+                                     None if prompt_scales is None else prompt_scales[idx], frozen_below,
+                                     clamp_factors[idx]))
     back = torch.argsort(torch.tensor(order))                                     # sorted position of each request
     return ValueResult(
         delta=torch.cat([p.delta for p in parts])[back],
@@ -148,6 +153,7 @@ def _optimise_chunk(
     params: ValueParams,
     prompt_scales: torch.Tensor | None,
     frozen_below: int,
+    clamp_factors: torch.Tensor,
 ) -> ValueResult:
     """Optimise δ for `requests` together; converged requests leave the batch (it is rebuilt
     without them once a quarter of its requests have converged), so each step only computes
@@ -178,7 +184,7 @@ def _optimise_chunk(
     d = h_init.shape[-1]
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
-    max_norm = params.clamp_norm_factor * h_init.norm(dim=-1)                   # [n]
+    max_norm = clamp_factors.to(device=device, dtype=h_init.dtype) * h_init.norm(dim=-1)   # [n]
     init_sq = (h_init.norm(dim=-1) ** 2).clamp(min=1e-12)
     nll = torch.full((n,), float("inf"), device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
