@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from editserve.candidates.adapter import factors_of, write_adapter
+from editserve.envparse import whole_number
 from editserve.errors import InvalidRequestError, PatchStateError
 from editserve.ledger.errors import PatchNotFound
 from editserve.patches import Patch
@@ -93,12 +94,7 @@ class CandidateSettings:
         env = os.environ if environ is None else environ
 
         def integer(name: str, default: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            if not raw.isdigit():
-                raise InvalidRequestError(f"{name} must be a whole number, got {raw!r}")
-            return int(raw)
+            return whole_number(env, name, default)
 
         raw_share = env.get(SHARE_ENV, "").strip()
         try:

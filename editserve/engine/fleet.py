@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,13 @@ class FleetSettings:
         env = os.environ if environ is None else environ
 
         def number(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                return float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"{name} must be a number, got {raw!r}") from None
+            return real_number(env, name, default, minimum=0.0, strictly_above=True, unit="seconds")
 
-        skew = env.get(MAX_SKEW_ENV, "").strip()
-        if skew and not skew.isdigit():
-            raise InvalidRequestError(f"{MAX_SKEW_ENV} must be a whole number of versions, got {skew!r}")
+        skew = whole_number(env, MAX_SKEW_ENV, 0, unit="versions")
         return cls(replica_id=env.get(REPLICA_ID_ENV, "").strip() or default_replica_id(),
                    address=env.get(GRPC_ADDR_ENV, "127.0.0.1:50051"), role=role,
                    reconcile_s=number(RECONCILE_ENV, 5.0), heartbeat_s=number(HEARTBEAT_ENV, 10.0),
-                   live_s=number(LIVE_ENV, 30.0), max_skew=int(skew) if skew else 0)
+                   live_s=number(LIVE_ENV, 30.0), max_skew=skew)
 
 
 class FleetMember:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from editserve.editing.retention import RetentionGate
+from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -72,24 +73,10 @@ class HealthSettings:
         env = os.environ if environ is None else environ
 
         def integer(name: str, default: int) -> int:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            if not raw.isdigit():
-                raise InvalidRequestError(f"{name} must be a whole number >= 0, got {raw!r}")
-            return int(raw)
+            return whole_number(env, name, default)
 
         def number(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"{name} must be a number, got {raw!r}") from None
-            if not math.isfinite(value) or value < 0:
-                raise InvalidRequestError(f"{name} must be a finite number >= 0, got {raw!r}")
-            return value
+            return real_number(env, name, default)
 
         gate = RetentionGate(sample_size=integer(GATE_SAMPLE_ENV, RetentionGate.sample_size),
                              max_drop=number(GATE_MAX_DROP_ENV, RetentionGate.max_drop))

@@ -6,12 +6,12 @@ serve` (editserve/engine/launch.py) sets the variables from its flags.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
 from editserve.engine.health import HealthSettings
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
+from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
 from editserve.ledger.location import LedgerLocation
 
@@ -82,38 +82,24 @@ class ControlSettings:
     def from_env(cls, model: str | None, tensor_parallel_size: int = 1, environ: dict[str, str] | None = None,
                  ) -> "ControlSettings":
         env = os.environ if environ is None else environ
-        threads = env.get(SIDECAR_THREADS_ENV)
-        if threads is not None and not threads.strip().isdigit():
-            raise InvalidRequestError(f"{SIDECAR_THREADS_ENV} must be a positive integer, got {threads!r}")
+        threads = whole_number(env, SIDECAR_THREADS_ENV, 0, positive=True) or None
+
         def seconds(name: str, default: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"{name} must be a number of seconds, got {raw!r}") from None
-            if not (math.isfinite(value) and value > 0):
-                raise InvalidRequestError(f"{name} must be a positive number of seconds, got {raw!r}")
-            return value
+            return real_number(env, name, default, minimum=0.0, strictly_above=True, unit="seconds")
 
         from editserve.engine.serveonly import serve_only_from_env
 
-        cache_mb = env.get(BASE_CACHE_ENV, "").strip()
-        if cache_mb and not cache_mb.isdigit():
-            raise InvalidRequestError(f"{BASE_CACHE_ENV} must be a whole number of MiB, got {cache_mb!r}")
-        every = env.get(CHECKPOINT_EVERY_ENV, "").strip()
-        if every and not every.isdigit():
-            raise InvalidRequestError(f"{CHECKPOINT_EVERY_ENV} must be a positive integer, got {every!r}")
+        cache_mb = whole_number(env, BASE_CACHE_ENV, 512, unit="MiB")
+        every = whole_number(env, CHECKPOINT_EVERY_ENV, 100, positive=True)
         return cls(model=model, tensor_parallel_size=tensor_parallel_size, ledger_root=env.get(LEDGER_ENV) or None,
                    swap_messages=(env.get(SWAP_MESSAGES_ENV) or "delta").strip().lower(),
-                   checkpoint_every=int(every) if every else 100,
+                   checkpoint_every=every,
                    pause_mode=env.get(PAUSE_MODE_ENV) or DEFAULT_PAUSE_MODE,
                    sidecar_device=env.get(SIDECAR_DEVICE_ENV) or None,
-                   sidecar_threads=int(threads) if threads else None,
+                   sidecar_threads=threads,
                    compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
                    read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
                    sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
-                   base_cache_bytes=(int(cache_mb) << 20) if cache_mb else 512 << 20,
+                   base_cache_bytes=cache_mb << 20,
                    health=HealthSettings.from_env(env),
                    serve_only=serve_only_from_env(env))
