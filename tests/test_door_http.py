@@ -106,6 +106,7 @@ def test_reads_answer_the_ledger(client: TestClient) -> None:
     ("POST", "/edit", {"requests": []}, 400, "requests"),
     ("POST", "/edit", {"facts": []}, 400, "at least one fact"),
     ("POST", "/rollback", {"version": -1}, 400, "-1"),
+    ("POST", "/rollback", {"version": True}, 400, "version must be a number, got true"),
     ("POST", "/revert", {"version": 0, "idempotency_key": "a b"}, 400, "'a b'"),
     ("POST", "/import", {"manifest_json": "", "factors": ""}, 400, "0 and 0 bytes"),
 ])
@@ -206,6 +207,9 @@ def test_every_rpc_needs_a_token_of_its_role(grpc_target: str) -> None:
     ({"version": 1, "shares": 0.5}, "shares"),
     ({"to_version": -1}, "-1"),
     ({"to_version": 0, "version": 1}, "exactly one"),
+    ({"version": 1, "share": True}, "share must be a number, got true"),
+    ({"edit": {"facts": [{"prompt": "{} is in", "subject": "X", "target_new": " Y"}], "layers": [True]}},
+     "edit.layers must be a number, got [true]"),
 ])
 def test_bad_stage_bodies(client: TestClient, body: Any, fragment: str) -> None:
     r = _call(client, "POST", "/candidates", TOKENS["admin"], json=body)

@@ -70,9 +70,32 @@ OPERATION_HEADER = "x-editserve-operation-id"
 Handler = Callable[[Operations, Principal, Any], Awaitable[Any]]
 
 
+def _no_bool_numbers(data: Any, descriptor: Any, path: str = "") -> None:
+    """protobuf's JSON parser reads ``true`` as 1 in a number field (``{"share": true}`` would stage
+    to all traffic): refuse a JSON boolean anywhere a number is expected, naming the field."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    if not isinstance(data, dict):
+        return
+    numeric = {F.TYPE_DOUBLE, F.TYPE_FLOAT, F.TYPE_INT64, F.TYPE_UINT64, F.TYPE_INT32, F.TYPE_FIXED64,
+               F.TYPE_FIXED32, F.TYPE_UINT32, F.TYPE_SFIXED32, F.TYPE_SFIXED64, F.TYPE_SINT32, F.TYPE_SINT64}
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or next(
+            (f for f in descriptor.fields if f.json_name == key), None)
+        if field is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if field.type in numeric and any(isinstance(v, bool) for v in values):
+            raise InvalidRequestError(f"{path}{key} must be a number, got {json.dumps(value)}")
+        if field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry:
+            for v in values:
+                _no_bool_numbers(v, field.message_type, f"{path}{key}.")
+
+
 def _message(data: dict[str, Any], cls: Any) -> Any:
     from google.protobuf import json_format
 
+    _no_bool_numbers(data, cls.DESCRIPTOR)
     try:
         return json_format.ParseDict(data, cls())
     except json_format.ParseError as exc:
