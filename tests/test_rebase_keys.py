@@ -158,3 +158,18 @@ def test_probe_items_follow_the_recorded_gate_report() -> None:
     assert [(i.kind, i.fact) for i in items] == [("efficacy", 0), ("neighbourhood", -1)]
     bare = probe_items(replace(step, old_probe_report=None))
     assert [(i.kind, i.prompt, i.target_true) for i in bare] == [("efficacy", REQS[0].text, " Paris")]
+
+
+def test_rebase_replays_fields_a_patch_predates_with_class_defaults() -> None:
+    """A patch computed before `cov_weight` (or `value.escalate_clamp`) existed stores no such field; its
+    rebase must replay it as computed (λ = 0, no escalation), not with today's per-model file (λ = 750)."""
+    from editserve.editing.hparams import load_hparams, to_dict
+    from editserve.ledger.rebase import _deep_merge, _defaults
+
+    today = load_hparams("alphaedit", ["smollm2-135m-instruct"])
+    assert today.cov_weight == 750.0
+    stored = to_dict(today)
+    del stored["cov_weight"], stored["value"]["escalate_clamp"]
+    replayed = load_hparams("alphaedit", ["smollm2-135m-instruct"], _deep_merge(_defaults("alphaedit"), stored))
+    assert replayed.cov_weight == 0.0 and replayed.value.escalate_clamp == ()
+    assert replayed.layers == today.layers and replayed.value.clamp_norm_factor == today.value.clamp_norm_factor

@@ -153,6 +153,15 @@ def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] 
     return _build(_METHODS[method], data, where)
 
 
+def class_defaults(method: str) -> dict[str, Any]:
+    """The dataclass defaults of `method` (no per-model file): what a field a stored patch does not
+    name meant when the patch was computed, if the field was added later with a neutral default
+    (AlphaEdit's ``cov_weight`` = 0, ``value.escalate_clamp`` = ()). Rebase replays patches over this."""
+    if method not in _METHODS:
+        raise InvalidRequestError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
+    return to_dict(_METHODS[method]())
+
+
 def to_dict(hp: HParams) -> dict[str, Any]:
     d = dataclasses.asdict(hp)
     if "layers" in d:

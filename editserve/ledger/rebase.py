@@ -149,6 +149,12 @@ def probe_metrics(model: torch.nn.Module, tok: Any, step: RebaseStep) -> dict[st
     return score_probe_items(model, tok, probe_items(step))
 
 
+def _defaults(method: str) -> dict[str, Any]:
+    from editserve.editing.hparams import class_defaults
+
+    return class_defaults(method)
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -198,7 +204,9 @@ class ModelRecompute:
         self.steps += 1
         before = self._with(list(step.old_context) + [step.old_patch],
                             lambda: self.metrics(self.model, self.tok, step))
-        hparams = _deep_merge(step.hparams, self.hparams_overrides)
+        # The old patch's own hyper-parameters, complete: a field it predates takes the class default,
+        # not today's per-model file (a patch from before cov_weight existed replays with λ = 0).
+        hparams = _deep_merge(_deep_merge(_defaults(step.method), step.hparams), self.hparams_overrides)
 
         def recompute() -> tuple[Any, dict[str, float]]:
             # The preserved keys of the new context, rebuilt from the ledger's per-patch blocks
