@@ -426,3 +426,24 @@ def test_restart_leaves_no_candidate(server: CandidateServer, state: dict[str, A
     for i, p in enumerate(PROMPTS):
         ids, _, version = server.generate(p, request_id=f"after-restart-{i}")
         assert version == str(state["promoted"]) and ids == default[p], p
+
+
+def test_promoted_dry_run_keeps_its_preserved_keys(server: CandidateServer, state: dict[str, Any]) -> None:
+    """A dry-run candidate, once promoted, is a version like an edit: the ledger holds its
+    preserved-keys blocks (issue 16), so later AlphaEdit edits keep it in place and a rollback
+    restores the key state exactly."""
+    from editserve.ledger.ledger import DB_FILE
+
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [
+        {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target_new": " Vienna",
+         "target_true": " Rome"}], "skip_gate": True}, "share": 0.0})
+    assert status == 200 and cand["source"] == "dry_run", cand
+    status, out = server.control("POST", f"/candidates/{cand['id']}/promote", "admin")
+    assert status == 200 and out["committed_as"] == "import", out
+    st = server.control("GET", "/status", "viewer")[1]
+    db = sqlite3.connect(f"file:{Path(st['ledger_root']) / DB_FILE}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT COUNT(*) FROM patch_state WHERE digest = ?", (out["patch_id"],)).fetchone()[0]
+    finally:
+        db.close()
+    assert st["ledger_head"] == out["version"] and rows == 1, (st, out, rows)

@@ -97,21 +97,26 @@ def _report_of(engine: Any, digest: str) -> dict[str, Any] | None:
     return None
 
 
-def write_export(patch: Patch, model_fingerprint: str, dest: Path) -> Path:
+def write_export(patch: Patch, model_fingerprint: str, dest: Path, keys: Any = None) -> Path:
     """A patch export directory (`editserve.ledger.transfer` format) of a patch the ledger does
-    not hold (a dry run's): what promote imports."""
+    not hold (a dry run's), with its preserved-keys blocks (`keys`, a PreservedKeys) when it has
+    some: what promote imports, so the promoted version holds the same key state as an edit."""
     from safetensors.torch import save
 
     from editserve.ledger.blobs import sha256_bytes
-    from editserve.ledger.transfer import EXPORT_FORMAT, MANIFEST_FILE, PATCH_FILE
+    from editserve.ledger.keystate import state_bytes
+    from editserve.ledger.transfer import EXPORT_FORMAT, KEYS_FILE, MANIFEST_FILE, PATCH_FILE
 
-    data = save(patch.tensors())
+    files = {PATCH_FILE: save(patch.tensors())}
+    if keys is not None and keys.blocks:
+        files[KEYS_FILE] = state_bytes(keys)
     manifest = patch.manifest()
     manifest["export"] = {"format": EXPORT_FORMAT, "kind": "patch", "model_fingerprint": model_fingerprint,
                           "source_version": None, "exported_at": time.time(),
-                          "files": {PATCH_FILE: {"sha256": sha256_bytes(data), "size": len(data)}}}
+                          "files": {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()}}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / PATCH_FILE).write_bytes(data)
+    for name, data in files.items():
+        (dest / name).write_bytes(data)
     (dest / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return dest
 
@@ -145,7 +150,8 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[b
         report: dict[str, Any] | None = None
         if computed is not None:
             source = "dry_run"
-            await asyncio.to_thread(write_export, computed.patch, engine.ledger.model_fingerprint, src)
+            await asyncio.to_thread(write_export, computed.patch, engine.ledger.model_fingerprint, src,
+                                    getattr(computed, "keys", None))
             report = computed.probe_report
         elif export is not None:
             source = "upload"

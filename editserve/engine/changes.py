@@ -23,8 +23,10 @@ class VersionChange:
     serving_replicas: tuple[str, ...] = ()        # live replicas serving `version` at the reply (docs/fleet.md)
     lagging_replicas: tuple[str, ...] = ()
     patch: Any = field(default=None, compare=False, repr=False)   # a dry run's computed Patch (never serialised)
+    keys: Any = field(default=None, compare=False, repr=False)    # and its preserved-keys blocks (PreservedKeys)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(replace(self, patch=None))
+        out = asdict(replace(self, patch=None, keys=None))
         out.pop("patch")
+        out.pop("keys")
         return out

@@ -394,7 +394,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                      patch_id=computed.patch.digest, method=method,
                                      probe_report=computed.probe_report, active_patches=len(
                                          await asyncio.to_thread(self.ledger.active_ids, head)),
-                                     patch=computed.patch)          # a candidate may stage it (editserve.candidates)
+                                     patch=computed.patch, keys=computed.keys)   # a candidate may stage it
+                                                                                 # (editserve.candidates)
             async with self._lock:
                 now = await asyncio.to_thread(self.ledger.head)
                 if self.served.version != head or now != head:
@@ -584,11 +585,11 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         """Validate the exported patch in directory `src` (`editserve.ledger.transfer`), then commit
         and serve it on top of the head."""
         from editserve.ledger.errors import ImportRejected
-        from editserve.ledger.transfer import read_patch_export
+        from editserve.ledger.transfer import read_patch_import
 
         self._check_usable()
         src = Path(src)
-        patch = await asyncio.to_thread(read_patch_export, self.ledger, src)
+        patch, keys = await asyncio.to_thread(read_patch_import, self.ledger, src)
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "import",
                                         lambda i: i.kind == "import" and i.patch_id == patch.digest)
@@ -603,7 +604,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         def write(head: int) -> int:
             # Validated once above, before the pause; inside it only the ledger write remains.
             return self.ledger._import([patch], head, who, idempotency_key, None, Layout.OUT_IN, replace=False,
-                                       details={"source": "control plane import"})
+                                       details={"source": "control plane import"}, keys=keys)
 
         return await self._change("import", expected_head, target_of, write, patch_id=patch.digest)
 

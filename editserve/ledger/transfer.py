@@ -246,21 +246,26 @@ def read_patch_export(ledger: Ledger, src: str | Path, base: Mapping[str, torch.
                       max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM) -> Patch:
     """The patch of the export in `src`, validated for `ledger` as `import_patch` does, without
     writing anything (raises `ImportRejected`)."""
+    return read_patch_import(ledger, src, base, base_layout, max_relative_norm)[0]
+
+
+def read_patch_import(ledger: Ledger, src: str | Path, base: Mapping[str, torch.Tensor] | None = None,
+                      base_layout: Layout = Layout.OUT_IN, max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM,
+                      ) -> tuple[Patch, dict[str, PreservedKeys]]:
+    """`read_patch_export` and the export's preserved-keys blocks by patch digest (what
+    `Ledger._import` stores with the patch), without writing anything."""
     src = Path(src)
     manifest, tensors = _read_export(src, "patch", PATCH_FILE)
     _check_fingerprint(ledger, manifest)
-    return _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
+    patch = _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
+    return patch, _read_keys(src, manifest, [patch.digest])
 
 
 def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
                  base: Mapping[str, torch.Tensor] | None = None, base_layout: Layout = Layout.OUT_IN,
                  max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM, idempotency_key: str | None = None) -> int:
     """Validate an exported patch and commit it on top of `expected_head`; returns the new version."""
-    src = Path(src)
-    manifest, tensors = _read_export(src, "patch", PATCH_FILE)
-    _check_fingerprint(ledger, manifest)
-    patch = _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
-    keys = _read_keys(src, manifest, [patch.digest])
+    patch, keys = read_patch_import(ledger, src, base, base_layout, max_relative_norm)
     return ledger._import([patch], expected_head, caller, idempotency_key, base, base_layout, replace=False,
                           details={"source": str(src), "source_version": manifest["export"].get("source_version")},
                           keys=keys)
