@@ -48,6 +48,15 @@ def test_tensor_wire_roundtrip_is_exact(dtype):
     assert torch.equal(back.view(torch.uint8), t.contiguous().view(torch.uint8))
 
 
+def test_tensor_wire_takes_a_one_column_factor_with_a_non_unit_stride():
+    """One edit's AlphaEdit/MEMIT factor U = Rᵀ is [d_out, 1] with strides (1, d_out): "contiguous"
+    to torch, yet not byte-viewable (this failed every AlphaEdit commit through the server)."""
+    u = torch.randn(1, 576).T
+    assert u.is_contiguous() and u.stride() == (1, 576)
+    back = decode_tensor(encode_tensor(u))
+    assert back.shape == (576, 1) and torch.equal(back, u)
+
+
 def test_decode_rejects_bad_wire_tensors():
     good = encode_tensor(torch.ones(2, 3))
     with pytest.raises(PatchMismatchError, match="needs 24 bytes"):

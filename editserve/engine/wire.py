@@ -52,7 +52,11 @@ def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
     """A tensor as ``{"data": bytes, "dtype": name, "shape": [..]}`` (always a CPU copy)."""
     t = t.detach().to("cpu").contiguous()
     name = dtype_name(t.dtype)
-    return {"data": t.view(torch.uint8).numpy().tobytes() if t.numel() else b"", "dtype": name, "shape": list(t.shape)}
+    # reshape(-1) first: a "contiguous" tensor with a size-1 dimension may keep any stride on it (an
+    # AlphaEdit or MEMIT factor U = Rᵀ of one edit is [d_out, 1] with strides (1, d_out)), and a
+    # byte view needs a unit last stride.
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return {"data": data, "dtype": name, "shape": list(t.shape)}
 
 
 def decode_tensor(obj: Mapping[str, Any]) -> torch.Tensor:
