@@ -810,6 +810,7 @@ def test_c4_failure_on_one_rank_restores_the_other(server_c, shared):
 def test_c5_base_copy_that_differs_from_served_weights_is_caught(server_c, shared):
     version = shared["tiny_edit_version"]
     name = _tiny_name(3)
+    failed_before = server_c.metric('editserve_swaps_total{result="failed"}')
     with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
         ledger.ensure_base(name, torch.zeros(128, 256))
         ledger.commit(_tiny_patch(ledger.model_fingerprint, 3, 5, scale=1e-3), expected_head=version, caller="test")
@@ -818,4 +819,6 @@ def test_c5_base_copy_that_differs_from_served_weights_is_caught(server_c, share
     _, st = server_c.get("/editserve/v1/status")
     assert st["served_version"] == version and st["degraded"] is None
     assert _rank_sums(server_c, name) == _checkpoint_slices(name, 2, shared["tiny"])
-    assert server_c.metric('editserve_swaps_total{result="failed"}') == 2
+    # at least this sync's swap failed; the fleet loop's periodic reconcile (every 5 s) may already have
+    # retried the same head and failed again
+    assert server_c.metric('editserve_swaps_total{result="failed"}') >= failed_before + 1
