@@ -594,7 +594,9 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
         self._check_usable()
         src = Path(src)
-        patch, keys = await asyncio.to_thread(read_patch_import, self.ledger, src)
+        # an upload over gRPC/HTTP carries the manifest and factors only: its keys file may be absent
+        patch, keys = await asyncio.to_thread(functools.partial(read_patch_import, self.ledger, src,
+                                                                keys_may_be_absent=True))
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "import",
                                         lambda i: i.kind == "import" and i.patch_id == patch.digest)

@@ -69,13 +69,18 @@ def _keys_file(ledger: Ledger, digests: list[str], files: dict[str, bytes], list
         listing[KEYS_FILE] = {"sha256": sha256_bytes(data), "size": len(data)}
 
 
-def _read_keys(src: Path, manifest: dict[str, Any], digests: list[str]) -> dict[str, PreservedKeys]:
-    """The preserved-keys blocks of an export, per patch digest (empty if it carries none)."""
+def _read_keys(src: Path, manifest: dict[str, Any], digests: list[str],
+               listed_may_be_absent: bool = False) -> dict[str, PreservedKeys]:
+    """The preserved-keys blocks of an export, per patch digest (empty if it carries none, or, with
+    `listed_may_be_absent`, if the manifest lists a keys file the directory lacks: an upload over the
+    API carries the manifest and the factors only)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     want = (manifest["export"].get("files") or {}).get(KEYS_FILE)
     if want is None:
+        return {}
+    if listed_may_be_absent and not (src / KEYS_FILE).exists():
         return {}
     try:
         data = (src / KEYS_FILE).read_bytes()
@@ -251,14 +256,14 @@ def read_patch_export(ledger: Ledger, src: str | Path, base: Mapping[str, torch.
 
 def read_patch_import(ledger: Ledger, src: str | Path, base: Mapping[str, torch.Tensor] | None = None,
                       base_layout: Layout = Layout.OUT_IN, max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM,
-                      ) -> tuple[Patch, dict[str, PreservedKeys]]:
+                      keys_may_be_absent: bool = False) -> tuple[Patch, dict[str, PreservedKeys]]:
     """`read_patch_export` and the export's preserved-keys blocks by patch digest (what
     `Ledger._import` stores with the patch), without writing anything."""
     src = Path(src)
     manifest, tensors = _read_export(src, "patch", PATCH_FILE)
     _check_fingerprint(ledger, manifest)
     patch = _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
-    return patch, _read_keys(src, manifest, [patch.digest])
+    return patch, _read_keys(src, manifest, [patch.digest], keys_may_be_absent)
 
 
 def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
@@ -266,9 +271,9 @@ def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: st
                  max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM, idempotency_key: str | None = None) -> int:
     """Validate an exported patch and commit it on top of `expected_head`; returns the new version."""
     patch, keys = read_patch_import(ledger, src, base, base_layout, max_relative_norm)
+    source_version = json.loads((Path(src) / MANIFEST_FILE).read_text())["export"].get("source_version")
     return ledger._import([patch], expected_head, caller, idempotency_key, base, base_layout, replace=False,
-                          details={"source": str(src), "source_version": manifest["export"].get("source_version")},
-                          keys=keys)
+                          details={"source": str(src), "source_version": source_version}, keys=keys)
 
 
 def import_version(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
