@@ -88,10 +88,14 @@ def test_clamp_escalation_retries_an_edit_that_does_not_hold(smollm, method):
     req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome",
                       target_true=" Paris")
     before = _digest(model)
-    weak = compute_patch(model, tok, [req], method=method, hparams={"value": {"clamp_norm_factor": 0.05}})
+    # `escalate_clamp: []` switches off the escalation a method's shipped hyper-parameters may carry
+    # (SmolLM2's AlphaEdit file escalates to 1.5 and 4.0, so without it the weak edit would hold too).
+    weak = compute_patch(model, tok, [req], method=method,
+                         hparams={"value": {"clamp_norm_factor": 0.05, "escalate_clamp": []}})
     strong = compute_patch(model, tok, [req], method=method,
                            hparams={"value": {"clamp_norm_factor": 0.05, "escalate_clamp": [0.1, 4.0]}})
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "computing changed the model"
+    assert weak.hparams["value"]["escalate_clamp"] == []
     assert strong.hparams["value"]["escalate_clamp"] == [0.1, 4.0]
     assert strong.timings["check"] > 0
     for patch, holds in ((weak, False), (strong, True)):
