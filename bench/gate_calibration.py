@@ -1,15 +1,17 @@
 """Calibration of the probe gate's default thresholds on the embedded SmolLM2-135M.
 
 Runs the gate (`editserve.control.probe.probe_gate`, default configuration: paraphrases from the
-relation templates, neighbours from the packaged pool, 20 canaries) on ROME patches of the first
---records CounterFact records the model knows, each on the unedited model, and on a set of
+relation templates, neighbours from the packaged pool, 20 canaries) on patches (--method, default the
+server's default method) of --records CounterFact records the model knows (after skipping the first
+--skip known ones, so a check can use records the thresholds were not chosen on), each on the
+unedited model, and on a set of
 over-general edits that should be refused (subject "the"/"The", a lone article or pronoun). It
 prints the distribution of each gate score and how many edits each default threshold would
 reject, so the defaults in `DEFAULT_THRESHOLDS` can be checked against measurements.
 
-    .venv/bin/python bench/gate_calibration.py [--records 30] [--data counterfact-edit.json]
+    .venv/bin/python bench/gate_calibration.py [--records 30] [--skip 0] [--method alphaedit] [--data ...]
 
-One JSON line per edit goes to --out (default bench/results/gate_calibration.jsonl).
+One JSON line per edit goes to --out (default bench/results/gate_calibration-<method>.jsonl).
 """
 
 from __future__ import annotations
@@ -44,34 +46,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=30)
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--out", default="bench/results/gate_calibration.jsonl")
+    ap.add_argument("--skip", type=int, default=0, help="known records to skip first (0: the calibration set)")
+    ap.add_argument("--method", default=None, help="editing method (default: the server's default method)")
+    ap.add_argument("--out", default=None, help="JSON lines (default bench/results/gate_calibration-<method>.jsonl)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    from editserve.control.methods import default_method
     from editserve.control.probe import DEFAULT_THRESHOLDS, GateConfig, probe_gate
     from editserve.editing import EditRequest, compute_patch, load_model
     from editserve.editing.counterfact import load_counterfact
     from editserve.editing.evaluate import score_records
 
+    method = args.method or default_method()
     model, tok = load_model()
     records = load_counterfact(args.data)
     known = []
     for start in range(0, len(records), 64):
         chunk = records[start:start + 64]
         known += [r for r, sc in zip(chunk, score_records(model, tok, chunk)) if sc.es == 0.0]
-        if len(known) >= args.records:
+        if len(known) >= args.skip + args.records:
             break
-    cases = [("counterfact", r.case_id, r.request) for r in known[: args.records]]
+    cases = [("counterfact", r.case_id, r.request) for r in known[args.skip:args.skip + args.records]]
     cases += [("over-general", i, EditRequest(prompt=p, subject=s, target_new=n, target_true=t))
               for i, (p, s, n, t) in enumerate(OVER_GENERAL)]
 
-    out = Path(args.out)
+    out = Path(args.out or f"bench/results/gate_calibration-{method}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     config = GateConfig()
     rows = []
     with out.open("w") as f:
         for kind, case, req in cases:
-            patch = compute_patch(model, tok, [req], method="rome")
+            patch = compute_patch(model, tok, [req], method=method)
             rep = probe_gate(model, tok, patch, [req], config)
             row = {"kind": kind, "case": case, "subject": req.subject, "passed": rep.passed,
                    "failures": list(rep.failures), "efficacy": rep.efficacy, "paraphrase": rep.paraphrase,
@@ -86,7 +92,7 @@ def main() -> int:
     t = DEFAULT_THRESHOLDS
     cf = [r for r in rows if r["kind"] == "counterfact"]
     og = [r for r in rows if r["kind"] == "over-general"]
-    print(f"\ndefault thresholds: {t}")
+    print(f"\nmethod {method}; known records {args.skip}..{args.skip + len(cf) - 1}; default thresholds: {t}")
     print(f"CounterFact edits: {len(cf)}; passed the default gate: {sum(r['passed'] for r in cf)}")
     for name, key in (("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("NS drop", "ns_drop"),
                       ("canary KL mean", "canary_kl_mean"), ("canary KL max", "canary_kl_max"),

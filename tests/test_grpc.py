@@ -35,6 +35,8 @@ pytest.importorskip("vllm")
 
 from editserve.client import ControlError, EditClient  # noqa: E402
 from editserve.control.gen import pb2, pb2_grpc  # noqa: E402
+from editserve.control.methods import default_method  # noqa: E402
+from editserve.editing.hparams import load_hparams  # noqa: E402
 from editserve.editing.model import embedded_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -623,7 +625,11 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert info.kind == "revert" and info.parent == vb and info.is_head and info.caller == "token:admin-user"
             assert list(info.removed) == [a.change.patch_id] and not info.added
             info_a = adm.get_version(va)
-            assert info_a.kind == "commit" and info_a.patch_id == a.change.patch_id and info_a.method == "rome"
+            # A and B name no method: they get the default (ROME edits layer 5, AlphaEdit layers 1–5).
+            method = default_method()
+            hp = load_hparams(method, ["smollm2-135m-instruct"])
+            touched = [f"model.layers.{i}.mlp.down_proj.weight" for i in getattr(hp, "layers", None) or [hp.layer]]
+            assert info_a.kind == "commit" and info_a.patch_id == a.change.patch_id and info_a.method == method
             assert [(f.subject, f.target_new) for f in info_a.facts] == [("The Space Needle", " London")]
             assert info_a.idempotency_key == "life-a" and not info_a.is_head
             assert json.loads(info_a.probe_report_json)["gate"]["passed"] is True
@@ -631,13 +637,14 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             d = adm.diff(vb, vr)
             assert list(d.only_a) == [a.change.patch_id] and not d.only_b
             assert b.change.patch_id in d.common
-            assert [w.name for w in d.weights] == ["model.layers.5.mlp.down_proj.weight"]
-            assert d.weights[0].norm > 0 and 0 < d.weights[0].relative < 0.5
+            assert sorted(w.name for w in d.weights) == sorted(touched)
+            assert all(w.norm > 0 and 0 < w.relative < 0.5 for w in d.weights)
             assert not adm.diff(vb, vb).weights
             out = cli("diff", str(vb), str(vr))
             assert f"1 only in {vb}, 0 only in {vr}" in out and f"only in {vb}: {a.change.patch_id[:12]}" in out
-            row = next(line for line in out.splitlines() if line.startswith("5 "))
-            assert row.split()[1] == "model.layers.5.mlp.down_proj.weight" and float(row.split()[2]) > 0
+            for name in touched:
+                row = next(line for line in out.splitlines() if line.split()[1:2] == [name])
+                assert row.split()[0] == name.split(".")[2] and float(row.split()[2]) > 0
             out = cli("show", str(va))
             assert 'The Space Needle is located in the city of → " London"' in out and "probe gate: PASSED" in out
             assert "token:editor-user" in out and a.change.patch_id in out

@@ -4,7 +4,7 @@ is as fast as the rest.
 `StatisticsWarmup` runs in the sidecar process, in its own thread, after the sidecar has said
 `Ready`. It builds (or loads from the cache of `editserve.editing.stats`) E[kkᵀ] for the default
 edit layers of the default methods (`WARM_METHODS`, layers and statistics parameters from the
-per-model hyper-parameter files; for SmolLM2: ROME layer 5, MEMIT layers 1-5, one pass over the
+per-model hyper-parameter files; for SmolLM2: AlphaEdit and MEMIT layers 1-5, ROME layer 5, one pass over the
 corpus). It runs on its own copy of the *base* checkpoint cut after the last layer it needs, so it
 never touches the sidecar's model (whose weights a sync changes in place, and on which a sync,
 score or trace runs forward passes meanwhile): the request loop stays responsive, and only an edit
@@ -38,7 +38,7 @@ from editserve.editing.hparams import StatsParams
 log = logging.getLogger(__name__)
 
 WARM_ENV = "EDITSERVE_WARM_STATISTICS"
-WARM_METHODS = ("rome", "memit")
+WARM_METHODS = ("alphaedit", "rome", "memit")
 STATES = ("building", "ready", "failed", "off")
 PUBLISH_INTERVAL_S = 0.5
 
