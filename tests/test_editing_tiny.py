@@ -131,6 +131,17 @@ def test_batched_values_match_single_requests(family, monkeypatch):
             assert torch.allclose(res.delta[i], a.delta[0], rtol=1e-4, atol=1e-5), (i, (res.delta[i] - a.delta[0]).abs().max())
             assert torch.allclose(res.final_nll[i], a.final_nll[0], rtol=1e-4, atol=1e-5)
             assert torch.allclose(res.init_output[i], a.init_output[0], rtol=1e-5, atol=1e-6)
+    # A per-request early stop of 0 (an escalation retry) runs that request to max_steps, in the same
+    # batch as requests that keep the configured stop; theirs are what they were.
+    first = min(range(len(reqs)), key=lambda i: steps[i])
+    stops = torch.full((len(reqs),), params.early_stop_nll)
+    stops[first] = 0.0
+    mixed = optimise_values(model, tok, reqs, prefixes, module, params, frozen_below=1, stop_nll=stops)
+    full = optimise_values(model, tok, [reqs[first]], prefixes, module, free, frozen_below=1)
+    assert mixed.final_nll[first] < alone[first].final_nll[0]
+    assert torch.allclose(mixed.delta[first], full.delta[0], rtol=1e-4, atol=1e-5)
+    for i in set(range(len(reqs))) - {first}:
+        assert torch.allclose(mixed.delta[i], alone[i].delta[0], rtol=1e-4, atol=1e-5), i
 
 
 def test_memit_factors_solve_the_least_squares_problem():

@@ -142,8 +142,8 @@ def compute_edit(
     prefixes = context_prefixes(model, tok, fp, hp.prefixes)
 
     if isinstance(hp, RomeParams):
-        def attempt(clamps: torch.Tensor):
-            return _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings, clamps)
+        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+            return _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings, clamps, stops)
     elif isinstance(hp, MemitParams):
         covs = {l: s.cov for l, s in stats.items()}
 
@@ -151,8 +151,8 @@ def compute_edit(
             return memit_factors(covs[layer], keys, resid, hp.cov_weight,
                                  prompt_keys if hp.keys == "per_prompt" else None)
 
-        def attempt(clamps: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps)
+        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps, stops)
     else:
         t = time.perf_counter()
         dtype = next(model.parameters()).dtype
@@ -164,8 +164,8 @@ def compute_edit(
             gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
             return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight)
 
-        def attempt(clamps: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps)
+        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps, stops)
 
     deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
     patch = Patch(
@@ -181,23 +181,32 @@ def compute_edit(
 
 
 def _escalating(model, tok, requests, value: ValueParams, attempt, timings):
-    """`attempt(clamp factors [n])` -> (deltas, keys) with `value.clamp_norm_factor` for every request;
-    then, while a request's edit does not hold (`_holds`) and `value.escalate_clamp` has a next factor,
-    again with that factor for the requests that failed (the others keep theirs). A small clamp keeps
-    each patch's norm, and so a long ledger's drift, low; the retry spends more only where an edit needs
-    it. Timings accumulate over attempts; ``timings["check"]`` is the time spent checking."""
+    """`attempt(clamp factors [n], early-stop NLLs [n])` -> (deltas, keys), first with
+    `value.clamp_norm_factor` and `value.early_stop_nll` for every request; then, while a request's
+    edit does not hold (`_holds`) and `value.escalate_clamp` has a next factor, again with that
+    factor and no early stop for the requests that failed (the others keep theirs).
+
+    Both knobs matter. A clamp that bounds δ can be too small for the fact; and the value
+    optimisation stops on the mean NLL over the bare and prefixed prompts (0.05 ≈ p 0.95 at the
+    residual δ is added to), which a spread or regularised solve (MEMIT, AlphaEdit) realises only in
+    part, so an early-stopped δ can leave the bare prompt unflipped whatever the clamp (a retry with
+    only a larger clamp computed the same δ). A small clamp and an early stop keep each patch's norm,
+    and so a long ledger's drift, low; the retry spends more only where an edit needs it. Timings
+    accumulate over attempts; ``timings["check"]`` is the time spent checking."""
     clamps = torch.full((len(requests),), float(value.clamp_norm_factor))
-    deltas, keys = attempt(clamps)
+    stops = torch.full((len(requests),), float(value.early_stop_nll))
+    deltas, keys = attempt(clamps, stops)
     for factor in value.escalate_clamp:
         t = time.perf_counter()
         held = _holds(model, tok, requests, deltas)
         timings["check"] = timings.get("check", 0.0) + time.perf_counter() - t
         if bool(held.all()):
             break
-        log.info("%d of %d edit(s) do not hold; retrying them with clamp factor %.2f",
+        log.info("%d of %d edit(s) do not hold; retrying them with clamp factor %.2f and no early stop",
                  int((~held).sum()), len(requests), factor)
         clamps = torch.where(held, clamps, torch.full_like(clamps, float(factor)))
-        deltas, keys = attempt(clamps)
+        stops = torch.where(held, stops, torch.zeros_like(stops))
+        deltas, keys = attempt(clamps, stops)
     return deltas, keys
 
 
@@ -219,7 +228,8 @@ def _holds(model, tok, requests, deltas) -> torch.Tensor:
     return torch.where(has_true, new > true, new > math.log(0.5))
 
 
-def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: torch.Tensor):
+def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: torch.Tensor,
+          stops: torch.Tensor):
     """([delta], {layer: keys [1, d_in]})."""
     spec = spec_for(model)
     t = time.perf_counter()
@@ -231,7 +241,7 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: 
     timings["keys"] = timings.get("keys", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     values = optimise_values(model, tok, requests, prefixes, spec.mlp_name(hp.layer), hp.value,
-                             prompt_scales=scales, frozen_below=hp.layer, clamp_factors=clamps)
+                             prompt_scales=scales, frozen_below=hp.layer, clamp_factors=clamps, stop_nll=stops)
     timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
     t = time.perf_counter()
     u, v = rome_factors(direction, key, values.delta[0])
@@ -240,7 +250,7 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: 
 
 
 def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_params, solve, timings,
-            clamps: torch.Tensor):
+            clamps: torch.Tensor, stops: torch.Tensor):
     """MEMIT's machinery (memit.py): δ at the last edit layer's residual stream, then layer by layer
     `solve(layer, keys [n,d_in], prompt_keys [n,m,d_in], resid [n,d_out]) -> (U, V)` with the earlier
     layers' updates in effect. Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
@@ -248,7 +258,7 @@ def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_param
     top = spec.layer_name(layers[-1])                    # residual stream after the last edit layer
     t = time.perf_counter()
     values = optimise_values(model, tok, requests, prefixes, top, value_params, frozen_below=layers[-1],
-                             clamp_factors=clamps)
+                             clamp_factors=clamps, stop_nll=stops)
     timings["values"] = timings.get("values", 0.0) + time.perf_counter() - t
     timings.setdefault("keys", 0.0)
     timings.setdefault("solve", 0.0)

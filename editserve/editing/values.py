@@ -9,8 +9,10 @@ prompt (bare and prefixed) and optimised with Adam to minimise
   + weight_decay · ‖δ‖² / ‖h‖²                               small change
 
 with ‖δ‖ clamped to clamp_norm_factor · ‖h‖ (h = the original output) and early stopping
-once every request's target NLL is below `early_stop_nll`. All requests of a batch are
-optimised together in one forward/backward per step (their losses are independent).
+once every request's target NLL is below `early_stop_nll` (both per request if asked: an edit
+that did not hold is retried with a larger clamp and no early stop, see `edit._escalating`). All
+requests of a batch are optimised together in one forward/backward per step (their losses are
+independent).
 
 Each step only computes what δ can change: the tokens from the subject's last token on (the
 prefix before it is run once and cached, see `prompts.PrefixRunner`) and the blocks from the
@@ -55,6 +57,7 @@ def optimise_values(
     chunk_size: int = 16,
     frozen_below: int = 0,
     clamp_factors: torch.Tensor | None = None,
+    stop_nll: torch.Tensor | None = None,
 ) -> ValueResult:
     """Optimise δ for each request (in chunks of `chunk_size` requests); the model is unchanged.
 
@@ -64,9 +67,13 @@ def optimise_values(
     frozen_below: blocks 0 … frozen_below−1 are computed once, not per step; `module` must lie at or
     above block `frozen_below` (ROME and MEMIT pass their edit layer).
     clamp_factors [n]: ‖δ_i‖ ≤ clamp_factors[i]·‖h_i‖ instead of `params.clamp_norm_factor` for all.
+    stop_nll [n]: request i stops once its target NLL is below stop_nll[i] instead of
+    `params.early_stop_nll` (0: it runs all `params.max_steps`).
     """
     if clamp_factors is None:
         clamp_factors = torch.full((len(requests),), float(params.clamp_norm_factor))
+    if stop_nll is None:
+        stop_nll = torch.full((len(requests),), float(params.early_stop_nll))
     # Chunks of requests with similar suffix lengths pad less.
     order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tok, requests[i]))
     parts = []
@@ -74,7 +81,7 @@ def optimise_values(
         idx = order[i:i + chunk_size]
         parts.append(_optimise_chunk(model, tok, [requests[j] for j in idx], prefixes, module, params,
                                      None if prompt_scales is None else prompt_scales[idx], frozen_below,
-                                     clamp_factors[idx]))
+                                     clamp_factors[idx], stop_nll[idx]))
     back = torch.argsort(torch.tensor(order))                                     # sorted position of each request
     return ValueResult(
         delta=torch.cat([p.delta for p in parts])[back],
@@ -154,6 +161,7 @@ def _optimise_chunk(
     prompt_scales: torch.Tensor | None,
     frozen_below: int,
     clamp_factors: torch.Tensor,
+    stop_nll: torch.Tensor,
 ) -> ValueResult:
     """Optimise δ for `requests` together; converged requests leave the batch (it is rebuilt
     without them once a quarter of its requests have converged), so each step only computes
@@ -185,6 +193,7 @@ def _optimise_chunk(
     delta = torch.zeros((n, d), device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=params.lr)
     max_norm = clamp_factors.to(device=device, dtype=h_init.dtype) * h_init.norm(dim=-1)   # [n]
+    stop = stop_nll.to(device=device, dtype=torch.float32)                                  # [n]
     init_sq = (h_init.norm(dim=-1) ** 2).clamp(min=1e-12)
     nll = torch.full((n,), float("inf"), device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -210,7 +219,7 @@ def _optimise_chunk(
         per_req = per_req / torch.bincount(rw, minlength=n).clamp(min=1)         # [n], 0 outside P.reqs
         nll[P.reqs] = per_req[P.reqs].detach()
         steps = step + 1
-        done = done | (nll < params.early_stop_nll)
+        done = done | (nll < stop)
         if bool(done.all()):
             break
         kl_now = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)
