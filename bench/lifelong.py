@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,6 +136,14 @@ def _load(run: Path, model):
     return st["done"], st["seconds"], [Row(**r) for r in st["rows"]], set(weights), preserved
 
 
+def _rss_mib() -> float:
+    """This process's resident memory (Linux /proc; NaN elsewhere), logged at each checkpoint."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 @dataclass(frozen=True)
 class Collapse:
     """When a run counts as collapsed (checked at every checkpoint)."""
@@ -204,9 +213,9 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
             since, since_t = 0, 0.0
             collapsed = collapse.reason(row)
             _save(run, model, touched, preserved, rows, done, seconds, collapsed)
-            log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit",
-                     run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
-                     max(row.norm_growth.values(), default=0.0), row.seconds_per_edit)
+            log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit "
+                     "(RSS %.0f MiB)", run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
+                     max(row.norm_growth.values(), default=0.0), row.seconds_per_edit, _rss_mib())
             if collapsed:
                 log.info("%s: collapsed at %d edits (%s); stopping this run", run.name, done, collapsed)
                 break
