@@ -165,6 +165,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
     from editserve.editing.lifelong import commit, generation_fluency, heldout_perplexity, norm_growth
+    from editserve.memory import trim_heap
 
     run = out / f"{method}-b{batch}"
     run.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
         t = time.perf_counter()
         res = commit(model, tok, [r.request for r in recs], method, preserved, corpus, hparams)
         dt = time.perf_counter() - t
+        trim_heap()                                 # as the sidecar does after each edit (editserve/memory.py)
         preserved = res.preserved
         touched |= set(res.patch.weight_names)
         done += len(recs)
@@ -210,6 +212,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
                       fluency=flu, fluency_ratio=flu / stream["fluency"], ppl=ppl, ppl_ratio=ppl / stream["ppl"],
                       norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since)
             rows.append(row)
+            trim_heap()
             since, since_t = 0, 0.0
             collapsed = collapse.reason(row)
             _save(run, model, touched, preserved, rows, done, seconds, collapsed)

@@ -46,6 +46,7 @@ from editserve.engine.errors import SidecarError, SidecarTimeout
 from editserve.engine.wire import rank_range, weight_checksum
 from editserve.errors import EditserveError
 from editserve.ledger.location import LedgerLocation
+from editserve.memory import trim_heap
 from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
@@ -648,6 +649,10 @@ def _serve(conn: Connection, worker: _Worker) -> None:
             log.exception("sidecar request %s failed", type(msg).__name__)
             reply = Failed(type(exc).__name__, str(exc))
         conn.send(reply)
+        if isinstance(msg, (ComputeEdit, ComputeRebase, Sync)):
+            # After the reply, so it costs the caller nothing: an edit, a rebase or a sync frees
+            # tens of MiB of transient tensors that glibc would otherwise keep (editserve/memory.py).
+            trim_heap()
 
 
 # ------------------------------------------------------------------------------ parent side
