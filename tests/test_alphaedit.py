@@ -111,6 +111,37 @@ def test_factors_with_covariance_penalty():
         alphaedit_factors(p, k1, r, m, alpha, None, 1.0)
 
 
+def test_factors_with_per_prompt_keys():
+    """keys="per_prompt": D(K_pK_pᵀ + (1/m)Σ_j k_j k_jᵀ + λC + αI)P = R K̄ᵀ P with K̄ the mean key — the
+    minimiser of the mean over prompts of ‖D k_j − r‖² (plus the same penalties) over D = DP; with one
+    prompt per request it is the mean-key update; it fits a prompt whose key differs from the others
+    better than the mean-key update does."""
+    cov, _, r, kp = _random_problem()
+    g = torch.Generator().manual_seed(1)
+    pk = torch.randn(3, 4, cov.shape[0], generator=g)                      # [n, m, d_in]
+    pk[:, 0] = torch.randn(3, cov.shape[0], generator=g) * 3               # the bare prompt's key differs
+    k1 = pk.mean(1)
+    p = null_space(cov, float(torch.linalg.eigvalsh(cov)[18])).p
+    alpha, lam = 0.5, 3.0
+    u, v = alphaedit_factors(p, k1, r, kp @ kp.T, alpha, cov, lam, prompt_keys=pk)
+    d = u.double() @ v.double().T
+    assert torch.allclose(d @ p, d, atol=1e-5)
+    flat = pk.double().reshape(-1, pk.shape[-1])
+    m = kp @ kp.T + flat.T @ flat / pk.shape[1] + lam * cov
+    lhs = d @ (m + alpha * torch.eye(m.shape[0], dtype=torch.float64)) @ p
+    rhs = r.double().T @ k1.double() @ p
+    assert torch.allclose(lhs, rhs, atol=1e-4 * rhs.abs().max())
+    um, vm = alphaedit_factors(p, k1, r, kp @ kp.T, alpha, cov, lam)
+    dm = um.double() @ vm.double().T
+
+    def misfit(delta):                                                     # mean over prompts of ‖D k_j − r‖²
+        return float(((torch.einsum("oi,nmi->nmo", delta, pk.double()) - r.double()[:, None]) ** 2).sum(-1).mean())
+    assert misfit(d) < misfit(dm)
+    one = k1[:, None, :]
+    uo, vo = alphaedit_factors(p, k1, r, kp @ kp.T, alpha, cov, lam, prompt_keys=one)
+    assert torch.allclose(uo.double() @ vo.double().T, dm, atol=1e-6)
+
+
 def _threshold(model, tok, corpus, frac=0.6):
     """An eigenvalue threshold keeping ~`frac` of each edited layer's directions on the tiny model."""
     stats, _ = layer_stats(model, tok, LAYERS, corpus, fingerprint(model), StatsParams(**STATS), progress=False)

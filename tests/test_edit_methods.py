@@ -26,6 +26,17 @@ def test_alphaedit_is_accepted_with_its_overrides():
             hparam_overrides(method, text)
     with pytest.raises(EditserveError, match=r"alpha=0"):
         hparam_overrides("alphaedit", '{"alpha": 0}')
+    # per-prompt keys and the most-probable early stop (wave 2 session 5), typed refusals naming the value
+    text = '{"keys": "per_prompt", "value": {"early_stop": "most_probable", "early_stop_margin": 1.5}}'
+    assert hparam_overrides("alphaedit", text).nested() == {
+        "keys": "per_prompt", "value": {"early_stop": "most_probable", "early_stop_margin": 1.5}}
+    assert not hparam_overrides("alphaedit", text).needs_admin
+    with pytest.raises(EditserveError, match=r"early_stop='sometimes'"):
+        hparam_overrides("alphaedit", '{"value": {"early_stop": "sometimes"}}')
+    with pytest.raises(EditserveError, match=r"early_stop_margin=-1"):
+        hparam_overrides("memit", '{"value": {"early_stop_margin": -1}}')
+    with pytest.raises(EditserveError, match=r"keys='each'"):
+        hparam_overrides("alphaedit", '{"keys": "each"}')
 
 
 def test_default_method_is_one_switch(monkeypatch):

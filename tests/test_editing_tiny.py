@@ -144,6 +144,71 @@ def test_batched_values_match_single_requests(family, monkeypatch):
         assert torch.allclose(mixed.delta[i], alone[i].delta[0], rtol=1e-4, atol=1e-5), i
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_most_probable_early_stop(family):
+    """early_stop="most_probable" (MPES) stops each request at the first step where every target token
+    leads on every one of its prompts by the margin: fewer steps and a smaller δ than the NLL stop, and
+    the stopping δ satisfies the criterion, while the step before it does not. A per-request stop of 0
+    (an escalation retry) still runs all steps."""
+    from editserve.editing.arch import spec_for
+    from editserve.editing.hooks import Hooks
+    from editserve.editing.hparams import ValueParams
+    from editserve.editing.keys import prefixed_texts
+    from editserve.editing.prompts import subject_last_index, target_ids
+    from editserve.editing.values import optimise_values
+
+    model, tok = tiny_model(family), tiny_tokenizer()
+    spec = spec_for(model)
+    module = spec.mlp_name(1)
+    # One-token targets right after the subject: what a random tiny model can learn to predict.
+    reqs = [EditRequest(prompt="The tower of {}", subject="Eiffel", target_new=" the"),
+            EditRequest(prompt="A man named {}", subject="Michel Rocard", target_new=" a")]
+    prefixes = ("The city. ", "Danielle plays the piano. ")
+    nll_stop = ValueParams(max_steps=60, lr=0.3, early_stop_nll=0.05, kl_factor=0.0, clamp_norm_factor=1e4, weight_decay=0.0)
+    by_nll = optimise_values(model, tok, reqs, prefixes, module, nll_stop, frozen_below=1)
+    for margin in (0.0, 0.5):
+        mpes = dataclasses.replace(nll_stop, early_stop="most_probable", early_stop_margin=margin)
+        res = optimise_values(model, tok, reqs, prefixes, module, mpes, frozen_below=1)
+        assert res.steps < by_nll.steps, (margin, res.steps, by_nll.steps)
+        for i, req in enumerate(reqs):
+            alone = optimise_values(model, tok, [req], prefixes, module, mpes, frozen_below=1)
+            assert torch.allclose(alone.delta[0], res.delta[i], rtol=1e-4, atol=1e-5)
+            assert alone.delta[0].norm() < by_nll.delta[i].norm()
+            # Stopping at step s returns δ after s − 1 updates (what the check at step s saw).
+            assert alone.steps >= 3
+            same, fewer = (optimise_values(model, tok, [req], prefixes, module,
+                                           dataclasses.replace(nll_stop, max_steps=alone.steps - k), frozen_below=1)
+                           for k in (1, 2))
+            assert torch.allclose(same.delta[0], alone.delta[0], rtol=1e-5, atol=1e-6)
+            for delta, want in ((alone.delta[0], True), (fewer.delta[0], False)):
+                leads = []
+                for text, end in prefixed_texts(req, prefixes):
+                    ids_list, subj_last = subject_last_index(tok, text, end)
+                    ids = torch.tensor([ids_list])
+                    tgt = target_ids(tok, req.target_new)
+                    full = torch.cat([ids, torch.tensor([tgt[:-1]], dtype=ids.dtype)], 1)
+
+                    def add(out, delta=delta, subj_last=subj_last):
+                        out = out.clone()
+                        out[:, subj_last] += delta.to(out.dtype)
+                        return out
+                    with torch.no_grad(), Hooks(model) as hooks:
+                        hooks.edit_output(module, add)
+                        logp = torch.log_softmax(model(input_ids=full).logits[0].float(), -1)
+                    for j, t in enumerate(tgt):
+                        row = logp[ids.shape[1] - 1 + j].clone()
+                        lead = row[t] - row.scatter(0, torch.tensor([t]), float("-inf")).max()
+                        leads.append(float(lead))
+                assert (min(leads) >= margin - 1e-4) == want, (margin, req.subject, want, leads)
+    retry = dataclasses.replace(nll_stop, early_stop="most_probable")
+    full = optimise_values(model, tok, reqs[:1], prefixes, module, retry, frozen_below=1, stop_nll=torch.zeros(1))
+    assert full.steps == retry.max_steps
+    with pytest.raises(InvalidRequestError, match="early_stop"):
+        ValueParams(early_stop="sometimes")
+    with pytest.raises(InvalidRequestError, match="early_stop_margin"):
+        ValueParams(early_stop_margin=-1.0)
+
+
 def test_memit_factors_solve_the_least_squares_problem():
     """ΔW = U Vᵀ minimises Σ_i w_i‖ΔW k_i − r_i‖² + λ tr(ΔW C ΔWᵀ): its gradient vanishes, for mean keys
     and for per-prompt keys (weights 1/m); with one prompt per request both modes agree."""

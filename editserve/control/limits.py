@@ -42,6 +42,8 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
     "value.weight_decay": Bound(float, 0.0, 1.0),
     "value.clamp_norm_factor": Bound(float, 0.1, 100.0),
     "value.early_stop_nll": Bound(float, 0.0, 10.0),
+    "value.early_stop": Bound(str, choices=("nll", "most_probable")),
+    "value.early_stop_margin": Bound(float, 0.0, 50.0),
     "cov_weight": Bound(float, 1.0, 1e6),
     "alpha": Bound(float, 1e-3, 1e4),
     # a new threshold builds and caches another projection per layer (d_in² float64 each)
@@ -57,7 +59,7 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
 METHOD_KEYS: Mapping[str, frozenset[str]] = {
     "rome": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys", "alpha", "nullspace_threshold")),
     "memit": frozenset(k for k in HPARAM_BOUNDS if k not in ("alpha", "nullspace_threshold")),
-    "alphaedit": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys")),
+    "alphaedit": frozenset(k for k in HPARAM_BOUNDS if k != "cov_weight"),
 }
 
 

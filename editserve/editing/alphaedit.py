@@ -105,12 +105,16 @@ class PreservedKeys:
 
 def alphaedit_factors(p: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, preserved_gram: torch.Tensor,
                       alpha: float, cov: torch.Tensor | None = None,
-                      cov_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                      cov_weight: float = 0.0,
+                      prompt_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + λ C P + αI)⁻¹.
 
     p [d_in, d_in] the projection, keys [n, d_in] K₁ᵀ, resid [n, d_out] Rᵀ,
     preserved_gram [d_in, d_in] K_p K_pᵀ, alpha > 0; cov [d_in, d_in] C and cov_weight λ ≥ 0
     (λ = 0, the paper's update, needs no cov). See the module docs for why λ > 0.
+    prompt_keys [n, m, d_in]: when given, K₁K₁ᵀ is replaced by the mean over each request's m prompts
+    of k kᵀ — the update fits every prompt's key (bare and prefixed) instead of only their mean,
+    which matters when the bare prompt's key differs from the prefixed ones (memit.py, "per_prompt").
     """
     if not alpha > 0:
         raise InvalidRequestError(f"alpha must be positive, got {alpha!r}")
@@ -118,7 +122,12 @@ def alphaedit_factors(p: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, 
         raise InvalidRequestError(f"cov_weight must be ≥ 0, got {cov_weight!r}")
     p64 = p.to(torch.float64)
     k = keys.to(torch.float64).T                                  # [d_in, n]
-    m = preserved_gram.to(torch.float64) + k @ k.T                # [d_in, d_in]
+    if prompt_keys is None:
+        second = k @ k.T                                          # [d_in, d_in]
+    else:
+        pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])   # [n·m, d_in]
+        second = pk.T @ pk / prompt_keys.shape[1]
+    m = preserved_gram.to(torch.float64) + second                 # [d_in, d_in]
     if cov_weight > 0:
         if cov is None:
             raise InvalidRequestError("cov_weight > 0 needs the layer's covariance")

@@ -162,7 +162,8 @@ def compute_edit(
 
         def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
             gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
-            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight)
+            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight,
+                                     prompt_keys if hp.keys == "per_prompt" else None)
 
         def attempt(clamps: torch.Tensor, stops: torch.Tensor):
             return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps, stops)

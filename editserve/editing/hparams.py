@@ -35,6 +35,11 @@ class ValueParams:
     weight_decay: float = 1e-3         # ‖δ‖² / ‖h‖² penalty
     clamp_norm_factor: float = 4.0     # ‖δ‖ ≤ factor · ‖h‖
     early_stop_nll: float = 0.05       # stop when mean target NLL drops below this
+    # "nll": stop on early_stop_nll only. "most_probable" (ENCORE's MPES, arXiv 2502.01636): also stop
+    # once every target token, on every prompt of the request (bare and prefixed), is the most probable
+    # token by at least early_stop_margin (log-probability): δ no larger than the edit needs.
+    early_stop: str = "nll"
+    early_stop_margin: float = 0.0
     kl_prompt: str = "{} is a"
     # Clamp factors to retry with, in order, for a request whose edit does not hold on its own prompt
     # with the computed patch in place (edit.py `_holds`); the others keep their factor. () = no retry.
@@ -44,6 +49,11 @@ class ValueParams:
         steps = self.escalate_clamp
         if not isinstance(steps, tuple) or not all(isinstance(f, (int, float)) and f > 0 for f in steps):
             raise InvalidRequestError(f"escalate_clamp must be a list of positive numbers, got {steps!r}")
+        if self.early_stop not in ("nll", "most_probable"):
+            raise InvalidRequestError(f"early_stop must be 'nll' or 'most_probable', got {self.early_stop!r}")
+        margin = self.early_stop_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 100:
+            raise InvalidRequestError(f"early_stop_margin must be a number in [0, 100), got {margin!r}")
         if any(b <= a for a, b in zip((self.clamp_norm_factor, *steps), steps)):
             raise InvalidRequestError(f"escalate_clamp must rise above clamp_norm_factor={self.clamp_norm_factor}, "
                                       f"got {list(steps)!r}")
@@ -92,6 +102,7 @@ class AlphaEditParams:
     nullspace_threshold: float = 2e-2   # keep C's eigen-directions with eigenvalue below this (absolute)
     alpha: float = 10.0                 # α in Δ = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + λCP + αI)⁻¹
     cov_weight: float = 0.0             # λ: MEMIT's covariance penalty kept inside the null space (0 = paper)
+    keys: str = "mean"                  # "per_prompt": K₁K₁ᵀ is the mean over every prompt's key (memit.py)
     value: ValueParams = ValueParams()
     prefixes: PrefixParams = PrefixParams()
     stats: StatsParams = StatsParams()
@@ -103,6 +114,8 @@ class AlphaEditParams:
             raise InvalidRequestError(f"nullspace_threshold must be a positive number, got {self.nullspace_threshold!r}")
         if not (isinstance(self.cov_weight, (int, float)) and self.cov_weight >= 0):
             raise InvalidRequestError(f"cov_weight must be a number ≥ 0, got {self.cov_weight!r}")
+        if self.keys not in ("mean", "per_prompt"):
+            raise InvalidRequestError(f"unknown AlphaEdit keys mode {self.keys!r}; choose 'mean' or 'per_prompt'")
 
 
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}

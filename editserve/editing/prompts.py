@@ -137,9 +137,17 @@ class PrefixRunner:
 
     def target_nll(self, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [T] of the batch's scored target tokens."""
+        return self.target_scores(hidden)[0]
+
+    def target_scores(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per scored target token: NLL [T] and margin [T] = log p(target) − max log p(any other token)
+        (> 0: the target is the most probable token there; no gradient)."""
         b = self.batch
-        logp = torch.log_softmax(self.logits_at(hidden, b.score_rows, b.score_cols), dim=-1)
-        return -logp.gather(1, b.score_ids[:, None])[:, 0]
+        logp = torch.log_softmax(self.logits_at(hidden, b.score_rows, b.score_cols), dim=-1)   # [T, vocab]
+        tgt = logp.gather(1, b.score_ids[:, None])[:, 0]                                      # [T]
+        with torch.no_grad():
+            other = logp.detach().scatter(1, b.score_ids[:, None], float("-inf")).amax(-1)    # [T]
+        return -tgt, tgt.detach() - other
 
 
 def mean_per_sequence(values: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:

@@ -9,8 +9,10 @@ prompt (bare and prefixed) and optimised with Adam to minimise
   + weight_decay · ‖δ‖² / ‖h‖²                               small change
 
 with ‖δ‖ clamped to clamp_norm_factor · ‖h‖ (h = the original output) and early stopping
-once every request's target NLL is below `early_stop_nll` (both per request if asked: an edit
-that did not hold is retried with a larger clamp and no early stop, see `edit._escalating`). All
+once every request's target NLL is below `early_stop_nll` or, with early_stop="most_probable", once
+each target token is the most probable one on every prompt by `early_stop_margin` (ENCORE's MPES: δ no
+larger than the edit needs). Clamp and stop are per request if asked: an edit that did not hold is
+retried with a larger clamp and no early stop, see `edit._escalating`. All
 requests of a batch are optimised together in one forward/backward per step (their losses are
 independent).
 
@@ -212,7 +214,7 @@ def _optimise_chunk(
             if frozen:
                 hooks.replay_output(frozen, P.frozen_output)
             hidden = P.runner.suffix_hidden()
-        tok_nll = P.runner.target_nll(hidden)                                      # [T]
+        tok_nll, tok_margin = P.runner.target_scores(hidden)                       # [T], [T]
         seq_nll = mean_per_sequence(tok_nll, P.batch.score_rows, len(P.req_of_seq))  # [B]
         rw = P.req_of_seq[P.rewrite_seq]
         per_req = torch.zeros(n, device=device).index_add(0, rw, seq_nll[P.rewrite_seq])
@@ -220,6 +222,15 @@ def _optimise_chunk(
         nll[P.reqs] = per_req[P.reqs].detach()
         steps = step + 1
         done = done | (nll < stop)
+        if params.early_stop == "most_probable":
+            # Most-probable stop: every target token of every rewrite prompt leads by the margin.
+            # A request with stop_nll 0 (a retry) runs all steps.
+            tok_req = P.req_of_seq[P.batch.score_rows]                            # [T] request of each token
+            worst = torch.full((n,), float("inf"), device=device).scatter_reduce(
+                0, tok_req, tok_margin, reduce="amin")                            # [n]; rewrite tokens only (KL prompts score none)
+            seen = torch.zeros(n, dtype=torch.bool, device=device)
+            seen[P.reqs] = True
+            done = done | (seen & (stop > 0) & (worst >= params.early_stop_margin))
         if bool(done.all()):
             break
         kl_now = torch.log_softmax(P.runner.logits_at(hidden, P.kl_seq, P.batch.last_cols[P.kl_seq]), -1)
@@ -239,5 +250,6 @@ def _optimise_chunk(
             norms = delta.norm(dim=-1)
             scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
             delta.mul_(scale[:, None])
-    log.debug("values: %d requests, %d steps, final nll %s", n, steps, nll.tolist())
+    log.debug("values: %d requests, %d steps, final nll %s, ‖δ‖/‖h‖ %s", n, steps, nll.tolist(),
+              (delta.detach().norm(dim=-1) / h_init.norm(dim=-1)).tolist())
     return ValueResult(delta=delta.detach().float().cpu(), init_output=h_init.cpu(), steps=steps, final_nll=nll.cpu())
