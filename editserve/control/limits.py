@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from editserve.control.errors import RequestTooLarge
+from editserve.editing.hparams import EARLY_STOPS, KEY_MODES
 from editserve.errors import InvalidRequestError
 
 MAX_HPARAMS_JSON_CHARS = 2000
@@ -42,13 +43,13 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
     "value.weight_decay": Bound(float, 0.0, 1.0),
     "value.clamp_norm_factor": Bound(float, 0.1, 100.0),
     "value.early_stop_nll": Bound(float, 0.0, 10.0),
-    "value.early_stop": Bound(str, choices=("nll", "most_probable")),
+    "value.early_stop": Bound(str, choices=EARLY_STOPS),
     "value.early_stop_margin": Bound(float, 0.0, 50.0),
     "cov_weight": Bound(float, 1.0, 1e6),
     "alpha": Bound(float, 1e-3, 1e4),
     # a new threshold builds and caches another projection per layer (d_in² float64 each)
     "nullspace_threshold": Bound(float, 1e-8, 1e3, admin=True),
-    "keys": Bound(str, choices=("mean", "per_prompt")),
+    "keys": Bound(str, choices=KEY_MODES),
     "prefixes.n_prefixes": Bound(int, 0, 50, admin=True),
     "prefixes.prefix_tokens": Bound(int, 1, 50, admin=True),
     "prefixes.seed": Bound(int, 0, 2 ** 31 - 1, admin=True),

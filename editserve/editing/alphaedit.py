@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editserve.editing.memit import key_second_moment
 from editserve.errors import InvalidRequestError, PatchMismatchError
 
 
@@ -122,12 +123,7 @@ def alphaedit_factors(p: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, 
         raise InvalidRequestError(f"cov_weight must be ≥ 0, got {cov_weight!r}")
     p64 = p.to(torch.float64)
     k = keys.to(torch.float64).T                                  # [d_in, n]
-    if prompt_keys is None:
-        second = k @ k.T                                          # [d_in, d_in]
-    else:
-        pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])   # [n·m, d_in]
-        second = pk.T @ pk / prompt_keys.shape[1]
-    m = preserved_gram.to(torch.float64) + second                 # [d_in, d_in]
+    m = preserved_gram.to(torch.float64) + key_second_moment(keys, prompt_keys)   # [d_in, d_in]
     if cov_weight > 0:
         if cov is None:
             raise InvalidRequestError("cov_weight > 0 needs the layer's covariance")

@@ -15,6 +15,9 @@ from typing import Any
 
 from editserve.errors import InvalidRequestError
 
+KEY_MODES = ("mean", "per_prompt")            # MEMIT / AlphaEdit `keys`
+EARLY_STOPS = ("nll", "most_probable")        # ValueParams.early_stop
+
 
 @dataclass(frozen=True)
 class StatsParams:
@@ -49,8 +52,8 @@ class ValueParams:
         steps = self.escalate_clamp
         if not isinstance(steps, tuple) or not all(isinstance(f, (int, float)) and f > 0 for f in steps):
             raise InvalidRequestError(f"escalate_clamp must be a list of positive numbers, got {steps!r}")
-        if self.early_stop not in ("nll", "most_probable"):
-            raise InvalidRequestError(f"early_stop must be 'nll' or 'most_probable', got {self.early_stop!r}")
+        if self.early_stop not in EARLY_STOPS:
+            raise InvalidRequestError(f"early_stop must be one of {list(EARLY_STOPS)}, got {self.early_stop!r}")
         margin = self.early_stop_margin
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 100:
             raise InvalidRequestError(f"early_stop_margin must be a number in [0, 100), got {margin!r}")
@@ -90,8 +93,8 @@ class MemitParams:
     stats: StatsParams = StatsParams()
 
     def __post_init__(self) -> None:
-        if self.keys not in ("mean", "per_prompt"):
-            raise InvalidRequestError(f"unknown MEMIT keys mode {self.keys!r}; choose 'mean' or 'per_prompt'")
+        if self.keys not in KEY_MODES:
+            raise InvalidRequestError(f"unknown MEMIT keys mode {self.keys!r}; choose one of {list(KEY_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ class AlphaEditParams:
             raise InvalidRequestError(f"nullspace_threshold must be a positive number, got {self.nullspace_threshold!r}")
         if not (isinstance(self.cov_weight, (int, float)) and self.cov_weight >= 0):
             raise InvalidRequestError(f"cov_weight must be a number ≥ 0, got {self.cov_weight!r}")
-        if self.keys not in ("mean", "per_prompt"):
-            raise InvalidRequestError(f"unknown AlphaEdit keys mode {self.keys!r}; choose 'mean' or 'per_prompt'")
+        if self.keys not in KEY_MODES:
+            raise InvalidRequestError(f"unknown AlphaEdit keys mode {self.keys!r}; choose one of {list(KEY_MODES)}")
 
 
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}

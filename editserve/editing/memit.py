@@ -22,6 +22,16 @@ from __future__ import annotations
 import torch
 
 
+def key_second_moment(keys: torch.Tensor, prompt_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """[d_in, d_in] float64: K Kᵀ of the mean keys [n, d_in], or with prompt_keys [n, m, d_in] the mean over
+    each request's m prompts of k kᵀ (summed over requests) — the "per_prompt" fit of MEMIT and AlphaEdit."""
+    if prompt_keys is None:
+        k = keys.to(torch.float64)
+        return k.T @ k
+    pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])   # [n·m, d_in]
+    return pk.T @ pk / prompt_keys.shape[1]
+
+
 def memit_factors(cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float,
                   prompt_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (U [d_out,n], V [d_in,n]) float32 of ΔW = R Kᵀ(λC + KKᵀ)⁻¹.
@@ -31,12 +41,7 @@ def memit_factors(cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, co
     """
     c = cov.to(torch.float64)
     k = keys.to(torch.float64).T                   # [d_in, n]
-    if prompt_keys is None:
-        second = k @ k.T                           # [d_in, d_in]
-    else:
-        pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])  # [n·m, d_in]
-        second = pk.T @ pk / prompt_keys.shape[1]
-    a = cov_weight * c + second                    # [d_in, d_in], symmetric positive definite
+    a = cov_weight * c + key_second_moment(keys, prompt_keys)   # [d_in, d_in], symmetric positive definite
     v = torch.linalg.solve(a, k)                   # [d_in, n]
     u = resid.to(torch.float64).T                  # [d_out, n]
     return u.float(), v.float()

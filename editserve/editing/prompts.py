@@ -135,18 +135,22 @@ class PrefixRunner:
         """Logits [T, vocab] at suffix positions (rows[i], cols[i])."""
         return self.lm_head(hidden[rows, cols]).float()
 
+    def _target_logp(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [T, vocab] at the scored positions and of the scored target tokens [T]."""
+        b = self.batch
+        logp = torch.log_softmax(self.logits_at(hidden, b.score_rows, b.score_cols), dim=-1)
+        return logp, logp.gather(1, b.score_ids[:, None])[:, 0]
+
     def target_nll(self, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token NLL [T] of the batch's scored target tokens."""
-        return self.target_scores(hidden)[0]
+        return -self._target_logp(hidden)[1]
 
     def target_scores(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per scored target token: NLL [T] and margin [T] = log p(target) − max log p(any other token)
         (> 0: the target is the most probable token there; no gradient)."""
-        b = self.batch
-        logp = torch.log_softmax(self.logits_at(hidden, b.score_rows, b.score_cols), dim=-1)   # [T, vocab]
-        tgt = logp.gather(1, b.score_ids[:, None])[:, 0]                                      # [T]
+        logp, tgt = self._target_logp(hidden)                                                 # [T, vocab], [T]
         with torch.no_grad():
-            other = logp.detach().scatter(1, b.score_ids[:, None], float("-inf")).amax(-1)    # [T]
+            other = logp.detach().scatter(1, self.batch.score_ids[:, None], float("-inf")).amax(-1)  # [T]
         return -tgt, tgt.detach() - other
 
 

@@ -214,7 +214,8 @@ def _optimise_chunk(
             if frozen:
                 hooks.replay_output(frozen, P.frozen_output)
             hidden = P.runner.suffix_hidden()
-        tok_nll, tok_margin = P.runner.target_scores(hidden)                       # [T], [T]
+        mpes = params.early_stop == "most_probable"
+        tok_nll, tok_margin = P.runner.target_scores(hidden) if mpes else (P.runner.target_nll(hidden), None)  # [T], [T]
         seq_nll = mean_per_sequence(tok_nll, P.batch.score_rows, len(P.req_of_seq))  # [B]
         rw = P.req_of_seq[P.rewrite_seq]
         per_req = torch.zeros(n, device=device).index_add(0, rw, seq_nll[P.rewrite_seq])
@@ -222,7 +223,7 @@ def _optimise_chunk(
         nll[P.reqs] = per_req[P.reqs].detach()
         steps = step + 1
         done = done | (nll < stop)
-        if params.early_stop == "most_probable":
+        if mpes:
             # Most-probable stop: every target token of every rewrite prompt leads by the margin.
             # A request with stop_nll 0 (a retry) runs all steps.
             tok_req = P.req_of_seq[P.batch.score_rows]                            # [T] request of each token
