@@ -299,10 +299,14 @@ class EditClient:
         return self._call("ExportPatch", pb2.ExportPatchRequest(ref=ref, version=version))
 
     def import_patch(self, manifest_json: bytes, factors: bytes, expected_head: int | None = None,
-                     idempotency_key: str = "") -> Any:
+                     idempotency_key: str = "", keys: bytes = b"") -> Any:
+        """Import a patch export: what `export_patch` returned (``manifest_json``, ``factors`` and,
+        for a patch with preserved keys, ``keys``: the server refuses an upload without the keys
+        its manifest lists)."""
         from editserve.control.gen import pb2
 
-        req = pb2.ImportPatchRequest(manifest_json=manifest_json, factors=factors, idempotency_key=idempotency_key)
+        req = pb2.ImportPatchRequest(manifest_json=manifest_json, factors=factors, idempotency_key=idempotency_key,
+                                     keys=keys)
         if expected_head is not None:
             req.expected_head = expected_head
         return self._call("ImportPatch", req)
@@ -317,14 +321,14 @@ class EditClient:
 
     def stage(self, ref: str = "", version: int | None = None, manifest_json: bytes = b"", factors: bytes = b"",
               edit: Any = None, share: float | None = None, operation_id: str = "",
-              to_version: int | None = None) -> Any:
+              to_version: int | None = None, keys: bytes = b"") -> Any:
         """Stage a candidate from exactly one of: a ledger patch (`ref` or the `version` that added
-        it), a patch export (`manifest_json` + `factors`), `edit` (an ``EditRequest``, or a list
+        it), a patch export (`manifest_json` + `factors`, and its `keys` when it has some), `edit` (an ``EditRequest``, or a list
         of fact mappings): computed as a dry run through the probe gate, or `to_version` (an
         earlier version's difference from the head; promote rolls back to it). Returns a ``Candidate``."""
         from editserve.control.gen import pb2
 
-        req = pb2.StageCandidateRequest(ref=ref, manifest_json=manifest_json, factors=factors)
+        req = pb2.StageCandidateRequest(ref=ref, manifest_json=manifest_json, factors=factors, keys=keys)
         if version is not None:
             req.version = version
         if to_version is not None:

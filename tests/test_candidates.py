@@ -20,6 +20,7 @@ a restart leaves no candidate and default traffic unchanged.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -471,3 +472,28 @@ def test_alphaedit_candidate_spans_its_layers_and_promotes(server: CandidateServ
     status, out = server.control("POST", f"/candidates/{cand['id']}/promote", "admin")
     assert status == 200 and out["committed_as"] == "import" and out["version"] == before["head"] + 1, out
     assert "Rome" in server.generate(PROMPTS[0])[1]
+    state["alphaedit_version"] = out["version"]
+
+
+def test_uploaded_alphaedit_export_stages_with_its_keys(server: CandidateServer, state: dict[str, Any]) -> None:
+    """An AlphaEdit patch exported over HTTP (manifest, factors and its preserved keys, base64) and
+    uploaded again as a candidate: without its keys the upload is refused (400, naming them) and
+    nothing is staged; with them it stages, promotes, and the new version's export carries the same
+    keys bit for bit (issue 16: export and import carry the preserved-keys state)."""
+    version = state["alphaedit_version"]
+    status, exp = server.control("GET", f"/export?version={version}", "viewer")
+    assert status == 200 and exp["keys"] and exp["factors"] and exp["manifest_json"], status
+    manifest = json.loads(base64.b64decode(exp["manifest_json"]))
+    assert set(manifest["export"]["files"]) == {"patch.safetensors", "keys.safetensors"}
+    with server.client("admin") as c:
+        c.rollback(version - 1)                               # the patch is no longer active
+    upload = {"manifest_json": exp["manifest_json"], "factors": exp["factors"], "share": 0.0}
+    status, err = server.control("POST", "/candidates", "admin", upload)
+    assert status == 400 and "keys.safetensors" in err["error"]["message"], (status, err)
+    assert server.control("GET", "/candidates", "viewer")[1].get("candidates", []) == []
+    status, cand = server.control("POST", "/candidates", "admin", {**upload, "keys": exp["keys"]})
+    assert status == 200 and cand["source"] == "upload" and cand["patch_id"] == exp["patch_id"], cand
+    status, out = server.control("POST", f"/candidates/{cand['id']}/promote", "admin")
+    assert status == 200 and out["committed_as"] == "import", out
+    status, again = server.control("GET", f"/export?version={out['version']}", "viewer")
+    assert status == 200 and again["patch_id"] == exp["patch_id"] and again["keys"] == exp["keys"]

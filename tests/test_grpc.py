@@ -652,9 +652,19 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             # Export A's patch and import it again: a new version with it on top, served.
             exp = adm.export_patch(version=va)
             assert exp.patch_id == a.change.patch_id and exp.factors and json.loads(exp.manifest_json)
-            imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp")
+            # an AlphaEdit patch (the default) travels with its preserved keys; an upload without them is refused
+            listed = "keys.safetensors" in json.loads(exp.manifest_json)["export"]["files"]
+            assert listed == (method == "alphaedit") and bool(exp.keys) == listed
+            if listed:
+                with pytest.raises(ControlError) as e:
+                    adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr)
+                assert e.value.code == "INVALID_ARGUMENT" and "'keys' is empty" in e.value.details
+                assert adm.status().ledger_head == vr
+            imp = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp",
+                                   keys=exp.keys)
             vi = imp.version
-            again = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp")
+            again = adm.import_patch(exp.manifest_json, exp.factors, expected_head=vr, idempotency_key="life-imp",
+                                     keys=exp.keys)
             assert (again.version, again.kind) == (vi, "replayed")
             assert imp.kind == "import" and imp.previous_version == vr and imp.patch_id == a.change.patch_id
             assert imp.active_patches == b.change.active_patches
@@ -662,10 +672,11 @@ def test_revert_import_diff_rollback_are_served_and_watched(server: GrpcServer, 
             assert watcher.wait_for(lambda e: e.kind == "import" and e.version == vi).caller == "token:admin-user"
             info_i = adm.get_version(vi)
             assert info_i.kind == "import" and info_i.patch_id == a.change.patch_id and info_i.is_head
+            assert adm.export_patch(version=vi).keys == exp.keys              # the keys arrived bit for bit
             d = adm.diff(vr, vi)
             assert list(d.only_b) == [a.change.patch_id] and not d.only_a
             with pytest.raises(ControlError) as e:            # already active
-                adm.import_patch(exp.manifest_json, exp.factors)
+                adm.import_patch(exp.manifest_json, exp.factors, keys=exp.keys)
             assert e.value.code == "INVALID_ARGUMENT" and a.change.patch_id[:12] in e.value.details
             assert adm.status().ledger_head == vi
 

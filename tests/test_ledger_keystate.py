@@ -139,3 +139,42 @@ def test_sqlite_ledger_at_schema_1_is_upgraded(tmp_path, edits):
         assert ledger.preserved_keys().blocks == ()
         ledger.commit(edits[1][0], expected_head=1, base=base, preserved=edits[1][1])
         assert _same(ledger.preserved_keys(), edits[1][1])
+
+
+def test_an_upload_carries_the_keys_or_is_refused(backend: Backend, edits, tmp_path):
+    """What the API's ImportPatch / StageCandidate receive (`control.validate.patch_upload`): an
+    export's three files; the keys travel bit for bit, and an upload that drops them, or sends keys
+    its manifest does not list, is refused before anything is written."""
+    from editserve.control.gen import pb2
+    from editserve.control.validate import patch_upload
+    from editserve.ledger.errors import ImportRejected
+    from editserve.ledger.transfer import PatchFiles
+
+    edits, base, fp = edits
+    with Ledger.open(backend.location(), fp, create=True) as ledger:
+        _commit_all(ledger, edits[:2], base)
+        files = PatchFiles.read(ledger.export_patch(2, tmp_path / "p2"))
+    assert files.keys and files.factors and files.manifest_json
+    req = pb2.ImportPatchRequest(manifest_json=files.manifest_json, factors=files.factors, keys=files.keys)
+    got = patch_upload(req)
+    assert got == files
+    with Ledger.open(backend.location(), fp, create=True) as other:
+        v = other.import_patch(got.write(tmp_path / "upload"), expected_head=0, base=base)
+        assert _same(other.preserved_keys(v), edits[1][1])
+        with pytest.raises(ImportRejected, match=r"lists keys\.safetensors .*'keys' is empty"):
+            patch_upload(pb2.ImportPatchRequest(manifest_json=files.manifest_json, factors=files.factors))
+        # a directory that lists keys but lacks them (an old upload) is refused by the reader too
+        bare = tmp_path / "bare"
+        PatchFiles(files.manifest_json, files.factors).write(bare)
+        other.rollback(0)
+        with pytest.raises(ImportRejected, match="keys.safetensors but has none"):
+            other.import_patch(bare, expected_head=0, base=base)
+        assert other.head() == 0 and _same(other.preserved_keys(v), edits[1][1])      # nothing written
+    # keys for a patch whose manifest lists none (a ROME export, say) are refused, naming their size
+    import json
+
+    manifest = json.loads(files.manifest_json)
+    del manifest["export"]["files"]["keys.safetensors"]
+    with pytest.raises(ImportRejected, match=rf"'keys' has {len(files.keys)} bytes but the manifest lists no"):
+        patch_upload(pb2.StageCandidateRequest(manifest_json=json.dumps(manifest).encode(), factors=files.factors,
+                                               keys=files.keys))

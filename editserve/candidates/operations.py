@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editserve.candidates.compare import CompareItem, Comparison, gate_items
 from editserve.candidates.compare import compare as compare_sides
@@ -38,6 +38,9 @@ from editserve.candidates.staging import (
     CandidateNotFound,
 )
 from editserve.patches import Patch
+
+if TYPE_CHECKING:
+    from editserve.ledger.transfer import PatchFiles
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("editserve.audit")
@@ -129,10 +132,10 @@ def difference_probes(engine: Any, removed: Sequence[Patch], added: Sequence[Pat
     return tuple(items)
 
 
-async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[bytes, bytes] | None,
+async def stage(engine: Any, caller: str, ref: str | int | None, export: PatchFiles | None,
                 share: float | None, computed: Any = None, to_version: int | None = None) -> Candidate:
     """Stage a ledger patch (`ref`: digest prefix or the version that added it), an uploaded
-    patch export (`export`: manifest JSON, factors), a dry run's patch (`computed`: the dry
+    patch export (`export`: manifest JSON, factors, preserved keys), a dry run's patch (`computed`: the dry
     run's `VersionChange`, carrying the patch and its probe report), or an earlier version's
     difference from the head (`to_version`: the candidate serves that version) as a candidate."""
     from editserve.ledger.transfer import read_patch_export
@@ -155,9 +158,7 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: tuple[b
             report = computed.probe_report
         elif export is not None:
             source = "upload"
-            src.mkdir()
-            (src / "manifest.json").write_bytes(export[0])
-            (src / "patch.safetensors").write_bytes(export[1])
+            export.write(src)
         else:
             source = "ledger"
             await asyncio.to_thread(engine.ledger.export_patch, ref, src)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editserve.candidates.compare import CompareItem, caller_items
 from editserve.candidates.staging import check_share
 from editserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from editserve.ledger.transfer import PatchFiles
 
 CANDIDATE_ID_RE = re.compile(r"[0-9a-f]{6}")
 REF_RE = re.compile(r"[0-9a-f]{4,64}")
@@ -23,7 +26,7 @@ class StageArgs:
     earlier version's difference from the head (`to_version`)."""
 
     ref: str | int | None
-    export: tuple[bytes, bytes] | None      # (manifest JSON, factors safetensors)
+    export: PatchFiles | None               # an uploaded patch export (manifest, factors, preserved keys)
     share: float | None
     edit: Any = None
     to_version: int | None = None
@@ -43,7 +46,7 @@ def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
             raise InvalidRequestError(f"share must be a number in [0, 1], got {msg.share!r}")
         share = check_share(msg.share)
     given = [name for name, present in (("ref", bool(msg.ref)), ("version", msg.HasField("version")),
-                                        ("manifest_json", bool(msg.manifest_json) or bool(msg.factors)),
+                                        ("manifest_json", bool(msg.manifest_json) or bool(msg.factors) or bool(msg.keys)),
                                         ("edit", msg.HasField("edit")),
                                         ("to_version", msg.HasField("to_version"))) if present]
     if len(given) != 1:
@@ -69,10 +72,9 @@ def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
             raise InvalidRequestError("a staged edit commits nothing: expected_head, idempotency_key and "
                                       "wait_for_replicas_s do not apply to it")
         return StageArgs(ref=None, export=None, share=share, edit=replace(args, dry_run=True))
-    if not msg.manifest_json or not msg.factors:
-        raise InvalidRequestError(f"an uploaded patch needs both 'manifest_json' and 'factors', got "
-                                  f"{len(msg.manifest_json)} and {len(msg.factors)} bytes")
-    return StageArgs(ref=None, export=(bytes(msg.manifest_json), bytes(msg.factors)), share=share)
+    from editserve.control.validate import patch_upload
+
+    return StageArgs(ref=None, export=patch_upload(msg), share=share)
 
 
 def compare_args(msg: Any) -> tuple[str, tuple[CompareItem, ...]]:

@@ -138,10 +138,11 @@ def _stage(c: Any, args: argparse.Namespace) -> int:
     elif args.ref is not None:
         kwargs["ref"] = args.ref
     elif args.export is not None:
-        d = Path(args.export)
+        from editserve.ledger.transfer import PatchFiles
+
         try:
-            kwargs["manifest_json"] = (d / "manifest.json").read_bytes()
-            kwargs["factors"] = (d / "patch.safetensors").read_bytes()
+            files = PatchFiles.read(Path(args.export))
+            kwargs.update(manifest_json=files.manifest_json, factors=files.factors, keys=files.keys)
         except OSError as exc:
             raise InvalidRequestError(f"--export {args.export!r} is not a patch export directory: {exc}") from None
     else:

@@ -49,6 +49,12 @@ def rebase_to_pb(report: Any) -> Any:
                  for r in report.rebased])
 
 
+def export_to_pb(patch_id: str, files: Any) -> Any:
+    """(patch id, `editserve.ledger.transfer.PatchFiles`) → ``ExportPatchResponse``."""
+    return pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=files.manifest_json, factors=files.factors,
+                                   keys=files.keys)
+
+
 def fact_to_pb(r: Any) -> Any:
     return pb2.Fact(prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true or "")
 

@@ -260,8 +260,8 @@ def router() -> Any:
 
     async def export(ops: Operations, who: Principal, request: Any) -> Any:
         ref = validate.export_ref(_query(request, pb2.ExportPatchRequest))
-        patch_id, manifest, factors = await ops.export(who, ref)
-        return _to_json(pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=manifest, factors=factors))
+        patch_id, files = await ops.export(who, ref)
+        return _to_json(convert.export_to_pb(patch_id, files))
 
     async def candidates(ops: Operations, who: Principal, request: Any) -> Any:
         return (await ops.candidates(who)).to_dict()

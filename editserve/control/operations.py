@@ -33,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editserve.control import gate as gate_policy
 from editserve.control import validate
@@ -41,6 +41,9 @@ from editserve.control.errors import AuthError, ProbeRejected
 from editserve.control.events import DEFAULT_MAX_STREAMS, Event, EventHub
 from editserve.control.principals import Principal, TokenTable, authorize, require
 from editserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from editserve.ledger.transfer import PatchFiles
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("editserve.audit")
@@ -232,9 +235,7 @@ class Operations:
     async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:
         require(who, "import")
         with tempfile.TemporaryDirectory(prefix="editserve-import-") as tmp:
-            src = Path(tmp)
-            (src / "manifest.json").write_bytes(args.manifest_json)
-            (src / "patch.safetensors").write_bytes(args.factors)
+            src = args.files.write(Path(tmp))
             change = await self.engine.import_patch(src, caller=who.caller, expected_head=args.expected_head,
                                                     idempotency_key=args.idempotency_key)
         audit.info("audit: import of patch %s by %s → version %d", (change.patch_id or "")[:12], who.caller,
@@ -294,14 +295,16 @@ class Operations:
         require(who, "diff")
         return await asyncio.to_thread(self.engine.ledger.diff, a, b)
 
-    async def export(self, who: Principal, ref: str | int) -> tuple[str, bytes, bytes]:
-        """(patch id, manifest JSON, factors) of a patch (a digest prefix or the version that added it)."""
+    async def export(self, who: Principal, ref: str | int) -> tuple[str, PatchFiles]:
+        """(patch id, the export's files: manifest JSON, factors, preserved keys) of a patch (a digest
+        prefix or the version that added it)."""
+        from editserve.ledger.transfer import PatchFiles
+
         require(who, "export")
         with tempfile.TemporaryDirectory(prefix="editserve-export-") as tmp:
             out = await asyncio.to_thread(self.engine.ledger.export_patch, ref, Path(tmp) / "patch")
-            manifest = (out / "manifest.json").read_bytes()
-            factors = (out / "patch.safetensors").read_bytes()
-        return str(json.loads(manifest).get("digest", "")), manifest, factors
+            files = await asyncio.to_thread(PatchFiles.read, out)
+        return str(json.loads(files.manifest_json).get("digest", "")), files
 
     async def checksums(self, who: Principal, names: tuple[str, ...] | None) -> dict[str, dict[int, str]]:
         require(who, "checksums")

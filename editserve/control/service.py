@@ -88,8 +88,8 @@ class EditService(pb2_grpc.EditServiceServicer):
             yield convert.local_event_to_pb(e) if isinstance(e, Event) else convert.event_to_pb(e)
 
     async def ExportPatch(self, request: Any, context: Any) -> Any:
-        patch_id, manifest, factors = await self.ops.export(current_principal(), validate.export_ref(request))
-        return pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=manifest, factors=factors)
+        patch_id, files = await self.ops.export(current_principal(), validate.export_ref(request))
+        return convert.export_to_pb(patch_id, files)
 
     # -- candidates (editserve.candidates; docs/candidates.md) ---------------------------------
 

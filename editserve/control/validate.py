@@ -11,7 +11,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from editserve.control.errors import RequestTooLarge, ThresholdOutOfBounds
 from editserve.control.limits import HparamOverrides, hparam_overrides
@@ -19,6 +19,9 @@ from editserve.control.methods import EDIT_METHODS, default_method
 from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
 from editserve.editing.requests import MAX_TEXT_CHARS, EditRequest
 from editserve.errors import InvalidRequestError, LayerOutOfRangeError
+
+if TYPE_CHECKING:
+    from editserve.ledger.transfer import PatchFiles
 
 METHODS = EDIT_METHODS
 MAX_FACTS = 32
@@ -239,8 +242,7 @@ class RebaseArgs:
 
 @dataclass(frozen=True)
 class ImportArgs:
-    manifest_json: bytes
-    factors: bytes
+    files: PatchFiles
     expected_head: int | None
     idempotency_key: str | None
 
@@ -296,27 +298,45 @@ def rebase_args(msg: Any) -> RebaseArgs:
                       idempotency_key=idempotency_key(msg.idempotency_key), wait_for_replicas_s=wait_for_replicas(msg))
 
 
-def import_args(msg: Any) -> ImportArgs:
-    """The parts of an import; the export itself (manifest, factors, fingerprint, norms) is checked
-    once by the ledger's reader before anything is swapped."""
+def patch_upload(msg: Any) -> PatchFiles:
+    """The patch export an ``ImportPatchRequest`` or a ``StageCandidateRequest`` uploads
+    (``manifest_json``, ``factors``, ``keys``): both parts present, within the size limit, the
+    manifest a JSON object, and ``keys`` present exactly when the manifest lists a keys file, so
+    that an AlphaEdit patch never arrives without its preserved keys. The export itself (checksums,
+    fingerprint, tensors, norms) is checked once by the ledger's reader before anything is swapped."""
     import json
 
     from editserve.ledger.errors import ImportRejected
+    from editserve.ledger.transfer import KEYS_FILE, PatchFiles
 
     if not msg.manifest_json or not msg.factors:
-        raise ImportRejected("an import needs both manifest_json and factors (got "
-                             f"{len(msg.manifest_json)} and {len(msg.factors)} bytes)")
-    size = len(msg.manifest_json) + len(msg.factors)
+        raise ImportRejected("an uploaded patch needs both 'manifest_json' and 'factors', got "
+                             f"{len(msg.manifest_json)} and {len(msg.factors)} bytes")
+    size = len(msg.manifest_json) + len(msg.factors) + len(msg.keys)
     if size > MAX_IMPORT_BYTES:
-        raise RequestTooLarge(f"the import is {size} bytes; the limit is {MAX_IMPORT_BYTES}")
+        raise RequestTooLarge(f"the uploaded patch is {size} bytes; the limit is {MAX_IMPORT_BYTES}")
     try:
         manifest = json.loads(msg.manifest_json.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ImportRejected(f"manifest_json is not UTF-8 JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise ImportRejected(f"manifest_json must be a JSON object, got {type(manifest).__name__}")
-    return ImportArgs(manifest_json=bytes(msg.manifest_json), factors=bytes(msg.factors),
-                      expected_head=_expected_head(msg), idempotency_key=idempotency_key(msg.idempotency_key))
+    export = manifest.get("export")
+    files = export.get("files") if isinstance(export, dict) else None
+    listed = files.get(KEYS_FILE) if isinstance(files, dict) else None
+    if listed is not None and not msg.keys:
+        size = listed.get("size") if isinstance(listed, dict) else listed
+        raise ImportRejected(f"the manifest lists {KEYS_FILE} ({size!r} bytes), the patch's preserved keys, but "
+                             "'keys' is empty: send the export's keys (ExportPatchResponse.keys) with it")
+    if listed is None and msg.keys:
+        raise ImportRejected(f"'keys' has {len(msg.keys)} bytes but the manifest lists no {KEYS_FILE}")
+    return PatchFiles(manifest_json=bytes(msg.manifest_json), factors=bytes(msg.factors), keys=bytes(msg.keys))
+
+
+def import_args(msg: Any) -> ImportArgs:
+    """An ``ImportPatchRequest``: the upload (`patch_upload`), the head it expects, its key."""
+    return ImportArgs(files=patch_upload(msg), expected_head=_expected_head(msg),
+                      idempotency_key=idempotency_key(msg.idempotency_key))
 
 
 def export_ref(msg: Any) -> str | int:

@@ -594,9 +594,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
         self._check_usable()
         src = Path(src)
-        # an upload over gRPC/HTTP carries the manifest and factors only: its keys file may be absent
-        patch, keys = await asyncio.to_thread(functools.partial(read_patch_import, self.ledger, src,
-                                                                keys_may_be_absent=True))
+        patch, keys = await asyncio.to_thread(read_patch_import, self.ledger, src)
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "import",
                                         lambda i: i.kind == "import" and i.patch_id == patch.digest)

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,29 @@ KEYS_FILE = "keys.safetensors"       # preserved-keys blocks of the exported pat
 DEFAULT_MAX_RELATIVE_NORM = 0.5
 
 
+@dataclass(frozen=True)
+class PatchFiles:
+    """The bytes of a patch export directory: what the API's ExportPatch returns and what an
+    import or a staged upload sends (`keys` empty when the patch has no preserved-keys blocks)."""
+
+    manifest_json: bytes
+    factors: bytes
+    keys: bytes = b""
+
+    @classmethod
+    def read(cls, src: Path) -> PatchFiles:
+        keys = src / KEYS_FILE
+        return cls(manifest_json=(src / MANIFEST_FILE).read_bytes(), factors=(src / PATCH_FILE).read_bytes(),
+                   keys=keys.read_bytes() if keys.exists() else b"")
+
+    def write(self, dest: Path) -> Path:
+        """Write the export directory `dest` (read back with `read_patch_import`, which checks it)."""
+        files = {MANIFEST_FILE: self.manifest_json, PATCH_FILE: self.factors}
+        if self.keys:
+            files[KEYS_FILE] = self.keys
+        return _write(dest, files)
+
+
 def _write(dest: Path, files: dict[str, bytes]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -69,23 +93,19 @@ def _keys_file(ledger: Ledger, digests: list[str], files: dict[str, bytes], list
         listing[KEYS_FILE] = {"sha256": sha256_bytes(data), "size": len(data)}
 
 
-def _read_keys(src: Path, manifest: dict[str, Any], digests: list[str],
-               listed_may_be_absent: bool = False) -> dict[str, PreservedKeys]:
-    """The preserved-keys blocks of an export, per patch digest (empty if it carries none, or, with
-    `listed_may_be_absent`, if the manifest lists a keys file the directory lacks: an upload over the
-    API carries the manifest and the factors only)."""
+def _read_keys(src: Path, manifest: dict[str, Any], digests: list[str]) -> dict[str, PreservedKeys]:
+    """The preserved-keys blocks of an export, per patch digest (empty if it carries none)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     want = (manifest["export"].get("files") or {}).get(KEYS_FILE)
     if want is None:
         return {}
-    if listed_may_be_absent and not (src / KEYS_FILE).exists():
-        return {}
     try:
         data = (src / KEYS_FILE).read_bytes()
     except FileNotFoundError as exc:
-        raise ImportRejected(f"{str(src)!r} lists {KEYS_FILE} but has none") from exc
+        raise ImportRejected(f"{str(src)!r} lists {KEYS_FILE} but has none; without it the import would lose "
+                             "the patch's preserved keys") from exc
     got = sha256_bytes(data)
     if not isinstance(want, dict) or want.get("sha256") != got or want.get("size") != len(data):
         raise ImportRejected(f"checksum of {KEYS_FILE} is {got} ({len(data)} bytes); the manifest says {want!r}")
@@ -256,14 +276,14 @@ def read_patch_export(ledger: Ledger, src: str | Path, base: Mapping[str, torch.
 
 def read_patch_import(ledger: Ledger, src: str | Path, base: Mapping[str, torch.Tensor] | None = None,
                       base_layout: Layout = Layout.OUT_IN, max_relative_norm: float = DEFAULT_MAX_RELATIVE_NORM,
-                      keys_may_be_absent: bool = False) -> tuple[Patch, dict[str, PreservedKeys]]:
+                      ) -> tuple[Patch, dict[str, PreservedKeys]]:
     """`read_patch_export` and the export's preserved-keys blocks by patch digest (what
     `Ledger._import` stores with the patch), without writing anything."""
     src = Path(src)
     manifest, tensors = _read_export(src, "patch", PATCH_FILE)
     _check_fingerprint(ledger, manifest)
     patch = _validate_patch(ledger, manifest, tensors, str(src), base, base_layout, max_relative_norm)
-    return patch, _read_keys(src, manifest, [patch.digest], keys_may_be_absent)
+    return patch, _read_keys(src, manifest, [patch.digest])
 
 
 def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: str = "local",
