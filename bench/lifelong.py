@@ -75,7 +75,10 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
     path = out / "stream.json"
     if path.exists():
         s = json.loads(path.read_text())
-        if s["data"] == str(data) and len(s["case_ids"]) >= n:
+        same = Path(s["data"]).resolve() == data.resolve()          # a relative --data names the same file
+        if not same and any(out.glob("*-b*/state.json")):
+            raise SystemExit(f"{out} holds runs on the stream of {s['data']}; give another --out for {data}")
+        if same and len(s["case_ids"]) >= n:
             if s.get("fluency_prompts") != len(FLUENCY_PROMPTS):       # the baseline of a changed metric
                 model, tok = load_model()
                 s["fluency"], s["fluency_prompts"] = generation_fluency(model, tok), len(FLUENCY_PROMPTS)
