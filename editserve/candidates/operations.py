@@ -158,7 +158,7 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: PatchFi
             report = computed.probe_report
         elif export is not None:
             source = "upload"
-            export.write(src)
+            await asyncio.to_thread(export.write, src)
         else:
             source = "ledger"
             await asyncio.to_thread(engine.ledger.export_patch, ref, src)

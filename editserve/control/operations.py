@@ -235,7 +235,7 @@ class Operations:
     async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:
         require(who, "import")
         with tempfile.TemporaryDirectory(prefix="editserve-import-") as tmp:
-            src = args.files.write(Path(tmp))
+            src = await asyncio.to_thread(args.files.write, Path(tmp))
             change = await self.engine.import_patch(src, caller=who.caller, expected_head=args.expected_head,
                                                     idempotency_key=args.idempotency_key)
         audit.info("audit: import of patch %s by %s → version %d", (change.patch_id or "")[:12], who.caller,

@@ -325,8 +325,8 @@ def patch_upload(msg: Any) -> PatchFiles:
     files = export.get("files") if isinstance(export, dict) else None
     listed = files.get(KEYS_FILE) if isinstance(files, dict) else None
     if listed is not None and not msg.keys:
-        size = listed.get("size") if isinstance(listed, dict) else listed
-        raise ImportRejected(f"the manifest lists {KEYS_FILE} ({size!r} bytes), the patch's preserved keys, but "
+        listed_size = listed.get("size") if isinstance(listed, dict) else listed
+        raise ImportRejected(f"the manifest lists {KEYS_FILE} ({listed_size!r} bytes), the patch's preserved keys, but "
                              "'keys' is empty: send the export's keys (ExportPatchResponse.keys) with it")
     if listed is None and msg.keys:
         raise ImportRejected(f"'keys' has {len(msg.keys)} bytes but the manifest lists no {KEYS_FILE}")
