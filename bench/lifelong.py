@@ -27,6 +27,11 @@ preserved-keys blocks, the rows so far) and a rerun of the same command resumes 
 (``--fresh`` starts over). A resumed run loads the saved edited weights as its new base, so later
 merges sum from there (float32 rounding may differ from an uninterrupted run in the last bits).
 
+``--corpus`` computes the key statistics from another text (file or folder) than the default
+Wikipedia excerpt; ``--consolidate-every K`` re-solves the accumulated update every K edits as the
+least-disturbance update with the same outputs on the committed keys (editing/consolidate.py).
+Both are recorded in the run's state, and a resume with other values is refused.
+
     PYTHONPATH=$PWD python bench/lifelong.py --methods alphaedit,rome,memit --n 200 --every 50
 """
 
@@ -108,7 +113,7 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
 
 
 def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done: int, seconds: float,
-          collapsed: str | None = None) -> None:
+          setup: dict, collapsed: str | None = None) -> None:
     from safetensors.torch import save_file
 
     params = dict(model.named_parameters())
@@ -119,7 +124,7 @@ def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done:
         save_file(preserved.tensors(), str(run / "preserved.tmp"))
         (run / "preserved.tmp").replace(run / "preserved.safetensors")
     (run / "state.tmp").write_text(json.dumps({"done": done, "seconds": seconds, "rows": [asdict(r) for r in rows],
-                                                   "collapsed": collapsed}))
+                                                   **setup, "collapsed": collapsed}))
     (run / "state.tmp").replace(run / "state.json")
 
 
@@ -163,11 +168,13 @@ class Collapse:
 
 def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
                hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False,
-               collapse: Collapse = Collapse()) -> list[Row]:
+               collapse: Collapse = Collapse(), corpus_path: str | None = None,
+               consolidate_every: int = 0) -> list[Row]:
     from editserve.editing.alphaedit import PreservedKeys
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
-    from editserve.editing.lifelong import commit, generation_fluency, heldout_perplexity, norm_growth
+    from editserve.editing.lifelong import (commit, consolidate_model, generation_fluency, heldout_perplexity,
+                                            norm_growth)
     from editserve.memory import trim_heap
 
     run = out / f"{method}-b{batch}"
@@ -183,6 +190,14 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
             return [Row(**r) for r in st["rows"] if r["n_edits"] <= n]
     if report_only:
         return []
+    corpus = load_corpus(corpus_path)
+    setup = {"corpus": corpus.fingerprint, "consolidate_every": consolidate_every}
+    if (run / "state.json").exists() and not fresh:
+        saved = json.loads((run / "state.json").read_text())
+        for key, value in setup.items():
+            if key in saved and saved[key] != value:
+                raise SystemExit(f"{run} was computed with {key} {saved[key]!r}, this command asks for {value!r}: "
+                                 f"pass the same options, another --out, or --fresh")
     model, tok = load_model()                                   # a fresh model: no merge state from another run
     w0 = down_proj_weights(model)
     if (run / "state.json").exists() and not fresh:
@@ -190,7 +205,6 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
         log.info("%s: resumed at %d edits", run.name, done)
     else:
         done, seconds, rows, touched, preserved = 0, 0.0, [], set(), PreservedKeys()
-    corpus = load_corpus(None)
     ns0 = stream["ns_before"]
     since, since_t = 0, 0.0
     while done < n and time.time() < deadline:
@@ -205,6 +219,12 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
         seconds += dt
         since += len(recs)
         since_t += dt
+        if consolidate_every and done % consolidate_every == 0:
+            t = time.perf_counter()
+            cons = consolidate_model(model, tok, preserved, corpus, w0, hparams if method == "alphaedit" else None)
+            log.info("%s %d edits: consolidated in %.1fs; tr(ΔW A ΔWᵀ) by layer %s", run.name, done,
+                     time.perf_counter() - t, " ".join(f"{c.layer}: {c.penalty_before:.3g}→{c.penalty_after:.3g}"
+                                                       for c in cons.values()))
         if done % every == 0 or done >= n:
             committed = records[:done]
             summ = summarize(score_records(model, tok, committed))
@@ -218,7 +238,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
             trim_heap()
             since, since_t = 0, 0.0
             collapsed = collapse.reason(row)
-            _save(run, model, touched, preserved, rows, done, seconds, collapsed)
+            _save(run, model, touched, preserved, rows, done, seconds, setup, collapsed)
             log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit "
                      "(RSS %.0f MiB)", run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
                      max(row.norm_growth.values(), default=0.0), row.seconds_per_edit, _rss_mib())
@@ -284,6 +304,11 @@ def main() -> int:
     ap.add_argument("--collapse-es", type=float, default=0.5, help="stop a run whose retained ES falls below this")
     ap.add_argument("--collapse-ppl", type=float, default=2.0,
                     help="stop a run whose held-out perplexity ratio rises above this")
+    ap.add_argument("--corpus", default=None,
+                    help="statistics corpus: a text file or folder (default: the Wikipedia excerpt, editing/corpus.py)")
+    ap.add_argument("--consolidate-every", type=int, default=0,
+                    help="every this many edits, replace the accumulated update by its least-disturbance "
+                         "re-solve on the committed keys (editing/consolidate.py); 0 = never")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -303,7 +328,8 @@ def main() -> int:
         for m in [x for x in args.methods.split(",") if x]:
             results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
                                               overrides.get(m), args.fresh, deadline, args.report_only,
-                                              Collapse(args.collapse_es, args.collapse_ppl))
+                                              Collapse(args.collapse_es, args.collapse_ppl), args.corpus,
+                                              args.consolidate_every)
     print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
           f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
     print(table(results))

@@ -3,7 +3,8 @@ measures of the edited model (held-out perplexity, generation fluency, weight-no
 
 `commit` does what the server's sidecar does for one version: compute the patch on the current
 model with the current preserved-keys state, then merge it. The state is a value: it is passed in
-and the new one is returned with the patch.
+and the new one is returned with the patch. `consolidate_model` replaces the accumulated update of
+a sequence of commits by its least-disturbance equivalent (editing/consolidate.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 import torch
 
 from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.consolidate import Consolidated, ConsolidateParams, consolidate
 from editserve.editing.corpus import Corpus
-from editserve.editing.edit import EditResult, compute_edit
+from editserve.editing.edit import EditResult, compute_edit, resolve_hparams
+from editserve.errors import NonFiniteError
 from editserve.editing.requests import EditRequest
 
 HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
@@ -47,6 +50,48 @@ def commit(model: torch.nn.Module, tok: object, requests: Sequence[EditRequest],
     res = compute_edit(model, tok, requests, method=method, hparams=hparams, corpus=corpus, preserved=preserved)
     apply_patch(model, res.patch)
     return res
+
+
+def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedKeys, corpus: Corpus,
+                      w0: dict[int, torch.Tensor], hparams: dict | None = None,
+                      params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:
+    """Re-solve every edited down-projection's update W − W₀ (`w0` from `down_proj_weights` of the
+    unedited model) as the least-disturbance update with the same outputs on the committed keys
+    (`preserved`), under AlphaEdit's key statistics (`hparams`: AlphaEdit overrides, for its `stats`),
+    and write W₀ + ΔW* into the model. Patches merged with `apply_patch` are unmerged first (restoring
+    their saved bases), so the model holds no merge state afterwards and later commits merge on top
+    of the consolidated weights. Returns each layer's result (penalties before / after)."""
+    from editserve.editing.arch import Layout, spec_for
+    from editserve.editing.model import fingerprint
+    from editserve.editing.stats import layer_stats
+    from editserve.patches import applied_patches, remove_patch
+
+    spec = spec_for(model)
+    params_by_name = dict(model.named_parameters())
+    changed = norm_growth(model, w0)
+    layers = sorted(changed)
+    if not layers:
+        return {}
+
+    def out_in(t: torch.Tensor) -> torch.Tensor:
+        return t if spec.hf_layout is Layout.OUT_IN else t.T
+
+    deltas = {layer: out_in(params_by_name[spec.weight_name(layer)].detach().double() - w0[layer].double())
+              for layer in layers}
+    keys = {layer: torch.cat([b.keys for b in preserved.blocks if b.layer == layer], dim=1)
+            for layer in layers if preserved.n_keys(layer)}
+    hp = resolve_hparams(model, "alphaedit", None, hparams)
+    stats, _ = layer_stats(model, tok, layers, corpus, fingerprint(model), hp.stats, progress=False)
+    result = consolidate(deltas, keys, {layer: s.cov for layer, s in stats.items()}, params)
+    for patch in reversed(applied_patches(model)):
+        remove_patch(model, patch)
+    with torch.no_grad():
+        for layer, r in result.items():
+            new = w0[layer].to(torch.float32) + out_in(r.u @ r.v.T)
+            if not torch.isfinite(new).all():
+                raise NonFiniteError(f"consolidated weight of layer {layer} is not finite")
+            params_by_name[spec.weight_name(layer)].copy_(new)
+    return result
 
 
 def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 256) -> float:

@@ -1,0 +1,87 @@
+"""Consolidation: a long ledger's accumulated update re-solved as one least-disturbance update.
+
+Each sequential commit regularises only its own increment (alphaedit.py, memit.py), so the sum
+ΔW = Σ U Vᵀ of many commits drifts in directions no committed edit needs, and ordinary text pays
+for it (docs/lifelong.md). Consolidation keeps what ΔW does to the committed edits' keys and
+drops the rest. At one layer, with K [d_in, N] the keys of every committed edit there (the
+preserved-keys state) and C [d_in, d_in] the layer's key statistics:
+
+    V  = ΔW K                                          [d_out, N]  what the edits need
+    A  = C + μ · (tr C / d_in) · I                     [d_in, d_in] μ = `ridge` (A positive definite)
+    ΔW* = argmin tr(ΔW A ΔWᵀ)  subject to  ΔW K = V
+        = V (Kᵀ A⁻¹ K)⁻¹ Kᵀ A⁻¹                      (ROME's closed form with N keys)
+
+so ΔW* K = ΔW K exactly (up to the solve's rounding): each edited layer's output on each committed
+key is unchanged, while ordinary keys (weighted by C) are moved as little as any update that
+does that can. Returned as factors U = V, Vᵀ-factor = A⁻¹K (KᵀA⁻¹K)⁻¹ (rank N), float32; solved
+in float64. Pure maths: nothing here touches a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
+
+
+@dataclass(frozen=True)
+class ConsolidateParams:
+    ridge: float = 0.1         # μ: A = C + μ·mean eigenvalue·I (0 < μ; small = C-weighted, large = Euclidean)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0):
+            raise InvalidRequestError(f"consolidation ridge must be a positive finite number, got {self.ridge!r}")
+
+
+@dataclass(frozen=True)
+class Consolidated:
+    layer: int
+    u: torch.Tensor            # [d_out, N] float32
+    v: torch.Tensor            # [d_in, N] float32; ΔW* = u vᵀ
+    n_keys: int
+    penalty_before: float      # tr(ΔW A ΔWᵀ) of the accumulated update
+    penalty_after: float       # the same for ΔW* (never larger: ΔW is feasible)
+
+
+def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
+                      params: ConsolidateParams = ConsolidateParams()) -> Consolidated:
+    """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in]."""
+    d_out, d_in = delta.shape
+    if keys.dim() != 2 or keys.shape[0] != d_in or keys.shape[1] == 0:
+        raise PatchMismatchError(f"layer {layer}: need committed keys [d_in={d_in}, N ≥ 1], got {tuple(keys.shape)}")
+    if tuple(cov.shape) != (d_in, d_in):
+        raise PatchMismatchError(f"layer {layer}: statistics are {tuple(cov.shape)}, the layer takes d_in={d_in}")
+    d = delta.to(torch.float64)
+    k = keys.to(torch.float64)                                            # [d_in, N]
+    c = cov.to(torch.float64)
+    a = (c + c.T) / 2 + params.ridge * float(torch.trace(c)) / d_in * torch.eye(d_in, dtype=torch.float64)
+    a_inv_k = torch.linalg.solve(a, k)                                     # A⁻¹K [d_in, N]
+    g = k.T @ a_inv_k                                                      # KᵀA⁻¹K [N, N], PSD
+    # Repeated or dependent keys make g singular; a jitter far below its scale keeps the solve defined
+    # (the constraint is consistent: V = ΔW K has the same dependence).
+    g = g + 1e-10 * float(torch.trace(g)) / g.shape[0] * torch.eye(g.shape[0], dtype=torch.float64)
+    v = torch.linalg.solve(g, a_inv_k.T).T                                 # A⁻¹K (KᵀA⁻¹K)⁻¹ [d_in, N]
+    u = d @ k                                                              # V [d_out, N]
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        raise NonFiniteError(f"consolidation of layer {layer} is not finite")
+    new = u @ v.T
+    return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=int(k.shape[1]),
+                        penalty_before=float(torch.trace(d @ a @ d.T)), penalty_after=float(torch.trace(new @ a @ new.T)))
+
+
+def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor], covs: Mapping[int, torch.Tensor],
+                params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:
+    """`consolidate_layer` for every layer of `deltas` ({layer: ΔW [d_out, d_in]}); each needs keys
+    ({layer: [d_in, N]}) and statistics ({layer: C}). A layer without committed keys is refused, not
+    zeroed: consolidating it would silently drop whatever its update does."""
+    missing = sorted(set(deltas) - set(keys))
+    if missing:
+        raise PatchMismatchError(f"no committed keys at layer(s) {missing}: their updates cannot be consolidated")
+    no_stats = sorted(set(deltas) - set(covs))
+    if no_stats:
+        raise PatchMismatchError(f"no key statistics for layer(s) {no_stats}")
+    return {layer: consolidate_layer(d, keys[layer], covs[layer], layer, params) for layer, d in sorted(deltas.items())}

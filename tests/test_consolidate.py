@@ -1,0 +1,88 @@
+"""Consolidation maths (editing/consolidate.py) on random data: the re-solved update keeps the
+outputs on the committed keys, is the least-penalised update that does, and refuses what it
+cannot consolidate. The SmolLM2 stream check is in test_lifelong_smollm2.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing.consolidate import ConsolidateParams, consolidate, consolidate_layer
+from editserve.errors import InvalidRequestError, PatchMismatchError
+
+D_OUT, D_IN = 24, 40
+
+
+def _setup(n_keys: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, D_IN, generator=g, dtype=torch.float64) * torch.linspace(0.05, 2.0, D_IN, dtype=torch.float64)
+    cov = x.T @ x / x.shape[0]                                              # anisotropic C [d_in, d_in]
+    keys = torch.randn(D_IN, n_keys, generator=g, dtype=torch.float64)
+    # an accumulated update: what the keys need plus drift in directions no key needs
+    delta = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64) * 0.3
+    return delta, keys, cov
+
+
+def _penalty(d: torch.Tensor, cov: torch.Tensor, ridge: float) -> float:
+    a = cov + ridge * float(torch.trace(cov)) / cov.shape[0] * torch.eye(cov.shape[0], dtype=torch.float64)
+    return float(torch.trace(d @ a @ d.T))
+
+
+@pytest.mark.parametrize("ridge", [0.01, 0.1, 10.0])
+def test_outputs_on_committed_keys_are_kept_and_the_penalty_drops(ridge):
+    delta, keys, cov = _setup(n_keys=7)
+    r = consolidate_layer(delta, keys, cov, layer=3, params=ConsolidateParams(ridge=ridge))
+    new = r.u.double() @ r.v.double().T
+    assert r.u.dtype == torch.float32 and r.v.dtype == torch.float32 and r.u.shape == (D_OUT, 7) and r.v.shape == (D_IN, 7)
+    torch.testing.assert_close(new @ keys, delta @ keys, rtol=1e-4, atol=1e-4)
+    assert r.penalty_after < 0.5 * r.penalty_before
+    assert r.penalty_before == pytest.approx(_penalty(delta, cov, ridge), rel=1e-9)
+    assert r.penalty_after == pytest.approx(_penalty(new, cov, ridge), rel=1e-4)
+
+
+def test_it_is_the_least_penalised_update_with_those_outputs():
+    delta, keys, cov = _setup(n_keys=5, seed=1)
+    r = consolidate_layer(delta, keys, cov, layer=0)
+    best = r.u.double() @ r.v.double().T
+    g = torch.Generator().manual_seed(2)
+    # any other feasible update: best + E with E K = 0 (E's rows in the orthogonal complement of span K)
+    q, _ = torch.linalg.qr(keys, mode="complete")
+    complement = q[:, keys.shape[1]:]                                        # [d_in, d_in − N]
+    for _ in range(5):
+        e = torch.randn(D_OUT, complement.shape[1], generator=g, dtype=torch.float64) @ complement.T * 0.01
+        torch.testing.assert_close((best + e) @ keys, best @ keys)
+        assert _penalty(best + e, cov, 0.1) > _penalty(best, cov, 0.1)
+
+
+def test_an_update_the_keys_fully_explain_comes_back_unchanged():
+    _, keys, cov = _setup(n_keys=6, seed=3)
+    a = cov + 0.1 * float(torch.trace(cov)) / D_IN * torch.eye(D_IN, dtype=torch.float64)
+    # ΔW = V (KᵀA⁻¹K)⁻¹KᵀA⁻¹ is already the minimiser: consolidating it again changes nothing
+    v = torch.randn(D_OUT, 6, dtype=torch.float64)
+    ak = torch.linalg.solve(a, keys)
+    minimal = v @ torch.linalg.solve(keys.T @ ak, ak.T)
+    r = consolidate_layer(minimal, keys, cov, layer=1)
+    torch.testing.assert_close(r.u.double() @ r.v.double().T, minimal, rtol=1e-4, atol=1e-5)
+
+
+def test_repeated_keys_are_solved():
+    delta, keys, cov = _setup(n_keys=4, seed=4)
+    twice = torch.cat([keys, keys[:, :2]], dim=1)                         # the same subject edited twice
+    r = consolidate_layer(delta, twice, cov, layer=2)
+    assert torch.isfinite(r.u).all() and torch.isfinite(r.v).all()
+    torch.testing.assert_close(r.u.double() @ r.v.double().T @ keys, delta @ keys, rtol=1e-3, atol=1e-3)
+
+
+def test_refusals_name_the_layer_or_value():
+    delta, keys, cov = _setup(n_keys=3)
+    with pytest.raises(PatchMismatchError, match=r"layer\(s\) \[4\]"):
+        consolidate({2: delta, 4: delta}, {2: keys}, {2: cov, 4: cov})
+    with pytest.raises(PatchMismatchError, match="statistics for layer"):
+        consolidate({2: delta}, {2: keys}, {})
+    with pytest.raises(PatchMismatchError, match="layer 2: need committed keys"):
+        consolidate_layer(delta, keys[:, :0], cov, layer=2)
+    with pytest.raises(PatchMismatchError, match="d_in=40"):
+        consolidate_layer(delta, keys, cov[:10, :10], layer=2)
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(InvalidRequestError, match="ridge"):
+            ConsolidateParams(ridge=bad)
