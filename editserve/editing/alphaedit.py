@@ -78,12 +78,17 @@ class PreservedKeys:
     def n_keys(self, layer: int) -> int:
         return sum(b.keys.shape[1] for b in self.blocks if b.layer == layer)
 
+    def keys(self, layer: int) -> torch.Tensor | None:
+        """Every block's keys at `layer`, in commit order, [d_in, N] float32; None when there are none."""
+        ks = [b.keys for b in self.blocks if b.layer == layer]
+        return torch.cat(ks, dim=1) if ks else None
+
     def gram(self, layer: int, d_in: int) -> torch.Tensor:
         """Σ K Kᵀ over the blocks of `layer` [d_in, d_in] float64 (zeros when there are none)."""
-        ks = [b.keys for b in self.blocks if b.layer == layer]
-        if not ks:
+        keys = self.keys(layer)
+        if keys is None:
             return torch.zeros((d_in, d_in), dtype=torch.float64)
-        k = torch.cat(ks, dim=1).to(torch.float64)          # [d_in, N]
+        k = keys.to(torch.float64)                           # [d_in, N]
         if k.shape[0] != d_in:
             raise PatchMismatchError(f"preserved keys at layer {layer} have d_in={k.shape[0]}, the layer has {d_in}")
         return k @ k.T

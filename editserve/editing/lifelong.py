@@ -78,8 +78,7 @@ def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedK
 
     deltas = {layer: out_in(params_by_name[spec.weight_name(layer)].detach().double() - w0[layer].double())
               for layer in layers}
-    keys = {layer: torch.cat([b.keys for b in preserved.blocks if b.layer == layer], dim=1)
-            for layer in layers if preserved.n_keys(layer)}
+    keys = {layer: k for layer in layers if (k := preserved.keys(layer)) is not None}
     hp = resolve_hparams(model, "alphaedit", None, hparams)
     stats, _ = layer_stats(model, tok, layers, corpus, fingerprint(model), hp.stats, progress=False)
     result = consolidate(deltas, keys, {layer: s.cov for layer, s in stats.items()}, params)
