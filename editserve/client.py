@@ -243,6 +243,24 @@ class EditClient:
             return self._call("Rebase", req, metadata=[(OPERATION_KEY, op)])
         return self._with_progress(lambda: self._call("Rebase", req, metadata=[(OPERATION_KEY, op)]), op, progress)
 
+    def consolidate(self, expected_head: int | None = None, idempotency_key: str = "", ridge: float | None = None,
+                    max_drop: float | None = None, wait_for_replicas_s: float | None = None,
+                    progress: Callable[[Any], None] | None = None, operation_id: str = "") -> Any:
+        """Replace the active patches that carry preserved keys by one least-disturbance patch on
+        the server (``Consolidate``); a ``ConsolidateResponse``. `progress` as in `edit`."""
+        from editserve.control.gen import pb2
+
+        req = pb2.ConsolidateRequest(idempotency_key=idempotency_key)
+        for field, value in (("expected_head", expected_head), ("ridge", ridge), ("max_drop", max_drop),
+                             ("wait_for_replicas_s", wait_for_replicas_s)):
+            if value is not None:
+                setattr(req, field, value)
+        op = operation_id or uuid.uuid4().hex[:12]
+        if progress is None:
+            return self._call("Consolidate", req, metadata=[(OPERATION_KEY, op)])
+        return self._with_progress(lambda: self._call("Consolidate", req, metadata=[(OPERATION_KEY, op)]), op,
+                                   progress)
+
     def versions(self, limit: int = 0) -> Any:
         from editserve.control.gen import pb2
 

@@ -74,5 +74,5 @@ def http_request_of(method: str, kwargs: dict[str, Any]) -> tuple[str, str, Any,
         path = {"Diff": "/diff", "ExportPatch": "/export", "ListVersions": "/versions"}[rpc]
         return "GET", path, None, data
     path = {"Edit": "/edit", "Rollback": "/rollback", "Revert": "/revert", "Probe": "/probe", "Trace": "/trace",
-            "ImportPatch": "/import", "Rebase": "/rebase"}[rpc]
+            "ImportPatch": "/import", "Rebase": "/rebase", "Consolidate": "/consolidate"}[rpc]
     return "POST", path, data, None

@@ -90,6 +90,20 @@ def test_rebase_route_is_admin_only_and_validated(client: TestClient) -> None:
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], (body, r.text)
 
 
+def test_consolidate_route_is_admin_only_and_validated(client: TestClient) -> None:
+    """POST /consolidate (issue 16) moves the head without the gate, so it is an admin's; its body is
+    a ConsolidateRequest whose ridge and max_drop are checked before anything is computed."""
+    assert ("POST", "/consolidate", "consolidate") in ROUTES and OPERATION_ROLES["consolidate"] == "admin"
+    r = _call(client, "POST", "/consolidate", TOKENS["editor"], json={})
+    assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+    for body, fragment in (({"ridge": 0}, "ridge"), ({"ridge": -1.5}, "-1.5"), ({"ridge": 1e9}, "ridge"),
+                           ({"max_drop": 1.5}, "1.5"), ({"max_drop": -0.1}, "-0.1"),
+                           ({"expected_head": -2}, "-2"), ({"idempotency_key": "a b"}, "'a b'"),
+                           ({"caller": "x"}, "caller"), ({"layers": [5]}, "layers")):
+        r = _call(client, "POST", "/consolidate", TOKENS["admin"], json=body)
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], (body, r.text)
+
+
 def test_reads_answer_the_ledger(client: TestClient) -> None:
     r = _call(client, "GET", "/versions", TOKENS["viewer"])
     assert r.status_code == 200 and [v["kind"] for v in r.json()["versions"]] == ["base"]

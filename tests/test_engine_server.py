@@ -633,6 +633,44 @@ def test_a6_rollback_to_base_is_bit_identical(server_a, shared):
     assert server_a.post("/editserve/v1/rollback", {"version": 2})[0] == 200
 
 
+def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, shared):
+    """POST /editserve/v1/consolidate (issue 16): the two edits of version 2 become one
+    least-disturbance patch in a new version, computed and checked on the sidecar while the engine
+    serves, swapped in once; both edits are served from it, the sidecar mirrors it, a retry with the
+    same idempotency key writes nothing, and a rollback to version 2 restores its weights bit for bit."""
+    _, sums2 = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
+    swaps = server_a.metric('editserve_swaps_total{result="ok"}')
+    status, rep = server_a.post("/editserve/v1/consolidate", {"expected_head": 2, "idempotency_key": "cons-1"})
+    assert status == 200, rep
+    change = rep["change"]
+    head = change["version"]
+    assert (change["kind"], change["previous_version"], change["active_patches"]) == ("consolidate", 2, 1), change
+    assert rep["constituent_versions"] == [1, 2] and (rep["facts"], rep["held_before"], rep["held_after"]) == (2, 2, 2)
+    assert [x["layer"] for x in rep["layers"]] == [5] and rep["layers"][0]["n_keys"] == 2
+    assert rep["layers"][0]["penalty_after"] < rep["layers"][0]["penalty_before"]
+    assert server_a.metric('editserve_swaps_total{result="ok"}') == swaps + 1
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["served_version"] == head and st["sidecar"]["in_sync"] and st["parity_failures"] == 0, st
+    text, _, headers = server_a.complete(CF_PROMPT)
+    assert text.startswith(" English") and headers["x-editserve-version"] == str(head), (text, headers)
+    assert server_a.complete(CF_PARAPHRASE)[0].startswith(" English")
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    _, sums = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
+    assert sums != sums2
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        info = ledger.version(head)
+        assert info.kind == "consolidate" and len(info.removed) == 2 and len(info.requests) == 2
+        assert info.caller == "token:control-token"
+    status, again = server_a.post("/editserve/v1/consolidate", {"idempotency_key": "cons-1"})
+    assert status == 200 and again["change"]["kind"] == "replayed" and again["change"]["version"] == head, again
+    # nothing left to consolidate at the head: one keyed patch
+    status, body = server_a.post("/editserve/v1/consolidate", {})
+    assert status == 409 and body["error"]["type"] == "ConsolidationError" and "at least 2" in body["error"]["message"]
+    status, change = server_a.post("/editserve/v1/rollback", {"version": 2})
+    assert status == 200 and change["active_patches"] == 2, change
+    assert server_a.get(f"/editserve/v1/checksums?name={LAYER5}")[1] == sums2
+
+
 # ------------------------------------------------------------------------------------- server B
 
 

@@ -307,6 +307,9 @@ CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
     ("rebase-base", ("rebase", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
     ("rebase-unknown", ("rebase", {"version": 5151}), "NOT_FOUND", "5151"),
     ("rebase-negative", ("rebase", {"version": -4}), "INVALID_ARGUMENT", "-4"),
+    ("consolidate-bad-ridge", ("consolidate", {"ridge": -1.0}), "INVALID_ARGUMENT", "-1.0"),
+    ("consolidate-bad-drop", ("consolidate", {"max_drop": 2.0}), "INVALID_ARGUMENT", "2.0"),
+    ("consolidate-stale-head", ("consolidate", {"expected_head": 4040}), "ABORTED", "expected head 4040"),
     ("get-version-unknown", ("get_version", {"version": 9090}), "NOT_FOUND", "9090"),
     ("get-version-negative", ("get_version", {"version": -2}), "INVALID_ARGUMENT", "-2"),
     ("diff-unknown", ("diff", {"a": 0, "b": 8080}), "NOT_FOUND", "8080"),
@@ -787,9 +790,9 @@ RPC_CALLS = {"Status": pb2.StatusRequest(), "ListVersions": pb2.ListVersionsRequ
              "PromoteCandidate": pb2.PromoteCandidateRequest(candidate="abcdef"),
              "DiscardCandidate": pb2.DiscardCandidateRequest(candidate="abcdef"),
              "CompareCandidate": pb2.CompareCandidateRequest(candidate="abcdef"),
-             "Rebase": pb2.RebaseRequest(version=1)}
+             "Rebase": pb2.RebaseRequest(version=1), "Consolidate": pb2.ConsolidateRequest()}
 HTTP_BODIES = {"/edit": {"facts": [EIFFEL]}, "/rollback": {"version": 0}, "/revert": {"version": 1},
-               "/rebase": {"version": 1},
+               "/rebase": {"version": 1}, "/consolidate": {},
                "/probe": {"items": [{"prompt": "The sky is", "target": " blue"}]},
                "/trace": {"prompt": "{} is", "subject": "Windows XP"},
                "/import": {"manifest_json": "e30=", "factors": "eA=="}, "/sync": {}, "/candidates": {"version": 1}}

@@ -1,12 +1,16 @@
 """Lifelong editing, fast version (bench/lifelong.py is the full benchmark): 30 known CounterFact
 records committed one after another on SmolLM2-135M, each computed on the model holding the
 earlier ones, once with AlphaEdit (preserved-keys state carried) and once with plain ROME; then
-AlphaEdit's accumulated update consolidated (editing/consolidate.py).
+AlphaEdit's commits written to a ledger and consolidated there by ``editserve ledger consolidate``
+(editing/consolidate.py, ledger/consolidation.py).
 AlphaEdit must retain the edits, keep neighbourhood facts and held-out perplexity at least as
 well as ROME, and above absolute floors. About 5 minutes on a quiet 2-core machine."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from editserve.editing.counterfact import load_counterfact
 from editserve.editing.edit import resolve_hparams
 from editserve.editing.evaluate import score_records, summarize
 from editserve.editing.lifelong import commit, consolidate_model, down_proj_weights, heldout_perplexity, norm_growth
+from editserve.ledger import Ledger
 from editserve.patches import applied_patches, remove_patch
 
 # ../shared from the repository root; one level further up from a worktree under /work/wt/<name>
@@ -41,39 +46,68 @@ def setup():
 def _stream(model, tok, known, method):
     corpus = load_corpus(None)
     state = PreservedKeys()
+    committed = []                       # (patch, its own key blocks) in commit order
     for rec, _ in known:
-        state = commit(model, tok, [rec.request], method, state, corpus).preserved
+        res = commit(model, tok, [rec.request], method, state, corpus)
+        state = res.preserved
+        committed.append((res.patch, state.for_patch(res.patch.digest)))
     after = summarize(score_records(model, tok, [r for r, _ in known]))
-    return after, state
+    return after, state, committed
+
+
+def _consolidate_through_the_cli(model, committed, snap, root: Path) -> tuple[int, str, dict[str, torch.Tensor]]:
+    """The commits written to a SQLite ledger as the server's sidecar writes them, then
+    ``editserve ledger consolidate`` run on it: (exit code, its output, the head's weights)."""
+    from editserve.cli import main
+    from editserve.editing.model import fingerprint
+
+    names = sorted({d.name for p, _ in committed for d in p.deltas})
+    with Ledger.open(root, fingerprint(model), create=True) as ledger:
+        for i, (patch, own) in enumerate(committed):
+            ledger.commit(patch, expected_head=i, base={n: snap[n] for n in names}, preserved=own)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["ledger", "consolidate", "--ledger", str(root)])
+    with Ledger.open(root, fingerprint(model)) as ledger:
+        return rc, out.getvalue() + err.getvalue(), ledger.materialize(names=names)
 
 
 @pytest.fixture(scope="module")
-def results(setup):
+def results(setup, tmp_path_factory):
     model, tok, known, ppl0, w0 = setup
     ns0 = summarize([s for _, s in known]).ns
     out = {}
     for method in ("alphaedit", "rome"):
         snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-        after, state = _stream(model, tok, known, method)
+        after, state, committed = _stream(model, tok, known, method)
         out[method] = {"es": after.es, "ps": after.ps, "ns_ratio": after.ns / ns0,
                        "ppl_ratio": heldout_perplexity(model, tok) / ppl0,
                        "norm": max(norm_growth(model, w0).values()), "state": state}
         if method == "alphaedit":
-            # the accumulated update re-solved on the committed keys (unmerges the patches)
+            # the accumulated update re-solved on the committed keys: as a ledger version written by
+            # the CLI (what is scored), and by the library on the model (which must agree with it)
+            rc, text, weights = _consolidate_through_the_cli(model, committed, snap,
+                                                             tmp_path_factory.mktemp("cons") / "ledger")
             layers = consolidate_model(model, tok, state, load_corpus(None), w0)
             assert not applied_patches(model) and sorted(layers) == list(state.layers)
+            params = dict(model.named_parameters())
+            library_gap = max(float((params[n] - w).abs().max() / (w - snap[n]).abs().max()) for n, w in weights.items())
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w)
             cons = summarize(score_records(model, tok, [r for r, _ in known]))
             out["consolidated"] = {"es": cons.es, "ps": cons.ps, "ns_ratio": cons.ns / ns0,
                                    "ppl_ratio": heldout_perplexity(model, tok) / ppl0,
-                                   "norm": max(norm_growth(model, w0).values()),
-                                   "penalty": {k: (c.penalty_before, c.penalty_after) for k, c in layers.items()}}
+                                   "norm": max(norm_growth(model, w0).values()), "library_gap": library_gap,
+                                   "penalty": {k: (c.penalty_before, c.penalty_after) for k, c in layers.items()},
+                                   "cli": (rc, text)}
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(snap[n])
         for p in reversed(applied_patches(model)):
             remove_patch(model, p)
         assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
-    print({m: {k: v for k, v in r.items() if k not in ("state", "penalty")} for m, r in out.items()})
+    print({m: {k: v for k, v in r.items() if k not in ("state", "penalty", "cli")} for m, r in out.items()})
     return out
 
 
@@ -97,10 +131,17 @@ def test_alphaedit_at_least_as_good_as_rome(results):
 
 
 def test_consolidation_keeps_the_edits_and_lowers_the_damage(results):
-    """The 30 AlphaEdit commits' update re-solved on their keys (editing/consolidate.py): the edits
-    and neighbourhoods hold as well (one edit of slack), the held-out perplexity is no worse and the
-    largest relative change of a weight is smaller."""
+    """The 30 AlphaEdit commits' update re-solved on their keys (editing/consolidate.py), written as a
+    ledger version by ``editserve ledger consolidate``: the edits and neighbourhoods hold as well (one
+    edit of slack), the held-out perplexity is no worse and the largest relative change of a weight is
+    smaller; the library function on the model gives the same weights."""
     a, c = results["alphaedit"], results["consolidated"]
+    rc, text = c["cli"]
+    assert rc == 0, text
+    assert f"{N} patches with preserved keys" in text and f"version {N + 1}: consolidated {N} patches" in text
+    held = re.search(r"committed facts that hold: (\d+)/(\d+) before, (\d+)/(\d+) after", text)
+    assert held and int(held[2]) == N and int(held[3]) >= int(held[1]), text
+    assert c["library_gap"] < 1e-3
     assert all(after < before for before, after in c["penalty"].values())
     assert c["es"] >= a["es"] - 1 / N and c["ps"] >= a["ps"] - 2 / N
     assert c["ns_ratio"] >= a["ns_ratio"] - 1 / N

@@ -1,5 +1,5 @@
-"""``editserve ledger ...``: ``versions``, ``show``, ``diff``, ``rollback``, ``revert``, ``export``, ``import``,
-``events``, ``check-ledger`` on a ledger directory, without a server.
+"""``editserve ledger ...``: ``versions``, ``show``, ``diff``, ``rollback``, ``revert``, ``consolidate``, ``export``,
+``import``, ``events``, ``check-ledger`` on a ledger directory, without a server.
 
 (The top-level ``editserve versions|show|diff|rollback|revert|...`` talk to a running server's
 gRPC control plane, `editserve.commands.remote`; a server follows a head moved here at its next
@@ -58,6 +58,18 @@ def register(parent: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="override the value optimisation steps when rebasing")
     p.add_argument("--expected-head", type=int, default=None)
     p.set_defaults(func=cmd_revert)
+
+    p = sub.add_parser("consolidate", help="replace the active patches that carry preserved keys by one "
+                       "least-disturbance patch with the same outputs on their keys (loads the model)")
+    _add_ledger_arg(p)
+    p.add_argument("--model", default=None, help="checkpoint (default: the embedded SmolLM2-135M)")
+    p.add_argument("--ridge", type=float, default=0.1, help="μ of A = C + μ·(tr C/d)·I (default 0.1)")
+    p.add_argument("--corpus", default=None, help="text for the key statistics (default: the bundled excerpt)")
+    p.add_argument("--max-drop", type=float, default=0.0,
+                   help="share of the committed facts that hold now allowed to stop holding (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="compute and check, write nothing")
+    p.add_argument("--expected-head", type=int, default=None)
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser("export", help="export version V (or, with --patch, the patch it added) as safetensors + manifest")
     _add_ledger_arg(p)
@@ -144,6 +156,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 what = f"revert of version {v.details.get('reverted')}"
                 if v.details.get("rebased"):
                     what += f", {len(v.details['rebased'])} rebased"
+            elif v.kind == "consolidate":
+                what = f"consolidation of {len(v.removed)} patches ({len(v.requests)} requests)"
             elif v.kind == "import" and not v.patch_id:
                 what = f"import of {len(v.added)} patch(es) from {v.details.get('source', '?')}"
             elif v.kind == "base":
@@ -219,18 +233,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_model(ledger: Any, checkpoint: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of `checkpoint` (default: the embedded model), refused unless it is the ledger's model."""
+    from editserve.editing.model import fingerprint, load_model
+    from editserve.ledger.errors import LedgerModelMismatch
+
+    model, tok = load_model(checkpoint)
+    if fingerprint(model) != ledger.model_fingerprint:
+        raise LedgerModelMismatch(f"model {fingerprint(model)[:16]} is not the ledger's model "
+                                  f"{ledger.model_fingerprint[:16]}")
+    return model, tok
+
+
 def cmd_revert(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
         rebase = None
         if args.rebase:
-            from editserve.editing.model import fingerprint, load_model
-            from editserve.ledger.errors import LedgerModelMismatch
             from editserve.ledger.rebase import ModelRecompute
 
-            model, tok = load_model(args.model)
-            if fingerprint(model) != ledger.model_fingerprint:
-                raise LedgerModelMismatch(f"model {fingerprint(model)[:16]} is not the ledger's model "
-                                          f"{ledger.model_fingerprint[:16]}")
+            model, tok = _ledger_model(ledger, args.model)
             over = {"value": {"max_steps": args.max_steps}} if args.max_steps else None
             rebase = ModelRecompute(model, tok, hparams_overrides=over)
         res = ledger.revert(args.version, caller=args.caller, rebase=rebase, expected_head=args.expected_head)
@@ -239,6 +260,32 @@ def cmd_revert(args: argparse.Namespace) -> int:
             changes = ", ".join(f"{k} {r.metrics_before.get(k, float('nan')):.3f}→{r.metrics_after[k]:.3f}"
                                 for k in r.changes) or "(no comparable metrics)"
             print(f"  rebased version {r.original_version}: {r.old_patch[:12]} → {r.new_patch[:12]}: {changes}")
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from editserve.editing.consolidate import ConsolidateParams
+    from editserve.editing.lifelong import consolidation_covariances
+    from editserve.ledger.consolidation import check_consolidation, plan_consolidation, refuse_broken
+
+    with _open(args) as ledger:
+        model, tok = _ledger_model(ledger, args.model)
+        plan = plan_consolidation(ledger, lambda layers: consolidation_covariances(model, tok, layers, args.corpus),
+                                  ConsolidateParams(ridge=args.ridge), expected_head=args.expected_head)
+        print(f"version {plan.head}: {len(plan.constituents)} patches with preserved keys → one patch "
+              f"{plan.patch.digest[:12]} ({len(plan.patch.requests)} requests)")
+        for x in plan.layers:
+            print(f"  layer {x.layer}: {x.n_patches} patches, {x.n_keys} keys, "
+                  f"tr(ΔW A ΔWᵀ) {x.penalty_before:.4g} → {x.penalty_after:.4g}")
+        check = check_consolidation(model, tok, ledger, plan)
+        print(f"  committed facts that hold: {check.held_before}/{len(check.facts)} before, "
+              f"{check.held_after}/{len(check.facts)} after")
+        refuse_broken(check, args.max_drop)
+        if args.dry_run:
+            print("dry run: nothing was written")
+            return 0
+        version = ledger.consolidate(plan, caller=args.caller, probe_report=check.probe_report())
+        print(f"version {version}: consolidated {len(plan.constituents)} patches into {plan.patch.digest[:12]}")
     return 0
 
 

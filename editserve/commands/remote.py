@@ -16,9 +16,10 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
-COMMANDS = ("edit", "rollback", "revert", "versions", "show", "diff", "probe", "status", "watch")
+COMMANDS = ("edit", "rollback", "revert", "consolidate", "versions", "show", "diff", "probe", "status", "watch")
 
 
 def _conn(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,15 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
                        help="recompute every later patch on the new base on the server's sidecar (one swap at the "
                             "end); prints each later edit's probe scores before → after")
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (with --rebase)")
+    elif name == "consolidate":
+        p = sub.add_parser("consolidate", help="replace the active patches that carry preserved keys by one "
+                                               "least-disturbance patch on the server (one swap; admin)")
+        p.add_argument("--expected-head", type=int, default=None)
+        p.add_argument("--idempotency-key", default="")
+        p.add_argument("--ridge", type=float, default=None, help="μ of A = C + μ·(tr C/d)·I (server default 0.1)")
+        p.add_argument("--max-drop", type=float, default=None,
+                       help="share of the committed facts that hold now allowed to stop holding (default 0)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     elif name == "versions":
         p = sub.add_parser("versions", help="the server's ledger versions (head marked *)")
         p.add_argument("--limit", type=int, default=0, help="only the last N versions")
@@ -246,6 +256,8 @@ def _what(v: Any) -> str:
     if v.kind == "revert":
         return "revert: removes " + ", ".join(p[:12] for p in v.removed[:1]) + (
             f", recomputes {len(v.added)}" if v.added else "")
+    if v.kind == "consolidate":
+        return f"consolidation of {len(v.removed)} patches ({len(v.facts)} facts)"
     if v.facts:
         return "; ".join(_fact_text(f) for f in v.facts)
     if v.kind == "import":
@@ -302,6 +314,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         return _edit(c, args)
     if cmd == "revert" and args.rebase:
         return _rebase(c, args)
+    if cmd == "consolidate":
+        return _consolidate(c, args)
     if cmd in ("rollback", "revert"):
         if cmd == "rollback":
             ch = c.rollback(args.version, expected_head=args.expected_head)
@@ -460,12 +474,8 @@ REBASE_SCORES = ("efficacy", "paraphrase", "neighbourhood")
 
 
 def _rebase(c: Any, args: argparse.Namespace) -> int:
-    kwargs = dict(expected_head=args.expected_head, idempotency_key=args.idempotency_key)
-    if args.no_progress or args.json:
-        r = c.rebase(args.version, **kwargs)
-    else:
-        with ProgressBar("rebase") as bar:
-            r = c.rebase(args.version, progress=bar.update, **kwargs)
+    r = _with_bar("rebase", args, lambda progress: c.rebase(
+        args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key, progress=progress))
     if args.json:
         print(_dump(r))
         return 0
@@ -485,6 +495,31 @@ def _rebase(c: Any, args: argparse.Namespace) -> int:
                      if m in e.scores_before and m in e.scores_after else "-")
         rows.append(cells)
     print(_table(rows, ["version", "patch", *REBASE_SCORES, "efficacy margin"]))
+    return 0
+
+
+def _with_bar(name: str, args: argparse.Namespace, call: Callable[[Callable[[Any], None] | None], Any]) -> Any:
+    """``call(progress)`` with a progress bar on stderr, or ``call(None)`` with --no-progress or --json."""
+    if args.no_progress or args.json:
+        return call(None)
+    with ProgressBar(name) as bar:
+        return call(bar.update)
+
+
+def _consolidate(c: Any, args: argparse.Namespace) -> int:
+    r = _with_bar("consolidate", args, lambda progress: c.consolidate(
+        expected_head=args.expected_head, idempotency_key=args.idempotency_key, ridge=args.ridge,
+        max_drop=args.max_drop, progress=progress))
+    if args.json:
+        print(_dump(r))
+        return 0
+    ch = r.change
+    again = " (already done: nothing new was written)" if ch.kind == "replayed" else ""
+    print(f"now serving version {ch.version} (was {ch.previous_version}){again}; {len(r.constituent_versions)} "
+          f"patches consolidated into {ch.patch_id[:12]}; {ch.active_patches} active; committed facts that hold: "
+          f"{r.held_before}/{r.facts} before, {r.held_after}/{r.facts} after; pause {ch.pause_ms:.1f} ms")
+    rows = [[x.layer, x.patches, x.keys, f"{x.penalty_before:.4g} → {x.penalty_after:.4g}"] for x in r.layers]
+    print(_table(rows, ["layer", "patches", "keys", "tr(ΔW A ΔWᵀ)"]))
     return 0
 
 

@@ -49,6 +49,16 @@ def rebase_to_pb(report: Any) -> Any:
                  for r in report.rebased])
 
 
+def consolidate_to_pb(report: Any) -> Any:
+    """An `editserve.control.operations.ConsolidationReport` as a ``ConsolidateResponse`` message."""
+    return pb2.ConsolidateResponse(
+        change=change_to_pb(report.change), constituent_versions=list(report.constituent_versions),
+        layers=[pb2.ConsolidatedLayer(name=x["name"], layer=int(x["layer"]), patches=int(x["n_patches"]),
+                                      keys=int(x["n_keys"]), penalty_before=float(x["penalty_before"]),
+                                      penalty_after=float(x["penalty_after"])) for x in report.layers],
+        facts=report.facts, held_before=report.held_before, held_after=report.held_after)
+
+
 def export_to_pb(patch_id: str, files: Any) -> Any:
     """(patch id, `editserve.ledger.transfer.PatchFiles`) → ``ExportPatchResponse``."""
     return pb2.ExportPatchResponse(patch_id=patch_id, manifest_json=files.manifest_json, factors=files.factors,

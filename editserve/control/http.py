@@ -24,6 +24,11 @@ route                                  role    body / query → response
                                                "removed_patch", "rebased": [{"original_version",
                                                "old_patch", "new_patch", "metrics_before",
                                                "metrics_after", "changes"}]}``
+``POST /editserve/v1/consolidate``     admin   ``ConsolidateRequest`` → ``{"change",
+                                               "constituent_versions", "layers": [{"name", "layer",
+                                               "n_patches", "n_keys", "penalty_before",
+                                               "penalty_after"}], "facts", "held_before",
+                                               "held_after"}``
 ``POST /editserve/v1/import``          admin   ``ImportPatchRequest`` (bytes base64) → change
 ``POST /editserve/v1/sync``            admin   ``{}`` → ``{"changed", …change}``
 ``GET  /editserve/v1/status``          viewer  served version, ledger head, counters, sidecar
@@ -212,6 +217,11 @@ def router() -> Any:
         op = operation_id(request.headers.get(OPERATION_HEADER))
         return (await ops.rebase(who, args, op)).to_dict()
 
+    async def consolidate(ops: Operations, who: Principal, request: Any) -> Any:
+        args = validate.consolidate_args(await _body(request, pb2.ConsolidateRequest))
+        op = operation_id(request.headers.get(OPERATION_HEADER))
+        return (await ops.consolidate(who, args, op)).to_dict()
+
     async def import_(ops: Operations, who: Principal, request: Any) -> Any:
         args = validate.import_args(await _body(request, pb2.ImportPatchRequest))
         return (await ops.import_patch(who, args)).to_dict()
@@ -299,7 +309,8 @@ def router() -> Any:
 
     handlers: dict[str, Handler] = {
         "candidates": candidates, "stage": stage, "promote": promote, "discard": discard, "compare": compare,
-        "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "rebase": rebase, "import": import_,
+        "edit": edit, "probe": probe, "trace": trace, "rollback": rollback, "revert": revert, "rebase": rebase,
+        "consolidate": consolidate, "import": import_,
         "sync": sync, "status": status, "checksums": checksums, "versions": versions, "version": version,
         "diff": diff, "export": export}
     for method, path, operation in ROUTES:
@@ -311,7 +322,7 @@ def router() -> Any:
 ROUTES: tuple[tuple[str, str, str], ...] = (
     ("POST", "/edit", "edit"), ("POST", "/probe", "probe"), ("POST", "/trace", "trace"),
     ("POST", "/rollback", "rollback"), ("POST", "/revert", "revert"), ("POST", "/rebase", "rebase"),
-    ("POST", "/import", "import"),
+    ("POST", "/consolidate", "consolidate"), ("POST", "/import", "import"),
     ("POST", "/sync", "sync"), ("GET", "/status", "status"), ("GET", "/checksums", "checksums"),
     ("GET", "/versions", "versions"), ("GET", "/versions/{version}", "version"), ("GET", "/diff", "diff"),
     ("GET", "/export", "export"),

@@ -2,7 +2,7 @@
 
 `Operations` is what the gRPC servicer (`editserve.control.service`) and the HTTP routes
 (`editserve.control.http`) call, with an authenticated `Principal` and a validated request
-(`editserve.control.validate`): edit, rollback, revert, rebase, import, sync, probe, trace, status,
+(`editserve.control.validate`): edit, rollback, revert, rebase, consolidate, import, sync, probe, trace, status,
 versions, version, diff, export, checksums, the event stream, and the candidates' stage, list,
 compare, promote and discard (`editserve.candidates.operations`). Each operation checks the
 principal's role again (`editserve.control.principals.OPERATION_ROLES`), applies the gate
@@ -13,7 +13,7 @@ transport. The adapters only translate messages and map errors (`editserve.contr
 
 Dependency direction: ``control`` drives ``engine``. `Operations` uses the engine's
 `editserve.engine.control.ControlPlane` through the small interface it exposes (``edit``,
-``rollback``, ``revert``, ``rebase``, ``import_patch``, ``follow``, ``score``, ``trace``, ``status``,
+``rollback``, ``revert``, ``rebase``, ``consolidate``, ``import_patch``, ``follow``, ``score``, ``trace``, ``status``,
 ``engine_checksums``, ``ledger``, ``settings``, ``metrics``); it imports nothing of
 ``editserve.engine`` at module import time, and ``editserve.engine`` imports ``control`` only
 inside functions (the plugin's wiring). One `Operations` exists per control plane
@@ -30,7 +30,7 @@ import re
 import tempfile
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,32 @@ class RebaseReport:
     def to_dict(self) -> dict[str, Any]:
         return {"change": self.change.to_dict(), "reverted_version": self.reverted_version,
                 "removed_patch": self.removed_patch, "rebased": [dict(r) for r in self.rebased]}
+
+
+@dataclass(frozen=True)
+class ConsolidationReport:
+    """What a consolidation did: the version change, the versions whose patches it replaced, per
+    layer the keys kept and the disturbance before / after, and the constituents' facts that held
+    before and after (read back from the written version's details and probe report)."""
+
+    change: Any                                  # editserve.engine.changes.VersionChange
+    constituent_versions: tuple[int, ...]
+    layers: tuple[dict[str, Any], ...]           # `editserve.ledger.consolidation.LayerConsolidation.to_dict`
+    facts: int
+    held_before: int
+    held_after: int
+
+    @classmethod
+    def of(cls, change: Any, details: Mapping[str, Any], probe_report: Mapping[str, Any] | None) -> "ConsolidationReport":
+        check = (probe_report or {}).get("consolidation") or {}
+        return cls(change=change, constituent_versions=tuple(int(c["version"]) for c in details.get("constituents", ())),
+                   layers=tuple(dict(x) for x in details.get("layers", ())), facts=int(check.get("n_facts", 0)),
+                   held_before=int(check.get("held_before", 0)), held_after=int(check.get("held_after", 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"change": self.change.to_dict(), "constituent_versions": list(self.constituent_versions),
+                "layers": [dict(x) for x in self.layers], "facts": self.facts, "held_before": self.held_before,
+                "held_after": self.held_after}
 
 
 class Operations:
@@ -134,14 +160,7 @@ class Operations:
             require(who, "edit.hparams.admin", "an edit overriding statistics or prefix hyper-parameters")
         gate = gate_policy.gate_for(who, args.gate, args.skip_gate)
         caller = who.caller
-        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
-
-        def progress(stage: str, fraction: float, message: str) -> None:
-            if threading.get_ident() == loop_thread:          # in order with the events published here
-                self._publish(op, caller, stage, fraction, message)
-            else:                                             # from the thread waiting on the sidecar
-                loop.call_soon_threadsafe(self._publish, op, caller, stage, fraction, message)
-
+        progress = self._progress_to(op, caller)
         self._publish(op, caller, "accepted", 0.0, f"{len(args.requests)} fact(s), method {args.method}")
         try:
             change = await self.engine.edit(
@@ -208,14 +227,7 @@ class Operations:
         the same report (its change is ``kind="replayed"``)."""
         require(who, "rebase")
         caller = who.caller
-        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
-
-        def progress(stage: str, fraction: float, message: str) -> None:
-            if threading.get_ident() == loop_thread:
-                self._publish(op, caller, stage, fraction, message)
-            else:
-                loop.call_soon_threadsafe(self._publish, op, caller, stage, fraction, message)
-
+        progress = self._progress_to(op, caller)
         self._publish(op, caller, "accepted", 0.0, f"rebase: revert version {args.version}, recompute later patches")
         try:
             change = await self.engine.rebase(args.version, caller=caller, expected_head=args.expected_head,
@@ -230,6 +242,42 @@ class Operations:
         audit.info("audit: rebase of version %d by %s → version %d (%d later patch(es) recomputed)%s", args.version,
                    caller, change.version, len(report.rebased),
                    " replayed: nothing new was written" if change.kind == "replayed" else "")
+        return report
+
+    def _progress_to(self, op: str, caller: str) -> Callable[[str, float, str], None]:
+        """A progress callback that publishes on this operation's event stream from any thread."""
+        loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            if threading.get_ident() == loop_thread:          # in order with the events published here
+                self._publish(op, caller, stage, fraction, message)
+            else:                                             # from the thread waiting on the sidecar
+                loop.call_soon_threadsafe(self._publish, op, caller, stage, fraction, message)
+
+        return progress
+
+    async def consolidate(self, who: Principal, args: validate.ConsolidateArgs, op: str) -> ConsolidationReport:
+        """Replace the active patches that carry preserved keys by one (`ControlPlane.consolidate`);
+        the report is read back from the written ledger version, so a repeated idempotency key
+        returns the same report (its change is ``kind="replayed"``)."""
+        require(who, "consolidate")
+        caller = who.caller
+        self._publish(op, caller, "accepted", 0.0, f"consolidate (ridge {args.ridge:g}, max drop {args.max_drop:g})")
+        try:
+            change = await self.engine.consolidate(caller=caller, expected_head=args.expected_head,
+                                                   idempotency_key=args.idempotency_key, ridge=args.ridge,
+                                                   max_drop=args.max_drop, progress=self._progress_to(op, caller))
+        except Exception as exc:
+            audit.info("audit: consolidation by %s failed: %s", caller, type(exc).__name__)
+            raise
+        change = await self._rollout(change, args.wait_for_replicas_s)
+        info = await asyncio.to_thread(self.engine.ledger.version, change.version)
+        report = ConsolidationReport.of(change, info.details, info.probe_report)
+        self._publish(op, caller, "committed", 1.0, f"{len(report.constituent_versions)} patches consolidated",
+                      version=change.version)
+        audit.info("audit: consolidation by %s → version %d (%d patches → 1; facts holding %d → %d of %d)%s", caller,
+                   change.version, len(report.constituent_versions), report.held_before, report.held_after,
+                   report.facts, " replayed: nothing new was written" if change.kind == "replayed" else "")
         return report
 
     async def import_patch(self, who: Principal, args: validate.ImportArgs) -> Any:

@@ -46,6 +46,7 @@ OPERATION_ROLES: Mapping[str, str] = {
     "edit": "editor", "probe": "editor", "trace": "editor",
     # move the head without the gate
     "rollback": "admin", "revert": "admin", "import": "admin", "sync": "admin", "rebase": "admin",
+    "consolidate": "admin",
     # options of an edit that only an admin may use (checked by the operations, not the adapters)
     "edit.skip_gate": "admin", "edit.hparams.admin": "admin",
     # candidates (editserve.candidates, docs/candidates.md)
@@ -59,7 +60,7 @@ GRPC_OPERATIONS: Mapping[str, str] = {
     "WatchEvents": "events", "ExportPatch": "export",
     "Edit": "edit", "Probe": "probe", "Trace": "trace",
     "Rollback": "rollback", "Revert": "revert", "ImportPatch": "import",
-    "Rebase": "rebase",
+    "Rebase": "rebase", "Consolidate": "consolidate",
     # candidates
     "ListCandidates": "candidates", "StageCandidate": "stage", "PromoteCandidate": "promote",
     "DiscardCandidate": "discard", "CompareCandidate": "compare",

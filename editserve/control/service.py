@@ -57,6 +57,10 @@ class EditService(pb2_grpc.EditServiceServicer):
         args = validate.rebase_args(request)
         return convert.rebase_to_pb(await self.ops.rebase(current_principal(), args, _operation_id(context)))
 
+    async def Consolidate(self, request: Any, context: Any) -> Any:
+        args = validate.consolidate_args(request)
+        return convert.consolidate_to_pb(await self.ops.consolidate(current_principal(), args, _operation_id(context)))
+
     async def ImportPatch(self, request: Any, context: Any) -> Any:
         args = validate.import_args(request)
         return convert.change_to_pb(await self.ops.import_patch(current_principal(), args))

@@ -241,6 +241,15 @@ class RebaseArgs:
 
 
 @dataclass(frozen=True)
+class ConsolidateArgs:
+    expected_head: int | None
+    idempotency_key: str | None
+    ridge: float = 0.1
+    max_drop: float = 0.0
+    wait_for_replicas_s: float | None = None
+
+
+@dataclass(frozen=True)
 class ImportArgs:
     files: PatchFiles
     expected_head: int | None
@@ -296,6 +305,22 @@ def rebase_args(msg: Any) -> RebaseArgs:
     """A ``RebaseRequest``; whether `version` has a patch with later ones is the ledger's to say."""
     return RebaseArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
                       idempotency_key=idempotency_key(msg.idempotency_key), wait_for_replicas_s=wait_for_replicas(msg))
+
+
+MAX_RIDGE = 1e6
+
+
+def consolidate_args(msg: Any) -> ConsolidateArgs:
+    """A ``ConsolidateRequest``: ridge in (0, 1e6] (default 0.1), max_drop in [0, 1] (default 0);
+    whether there is anything to consolidate is the ledger's to say."""
+    ridge = float(msg.ridge) if msg.HasField("ridge") else 0.1
+    if not (math.isfinite(ridge) and 0 < ridge <= MAX_RIDGE):
+        raise InvalidRequestError(f"ridge must be in (0, {MAX_RIDGE:g}], got {ridge!r}")
+    max_drop = float(msg.max_drop) if msg.HasField("max_drop") else 0.0
+    if not (math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
+        raise InvalidRequestError(f"max_drop must be a share in [0, 1], got {max_drop!r}")
+    return ConsolidateArgs(expected_head=_expected_head(msg), idempotency_key=idempotency_key(msg.idempotency_key),
+                           ridge=ridge, max_drop=max_drop, wait_for_replicas_s=wait_for_replicas(msg))
 
 
 def patch_upload(msg: Any) -> PatchFiles:

@@ -62,8 +62,6 @@ def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedK
     their saved bases), so the model holds no merge state afterwards and later commits merge on top
     of the consolidated weights. Returns each layer's result (penalties before / after)."""
     from editserve.editing.arch import Layout, spec_for
-    from editserve.editing.model import fingerprint
-    from editserve.editing.stats import layer_stats
     from editserve.patches import applied_patches, remove_patch
 
     spec = spec_for(model)
@@ -79,9 +77,7 @@ def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedK
     deltas = {layer: out_in(params_by_name[spec.weight_name(layer)].detach().double() - w0[layer].double())
               for layer in layers}
     keys = {layer: k for layer in layers if (k := preserved.keys(layer)) is not None}
-    hp = resolve_hparams(model, "alphaedit", None, hparams)
-    stats, _ = layer_stats(model, tok, layers, corpus, fingerprint(model), hp.stats, progress=False)
-    result = consolidate(deltas, keys, {layer: s.cov for layer, s in stats.items()}, params)
+    result = consolidate(deltas, keys, consolidation_covariances(model, tok, layers, corpus, hparams), params)
     for patch in reversed(applied_patches(model)):
         remove_patch(model, patch)
     with torch.no_grad():
@@ -91,6 +87,22 @@ def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedK
                 raise NonFiniteError(f"consolidated weight of layer {layer} is not finite")
             params_by_name[spec.weight_name(layer)].copy_(new)
     return result
+
+
+def consolidation_covariances(model: torch.nn.Module, tok: object, layers: Sequence[int], corpus: Corpus | None = None,
+                              hparams: dict | None = None) -> dict[int, torch.Tensor]:
+    """C [d_in, d_in] of each of `layers` under AlphaEdit's statistics settings (`hparams`: AlphaEdit
+    overrides; `corpus`: default the bundled excerpt) — what consolidation weighs ordinary keys with.
+    The statistics are cached like every edit's (`editserve.editing.stats`), so this is cheap after
+    the first edit at those layers."""
+    from editserve.editing.corpus import load_corpus
+    from editserve.editing.model import fingerprint
+    from editserve.editing.stats import layer_stats
+
+    hp = resolve_hparams(model, "alphaedit", None, hparams)
+    stats, _ = layer_stats(model, tok, list(layers), corpus if isinstance(corpus, Corpus) else load_corpus(corpus),
+                           fingerprint(model), hp.stats, progress=False)
+    return {layer: s.cov for layer, s in stats.items()}
 
 
 def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 256) -> float:

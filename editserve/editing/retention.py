@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -83,6 +83,29 @@ def sample_facts(facts: Sequence[CommittedFact], size: int, seed: int,
     k = min(size - len(first), len(rest))
     drawn = sorted(random.Random(seed).sample(range(len(rest)), k)) if k > 0 else []
     return first + [rest[i] for i in drawn]
+
+
+def with_replaced_objects(facts: Sequence[CommittedFact],
+                          report_of: Callable[[int], Mapping[str, Any] | None]) -> list[CommittedFact]:
+    """`facts` with the replaced object filled in where the request had none, from the probe gate's
+    efficacy rows in the probe report of the version that committed each (``report_of(version)``,
+    read once per version: the greedy answer the gate used then). Facts with no known replaced
+    object are left out (they cannot be scored)."""
+    from dataclasses import replace
+
+    out, reports = [], {}
+    for f in facts:
+        if f.target_true:
+            out.append(f)
+            continue
+        if f.version not in reports:
+            reports[f.version] = report_of(f.version) or {}
+        rows = (reports[f.version].get("gate") or {}).get("rows") or ()
+        true = next((r["target_true"] for r in rows if r.get("kind") == "efficacy" and r.get("prompt") == f.prompt
+                     and r.get("target_new") == f.target_new), "")
+        if true:
+            out.append(replace(f, target_true=true))
+    return out
 
 
 def facts_hold(model: torch.nn.Module, tok: Any, facts: Sequence[CommittedFact],

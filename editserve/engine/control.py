@@ -510,7 +510,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         whose commit step writes the revert version with the plan. The served model changes once.
         The per-edit score changes are in the written version's ``details["rebased"]``."""
         from editserve.engine.sidecar import ComputeRebase
-        from editserve.ledger import LedgerConflict, RevertError
+        from editserve.ledger import RevertError
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
@@ -548,33 +548,17 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s * later)
             t_computed = time.perf_counter()
             plan = computed.plan
-            async with self._lock:
-                now = await asyncio.to_thread(self.ledger.head)
-                if self.served.version != head or now != head:
-                    await self._follow_head()
-                    raise LedgerConflict(f"the head moved from version {head} to {now} while the rebase was computed; "
-                                         "nothing was committed (retry)", expected_head=head, actual_head=now)
-                current = await asyncio.to_thread(self.ledger.active_patches, head)
+
+            def target_of(current: list[Patch]) -> list[Patch]:
                 by_id = {p.digest: p for p in current}
-                target = [by_id[d] for d in plan.kept] + list(plan.patches)
-                message = message_for(-1, self.family, target)
+                return [by_id[d] for d in plan.kept] + list(plan.patches)
 
-                async def commit() -> int:
-                    res = await asyncio.to_thread(functools.partial(
-                        self.ledger.revert, version, who, rebase=plan, expected_head=head,
-                        idempotency_key=idempotency_key))
-                    now_active = await asyncio.to_thread(self.ledger.active_ids, res.version)
-                    if tuple(now_active) != tuple(p.digest for p in target):
-                        raise SwapFailed(f"ledger version {res.version} does not hold the patches just applied")
-                    return res.version
+            def write() -> int:
+                return self.ledger.revert(version, who, rebase=plan, expected_head=head,
+                                          idempotency_key=idempotency_key).version
 
-                report("swap", 0.96, f"pause, apply {len(target)} patch(es), verify, commit (one swap)")
-                result, expected = await self._swap(message, target, commit)
-                new_version = int(result.committed)
-                self._set_served(new_version, message, expected, len(target))
-                t_swap = time.perf_counter()
-                await self._sync_sidecar(new_version, result)
-                t_end = time.perf_counter()
+            report("swap", 0.96, f"pause, apply {len(plan.kept) + len(plan.patches)} patch(es), verify, commit (one swap)")
+            new_version, result, target, t_swap, t_end = await self._serve_computed("rebase", head, target_of, write)
         self.metrics.record_revert()
         log.info("rebase of version %d → version %d served (%d patch(es) recomputed, pause %.2f ms)", version,
                  new_version, later, result.pause_seconds * 1e3)
@@ -584,6 +568,84 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                          "swap": round((t_swap - t_computed) * 1e3, 3),
                                          "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
                              patch_id=removed, active_patches=len(target))
+
+    async def _serve_computed(self, what: str, head: int, target_of: Callable[[list[Patch]], list[Patch]],
+                              write: Callable[[], int]) -> tuple[int, Any, list[Patch], float, float]:
+        """After a change was computed on the sidecar at version `head` (a rebase, a consolidation):
+        under the version lock, refuse it if the head moved meanwhile, else one swap to
+        ``target_of(active patches at head)`` whose commit step is ``write()`` (the new ledger
+        version, which must hold exactly those patches), then move the sidecar there. Returns
+        (new version, swap result, target, time the swap ended, time the sidecar was in sync)."""
+        from editserve.ledger import LedgerConflict
+
+        async with self._lock:
+            assert self.served is not None
+            now = await asyncio.to_thread(self.ledger.head)
+            if self.served.version != head or now != head:
+                await self._follow_head()
+                raise LedgerConflict(f"the head moved from version {head} to {now} while the {what} was computed; "
+                                     "nothing was committed (retry)", expected_head=head, actual_head=now)
+            target = target_of(await asyncio.to_thread(self.ledger.active_patches, head))
+            new_version, result, t_swap = await self._swap_committing(target, write)
+            return new_version, result, target, t_swap, time.perf_counter()
+
+    async def consolidate(self, caller: str | None = None, expected_head: int | None = None,
+                          idempotency_key: str | None = None, ridge: float = 0.1, max_drop: float = 0.0,
+                          progress: Callable[[str, float, str], None] | None = None) -> VersionChange:
+        """Replace the active patches that carry preserved keys by one least-disturbance patch
+        (`editserve.ledger.consolidation`, issue 16): the sidecar plans it and scores the
+        constituents' facts before and after while the engine keeps serving; a plan that breaks
+        more than `max_drop` of the facts that hold is refused (`ConsolidationError`, nothing
+        written); else one swap to the result, whose commit step writes the consolidation version
+        (its details and probe report hold the per-layer result and the check)."""
+        from editserve.editing.consolidate import ConsolidateParams
+        from editserve.engine.sidecar import ComputeConsolidation
+        from editserve.ledger.consolidation import refuse_broken
+
+        def report(stage: str, fraction: float, message: str = "") -> None:
+            if progress is not None:
+                progress(stage, fraction, message)
+
+        params = ConsolidateParams(ridge=ridge)                                # typed refusal of a bad ridge
+        self._check_usable()
+        who = caller or self.settings.caller
+        replayed = await self._replayed(idempotency_key, "consolidate", lambda i: i.kind == "consolidate")
+        if replayed is not None:
+            return replayed
+        async with self._edit_lock:                     # the sidecar computes one change at a time
+            await self._ensure_sidecar()
+            async with self._lock:
+                assert self.served is not None and self.sidecar is not None
+                head = await self._followed_head(expected_head)
+            report("consolidate", 0.02, f"consolidating the patches with preserved keys at version {head}")
+            t0 = time.perf_counter()
+            computed = await asyncio.to_thread(
+                self.sidecar.consolidate, ComputeConsolidation(head=head, ridge=params.ridge),
+                lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s)
+            t_computed = time.perf_counter()
+            plan, check = computed.plan, computed.check
+            refuse_broken(check, max_drop)
+            gone = {d for d, _ in plan.constituents}
+
+            def target_of(current: list[Patch]) -> list[Patch]:
+                return [p for p in current if p.digest not in gone] + [plan.patch]
+
+            def write() -> int:
+                return self.ledger.consolidate(plan, who, idempotency_key=idempotency_key,
+                                               probe_report=check.probe_report())
+
+            report("swap", 0.96, f"pause, apply {len(plan.constituents)} patches as one, verify, commit (one swap)")
+            new_version, result, target, t_swap, t_end = await self._serve_computed("consolidation", head, target_of,
+                                                                                   write)
+        log.info("consolidation at version %d → version %d served (%d patches → 1, facts holding %d → %d of %d, "
+                 "pause %.2f ms)", head, new_version, len(plan.constituents), check.held_before, check.held_after,
+                 len(check.facts), result.pause_seconds * 1e3)
+        return VersionChange(version=new_version, previous_version=head, kind="consolidate",
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
+                                         "swap": round((t_swap - t_computed) * 1e3, 3),
+                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
+                             patch_id=plan.patch.digest, method=plan.patch.method, active_patches=len(target))
 
     async def import_patch(self, src: str | Path, caller: str | None = None, expected_head: int | None = None,
                            idempotency_key: str | None = None) -> VersionChange:

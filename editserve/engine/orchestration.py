@@ -289,6 +289,26 @@ class SwapOrchestration:
                              probe_report=info.probe_report,
                              active_patches=len(await asyncio.to_thread(self.ledger.active_ids, info.version)))
 
+    async def _swap_committing(self, target: list[Patch], write: Callable[[], int]) -> tuple[int, Any, float]:
+        """Under the version lock: one swap to `target` whose commit step is ``write()`` (the new
+        ledger version, which must hold exactly `target`), then move the sidecar there. Returns
+        (the new version, the swap result, the time the swap ended)."""
+        message = message_for(-1, self.family, target)
+
+        async def commit() -> int:
+            version = await asyncio.to_thread(write)
+            active = await asyncio.to_thread(self.ledger.active_ids, version)
+            if tuple(active) != tuple(p.digest for p in target):
+                raise SwapFailed(f"ledger version {version} does not hold the patches just applied")
+            return version
+
+        result, expected = await self._swap(message, target, commit)
+        version = int(result.committed)
+        self._set_served(version, message, expected, len(target))
+        t_swap = time.perf_counter()
+        await self._sync_sidecar(version, result)
+        return version, result, t_swap
+
     async def _change(self, kind: str, expected_head: int | None, target_of: Callable[[list[Patch]], Sequence[Patch]],
                       write: Callable[[int], int], patch_id: str | None = None) -> VersionChange:
         """Under the version lock: follow the head, swap to ``target_of(active patches at the head)``
@@ -298,20 +318,7 @@ class SwapOrchestration:
             head = await self._followed_head(expected_head)
             current = await asyncio.to_thread(self.ledger.active_patches, head)
             target = list(target_of(current))
-            message = message_for(-1, self.family, target)
-
-            async def commit() -> int:
-                version = await asyncio.to_thread(write, head)
-                active = await asyncio.to_thread(self.ledger.active_ids, version)
-                if tuple(active) != tuple(p.digest for p in target):
-                    raise SwapFailed(f"ledger version {version} does not hold the patches just applied")
-                return version
-
-            result, expected = await self._swap(message, target, commit)
-            version = int(result.committed)
-            self._set_served(version, message, expected, len(target))
-            t_swap = time.perf_counter()
-            await self._sync_sidecar(version, result)
+            version, result, t_swap = await self._swap_committing(target, lambda: write(head))
         t_end = time.perf_counter()
         log.info("%s → version %d served (pause %.2f ms)", kind, version, result.pause_seconds * 1e3)
         return VersionChange(version=version, previous_version=head, kind=kind,

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -136,6 +136,24 @@ class ComputeRebase:
 @dataclass(frozen=True)
 class RebaseComputed:
     plan: Any                          # editserve.ledger.RebasePlan (patches, key blocks, metrics)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ComputeConsolidation:
+    """Consolidate the patches active at ledger `head` that carry preserved keys
+    (`editserve.ledger.consolidation.plan_consolidation`, statistics from this sidecar's model) and
+    score their facts before and after (`check_consolidation`); nothing is written but base
+    copies. Answered with `ConsolidationComputed`; the sidecar holds `head` again afterwards."""
+
+    head: int
+    ridge: float
+
+
+@dataclass(frozen=True)
+class ConsolidationComputed:
+    plan: Any                          # editserve.ledger.consolidation.ConsolidationPlan
+    check: Any                         # editserve.ledger.consolidation.ConsolidationCheck
     seconds: float
 
 
@@ -283,16 +301,16 @@ class _Worker:
 
         self.warmup = StatisticsWarmup(self.model, self.tok, self.fingerprint, self.ready.checkpoint, state_file)
 
-    def _wait_for_statistics(self, msg: "ComputeEdit") -> None:
-        """An edit whose statistics the warm-up is building waits for them (never builds them twice),
-        reporting the wait as stage ``statistics``."""
+    def _wait_for_statistics(self, method: str, layers: Sequence[int] | None = None,
+                             hparams: dict[str, Any] | None = None) -> None:
+        """An edit (or a consolidation) whose statistics the warm-up is building waits for them
+        (never builds them twice), reporting the wait as stage ``statistics``."""
         if self.warmup is None:
             return
         from editserve.editing.edit import resolve_hparams
 
         try:
-            hp = resolve_hparams(self.model, msg.method, list(msg.layers) if msg.layers is not None else None,
-                                 msg.hparams)
+            hp = resolve_hparams(self.model, method, list(layers) if layers is not None else None, hparams)
         except EditserveError:
             return                                   # compute_patch reports the bad request itself
 
@@ -317,6 +335,8 @@ class _Worker:
             return self.compute(msg)
         if isinstance(msg, ComputeRebase):
             return self.rebase(msg)
+        if isinstance(msg, ComputeConsolidation):
+            return self.consolidate(msg)
         if isinstance(msg, ScorePrompts):
             return self.score_prompts(msg)
         if isinstance(msg, TraceFact):
@@ -407,7 +427,7 @@ class _Worker:
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
-        self._wait_for_statistics(msg)
+        self._wait_for_statistics(msg.method, msg.layers, msg.hparams)
         self._hold(msg.version)
         self._progress("compute", 0.05, f"{msg.method} for {len(msg.requests)} fact(s) at version {msg.version}: "
                                         "keys → values → solve")
@@ -499,6 +519,30 @@ class _Worker:
             self._hold(msg.head)
         return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)
 
+    def consolidate(self, msg: ComputeConsolidation) -> ConsolidationComputed:
+        """Plan and check a consolidation on the base weights (merged patches removed, saved bases
+        restored; `check_consolidation` merges the before and after sets itself), then hold
+        `msg.head` again, whatever happened."""
+        from editserve.editing.consolidate import ConsolidateParams
+        from editserve.editing.lifelong import consolidation_covariances
+        from editserve.ledger.consolidation import check_consolidation, plan_consolidation
+        from editserve.patches import hold_patches
+
+        t0 = time.perf_counter()
+        ledger = self._need_ledger()
+        self._wait_for_statistics("alphaedit")             # consolidation uses AlphaEdit's statistics
+        self._progress("consolidate", 0.05, f"re-solving the patches with preserved keys at version {msg.head}")
+        hold_patches(self.model, [])
+        try:
+            plan = plan_consolidation(ledger, lambda layers: consolidation_covariances(self.model, self.tok, layers),
+                                      ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
+            self._progress("consolidate", 0.6, f"{len(plan.constituents)} patches → 1; scoring their facts "
+                                               "before and after")
+            check = check_consolidation(self.model, self.tok, ledger, plan)
+        finally:
+            self._hold(msg.head)
+        return ConsolidationComputed(plan=plan, check=check, seconds=time.perf_counter() - t0)
+
     def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         if not prompts:
             return None
@@ -524,24 +568,12 @@ class _Worker:
                 for p in applied_patches(self.model) for r in p.requests]
 
     def _known(self, facts: list[Any]) -> list[Any]:
-        """`facts` with the replaced object filled in where the request had none: from the probe
-        gate's efficacy rows of the committing version (the greedy answer the gate used then);
-        facts with no known replaced object are left out (they cannot be scored)."""
-        from dataclasses import replace
+        """`facts` with the replaced object filled in from the committing versions' gate rows
+        (`editserve.editing.retention.with_replaced_objects`)."""
+        from editserve.editing.retention import with_replaced_objects
 
-        out, reports = [], {}
-        for f in facts:
-            if f.target_true:
-                out.append(f)
-                continue
-            if f.version not in reports:
-                reports[f.version] = self._need_ledger().version(f.version).probe_report or {}
-            rows = (reports[f.version].get("gate") or {}).get("rows") or ()
-            true = next((r["target_true"] for r in rows if r.get("kind") == "efficacy" and r.get("prompt") == f.prompt
-                         and r.get("target_new") == f.target_new), "")
-            if true:
-                out.append(replace(f, target_true=true))
-        return out
+        ledger = self._need_ledger()
+        return with_replaced_objects(facts, lambda v: ledger.version(v).probe_report)
 
     def probe_retention(self, msg: ProbeRetention) -> RetentionMeasured:
         from editserve.editing.retention import facts_hold, sample_facts
@@ -649,7 +681,7 @@ def _serve(conn: Connection, worker: _Worker) -> None:
             log.exception("sidecar request %s failed", type(msg).__name__)
             reply = Failed(type(exc).__name__, str(exc))
         conn.send(reply)
-        if isinstance(msg, (ComputeEdit, ComputeRebase, Sync)):
+        if isinstance(msg, (ComputeEdit, ComputeRebase, ComputeConsolidation, Sync)):
             # After the reply, so it costs the caller nothing: an edit, a rebase or a sync frees
             # tens of MiB of transient tensors that glibc would otherwise keep (editserve/memory.py).
             trim_heap()
@@ -747,6 +779,10 @@ class SidecarClient:
     def rebase(self, msg: ComputeRebase, on_progress: Callable[[Progress], None] | None = None,
                timeout_s: float | None = None) -> RebaseComputed:
         return self.call(msg, RebaseComputed, timeout_s, on_progress=on_progress)
+
+    def consolidate(self, msg: ComputeConsolidation, on_progress: Callable[[Progress], None] | None = None,
+                    timeout_s: float | None = None) -> ConsolidationComputed:
+        return self.call(msg, ConsolidationComputed, timeout_s, on_progress=on_progress)
 
     def score(self, version: int, items: tuple[tuple[str, str, str | None], ...],
               timeout_s: float | None = None) -> Scored:

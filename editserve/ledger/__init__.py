@@ -10,7 +10,8 @@ Public API::
     weights = ledger.materialize(v)                     # base copies + Σ UVᵀ, bit-reproducible
 
 See `editserve.ledger.ledger` for the data model, `editserve.ledger.transfer` for export and
-import, `editserve.ledger.rebase` for recomputing later patches after a revert.
+import, `editserve.ledger.rebase` for recomputing later patches after a revert,
+`editserve.ledger.consolidation` for replacing many active patches by one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from editserve.ledger.errors import (
     BaseCopyMismatch,
     BaseCopyMissing,
+    ConsolidationError,
     IdempotencyMismatch,
     ImportRejected,
     LedgerBusy,
@@ -52,5 +54,5 @@ __all__ = [
     "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "tensor_sha256",
     "LedgerError", "LedgerConflict", "IdempotencyMismatch", "VersionNotFound", "PatchNotFound",
     "LedgerModelMismatch", "LedgerCorrupt", "LedgerBusy", "BaseCopyMissing", "BaseCopyMismatch",
-    "RevertError", "ImportRejected", "LedgerUnavailable", "LedgerSchemaError", "LedgerLocation", "redact_dsn",
+    "RevertError", "ConsolidationError", "ImportRejected", "LedgerUnavailable", "LedgerSchemaError", "LedgerLocation", "redact_dsn",
 ]

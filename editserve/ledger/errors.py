@@ -84,3 +84,8 @@ class LedgerUnavailable(LedgerBusy, ConnectionError):
 
 class LedgerSchemaError(LedgerError, RuntimeError):
     """The ledger's schema cannot be used by this editserve (migrations unknown to it, or failed)."""
+
+
+class ConsolidationError(LedgerError, ValueError):
+    """A ledger's active patches cannot be consolidated as asked (too few with stored keys, a
+    stale plan, or a consolidation that would break committed facts); nothing was changed."""

@@ -53,6 +53,7 @@ from editserve.ledger.blobs import BlobStore, FileBlobStore
 from editserve.ledger.errors import (
     BaseCopyMismatch,
     BaseCopyMissing,
+    ConsolidationError,
     IdempotencyMismatch,
     ImportRejected,
     LedgerCorrupt,
@@ -61,15 +62,18 @@ from editserve.ledger.errors import (
     PatchNotFound,
     RevertError,
 )
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, ConsolidationPlan
 from editserve.ledger.keystate import state_bytes, state_from_bytes
 from editserve.ledger.location import LedgerLocation, location_from_env
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
     ADD,
     EVENT_COMMIT,
+    EVENT_CONSOLIDATE,
     EVENT_IMPORT,
     EVENT_REVERT,
     KIND_COMMIT,
+    KIND_CONSOLIDATE,
     KIND_IMPORT,
     KIND_REVERT,
     REMOVE,
@@ -100,7 +104,7 @@ class VersionInfo:
 
     version: int
     parent: int | None
-    kind: str                                  # base | commit | revert | import
+    kind: str                                  # base | commit | revert | import | consolidate
     patch_id: str | None                       # digest of the patch this version added
     added: tuple[str, ...]
     removed: tuple[str, ...]
@@ -857,6 +861,11 @@ class Ledger:
         for digest, origin in chain[idx + 1:]:
             origin_rec = self._store.version(origin)
             old = self.patch(digest)
+            if old.method == CONSOLIDATED_METHOD:
+                raise RevertError(f"the patch of version {origin} ({digest[:12]}) consolidates earlier patches and "
+                                  "cannot be recomputed on a new base; roll back to a version before the "
+                                  f"consolidation (version {origin_rec.parent}) and revert there, or revert "
+                                  "without rebase")
             # What was below the old patch in the version that added it (for a patch a rebase
             # added, the kept and earlier recomputed patches of that version, not its parent's).
             at_origin = list(self.active_ids(origin))
@@ -967,6 +976,48 @@ class Ledger:
                  f", rebased {len(rebased)} later patch(es)" if plan is not None else "", caller)
         return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
                             rebased=tuple(rebased), created=created)
+
+    def consolidate(self, plan: ConsolidationPlan, caller: str = "local", idempotency_key: str | None = None,
+                    probe_report: dict[str, Any] | None = None) -> int:
+        """Write `plan` (`editserve.ledger.consolidation.plan_consolidation`) as one version on top of
+        `plan.head`: its constituents removed, its patch added with its preserved-keys blocks. Raises
+        `LedgerConflict` if the head moved since the plan, `ConsolidationError` if a constituent is no
+        longer active there. A repeated `idempotency_key` returns the first call's version."""
+        if not isinstance(plan, ConsolidationPlan):
+            raise InvalidRequestError(f"expected a ConsolidationPlan, got {type(plan).__name__}")
+        self._check_patch(plan.patch)
+        digest = plan.patch.digest
+        request = _request_digest(KIND_CONSOLIDATE, str(plan.head), digest)
+        hit = self._idempotent_hit(idempotency_key, request)
+        if hit is not None:
+            return hit
+        self._refuse_damaged(plan.head)
+        active = set(self.active_ids(plan.head))
+        gone = [d[:12] for d, _ in plan.constituents if d not in active]
+        if gone:
+            raise ConsolidationError(f"patch(es) {gone} of the plan are not active at version {plan.head}; "
+                                     "nothing was changed")
+        if digest in active:
+            raise ConsolidationError(f"patch {digest[:12]} is already active at version {plan.head}")
+        if {b.tag for b in plan.keys.blocks} != {digest}:
+            raise ConsolidationError("the plan's preserved-keys blocks are not tagged with its patch")
+        ops = tuple((REMOVE, d) for d, _ in plan.constituents) + ((ADD, digest),)
+        bases = self._bases_for([plan.patch], None, Layout.OUT_IN)
+        record = self._patch_record(plan.patch)
+        states = self._state_records({digest: plan.keys})
+        if states:
+            self._store.add_patch_states(states)
+        details = plan.details()
+        new = NewVersion(parent=plan.head, kind=KIND_CONSOLIDATE, patch=digest, ops=ops, caller=caller,
+                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
+                         idempotency_key=idempotency_key, request_digest=request, details=details,
+                         event_kind=EVENT_CONSOLIDATE, event_details=details)
+        number, _ = self._store.append_version(new, plan.head, [record], bases)
+        with self._lock:
+            self._patch_cache[digest] = plan.patch
+        log.info("version %d: consolidated %d patches into %s by %s", number, len(plan.constituents), digest[:12],
+                 caller)
+        return number
 
     def _import(self, patches: Sequence[Patch], expected_head: int, caller: str, idempotency_key: str | None,
                 base: Mapping[str, torch.Tensor] | None, base_layout: Layout, replace: bool,

@@ -375,7 +375,7 @@ class PostgresStore(LedgerStore):
                 problems.append(f"versions referring to unknown patches: {sorted({r[0] for r in bad_ops})}")
             no_event = c.execute(
                 "SELECT v.version FROM versions v WHERE v.version > 0 AND NOT EXISTS "
-                "(SELECT 1 FROM events e WHERE e.version = v.version AND e.kind IN ('commit', 'revert', 'import'))"
+                "(SELECT 1 FROM events e WHERE e.version = v.version AND e.kind IN ('commit', 'revert', 'import', 'consolidate'))"
             ).fetchall()
             if no_event:
                 problems.append(f"versions without their creation event: {[r[0] for r in no_event]}")

@@ -27,12 +27,14 @@ KIND_BASE = "base"
 KIND_COMMIT = "commit"
 KIND_REVERT = "revert"
 KIND_IMPORT = "import"
+KIND_CONSOLIDATE = "consolidate"
 EVENT_CREATE = "create"
 EVENT_COMMIT = "commit"
 EVENT_ROLLBACK = "rollback"
 EVENT_ROLL_FORWARD = "roll_forward"
 EVENT_REVERT = "revert"
 EVENT_IMPORT = "import"
+EVENT_CONSOLIDATE = "consolidate"
 
 
 @dataclass(frozen=True)

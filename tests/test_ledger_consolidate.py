@@ -1,0 +1,137 @@
+"""Consolidation as a ledger operation (editserve/ledger/consolidation.py), on SQLite and PostgreSQL.
+
+Synthetic patches on two 64×32 matrices, each with its own preserved-keys blocks, plus one patch
+without keys. The consolidation version replaces the keyed patches by one patch that gives the
+same outputs on every committed key with a smaller disturbance, keeps the unkeyed patch, carries
+the keys; a rollback to the version before restores its weights and keys bit for bit; stale or
+repeated requests and a rebase through the consolidated patch are refused or replayed.
+(The real-model path, ``editserve ledger consolidate`` on SmolLM2, is in test_lifelong_smollm2.py.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tests._ledger_util import FP, NAME, NAME2, SHAPE, Backend, backend, base_weights, synth_patch  # noqa: F401
+from tests._pg import pg_server  # noqa: F401
+
+from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.consolidate import ConsolidateParams
+from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RevertError
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, constituents_at, plan_consolidation
+
+D_OUT, D_IN = SHAPE
+
+
+def _keys(patch, seed: int, n: int = 2) -> PreservedKeys:
+    g = torch.Generator().manual_seed(1000 + seed)
+    state = PreservedKeys()
+    for d in patch.deltas:
+        state = state.add(patch.digest, d.layer, torch.randn(D_IN, n, generator=g))
+    return state
+
+
+def _covs(layers) -> dict[int, torch.Tensor]:
+    out = {}
+    for layer in layers:
+        g = torch.Generator().manual_seed(50 + layer)
+        x = torch.randn(D_IN, 4 * D_IN, generator=g, dtype=torch.float64)
+        out[layer] = x @ x.T / x.shape[1]
+    return out
+
+
+def _build(ledger: Ledger) -> list:
+    """Versions 1–4: keyed (both matrices), unkeyed (matrix 0), keyed (matrix 0), keyed (matrix 1)."""
+    base = base_weights()
+    p1 = synth_patch(1, names=(NAME, NAME2))
+    p2 = synth_patch(2)
+    p3 = synth_patch(3)
+    p4 = synth_patch(4, names=(NAME2,))
+    ledger.commit(p1, expected_head=0, base=base, preserved=_keys(p1, 1))
+    ledger.commit(p2, expected_head=1)                                   # no keys: stays as it is
+    ledger.commit(p3, expected_head=2, preserved=_keys(p3, 3))
+    ledger.commit(p4, expected_head=3, preserved=_keys(p4, 4, n=3))
+    return [p1, p2, p3, p4]
+
+
+def test_consolidation_version_keeps_key_outputs_and_rolls_back_exactly(backend: Backend) -> None:
+    loc = backend.location()
+    with Ledger.open(loc, FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        assert constituents_at(ledger, 4) == [(p1.digest, 1), (p3.digest, 3), (p4.digest, 4)]
+        before = ledger.materialize(4)
+        state = ledger.preserved_keys(4)
+        plan = plan_consolidation(ledger, _covs, ConsolidateParams(ridge=0.1))
+        assert plan.head == 4 and plan.patch.method == CONSOLIDATED_METHOD
+        assert plan.patch.requests == p1.requests + p3.requests + p4.requests
+        assert {x.layer: (x.n_patches, x.n_keys) for x in plan.layers} == {0: (2, 4), 1: (2, 5)}
+        assert all(x.penalty_after < x.penalty_before for x in plan.layers)
+
+        v = ledger.consolidate(plan, caller="test", idempotency_key="cons-1")
+        assert v == 5
+        info = ledger.version(v)
+        assert info.kind == "consolidate" and info.patch_id == plan.patch.digest
+        assert set(info.removed) == {p1.digest, p3.digest, p4.digest} and info.added == (plan.patch.digest,)
+        assert [c["version"] for c in info.details["constituents"]] == [1, 3, 4]
+        assert ledger.active_ids(v) == (p2.digest, plan.patch.digest)
+        # the same keys, in the same order, now stored with the consolidated patch
+        after_state = ledger.preserved_keys(v)
+        assert after_state.tags == (plan.patch.digest,)
+        for layer in (0, 1):
+            assert torch.equal(after_state.keys(layer), state.keys(layer))
+        # each matrix's output on each committed key is unchanged; elsewhere the update is smaller
+        after = ledger.materialize(v)
+        base = base_weights()
+        for name, layer in ((NAME, 0), (NAME2, 1)):
+            k = state.keys(layer).double()
+            moved = (after[name].double() - before[name].double()) @ k
+            edited = (before[name].double() - base[name].double()) @ k
+            assert moved.abs().max() <= 1e-4 * edited.abs().max(), name
+            assert not torch.equal(after[name], before[name])
+        assert ledger.check_integrity().ok
+
+        # a repeated call replays; a plan for an old head is refused; nothing new is written
+        assert ledger.consolidate(plan, caller="test", idempotency_key="cons-1") == v
+        with pytest.raises(LedgerConflict):
+            ledger.consolidate(plan, caller="test")
+        assert ledger.head() == v
+
+        # rollback to the version before: its weights and keys, bit for bit
+        ledger.rollback(4)
+        again = ledger.materialize(4)
+        assert all(torch.equal(again[n], before[n]) for n in before)
+        assert ledger.preserved_keys().blocks == state.blocks
+        ledger.rollback(v)
+
+    # a restart (fresh open, empty caches) reads the consolidated patch and its keys back
+    with Ledger.open(loc, FP) as reopened:
+        assert reopened.head() == v and reopened.patch(plan.patch.digest).digest == plan.patch.digest
+        assert torch.equal(reopened.preserved_keys(v).keys(1), state.keys(1))
+        assert torch.equal(reopened.materialize(v)[NAME], after[NAME])
+
+
+def test_consolidation_refusals(backend: Backend) -> None:
+    with Ledger.open(backend.location(), FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        # fewer than two keyed patches: nothing to consolidate
+        with pytest.raises(ConsolidationError, match="at least 2"):
+            plan_consolidation(ledger, _covs, expected_head=2)
+        plan = plan_consolidation(ledger, _covs)
+        v = ledger.consolidate(plan, caller="test")
+        # a rebase would have to recompute the consolidated patch: refused, naming the way out
+        with pytest.raises(RevertError, match="consolidates earlier patches"):
+            ledger.revert(2, rebase=lambda step: step.old_patch, expected_head=v)
+        assert ledger.head() == v
+        # a plain revert of the consolidation removes every fact it holds
+        res = ledger.revert(v, caller="test")
+        assert ledger.active_ids(res.version) == (p2.digest,)
+        assert ledger.preserved_keys(res.version).blocks == ()
+        # a plan whose constituents are gone is refused
+        ledger.rollback(4)
+        stale = plan_consolidation(ledger, _covs)
+        ledger.revert(3, caller="test")
+        with pytest.raises(ConsolidationError, match="not active"):
+            ledger.consolidate(replace(stale, head=ledger.head()), caller="test")
+        assert ledger.active_ids() == (p1.digest, p2.digest, p4.digest)
