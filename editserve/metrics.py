@@ -44,6 +44,9 @@ committed facts that still hold; NaN when none was scored), ``editserve_edit_ret
 ``editserve_retention_probes_total`` (counter, ``result``: ok, failed) and
 ``editserve_gate_retention_refusals_total`` (counter: edits the gate refused because they break
 earlier edits). The per-layer norm growth is ``editserve_layer_drift_ratio`` above.
+``editserve_consolidations_total`` (counter, ``result``: ok; refused: fewer than two patches with
+preserved keys, a committed fact would break, or the head moved; failed: an error) counts consolidations
+(editserve/ledger/consolidation.py), asked for or automatic (editserve/engine/autoconsolidate.py).
 
 Gauges use ``multiprocess_mode="mostrecent"`` (as vLLM's own gauges do), so they read correctly
 when vLLM serves ``/metrics`` from a multi-process registry (``PROMETHEUS_MULTIPROC_DIR``).
@@ -66,6 +69,7 @@ from editserve.editing.edit import METHODS
 from editserve.errors import MetricsError
 
 PREFIX = "editserve"
+CONSOLIDATION_RESULTS = ("ok", "refused", "failed")
 
 # Edit stages run from a few milliseconds (solve, commit, swap) to minutes (value optimisation on CPU).
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -221,9 +225,13 @@ class Metrics:
         self._retention_refusals = Counter(f"{p}_gate_retention_refusals", "Edits the gate refused because they "
                                            "break earlier edits (retention drop above the bound).",
                                            registry=registry)
+        self._consolidations = Counter(f"{p}_consolidations", "Consolidations of the patches with preserved keys "
+                                       "by result.", ["result"], registry=registry)
         self._retention.set(math.nan)
         for result in ("ok", "failed"):
             self._retention_runs.labels(result=result)
+        for result in CONSOLIDATION_RESULTS:
+            self._consolidations.labels(result=result)
         for side in ("head", "candidate"):
             self._served_by.labels(served_by=side)
         # Create every fixed-label child now so each series exists (at zero) from the first scrape
@@ -382,6 +390,12 @@ class Metrics:
     def record_retention_refusal(self) -> None:
         """Count one edit the gate refused because it breaks earlier edits."""
         self._retention_refusals.inc()
+
+    def record_consolidation(self, result: str) -> None:
+        """Count one consolidation by result (`CONSOLIDATION_RESULTS`)."""
+        if result not in CONSOLIDATION_RESULTS:
+            raise MetricsError(f"consolidation result must be one of {list(CONSOLIDATION_RESULTS)}, got {result!r}")
+        self._consolidations.labels(result=result).inc()
 
     def set_statistics_progress(self, fraction: float) -> None:
         """Progress of the statistics warm-up (``SidecarClient.statistics()["fraction"]``), in [0, 1]."""

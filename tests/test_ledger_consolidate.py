@@ -135,3 +135,26 @@ def test_consolidation_refusals(backend: Backend) -> None:
         with pytest.raises(ConsolidationError, match="not active"):
             ledger.consolidate(replace(stale, head=ledger.head()), caller="test")
         assert ledger.active_ids() == (p1.digest, p2.digest, p4.digest)
+
+
+def test_commits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
+    """What automatic consolidation counts (editserve/engine/autoconsolidate.py): the active patches
+    after the newest consolidated one, at most `limit` read; and its setting's refusals."""
+    from editserve.engine.autoconsolidate import ConsolidationPolicy, commits_since_consolidation
+    from editserve.errors import InvalidRequestError
+
+    with Ledger.open(tmp_path / "ledger", FP, create=True) as ledger:
+        _build(ledger)
+        assert commits_since_consolidation(ledger, 4, 10) == 4
+        assert commits_since_consolidation(ledger, 4, 3) == 3
+        assert commits_since_consolidation(ledger, 0, 10) == 0
+        v = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        assert commits_since_consolidation(ledger, v, 10) == 0
+        p5 = synth_patch(5)
+        ledger.commit(p5, expected_head=v, preserved=_keys(p5, 5))
+        assert commits_since_consolidation(ledger, v + 1, 10) == 1
+    assert ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": "25"}).every == 25
+    assert ConsolidationPolicy.from_env({}).every == 0
+    for bad in ("1", "-3", "x", "2.5"):
+        with pytest.raises(InvalidRequestError, match="EDITSERVE_CONSOLIDATE_EVERY"):
+            ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": bad})

@@ -298,7 +298,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_candidate_completions": "counter", "editserve_candidates_staged": "gauge",
         "editserve_edit_retention_ratio": "gauge", "editserve_edit_retention_sample_size": "gauge",
         "editserve_edit_retention_last_run_timestamp_seconds": "gauge", "editserve_retention_probes": "counter",
-        "editserve_gate_retention_refusals": "counter",
+        "editserve_gate_retention_refusals": "counter", "editserve_consolidations": "counter",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
@@ -459,3 +459,17 @@ def test_version_skew_gauge_per_live_replica():
     assert registry.get_sample_value("editserve_version_skew", {"replica": "b"}) is None
     with pytest.raises(MetricsError):
         metrics.set_skew({"a": -1})
+
+
+def test_consolidations_are_counted_by_a_fixed_result():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, N_LAYERS)
+    for result in ("ok", "refused", "failed"):          # every series exists at zero from the first scrape
+        assert registry.get_sample_value("editserve_consolidations_total", {"result": result}) == 0
+    metrics.record_consolidation("ok")
+    metrics.record_consolidation("refused")
+    metrics.record_consolidation("ok")
+    assert registry.get_sample_value("editserve_consolidations_total", {"result": "ok"}) == 2
+    assert registry.get_sample_value("editserve_consolidations_total", {"result": "refused"}) == 1
+    with pytest.raises(MetricsError, match="'skipped'"):
+        metrics.record_consolidation("skipped")

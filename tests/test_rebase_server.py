@@ -15,6 +15,7 @@ negative version) gets typed errors on both transports and changes nothing.
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ def _text(subject: str) -> str:
 def server(tmp_path_factory) -> Any:
     s = GrpcServer(tmp_path_factory.mktemp("rebase"))
     s.env["EDITSERVE_SIDECAR_TIMEOUT_S"] = "300"      # per recomputed patch, on a loaded machine
+    # Automatic consolidation after 5 commits since the last one: not reached by the four edits and
+    # the rebases; test_automatic_consolidation_every_k_commits adds three more edits.
+    s.env["EDITSERVE_CONSOLIDATE_EVERY"] = "5"
     s.start()
     yield s
     s.stop()
@@ -240,3 +244,46 @@ def test_rebase_over_http_then_the_cli_replays_it(server: GrpcServer, edited: di
     assert _state(server) == before
 
 
+MORE_FACTS = [("The Colosseum", " Berlin"), ("The Statue of Liberty", " Madrid"), ("The Sydney Opera House", " Moscow")]
+
+
+def _metric(server: GrpcServer, sample: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=60) as resp:
+        text = resp.read().decode()
+    m = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.M)
+    assert m, f"{sample} is not exported"
+    return float(m.group(1))
+
+
+def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dict[str, Any]) -> None:
+    """EDITSERVE_CONSOLIDATE_EVERY=5 (editserve/engine/autoconsolidate.py): after the rebases two
+    patches are active; the third edit below makes five since the last consolidation, and the server
+    consolidates in the background (the edit's reply does not wait): one new version of kind
+    ``consolidate`` by ``auto-consolidation`` holding one patch, served, every fact still answered."""
+    with server.client("viewer") as c:
+        assert c.status().active_patches == 2
+    assert _metric(server, 'editserve_consolidations_total{result="ok"}') == 0
+    with server.client("editor") as ed:
+        for s, t in MORE_FACTS:
+            r = ed.edit([{"prompt": CITY, "subject": s, "target_new": t}], thresholds=LOOSE)
+            assert r.report.passed and r.change.kind == "edit", r.report
+    last = r.change.version
+    deadline = time.monotonic() + 600
+    with server.client("viewer") as c:
+        while time.monotonic() < deadline:
+            st = c.status()
+            if st.ledger_head > last and st.served_version == st.ledger_head:
+                break
+            time.sleep(1.0)
+        info = c.get_version(st.ledger_head)
+    assert st.ledger_head == last + 1 and st.served_version == last + 1, st
+    assert info.kind == "consolidate" and info.caller == "auto-consolidation", info
+    assert (len(info.removed), len(info.added), len(info.facts)) == (5, 1, 5), info
+    assert st.active_patches == 1
+    # counted when the consolidation returns, after the sidecar has followed the swap
+    while _metric(server, 'editserve_consolidations_total{result="ok"}') == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _metric(server, 'editserve_consolidations_total{result="ok"}') == 1
+    assert _metric(server, 'editserve_consolidations_total{result="failed"}') == 0
+    for s, t in FACTS[2:] + MORE_FACTS:
+        assert t.strip() in server.complete(_text(s)), s

@@ -480,8 +480,7 @@ def _rebase(c: Any, args: argparse.Namespace) -> int:
         print(_dump(r))
         return 0
     ch = r.change
-    again = " (already done: nothing new was written)" if ch.kind == "replayed" else ""
-    print(f"now serving version {ch.version} (was {ch.previous_version}){again}; reverted version "
+    print(f"{_now_serving(ch)}; reverted version "
           f"{r.reverted_version} (patch {r.removed_patch[:12]}); {len(r.rebased)} later patch(es) recomputed; "
           f"{ch.active_patches} active; pause {ch.pause_ms:.1f} ms")
     rows = []
@@ -496,6 +495,12 @@ def _rebase(c: Any, args: argparse.Namespace) -> int:
         rows.append(cells)
     print(_table(rows, ["version", "patch", *REBASE_SCORES, "efficacy margin"]))
     return 0
+
+
+def _now_serving(ch: Any) -> str:
+    """"now serving version N (was M)", noting a replayed request."""
+    again = " (already done: nothing new was written)" if ch.kind == "replayed" else ""
+    return f"now serving version {ch.version} (was {ch.previous_version}){again}"
 
 
 def _with_bar(name: str, args: argparse.Namespace, call: Callable[[Callable[[Any], None] | None], Any]) -> Any:
@@ -514,8 +519,7 @@ def _consolidate(c: Any, args: argparse.Namespace) -> int:
         print(_dump(r))
         return 0
     ch = r.change
-    again = " (already done: nothing new was written)" if ch.kind == "replayed" else ""
-    print(f"now serving version {ch.version} (was {ch.previous_version}){again}; {len(r.constituent_versions)} "
+    print(f"{_now_serving(ch)}; {len(r.constituent_versions)} "
           f"patches consolidated into {ch.patch_id[:12]}; {ch.active_patches} active; committed facts that hold: "
           f"{r.held_before}/{r.facts} before, {r.held_after}/{r.facts} after; pause {ch.pause_ms:.1f} ms")
     rows = [[x.layer, x.patches, x.keys, f"{x.penalty_before:.4g} → {x.penalty_after:.4g}"] for x in r.layers]

@@ -66,6 +66,7 @@ from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
 from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
 from editserve.engine.changes import VersionChange
+from editserve.engine.autoconsolidate import AutoConsolidation
 from editserve.engine.errors import PluginSetupError, SwapFailed
 from editserve.engine.expected import ExpectedChecksums
 from editserve.engine.orchestration import Counters, Served, SwapOrchestration
@@ -132,6 +133,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self._degraded: str | None = None
         self.fleet: Any = None                      # editserve.engine.fleet.FleetMember once started
         self.health: Any = None                     # editserve.engine.health.RetentionProbe once started
+        self.auto_consolidation = AutoConsolidation(self, settings.consolidation)
 
     async def start(self) -> VersionChange:
         """Describe the workers, start the sidecar, open the ledger, check the base weights and
@@ -270,6 +272,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
     async def close(self) -> None:
         self._closing = True
+        await self.auto_consolidation.close()
         if self.health is not None:
             await self.health.close()
         if self.fleet is not None:
@@ -444,6 +447,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self.metrics.record_edit(method, "committed", stages, total_seconds=timings["total"])
         log.info("edit %s → version %d served (pause %.2f ms, total %.2f s)", patch.digest[:12], version,
                  result.pause_seconds * 1e3, timings["total"])
+        await self.auto_consolidation.after_commit(version)          # in the background when due
         return VersionChange(version=version, previous_version=head, kind="edit",
                              pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
                              timings_ms={k: round(v * 1e3, 3) for k, v in timings.items()},
@@ -599,12 +603,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         written); else one swap to the result, whose commit step writes the consolidation version
         (its details and probe report hold the per-layer result and the check)."""
         from editserve.editing.consolidate import ConsolidateParams
-        from editserve.engine.sidecar import ComputeConsolidation
-        from editserve.ledger.consolidation import refuse_broken
 
         def report(stage: str, fraction: float, message: str = "") -> None:
             if progress is not None:
                 progress(stage, fraction, message)
+
+        from editserve.ledger.errors import ConsolidationError, LedgerConflict
 
         params = ConsolidateParams(ridge=ridge)                                # typed refusal of a bad ridge
         self._check_usable()
@@ -612,6 +616,22 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         replayed = await self._replayed(idempotency_key, "consolidate", lambda i: i.kind == "consolidate")
         if replayed is not None:
             return replayed
+        try:
+            change = await self._consolidate(who, expected_head, idempotency_key, params, max_drop, report)
+        except (ConsolidationError, LedgerConflict):
+            self.metrics.record_consolidation("refused")
+            raise
+        except Exception:
+            self.metrics.record_consolidation("failed")
+            raise
+        self.metrics.record_consolidation("ok")
+        return change
+
+    async def _consolidate(self, who: str, expected_head: int | None, idempotency_key: str | None,
+                           params: Any, max_drop: float, report: Callable[..., None]) -> VersionChange:
+        from editserve.engine.sidecar import ComputeConsolidation
+        from editserve.ledger.consolidation import refuse_broken
+
         async with self._edit_lock:                     # the sidecar computes one change at a time
             await self._ensure_sidecar()
             async with self._lock:

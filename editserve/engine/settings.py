@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from editserve.engine.autoconsolidate import ConsolidationPolicy
 from editserve.engine.health import HealthSettings
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
 from editserve.envparse import real_number, whole_number
@@ -52,6 +53,8 @@ class ControlSettings:
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
     health: HealthSettings = field(default_factory=HealthSettings)   # retention probe and gate (issue 16)
     serve_only: bool = False                  # EDITSERVE_SIDECAR=0: no sidecar (editserve.engine.serveonly)
+    # EDITSERVE_CONSOLIDATE_EVERY: consolidate every K commits (editserve.engine.autoconsolidate; 0: off)
+    consolidation: ConsolidationPolicy = field(default_factory=ConsolidationPolicy)
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -102,4 +105,5 @@ class ControlSettings:
                    sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
                    base_cache_bytes=cache_mb << 20,
                    health=HealthSettings.from_env(env),
+                   consolidation=ConsolidationPolicy.from_env(env),
                    serve_only=serve_only_from_env(env))
