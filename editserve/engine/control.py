@@ -96,6 +96,15 @@ def registry_for() -> Any:
     return get_prometheus_registry()
 
 
+def _reporter(progress: Callable[[str, float, str], None] | None) -> Callable[..., None]:
+    """``report(stage, fraction, message="")`` that forwards to `progress` when there is one."""
+    def report(stage: str, fraction: float, message: str = "") -> None:
+        if progress is not None:
+            progress(stage, fraction, message)
+
+    return report
+
+
 class ControlPlane(SidecarSupervision, SwapOrchestration):
     """See the module docstring. Create, ``await start()``, then call `edit`/`rollback`/`status`.
 
@@ -349,9 +358,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
         stages = {} if stages is None else stages
 
-        def report(stage: str, fraction: float, message: str = "") -> None:
-            if progress is not None:
-                progress(stage, fraction, message)
+        report = _reporter(progress)
 
         def forward(p: Progress) -> None:
             report(p.stage, p.fraction, p.message)
@@ -519,10 +526,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
 
-        def report(stage: str, fraction: float, message: str = "") -> None:
-            if progress is not None:
-                progress(stage, fraction, message)
-
+        report = _reporter(progress)
         self._check_usable()
         info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
         if info.patch_id is None:
@@ -603,13 +607,9 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         written); else one swap to the result, whose commit step writes the consolidation version
         (its details and probe report hold the per-layer result and the check)."""
         from editserve.editing.consolidate import ConsolidateParams
-
-        def report(stage: str, fraction: float, message: str = "") -> None:
-            if progress is not None:
-                progress(stage, fraction, message)
-
         from editserve.ledger.errors import ConsolidationError, LedgerConflict
 
+        report = _reporter(progress)
         params = ConsolidateParams(ridge=ridge)                                # typed refusal of a bad ridge
         self._check_usable()
         who = caller or self.settings.caller
