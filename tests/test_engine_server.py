@@ -346,6 +346,13 @@ def test_a4_worker_refusal_restores_and_engine_keeps_serving(server_a, shared):
     _, st = server_a.get("/editserve/v1/status")
     assert st["served_version"] == 2 and st["ledger_head"] == bad_head and st["degraded"] is None
     assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    # the follower tries the refused head too, then spaces its tries out (engine/fleet.py, RefusedHead)
+    deadline = time.monotonic() + 20
+    while (refused := server_a.get("/editserve/v1/status")[1]["follow_refused"]) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert refused is not None and refused["version"] == bad_head and refused["tries"] >= 1, refused
+    assert "NonFiniteError" in refused["error"] and refused["retry_in_s"] > 0
+    assert server_a.get("/editserve/v1/status")[1]["ready"] is False
     with Ledger.open(shared["ledger"], verify="none") as ledger:
         ledger.rollback(2, caller="test")
     status, body = server_a.post("/editserve/v1/sync", {})

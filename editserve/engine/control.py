@@ -789,13 +789,14 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
     async def _fleet_status(self) -> dict[str, Any]:
         """This replica's id, readiness and the ledger's replica registry (empty if unreachable)."""
         if self.fleet is None:
-            return {"replica_id": None, "ready": False, "fleet": [], "fleet_error": None}
+            return {"replica_id": None, "ready": False, "fleet": [], "fleet_error": None, "follow_refused": None}
         try:
             rows, error = await self.fleet.fleet(), None
         except Exception as exc:             # the ledger may be down: status still answers
             rows, error = [], f"{type(exc).__name__}: {exc}"
+        refused = self.fleet.refused
         return {"replica_id": self.fleet.settings.replica_id, "ready": self.fleet.readiness()[0], "fleet": rows,
-                "fleet_error": error}
+                "fleet_error": error, "follow_refused": refused.to_dict(time.monotonic()) if refused else None}
 
     async def admit(self) -> tuple[int, int]:
         """Admit one HTTP request: wait while a swap is in progress, count it as in flight, and

@@ -19,6 +19,12 @@
 
 A ledger that cannot be reached (`LedgerUnavailable`) stops neither serving nor this loop: the
 replica keeps its current version, and converges once the ledger is back.
+
+A head the workers refuse (a swap that fails and is restored: a non-finite result, a checksum
+mismatch) is not retried at every reconcile: each try is a full swap with its pause. `RefusedHead`
+spaces the tries of the same head out (the reconcile interval, doubling, at most
+`FleetSettings.refused_retry_max_s`); a new head is tried at once, and an operator's ``/sync``
+always tries. Status shows the refused head, the error and when it is tried next.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ RECONCILE_ENV = "EDITSERVE_RECONCILE_S"
 HEARTBEAT_ENV = "EDITSERVE_HEARTBEAT_S"
 LIVE_ENV = "EDITSERVE_REPLICA_LIVE_S"
 MAX_SKEW_ENV = "EDITSERVE_MAX_SKEW"
+REFUSED_RETRY_ENV = "EDITSERVE_REFUSED_RETRY_MAX_S"
 GRPC_ADDR_ENV = "EDITSERVE_GRPC_ADDR"
 ROLE_COMPUTE = "compute"
 ROLE_SERVE_ONLY = "serve-only"
@@ -61,12 +68,13 @@ class FleetSettings:
     heartbeat_s: float = 10.0         # registry row refreshed at least this often
     live_s: float = 30.0              # a replica whose row is older is not live (not waited for)
     max_skew: int = 0                 # readiness fails while head - served exceeds this
+    refused_retry_max_s: float = 300.0  # longest wait before the same refused head is tried again
 
     def __post_init__(self) -> None:
         if not (1 <= len(self.replica_id) <= 128) or any(c.isspace() for c in self.replica_id):
             raise InvalidRequestError(f"{REPLICA_ID_ENV} must be 1-128 characters without spaces, "
                                       f"got {self.replica_id!r}")
-        for name in ("reconcile_s", "heartbeat_s", "live_s"):
+        for name in ("reconcile_s", "heartbeat_s", "live_s", "refused_retry_max_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.max_skew < 0:
@@ -83,7 +91,36 @@ class FleetSettings:
         return cls(replica_id=env.get(REPLICA_ID_ENV, "").strip() or default_replica_id(),
                    address=env.get(GRPC_ADDR_ENV, "127.0.0.1:50051"), role=role,
                    reconcile_s=number(RECONCILE_ENV, 5.0), heartbeat_s=number(HEARTBEAT_ENV, 10.0),
-                   live_s=number(LIVE_ENV, 30.0), max_skew=skew)
+                   live_s=number(LIVE_ENV, 30.0), max_skew=skew,
+                   refused_retry_max_s=number(REFUSED_RETRY_ENV, 300.0))
+
+
+@dataclass(frozen=True)
+class RefusedHead:
+    """A head this replica failed to serve, and when the follow loop tries it again: the first retry
+    after `first_delay_s`, each later one after twice the previous wait, at most `max_delay_s`."""
+
+    version: int
+    error: str
+    tries: int
+    retry_at: float                   # time.monotonic() of the next try
+
+    @staticmethod
+    def first(version: int, error: str, now: float, first_delay_s: float) -> "RefusedHead":
+        return RefusedHead(version=version, error=error, tries=1, retry_at=now + first_delay_s)
+
+    def again(self, error: str, now: float, first_delay_s: float, max_delay_s: float) -> "RefusedHead":
+        """The same head refused once more."""
+        delay = min(max_delay_s, first_delay_s * 2 ** self.tries)
+        return RefusedHead(version=self.version, error=error, tries=self.tries + 1, retry_at=now + delay)
+
+    def waiting(self, head: int, now: float) -> bool:
+        """Whether the loop should leave `head` alone now (it is this refused head, not yet due)."""
+        return head == self.version and now < self.retry_at
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {"version": self.version, "error": self.error, "tries": self.tries,
+                "retry_in_s": round(max(0.0, self.retry_at - now), 3)}
 
 
 class FleetMember:
@@ -96,6 +133,7 @@ class FleetMember:
         self.caught_up = False             # served the head seen at (or after) start at least once
         self.last_head: int | None = None  # the ledger head as last read
         self.ledger_error: str | None = None
+        self.refused: RefusedHead | None = None   # the head the last follow failed to serve
         self._task: asyncio.Task[None] | None = None
         self._listener: Any = None
         self._last_report = 0.0
@@ -177,6 +215,10 @@ class FleetMember:
         served = self.plane.served_version
         if served is None:
             return False, "not started"
+        refused = self.refused
+        if refused is not None and refused.version != served:
+            return False, (f"head version {refused.version} refused ({refused.error}); serving version {served}, "
+                           f"next try in {refused.to_dict(time.monotonic())['retry_in_s']:.0f} s")
         if not self.caught_up:
             return False, f"catching up: serving version {served}, head {self.last_head}"
         if self.last_head is not None and self.last_head - served > self.settings.max_skew:
@@ -204,13 +246,15 @@ class FleetMember:
     async def _step(self, heard: int | None) -> None:
         from editserve.ledger.errors import LedgerError
 
+        head: int | None = None
         try:
             head = await asyncio.to_thread(self.plane.ledger.head)
             self.last_head = head
-            if head != self.plane.served_version:
+            if head != self.plane.served_version and not (self.refused and self.refused.waiting(head, time.monotonic())):
                 await self.plane.follow()
             if self.plane.served_version == head:
                 self.caught_up = True
+                self.refused = None
             self.ledger_error = None
         except asyncio.CancelledError:
             raise
@@ -220,11 +264,23 @@ class FleetMember:
                         self.settings.replica_id, exc, self.plane.served_version)
             return
         except Exception as exc:
-            log.error("replica %s: following the head failed: %s: %s", self.settings.replica_id,
-                      type(exc).__name__, exc)
+            if head is None:
+                log.error("replica %s: reading the head failed: %s: %s", self.settings.replica_id,
+                          type(exc).__name__, exc)
+            else:
+                self._refused(head, f"{type(exc).__name__}: {exc}")
         if time.monotonic() - self._last_report >= self.settings.heartbeat_s or heard is not None:
             await self.report()
         await self._publish_skew()
+
+    def _refused(self, head: int, error: str) -> None:
+        now, first = time.monotonic(), self.settings.reconcile_s
+        if self.refused is not None and self.refused.version == head:
+            self.refused = self.refused.again(error, now, first, self.settings.refused_retry_max_s)
+        else:
+            self.refused = RefusedHead.first(head, error, now, first)
+        log.error("replica %s: following the head (version %d) failed (try %d): %s; next try in %.0f s",
+                  self.settings.replica_id, head, self.refused.tries, error, self.refused.retry_at - now)
 
     async def _publish_skew(self) -> None:
         metrics = self.plane.metrics
