@@ -86,3 +86,77 @@ def test_refusals_name_the_layer_or_value():
     for bad in (0, -1.0, float("nan"), "1"):
         with pytest.raises(InvalidRequestError, match="ridge"):
             ConsolidateParams(ridge=bad)
+
+
+def _layers(n_keys: int, n_layers: int = 3, seed: int = 5):
+    """Per-layer (ΔW, K, C) for the same n_keys edits at n_layers layers; C differs by layer."""
+    out = {}
+    for i in range(n_layers):
+        delta, keys, cov = _setup(n_keys, seed=seed + i)
+        out[i + 1] = (delta, keys, cov * (1.0 + i))                          # later layers: larger statistics
+    return out
+
+
+def test_across_layers_keeps_the_summed_outputs_at_a_lower_total_penalty():
+    lay = _layers(n_keys=6)
+    deltas, keys, covs = ({l: t[j] for l, t in lay.items()} for j in range(3))
+    joint = consolidate(deltas, keys, covs, ConsolidateParams(across_layers=True))
+    each = consolidate(deltas, keys, covs, ConsolidateParams())
+    new = {l: r.u.double() @ r.v.double().T for l, r in joint.items()}
+    torch.testing.assert_close(sum(new[l] @ keys[l] for l in lay), sum(deltas[l] @ keys[l] for l in lay),
+                               rtol=1e-4, atol=1e-4)
+    # it relaxes the per-layer constraint, so it costs no more than the per-layer solve, and less here
+    assert sum(r.penalty_after for r in joint.values()) < sum(r.penalty_after for r in each.values())
+    for l, r in joint.items():
+        assert r.penalty_after == pytest.approx(_penalty(new[l], covs[l], 0.1), rel=1e-4)
+
+
+def test_across_layers_is_the_least_penalised_split():
+    lay = _layers(n_keys=4, seed=9)
+    deltas, keys, covs = ({l: t[j] for l, t in lay.items()} for j in range(3))
+    joint = consolidate(deltas, keys, covs, ConsolidateParams(across_layers=True))
+    best = {l: r.u.double() @ r.v.double().T for l, r in joint.items()}
+    total = sum(_penalty(best[l], covs[l], 0.1) for l in lay)
+    g = torch.Generator().manual_seed(10)
+    for _ in range(5):
+        # another feasible split: move E K₁ from layer 1 to layer 2 (E₂ K₂ = −E₁ K₁)
+        e1 = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64) * 0.01
+        e2 = -(e1 @ keys[1]) @ torch.linalg.pinv(keys[2])
+        moved = {**best, 1: best[1] + e1, 2: best[2] + e2}
+        torch.testing.assert_close(sum(moved[l] @ keys[l] for l in lay), sum(best[l] @ keys[l] for l in lay))
+        assert sum(_penalty(moved[l], covs[l], 0.1) for l in lay) > total
+
+
+def test_across_layers_refuses_keys_of_different_edits():
+    lay = _layers(n_keys=3)
+    deltas, keys, covs = ({l: t[j] for l, t in lay.items()} for j in range(3))
+    keys[2] = keys[2][:, :2]
+    with pytest.raises(PatchMismatchError, match="same edits' keys at every layer"):
+        consolidate(deltas, keys, covs, ConsolidateParams(across_layers=True))
+    with pytest.raises(InvalidRequestError, match="across_layers"):
+        ConsolidateParams(across_layers="yes")
+
+
+def test_edit_keys_line_up_patches_of_different_layer_sets():
+    from editserve.editing.alphaedit import KeyBlock, PreservedKeys
+
+    g = torch.Generator().manual_seed(11)
+    k = {name: torch.randn(D_IN, n, generator=g) for name, n in (("a1", 2), ("a2", 2), ("r5", 1))}
+    state = PreservedKeys((KeyBlock("alpha", 1, k["a1"]), KeyBlock("alpha", 2, k["a2"]), KeyBlock("rome", 2, k["r5"])))
+    keys = state.edit_keys([1, 2])
+    assert keys[1].shape == keys[2].shape == (D_IN, 3)
+    torch.testing.assert_close(keys[1], torch.cat([k["a1"], torch.zeros(D_IN, 1)], dim=1))   # ROME: no layer-1 key
+    torch.testing.assert_close(keys[2], torch.cat([k["a2"], k["r5"]], dim=1))
+    # the one-layer edit is carried by its layer alone, and the summed outputs are kept
+    deltas = {1: torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64),
+              2: torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)}
+    _, _, cov = _setup(n_keys=1)
+    joint = consolidate(deltas, keys, {1: cov, 2: cov}, ConsolidateParams(across_layers=True))
+    new = {layer: r.u.double() @ r.v.double().T for layer, r in joint.items()}
+    torch.testing.assert_close(sum(new[layer] @ keys[layer].double() for layer in (1, 2)),
+                               sum(deltas[layer] @ keys[layer].double() for layer in (1, 2)), rtol=1e-4, atol=1e-4)
+    uneven = PreservedKeys((KeyBlock("alpha", 1, k["a1"]), KeyBlock("alpha", 2, k["r5"])))
+    with pytest.raises(PatchMismatchError, match="cannot be lined up"):
+        uneven.edit_keys([1, 2])
+    with pytest.raises(PatchMismatchError, match=r"layer\(s\) \[3\]"):
+        state.edit_keys([1, 3])

@@ -83,6 +83,27 @@ class PreservedKeys:
         ks = [b.keys for b in self.blocks if b.layer == layer]
         return torch.cat(ks, dim=1) if ks else None
 
+    def edit_keys(self, layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Per layer [d_in, E]: one column per committed edit (each patch's columns, in commit order),
+        the same edits in the same columns at every layer, zeros where an edit's patch wrote no keys
+        at that layer (a ROME patch: one layer). What consolidating across layers needs. A patch whose
+        blocks differ in width between layers, or a layer without any block, is refused."""
+        layers = sorted(set(layers))
+        width: dict[str, int] = {}
+        for b in self.blocks:
+            if width.setdefault(b.tag, b.keys.shape[1]) != b.keys.shape[1]:
+                raise PatchMismatchError(f"patch {b.tag[:12]} has {width[b.tag]} keys at one layer and "
+                                         f"{b.keys.shape[1]} at layer {b.layer}: its edits cannot be lined up")
+        d_in = {b.layer: b.keys.shape[0] for b in self.blocks}
+        missing = [layer for layer in layers if layer not in d_in]
+        if missing:
+            raise PatchMismatchError(f"no committed keys at layer(s) {missing}")
+        out = {}
+        for layer in layers:
+            at = {b.tag: b.keys for b in self.blocks if b.layer == layer}
+            out[layer] = torch.cat([at.get(t, torch.zeros(d_in[layer], width[t])) for t in self.tags], dim=1)
+        return out
+
     def gram(self, layer: int, d_in: int) -> torch.Tensor:
         """Σ K Kᵀ over the blocks of `layer` [d_in, d_in] float64 (zeros when there are none)."""
         keys = self.keys(layer)

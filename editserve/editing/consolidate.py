@@ -15,6 +15,21 @@ so ΔW* K = ΔW K exactly (up to the solve's rounding): each edited layer's outp
 key is unchanged, while ordinary keys (weighted by C) are moved as little as any update that
 does that can. Returned as factors U = V, Vᵀ-factor = A⁻¹K (KᵀA⁻¹K)⁻¹ (rank N), float32; solved
 in float64. Pure maths: nothing here touches a model.
+
+Across layers (`ConsolidateParams.across_layers`). Every edited down-projection writes into the same
+residual stream, and what an edit needs is the sum of the layers' outputs on its keys, not each
+layer's share (MEMIT's spread fixes the shares at commit time; AlphaEdit's projection leaves the
+early layers short, so the last layer of the range carries most of the update and of the damage).
+With K_l [d_in, N] the same N edits' keys at each layer l (columns aligned across layers):
+
+    V  = Σ_l ΔW_l K_l                                  [d_out, N]
+    min Σ_l tr(ΔW_l A_l ΔW_lᵀ)  subject to  Σ_l ΔW_l K_l = V
+    ΔW_l* = V G⁻¹ K_lᵀ A_l⁻¹,   G = Σ_l K_lᵀ A_l⁻¹ K_l  [N, N]     (Lagrange: ΔW_l A_l = Λ K_lᵀ)
+
+so the layer where an edit's key stands out most from ordinary text carries most of that edit. It
+keeps the sum exactly, not each layer's part: a change at an earlier layer also moves the later
+layers' keys of the edit prompts, which the sum ignores (the same first-order view as MEMIT's
+spread), so a caller checks the committed facts on the result (ledger/consolidation.py does).
 """
 
 from __future__ import annotations
@@ -31,10 +46,13 @@ from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchE
 @dataclass(frozen=True)
 class ConsolidateParams:
     ridge: float = 0.1         # μ: A = C + μ·mean eigenvalue·I (0 < μ; small = C-weighted, large = Euclidean)
+    across_layers: bool = False  # keep Σ_l ΔW_l K_l (the edits' total) instead of each layer's ΔW_l K_l
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0):
             raise InvalidRequestError(f"consolidation ridge must be a positive finite number, got {self.ridge!r}")
+        if not isinstance(self.across_layers, bool):
+            raise InvalidRequestError(f"across_layers must be a boolean, got {self.across_layers!r}")
 
 
 @dataclass(frozen=True)
@@ -47,9 +65,9 @@ class Consolidated:
     penalty_after: float       # the same for ΔW* (never larger: ΔW is feasible)
 
 
-def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
-                      params: ConsolidateParams = ConsolidateParams()) -> Consolidated:
-    """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in]."""
+def _checked(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
+             params: ConsolidateParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes checked; float64 (ΔW [d_out, d_in], K [d_in, N], A [d_in, d_in], A⁻¹K [d_in, N])."""
     d_out, d_in = delta.shape
     if keys.dim() != 2 or keys.shape[0] != d_in or keys.shape[1] == 0:
         raise PatchMismatchError(f"layer {layer}: need committed keys [d_in={d_in}, N ≥ 1], got {tuple(keys.shape)}")
@@ -59,18 +77,48 @@ def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor
     k = keys.to(torch.float64)                                            # [d_in, N]
     c = cov.to(torch.float64)
     a = (c + c.T) / 2 + params.ridge * float(torch.trace(c)) / d_in * torch.eye(d_in, dtype=torch.float64)
-    a_inv_k = torch.linalg.solve(a, k)                                     # A⁻¹K [d_in, N]
-    g = k.T @ a_inv_k                                                      # KᵀA⁻¹K [N, N], PSD
-    # Repeated or dependent keys make g singular; a jitter far below its scale keeps the solve defined
-    # (the constraint is consistent: V = ΔW K has the same dependence).
+    return d, k, a, torch.linalg.solve(a, k)
+
+
+def _solve_gram(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """G⁻¹ rhs for G = KᵀA⁻¹K [N, N] (PSD). Repeated or dependent keys make G singular; a jitter far
+    below its scale keeps the solve defined (the constraint is consistent: V = ΔW K has the same
+    dependence)."""
     g = g + 1e-10 * float(torch.trace(g)) / g.shape[0] * torch.eye(g.shape[0], dtype=torch.float64)
-    v = torch.linalg.solve(g, a_inv_k.T).T                                 # A⁻¹K (KᵀA⁻¹K)⁻¹ [d_in, N]
-    u = d @ k                                                              # V [d_out, N]
+    return torch.linalg.solve(g, rhs)
+
+
+def _result(layer: int, d: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Consolidated:
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise NonFiniteError(f"consolidation of layer {layer} is not finite")
     new = u @ v.T
-    return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=int(k.shape[1]),
+    return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=int(u.shape[1]),
                         penalty_before=float(torch.trace(d @ a @ d.T)), penalty_after=float(torch.trace(new @ a @ new.T)))
+
+
+def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
+                      params: ConsolidateParams = ConsolidateParams()) -> Consolidated:
+    """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in]."""
+    d, k, a, a_inv_k = _checked(delta, keys, cov, layer, params)
+    v = _solve_gram(k.T @ a_inv_k, a_inv_k.T).T                           # A⁻¹K (KᵀA⁻¹K)⁻¹ [d_in, N]
+    return _result(layer, d, a, d @ k, v)                                  # U = V = ΔW K [d_out, N]
+
+
+def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor],
+                              covs: Mapping[int, torch.Tensor],
+                              params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:
+    """ΔW_l* = V G⁻¹ K_lᵀ A_l⁻¹ for every layer (module docstring): the layers' summed output on the
+    edits' keys is kept, and shared among the layers at the least total tr(ΔW_l A_l ΔW_lᵀ). The keys'
+    columns must be the same edits in the same order at every layer."""
+    widths = {layer: int(k.shape[1]) if k.dim() == 2 else -1 for layer, k in keys.items()}
+    if len(set(widths.values())) != 1:
+        raise PatchMismatchError(f"consolidating across layers needs the same edits' keys at every layer, "
+                                 f"got key counts {widths}")
+    solved = {layer: _checked(delta, keys[layer], covs[layer], layer, params) for layer, delta in sorted(deltas.items())}
+    v_total = sum(d @ k for d, k, _, _ in solved.values())                # Σ_l ΔW_l K_l [d_out, N]
+    g = sum(k.T @ a_inv_k for _, k, _, a_inv_k in solved.values())        # Σ_l K_lᵀ A_l⁻¹ K_l [N, N]
+    return {layer: _result(layer, d, a, v_total, _solve_gram(g, a_inv_k.T).T)   # A_l⁻¹K_l G⁻¹ [d_in, N]
+            for layer, (d, _, a, a_inv_k) in solved.items()}
 
 
 def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor], covs: Mapping[int, torch.Tensor],
@@ -84,4 +132,6 @@ def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Ten
     no_stats = sorted(set(deltas) - set(covs))
     if no_stats:
         raise PatchMismatchError(f"no key statistics for layer(s) {no_stats}")
+    if params.across_layers:
+        return consolidate_across_layers(deltas, keys, covs, params)
     return {layer: consolidate_layer(d, keys[layer], covs[layer], layer, params) for layer, d in sorted(deltas.items())}

@@ -76,7 +76,8 @@ def consolidate_model(model: torch.nn.Module, tok: object, preserved: PreservedK
 
     deltas = {layer: out_in(params_by_name[spec.weight_name(layer)].detach().double() - w0[layer].double())
               for layer in layers}
-    keys = {layer: k for layer in layers if (k := preserved.keys(layer)) is not None}
+    keys = (preserved.edit_keys(layers) if params.across_layers
+            else {layer: k for layer in layers if (k := preserved.keys(layer)) is not None})
     result = consolidate(deltas, keys, consolidation_covariances(model, tok, layers, corpus, hparams), params)
     for patch in reversed(applied_patches(model)):
         remove_patch(model, patch)

@@ -128,7 +128,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
             sums[d.layer] = sums[d.layer] + term if d.layer in sums else term
             touching[d.layer] = touching.get(d.layer, 0) + 1
     layers = tuple(sorted(sums))
-    keys = {layer: state.keys(layer) for layer in layers}
+    keys = state.edit_keys(layers) if params.across_layers else {layer: state.keys(layer) for layer in layers}
     covs = covariances(layers)
     result = consolidate(sums, keys, covs, params)
     first = patches[0]
@@ -136,7 +136,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
         deltas=tuple(WeightDelta(name=names[layer], layer=layer, u=r.u, v=r.v) for layer, r in sorted(result.items())),
         requests=tuple(r for p in patches for r in p.requests),
         method=CONSOLIDATED_METHOD,
-        hparams={"ridge": params.ridge, "constituents": [d for d, _ in chosen]},
+        hparams={"ridge": params.ridge, "across_layers": params.across_layers, "constituents": [d for d, _ in chosen]},
         model_fingerprint=first.model_fingerprint,
         family=first.family,
     )
