@@ -169,8 +169,9 @@ class Collapse:
 def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
                hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False,
                collapse: Collapse = Collapse(), corpus_path: str | None = None,
-               consolidate_every: int = 0) -> list[Row]:
+               consolidate_every: int = 0, across_layers: bool = False) -> list[Row]:
     from editserve.editing.alphaedit import PreservedKeys
+    from editserve.editing.consolidate import ConsolidateParams
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
     from editserve.editing.lifelong import (commit, consolidate_model, generation_fluency, heldout_perplexity,
@@ -191,7 +192,8 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     if report_only:
         return []
     corpus = load_corpus(corpus_path)
-    setup = {"corpus": corpus.fingerprint, "consolidate_every": consolidate_every}
+    setup = {"corpus": corpus.fingerprint, "consolidate_every": consolidate_every,
+             "consolidate_across_layers": across_layers}      # a saved state without a key is not checked on it
     if (run / "state.json").exists() and not fresh:
         saved = json.loads((run / "state.json").read_text())
         for key, value in setup.items():
@@ -221,7 +223,8 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
         since_t += dt
         if consolidate_every and done % consolidate_every == 0:
             t = time.perf_counter()
-            cons = consolidate_model(model, tok, preserved, corpus, w0, hparams if method == "alphaedit" else None)
+            cons = consolidate_model(model, tok, preserved, corpus, w0, hparams if method == "alphaedit" else None,
+                                     ConsolidateParams(across_layers=across_layers))
             log.info("%s %d edits: consolidated in %.1fs; tr(ΔW A ΔWᵀ) by layer %s", run.name, done,
                      time.perf_counter() - t, " ".join(f"{c.layer}: {c.penalty_before:.3g}→{c.penalty_after:.3g}"
                                                        for c in cons.values()))
@@ -309,6 +312,8 @@ def main() -> int:
     ap.add_argument("--consolidate-every", type=int, default=0,
                     help="every this many edits, replace the accumulated update by its least-disturbance "
                          "re-solve on the committed keys (editing/consolidate.py); 0 = never")
+    ap.add_argument("--consolidate-across-layers", action="store_true",
+                    help="consolidate keeping the edits' summed output over the layer range, not each layer's")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -329,7 +334,7 @@ def main() -> int:
             results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
                                               overrides.get(m), args.fresh, deadline, args.report_only,
                                               Collapse(args.collapse_es, args.collapse_ppl), args.corpus,
-                                              args.consolidate_every)
+                                              args.consolidate_every, args.consolidate_across_layers)
     print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
           f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
     print(table(results))
