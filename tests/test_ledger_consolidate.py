@@ -118,6 +118,9 @@ def test_consolidation_refusals(backend: Backend) -> None:
         # fewer than two keyed patches: nothing to consolidate
         with pytest.raises(ConsolidationError, match="at least 2"):
             plan_consolidation(ledger, _covs, expected_head=2)
+        # the across-layers re-solve breaks committed facts (docs/lifelong.md): not a ledger operation
+        with pytest.raises(ConsolidationError, match="across_layers"):
+            plan_consolidation(ledger, _covs, ConsolidateParams(across_layers=True))
         plan = plan_consolidation(ledger, _covs)
         v = ledger.consolidate(plan, caller="test")
         # a rebase would have to recompute the consolidated patch: refused, naming the way out

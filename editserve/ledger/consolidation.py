@@ -108,6 +108,9 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
                        expected_head: int | None = None) -> ConsolidationPlan:
     """Consolidate the constituents active at `expected_head` (default: the head); nothing is written.
     Raises `ConsolidationError` when fewer than two active patches carry keys (nothing to gain)."""
+    if params.across_layers:
+        raise ConsolidationError("a ledger consolidation keeps each layer's outputs on the committed keys; "
+                                 "across_layers (measured to break committed facts, docs/lifelong.md) is not offered")
     head = ledger.head() if expected_head is None else expected_head
     chosen = constituents_at(ledger, head)
     if len(chosen) < 2:
@@ -128,7 +131,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
             sums[d.layer] = sums[d.layer] + term if d.layer in sums else term
             touching[d.layer] = touching.get(d.layer, 0) + 1
     layers = tuple(sorted(sums))
-    keys = state.edit_keys(layers) if params.across_layers else {layer: state.keys(layer) for layer in layers}
+    keys = {layer: state.keys(layer) for layer in layers}
     covs = covariances(layers)
     result = consolidate(sums, keys, covs, params)
     first = patches[0]
@@ -136,7 +139,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
         deltas=tuple(WeightDelta(name=names[layer], layer=layer, u=r.u, v=r.v) for layer, r in sorted(result.items())),
         requests=tuple(r for p in patches for r in p.requests),
         method=CONSOLIDATED_METHOD,
-        hparams={"ridge": params.ridge, "across_layers": params.across_layers, "constituents": [d for d, _ in chosen]},
+        hparams={"ridge": params.ridge, "constituents": [d for d, _ in chosen]},
         model_fingerprint=first.model_fingerprint,
         family=first.family,
     )
