@@ -180,7 +180,9 @@ class FleetMember:
                 log.warning("could not record replica %s at version %s: %s", self.settings.replica_id, served, exc)
 
     def served_changed(self) -> None:
-        """Called (on the loop) after every swap: report without waiting for the heartbeat."""
+        """Called (on the loop) after every swap: report without waiting for the heartbeat. A swap
+        that succeeded served the head (or moved it), so an earlier refusal no longer stands."""
+        self.refused = None
         if self._task is not None:
             asyncio.get_running_loop().create_task(self.report())
 
