@@ -73,6 +73,44 @@ def test_repeated_keys_are_solved():
     torch.testing.assert_close(r.u.double() @ r.v.double().T @ keys, delta @ keys, rtol=1e-3, atol=1e-3)
 
 
+def _closed_form(delta: torch.Tensor, basis: torch.Tensor, cov: torch.Tensor, ridge: float = 0.1) -> torch.Tensor:
+    """ΔW B (BᵀA⁻¹B)⁻¹ BᵀA⁻¹ for independent columns B: the least-penalised update keeping ΔW B."""
+    a = cov + ridge * float(torch.trace(cov)) / cov.shape[0] * torch.eye(cov.shape[0], dtype=torch.float64)
+    ab = torch.linalg.solve(a, basis)
+    return delta @ basis @ torch.linalg.solve(basis.T @ ab, ab.T)
+
+
+def test_more_keys_than_the_layer_has_dimensions_are_bounded_by_the_layer():
+    """A long ledger: N = 300 committed keys spanning 30 directions of d_in = 40. The result is the
+    closed form on 30 independent keys (the N×N system is singular), every key keeps its output, and
+    the factors have rank ≤ d_out = 24 however many keys there are (re-factored, not truncated)."""
+    delta, _, cov = _setup(n_keys=1, seed=6)
+    g = torch.Generator().manual_seed(7)
+    basis = torch.randn(D_IN, 30, generator=g, dtype=torch.float64)
+    keys = basis @ torch.randn(30, 300, generator=g, dtype=torch.float64)        # [d_in, 300], rank 30
+    r = consolidate_layer(delta, keys, cov, layer=4)
+    assert r.n_keys == 300 and r.u.shape == (D_OUT, D_OUT) and r.v.shape == (D_IN, D_OUT)
+    new = r.u.double() @ r.v.double().T
+    torch.testing.assert_close(new, _closed_form(delta, basis, cov), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new @ keys, delta @ keys, rtol=1e-4, atol=1e-3)
+    assert r.penalty_after < r.penalty_before
+    # keys spanning the whole input space pin the update down: it comes back as it was
+    full = torch.randn(D_IN, 100, generator=g, dtype=torch.float64)
+    again = consolidate_layer(delta, full, cov, layer=4)
+    assert again.n_keys == 100 and again.u.shape[1] == D_OUT
+    torch.testing.assert_close(again.u.double() @ again.v.double().T, delta, rtol=1e-4, atol=1e-5)
+    assert again.penalty_after == pytest.approx(again.penalty_before, rel=1e-5)
+
+
+def test_the_basis_solve_is_the_closed_form_on_independent_keys():
+    delta, keys, cov = _setup(n_keys=9, seed=8)
+    r = consolidate_layer(delta, keys, cov, layer=0)
+    assert r.u.shape == (D_OUT, 9) and r.n_keys == 9
+    torch.testing.assert_close(r.u.double() @ r.v.double().T, _closed_form(delta, keys, cov), rtol=1e-4, atol=1e-5)
+    with pytest.raises(PatchMismatchError, match="layer 0: the committed keys are all zero"):
+        consolidate_layer(delta, torch.zeros(D_IN, 3, dtype=torch.float64), cov, layer=0)
+
+
 def test_refusals_name_the_layer_or_value():
     delta, keys, cov = _setup(n_keys=3)
     with pytest.raises(PatchMismatchError, match=r"layer\(s\) \[4\]"):

@@ -13,8 +13,24 @@ preserved-keys state) and C [d_in, d_in] the layer's key statistics:
 
 so ΔW* K = ΔW K exactly (up to the solve's rounding): each edited layer's output on each committed
 key is unchanged, while ordinary keys (weighted by C) are moved as little as any update that
-does that can. Returned as factors U = V, Vᵀ-factor = A⁻¹K (KᵀA⁻¹K)⁻¹ (rank N), float32; solved
-in float64. Pure maths: nothing here touches a model.
+does that can. Pure maths: nothing here touches a model; solved in float64, returned as float32
+factors.
+
+Cost bounded by the layer, not the ledger. ΔW* depends on K only through its range: with Q
+[d_in, r] an orthonormal basis of range(K) (r = rank K ≤ min(N, d_in)),
+
+    ΔW* = ΔW P,   P = Q (QᵀA⁻¹Q)⁻¹ QᵀA⁻¹              (the A⁻¹-oblique projector onto range(K))
+    U = ΔW Q [d_out, r],   Vᵀ-factor = A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
+
+which is the closed form above whenever K has full column rank, and stays defined when it does
+not: past d_in committed keys (1,536 on SmolLM2) the N×N system KᵀA⁻¹K is singular and O(N³),
+while this one is r×r with r ≤ d_in. Q comes from the SVD of K; directions whose singular value
+is below float32 resolution of the keys (σ ≤ σ_max · max(d_in, N) · ε₃₂) are noise, not
+constraints (σ from the SVD of K, or past d_in keys from the eigenvalues of K Kᵀ, d_in × d_in).
+A factor pair wider than d_out is then re-factored through a QR of U (U Vᵀ =
+Q₂ (V R₂ᵀ)ᵀ), so a consolidated patch has rank ≤ min(d_out, d_in) however many edits it holds:
+at most (d_out + d_in)·min(d_out, d_in) numbers per layer, 1.4× the dense matrix on SmolLM2
+(rank N factors would be 2.4× it at 1,000 edits and 24× at 10,000).
 
 Across layers (`ConsolidateParams.across_layers`). Every edited down-projection writes into the same
 residual stream, and what an edit needs is the sum of the layers' outputs on its keys, not each
@@ -60,16 +76,16 @@ class ConsolidateParams:
 @dataclass(frozen=True)
 class Consolidated:
     layer: int
-    u: torch.Tensor            # [d_out, N] float32
-    v: torch.Tensor            # [d_in, N] float32; ΔW* = u vᵀ
-    n_keys: int
+    u: torch.Tensor            # [d_out, r] float32, r ≤ min(d_out, d_in, N)
+    v: torch.Tensor            # [d_in, r] float32; ΔW* = u vᵀ
+    n_keys: int                # N: the committed keys whose outputs are kept
     penalty_before: float      # tr(ΔW A ΔWᵀ) of the accumulated update
     penalty_after: float       # the same for ΔW* (never larger: ΔW is feasible)
 
 
 def _checked(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
-             params: ConsolidateParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shapes checked; float64 (ΔW [d_out, d_in], K [d_in, N], A [d_in, d_in], A⁻¹K [d_in, N])."""
+             params: ConsolidateParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shapes checked; float64 (ΔW [d_out, d_in], K [d_in, N], A [d_in, d_in])."""
     d_out, d_in = delta.shape
     if keys.dim() != 2 or keys.shape[0] != d_in or keys.shape[1] == 0:
         raise PatchMismatchError(f"layer {layer}: need committed keys [d_in={d_in}, N ≥ 1], got {tuple(keys.shape)}")
@@ -79,7 +95,7 @@ def _checked(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: 
     k = keys.to(torch.float64)                                            # [d_in, N]
     c = cov.to(torch.float64)
     a = (c + c.T) / 2 + params.ridge * float(torch.trace(c)) / d_in * torch.eye(d_in, dtype=torch.float64)
-    return d, k, a, torch.linalg.solve(a, k)
+    return d, k, a
 
 
 def _solve_gram(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -90,20 +106,48 @@ def _solve_gram(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(g, rhs)
 
 
-def _result(layer: int, d: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Consolidated:
+def key_basis(keys: torch.Tensor) -> torch.Tensor:
+    """Q [d_in, r] float64: an orthonormal basis of range(keys [d_in, N]), without the directions
+    below float32 resolution of the keys (module docstring); r ≥ 1 for keys that are not all zero."""
+    k = keys.to(torch.float64)
+    if k.shape[1] <= k.shape[0]:
+        q, s, _ = torch.linalg.svd(k, full_matrices=False)                # q [d_in, N], s descending
+    else:                                                                  # N > d_in: eigh of K Kᵀ [d_in, d_in]
+        lam, vecs = torch.linalg.eigh(k @ k.T)                            # ascending; λ = σ²
+        q, s = vecs.flip(1), lam.clamp_min(0).sqrt().flip(0)
+    tol = float(s[0]) * max(k.shape) * torch.finfo(torch.float32).eps
+    return q[:, s > tol]
+
+
+def _narrowed(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product u vᵀ with at most d_out columns: u = Q₂R₂ → (Q₂, v R₂ᵀ)."""
+    if u.shape[1] <= u.shape[0]:
+        return u, v
+    q2, r2 = torch.linalg.qr(u)                                           # [d_out, d_out], [d_out, r]
+    return q2, v @ r2.T
+
+
+def _result(layer: int, d: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+            n_keys: int) -> Consolidated:
+    u, v = _narrowed(u, v)
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise NonFiniteError(f"consolidation of layer {layer} is not finite")
     new = u @ v.T
-    return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=int(u.shape[1]),
+    return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=n_keys,
                         penalty_before=float(torch.trace(d @ a @ d.T)), penalty_after=float(torch.trace(new @ a @ new.T)))
 
 
 def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
                       params: ConsolidateParams = ConsolidateParams()) -> Consolidated:
-    """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in]."""
-    d, k, a, a_inv_k = _checked(delta, keys, cov, layer, params)
-    v = _solve_gram(k.T @ a_inv_k, a_inv_k.T).T                           # A⁻¹K (KᵀA⁻¹K)⁻¹ [d_in, N]
-    return _result(layer, d, a, d @ k, v)                                  # U = V = ΔW K [d_out, N]
+    """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in].
+    Solved on a basis of the keys' range (module docstring), so the cost is bounded by d_in, not N."""
+    d, k, a = _checked(delta, keys, cov, layer, params)
+    q = key_basis(k)                                                       # [d_in, r]
+    if q.shape[1] == 0:
+        raise PatchMismatchError(f"layer {layer}: the committed keys are all zero")
+    a_inv_q = torch.linalg.solve(a, q)                                     # A⁻¹Q [d_in, r]
+    v = torch.linalg.solve(q.T @ a_inv_q, a_inv_q.T).T                     # A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
+    return _result(layer, d, a, d @ q, v, n_keys=int(k.shape[1]))          # U = ΔW Q [d_out, r]
 
 
 def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor],
@@ -116,11 +160,14 @@ def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[
     if len(set(widths.values())) != 1:
         raise PatchMismatchError(f"consolidating across layers needs the same edits' keys at every layer, "
                                  f"got key counts {widths}")
-    solved = {layer: _checked(delta, keys[layer], covs[layer], layer, params) for layer, delta in sorted(deltas.items())}
+    solved = {}
+    for layer, delta in sorted(deltas.items()):
+        d, k, a = _checked(delta, keys[layer], covs[layer], layer, params)
+        solved[layer] = (d, k, a, torch.linalg.solve(a, k))              # …, A⁻¹K [d_in, N]
     v_total = sum(d @ k for d, k, _, _ in solved.values())                # Σ_l ΔW_l K_l [d_out, N]
     g = sum(k.T @ a_inv_k for _, k, _, a_inv_k in solved.values())        # Σ_l K_lᵀ A_l⁻¹ K_l [N, N]
-    return {layer: _result(layer, d, a, v_total, _solve_gram(g, a_inv_k.T).T)   # A_l⁻¹K_l G⁻¹ [d_in, N]
-            for layer, (d, _, a, a_inv_k) in solved.items()}
+    return {layer: _result(layer, d, a, v_total, _solve_gram(g, a_inv_k.T).T, n_keys=int(k.shape[1]))
+            for layer, (d, k, a, a_inv_k) in solved.items()}              # V_l = A_l⁻¹K_l G⁻¹ [d_in, N]
 
 
 def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor], covs: Mapping[int, torch.Tensor],
