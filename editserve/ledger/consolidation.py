@@ -63,7 +63,7 @@ class LayerConsolidation:
     name: str
     layer: int
     n_patches: int             # constituents that touch it
-    n_keys: int                # committed keys kept there (the new factor's rank)
+    n_keys: int                # committed keys kept there (the new factor's rank is at most this)
     penalty_before: float      # tr(ΔW A ΔWᵀ) of the constituents' sum
     penalty_after: float       # the same for the consolidated update
 
