@@ -12,7 +12,10 @@ plain ROME, plain MEMIT and AlphaEdit. At every checkpoint (``--every`` edits) i
 - perplexity of editserve/data/heldout.txt (neutral prose written for this benchmark; not the
   statistics corpus), and its ratio to the unedited model's;
 - ‖W − W₀‖_F / ‖W₀‖_F of every edited down-projection;
-- seconds per edit (compute + apply, excluding the checkpoint evaluations).
+- seconds per edit (compute + apply, excluding the checkpoint evaluations);
+- the share of AlphaEdit's null space the committed keys take at each layer (editing/nullspace.py,
+  `null_space_use`: directions of range(P) where the committed keys weigh more than α + λ·threshold,
+  over the m directions of range(P)), whatever method wrote the keys.
 
 A run stops early when it has collapsed: retained ES below ``--collapse-es`` (0.5) or held-out
 perplexity above ``--collapse-ppl`` (2.0) times the unedited model's, at a checkpoint. The state
@@ -65,6 +68,9 @@ class Row:
     ppl_ratio: float
     norm_growth: dict[str, float] = field(default_factory=dict)   # layer -> ‖W − W₀‖/‖W₀‖
     seconds_per_edit: float = float("nan")
+    null_space_taken: dict[str, float] = field(default_factory=dict)   # layer -> share of AlphaEdit's null space
+    #                                    the committed keys take (editing.nullspace.null_space_use; rows before
+    #                                    wave 2 session 10 lack it)
 
 
 # ---------------------------------------------------------------------------------------- stream
@@ -175,7 +181,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     from editserve.editing.corpus import load_corpus
     from editserve.editing.evaluate import score_records, summarize
     from editserve.editing.lifelong import (commit, consolidate_model, generation_fluency, heldout_perplexity,
-                                            norm_growth)
+                                            norm_growth, null_space_uses)
     from editserve.memory import trim_heap
 
     run = out / f"{method}-b{batch}"
@@ -236,15 +242,19 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
             ppl = heldout_perplexity(model, tok)
             row = Row(n_edits=done, es=summ.es, ps=summ.ps, ns=summ.ns, ns_ratio=summ.ns / ns_b if ns_b else float("nan"),
                       fluency=flu, fluency_ratio=flu / stream["fluency"], ppl=ppl, ppl_ratio=ppl / stream["ppl"],
-                      norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since)
+                      norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since,
+                      null_space_taken={str(k): u.ratio for k, u in
+                                        null_space_uses(model, tok, preserved, corpus,
+                                                        hparams if method == "alphaedit" else None).items()})
             rows.append(row)
             trim_heap()
             since, since_t = 0, 0.0
             collapsed = collapse.reason(row)
             _save(run, model, touched, preserved, rows, done, seconds, setup, collapsed)
             log.info("%s %d edits: ES %.3f PS %.3f NS ratio %.3f ppl ×%.3f fluency ×%.3f max ‖ΔW‖/‖W‖ %.4f %.1fs/edit "
-                     "(RSS %.0f MiB)", run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio, row.fluency_ratio,
-                     max(row.norm_growth.values(), default=0.0), row.seconds_per_edit, _rss_mib())
+                     "null space taken %s (RSS %.0f MiB)", run.name, done, row.es, row.ps, row.ns_ratio, row.ppl_ratio,
+                     row.fluency_ratio, max(row.norm_growth.values(), default=0.0), row.seconds_per_edit,
+                     " ".join(f"{k}: {v:.3f}" for k, v in row.null_space_taken.items()), _rss_mib())
             if collapsed:
                 log.info("%s: collapsed at %d edits (%s); stopping this run", run.name, done, collapsed)
                 break
@@ -255,12 +265,15 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
 
 
 def table(results: dict[str, list[Row]]) -> str:
-    lines = ["| run | edits | ES | PS | NS ratio | ppl ratio | fluency ratio | max ‖W−W₀‖/‖W₀‖ | s/edit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | edits | ES | PS | NS ratio | ppl ratio | fluency ratio | max ‖W−W₀‖/‖W₀‖ | s/edit "
+             "| max null space taken |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for r in rows:
+            taken = f"{max(r.null_space_taken.values()):.3f}" if r.null_space_taken else "—"
             lines.append(f"| {name} | {r.n_edits} | {r.es:.3f} | {r.ps:.3f} | {r.ns_ratio:.3f} | {r.ppl_ratio:.3f} | "
-                         f"{r.fluency_ratio:.3f} | {max(r.norm_growth.values(), default=0.0):.4f} | {r.seconds_per_edit:.1f} |")
+                         f"{r.fluency_ratio:.3f} | {max(r.norm_growth.values(), default=0.0):.4f} | {r.seconds_per_edit:.1f} "
+                         f"| {taken} |")
     return "\n".join(lines)
 
 

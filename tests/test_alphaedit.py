@@ -12,7 +12,7 @@ from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
 from editserve.editing.corpus import load_corpus
 from editserve.editing.edit import compute_edit, compute_patch
 from editserve.editing.model import fingerprint
-from editserve.editing.nullspace import cached_null_space, null_space
+from editserve.editing.nullspace import cached_null_space, null_space, null_space_use
 from editserve.editing.stats import layer_stats, stats_key
 from editserve.editing.hparams import StatsParams
 from editserve.errors import InvalidRequestError
@@ -56,6 +56,33 @@ def test_null_space_is_a_projection_onto_small_eigen_directions():
     assert abs(torch.trace(p @ cov).item() / torch.trace(cov).item() - proj.kept_energy) < 1e-8
     with pytest.raises(InvalidRequestError, match="nullspace_threshold"):
         null_space(cov, -1.0)
+
+
+def test_null_space_use_counts_the_directions_committed_keys_take():
+    """Keys inside range(P) take one direction each while their energy there exceeds the bound; keys
+    ordinary text already uses (outside range(P)) take none; past m keys every direction is taken."""
+    cov, *_ = _random_problem()
+    evals, evecs = torch.linalg.eigh(cov)
+    proj = null_space(cov, float(evals[10]))                  # range(P): the 10 smallest eigen-directions
+    inside, outside = evecs[:, :10], evecs[:, 10:]            # [24, 10], [24, 14]
+    g = torch.Generator().manual_seed(3)
+    keys = inside[:, :4] @ torch.diag(torch.tensor([5.0, 4.0, 3.0, 0.5], dtype=torch.float64))   # energies 25, 16, 9, .25
+    use = null_space_use(proj, keys, bound=1.0)
+    assert (use.directions, use.committed_keys, use.taken) == (10, 4, 3) and use.ratio == pytest.approx(0.3)
+    assert null_space_use(proj, keys, bound=20.0).taken == 1
+    # keys outside range(P) cost AlphaEdit nothing: no direction taken, however large
+    far = outside[:, :5] * 100.0
+    assert null_space_use(proj, far, bound=1.0).taken == 0
+    # more keys than d_in (the K Kᵀ branch) fill range(P) and never count more than its m directions
+    many = torch.randn(24, 60, generator=g, dtype=torch.float64) * 10
+    full = null_space_use(proj, many, bound=1.0)
+    assert full.taken == 10 and full.ratio == 1.0 and full.committed_keys == 60
+    assert null_space_use(proj, None, bound=1.0).taken == 0 and null_space_use(proj, keys[:, :0], 1.0).ratio == 0.0
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(InvalidRequestError, match="bound"):
+            null_space_use(proj, keys, bound=bad)
+    with pytest.raises(InvalidRequestError, match="d_in=5"):
+        null_space_use(proj, torch.ones(5, 2, dtype=torch.float64), bound=1.0)
 
 
 def test_factors_normal_equations_range_and_preservation():
@@ -167,6 +194,16 @@ def test_end_to_end_range_state_determinism(env):
     # the state: one block per layer, tagged with the patch digest, [d_in, n]
     assert res.preserved.tags == (patch.digest,) and res.preserved.layers == tuple(LAYERS)
     assert all(b.keys.shape == (48, len(REQS)) for b in res.preserved.blocks)
+    # how much of each layer's null space the state takes: its keys, against the same projection
+    from editserve.editing.lifelong import null_space_uses
+    uses = null_space_uses(model, tok, res.preserved, env, hp)
+    assert sorted(uses) == LAYERS
+    for layer, use in uses.items():
+        proj = cached_null_space(stats[layer].cov, thr, layer, fp, stats_key(env, layer, StatsParams(**STATS), torch.float32))
+        want = null_space_use(proj, res.preserved.keys(layer), bound=1.0)       # α + λ·t: α 1, λ 0 here
+        assert (use.directions, use.committed_keys, use.taken) == (proj.kept, len(REQS), want.taken) == (proj.kept, 2, 2)
+    # the bound is the settings' α + λ·t: an α no key's energy reaches takes nothing
+    assert {u.taken for u in null_space_uses(model, tok, res.preserved, env, {**hp, "alpha": 1e9}).values()} == {0}
     # deterministic: same inputs, same bytes
     again = compute_edit(model, tok, REQS, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env)
     assert again.patch.digest == patch.digest

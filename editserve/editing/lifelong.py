@@ -1,5 +1,6 @@
 """Sequential (lifelong) editing: committing a stream of edits one after another, and the health
-measures of the edited model (held-out perplexity, generation fluency, weight-norm growth).
+measures of the edited model (held-out perplexity, generation fluency, weight-norm growth, how much
+of AlphaEdit's null space the committed keys take).
 
 `commit` does what the server's sidecar does for one version: compute the patch on the current
 model with the current preserved-keys state, then merge it. The state is a value: it is passed in
@@ -20,6 +21,7 @@ from editserve.editing.consolidate import Consolidated, ConsolidateParams, conso
 from editserve.editing.corpus import Corpus
 from editserve.editing.edit import EditResult, compute_edit, resolve_hparams
 from editserve.errors import NonFiniteError
+from editserve.editing.nullspace import NullSpaceUse
 from editserve.editing.requests import EditRequest
 
 HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
@@ -104,6 +106,34 @@ def consolidation_covariances(model: torch.nn.Module, tok: object, layers: Seque
     stats, _ = layer_stats(model, tok, list(layers), corpus if isinstance(corpus, Corpus) else load_corpus(corpus),
                            fingerprint(model), hp.stats, progress=False)
     return {layer: s.cov for layer, s in stats.items()}
+
+
+def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKeys, corpus: Corpus | None = None,
+                    hparams: dict | None = None) -> dict[int, NullSpaceUse]:
+    """For each layer with committed keys in `preserved`: how much of AlphaEdit's null space there the
+    committed keys take (`editserve.editing.nullspace.null_space_use`, bound α + λ·threshold of the
+    AlphaEdit settings `hparams`), whatever method wrote the keys. Statistics and projections come
+    from their caches (built on first use, like an edit's)."""
+    from editserve.editing.corpus import load_corpus
+    from editserve.editing.model import fingerprint
+    from editserve.editing.nullspace import cached_null_space, null_space_use
+    from editserve.editing.stats import layer_stats, stats_key
+
+    layers = list(preserved.layers)
+    if not layers:
+        return {}
+    hp = resolve_hparams(model, "alphaedit", layers, hparams)
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    fp = fingerprint(model)
+    stats, _ = layer_stats(model, tok, layers, corpus, fp, hp.stats, progress=False)
+    dtype = next(model.parameters()).dtype
+    bound = hp.alpha + hp.cov_weight * hp.nullspace_threshold
+    out = {}
+    for layer in layers:
+        proj = cached_null_space(stats[layer].cov, hp.nullspace_threshold, layer, fp,
+                                 stats_key(corpus, layer, hp.stats, dtype))
+        out[layer] = null_space_use(proj, preserved.keys(layer), bound)
+    return out
 
 
 def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 256) -> float:

@@ -76,3 +76,40 @@ def cached_null_space(cov: torch.Tensor, threshold: float, layer: int, model_fp:
     log.info("null space of layer %d: %d of %d directions below %g (%.2f%% of the energy)",
              layer, proj.kept, cov.shape[0], threshold, 100 * proj.kept_energy)
     return proj
+
+
+@dataclass(frozen=True)
+class NullSpaceUse:
+    """How much of one layer's null space the committed edits' keys take (see `null_space_use`)."""
+
+    layer: int
+    directions: int          # m: directions in range(P), where AlphaEdit's update lies
+    committed_keys: int      # N: committed keys at the layer (the preserved-keys state)
+    taken: int               # directions of range(P) in which the committed keys weigh more than `bound`
+
+    @property
+    def ratio(self) -> float:
+        """taken / directions: 0 for an unedited layer, 1 when no direction is left for a new edit
+        that would not disturb committed keys more than ordinary text may be disturbed."""
+        return self.taken / self.directions if self.directions else 1.0
+
+
+def null_space_use(proj: Projection, keys: torch.Tensor | None, bound: float) -> NullSpaceUse:
+    """The committed keys' energy inside range(P): the eigenvalues of KᵀPK (the same as Q̂ᵀKKᵀQ̂'s
+    non-zero ones), counted where they exceed `bound`. AlphaEdit's solve weighs a direction x of
+    range(P) by xᵀ(K_pK_pᵀ + λC + αI)x; inside range(P) ordinary text adds at most λ·threshold, so
+    `bound` = α + λ·threshold says when committed keys, not ordinary text, make a direction costly.
+    keys [d_in, N] (None or N = 0: nothing taken). float64; O(d_in²N + min(N, d_in)³)."""
+    if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+        raise InvalidRequestError(f"null-space use bound must be a positive finite number, got {bound!r}")
+    n = 0 if keys is None else int(keys.shape[1])
+    if n == 0:
+        return NullSpaceUse(layer=proj.layer, directions=proj.kept, committed_keys=0, taken=0)
+    k = keys.to(torch.float64)                                  # [d_in, N]
+    if k.shape[0] != proj.p.shape[0]:
+        raise InvalidRequestError(f"layer {proj.layer}: keys have d_in={k.shape[0]}, the projection "
+                                  f"{proj.p.shape[0]}")
+    pk = proj.p.to(torch.float64) @ k                           # [d_in, N]
+    energy = torch.linalg.eigvalsh(k.T @ pk if n <= k.shape[0] else pk @ pk.T)
+    return NullSpaceUse(layer=proj.layer, directions=proj.kept, committed_keys=n,
+                        taken=min(int((energy > bound).sum()), proj.kept))
