@@ -245,7 +245,8 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
                       norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since,
                       null_space_taken={str(k): u.ratio for k, u in
                                         null_space_uses(model, tok, preserved, corpus,
-                                                        hparams if method == "alphaedit" else None).items()})
+                                                        hparams if method == "alphaedit" else None,
+                                                        only_cached=True).items()})
             rows.append(row)
             trim_heap()
             since, since_t = 0, 0.0

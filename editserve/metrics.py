@@ -44,6 +44,9 @@ committed facts that still hold; NaN when none was scored), ``editserve_edit_ret
 ``editserve_retention_probes_total`` (counter, ``result``: ok, failed) and
 ``editserve_gate_retention_refusals_total`` (counter: edits the gate refused because they break
 earlier edits). The per-layer norm growth is ``editserve_layer_drift_ratio`` above.
+``editserve_layer_null_space_taken_ratio`` (gauge, ``layer``: the share of AlphaEdit's null space at
+that layer the committed keys take, measured by each retention probe run; 1 means no direction is
+left where a new edit would not weigh on earlier ones; docs/lifelong.md).
 ``editserve_consolidations_total`` (counter, ``result``: ok; refused: fewer than two patches with
 preserved keys, a committed fact would break, or the head moved; failed: an error) counts consolidations
 (editserve/ledger/consolidation.py), asked for or automatic (editserve/engine/autoconsolidate.py).
@@ -227,6 +230,10 @@ class Metrics:
                                            registry=registry)
         self._consolidations = Counter(f"{p}_consolidations", "Consolidations of the patches with preserved keys "
                                        "by result.", ["result"], registry=registry)
+        self._null_space = Gauge(f"{p}_layer_null_space_taken_ratio", "Share of AlphaEdit's null space at each "
+                                 "layer that the committed edits' keys take (from the last retention probe).",
+                                 ["layer"], multiprocess_mode="mostrecent", registry=registry)
+        self._null_space_layers: set[int] = set()
         self._retention.set(math.nan)
         for result in ("ok", "failed"):
             self._retention_runs.labels(result=result)
@@ -380,6 +387,20 @@ class Metrics:
         self._retention.set(value)
         self._retention_n.set(n)
         self._retention_at.set(when)
+
+    def set_null_space_taken(self, taken: Mapping[int, float]) -> None:
+        """Per layer, the share of AlphaEdit's null space the committed keys take (editing/nullspace.py,
+        `null_space_use`), as the last retention probe measured it; a layer set before and absent now
+        (its keys were rolled back) reads 0. Validates all before setting any."""
+        for layer, value in taken.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+                raise MetricsError(f"layer {layer!r} is outside the model's layers 0..{self.n_layers - 1}")
+            _finite(value, f"null space taken at layer {layer}", hi=1.0)
+        for layer in sorted(self._null_space_layers - set(taken)):
+            self._null_space.labels(layer=str(layer)).set(0.0)
+        for layer, value in taken.items():
+            self._null_space.labels(layer=str(layer)).set(float(value))
+        self._null_space_layers |= set(taken)
 
     def record_retention_probe(self, ok: bool) -> None:
         """Count one retention probe run (``ok`` false: it failed; the gauges keep the last result)."""

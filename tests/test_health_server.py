@@ -12,7 +12,7 @@ One server, one ledger, in order (real ROME edits on layer 5):
 4. The same edit committed by an admin skipping the gate (v3): the probe now measures the
    damage for real, 2 of 3 facts (v1's is broken).
 5. Rollback to v2, then to v0: the drift gauge returns to v2's value exactly, then to 0; the
-   probe follows (2 of 2, then none).
+   probe follows (2 of 2, then none), and so does the null-space gauge of layer 5 (v2's value, then 0).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _health(server: Server) -> dict[str, float]:
             "failed": _v(s, "editserve_retention_probes_total", result="failed"),
             "refusals": _v(s, "editserve_gate_retention_refusals_total"),
             "drift5": s.get(("editserve_layer_drift_ratio", frozenset({("layer", "5")})), 0.0),
+            "null5": s.get(("editserve_layer_null_space_taken_ratio", frozenset({("layer", "5")})), 0.0),
             "head": _v(s, "editserve_head_version")}
 
 
@@ -93,6 +94,8 @@ def test_retention_probe_gate_and_drift(server):
     assert (r1["last"]["facts"], r1["last"]["sampled"], r1["last"]["held"]) == (1, 1, 1), r1
     assert h1["ratio"] == 1.0 and h1["n"] == 1 and h1["at"] >= t0 and h1["ok"] > h0["ok"]
     assert h1["drift5"] > 0
+    # the null-space share of layer 5 (ROME's key there), from the same probe run, on the gauge
+    assert set(r1["last"]["null_space"]) == {"5"} and h1["null5"] == pytest.approx(r1["last"]["null_space"]["5"], abs=1e-6)
 
     # 2. v2 through the gate: the retention check scored v1's fact and passed.
     runs = _runs(server)
@@ -104,6 +107,7 @@ def test_retention_probe_gate_and_drift(server):
     h2 = _health(server)
     assert (r2["last"]["facts"], r2["last"]["sampled"], r2["last"]["held"]) == (2, 2, 2), r2
     assert h2["ratio"] == 1.0 and h2["n"] == 2 and h2["drift5"] > h1["drift5"]
+    assert 0 < h2["null5"] == pytest.approx(r2["last"]["null_space"]["5"], abs=1e-6) and h2["null5"] >= h1["null5"]
 
     # 3. Anatole France back to French through the gate: breaks v1 → refused, naming it.
     status, body = _edit(server, ANATOLE_BACK, thresholds=LOOSE)
@@ -142,3 +146,4 @@ def test_retention_probe_gate_and_drift(server):
     _probed(server, 0, runs)
     h6 = _health(server)
     assert h6["drift5"] == 0.0 and math.isnan(h6["ratio"]) and h6["n"] == 0 and h6["failed"] == 0
+    assert h5["null5"] == h2["null5"] and h6["null5"] == 0.0      # no committed key left: the gauge reads 0

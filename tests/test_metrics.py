@@ -238,6 +238,9 @@ def test_probe_scores_not_measured_read_as_nan(served):
     (lambda m: m.set_drift("5", 0.1), "'5'"),
     (lambda m: m.set_drifts({3: 0.1, 99: 0.1}), "99"),
     (lambda m: m.set_ledger_bytes(-5), "-5"),
+    (lambda m: m.set_null_space_taken({3: 0.1, N_LAYERS: 0.2}), str(N_LAYERS)),
+    (lambda m: m.set_null_space_taken({3: 1.5}), "1.5"),
+    (lambda m: m.set_null_space_taken({3: math.nan}), "nan"),
     (lambda m: m.record_swap_result("partial"), "partial"),
     (lambda m: m.record_swap_result("OK"), "OK"),
     (lambda m: m.record_completion(1), "1"),
@@ -299,6 +302,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_edit_retention_ratio": "gauge", "editserve_edit_retention_sample_size": "gauge",
         "editserve_edit_retention_last_run_timestamp_seconds": "gauge", "editserve_retention_probes": "counter",
         "editserve_gate_retention_refusals": "counter", "editserve_consolidations": "counter",
+        "editserve_layer_null_space_taken_ratio": "gauge",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
@@ -473,3 +477,21 @@ def test_consolidations_are_counted_by_a_fixed_result():
     assert registry.get_sample_value("editserve_consolidations_total", {"result": "refused"}) == 1
     with pytest.raises(MetricsError, match="'skipped'"):
         metrics.record_consolidation("skipped")
+
+
+def test_null_space_taken_per_layer_and_a_layer_rolled_back_reads_zero(served):
+    metrics, scraper = served
+    assert not [k for k in scraper.samples() if k[0] == "editserve_layer_null_space_taken_ratio"]
+    metrics.set_null_space_taken({3: 0.25, 5: 0.5})
+    s = scraper.samples()
+    assert value(s, "editserve_layer_null_space_taken_ratio", layer="3") == 0.25
+    assert value(s, "editserve_layer_null_space_taken_ratio", layer="5") == 0.5
+    metrics.set_null_space_taken({5: 0.75})             # layer 3's keys are gone (a rollback)
+    s = scraper.samples()
+    assert value(s, "editserve_layer_null_space_taken_ratio", layer="3") == 0.0
+    assert value(s, "editserve_layer_null_space_taken_ratio", layer="5") == 0.75
+    metrics.set_null_space_taken({})                      # back to the base model
+    s = scraper.samples()
+    assert {k: v for k, v in s.items() if k[0] == "editserve_layer_null_space_taken_ratio"} == {
+        ("editserve_layer_null_space_taken_ratio", frozenset({("layer", "3")})): 0.0,
+        ("editserve_layer_null_space_taken_ratio", frozenset({("layer", "5")})): 0.0}

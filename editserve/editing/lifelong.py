@@ -109,15 +109,17 @@ def consolidation_covariances(model: torch.nn.Module, tok: object, layers: Seque
 
 
 def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKeys, corpus: Corpus | None = None,
-                    hparams: dict | None = None) -> dict[int, NullSpaceUse]:
+                    hparams: dict | None = None, only_cached: bool = False) -> dict[int, NullSpaceUse]:
     """For each layer with committed keys in `preserved`: how much of AlphaEdit's null space there the
     committed keys take (`editserve.editing.nullspace.null_space_use`, bound α + λ·threshold of the
     AlphaEdit settings `hparams`), whatever method wrote the keys. Statistics and projections come
-    from their caches (built on first use, like an edit's)."""
+    from their caches (built on first use, like an edit's). `only_cached`: leave out the layers whose
+    statistics are not cached instead of computing them (they must be computed on the unedited
+    model; a sidecar holding an edited version must not)."""
     from editserve.editing.corpus import load_corpus
     from editserve.editing.model import fingerprint
     from editserve.editing.nullspace import cached_null_space, null_space_use
-    from editserve.editing.stats import layer_stats, stats_key
+    from editserve.editing.stats import layer_stats, stats_cached, stats_key
 
     layers = list(preserved.layers)
     if not layers:
@@ -125,8 +127,12 @@ def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKey
     hp = resolve_hparams(model, "alphaedit", layers, hparams)
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
     fp = fingerprint(model)
-    stats, _ = layer_stats(model, tok, layers, corpus, fp, hp.stats, progress=False)
     dtype = next(model.parameters()).dtype
+    if only_cached:
+        layers = [layer for layer in layers if stats_cached(fp, corpus, layer, hp.stats, dtype)]
+        if not layers:
+            return {}
+    stats, _ = layer_stats(model, tok, layers, corpus, fp, hp.stats, progress=False)
     bound = hp.alpha + hp.cov_weight * hp.nullspace_threshold
     out = {}
     for layer in layers:

@@ -55,6 +55,11 @@ def _cache_path(model_fp: str, corpus: Corpus, layer: int, p: StatsParams, dtype
     return cache_dir("stats", model_fp[:16]) / f"{stats_key(corpus, layer, p, dtype)}.safetensors"
 
 
+def stats_cached(model_fp: str, corpus: Corpus, layer: int, p: StatsParams, dtype: torch.dtype) -> bool:
+    """Whether `layer_stats` would read this layer's statistics from the cache (not compute them)."""
+    return _cache_path(model_fp, corpus, layer, p, dtype).exists()
+
+
 def _pack(tok: object, corpus: Corpus, p: StatsParams) -> torch.Tensor:
     """Token ids [n_seq, seq_len] covering at least n_tokens tokens (whole sequences only)."""
     ids: list[int] = []

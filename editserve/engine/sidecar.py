@@ -188,6 +188,8 @@ class RetentionMeasured:
     facts: int                         # facts committed at `version`
     rows: tuple[dict[str, Any], ...]   # per scored fact: CommittedFact fields, "holds", log-probabilities
     seconds: float
+    null_space: dict[int, float] = field(default_factory=dict)   # layer → share of AlphaEdit's null space the
+    #                                  committed keys take (layers whose statistics are not built yet: absent)
 
 
 @dataclass(frozen=True)
@@ -584,7 +586,21 @@ class _Worker:
         sample = self._known(sample_facts(facts, msg.sample_size, msg.seed))
         rows = tuple({**f.to_dict(), "holds": ok, "new_logprob": round(new, 5), "true_logprob": round(true, 5)}
                      for f, (ok, new, true) in zip(sample, facts_hold(self.model, self.tok, sample)))
-        return RetentionMeasured(version=msg.version, facts=len(facts), rows=rows, seconds=time.perf_counter() - t0)
+        return RetentionMeasured(version=msg.version, facts=len(facts), rows=rows, seconds=time.perf_counter() - t0,
+                                 null_space=self.null_space_taken())
+
+    def null_space_taken(self) -> dict[int, float]:
+        """`editserve.editing.lifelong.null_space_uses` of the held version's preserved keys, from the
+        cached statistics only (statistics are built on the unedited model, never here). A failure
+        is logged and leaves the measurement out; the retention result stands."""
+        from editserve.editing.lifelong import null_space_uses
+
+        try:
+            uses = null_space_uses(self.model, self.tok, self.preserved, only_cached=True)
+        except EditserveError as exc:
+            log.warning("null-space use of version %d not measured: %s: %s", self.version, type(exc).__name__, exc)
+            return {}
+        return {layer: use.ratio for layer, use in uses.items()}
 
     def trace_fact(self, msg: TraceFact) -> Traced:
         from editserve.editing.tracing import trace
