@@ -161,3 +161,60 @@ def test_commits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
     for bad in ("1", "-3", "x", "2.5"):
         with pytest.raises(InvalidRequestError, match="EDITSERVE_CONSOLIDATE_EVERY"):
             ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": bad})
+
+
+def test_check_scores_on_a_model_holding_the_head_as_on_a_bare_one(tmp_path) -> None:
+    """The sidecar checks a consolidation while it holds the head, `editserve ledger consolidate` on a
+    bare model: the same facts and scores, and each model holds afterwards exactly what it held (bit
+    for bit; nothing rebuilt for "before" on the held one). A model holding anything else is refused."""
+    from editserve.editing.model import fingerprint
+    from editserve.editing.requests import EditRequest
+    from editserve.ledger.consolidation import check_consolidation
+    from editserve.patches import applied_patches, hold_patches
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    fp = fingerprint(model)
+    params = dict(model.named_parameters())
+    base = {n: params[n].detach().clone() for n in (NAME, NAME2)}
+    d_out, d_in = base[NAME].shape                                          # [32, 48]
+    g = torch.Generator().manual_seed(7)
+
+    def keyed(seed: int, names: tuple[str, ...], subject: str, new: str, true: str):
+        p = synth_patch(seed, names=names, shape=(d_out, d_in), scale=0.5, fp=fp)
+        p = replace(p, requests=(EditRequest(prompt="{} is located in the city of", subject=subject,
+                                             target_new=new, target_true=true),))
+        state = PreservedKeys()
+        for d in p.deltas:
+            state = state.add(p.digest, d.layer, torch.randn(d_in, 2, generator=g))
+        return p, state
+
+    def covs(layers):
+        out = {}
+        for layer in layers:
+            x = torch.randn(d_in, 4 * d_in, generator=torch.Generator().manual_seed(layer), dtype=torch.float64)
+            out[layer] = x @ x.T / x.shape[1]
+        return out
+
+    p1, k1 = keyed(1, (NAME, NAME2), "The Eiffel Tower", " Rome", " Paris")
+    p2, k2 = keyed(2, (NAME,), "The Colosseum", " Berlin", " Rome")
+    with Ledger.open(str(tmp_path / "ledger"), fp, create=True) as ledger:
+        ledger.commit(p1, expected_head=0, base=base, preserved=k1)
+        ledger.commit(p2, expected_head=1, preserved=k2)
+        plan = plan_consolidation(ledger, covs, ConsolidateParams())
+        bare = check_consolidation(model, tok, ledger, plan)
+        assert not applied_patches(model) and all(torch.equal(params[n], base[n]) for n in base)
+        assert len(bare.facts) == 2
+
+        hold_patches(model, [p1, p2])
+        held = {n: params[n].detach().clone() for n in base}
+        on_head = check_consolidation(model, tok, ledger, plan)
+        assert [p.digest for p in applied_patches(model)] == [p1.digest, p2.digest]
+        assert all(torch.equal(params[n], held[n]) for n in base)
+        assert (on_head.facts, on_head.held_before, on_head.held_after, on_head.broken) == \
+            (bare.facts, bare.held_before, bare.held_after, bare.broken)
+
+        hold_patches(model, [p2])
+        with pytest.raises(ConsolidationError, match="exactly the patches active at version 2"):
+            check_consolidation(model, tok, ledger, plan)
+        assert [p.digest for p in applied_patches(model)] == [p2.digest]

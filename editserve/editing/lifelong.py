@@ -108,6 +108,21 @@ def consolidation_covariances(model: torch.nn.Module, tok: object, layers: Seque
     return {layer: s.cov for layer, s in stats.items()}
 
 
+def statistics_cached(model: torch.nn.Module, layers: Sequence[int], corpus: Corpus | None = None,
+                      hparams: dict | None = None) -> bool:
+    """Whether AlphaEdit's statistics (settings `hparams`) at every one of `layers` are cached, so that
+    `consolidation_covariances` and `null_space_uses` read them instead of running the model (which
+    must then be unedited)."""
+    from editserve.editing.corpus import load_corpus
+    from editserve.editing.model import fingerprint
+    from editserve.editing.stats import stats_cached
+
+    hp = resolve_hparams(model, "alphaedit", list(layers), hparams)
+    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    dtype = next(model.parameters()).dtype
+    return all(stats_cached(fingerprint(model), corpus, layer, hp.stats, dtype) for layer in layers)
+
+
 def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKeys, corpus: Corpus | None = None,
                     hparams: dict | None = None, only_cached: bool = False) -> dict[int, NullSpaceUse]:
     """For each layer with committed keys in `preserved`: how much of AlphaEdit's null space there the
@@ -119,7 +134,7 @@ def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKey
     from editserve.editing.corpus import load_corpus
     from editserve.editing.model import fingerprint
     from editserve.editing.nullspace import cached_null_space, null_space_use
-    from editserve.editing.stats import layer_stats, stats_cached, stats_key
+    from editserve.editing.stats import layer_stats, stats_key
 
     layers = list(preserved.layers)
     if not layers:
@@ -129,7 +144,7 @@ def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKey
     fp = fingerprint(model)
     dtype = next(model.parameters()).dtype
     if only_cached:
-        layers = [layer for layer in layers if stats_cached(fp, corpus, layer, hp.stats, dtype)]
+        layers = [layer for layer in layers if statistics_cached(model, [layer], corpus, hparams)]
         if not layers:
             return {}
     stats, _ = layer_stats(model, tok, layers, corpus, fp, hp.stats, progress=False)

@@ -522,22 +522,27 @@ class _Worker:
         return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)
 
     def consolidate(self, msg: ComputeConsolidation) -> ConsolidationComputed:
-        """Plan and check a consolidation on the base weights (merged patches removed, saved bases
-        restored; `check_consolidation` merges the before and after sets itself), then hold
-        `msg.head` again, whatever happened."""
+        """Plan and check a consolidation while holding `msg.head` (`check_consolidation` scores
+        "before" on it as held and merges only the consolidated set; statistics not cached yet are
+        built on the base weights, the patches taken out for it), then hold `msg.head` again,
+        whatever happened."""
         from editserve.editing.consolidate import ConsolidateParams
-        from editserve.editing.lifelong import consolidation_covariances
+        from editserve.editing.lifelong import consolidation_covariances, statistics_cached
         from editserve.ledger.consolidation import check_consolidation, plan_consolidation
         from editserve.patches import hold_patches
+
+        def covariances(layers: Sequence[int]) -> dict[int, torch.Tensor]:
+            if not statistics_cached(self.model, layers):
+                hold_patches(self.model, [])                 # statistics are of the unedited model
+            return consolidation_covariances(self.model, self.tok, layers)
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
         self._wait_for_statistics("alphaedit")             # consolidation uses AlphaEdit's statistics
         self._progress("consolidate", 0.05, f"re-solving the patches with preserved keys at version {msg.head}")
-        hold_patches(self.model, [])
+        self._hold(msg.head)
         try:
-            plan = plan_consolidation(ledger, lambda layers: consolidation_covariances(self.model, self.tok, layers),
-                                      ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
+            plan = plan_consolidation(ledger, covariances, ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
             self._progress("consolidate", 0.6, f"{len(plan.constituents)} patches → 1; scoring their facts "
                                                "before and after")
             check = check_consolidation(self.model, self.tok, ledger, plan)

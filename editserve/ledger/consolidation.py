@@ -179,19 +179,22 @@ class ConsolidationCheck:
 def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan) -> ConsolidationCheck:
     """Score every constituent fact whose replaced object is known (from its request, else from
     the committing version's gate rows) on `model` with the patches active at `plan.head`, then with
-    the consolidated set. `model` must have no patch merged, and has none afterwards (bases
-    restored: nothing subtracted)."""
+    the consolidated set. `model` holds no patch or exactly the head's active patches (a sidecar
+    serving the head: nothing is rebuilt for "before"), and holds the same afterwards (bases
+    restored: nothing subtracted), so the check costs two merges of the touched weights."""
     from editserve.editing.retention import facts_hold, with_replaced_objects
     from editserve.patches import applied_patches, hold_patches
 
-    if applied_patches(model):
-        raise ConsolidationError("check_consolidation needs a model with no patch merged")
+    found = applied_patches(model)
+    before_set = [ledger.patch(d) for d in ledger.active_ids(plan.head)]
+    if found and [p.digest for p in found] != [p.digest for p in before_set]:
+        raise ConsolidationError(f"check_consolidation needs a model with no patch merged or with exactly the "
+                                 f"patches active at version {plan.head}; it holds {len(found)} other patch(es)")
     origin = dict(plan.constituents)
     facts = with_replaced_objects(
         [CommittedFact(version=origin[d], prompt=r.text, subject=r.subject, target_new=r.target_new,
                        target_true=r.target_true or "") for d in origin for r in ledger.patch(d).requests],
         lambda v: ledger.version(v).probe_report)
-    before_set = [ledger.patch(d) for d in ledger.active_ids(plan.head)]
     after_set = [p for p in before_set if p.digest not in origin] + [plan.patch]
     try:
         hold_patches(model, before_set)
@@ -199,7 +202,7 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
         hold_patches(model, after_set)
         after = facts_hold(model, tok, facts)
     finally:
-        hold_patches(model, [])
+        hold_patches(model, found)
     broken = tuple(f.describe() for f, b, a in zip(facts, before, after) if b[0] and not a[0])
     return ConsolidationCheck(facts=tuple(facts), held_before=sum(b[0] for b in before),
                               held_after=sum(a[0] for a in after), broken=broken)
