@@ -131,6 +131,21 @@ def test_gate_retention_check_names_the_fact_a_real_patch_breaks(tmp_path, monke
     assert loose["passed"] and merge_retention({"passed": True, "failures": []}, loose)["passed"] is True
 
 
+def test_a_fact_whose_replaced_object_is_unknown_is_kept():
+    """With no request target_true and no gate row naming one (gate skipped, imported), a fact is kept
+    as it is — `facts_hold` checks it greedily (tests/test_smollm2_edits.py); a gate row fills it in."""
+    from editserve.editing.retention import with_replaced_objects
+
+    prompt = "The Eiffel Tower is located in the city of"
+    unknown = CommittedFact(1, prompt, "The Eiffel Tower", " Rome", "")
+    rows = {"gate": {"rows": [{"kind": "efficacy", "prompt": prompt, "target_new": " Rome", "target_true": " Paris"}]}}
+    skipped = {"gate_skipped": {"by": "admin", "role": "admin"}}
+    assert with_replaced_objects([unknown], lambda v: None) == [unknown]
+    assert with_replaced_objects([unknown], lambda v: skipped) == [unknown]
+    assert with_replaced_objects([unknown, _fact(2)], lambda v: rows) == \
+        [CommittedFact(1, prompt, "The Eiffel Tower", " Rome", " Paris"), _fact(2)]
+
+
 def test_probe_schedule_periodic_after_changes_bounded_and_surviving_failures():
     """The scheduling side (`RetentionProbe`) with a real metrics registry; `measure` stands for the
     sidecar call (the real one runs in tests/test_health_server.py)."""

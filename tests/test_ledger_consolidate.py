@@ -198,23 +198,26 @@ def test_check_scores_on_a_model_holding_the_head_as_on_a_bare_one(tmp_path) -> 
 
     p1, k1 = keyed(1, (NAME, NAME2), "The Eiffel Tower", " Rome", " Paris")
     p2, k2 = keyed(2, (NAME,), "The Colosseum", " Berlin", " Rome")
+    p3, k3 = keyed(3, (NAME2,), "Big Ben", " Tokyo", "")          # no replaced object known: checked greedily
     with Ledger.open(str(tmp_path / "ledger"), fp, create=True) as ledger:
         ledger.commit(p1, expected_head=0, base=base, preserved=k1)
         ledger.commit(p2, expected_head=1, preserved=k2)
+        ledger.commit(p3, expected_head=2, preserved=k3)
         plan = plan_consolidation(ledger, covs, ConsolidateParams())
         bare = check_consolidation(model, tok, ledger, plan)
         assert not applied_patches(model) and all(torch.equal(params[n], base[n]) for n in base)
-        assert len(bare.facts) == 2
+        assert [f.target_true for f in bare.facts] == [" Paris", " Rome", ""]
+        assert [r["target_true"] for r in bare.probe_report()["gate"]["rows"]] == [" Paris", " Rome"]
 
-        hold_patches(model, [p1, p2])
+        hold_patches(model, [p1, p2, p3])
         held = {n: params[n].detach().clone() for n in base}
         on_head = check_consolidation(model, tok, ledger, plan)
-        assert [p.digest for p in applied_patches(model)] == [p1.digest, p2.digest]
+        assert [p.digest for p in applied_patches(model)] == [p1.digest, p2.digest, p3.digest]
         assert all(torch.equal(params[n], held[n]) for n in base)
         assert (on_head.facts, on_head.held_before, on_head.held_after, on_head.broken) == \
             (bare.facts, bare.held_before, bare.held_after, bare.broken)
 
         hold_patches(model, [p2])
-        with pytest.raises(ConsolidationError, match="exactly the patches active at version 2"):
+        with pytest.raises(ConsolidationError, match="exactly the patches active at version 3"):
             check_consolidation(model, tok, ledger, plan)
         assert [p.digest for p in applied_patches(model)] == [p2.digest]

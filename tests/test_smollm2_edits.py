@@ -49,6 +49,42 @@ def test_public_api_round_trip(smollm):
     assert _complete(model, tok, req.text).startswith(" Paris")
 
 
+def test_a_fact_without_its_replaced_object_holds_while_answered_greedily(smollm):
+    """A committed fact whose replaced object is unknown (gate skipped, imported) holds while the
+    model answers its new target greedily; the retention check names it when a real patch breaks it.
+    Facts with a known replaced object score exactly as before."""
+    from editserve.control.gate import check_retention
+    from editserve.editing.retention import CommittedFact, RetentionGate, facts_hold
+
+    model, tok = smollm
+    prompt = "The Eiffel Tower is located in the city of"
+    paris = CommittedFact(1, prompt, "The Eiffel Tower", " Paris", "")
+    rome = CommittedFact(2, prompt, "The Eiffel Tower", " Rome", "")
+    known = CommittedFact(2, prompt, "The Eiffel Tower", " Rome", " Paris")
+    (p_ok, p_new, p_top), (r_ok, r_new, r_top), k = facts_hold(model, tok, [paris, rome, known])
+    assert p_ok and p_new == p_top                                     # SmolLM2 answers " Paris"
+    assert not r_ok and r_top > r_new and r_top == p_new               # the top token is " Paris"
+    (alone,) = facts_hold(model, tok, [known])                         # as scored before (padding: float noise)
+    assert alone[0] == k[0] is False and alone[1:] == pytest.approx(k[1:], abs=1e-5)
+    assert k[1:] == pytest.approx((r_new, p_new), abs=1e-5)
+    assert not facts_hold(model, tok, [CommittedFact(1, prompt, "The Eiffel Tower", " Paris Paris", "")])[0][0]
+
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    patch = compute_patch(model, tok, [req], method="rome")
+    before = _digest(model)
+    report = check_retention(model, tok, patch, [paris, known], RetentionGate(sample_size=4, max_drop=0.0))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert report["held_before"] == 1 and report["held_after"] == 1 and not report["passed"]
+    (b,) = report["broken"]
+    assert (b["target_new"], b["target_true"]) == (" Paris", "") and b["true_logprob_after"] > b["new_logprob_after"]
+    apply_patch(model, patch)
+    try:
+        (p_ok, _, _), (r_ok, r_new, r_top) = facts_hold(model, tok, [paris, rome])
+        assert not p_ok and r_ok and r_new == r_top
+    finally:
+        remove_patch(model, patch)
+
+
 @pytest.fixture(scope="module")
 def records():
     return load_counterfact(DATA, limit=80)  # tests read ../shared (DataError if it is missing)

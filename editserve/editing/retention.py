@@ -4,7 +4,9 @@ A committed fact is one edit request of an active patch (its rewrite prompt with
 filled in, its new target and the object it replaced) and the ledger version that added it.
 It *holds* on a model when the new target is the more likely continuation of the rewrite
 prompt — the efficacy outcome of `editserve.editing.scoring.fact_success`, the one meaning
-the probe gate and the CounterFact evaluation use.
+the probe gate and the CounterFact evaluation use. A fact whose replaced object is not known
+(an edit committed with the gate skipped, or imported, whose request named none) holds when
+the model answers the new target greedily: every target token the most likely next token.
 
 `sample_facts` draws a fixed-size sample (facts "at risk" — about a given subject — first,
 the rest by a seeded random draw, so a sample is reproducible); `facts_hold` scores a list of
@@ -34,7 +36,7 @@ class CommittedFact:
     prompt: str            # the rewrite prompt with the subject filled in
     subject: str
     target_new: str
-    target_true: str       # the object the edit replaced (what the new target must outscore)
+    target_true: str       # the object the edit replaced (what the new target must outscore); "" unknown
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,8 +91,8 @@ def with_replaced_objects(facts: Sequence[CommittedFact],
                           report_of: Callable[[int], Mapping[str, Any] | None]) -> list[CommittedFact]:
     """`facts` with the replaced object filled in where the request had none, from the probe gate's
     efficacy rows in the probe report of the version that committed each (``report_of(version)``,
-    read once per version: the greedy answer the gate used then). Facts with no known replaced
-    object are left out (they cannot be scored)."""
+    read once per version: the greedy answer the gate used then). A fact whose replaced object is
+    still unknown (gate skipped, imported) is kept as it is: `facts_hold` checks it greedily."""
     from dataclasses import replace
 
     out, reports = [], {}
@@ -103,20 +105,27 @@ def with_replaced_objects(facts: Sequence[CommittedFact],
         rows = (reports[f.version].get("gate") or {}).get("rows") or ()
         true = next((r["target_true"] for r in rows if r.get("kind") == "efficacy" and r.get("prompt") == f.prompt
                      and r.get("target_new") == f.target_new), "")
-        if true:
-            out.append(replace(f, target_true=true))
+        out.append(replace(f, target_true=true) if true else f)
     return out
 
 
 def facts_hold(model: torch.nn.Module, tok: Any, facts: Sequence[CommittedFact],
                batch_size: int = 32) -> list[tuple[bool, float, float]]:
-    """Per fact: (holds, mean log p(target_new), mean log p(target_true)) on `model` as it is."""
-    from editserve.editing.scoring import fact_success, target_nll
+    """Per fact: (holds, mean log p(target_new), mean log p(target_true)) on `model` as it is. For a
+    fact with no known replaced object the third value is the mean log-probability of the model's
+    most likely tokens along the target (equal to the second where the fact holds)."""
+    from editserve.editing.scoring import fact_success, target_scores
 
     if not facts:
         return []
-    prompts = [f.prompt for f in facts] * 2
-    targets = [f.target_new for f in facts] + [f.target_true for f in facts]
-    logp = [-float(x) for x in target_nll(model, tok, prompts, targets, batch_size=batch_size)]
+    known = [i for i, f in enumerate(facts) if f.target_true]
+    prompts = [f.prompt for f in facts] + [facts[i].prompt for i in known]
+    targets = [f.target_new for f in facts] + [facts[i].target_true for i in known]
+    scores = target_scores(model, tok, prompts, targets, batch_size=batch_size)
     n = len(facts)
-    return [(fact_success("efficacy", logp[i], logp[n + i]), logp[i], logp[n + i]) for i in range(n)]
+    new = [-float(x) for x in scores.nll[:n]]
+    out = [(bool(scores.greedy[i]), new[i], float(scores.top_logprob[i])) for i in range(n)]
+    for j, i in enumerate(known):
+        true = -float(scores.nll[n + j])
+        out[i] = (fact_success("efficacy", new[i], true), new[i], true)
+    return out

@@ -96,7 +96,7 @@ class RetentionRun:
 
     version: int
     facts: int                  # facts committed at `version`
-    sampled: int                # facts scored (those without a known replaced object are skipped)
+    sampled: int                # facts scored (without a known replaced object: checked greedily)
     held: int
     at: float                   # unix time of the end of the run
     seconds: float

@@ -575,7 +575,8 @@ class _Worker:
                 for p in applied_patches(self.model) for r in p.requests]
 
     def _known(self, facts: list[Any]) -> list[Any]:
-        """`facts` with the replaced object filled in from the committing versions' gate rows
+        """`facts` with the replaced object filled in from the committing versions' gate rows where
+        the request named none (those still unknown are checked greedily)
         (`editserve.editing.retention.with_replaced_objects`)."""
         from editserve.editing.retention import with_replaced_objects
 

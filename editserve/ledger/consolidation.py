@@ -158,7 +158,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
 class ConsolidationCheck:
     """The constituents' facts scored with the head's weights and with the consolidated ones."""
 
-    facts: tuple[CommittedFact, ...]   # those that could be scored (the replaced object is known)
+    facts: tuple[CommittedFact, ...]   # every constituent fact (target_true "": checked greedily)
     held_before: int
     held_after: int
     broken: tuple[str, ...]            # facts that held before and not after (described)
@@ -169,16 +169,17 @@ class ConsolidationCheck:
 
     def probe_report(self) -> dict[str, Any]:
         """The report stored with the consolidation version: this check, and one efficacy row per
-        scored fact (what the retention probe reads a request's replaced object from when the
-        request itself names none, `editserve.editing.retention.with_replaced_objects`)."""
+        fact with a known replaced object (what the retention probe reads a request's replaced
+        object from when the request itself names none, `editserve.editing.retention.with_replaced_objects`)."""
         rows = [{"kind": "efficacy", "prompt": f.prompt, "target_new": f.target_new, "target_true": f.target_true}
-                for f in self.facts]
+                for f in self.facts if f.target_true]
         return {"consolidation": self.to_dict(), "gate": {"rows": rows}}
 
 
 def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan) -> ConsolidationCheck:
-    """Score every constituent fact whose replaced object is known (from its request, else from
-    the committing version's gate rows) on `model` with the patches active at `plan.head`, then with
+    """Score every constituent fact (against its replaced object, from its request or else from the
+    committing version's gate rows; where none is known, whether the model answers its new target
+    greedily: `editserve.editing.retention.facts_hold`) on `model` with the patches active at `plan.head`, then with
     the consolidated set. `model` holds no patch or exactly the head's active patches (a sidecar
     serving the head: nothing is rebuilt for "before"), and holds the same afterwards (bases
     restored: nothing subtracted), so the check costs two merges of the touched weights."""
