@@ -204,7 +204,7 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
     """A real sidecar process on a tiny Llama and a real ledger with three committed patches: the
     probe scores the facts of the version it is asked about, in ledger order, with the committing
     version; a fact committed without target_true takes the gate's compared object from its
-    version's report, one with neither is skipped; the outcomes equal an in-process scoring."""
+    version's report, one with neither is checked greedily; the outcomes equal an in-process scoring."""
     import json
 
     from editserve.editing.arch import Layout
@@ -231,7 +231,7 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
 
     reqs = [EditRequest("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
             EditRequest("{} speaks", "Michel Rocard", " English"),             # truth from the gate report
-            EditRequest("{} plays the", "Toko Yasuda", " piano")]              # no truth anywhere: skipped
+            EditRequest("{} plays the", "Toko Yasuda", " piano")]              # no truth anywhere: greedy
     patches = [patch(r) for r in reqs]
     gate_row = {"kind": "efficacy", "prompt": "Michel Rocard speaks", "target_new": " English",
                 "target_true": " French"}
@@ -244,7 +244,8 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         apply_patch(model, p)
     want = facts_hold(model, tok, [CommittedFact(v1, "The Eiffel Tower is located in the city of", "The Eiffel Tower",
                                                  " Rome", " Paris"),
-                                   CommittedFact(v2, "Michel Rocard speaks", "Michel Rocard", " English", " French")])
+                                   CommittedFact(v2, "Michel Rocard speaks", "Michel Rocard", " English", " French"),
+                                   CommittedFact(v3, "Toko Yasuda plays the", "Toko Yasuda", " piano", "")])
     client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1))
     try:
         client.wait_ready()
@@ -252,11 +253,11 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         got = client.probe_retention(ProbeRetention(version=v3, sample_size=16, seed=1), timeout_s=300)
         assert got.version == v3 and got.facts == 3
         assert [(r["version"], r["target_new"], r["target_true"]) for r in got.rows] == \
-            [(v1, " Rome", " Paris"), (v2, " English", " French")]
+            [(v1, " Rome", " Paris"), (v2, " English", " French"), (v3, " piano", "")]
         assert [r["holds"] for r in got.rows] == [ok for ok, _, _ in want]
         assert [r["new_logprob"] for r in got.rows] == pytest.approx([n for _, n, _ in want], abs=1e-4)
         run = run_of(got)
-        assert run.sampled == 2 and run.held == sum(ok for ok, _, _ in want) and run.facts == 3
+        assert run.sampled == 3 and run.held == sum(ok for ok, _, _ in want) and run.facts == 3
         # An earlier version: only its facts; a sample of 1 scores one of them.
         got1 = client.probe_retention(ProbeRetention(version=v1, sample_size=16, seed=1), timeout_s=300)
         assert got1.facts == 1 and [r["version"] for r in got1.rows] == [v1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -114,13 +115,19 @@ def statistics_cached(model: torch.nn.Module, layers: Sequence[int], corpus: Cor
     `consolidation_covariances` and `null_space_uses` read them instead of running the model (which
     must then be unedited)."""
     from editserve.editing.corpus import load_corpus
-    from editserve.editing.model import fingerprint
-    from editserve.editing.stats import stats_cached
 
     hp = resolve_hparams(model, "alphaedit", list(layers), hparams)
     corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
-    dtype = next(model.parameters()).dtype
-    return all(stats_cached(fingerprint(model), corpus, layer, hp.stats, dtype) for layer in layers)
+    return set(layers) <= _cached_layers(model, layers, corpus, hp.stats)
+
+
+def _cached_layers(model: torch.nn.Module, layers: Sequence[int], corpus: Corpus, stats: Any) -> set[int]:
+    """Those of `layers` whose statistics (settings `stats`, of `corpus`) are cached for `model`."""
+    from editserve.editing.model import fingerprint
+    from editserve.editing.stats import stats_cached
+
+    fp, dtype = fingerprint(model), next(model.parameters()).dtype
+    return {layer for layer in layers if stats_cached(fp, corpus, layer, stats, dtype)}
 
 
 def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKeys, corpus: Corpus | None = None,
@@ -144,7 +151,8 @@ def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKey
     fp = fingerprint(model)
     dtype = next(model.parameters()).dtype
     if only_cached:
-        layers = [layer for layer in layers if statistics_cached(model, [layer], corpus, hparams)]
+        cached = _cached_layers(model, layers, corpus, hp.stats)
+        layers = [layer for layer in layers if layer in cached]
         if not layers:
             return {}
     stats, _ = layer_stats(model, tok, layers, corpus, fp, hp.stats, progress=False)
