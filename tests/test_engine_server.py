@@ -673,6 +673,13 @@ def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, s
     # nothing left to consolidate at the head: one keyed patch
     status, body = server_a.post("/editserve/v1/consolidate", {})
     assert status == 409 and body["error"]["type"] == "ConsolidationError" and "at least 2" in body["error"]["message"]
+    # one fact of the consolidated patch cannot be reverted alone: the refusal names the consolidation
+    for route in ("/editserve/v1/revert", "/editserve/v1/rebase"):
+        status, body = server_a.post(route, {"version": 1})
+        assert status == 409 and body["error"]["type"] == "RevertError", (route, body)
+        assert (f"version {head} consolidated it" in body["error"]["message"]
+                and "roll back to version 2" in body["error"]["message"]), (route, body)
+    assert server_a.get("/editserve/v1/status")[1]["served_version"] == head
     status, change = server_a.post("/editserve/v1/rollback", {"version": 2})
     assert status == 200 and change["active_patches"] == 2, change
     assert server_a.get(f"/editserve/v1/checksums?name={LAYER5}")[1] == sums2

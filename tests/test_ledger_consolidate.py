@@ -140,6 +140,37 @@ def test_consolidation_refusals(backend: Backend) -> None:
         assert ledger.active_ids() == (p1.digest, p2.digest, p4.digest)
 
 
+def test_reverting_a_consolidated_fact_names_the_consolidation(backend: Backend) -> None:
+    """A fact whose patch a consolidation took in is not active any more: reverting its version (plain
+    or with rebase) is refused with the version of the consolidation that holds it — also through a
+    second consolidation that took in the first — and how to undo it; nothing is written."""
+    with Ledger.open(backend.location(), FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        v5 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        assert ledger.consolidated_into(p1.digest) == v5 and ledger.consolidated_into(p4.digest) == v5
+        assert ledger.consolidated_into(p2.digest) is None            # unkeyed: still active on its own
+        for call in (lambda: ledger.revert(1, caller="test"),
+                     lambda: ledger.revert(3, rebase=lambda step: step.old_patch, caller="test")):
+            with pytest.raises(RevertError, match=rf"version {v5} consolidated it .* roll back to version 4 "):
+                call()
+        assert ledger.head() == v5
+        # a later keyed patch and a second consolidation that takes in the first one
+        p5 = synth_patch(5)
+        v6 = ledger.commit(p5, expected_head=v5, preserved=_keys(p5, 5))
+        v7 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        assert ledger.version(v7).details["constituents"][0]["version"] == v5
+        assert ledger.consolidated_into(p1.digest) == v7 and ledger.consolidated_into(p5.digest) == v7
+        assert ledger.consolidated_into(p1.digest, v5) == v5 and ledger.consolidated_into(p5.digest, v6) is None
+        with pytest.raises(RevertError, match=rf"version {v7} consolidated it .* roll back to version {v6} .*"
+                                              rf"revert version {v7} to remove every fact"):
+            ledger.revert(1, caller="test")
+        # a patch removed by a plain revert is not active either, and no consolidation is named
+        ledger.rollback(4)
+        ledger.revert(3, caller="test")
+        with pytest.raises(RevertError, match=r"not active at version \d+$"):
+            ledger.revert(3, caller="test")
+
+
 def test_commits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
     """What automatic consolidation counts (editserve/engine/autoconsolidate.py): the active patches
     after the newest consolidated one, at most `limit` read; and its setting's refusals."""

@@ -105,6 +105,11 @@ def _reporter(progress: Callable[[str, float, str], None] | None) -> Callable[..
     return report
 
 
+class _NotActive(Exception):
+    """Inside a version change: the patch to revert is not active at the head (turned into the
+    ledger's `RevertError`, which names a consolidation holding it, off the event loop)."""
+
+
 class ControlPlane(SidecarSupervision, SwapOrchestration):
     """See the module docstring. Create, ``await start()``, then call `edit`/`rollback`/`status`.
 
@@ -502,13 +507,18 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
         def target_of(current: list[Patch]) -> list[Patch]:
             if removed not in [p.digest for p in current]:
-                raise RevertError(f"the patch of version {version} ({removed[:12]}) is not active at the head")
+                raise _NotActive(removed)
             return [p for p in current if p.digest != removed]
 
         def write(head: int) -> int:
             return self.ledger.revert(version, who, expected_head=head, idempotency_key=idempotency_key).version
 
-        change = await self._change("revert", expected_head, target_of, write, patch_id=removed)
+        try:
+            change = await self._change("revert", expected_head, target_of, write, patch_id=removed)
+        except _NotActive:
+            # named off the event loop: the ledger says whether a consolidation holds the patch
+            head = await asyncio.to_thread(self.ledger.head)
+            raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head) from None
         self.metrics.record_revert()
         return change
 
@@ -544,7 +554,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 head = await self._followed_head(expected_head)
             active = await asyncio.to_thread(self.ledger.active_ids, head)
             if removed not in active:
-                raise RevertError(f"the patch of version {version} ({removed[:12]}) is not active at version {head}")
+                raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head)
             later = len(active) - 1 - list(active).index(removed)
             if later == 0:
                 raise RevertError(f"the patch of version {version} ({removed[:12]}) is the last active patch at "

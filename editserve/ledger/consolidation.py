@@ -24,7 +24,8 @@ rewritten: a rollback to the version before restores that version's weights and 
 (from base copies and checkpoints, like any rollback). A revert *through* a consolidated patch
 with rebase is refused (its constituents' requests would have to be recomputed one by one);
 roll back to the version before the consolidation instead. A plain revert of the consolidation
-version removes every fact it holds.
+version removes every fact it holds. Reverting a constituent's version is refused with the
+consolidation that holds it named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
 
 `check_consolidation` scores the constituents' facts on a model before and after (the retention
 outcome of `editserve.editing.retention.facts_hold`) so that the caller can refuse a plan that

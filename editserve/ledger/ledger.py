@@ -848,7 +848,7 @@ class Ledger:
         chain = self._active_with_origin(head)
         ids = [d for d, _ in chain]
         if rec.patch not in ids:
-            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is not active at version {head}")
+            raise self.inactive_patch_error(rec.version, rec.patch, head)
         idx = ids.index(rec.patch)
         if idx == len(ids) - 1:
             raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is the last active patch at "
@@ -898,6 +898,40 @@ class Ledger:
             raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         return plan
 
+    def consolidated_into(self, digest: str, version: int | None = None) -> int | None:
+        """The version that added the consolidated patch active at `version` (default: the head)
+        that holds patch `digest` among its constituents, directly or through an earlier
+        consolidation it took in; None when no active consolidation holds it. Reads version
+        records only (each consolidation records its constituents and the versions that added them)."""
+        for _, origin in self._active_with_origin(self._resolve_version(version)):
+            rec = self._store.version(origin)
+            if rec.kind != KIND_CONSOLIDATE:
+                continue
+            stack, seen = [rec], {origin}
+            while stack:
+                for c in stack.pop().details.get("constituents", []):
+                    if c.get("patch") == digest:
+                        return origin
+                    cv = int(c.get("version", -1))
+                    if cv not in seen and cv >= 0:
+                        seen.add(cv)
+                        inner = self._store.version(cv)
+                        if inner.kind == KIND_CONSOLIDATE and inner.patch == c.get("patch"):
+                            stack.append(inner)
+        return None
+
+    def inactive_patch_error(self, version: int, digest: str, head: int) -> RevertError:
+        """The refusal for reverting `version`, whose patch `digest` is not active at `head`: when a
+        consolidation holds it, the error names that version and the two ways to revert the fact."""
+        msg = f"the patch of version {version} ({digest[:12]}) is not active at version {head}"
+        holder = self.consolidated_into(digest, head)
+        if holder is not None:
+            parent = self._store.version(holder).parent
+            msg += (f": version {holder} consolidated it with other patches into one; to undo this fact alone, "
+                    f"roll back to version {parent} (before that consolidation) and revert version {version} "
+                    f"there, or revert version {holder} to remove every fact it holds")
+        return RevertError(msg)
+
     def _first_report(self, digest: str, rec: VersionRecord) -> dict[str, Any] | None:
         """The probe report of the commit a patch descends from: a patch that an earlier rebase
         recomputed has none of its own, so follow ``details["rebased"]`` back to the original."""
@@ -939,7 +973,7 @@ class Ledger:
         self._refuse_damaged(head)
         ids = list(self.active_ids(head))
         if rec.patch not in ids:
-            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is not active at version {head}")
+            raise self.inactive_patch_error(rec.version, rec.patch, head)
         ops: list[tuple[str, str]] = [(REMOVE, rec.patch)]
         plan: RebasePlan | None = None
         if isinstance(rebase, RebasePlan):
