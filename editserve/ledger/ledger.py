@@ -901,23 +901,19 @@ class Ledger:
     def consolidated_into(self, digest: str, version: int | None = None) -> int | None:
         """The version that added the consolidated patch active at `version` (default: the head)
         that holds patch `digest` among its constituents, directly or through an earlier
-        consolidation it took in; None when no active consolidation holds it. Reads version
-        records only (each consolidation records its constituents and the versions that added them)."""
-        for _, origin in self._active_with_origin(self._resolve_version(version)):
-            rec = self._store.version(origin)
-            if rec.kind != KIND_CONSOLIDATE:
-                continue
-            stack, seen = [rec], {origin}
-            while stack:
-                for c in stack.pop().details.get("constituents", []):
-                    if c.get("patch") == digest:
-                        return origin
-                    cv = int(c.get("version", -1))
-                    if cv not in seen and cv >= 0:
-                        seen.add(cv)
-                        inner = self._store.version(cv)
-                        if inner.kind == KIND_CONSOLIDATE and inner.patch == c.get("patch"):
-                            stack.append(inner)
+        consolidation it took in; None when no active consolidation holds it. Follows the chain's
+        operations: the version that removed the patch, if a consolidation, added the patch that
+        holds it (one read of the chain and one version record per consolidation followed)."""
+        version = self._resolve_version(version)
+        active = {d for d, _ in self._active_with_origin(version)}
+        removed_by = {d: v for v, op, d in self._store.chain_ops(version) if op == REMOVE}
+        while digest not in active and digest in removed_by:
+            rec = self._store.version(removed_by[digest])
+            if rec.kind != KIND_CONSOLIDATE or rec.patch is None:
+                return None
+            if rec.patch in active:
+                return rec.version
+            digest = rec.patch
         return None
 
     def inactive_patch_error(self, version: int, digest: str, head: int) -> RevertError:
