@@ -305,6 +305,26 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare_runs(specs: list[str], png: str | None) -> int:
+    """``--runs``: the saved rows of several run folders, each under its label, in one table and plot."""
+    if not png:
+        raise SystemExit("--runs needs --plot PATH")
+    results: dict[str, list[Row]] = {}
+    for spec in specs:
+        label, sep, folder = spec.partition("=")
+        state = Path(folder) / "state.json"
+        if not sep or not label or not state.exists():
+            raise SystemExit(f"--runs takes LABEL=DIR with a saved run in DIR (DIR/state.json), got {spec!r}")
+        st = json.loads(state.read_text())
+        results[label] = [Row(**r) for r in st["rows"]]
+        if st.get("consolidate_every"):
+            log.info("%s: consolidated every %d edits", label, st["consolidate_every"])
+    print(table(results))
+    plot(results, Path(png))
+    print(f"wrote {png}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Lifelong (sequential) editing benchmark")
     ap.add_argument("--methods", default="alphaedit,rome,memit")
@@ -329,9 +349,14 @@ def main() -> int:
     ap.add_argument("--consolidate-across-layers", action="store_true",
                     help="consolidate keeping the edits' summed output over the layer range, not each layer's")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
+    ap.add_argument("--runs", nargs="+", metavar="LABEL=DIR", default=None,
+                    help="compute nothing: table and plot of saved run folders (<out>/<method>-b<batch>, from "
+                         "different --out or settings) under the given labels; --plot is required")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("editserve").setLevel(logging.WARNING)
+    if args.runs:
+        return compare_runs(args.runs, args.plot)
     from editserve.editing.counterfact import load_counterfact
 
     deadline = time.time() + 60 * args.max_minutes
