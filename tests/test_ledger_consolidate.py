@@ -151,7 +151,8 @@ def test_reverting_a_consolidated_fact_names_the_consolidation(backend: Backend)
         assert ledger.consolidated_into(p2.digest) is None            # unkeyed: still active on its own
         for call in (lambda: ledger.revert(1, caller="test"),
                      lambda: ledger.revert(3, rebase=lambda step: step.old_patch, caller="test")):
-            with pytest.raises(RevertError, match=rf"version {v5} consolidated it .* roll back to version 4 "):
+            with pytest.raises(RevertError, match=rf"version {v5} consolidated it with other patches into one; .* "
+                                                  r"roll back to version 4 "):
                 call()
         assert ledger.head() == v5
         # a later keyed patch and a second consolidation that takes in the first one
@@ -161,9 +162,12 @@ def test_reverting_a_consolidated_fact_names_the_consolidation(backend: Backend)
         assert ledger.version(v7).details["constituents"][0]["version"] == v5
         assert ledger.consolidated_into(p1.digest) == v7 and ledger.consolidated_into(p5.digest) == v7
         assert ledger.consolidated_into(p1.digest, v5) == v5 and ledger.consolidated_into(p5.digest, v6) is None
-        with pytest.raises(RevertError, match=rf"version {v7} consolidated it .* roll back to version {v6} .*"
-                                              rf"revert version {v7} to remove every fact"):
+        with pytest.raises(RevertError, match=rf"version {v7} consolidated it .*through version {v5}.* roll back "
+                                              rf"to version 4 .* revert version {v7} to remove every fact"):
             ledger.revert(1, caller="test")
+        with pytest.raises(RevertError, match=rf"version {v7} consolidated it with other patches into one; .* "
+                                              rf"roll back to version {v6} "):
+            ledger.revert(v6, caller="test")              # p5: taken in by v7 directly
         # a patch removed by a plain revert is not active either, and no consolidation is named
         ledger.rollback(4)
         ledger.revert(3, caller="test")

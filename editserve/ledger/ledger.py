@@ -898,34 +898,42 @@ class Ledger:
             raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         return plan
 
-    def consolidated_into(self, digest: str, version: int | None = None) -> int | None:
-        """The version that added the consolidated patch active at `version` (default: the head)
-        that holds patch `digest` among its constituents, directly or through an earlier
-        consolidation it took in; None when no active consolidation holds it. Follows the chain's
-        operations: the version that removed the patch, if a consolidation, added the patch that
-        holds it (one read of the chain and one version record per consolidation followed)."""
-        version = self._resolve_version(version)
+    def _consolidation_path(self, digest: str, version: int) -> list[VersionRecord]:
+        """The consolidations that took patch `digest` in, from the one that removed it to the one whose
+        patch is active at `version`; [] when no active consolidation holds it. Follows the chain's
+        operations: the version that removed a patch, if a consolidation, added the patch holding it."""
         active = {d for d, _ in self._active_with_origin(version)}
         removed_by = {d: v for v, op, d in self._store.chain_ops(version) if op == REMOVE}
+        path: list[VersionRecord] = []
         while digest not in active and digest in removed_by:
             rec = self._store.version(removed_by[digest])
             if rec.kind != KIND_CONSOLIDATE or rec.patch is None:
-                return None
-            if rec.patch in active:
-                return rec.version
+                return []
+            path.append(rec)
             digest = rec.patch
-        return None
+        return path if digest in active else []
+
+    def consolidated_into(self, digest: str, version: int | None = None) -> int | None:
+        """The version that added the consolidated patch active at `version` (default: the head)
+        that holds patch `digest` among its constituents, directly or through an earlier
+        consolidation it took in; None when no active consolidation holds it (one read of the
+        chain's operations and one version record per consolidation followed)."""
+        path = self._consolidation_path(digest, self._resolve_version(version))
+        return path[-1].version if path else None
 
     def inactive_patch_error(self, version: int, digest: str, head: int) -> RevertError:
         """The refusal for reverting `version`, whose patch `digest` is not active at `head`: when a
-        consolidation holds it, the error names that version and the two ways to revert the fact."""
+        consolidation holds it, the error names that version and the two ways to revert the fact —
+        roll back to the last version where the patch itself was active (before the first
+        consolidation that took it in), or revert the consolidation active now."""
         msg = f"the patch of version {version} ({digest[:12]}) is not active at version {head}"
-        holder = self.consolidated_into(digest, head)
-        if holder is not None:
-            parent = self._store.version(holder).parent
-            msg += (f": version {holder} consolidated it with other patches into one; to undo this fact alone, "
-                    f"roll back to version {parent} (before that consolidation) and revert version {version} "
-                    f"there, or revert version {holder} to remove every fact it holds")
+        path = self._consolidation_path(digest, head)
+        if path:
+            holder, first = path[-1].version, path[0]
+            through = f" (through version {first.version})" if first.version != holder else ""
+            msg += (f": version {holder} consolidated it with other patches into one{through}; to undo this fact "
+                    f"alone, roll back to version {first.parent} (before it was consolidated) and revert version "
+                    f"{version} there, or revert version {holder} to remove every fact it holds")
         return RevertError(msg)
 
     def _first_report(self, digest: str, rec: VersionRecord) -> dict[str, Any] | None:
