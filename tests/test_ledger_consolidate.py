@@ -20,7 +20,13 @@ from tests._pg import pg_server  # noqa: F401
 from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams
 from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RevertError
-from editserve.ledger.consolidation import CONSOLIDATED_METHOD, constituents_at, plan_consolidation
+from editserve.ledger.consolidation import (
+    CONSOLIDATED_METHOD,
+    constituents_at,
+    plan_consolidation,
+    plan_fact_removal,
+    provenance,
+)
 
 D_OUT, D_IN = SHAPE
 
@@ -173,6 +179,86 @@ def test_reverting_a_consolidated_fact_names_the_consolidation(backend: Backend)
         ledger.revert(3, caller="test")
         with pytest.raises(RevertError, match=r"not active at version \d+$"):
             ledger.revert(3, caller="test")
+
+
+def _delta(patch, layer: int) -> torch.Tensor:
+    d = next(d for d in patch.deltas if d.layer == layer)
+    return d.u.double() @ d.v.double().T
+
+
+def test_reverting_one_fact_out_of_a_consolidation(backend: Backend) -> None:
+    """Reverting a version whose patch a consolidation took in re-solves the consolidated patch
+    without that patch's facts: the others keep their outputs on their keys, the reverted keys get
+    the output from before the consolidation, one revert version swaps the patches, the keys follow,
+    a rollback restores the version before bit for bit — also through a second consolidation."""
+    with Ledger.open(backend.location(), FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        cons = plan_consolidation(ledger, _covs)
+        v5 = ledger.consolidate(cons, caller="test")
+        before, state = ledger.materialize(v5), ledger.preserved_keys(v5)
+        assert provenance(ledger, cons.patch.digest) == (
+            (p1.digest, p3.digest, p4.digest), (p1.digest, p1.digest, p3.digest, p4.digest))
+
+        with pytest.raises(RevertError, match="revert it directly"):
+            plan_fact_removal(ledger, _covs, 2)                        # p2 is active on its own
+        with pytest.raises(RevertError, match="--from-consolidation"):
+            ledger.revert(3, caller="test")                            # the plain revert says how
+        plan = plan_fact_removal(ledger, _covs, 3)
+        assert (plan.head, plan.holder, plan.holder_version, plan.removed) == (v5, cons.patch.digest, v5, p3.digest)
+        assert plan.patch.requests == p1.requests + p4.requests
+        assert plan.patch.hparams["without"] == [p3.digest]
+        assert {x.layer: x.n_keys for x in plan.layers} == {0: 2, 1: 5}          # p3's 2 keys at layer 0 dropped
+        res = ledger.revert_consolidated(plan, caller="test", idempotency_key="rm-3")
+        v6 = res.version
+        info = ledger.version(v6)
+        assert (info.kind, info.patch_id, info.removed, info.added) == (
+            "revert", plan.patch.digest, (cons.patch.digest,), (plan.patch.digest,))
+        assert info.details["reverted"] == 3 and info.details["mode"] == "consolidated"
+        assert ledger.active_ids(v6) == (p2.digest, plan.patch.digest)
+        assert ledger.revert_consolidated(plan, caller="test", idempotency_key="rm-3").version == v6   # replay
+        with pytest.raises(LedgerConflict):
+            ledger.revert_consolidated(plan, caller="test")                                             # old head
+
+        # outputs: kept keys as before, the reverted patch's keys as without any consolidated update
+        k_new = ledger.preserved_keys(v6)
+        assert k_new.tags == (plan.patch.digest,)
+        assert torch.equal(k_new.keys(0), torch.cat([_keys(p1, 1).keys(0)], dim=1))
+        assert torch.equal(k_new.keys(1), state.keys(1))
+        old0, new0 = _delta(cons.patch, 0), _delta(plan.patch, 0)
+        kept0, gone0 = _keys(p1, 1).keys(0).double(), _keys(p3, 3).keys(0).double()
+        assert (new0 @ kept0 - old0 @ kept0).abs().max() <= 1e-4 * (old0 @ kept0).abs().max()
+        assert (new0 @ gone0).abs().max() <= 1e-4 * (old0 @ gone0).abs().max()
+        old1, new1 = _delta(cons.patch, 1), _delta(plan.patch, 1)           # no p3 key there: same outputs
+        k1 = state.keys(1).double()
+        assert (new1 @ k1 - old1 @ k1).abs().max() <= 1e-4 * (old1 @ k1).abs().max()
+        assert ledger.consolidated_into(p3.digest) is None and ledger.consolidated_into(p1.digest) == v6
+        with pytest.raises(RevertError, match=r"not active at version \d+$"):
+            ledger.revert(3, caller="test")                            # already out: nothing names a holder
+        with pytest.raises(RevertError, match="not active"):
+            plan_fact_removal(ledger, _covs, 3)
+        assert ledger.check_integrity().ok
+
+        # nested: a later patch and a second consolidation; p1 taken out of it
+        p5 = synth_patch(5)
+        v7 = ledger.commit(p5, expected_head=v6, preserved=_keys(p5, 5))
+        v8 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        holder = ledger.version(v8).patch_id
+        assert provenance(ledger, holder)[0] == (p1.digest, p4.digest, p5.digest)
+        nested = plan_fact_removal(ledger, _covs, 1)
+        assert nested.holder_version == v8 and nested.patch.requests == p4.requests + p5.requests
+        v9 = ledger.revert_consolidated(nested, caller="test").version
+        assert provenance(ledger, nested.patch.digest) == (
+            (p4.digest, p5.digest), (p4.digest, p5.digest))
+        assert ledger.consolidated_into(p4.digest) == v9 and ledger.consolidated_into(p1.digest) is None
+        # reverting the re-solved patch's version removes every fact it still holds
+        assert ledger.active_ids(ledger.revert(v9, caller="test").version) == (p2.digest,)
+
+        # rollback: the version before the first removal, weights and keys bit for bit
+        ledger.rollback(v5)
+        again = ledger.materialize(v5)
+        assert all(torch.equal(again[n], before[n]) for n in before)
+        assert ledger.preserved_keys().blocks == state.blocks
+        assert v7 == v6 + 1
 
 
 def test_commits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:

@@ -150,6 +150,35 @@ def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor
     return _result(layer, d, a, d @ q, v, n_keys=int(k.shape[1]))          # U = ΔW Q [d_out, r]
 
 
+def resolve_without(delta: torch.Tensor, keys: torch.Tensor, dropped: torch.Tensor, cov: torch.Tensor, layer: int,
+                    params: ConsolidateParams = ConsolidateParams()) -> Consolidated:
+    """A consolidated update re-solved without some of its edits: the least tr(ΔW' A ΔW'ᵀ) with
+
+        ΔW' k = ΔW k   for every kept key k      (the other edits keep their outputs)
+        ΔW' k = 0      for every dropped key k   (the layer answers as it did before any of them)
+
+    delta [d_out, d_in] (the consolidated update), keys [d_in, N], dropped [N] bool (True: a key of
+    an edit to take out). On the same basis of range(K) as `consolidate_layer` (K = Q R, R = QᵀK
+    [r, N]): ΔW'Q = V' R⁺ with V' = ΔW K, dropped columns zeroed — the exact solution when the
+    dropped keys are independent of the kept ones, the least-squares compromise when they are not
+    (past d_in keys, or a key repeated by two edits); the caller checks the facts on the result. With
+    nothing dropped it is `consolidate_layer` (R R⁺ = I)."""
+    d, k, a = _checked(delta, keys, cov, layer, params)
+    if dropped.dtype != torch.bool or tuple(dropped.shape) != (k.shape[1],):
+        raise PatchMismatchError(f"layer {layer}: dropped must be a bool mask over the {k.shape[1]} keys, "
+                                 f"got {dropped.dtype} {tuple(dropped.shape)}")
+    q = key_basis(k)                                                       # [d_in, r]
+    if q.shape[1] == 0:
+        raise PatchMismatchError(f"layer {layer}: the committed keys are all zero")
+    target = d @ k                                                         # V' [d_out, N]
+    target[:, dropped] = 0.0
+    r_mat = q.T @ k                                                        # R [r, N]
+    u = torch.linalg.lstsq(r_mat.T, target.T).solution.T                  # ΔW'Q = V' R⁺ [d_out, r]
+    a_inv_q = torch.linalg.solve(a, q)
+    v = torch.linalg.solve(q.T @ a_inv_q, a_inv_q.T).T                     # A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
+    return _result(layer, d, a, u, v, n_keys=int((~dropped).sum()))
+
+
 def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor],
                               covs: Mapping[int, torch.Tensor],
                               params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:

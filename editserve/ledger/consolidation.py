@@ -27,6 +27,14 @@ roll back to the version before the consolidation instead. A plain revert of the
 version removes every fact it holds. Reverting a constituent's version is refused with the
 consolidation that holds it named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
 
+One fact out of a consolidation (`plan_fact_removal`, `check_fact_removal`,
+`Ledger.revert_consolidated`): reverting a version whose patch a consolidation took in re-solves
+the consolidated patch without that patch's facts — the other facts' keys keep their outputs, the
+reverted facts' keys get the layer's output from before (`resolve_without`) — checks that the
+reverted facts are gone and the others hold, and writes one revert version that swaps the
+consolidated patch for the re-solved one (``hparams["without"]`` lists what was taken out, so
+`provenance` still tells which request and key block came from which commit).
+
 `check_consolidation` scores the constituents' facts on a model before and after (the retention
 outcome of `editserve.editing.retention.facts_hold`) so that the caller can refuse a plan that
 breaks any: the solve keeps each layer's output on the *stored* keys (the mean key of each
@@ -45,9 +53,9 @@ from typing import Any
 import torch
 
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
-from editserve.editing.consolidate import ConsolidateParams, consolidate
+from editserve.editing.consolidate import ConsolidateParams, consolidate, resolve_without
 from editserve.editing.retention import CommittedFact
-from editserve.ledger.errors import ConsolidationError
+from editserve.ledger.errors import ConsolidationError, RevertError
 from editserve.patches import Patch, WeightDelta
 
 log = logging.getLogger(__name__)
@@ -218,3 +226,176 @@ def refuse_broken(check: ConsolidationCheck, max_drop: float = 0.0) -> None:
         raise ConsolidationError(f"consolidation would break {len(check.broken)} of {check.held_before} committed "
                                  f"facts that hold now (allowed {max_drop:.0%}): {shown}; nothing was changed")
 
+
+
+# ------------------------------------------------------------------ one fact out of a consolidation
+
+def provenance(ledger: Any, digest: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the committed patch each request of patch `digest` came from, the same for each of its
+    preserved-keys blocks), in order. A patch that is not consolidated is its own origin; a
+    consolidated one holds its constituents' requests and blocks in order (`plan_consolidation`),
+    through earlier consolidations, less the patches reverted out of it (``hparams["without"]``,
+    `plan_fact_removal`). Raises `ConsolidationError` when the counts do not match what is stored."""
+    patch = ledger.patch(digest)
+    n_blocks = len(ledger.patch_keys(digest).blocks)
+    if patch.method != CONSOLIDATED_METHOD:
+        return (digest,) * len(patch.requests), (digest,) * n_blocks
+    requests: list[str] = []
+    blocks: list[str] = []
+    for d in (patch.hparams or {}).get("constituents", []):
+        r, b = provenance(ledger, d)
+        requests += r
+        blocks += b
+    gone = set((patch.hparams or {}).get("without", []))
+    requests = [d for d in requests if d not in gone]
+    blocks = [d for d in blocks if d not in gone]
+    if len(requests) != len(patch.requests) or len(blocks) != n_blocks:
+        raise ConsolidationError(f"consolidated patch {digest[:12]} holds {len(patch.requests)} request(s) and "
+                                 f"{n_blocks} key block(s), its constituents {len(requests)} and {len(blocks)}: "
+                                 "which fact is which cannot be told (nothing was changed)")
+    return tuple(requests), tuple(blocks)
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """Patch `removed` (added by version `version`) taken out of the consolidated patch `holder`
+    active at `head`: `patch` replaces `holder`; nothing is written until `Ledger.revert_consolidated`."""
+
+    head: int
+    version: int                                   # the reverted version
+    removed: str                                   # its patch digest (a constituent of `holder`)
+    holder: str                                    # the consolidated patch active at head that holds it
+    holder_version: int                            # the version that added `holder`
+    patch: Patch                                   # `holder` re-solved without `removed`'s facts
+    keys: PreservedKeys                            # `holder`'s blocks less `removed`'s, tagged with patch.digest
+    layers: tuple[LayerConsolidation, ...]
+    params: ConsolidateParams
+
+    def details(self) -> dict[str, Any]:
+        """The JSON recorded with the revert version."""
+        return {"reverted": self.version, "removed_patch": self.removed, "mode": "consolidated",
+                "consolidation": {"version": self.holder_version, "old_patch": self.holder,
+                                  "new_patch": self.patch.digest, "ridge": self.params.ridge,
+                                  "layers": [x.to_dict() for x in self.layers]},
+                "rebased": []}
+
+
+def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
+                      params: ConsolidateParams = ConsolidateParams(),
+                      expected_head: int | None = None) -> RemovalPlan:
+    """Re-solve the consolidated patch that holds version `version`'s patch without that patch's
+    facts (`editserve.editing.consolidate.resolve_without` at each layer: the other facts' keys keep
+    their outputs, the removed facts' keys get the layer's output from before the consolidation);
+    nothing is written. Raises `RevertError` when no active consolidation holds the patch."""
+    head = ledger.head() if expected_head is None else expected_head
+    info = ledger.version(version)
+    removed = info.patch_id
+    if removed is None:
+        raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
+    if removed in ledger.active_ids(head):
+        raise RevertError(f"the patch of version {version} ({removed[:12]}) is active at version {head} itself: "
+                          "revert it directly")
+    holder_version = ledger.consolidated_into(removed, head)
+    if holder_version is None:
+        raise ledger.inactive_patch_error(version, removed, head)
+    holder = ledger.version(holder_version).patch_id
+    old = ledger.patch(holder)
+    req_origin, block_origin = provenance(ledger, holder)
+    if removed not in req_origin and removed not in block_origin:
+        raise ConsolidationError(f"consolidated patch {holder[:12]} does not list patch {removed[:12]} among its "
+                                 "constituents (nothing was changed)")
+    if all(d == removed for d in req_origin):
+        raise RevertError(f"every fact of the consolidated patch of version {holder_version} comes from version "
+                          f"{version}: revert version {holder_version}")
+    blocks = ledger.patch_keys(holder).blocks
+    keep_blocks = [b for b, d in zip(blocks, block_origin) if d != removed]
+    layers = tuple(sorted({d.layer for d in old.deltas}))
+    covs = covariances(layers)
+    solved = {}
+    for delta in old.deltas:
+        mine = [(b, d == removed) for b, d in zip(blocks, block_origin) if b.layer == delta.layer]
+        if not mine:
+            raise ConsolidationError(f"consolidated patch {holder[:12]} has no committed keys at layer {delta.layer}")
+        keys = torch.cat([b.keys for b, _ in mine], dim=1)                           # [d_in, N]
+        dropped = torch.cat([torch.full((b.keys.shape[1],), gone, dtype=torch.bool) for b, gone in mine])
+        solved[delta.layer] = (delta.name, resolve_without(delta.u.double() @ delta.v.double().T, keys, dropped,
+                                                           covs[delta.layer], delta.layer, params))
+    hparams = dict(old.hparams or {})
+    hparams["without"] = list(hparams.get("without", [])) + [removed]
+    patch = Patch(
+        deltas=tuple(WeightDelta(name=name, layer=layer, u=r.u, v=r.v) for layer, (name, r) in sorted(solved.items())),
+        requests=tuple(r for r, d in zip(old.requests, req_origin) if d != removed),
+        method=CONSOLIDATED_METHOD, hparams=hparams, model_fingerprint=old.model_fingerprint, family=old.family)
+    own = PreservedKeys(tuple(KeyBlock(patch.digest, b.layer, b.keys) for b in keep_blocks))
+    report = tuple(LayerConsolidation(name=name, layer=layer, n_patches=0, n_keys=r.n_keys,
+                                      penalty_before=r.penalty_before, penalty_after=r.penalty_after)
+                   for layer, (name, r) in sorted(solved.items()))
+    log.info("version %d's patch %s taken out of consolidated patch %s at version %d → %s", version, removed[:12],
+             holder[:12], head, patch.digest[:12])
+    return RemovalPlan(head=head, version=version, removed=removed, holder=holder, holder_version=holder_version,
+                       patch=patch, keys=own, layers=report, params=params)
+
+
+@dataclass(frozen=True)
+class RemovalCheck:
+    """The consolidated patch's facts scored before and after taking one patch's facts out."""
+
+    kept: tuple[CommittedFact, ...]        # the facts that stay
+    removed: tuple[CommittedFact, ...]     # the reverted patch's facts
+    held_before: int                       # kept facts that held before
+    held_after: int
+    broken: tuple[str, ...]                # kept facts that held before and not after (described)
+    still_held: tuple[str, ...]            # removed facts the model still gives after (described)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_kept": len(self.kept), "n_removed": len(self.removed), "held_before": self.held_before,
+                "held_after": self.held_after, "broken": list(self.broken), "still_held": list(self.still_held)}
+
+    def refuse(self, max_drop: float = 0.0) -> None:
+        """Raise `ConsolidationError` when a removed fact still holds or more than `max_drop` of the
+        kept facts that held no longer do."""
+        if self.still_held:
+            raise ConsolidationError(f"the consolidated patch re-solved without the reverted facts still gives "
+                                     f"{len(self.still_held)} of them: {'; '.join(self.still_held[:5])}; nothing "
+                                     "was changed")
+        if self.held_before and len(self.broken) > max_drop * self.held_before:
+            shown = "; ".join(self.broken[:5]) + (f"; and {len(self.broken) - 5} more" if len(self.broken) > 5 else "")
+            raise ConsolidationError(f"taking the reverted facts out of the consolidated patch would break "
+                                     f"{len(self.broken)} of {self.held_before} other facts that hold now "
+                                     f"(allowed {max_drop:.0%}): {shown}; nothing was changed")
+
+
+def check_fact_removal(model: torch.nn.Module, tok: Any, ledger: Any, plan: RemovalPlan) -> RemovalCheck:
+    """Score the holder's facts on `model` with the patches active at `plan.head` and with the
+    holder replaced by `plan.patch` (`facts_hold`, as `check_consolidation`: `model` holds no patch
+    or exactly the head's, and holds the same afterwards)."""
+    from editserve.editing.retention import facts_hold, with_replaced_objects
+    from editserve.patches import applied_patches, hold_patches
+
+    found = applied_patches(model)
+    before_set = [ledger.patch(d) for d in ledger.active_ids(plan.head)]
+    if found and [p.digest for p in found] != [p.digest for p in before_set]:
+        raise ConsolidationError(f"check_fact_removal needs a model with no patch merged or with exactly the "
+                                 f"patches active at version {plan.head}; it holds {len(found)} other patch(es)")
+    origin_version = ledger.origin_versions(plan.head)
+    req_origin, _ = provenance(ledger, plan.holder)
+    facts = with_replaced_objects(
+        [CommittedFact(version=origin_version.get(d, plan.holder_version), prompt=r.text, subject=r.subject,
+                       target_new=r.target_new, target_true=r.target_true or "")
+         for r, d in zip(ledger.patch(plan.holder).requests, req_origin)],
+        lambda v: ledger.version(v).probe_report)
+    gone = [d == plan.removed for d in req_origin]
+    after_set = [p for p in before_set if p.digest != plan.holder] + [plan.patch]
+    try:
+        hold_patches(model, before_set)
+        before = facts_hold(model, tok, facts)
+        hold_patches(model, after_set)
+        after = facts_hold(model, tok, facts)
+    finally:
+        hold_patches(model, found)
+    kept = [(f, b, a) for f, b, a, g in zip(facts, before, after, gone) if not g]
+    out = [(f, a) for f, a, g in zip(facts, after, gone) if g]
+    return RemovalCheck(kept=tuple(f for f, _, _ in kept), removed=tuple(f for f, _ in out),
+                        held_before=sum(b[0] for _, b, _ in kept), held_after=sum(a[0] for _, _, a in kept),
+                        broken=tuple(f.describe() for f, b, a in kept if b[0] and not a[0]),
+                        still_held=tuple(f.describe() for f, a in out if a[0]))

@@ -62,7 +62,7 @@ from editserve.ledger.errors import (
     PatchNotFound,
     RevertError,
 )
-from editserve.ledger.consolidation import CONSOLIDATED_METHOD, ConsolidationPlan
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, ConsolidationPlan, RemovalPlan
 from editserve.ledger.keystate import state_bytes, state_from_bytes
 from editserve.ledger.location import LedgerLocation, location_from_env
 from editserve.ledger.sqlite import SqliteStore
@@ -905,13 +905,21 @@ class Ledger:
         active = {d for d, _ in self._active_with_origin(version)}
         removed_by = {d: v for v, op, d in self._store.chain_ops(version) if op == REMOVE}
         path: list[VersionRecord] = []
+        leaf = digest
         while digest not in active and digest in removed_by:
             rec = self._store.version(removed_by[digest])
-            if rec.kind != KIND_CONSOLIDATE or rec.patch is None:
-                return []
+            if rec.patch is None or not (rec.kind == KIND_CONSOLIDATE or (
+                    rec.kind == KIND_REVERT and rec.details.get("mode") == "consolidated"
+                    and rec.details.get("removed_patch") != leaf)):
+                return []           # reverted (plainly, or taken out of its consolidation)
             path.append(rec)
             digest = rec.patch
         return path if digest in active else []
+
+    def origin_versions(self, version: int | None = None) -> dict[str, int]:
+        """{patch digest: the version that added it} for every patch added along `version`'s chain
+        (default: the head), active or not (one read of the chain's operations)."""
+        return {d: v for v, op, d in self._store.chain_ops(self._resolve_version(version)) if op == ADD}
 
     def consolidated_into(self, digest: str, version: int | None = None) -> int | None:
         """The version that added the consolidated patch active at `version` (default: the head)
@@ -932,8 +940,10 @@ class Ledger:
             holder, first = path[-1].version, path[0]
             through = f" (through version {first.version})" if first.version != holder else ""
             msg += (f": version {holder} consolidated it with other patches into one{through}; to undo this fact "
-                    f"alone, roll back to version {first.parent} (before it was consolidated) and revert version "
-                    f"{version} there, or revert version {holder} to remove every fact it holds")
+                    f"alone, take it out of the consolidation (a served revert does; locally `editserve ledger "
+                    f"revert {version} --from-consolidation`), or roll back to version {first.parent} (before it "
+                    f"was consolidated) and revert version {version} there, or revert version {holder} to remove "
+                    "every fact it holds")
         return RevertError(msg)
 
     def _first_report(self, digest: str, rec: VersionRecord) -> dict[str, Any] | None:
@@ -1014,6 +1024,51 @@ class Ledger:
                  f", rebased {len(rebased)} later patch(es)" if plan is not None else "", caller)
         return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
                             rebased=tuple(rebased), created=created)
+
+    def revert_consolidated(self, plan: RemovalPlan, caller: str = "local", idempotency_key: str | None = None,
+                            probe_report: dict[str, Any] | None = None) -> RevertResult:
+        """Write `plan` (`editserve.ledger.consolidation.plan_fact_removal`) as one revert version on
+        top of `plan.head`: the consolidated patch that holds the reverted version's patch removed,
+        the same patch re-solved without that patch's facts added (with its preserved keys). Raises
+        `LedgerConflict` if the head moved, `RevertError` if the holder is no longer active there. A
+        repeated `idempotency_key` returns the first call's result; nothing old is rewritten, so a
+        rollback to `plan.head` restores it exactly."""
+        if not isinstance(plan, RemovalPlan):
+            raise InvalidRequestError(f"expected a RemovalPlan, got {type(plan).__name__}")
+        self._check_patch(plan.patch)
+        digest = plan.patch.digest
+        request = _request_digest(KIND_REVERT, str(plan.version), "consolidated")
+        hit = self._idempotent_hit(idempotency_key, request)
+        if hit is not None:
+            return RevertResult(version=hit, reverted_version=plan.version, removed_patch=plan.removed, rebased=(),
+                                created=False)
+        self._refuse_damaged(plan.head)
+        active = set(self.active_ids(plan.head))
+        if plan.holder not in active:
+            raise RevertError(f"the consolidated patch {plan.holder[:12]} of the plan is not active at version "
+                              f"{plan.head}; nothing was changed")
+        if digest in active:
+            raise RevertError(f"patch {digest[:12]} is already active at version {plan.head}")
+        if plan.keys.blocks and {b.tag for b in plan.keys.blocks} != {digest}:
+            raise RevertError("the plan's preserved-keys blocks are not tagged with its patch")
+        bases = self._bases_for([plan.patch], None, Layout.OUT_IN)
+        record = self._patch_record(plan.patch)
+        states = self._state_records({digest: plan.keys})
+        if states:
+            self._store.add_patch_states(states)
+        details = plan.details()
+        new = NewVersion(parent=plan.head, kind=KIND_REVERT, patch=digest, ops=((REMOVE, plan.holder), (ADD, digest)),
+                         caller=caller,
+                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
+                         idempotency_key=idempotency_key, request_digest=request, details=details,
+                         event_kind=EVENT_REVERT, event_details=details)
+        number, created = self._store.append_version(new, plan.head, [record], bases)
+        with self._lock:
+            self._patch_cache[digest] = plan.patch
+        log.info("version %d: reverted version %d (patch %s) out of consolidated patch %s → %s by %s", number,
+                 plan.version, plan.removed[:12], plan.holder[:12], digest[:12], caller)
+        return RevertResult(version=number, reverted_version=plan.version, removed_patch=plan.removed, rebased=(),
+                            created=created)
 
     def consolidate(self, plan: ConsolidationPlan, caller: str = "local", idempotency_key: str | None = None,
                     probe_report: dict[str, Any] | None = None) -> int:
