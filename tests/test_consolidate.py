@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editserve.editing.consolidate import ConsolidateParams, consolidate, consolidate_layer
+from editserve.editing.consolidate import ConsolidateParams, consolidate, consolidate_layer, resolve_without
 from editserve.errors import InvalidRequestError, PatchMismatchError
 
 D_OUT, D_IN = 24, 40
@@ -63,6 +63,32 @@ def test_an_update_the_keys_fully_explain_comes_back_unchanged():
     minimal = v @ torch.linalg.solve(keys.T @ ak, ak.T)
     r = consolidate_layer(minimal, keys, cov, layer=1)
     torch.testing.assert_close(r.u.double() @ r.v.double().T, minimal, rtol=1e-4, atol=1e-5)
+
+
+def test_resolving_without_some_keys_keeps_the_others_and_zeroes_those():
+    """`resolve_without`: the kept keys' outputs as the consolidated update gives them, zero on the
+    dropped keys, the least-penalised such update; with nothing dropped it is `consolidate_layer`."""
+    delta, keys, cov = _setup(n_keys=9, seed=5)
+    cons = consolidate_layer(delta, keys, cov, layer=2)
+    c = cons.u.double() @ cons.v.double().T
+    dropped = torch.zeros(9, dtype=torch.bool)
+    dropped[[1, 6, 7]] = True
+    r = resolve_without(c, keys, dropped, cov, layer=2)
+    new = r.u.double() @ r.v.double().T
+    assert r.n_keys == 6 and r.u.dtype == torch.float32
+    torch.testing.assert_close(new @ keys[:, ~dropped], c @ keys[:, ~dropped], rtol=1e-4, atol=1e-4)
+    assert float((new @ keys[:, dropped]).abs().max()) <= 1e-4 * float((c @ keys[:, dropped]).abs().max())
+    # the least penalised update with those outputs: any other is new + E with E K = 0
+    q, _ = torch.linalg.qr(keys, mode="complete")
+    complement = q[:, keys.shape[1]:]
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        e = torch.randn(D_OUT, complement.shape[1], generator=g, dtype=torch.float64) @ complement.T * 0.01
+        assert _penalty(new + e, cov, 0.1) > _penalty(new, cov, 0.1)
+    same = resolve_without(c, keys, torch.zeros(9, dtype=torch.bool), cov, layer=2)
+    torch.testing.assert_close(same.u.double() @ same.v.double().T, c, rtol=1e-4, atol=1e-5)
+    with pytest.raises(PatchMismatchError, match="bool mask over the 9 keys"):
+        resolve_without(c, keys, torch.zeros(8, dtype=torch.bool), cov, layer=2)
 
 
 def test_repeated_keys_are_solved():

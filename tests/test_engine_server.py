@@ -644,7 +644,8 @@ def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, s
     """POST /editserve/v1/consolidate (issue 16): the two edits of version 2 become one
     least-disturbance patch in a new version, computed and checked on the sidecar while the engine
     serves, swapped in once; both edits are served from it, the sidecar mirrors it, a retry with the
-    same idempotency key writes nothing, and a rollback to version 2 restores its weights bit for bit."""
+    same idempotency key writes nothing; reverting one of the two takes it out of the consolidated
+    patch (the other still served); a rollback to version 2 restores its weights bit for bit."""
     _, sums2 = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
     swaps = server_a.metric('editserve_swaps_total{result="ok"}')
     status, rep = server_a.post("/editserve/v1/consolidate", {"expected_head": 2, "idempotency_key": "cons-1"})
@@ -673,13 +674,35 @@ def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, s
     # nothing left to consolidate at the head: one keyed patch
     status, body = server_a.post("/editserve/v1/consolidate", {})
     assert status == 409 and body["error"]["type"] == "ConsolidationError" and "at least 2" in body["error"]["message"]
-    # one fact of the consolidated patch cannot be reverted alone: the refusal names the consolidation
-    for route in ("/editserve/v1/revert", "/editserve/v1/rebase"):
-        status, body = server_a.post(route, {"version": 1})
-        assert status == 409 and body["error"]["type"] == "RevertError", (route, body)
-        assert (f"version {head} consolidated it" in body["error"]["message"]
-                and "roll back to version 2" in body["error"]["message"]), (route, body)
+    # a rebase through the consolidated patch cannot recompute it: the refusal names the consolidation
+    status, body = server_a.post("/editserve/v1/rebase", {"version": 1})
+    assert status == 409 and body["error"]["type"] == "RevertError", body
+    assert (f"version {head} consolidated it" in body["error"]["message"]
+            and "roll back to version 2" in body["error"]["message"]), body
     assert server_a.get("/editserve/v1/status")[1]["served_version"] == head
+    # a plain revert of one consolidated fact takes it out: the consolidated patch re-solved without
+    # its keys on the sidecar, checked, one swap; the other fact stays, the reverted one is gone
+    swaps = server_a.metric('editserve_swaps_total{result="ok"}')
+    status, change = server_a.post("/editserve/v1/revert", {"version": 1, "idempotency_key": "rm-1"})
+    assert status == 200, change
+    out = change["version"]
+    assert (change["kind"], change["previous_version"], change["active_patches"]) == ("revert", head, 1), change
+    assert server_a.metric('editserve_swaps_total{result="ok"}') == swaps + 1
+    text, _, headers = server_a.complete(CF_PROMPT, 8)
+    assert headers["x-editserve-version"] == str(out) and not text.startswith(" English"), text
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    _, st = server_a.get("/editserve/v1/status")
+    assert st["served_version"] == out and st["sidecar"]["in_sync"] and st["parity_failures"] == 0, st
+    with Ledger.open(shared["ledger"], verify="none") as ledger:
+        info = ledger.version(out)
+        assert info.kind == "revert" and info.details["mode"] == "consolidated" and info.details["reverted"] == 1
+        assert [r.target_new for r in info.requests] == [" Rome"], info.requests
+        assert info.probe_report["revert"]["held_after"] == 1 and info.probe_report["revert"]["still_held"] == []
+    status, again = server_a.post("/editserve/v1/revert", {"version": 1, "idempotency_key": "rm-1"})
+    assert status == 200 and again["kind"] == "replayed" and again["version"] == out, again
+    status, body = server_a.post("/editserve/v1/revert", {"version": 1})       # already out
+    assert status == 409 and body["error"]["type"] == "RevertError" and "not active" in body["error"]["message"]
+    assert "consolidated it" not in body["error"]["message"], body
     status, change = server_a.post("/editserve/v1/rollback", {"version": 2})
     assert status == 200 and change["active_patches"] == 2, change
     assert server_a.get(f"/editserve/v1/checksums?name={LAYER5}")[1] == sums2

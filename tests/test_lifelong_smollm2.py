@@ -33,6 +33,9 @@ DATA = next((p / "shared" / "data" / "counterfact" / "counterfact-edit.json" for
 N = 30
 
 
+REVERTED = 5                   # the version taken out of the consolidation again
+
+
 @pytest.fixture(scope="module")
 def setup():
     model, tok = load_model()
@@ -55,21 +58,38 @@ def _stream(model, tok, known, method):
     return after, state, committed
 
 
+def _cli(argv: list[str]) -> tuple[int, str]:
+    from editserve.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue() + err.getvalue()
+
+
 def _consolidate_through_the_cli(model, committed, snap, root: Path) -> tuple[int, str, dict[str, torch.Tensor]]:
     """The commits written to a SQLite ledger as the server's sidecar writes them, then
     ``editserve ledger consolidate`` run on it: (exit code, its output, the head's weights)."""
-    from editserve.cli import main
     from editserve.editing.model import fingerprint
 
     names = sorted({d.name for p, _ in committed for d in p.deltas})
     with Ledger.open(root, fingerprint(model), create=True) as ledger:
         for i, (patch, own) in enumerate(committed):
             ledger.commit(patch, expected_head=i, base={n: snap[n] for n in names}, preserved=own)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["ledger", "consolidate", "--ledger", str(root)])
+    rc, text = _cli(["ledger", "consolidate", "--ledger", str(root)])
     with Ledger.open(root, fingerprint(model)) as ledger:
-        return rc, out.getvalue() + err.getvalue(), ledger.materialize(names=names)
+        return rc, text, ledger.materialize(names=names)
+
+
+def _revert_one_through_the_cli(model, root: Path, version: int) -> tuple[int, str, dict[str, torch.Tensor]]:
+    """``editserve ledger revert V --from-consolidation`` on the consolidated ledger: (exit code, its
+    output, the head's weights)."""
+    from editserve.editing.model import fingerprint
+
+    rc, text = _cli(["ledger", "revert", str(version), "--from-consolidation", "--ledger", str(root)])
+    with Ledger.open(root, fingerprint(model)) as ledger:
+        names = [n for n in ledger.base_names()]
+        return rc, text, ledger.materialize(names=names)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +106,8 @@ def results(setup, tmp_path_factory):
         if method == "alphaedit":
             # the accumulated update re-solved on the committed keys: as a ledger version written by
             # the CLI (what is scored), and by the library on the model (which must agree with it)
-            rc, text, weights = _consolidate_through_the_cli(model, committed, snap,
-                                                             tmp_path_factory.mktemp("cons") / "ledger")
+            root = tmp_path_factory.mktemp("cons") / "ledger"
+            rc, text, weights = _consolidate_through_the_cli(model, committed, snap, root)
             layers = consolidate_model(model, tok, state, load_corpus(None), w0)
             assert not applied_patches(model) and sorted(layers) == list(state.layers)
             params = dict(model.named_parameters())
@@ -101,13 +121,22 @@ def results(setup, tmp_path_factory):
                                    "norm": max(norm_growth(model, w0).values()), "library_gap": library_gap,
                                    "penalty": {k: (c.penalty_before, c.penalty_after) for k, c in layers.items()},
                                    "cli": (rc, text)}
+            # one fact (version REVERTED) taken out of the consolidated patch by the CLI
+            before_revert = score_records(model, tok, [r for r, _ in known])
+            rc2, text2, weights2 = _revert_one_through_the_cli(model, root, REVERTED)
+            with torch.no_grad():
+                for n, w in weights2.items():
+                    params[n].copy_(w)
+            after_revert = score_records(model, tok, [r for r, _ in known])
+            out["reverted"] = {"cli": (rc2, text2), "before": before_revert, "after": after_revert}
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(snap[n])
         for p in reversed(applied_patches(model)):
             remove_patch(model, p)
         assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
-    print({m: {k: v for k, v in r.items() if k not in ("state", "penalty", "cli")} for m, r in out.items()})
+    print({m: {k: v for k, v in r.items() if k not in ("state", "penalty", "cli", "before", "after")}
+           for m, r in out.items()})
     return out
 
 
@@ -147,3 +176,19 @@ def test_consolidation_keeps_the_edits_and_lowers_the_damage(results):
     assert c["ns_ratio"] >= a["ns_ratio"] - 1 / N
     assert c["ppl_ratio"] <= a["ppl_ratio"]
     assert c["norm"] < a["norm"]
+
+
+def test_one_fact_reverted_out_of_the_consolidation(results):
+    """``editserve ledger revert V --from-consolidation`` on the consolidated ledger: the fact of
+    version V stops holding (the model prefers the object it replaced again), the other 29 facts
+    hold as they did in the consolidated patch (one edit of slack), and the CLI reports its check."""
+    r = results["reverted"]
+    rc, text = r["cli"]
+    assert rc == 0, text
+    assert (f"the patch of version {REVERTED}" in text and f"consolidated patch of version {N + 1}" in text
+            and f"version {N + 2}: reverted version {REVERTED}" in text), text
+    i = REVERTED - 1
+    assert r["before"][i].es == 1.0 and r["after"][i].es == 0.0, (r["before"][i], r["after"][i])
+    others_before = sum(s.es for j, s in enumerate(r["before"]) if j != i)
+    others_after = sum(s.es for j, s in enumerate(r["after"]) if j != i)
+    assert others_after >= others_before - 1, (others_before, others_after)

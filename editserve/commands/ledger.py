@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from editserve.errors import InvalidRequestError
+
 
 def _add_ledger_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", default=None, metavar="PATH|DSN",
@@ -56,6 +58,11 @@ def register(parent: argparse._SubParsersAction) -> None:
     p.add_argument("--rebase", action="store_true", help="recompute the later patches on the new base (loads the model)")
     p.add_argument("--model", default=None, help="checkpoint for --rebase (default: the embedded SmolLM2-135M)")
     p.add_argument("--max-steps", type=int, default=None, help="override the value optimisation steps when rebasing")
+    p.add_argument("--from-consolidation", action="store_true",
+                   help="the version's patch was consolidated: re-solve the consolidated patch without its facts, "
+                        "check the others still hold and the reverted ones do not (loads the model)")
+    p.add_argument("--corpus", default=None, help="text for the key statistics with --from-consolidation "
+                   "(default: the bundled excerpt)")
     p.add_argument("--expected-head", type=int, default=None)
     p.set_defaults(func=cmd_revert)
 
@@ -245,8 +252,35 @@ def _ledger_model(ledger: Any, checkpoint: str | None) -> tuple[Any, Any]:
     return model, tok
 
 
+def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
+    from editserve.editing.lifelong import consolidation_covariances
+    from editserve.ledger.consolidation import check_fact_removal, plan_fact_removal
+
+    model, tok = _ledger_model(ledger, args.model)
+    plan = plan_fact_removal(ledger, lambda layers: consolidation_covariances(model, tok, layers, args.corpus),
+                             args.version, expected_head=args.expected_head)
+    print(f"version {plan.head}: the patch of version {args.version} ({plan.removed[:12]}) taken out of the "
+          f"consolidated patch of version {plan.holder_version} → {plan.patch.digest[:12]} "
+          f"({len(plan.patch.requests)} requests stay)")
+    for x in plan.layers:
+        print(f"  layer {x.layer}: {x.n_keys} keys kept, tr(ΔW A ΔWᵀ) {x.penalty_before:.4g} → {x.penalty_after:.4g}")
+    check = check_fact_removal(model, tok, ledger, plan)
+    print(f"  facts that stay and hold: {check.held_before}/{len(check.kept)} before, {check.held_after}/"
+          f"{len(check.kept)} after; reverted facts still holding: {len(check.still_held)}/{len(check.removed)}")
+    check.refuse()
+    res = ledger.revert_consolidated(plan, caller=args.caller, probe_report=check.probe_report())
+    print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]}) out of "
+          f"the consolidation of version {plan.holder_version}")
+    return 0
+
+
 def cmd_revert(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
+        if args.from_consolidation:
+            if args.rebase:
+                raise InvalidRequestError("--from-consolidation and --rebase do not combine: a consolidated patch "
+                                          "is re-solved, not recomputed")
+            return _revert_from_consolidation(ledger, args)
         rebase = None
         if args.rebase:
             from editserve.ledger.rebase import ModelRecompute

@@ -490,7 +490,10 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
     async def revert(self, version: int, caller: str | None = None, expected_head: int | None = None,
                      idempotency_key: str | None = None) -> VersionChange:
         """Serve a new version equal to the head without the patch that `version` added; the patches
-        added after it stay as they are (the ledger's revert without rebase)."""
+        added after it stay as they are (the ledger's revert without rebase). When a consolidation
+        took that patch in, the consolidated patch is re-solved without its facts on the sidecar and
+        checked (`_revert_consolidated`); a re-solve that breaks another fact or leaves a reverted
+        one holding is refused (`ConsolidationError`, nothing written)."""
         from editserve.ledger import RevertError
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
@@ -501,7 +504,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
         removed = info.patch_id
         who = caller or self.settings.caller
-        replayed = await self._replayed(idempotency_key, "revert", lambda i: i.kind == "revert" and removed in i.removed)
+        replayed = await self._replayed(idempotency_key, "revert", lambda i: i.kind == "revert" and (
+            removed in i.removed or i.details.get("removed_patch") == removed))
         if replayed is not None:
             return replayed
 
@@ -516,11 +520,51 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         try:
             change = await self._change("revert", expected_head, target_of, write, patch_id=removed)
         except _NotActive:
-            # named off the event loop: the ledger says whether a consolidation holds the patch
+            # off the event loop: the ledger says whether a consolidation holds the patch
             head = await asyncio.to_thread(self.ledger.head)
-            raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head) from None
+            if await asyncio.to_thread(self.ledger.consolidated_into, removed, head) is None:
+                raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head) from None
+            change = await self._revert_consolidated(version, who, expected_head, idempotency_key)
         self.metrics.record_revert()
         return change
+
+    async def _revert_consolidated(self, version: int, who: str, expected_head: int | None,
+                                   idempotency_key: str | None) -> VersionChange:
+        """Take the patch of `version` out of the consolidated patch that holds it: the sidecar plans
+        the re-solve (`editserve.ledger.consolidation.plan_fact_removal`) and scores the consolidated
+        facts before and after while the engine keeps serving; then one swap (holder → re-solved
+        patch) whose commit step writes the revert version (`Ledger.revert_consolidated`)."""
+        from editserve.engine.sidecar import ComputeFactRemoval
+
+        async with self._edit_lock:                     # the sidecar computes one change at a time
+            await self._ensure_sidecar()
+            async with self._lock:
+                assert self.served is not None and self.sidecar is not None
+                head = await self._followed_head(expected_head)
+            t0 = time.perf_counter()
+            computed = await asyncio.to_thread(self.sidecar.remove_fact, ComputeFactRemoval(version=version, head=head),
+                                               None, self.settings.compute_timeout_s)
+            t_computed = time.perf_counter()
+            plan, check = computed.plan, computed.check
+            check.refuse()
+
+            def target_of(current: list[Patch]) -> list[Patch]:
+                return [p for p in current if p.digest != plan.holder] + [plan.patch]
+
+            def write() -> int:
+                return self.ledger.revert_consolidated(plan, who, idempotency_key=idempotency_key,
+                                                       probe_report=check.probe_report()).version
+
+            new_version, result, target, t_swap, t_end = await self._serve_computed("revert", head, target_of, write)
+        log.info("version %d taken out of the consolidation of version %d → version %d served (%d facts stay, "
+                 "holding %d → %d; pause %.2f ms)", version, plan.holder_version, new_version, len(check.kept),
+                 check.held_before, check.held_after, result.pause_seconds * 1e3)
+        return VersionChange(version=new_version, previous_version=head, kind="revert",
+                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
+                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
+                                         "swap": round((t_swap - t_computed) * 1e3, 3),
+                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
+                             patch_id=plan.removed, method=plan.patch.method, active_patches=len(target))
 
     async def rebase(self, version: int, caller: str | None = None, expected_head: int | None = None,
                      idempotency_key: str | None = None,

@@ -158,6 +158,24 @@ class ConsolidationComputed:
 
 
 @dataclass(frozen=True)
+class ComputeFactRemoval:
+    """Take the patch of ledger `version` out of the consolidated patch active at `head` that holds
+    it (`editserve.ledger.consolidation.plan_fact_removal`, statistics from this sidecar's model) and
+    score the consolidated facts before and after (`check_fact_removal`); nothing is written but
+    base copies. Answered with `FactRemovalComputed`; the sidecar holds `head` again afterwards."""
+
+    version: int
+    head: int
+
+
+@dataclass(frozen=True)
+class FactRemovalComputed:
+    plan: Any                          # editserve.ledger.consolidation.RemovalPlan
+    check: Any                         # editserve.ledger.consolidation.RemovalCheck
+    seconds: float
+
+
+@dataclass(frozen=True)
 class ScorePrompts:
     """Score continuations on the model at `version` (the gRPC Probe call); items are
     (prompt, target, other or None). Answered with `Scored`."""
@@ -339,6 +357,8 @@ class _Worker:
             return self.rebase(msg)
         if isinstance(msg, ComputeConsolidation):
             return self.consolidate(msg)
+        if isinstance(msg, ComputeFactRemoval):
+            return self.remove_fact(msg)
         if isinstance(msg, ScorePrompts):
             return self.score_prompts(msg)
         if isinstance(msg, TraceFact):
@@ -550,6 +570,31 @@ class _Worker:
             self._hold(msg.head)
         return ConsolidationComputed(plan=plan, check=check, seconds=time.perf_counter() - t0)
 
+    def remove_fact(self, msg: ComputeFactRemoval) -> FactRemovalComputed:
+        """Plan and check taking one patch out of a consolidation while holding `msg.head` (as
+        `consolidate`), then hold `msg.head` again, whatever happened."""
+        from editserve.editing.lifelong import consolidation_covariances, statistics_cached
+        from editserve.ledger.consolidation import check_fact_removal, plan_fact_removal
+        from editserve.patches import hold_patches
+
+        def covariances(layers: Sequence[int]) -> dict[int, torch.Tensor]:
+            if not statistics_cached(self.model, layers):
+                hold_patches(self.model, [])                 # statistics are of the unedited model
+            return consolidation_covariances(self.model, self.tok, layers)
+
+        t0 = time.perf_counter()
+        ledger = self._need_ledger()
+        self._wait_for_statistics("alphaedit")
+        self._progress("revert", 0.05, f"re-solving the consolidation that holds version {msg.version} without it")
+        self._hold(msg.head)
+        try:
+            plan = plan_fact_removal(ledger, covariances, msg.version, expected_head=msg.head)
+            self._progress("revert", 0.6, f"{len(plan.patch.requests)} facts stay; scoring them before and after")
+            check = check_fact_removal(self.model, self.tok, ledger, plan)
+        finally:
+            self._hold(msg.head)
+        return FactRemovalComputed(plan=plan, check=check, seconds=time.perf_counter() - t0)
+
     def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         if not prompts:
             return None
@@ -703,7 +748,7 @@ def _serve(conn: Connection, worker: _Worker) -> None:
             log.exception("sidecar request %s failed", type(msg).__name__)
             reply = Failed(type(exc).__name__, str(exc))
         conn.send(reply)
-        if isinstance(msg, (ComputeEdit, ComputeRebase, ComputeConsolidation, Sync)):
+        if isinstance(msg, (ComputeEdit, ComputeRebase, ComputeConsolidation, ComputeFactRemoval, Sync)):
             # After the reply, so it costs the caller nothing: an edit, a rebase or a sync frees
             # tens of MiB of transient tensors that glibc would otherwise keep (editserve/memory.py).
             trim_heap()
@@ -805,6 +850,10 @@ class SidecarClient:
     def consolidate(self, msg: ComputeConsolidation, on_progress: Callable[[Progress], None] | None = None,
                     timeout_s: float | None = None) -> ConsolidationComputed:
         return self.call(msg, ConsolidationComputed, timeout_s, on_progress=on_progress)
+
+    def remove_fact(self, msg: ComputeFactRemoval, on_progress: Callable[[Progress], None] | None = None,
+                    timeout_s: float | None = None) -> FactRemovalComputed:
+        return self.call(msg, FactRemovalComputed, timeout_s, on_progress=on_progress)
 
     def score(self, version: int, items: tuple[tuple[str, str, str | None], ...],
               timeout_s: float | None = None) -> Scored:

@@ -24,8 +24,9 @@ rewritten: a rollback to the version before restores that version's weights and 
 (from base copies and checkpoints, like any rollback). A revert *through* a consolidated patch
 with rebase is refused (its constituents' requests would have to be recomputed one by one);
 roll back to the version before the consolidation instead. A plain revert of the consolidation
-version removes every fact it holds. Reverting a constituent's version is refused with the
-consolidation that holds it named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
+version removes every fact it holds. Reverting a constituent's version takes its facts out of the
+consolidated patch (below); a rebase through it is refused with the consolidation that holds it
+named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
 
 One fact out of a consolidation (`plan_fact_removal`, `check_fact_removal`,
 `Ledger.revert_consolidated`): reverting a version whose patch a consolidation took in re-solves
@@ -281,12 +282,12 @@ class RemovalPlan:
 
 
 def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
-                      params: ConsolidateParams = ConsolidateParams(),
+                      params: ConsolidateParams | None = None,
                       expected_head: int | None = None) -> RemovalPlan:
     """Re-solve the consolidated patch that holds version `version`'s patch without that patch's
     facts (`editserve.editing.consolidate.resolve_without` at each layer: the other facts' keys keep
-    their outputs, the removed facts' keys get the layer's output from before the consolidation);
-    nothing is written. Raises `RevertError` when no active consolidation holds the patch."""
+    their outputs, the removed facts' keys get the layer's output from before the consolidation;
+    `params` default to the consolidation's own ridge); nothing is written. Raises `RevertError` when no active consolidation holds the patch."""
     head = ledger.head() if expected_head is None else expected_head
     info = ledger.version(version)
     removed = info.patch_id
@@ -300,6 +301,8 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
         raise ledger.inactive_patch_error(version, removed, head)
     holder = ledger.version(holder_version).patch_id
     old = ledger.patch(holder)
+    if params is None:
+        params = ConsolidateParams(ridge=float((old.hparams or {}).get("ridge", ConsolidateParams().ridge)))
     req_origin, block_origin = provenance(ledger, holder)
     if removed not in req_origin and removed not in block_origin:
         raise ConsolidationError(f"consolidated patch {holder[:12]} does not list patch {removed[:12]} among its "
@@ -350,6 +353,13 @@ class RemovalCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"n_kept": len(self.kept), "n_removed": len(self.removed), "held_before": self.held_before,
                 "held_after": self.held_after, "broken": list(self.broken), "still_held": list(self.still_held)}
+
+    def probe_report(self) -> dict[str, Any]:
+        """The report stored with the revert version: this check, and one efficacy row per kept fact
+        with a known replaced object (read by the retention probe, as `ConsolidationCheck.probe_report`)."""
+        rows = [{"kind": "efficacy", "prompt": f.prompt, "target_new": f.target_new, "target_true": f.target_true}
+                for f in self.kept if f.target_true]
+        return {"revert": self.to_dict(), "gate": {"rows": rows}}
 
     def refuse(self, max_drop: float = 0.0) -> None:
         """Raise `ConsolidationError` when a removed fact still holds or more than `max_drop` of the
