@@ -186,12 +186,15 @@ def _delta(patch, layer: int) -> torch.Tensor:
     return d.u.double() @ d.v.double().T
 
 
-def test_reverting_one_fact_out_of_a_consolidation(backend: Backend) -> None:
+def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> None:
     """Reverting a version whose patch a consolidation took in re-solves the consolidated patch
     without that patch's facts: the others keep their outputs on their keys, the reverted keys get
     the output from before the consolidation, one revert version swaps the patches, the keys follow,
     a rollback restores the version before bit for bit — also through a second consolidation."""
-    with Ledger.open(backend.location(), FP, create=True) as ledger:
+    from editserve.cli import main
+
+    loc = backend.location()
+    with Ledger.open(loc, FP, create=True) as ledger:
         p1, p2, p3, p4 = _build(ledger)
         cons = plan_consolidation(ledger, _covs)
         v5 = ledger.consolidate(cons, caller="test")
@@ -232,6 +235,8 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend) -> None:
         k1 = state.keys(1).double()
         assert (new1 @ k1 - old1 @ k1).abs().max() <= 1e-4 * (old1 @ k1).abs().max()
         assert ledger.consolidated_into(p3.digest) is None and ledger.consolidated_into(p1.digest) == v6
+        assert main(["ledger", "versions", "--ledger", loc]) == 0
+        assert "revert of version 3, out of the consolidation of version 5 (2 requests stay)" in capsys.readouterr().out
         with pytest.raises(RevertError, match=r"not active at version \d+$"):
             ledger.revert(3, caller="test")                            # already out: nothing names a holder
         with pytest.raises(RevertError, match="not active"):

@@ -163,6 +163,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 what = f"revert of version {v.details.get('reverted')}"
                 if v.details.get("rebased"):
                     what += f", {len(v.details['rebased'])} rebased"
+                if v.details.get("mode") == "consolidated":
+                    what += (f", out of the consolidation of version {v.details['consolidation']['version']} "
+                             f"({len(v.requests)} requests stay)")
             elif v.kind == "consolidate":
                 what = f"consolidation of {len(v.removed)} patches ({len(v.requests)} requests)"
             elif v.kind == "import" and not v.patch_id:

@@ -253,6 +253,9 @@ def _fact_text(f: Any) -> str:
 def _what(v: Any) -> str:
     if v.kind == "base":
         return "base model"
+    if v.kind == "revert" and v.facts:             # a consolidated patch re-solved without a reverted fact
+        return (f"revert out of consolidated {', '.join(p[:12] for p in v.removed[:1])}: "
+                f"{len(v.facts)} facts stay")
     if v.kind == "revert":
         return "revert: removes " + ", ".join(p[:12] for p in v.removed[:1]) + (
             f", recomputes {len(v.added)}" if v.added else "")
