@@ -267,6 +267,7 @@ def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dic
         for s, t in MORE_FACTS:
             r = ed.edit([{"prompt": CITY, "subject": s, "target_new": t}], thresholds=LOOSE)
             assert r.report.passed and r.change.kind == "edit", r.report
+            edited.setdefault("more_versions", []).append(r.change.version)
     last = r.change.version
     deadline = time.monotonic() + 600
     with server.client("viewer") as c:
@@ -287,3 +288,35 @@ def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dic
     assert _metric(server, 'editserve_consolidations_total{result="failed"}') == 0
     for s, t in FACTS[2:] + MORE_FACTS:
         assert t.strip() in server.complete(_text(s)), s
+
+
+def test_one_fact_reverted_out_of_the_consolidation_with_the_cli(server: GrpcServer, edited: dict[str, Any],
+                                                                 tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After the automatic consolidation, ``editserve revert V`` (gRPC, admin) of one of the five
+    consolidated facts takes it out: the consolidated patch is re-solved without it on the sidecar,
+    checked, swapped in once; the reverted fact is no longer answered, the four others are, and
+    ``editserve versions`` names the revert."""
+    from editserve.cli import main as cli_main
+
+    v = edited["more_versions"][1]                           # The Statue of Liberty → Madrid
+    token = tmp_path / "admin-token"
+    token.write_text(TOKENS["admin"])
+    with server.client("viewer") as c:
+        head = c.status().ledger_head
+        assert c.get_version(head).kind == "consolidate"
+    swaps = _state(server)[3]
+    code = cli_main(["revert", str(v), "--no-progress", "--server", server.target, "--token-file", str(token)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.startswith(f"now serving version {head + 1} (was {head})"), out.out
+    assert _state(server)[3] == swaps + 1
+    with server.client("viewer") as c:
+        info = c.get_version(head + 1)
+        st = c.status()
+    assert info.kind == "revert" and len(info.facts) == 4 and st.active_patches == 1, info
+    assert st.served_version == head + 1
+    assert "Madrid" not in server.complete(_text(MORE_FACTS[1][0]))
+    for s, t in FACTS[2:] + MORE_FACTS[:1] + MORE_FACTS[2:]:
+        assert t.strip() in server.complete(_text(s)), s
+    assert cli_main(["versions", "--server", server.target, "--token-file", str(token)]) == 0
+    assert "revert out of consolidated" in capsys.readouterr().out
