@@ -541,20 +541,23 @@ class _Worker:
             self._hold(msg.head)
         return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)
 
+    def _covariances(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """AlphaEdit's key statistics at `layers` (what consolidation weighs ordinary keys with);
+        statistics not cached yet are built on the base weights, the patches taken out for it."""
+        from editserve.editing.lifelong import consolidation_covariances, statistics_cached
+        from editserve.patches import hold_patches
+
+        if not statistics_cached(self.model, layers):
+            hold_patches(self.model, [])                 # statistics are of the unedited model
+        return consolidation_covariances(self.model, self.tok, layers)
+
     def consolidate(self, msg: ComputeConsolidation) -> ConsolidationComputed:
         """Plan and check a consolidation while holding `msg.head` (`check_consolidation` scores
         "before" on it as held and merges only the consolidated set; statistics not cached yet are
         built on the base weights, the patches taken out for it), then hold `msg.head` again,
         whatever happened."""
         from editserve.editing.consolidate import ConsolidateParams
-        from editserve.editing.lifelong import consolidation_covariances, statistics_cached
         from editserve.ledger.consolidation import check_consolidation, plan_consolidation
-        from editserve.patches import hold_patches
-
-        def covariances(layers: Sequence[int]) -> dict[int, torch.Tensor]:
-            if not statistics_cached(self.model, layers):
-                hold_patches(self.model, [])                 # statistics are of the unedited model
-            return consolidation_covariances(self.model, self.tok, layers)
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
@@ -562,7 +565,7 @@ class _Worker:
         self._progress("consolidate", 0.05, f"re-solving the patches with preserved keys at version {msg.head}")
         self._hold(msg.head)
         try:
-            plan = plan_consolidation(ledger, covariances, ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
+            plan = plan_consolidation(ledger, self._covariances, ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
             self._progress("consolidate", 0.6, f"{len(plan.constituents)} patches → 1; scoring their facts "
                                                "before and after")
             check = check_consolidation(self.model, self.tok, ledger, plan)
@@ -573,14 +576,7 @@ class _Worker:
     def remove_fact(self, msg: ComputeFactRemoval) -> FactRemovalComputed:
         """Plan and check taking one patch out of a consolidation while holding `msg.head` (as
         `consolidate`), then hold `msg.head` again, whatever happened."""
-        from editserve.editing.lifelong import consolidation_covariances, statistics_cached
         from editserve.ledger.consolidation import check_fact_removal, plan_fact_removal
-        from editserve.patches import hold_patches
-
-        def covariances(layers: Sequence[int]) -> dict[int, torch.Tensor]:
-            if not statistics_cached(self.model, layers):
-                hold_patches(self.model, [])                 # statistics are of the unedited model
-            return consolidation_covariances(self.model, self.tok, layers)
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
@@ -588,7 +584,7 @@ class _Worker:
         self._progress("revert", 0.05, f"re-solving the consolidation that holds version {msg.version} without it")
         self._hold(msg.head)
         try:
-            plan = plan_fact_removal(ledger, covariances, msg.version, expected_head=msg.head)
+            plan = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head)
             self._progress("revert", 0.6, f"{len(plan.patch.requests)} facts stay; scoring them before and after")
             check = check_fact_removal(self.model, self.tok, ledger, plan)
         finally:

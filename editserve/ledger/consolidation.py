@@ -186,6 +186,23 @@ class ConsolidationCheck:
         return {"consolidation": self.to_dict(), "gate": {"rows": rows}}
 
 
+def _scored_before_after(model: torch.nn.Module, tok: Any, facts: list[CommittedFact], before_set: list[Patch],
+                         after_set: list[Patch], found: list[Patch]) -> tuple[list, list]:
+    """`facts_hold` with `before_set` merged, then with `after_set`; the model holds `found` again
+    afterwards, whatever happened (bases restored: nothing subtracted)."""
+    from editserve.editing.retention import facts_hold
+    from editserve.patches import hold_patches
+
+    try:
+        hold_patches(model, before_set)
+        before = facts_hold(model, tok, facts)
+        hold_patches(model, after_set)
+        after = facts_hold(model, tok, facts)
+    finally:
+        hold_patches(model, found)
+    return before, after
+
+
 def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan) -> ConsolidationCheck:
     """Score every constituent fact (against its replaced object, from its request or else from the
     committing version's gate rows; where none is known, whether the model answers its new target
@@ -193,8 +210,8 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
     the consolidated set. `model` holds no patch or exactly the head's active patches (a sidecar
     serving the head: nothing is rebuilt for "before"), and holds the same afterwards (bases
     restored: nothing subtracted), so the check costs two merges of the touched weights."""
-    from editserve.editing.retention import facts_hold, with_replaced_objects
-    from editserve.patches import applied_patches, hold_patches
+    from editserve.editing.retention import with_replaced_objects
+    from editserve.patches import applied_patches
 
     found = applied_patches(model)
     before_set = [ledger.patch(d) for d in ledger.active_ids(plan.head)]
@@ -207,13 +224,7 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
                        target_true=r.target_true or "") for d in origin for r in ledger.patch(d).requests],
         lambda v: ledger.version(v).probe_report)
     after_set = [p for p in before_set if p.digest not in origin] + [plan.patch]
-    try:
-        hold_patches(model, before_set)
-        before = facts_hold(model, tok, facts)
-        hold_patches(model, after_set)
-        after = facts_hold(model, tok, facts)
-    finally:
-        hold_patches(model, found)
+    before, after = _scored_before_after(model, tok, facts, before_set, after_set, found)
     broken = tuple(f.describe() for f, b, a in zip(facts, before, after) if b[0] and not a[0])
     return ConsolidationCheck(facts=tuple(facts), held_before=sum(b[0] for b in before),
                               held_after=sum(a[0] for a in after), broken=broken)
@@ -379,8 +390,8 @@ def check_fact_removal(model: torch.nn.Module, tok: Any, ledger: Any, plan: Remo
     """Score the holder's facts on `model` with the patches active at `plan.head` and with the
     holder replaced by `plan.patch` (`facts_hold`, as `check_consolidation`: `model` holds no patch
     or exactly the head's, and holds the same afterwards)."""
-    from editserve.editing.retention import facts_hold, with_replaced_objects
-    from editserve.patches import applied_patches, hold_patches
+    from editserve.editing.retention import with_replaced_objects
+    from editserve.patches import applied_patches
 
     found = applied_patches(model)
     before_set = [ledger.patch(d) for d in ledger.active_ids(plan.head)]
@@ -396,13 +407,7 @@ def check_fact_removal(model: torch.nn.Module, tok: Any, ledger: Any, plan: Remo
         lambda v: ledger.version(v).probe_report)
     gone = [d == plan.removed for d in req_origin]
     after_set = [p for p in before_set if p.digest != plan.holder] + [plan.patch]
-    try:
-        hold_patches(model, before_set)
-        before = facts_hold(model, tok, facts)
-        hold_patches(model, after_set)
-        after = facts_hold(model, tok, facts)
-    finally:
-        hold_patches(model, found)
+    before, after = _scored_before_after(model, tok, facts, before_set, after_set, found)
     kept = [(f, b, a) for f, b, a, g in zip(facts, before, after, gone) if not g]
     out = [(f, a) for f, a, g in zip(facts, after, gone) if g]
     return RemovalCheck(kept=tuple(f for f, _, _ in kept), removed=tuple(f for f, _ in out),

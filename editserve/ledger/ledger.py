@@ -1025,6 +1025,26 @@ class Ledger:
         return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
                             rebased=tuple(rebased), created=created)
 
+    def _append_replacement(self, patch: Patch, keys: PreservedKeys, head: int, kind: str, event_kind: str,
+                            ops: tuple[tuple[str, str], ...], details: dict[str, Any], caller: str,
+                            probe_report: dict[str, Any] | None, idempotency_key: str | None,
+                            request: str) -> tuple[int, bool]:
+        """One version on `head` that adds `patch` (with its preserved-keys blocks) by `ops` (a
+        consolidation, a revert out of one): blobs and key state durable first, then the version."""
+        bases = self._bases_for([patch], None, Layout.OUT_IN)
+        record = self._patch_record(patch)
+        states = self._state_records({patch.digest: keys})
+        if states:
+            self._store.add_patch_states(states)
+        new = NewVersion(parent=head, kind=kind, patch=patch.digest, ops=ops, caller=caller,
+                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
+                         idempotency_key=idempotency_key, request_digest=request, details=details,
+                         event_kind=event_kind, event_details=details)
+        number, created = self._store.append_version(new, head, [record], bases)
+        with self._lock:
+            self._patch_cache[patch.digest] = patch
+        return number, created
+
     def revert_consolidated(self, plan: RemovalPlan, caller: str = "local", idempotency_key: str | None = None,
                             probe_report: dict[str, Any] | None = None) -> RevertResult:
         """Write `plan` (`editserve.ledger.consolidation.plan_fact_removal`) as one revert version on
@@ -1051,20 +1071,9 @@ class Ledger:
             raise RevertError(f"patch {digest[:12]} is already active at version {plan.head}")
         if plan.keys.blocks and {b.tag for b in plan.keys.blocks} != {digest}:
             raise RevertError("the plan's preserved-keys blocks are not tagged with its patch")
-        bases = self._bases_for([plan.patch], None, Layout.OUT_IN)
-        record = self._patch_record(plan.patch)
-        states = self._state_records({digest: plan.keys})
-        if states:
-            self._store.add_patch_states(states)
-        details = plan.details()
-        new = NewVersion(parent=plan.head, kind=KIND_REVERT, patch=digest, ops=((REMOVE, plan.holder), (ADD, digest)),
-                         caller=caller,
-                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
-                         idempotency_key=idempotency_key, request_digest=request, details=details,
-                         event_kind=EVENT_REVERT, event_details=details)
-        number, created = self._store.append_version(new, plan.head, [record], bases)
-        with self._lock:
-            self._patch_cache[digest] = plan.patch
+        number, created = self._append_replacement(
+            plan.patch, plan.keys, plan.head, KIND_REVERT, EVENT_REVERT, ((REMOVE, plan.holder), (ADD, digest)),
+            plan.details(), caller, probe_report, idempotency_key, request)
         log.info("version %d: reverted version %d (patch %s) out of consolidated patch %s → %s by %s", number,
                  plan.version, plan.removed[:12], plan.holder[:12], digest[:12], caller)
         return RevertResult(version=number, reverted_version=plan.version, removed_patch=plan.removed, rebased=(),
@@ -1095,19 +1104,8 @@ class Ledger:
         if {b.tag for b in plan.keys.blocks} != {digest}:
             raise ConsolidationError("the plan's preserved-keys blocks are not tagged with its patch")
         ops = tuple((REMOVE, d) for d, _ in plan.constituents) + ((ADD, digest),)
-        bases = self._bases_for([plan.patch], None, Layout.OUT_IN)
-        record = self._patch_record(plan.patch)
-        states = self._state_records({digest: plan.keys})
-        if states:
-            self._store.add_patch_states(states)
-        details = plan.details()
-        new = NewVersion(parent=plan.head, kind=KIND_CONSOLIDATE, patch=digest, ops=ops, caller=caller,
-                         probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
-                         idempotency_key=idempotency_key, request_digest=request, details=details,
-                         event_kind=EVENT_CONSOLIDATE, event_details=details)
-        number, _ = self._store.append_version(new, plan.head, [record], bases)
-        with self._lock:
-            self._patch_cache[digest] = plan.patch
+        number, _ = self._append_replacement(plan.patch, plan.keys, plan.head, KIND_CONSOLIDATE, EVENT_CONSOLIDATE, ops,
+                                             plan.details(), caller, probe_report, idempotency_key, request)
         log.info("version %d: consolidated %d patches into %s by %s", number, len(plan.constituents), digest[:12],
                  caller)
         return number
