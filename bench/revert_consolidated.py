@@ -3,8 +3,8 @@
 Reads a saved `bench/lifelong.py` run (its weights and preserved keys, and the stream beside it),
 takes each of a sample of its edits out of the accumulated update on its own (the same per-layer
 re-solve as `editserve ledger revert V --from-consolidation` and a served revert:
-`editserve.editing.consolidate.resolve_without` on W − W₀ and every committed key, the edit's keys
-dropped), and scores, for each, against the state as saved:
+`editserve.editing.consolidate.resolve_without` on W − W₀ and every committed key, the edit's keys —
+its stored keys and its bare prompt's, measured on the model as saved — sent to zero), and scores, for each, against the state as saved:
 
 - the reverted edit: ES and PS (1 = the new object still wins; after a revert it should not), and
   the same on the unedited model (CounterFact's "known" records are known on the rewrite prompt,
@@ -40,6 +40,9 @@ def main() -> int:
     ap.add_argument("--stream", default=None, help="the run's stream.json (default: beside the run folder)")
     ap.add_argument("--sample", type=int, default=10, help="edits taken out, one at a time (default 10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stored-keys-only", action="store_true",
+                    help="zero only the edit's stored (prefix-averaged) keys, not also its bare prompt's key "
+                         "measured on the model as saved (what the ledger did before session 13's change)")
     ap.add_argument("--ridge", type=float, default=0.1, help="μ of the re-solve (the consolidation's, default 0.1)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -86,6 +89,12 @@ def main() -> int:
     owner = {layer: [b.tag for b in preserved.blocks if b.layer == layer for _ in range(b.keys.shape[1])]
              for layer in layers}
 
+    bare = {}
+    if not args.stored_keys_only:                  # each sampled edit's bare-prompt keys, on the model as saved
+        from editserve.ledger.consolidation import model_prompt_keys
+
+        measure = model_prompt_keys(model, tok)
+        bare = {i: measure([records[i].request], tuple(layers)) for i in chosen}
     t = time.perf_counter()
     base_scores = score_records(model, tok, records)
     ppl0 = heldout_perplexity(model, tok)
@@ -96,8 +105,11 @@ def main() -> int:
         with torch.no_grad():
             for layer in layers:
                 dropped = torch.tensor([o == tags[i] for o in owner[layer]], dtype=torch.bool)
-                r = resolve_without(deltas[layer], keys[layer], dropped, covs[layer], layer,
-                                    ConsolidateParams(ridge=args.ridge))
+                k = keys[layer]
+                if i in bare:
+                    k = torch.cat([k, bare[i][layer]], dim=1)
+                    dropped = torch.cat([dropped, torch.ones(bare[i][layer].shape[1], dtype=torch.bool)])
+                r = resolve_without(deltas[layer], k, dropped, covs[layer], layer, ConsolidateParams(ridge=args.ridge))
                 new = w0[layer].double() + r.u.double() @ r.v.double().T           # [d_out, d_in]
                 params[spec.weight_name(layer)].copy_(out_in(new).to(params[spec.weight_name(layer)].dtype))
         t_solve = time.perf_counter() - t
@@ -115,7 +127,8 @@ def main() -> int:
             for n, w in saved.items():
                 params[n].copy_(w)
 
-    print(f"\n{run}: {done} edits, {len(chosen)} taken out one at a time (seed {args.seed}); held-out perplexity "
+    print(f"\n{run}: {done} edits, {len(chosen)} taken out one at a time (seed {args.seed}; "
+          f"{'stored keys only' if args.stored_keys_only else 'stored keys and the bare prompt'}); held-out perplexity "
           f"as saved ×{ppl0 / stream['ppl']:.4f}\n")
     print("| edit | subject | its ES / PS: unedited, as saved → reverted | others ES as saved → reverted "
           "| others PS as saved → reverted | others broken | ppl ratio after | re-solve s |")

@@ -257,11 +257,18 @@ def _ledger_model(ledger: Any, checkpoint: str | None) -> tuple[Any, Any]:
 
 def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
     from editserve.editing.lifelong import consolidation_covariances
-    from editserve.ledger.consolidation import check_fact_removal, plan_fact_removal
+    from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
+    from editserve.patches import hold_patches
 
     model, tok = _ledger_model(ledger, args.model)
-    plan = plan_fact_removal(ledger, lambda layers: consolidation_covariances(model, tok, layers, args.corpus),
-                             args.version, expected_head=args.expected_head)
+    head = ledger.head() if args.expected_head is None else args.expected_head
+    covs = consolidation_covariances(model, tok, ledger.preserved_keys(head).layers, args.corpus)   # unedited model
+    hold_patches(model, ledger.active_patches(head))            # the bare prompts' keys are measured on the head
+    try:
+        plan = plan_fact_removal(ledger, lambda layers: {layer: covs[layer] for layer in layers}, args.version,
+                                 expected_head=head, prompt_keys=model_prompt_keys(model, tok))
+    finally:
+        hold_patches(model, [])
     print(f"version {plan.head}: the patch of version {args.version} ({plan.removed[:12]}) taken out of the "
           f"consolidated patch of version {plan.holder_version} → {plan.patch.digest[:12]} "
           f"({len(plan.patch.requests)} requests stay)")

@@ -576,7 +576,7 @@ class _Worker:
     def remove_fact(self, msg: ComputeFactRemoval) -> FactRemovalComputed:
         """Plan and check taking one patch out of a consolidation while holding `msg.head` (as
         `consolidate`), then hold `msg.head` again, whatever happened."""
-        from editserve.ledger.consolidation import check_fact_removal, plan_fact_removal
+        from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
 
         t0 = time.perf_counter()
         ledger = self._need_ledger()
@@ -584,7 +584,8 @@ class _Worker:
         self._progress("revert", 0.05, f"re-solving the consolidation that holds version {msg.version} without it")
         self._hold(msg.head)
         try:
-            plan = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head)
+            plan = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head,
+                                     prompt_keys=model_prompt_keys(self.model, self.tok))     # holding the head
             self._progress("revert", 0.6, f"{len(plan.patch.requests)} facts stay; scoring them before and after")
             check = check_fact_removal(self.model, self.tok, ledger, plan)
         finally:

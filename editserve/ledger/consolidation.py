@@ -47,7 +47,7 @@ Pure ledger logic plus torch; statistics come from the caller (`covariances`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ import torch
 
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams, consolidate, resolve_without
+from editserve.editing.requests import EditRequest
 from editserve.editing.retention import CommittedFact
 from editserve.ledger.errors import ConsolidationError, RevertError
 from editserve.patches import Patch, WeightDelta
@@ -292,13 +293,20 @@ class RemovalPlan:
                 "rebased": []}
 
 
+# {layer: [d_in, n]} keys of the given requests' bare prompts at the given layers, on the model holding the head
+PromptKeys = Callable[[Sequence[EditRequest], tuple[int, ...]], Mapping[int, torch.Tensor]]
+
+
 def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
                       params: ConsolidateParams | None = None,
-                      expected_head: int | None = None) -> RemovalPlan:
+                      expected_head: int | None = None, prompt_keys: PromptKeys | None = None) -> RemovalPlan:
     """Re-solve the consolidated patch that holds version `version`'s patch without that patch's
     facts (`editserve.editing.consolidate.resolve_without` at each layer: the other facts' keys keep
     their outputs, the removed facts' keys get the layer's output from before the consolidation;
-    `params` default to the consolidation's own ridge); nothing is written. Raises `RevertError` when no active consolidation holds the patch."""
+    `params` default to the consolidation's own ridge); nothing is written. `prompt_keys`, when
+    given, adds the reverted requests' bare-prompt keys (measured on the head) to the keys sent to
+    zero: the stored key is averaged over prefixed copies of the prompt, and on its own it can leave
+    the bare prompt answering the reverted object (measured, docs/lifelong.md "Session 13"). Raises `RevertError` when no active consolidation holds the patch."""
     head = ledger.head() if expected_head is None else expected_head
     info = ledger.version(version)
     removed = info.patch_id
@@ -325,13 +333,17 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
     keep_blocks = [b for b, d in zip(blocks, block_origin) if d != removed]
     layers = tuple(sorted({d.layer for d in old.deltas}))
     covs = covariances(layers)
+    reverted = [r for r, d in zip(old.requests, req_origin) if d == removed]
+    bare = prompt_keys(reverted, layers) if prompt_keys is not None and reverted else {}
     solved = {}
     for delta in old.deltas:
         mine = [(b, d == removed) for b, d in zip(blocks, block_origin) if b.layer == delta.layer]
         if not mine:
             raise ConsolidationError(f"consolidated patch {holder[:12]} has no committed keys at layer {delta.layer}")
-        keys = torch.cat([b.keys for b, _ in mine], dim=1)                           # [d_in, N]
-        dropped = torch.cat([torch.full((b.keys.shape[1],), gone, dtype=torch.bool) for b, gone in mine])
+        extra = bare.get(delta.layer)                                                 # [d_in, n] or None
+        keys = torch.cat([b.keys for b, _ in mine] + ([extra.float()] if extra is not None else []), dim=1)
+        dropped = torch.cat([torch.full((b.keys.shape[1],), gone, dtype=torch.bool) for b, gone in mine]
+                            + ([torch.ones(extra.shape[1], dtype=torch.bool)] if extra is not None else []))
         solved[delta.layer] = (delta.name, resolve_without(delta.u.double() @ delta.v.double().T, keys, dropped,
                                                            covs[delta.layer], delta.layer, params))
     hparams = dict(old.hparams or {})
@@ -348,6 +360,18 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
              holder[:12], head, patch.digest[:12])
     return RemovalPlan(head=head, version=version, removed=removed, holder=holder, holder_version=holder_version,
                        patch=patch, keys=own, layers=report, params=params)
+
+
+def model_prompt_keys(model: torch.nn.Module, tok: Any) -> PromptKeys:
+    """`PromptKeys` measured on `model` as it is (it must hold the head's patches): the
+    down-projection input at each request's subject's last token in its bare prompt."""
+    from editserve.editing.keys import compute_keys
+
+    def keys(requests: Sequence[EditRequest], layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        res = compute_keys(model, tok, list(requests), (), list(layers))
+        return {layer: k.T.contiguous() for layer, k in res.keys.items()}       # [n, d_in] → [d_in, n]
+
+    return keys
 
 
 @dataclass(frozen=True)
