@@ -24,6 +24,7 @@ from editserve.ledger.consolidation import (
     CONSOLIDATED_METHOD,
     constituents_at,
     plan_consolidation,
+    RemovalCheck,
     plan_fact_removal,
     provenance,
 )
@@ -347,3 +348,21 @@ def test_check_scores_on_a_model_holding_the_head_as_on_a_bare_one(tmp_path) -> 
         with pytest.raises(ConsolidationError, match="exactly the patches active at version 3"):
             check_consolidation(model, tok, ledger, plan)
         assert [p.digest for p in applied_patches(model)] == [p2.digest]
+
+
+def test_a_revert_out_of_a_consolidation_is_refused_for_broken_facts_not_for_ones_still_given() -> None:
+    """`RemovalCheck.refuse`: a kept fact that held and no longer does refuses the revert (naming it);
+    a reverted fact that the model still gives (another edit's reach) is reported, not refused."""
+    from editserve.editing.retention import CommittedFact
+
+    f = CommittedFact(version=3, prompt="Porto is a twin city of", subject="Porto", target_new=" Tehran",
+                      target_true=" Bristol")
+    still = RemovalCheck(kept=(f,), removed=(f,), held_before=1, held_after=1, broken=(),
+                         still_held=(f.describe(),))
+    still.refuse()                                                   # reported only
+    assert still.to_dict()["still_held"] == [f.describe()]
+    broken = RemovalCheck(kept=(f,), removed=(f,), held_before=1, held_after=0, broken=(f.describe(),),
+                          still_held=())
+    with pytest.raises(ConsolidationError, match=r"would break 1 of 1 other facts .*Porto is a twin city of"):
+        broken.refuse()
+    broken.refuse(max_drop=1.0)

@@ -278,6 +278,8 @@ def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
     print(f"  facts that stay and hold: {check.held_before}/{len(check.kept)} before, {check.held_after}/"
           f"{len(check.kept)} after; reverted facts still holding: {len(check.still_held)}/{len(check.removed)}")
     check.refuse()
+    for f in check.still_held:
+        print(f"  still answered after the revert (another edit's reach, not this patch): {f}")
     res = ledger.revert_consolidated(plan, caller=args.caller, probe_report=check.probe_report())
     print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]}) out of "
           f"the consolidation of version {plan.holder_version}")

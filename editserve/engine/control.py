@@ -492,8 +492,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         """Serve a new version equal to the head without the patch that `version` added; the patches
         added after it stay as they are (the ledger's revert without rebase). When a consolidation
         took that patch in, the consolidated patch is re-solved without its facts on the sidecar and
-        checked (`_revert_consolidated`); a re-solve that breaks another fact or leaves a reverted
-        one holding is refused (`ConsolidationError`, nothing written)."""
+        checked (`_revert_consolidated`); a re-solve that breaks another fact is refused
+        (`ConsolidationError`, nothing written)."""
         from editserve.ledger import RevertError
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
