@@ -366,3 +366,41 @@ def test_a_revert_out_of_a_consolidation_is_refused_for_broken_facts_not_for_one
     with pytest.raises(ConsolidationError, match=r"would break 1 of 1 other facts .*Porto is a twin city of"):
         broken.refuse()
     broken.refuse(max_drop=1.0)
+
+
+def test_an_imported_consolidated_patch_is_one_fact_of_the_importing_ledger(backend: Backend, tmp_path) -> None:
+    """A consolidated patch exported from one ledger and imported into another is a unit there: its
+    constituents are not in the importing ledger. Once a consolidation of the importing ledger takes
+    it in, reverting the import version takes all of the imported patch's facts out and keeps the
+    others' outputs; the source ledger still takes its own consolidation apart fact by fact."""
+    from editserve.ledger.transfer import export_patch, import_patch
+
+    src, dst = backend.location(), backend.location()
+    with Ledger.open(src, FP, create=True) as a:
+        p1, p2, p3, p4 = _build(a)
+        v5 = a.consolidate(plan_consolidation(a, _covs), caller="test")
+        imported = a.version(v5).patch_id
+        export_patch(a, v5, tmp_path / "cons")
+    with Ledger.open(dst, FP, create=True) as b:
+        base = base_weights()
+        assert import_patch(b, tmp_path / "cons", expected_head=0, base=base) == 1
+        assert provenance(b, imported) == ((imported,) * 3, (imported,) * 4)         # its own origin here
+        p5 = synth_patch(5)
+        b.commit(p5, expected_head=1, preserved=_keys(p5, 5))
+        v3 = b.consolidate(plan_consolidation(b, _covs), caller="test")
+        holder = b.version(v3).patch_id
+        assert provenance(b, holder) == ((imported,) * 3 + (p5.digest,), (imported,) * 4 + (p5.digest,))
+        assert b.consolidated_into(imported) == v3
+        plan = plan_fact_removal(b, _covs, 1)
+        assert plan.removed == imported and plan.patch.requests == p5.requests
+        assert {x.layer: x.n_keys for x in plan.layers} == {0: 2, 1: 0}       # kept keys: p5's two at layer 0
+        v4 = b.revert_consolidated(plan, caller="test").version
+        old0, new0 = _delta(b.patch(holder), 0), _delta(plan.patch, 0)
+        kept = _keys(p5, 5).keys(0).double()
+        assert (new0 @ kept - old0 @ kept).abs().max() <= 1e-4 * (old0 @ kept).abs().max()
+        gone = b.patch_keys(imported).keys(0).double()
+        assert (new0 @ gone).abs().max() <= 1e-4 * (old0 @ gone).abs().max()
+        assert _delta(plan.patch, 1).abs().max() <= 1e-6 * _delta(b.patch(holder), 1).abs().max()   # only its facts
+        assert b.preserved_keys(v4).keys(0).shape[1] == 2 and b.check_integrity().ok
+    with Ledger.open(src, FP) as a:
+        assert provenance(a, imported)[0] == (p1.digest, p3.digest, p4.digest)

@@ -65,7 +65,7 @@ from typing import Any
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
 from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
-from editserve.engine.changes import VersionChange
+from editserve.engine.changes import ComputedSwap, VersionChange
 from editserve.engine.autoconsolidate import AutoConsolidation
 from editserve.engine.errors import PluginSetupError, SwapFailed
 from editserve.engine.expected import ExpectedChecksums
@@ -555,16 +555,11 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 return self.ledger.revert_consolidated(plan, who, idempotency_key=idempotency_key,
                                                        probe_report=check.probe_report()).version
 
-            new_version, result, target, t_swap, t_end = await self._serve_computed("revert", head, target_of, write)
+            served = await self._serve_computed("revert", head, target_of, write, t0, t_computed)
         log.info("version %d taken out of the consolidation of version %d → version %d served (%d facts stay, "
-                 "holding %d → %d; pause %.2f ms)", version, plan.holder_version, new_version, len(check.kept),
-                 check.held_before, check.held_after, result.pause_seconds * 1e3)
-        return VersionChange(version=new_version, previous_version=head, kind="revert",
-                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
-                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
-                                         "swap": round((t_swap - t_computed) * 1e3, 3),
-                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
-                             patch_id=plan.removed, method=plan.patch.method, active_patches=len(target))
+                 "holding %d → %d; pause %.2f ms)", version, plan.holder_version, served.version, len(check.kept),
+                 check.held_before, check.held_after, served.pause_ms)
+        return served.change("revert", plan.removed, plan.patch.method)
 
     async def rebase(self, version: int, caller: str | None = None, expected_head: int | None = None,
                      idempotency_key: str | None = None,
@@ -620,24 +615,19 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                           idempotency_key=idempotency_key).version
 
             report("swap", 0.96, f"pause, apply {len(plan.kept) + len(plan.patches)} patch(es), verify, commit (one swap)")
-            new_version, result, target, t_swap, t_end = await self._serve_computed("rebase", head, target_of, write)
+            served = await self._serve_computed("rebase", head, target_of, write, t0, t_computed)
         self.metrics.record_revert()
         log.info("rebase of version %d → version %d served (%d patch(es) recomputed, pause %.2f ms)", version,
-                 new_version, later, result.pause_seconds * 1e3)
-        return VersionChange(version=new_version, previous_version=head, kind="rebase",
-                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
-                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
-                                         "swap": round((t_swap - t_computed) * 1e3, 3),
-                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
-                             patch_id=removed, active_patches=len(target))
+                 served.version, later, served.pause_ms)
+        return served.change("rebase", removed)
 
     async def _serve_computed(self, what: str, head: int, target_of: Callable[[list[Patch]], list[Patch]],
-                              write: Callable[[], int]) -> tuple[int, Any, list[Patch], float, float]:
-        """After a change was computed on the sidecar at version `head` (a rebase, a consolidation):
-        under the version lock, refuse it if the head moved meanwhile, else one swap to
-        ``target_of(active patches at head)`` whose commit step is ``write()`` (the new ledger
-        version, which must hold exactly those patches), then move the sidecar there. Returns
-        (new version, swap result, target, time the swap ended, time the sidecar was in sync)."""
+                              write: Callable[[], int], t_start: float, t_computed: float) -> ComputedSwap:
+        """After a change was computed on the sidecar at version `head` (a rebase, a consolidation, a
+        revert out of a consolidation; computing took `t_start` → `t_computed`): under the version
+        lock, refuse it if the head moved meanwhile, else one swap to ``target_of(active patches at
+        head)`` whose commit step is ``write()`` (the new ledger version, which must hold exactly those
+        patches), then move the sidecar there."""
         from editserve.ledger import LedgerConflict
 
         async with self._lock:
@@ -649,7 +639,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                      "nothing was committed (retry)", expected_head=head, actual_head=now)
             target = target_of(await asyncio.to_thread(self.ledger.active_patches, head))
             new_version, result, t_swap = await self._swap_committing(target, write)
-            return new_version, result, target, t_swap, time.perf_counter()
+            return ComputedSwap(head=head, version=new_version, result=result, active_patches=len(target),
+                                t_start=t_start, t_computed=t_computed, t_swap=t_swap, t_synced=time.perf_counter())
 
     async def consolidate(self, caller: str | None = None, expected_head: int | None = None,
                           idempotency_key: str | None = None, ridge: float = 0.1, max_drop: float = 0.0,
@@ -709,17 +700,11 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                                probe_report=check.probe_report())
 
             report("swap", 0.96, f"pause, apply {len(plan.constituents)} patches as one, verify, commit (one swap)")
-            new_version, result, target, t_swap, t_end = await self._serve_computed("consolidation", head, target_of,
-                                                                                   write)
+            served = await self._serve_computed("consolidation", head, target_of, write, t0, t_computed)
         log.info("consolidation at version %d → version %d served (%d patches → 1, facts holding %d → %d of %d, "
-                 "pause %.2f ms)", head, new_version, len(plan.constituents), check.held_before, check.held_after,
-                 len(check.facts), result.pause_seconds * 1e3)
-        return VersionChange(version=new_version, previous_version=head, kind="consolidate",
-                             pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
-                             timings_ms={"compute": round((t_computed - t0) * 1e3, 3),
-                                         "swap": round((t_swap - t_computed) * 1e3, 3),
-                                         "sidecar_sync": round((t_end - t_swap) * 1e3, 3)},
-                             patch_id=plan.patch.digest, method=plan.patch.method, active_patches=len(target))
+                 "pause %.2f ms)", head, served.version, len(plan.constituents), check.held_before, check.held_after,
+                 len(check.facts), served.pause_ms)
+        return served.change("consolidate", plan.patch.digest, plan.patch.method)
 
     async def import_patch(self, src: str | Path, caller: str | None = None, expected_head: int | None = None,
                            idempotency_key: str | None = None) -> VersionChange:

@@ -248,14 +248,17 @@ def provenance(ledger: Any, digest: str) -> tuple[tuple[str, ...], tuple[str, ..
     preserved-keys blocks), in order. A patch that is not consolidated is its own origin; a
     consolidated one holds its constituents' requests and blocks in order (`plan_consolidation`),
     through earlier consolidations, less the patches reverted out of it (``hparams["without"]``,
-    `plan_fact_removal`). Raises `ConsolidationError` when the counts do not match what is stored."""
+    `plan_fact_removal`). A consolidated patch whose constituents are not all stored in this ledger
+    (one imported from another ledger) is its own origin: here it is one unit, reverted whole.
+    Raises `ConsolidationError` when the counts do not match what is stored."""
     patch = ledger.patch(digest)
     n_blocks = len(ledger.patch_keys(digest).blocks)
-    if patch.method != CONSOLIDATED_METHOD:
+    constituents = list((patch.hparams or {}).get("constituents", [])) if patch.method == CONSOLIDATED_METHOD else []
+    if not constituents or not all(ledger.has_patch(d) for d in constituents):
         return (digest,) * len(patch.requests), (digest,) * n_blocks
     requests: list[str] = []
     blocks: list[str] = []
-    for d in (patch.hparams or {}).get("constituents", []):
+    for d in constituents:
         r, b = provenance(ledger, d)
         requests += r
         blocks += b

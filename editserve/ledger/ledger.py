@@ -568,6 +568,14 @@ class Ledger:
                 self._patch_cache.popitem(last=False)
         return patch
 
+    def has_patch(self, digest: str) -> bool:
+        """Whether patch `digest` (full digest) is stored in this ledger."""
+        try:
+            self._store.patch(digest)
+        except PatchNotFound:
+            return False
+        return True
+
     def resolve_patch(self, ref: str) -> str:
         if len(ref) == 64:
             return ref
