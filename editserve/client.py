@@ -218,12 +218,16 @@ class EditClient:
             req.wait_for_replicas_s = wait_for_replicas_s
         return self._call("Rollback", req)
 
-    def revert(self, version: int, expected_head: int | None = None, idempotency_key: str = "") -> Any:
+    def revert(self, version: int, expected_head: int | None = None, idempotency_key: str = "",
+               max_drop: float | None = None) -> Any:
+        """``Revert``; `max_drop` applies when a consolidation holds the version's patch."""
         from editserve.control.gen import pb2
 
         req = pb2.RevertRequest(version=version, idempotency_key=idempotency_key)
         if expected_head is not None:
             req.expected_head = expected_head
+        if max_drop is not None:
+            req.max_drop = max_drop
         return self._call("Revert", req)
 
     def rebase(self, version: int, expected_head: int | None = None, idempotency_key: str = "",

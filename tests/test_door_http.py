@@ -122,6 +122,7 @@ def test_reads_answer_the_ledger(client: TestClient) -> None:
     ("POST", "/rollback", {"version": -1}, 400, "-1"),
     ("POST", "/rollback", {"version": True}, 400, "version must be a number, got true"),
     ("POST", "/revert", {"version": 0, "idempotency_key": "a b"}, 400, "'a b'"),
+    ("POST", "/revert", {"version": 0, "max_drop": -0.25}, 400, "max_drop must be a share in [0, 1], got -0.25"),
     ("POST", "/import", {"manifest_json": "", "factors": ""}, 400, "0 and 0 bytes"),
 ])
 def test_bad_bodies(client: TestClient, verb: str, path: str, body: Any, status: int, fragment: str) -> None:

@@ -304,6 +304,8 @@ CATALOGUE: list[tuple[str, tuple[str, dict[str, Any]], str, str]] = [
     ("revert-base", ("revert", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
     ("revert-unknown", ("revert", {"version": 5151}), "NOT_FOUND", "5151"),
     ("revert-bad-key", ("revert", {"version": 0, "idempotency_key": "a b"}), "INVALID_ARGUMENT", "'a b'"),
+    ("revert-bad-drop", ("revert", {"version": 0, "max_drop": 1.5}), "INVALID_ARGUMENT", "max_drop must be a share"),
+    ("revert-nan-drop", ("revert", {"version": 0, "max_drop": float("nan")}), "INVALID_ARGUMENT", "nan"),
     ("rebase-base", ("rebase", {"version": 0}), "FAILED_PRECONDITION", "version 0"),
     ("rebase-unknown", ("rebase", {"version": 5151}), "NOT_FOUND", "5151"),
     ("rebase-negative", ("rebase", {"version": -4}), "INVALID_ARGUMENT", "-4"),

@@ -19,6 +19,7 @@ from tests._pg import pg_server  # noqa: F401
 
 from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams
+from editserve.errors import InvalidRequestError
 from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RevertError
 from editserve.ledger.consolidation import (
     CONSOLIDATED_METHOD,
@@ -240,6 +241,14 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
         assert "revert of version 3, out of the consolidation of version 5 (2 requests stay)" in capsys.readouterr().out
         with pytest.raises(RevertError, match=r"not active at version \d+$"):
             ledger.revert(3, caller="test")                            # already out: nothing names a holder
+        # the local command refuses a bad share before it loads a model, and --max-drop without a consolidation
+        assert main(["ledger", "revert", "1", "--from-consolidation", "--max-drop", "2", "--ledger", loc]) == 2
+        assert "max_drop must be a share in [0, 1], got 2.0" in capsys.readouterr().err
+        assert main(["ledger", "revert", "2", "--max-drop", "0.1", "--ledger", loc]) == 2
+        assert "--max-drop applies to a revert out of a consolidation" in capsys.readouterr().err
+        assert main(["ledger", "consolidate", "--max-drop", "-1", "--ledger", loc]) == 2
+        assert "got -1.0" in capsys.readouterr().err
+        assert ledger.head() == v6
         with pytest.raises(RevertError, match="not active"):
             plan_fact_removal(ledger, _covs, 3)
         assert ledger.check_integrity().ok
@@ -366,6 +375,13 @@ def test_a_revert_out_of_a_consolidation_is_refused_for_broken_facts_not_for_one
     with pytest.raises(ConsolidationError, match=r"would break 1 of 1 other facts .*Porto is a twin city of"):
         broken.refuse()
     broken.refuse(max_drop=1.0)
+    one_of_four = replace(broken, kept=(f,) * 4, held_before=4, held_after=3)
+    with pytest.raises(ConsolidationError, match=r"break 1 of 4 other facts that hold now \(allowed 20%\)"):
+        one_of_four.refuse(max_drop=0.2)
+    one_of_four.refuse(max_drop=0.25)                                # the operator's share: accepted
+    for bad in (1.5, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(InvalidRequestError, match="max_drop must be a share in"):
+            one_of_four.refuse(max_drop=bad)
 
 
 def test_an_imported_consolidated_patch_is_one_fact_of_the_importing_ledger(backend: Backend, tmp_path) -> None:

@@ -86,7 +86,8 @@ def _revert_one_through_the_cli(model, root: Path, version: int) -> tuple[int, s
     output, the head's weights)."""
     from editserve.editing.model import fingerprint
 
-    rc, text = _cli(["ledger", "revert", str(version), "--from-consolidation", "--ledger", str(root)])
+    rc, text = _cli(["ledger", "revert", str(version), "--from-consolidation", "--max-drop", "0.05",
+                     "--ledger", str(root)])
     with Ledger.open(root, fingerprint(model)) as ledger:
         names = [n for n in ledger.base_names()]
         return rc, text, ledger.materialize(names=names)

@@ -295,7 +295,8 @@ def test_one_fact_reverted_out_of_the_consolidation_with_the_cli(server: GrpcSer
     """After the automatic consolidation, ``editserve revert V`` (gRPC, admin) of one of the five
     consolidated facts takes it out: the consolidated patch is re-solved without it on the sidecar,
     checked, swapped in once; the reverted fact is no longer answered, the four others are, and
-    ``editserve versions`` names the revert."""
+    ``editserve versions`` names the revert. A ``--max-drop`` out of [0, 1] is refused naming it,
+    before anything is computed; with ``--rebase`` it is refused as not applying."""
     from editserve.cli import main as cli_main
 
     v = edited["more_versions"][1]                           # The Statue of Liberty → Madrid
@@ -305,7 +306,13 @@ def test_one_fact_reverted_out_of_the_consolidation_with_the_cli(server: GrpcSer
         head = c.status().ledger_head
         assert c.get_version(head).kind == "consolidate"
     swaps = _state(server)[3]
-    code = cli_main(["revert", str(v), "--no-progress", "--server", server.target, "--token-file", str(token)])
+    conn = ["--server", server.target, "--token-file", str(token)]
+    assert cli_main(["revert", str(v), "--max-drop", "1.5", *conn]) != 0
+    assert "max_drop must be a share in [0, 1], got 1.5" in capsys.readouterr().err
+    assert cli_main(["revert", str(v), "--rebase", "--max-drop", "0.1", *conn]) != 0
+    assert "not to --rebase" in capsys.readouterr().err
+    assert _state(server)[3] == swaps
+    code = cli_main(["revert", str(v), "--no-progress", "--max-drop", "0.25", *conn])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert out.out.startswith(f"now serving version {head + 1} (was {head})"), out.out

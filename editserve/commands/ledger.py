@@ -63,6 +63,9 @@ def register(parent: argparse._SubParsersAction) -> None:
                         "check the others still hold and the reverted ones do not (loads the model)")
     p.add_argument("--corpus", default=None, help="text for the key statistics with --from-consolidation "
                    "(default: the bundled excerpt)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="with --from-consolidation: share of the other facts that hold now allowed to stop holding "
+                        "(default 0)")
     p.add_argument("--expected-head", type=int, default=None)
     p.set_defaults(func=cmd_revert)
 
@@ -257,9 +260,10 @@ def _ledger_model(ledger: Any, checkpoint: str | None) -> tuple[Any, Any]:
 
 def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
     from editserve.editing.lifelong import consolidation_covariances
-    from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
+    from editserve.ledger.consolidation import allowed_drop, check_fact_removal, model_prompt_keys, plan_fact_removal
     from editserve.patches import hold_patches
 
+    max_drop = allowed_drop(0.0 if args.max_drop is None else args.max_drop)     # before the model loads
     model, tok = _ledger_model(ledger, args.model)
     head = ledger.head() if args.expected_head is None else args.expected_head
     covs = consolidation_covariances(model, tok, ledger.preserved_keys(head).layers, args.corpus)   # unedited model
@@ -277,7 +281,7 @@ def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
     check = check_fact_removal(model, tok, ledger, plan)
     print(f"  facts that stay and hold: {check.held_before}/{len(check.kept)} before, {check.held_after}/"
           f"{len(check.kept)} after; reverted facts still holding: {len(check.still_held)}/{len(check.removed)}")
-    check.refuse()
+    check.refuse(max_drop)
     for f in check.still_held:
         print(f"  still answered after the revert (another edit's reach, not this patch): {f}")
     res = ledger.revert_consolidated(plan, caller=args.caller, probe_report=check.probe_report())
@@ -293,6 +297,8 @@ def cmd_revert(args: argparse.Namespace) -> int:
                 raise InvalidRequestError("--from-consolidation and --rebase do not combine: a consolidated patch "
                                           "is re-solved, not recomputed")
             return _revert_from_consolidation(ledger, args)
+        if args.max_drop is not None:
+            raise InvalidRequestError("--max-drop applies to a revert out of a consolidation (--from-consolidation)")
         rebase = None
         if args.rebase:
             from editserve.ledger.rebase import ModelRecompute
@@ -312,8 +318,9 @@ def cmd_revert(args: argparse.Namespace) -> int:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     from editserve.editing.consolidate import ConsolidateParams
     from editserve.editing.lifelong import consolidation_covariances
-    from editserve.ledger.consolidation import check_consolidation, plan_consolidation, refuse_broken
+    from editserve.ledger.consolidation import allowed_drop, check_consolidation, plan_consolidation, refuse_broken
 
+    allowed_drop(args.max_drop)                                   # a typed refusal before the model loads
     with _open(args) as ledger:
         model, tok = _ledger_model(ledger, args.model)
         plan = plan_consolidation(ledger, lambda layers: consolidation_covariances(model, tok, layers, args.corpus),

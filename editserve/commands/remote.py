@@ -72,6 +72,9 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
                        help="recompute every later patch on the new base on the server's sidecar (one swap at the "
                             "end); prints each later edit's probe scores before → after")
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (with --rebase)")
+        p.add_argument("--max-drop", type=float, default=None,
+                       help="when a consolidation holds the patch: share of the other facts that hold now allowed "
+                            "to stop holding (default 0)")
     elif name == "consolidate":
         p = sub.add_parser("consolidate", help="replace the active patches that carry preserved keys by one "
                                                "least-disturbance patch on the server (one swap; admin)")
@@ -316,6 +319,10 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "edit":
         return _edit(c, args)
     if cmd == "revert" and args.rebase:
+        if args.max_drop is not None:
+            from editserve.errors import InvalidRequestError
+
+            raise InvalidRequestError("--max-drop applies to a revert out of a consolidation, not to --rebase")
         return _rebase(c, args)
     if cmd == "consolidate":
         return _consolidate(c, args)
@@ -323,7 +330,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
         if cmd == "rollback":
             ch = c.rollback(args.version, expected_head=args.expected_head)
         else:
-            ch = c.revert(args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key)
+            ch = c.revert(args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key,
+                          max_drop=args.max_drop)
         print(_dump(ch) if args.json else f"now serving version {ch.version} (was {ch.previous_version}); "
               f"{ch.active_patches} active patch(es); pause {ch.pause_ms:.1f} ms")
         return 0

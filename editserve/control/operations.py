@@ -217,7 +217,7 @@ class Operations:
     async def revert(self, who: Principal, args: validate.RevertArgs) -> Any:
         require(who, "revert")
         change = await self.engine.revert(args.version, caller=who.caller, expected_head=args.expected_head,
-                                          idempotency_key=args.idempotency_key)
+                                          idempotency_key=args.idempotency_key, max_drop=args.max_drop)
         audit.info("audit: revert of version %d by %s → version %d", args.version, who.caller, change.version)
         return change
 

@@ -230,6 +230,7 @@ class RevertArgs:
     version: int
     expected_head: int | None
     idempotency_key: str | None
+    max_drop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,15 @@ def rollback_args(msg: Any) -> RollbackArgs:
 
 
 def revert_args(msg: Any) -> RevertArgs:
+    """A ``RevertRequest``: max_drop in [0, 1] (default 0), used when a consolidation holds the patch."""
     return RevertArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
-                      idempotency_key=idempotency_key(msg.idempotency_key))
+                      idempotency_key=idempotency_key(msg.idempotency_key), max_drop=_max_drop(msg))
+
+
+def _max_drop(msg: Any) -> float:
+    from editserve.ledger.consolidation import allowed_drop          # (imports torch: not at module load)
+
+    return allowed_drop(float(msg.max_drop)) if msg.HasField("max_drop") else 0.0
 
 
 def rebase_args(msg: Any) -> RebaseArgs:
@@ -316,11 +324,8 @@ def consolidate_args(msg: Any) -> ConsolidateArgs:
     ridge = float(msg.ridge) if msg.HasField("ridge") else 0.1
     if not (math.isfinite(ridge) and 0 < ridge <= MAX_RIDGE):
         raise InvalidRequestError(f"ridge must be in (0, {MAX_RIDGE:g}], got {ridge!r}")
-    max_drop = float(msg.max_drop) if msg.HasField("max_drop") else 0.0
-    if not (math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
-        raise InvalidRequestError(f"max_drop must be a share in [0, 1], got {max_drop!r}")
     return ConsolidateArgs(expected_head=_expected_head(msg), idempotency_key=idempotency_key(msg.idempotency_key),
-                           ridge=ridge, max_drop=max_drop, wait_for_replicas_s=wait_for_replicas(msg))
+                           ridge=ridge, max_drop=_max_drop(msg), wait_for_replicas_s=wait_for_replicas(msg))
 
 
 def patch_upload(msg: Any) -> PatchFiles:

@@ -488,16 +488,18 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         return change
 
     async def revert(self, version: int, caller: str | None = None, expected_head: int | None = None,
-                     idempotency_key: str | None = None) -> VersionChange:
+                     idempotency_key: str | None = None, max_drop: float = 0.0) -> VersionChange:
         """Serve a new version equal to the head without the patch that `version` added; the patches
         added after it stay as they are (the ledger's revert without rebase). When a consolidation
         took that patch in, the consolidated patch is re-solved without its facts on the sidecar and
-        checked (`_revert_consolidated`); a re-solve that breaks another fact is refused
-        (`ConsolidationError`, nothing written)."""
+        checked (`_revert_consolidated`); a re-solve that breaks more than `max_drop` of the other
+        facts that hold is refused (`ConsolidationError`, nothing written)."""
         from editserve.ledger import RevertError
+        from editserve.ledger.consolidation import allowed_drop
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+        max_drop = allowed_drop(max_drop)
         self._check_usable()
         info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
         if info.patch_id is None:
@@ -524,12 +526,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             head = await asyncio.to_thread(self.ledger.head)
             if await asyncio.to_thread(self.ledger.consolidated_into, removed, head) is None:
                 raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head) from None
-            change = await self._revert_consolidated(version, who, expected_head, idempotency_key)
+            change = await self._revert_consolidated(version, who, expected_head, idempotency_key, max_drop)
         self.metrics.record_revert()
         return change
 
     async def _revert_consolidated(self, version: int, who: str, expected_head: int | None,
-                                   idempotency_key: str | None) -> VersionChange:
+                                   idempotency_key: str | None, max_drop: float) -> VersionChange:
         """Take the patch of `version` out of the consolidated patch that holds it: the sidecar plans
         the re-solve (`editserve.ledger.consolidation.plan_fact_removal`) and scores the consolidated
         facts before and after while the engine keeps serving; then one swap (holder → re-solved
@@ -546,7 +548,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                                None, self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
             plan, check = computed.plan, computed.check
-            check.refuse()
+            check.refuse(max_drop)
 
             def target_of(current: list[Patch]) -> list[Patch]:
                 return [p for p in current if p.digest != plan.holder] + [plan.patch]

@@ -47,6 +47,7 @@ Pure ledger logic plus torch; statistics come from the caller (`covariances`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams, consolidate, resolve_without
 from editserve.editing.requests import EditRequest
 from editserve.editing.retention import CommittedFact
+from editserve.errors import InvalidRequestError
 from editserve.ledger.errors import ConsolidationError, RevertError
 from editserve.patches import Patch, WeightDelta
 
@@ -231,9 +233,19 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
                               held_after=sum(a[0] for a in after), broken=broken)
 
 
+def allowed_drop(max_drop: Any) -> float:
+    """`max_drop` checked: the share of the facts that hold now that a consolidation or a revert out
+    of one may break, a number in [0, 1]; `InvalidRequestError` naming the value otherwise."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not (
+            math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
+        raise InvalidRequestError(f"max_drop must be a share in [0, 1], got {max_drop!r}")
+    return float(max_drop)
+
+
 def refuse_broken(check: ConsolidationCheck, max_drop: float = 0.0) -> None:
     """Raise `ConsolidationError` naming the broken facts when more than `max_drop` of those that
     held before no longer hold."""
+    max_drop = allowed_drop(max_drop)
     if check.held_before and len(check.broken) > max_drop * check.held_before:
         shown = "; ".join(check.broken[:5]) + (f"; and {len(check.broken) - 5} more" if len(check.broken) > 5 else "")
         raise ConsolidationError(f"consolidation would break {len(check.broken)} of {check.held_before} committed "
@@ -406,6 +418,7 @@ class RemovalCheck:
         it is another edit's reach — measured on the report stream: "Oslo is a twin city of → Tehran"
         kept "Porto is a twin city of" answering Tehran after Porto's own edit was taken out
         (docs/lifelong.md, "Session 13"). Refusing would leave the operator unable to revert."""
+        max_drop = allowed_drop(max_drop)
         if self.held_before and len(self.broken) > max_drop * self.held_before:
             shown = "; ".join(self.broken[:5]) + (f"; and {len(self.broken) - 5} more" if len(self.broken) > 5 else "")
             raise ConsolidationError(f"taking the reverted facts out of the consolidated patch would break "
