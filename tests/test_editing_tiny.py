@@ -4,6 +4,7 @@ the model is untouched by computing, the patch hits its target, typed errors on 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -242,3 +243,47 @@ def test_memit_keys_mode_is_checked():
     assert load_hparams("memit", ["llama"], {"keys": "per_prompt"}).keys == "per_prompt"
     with pytest.raises(InvalidRequestError, match="'median'"):
         load_hparams("memit", ["llama"], {"keys": "median"})
+
+
+def test_spread_weights_are_checked_and_follow_the_layer_range():
+    """``spread``: one positive weight per layer of the range, () for MEMIT's equal shares; layers
+    other than the file's drop the file's weights (they belong to its range)."""
+    from editserve.editing.edit import resolve_hparams
+    from editserve.editing.hparams import class_defaults, load_hparams, to_dict
+
+    hp = load_hparams("alphaedit", ["llama"], {"layers": [1, 2, 3], "spread": [3, 2, 1]})
+    assert hp.spread == (3, 2, 1) and to_dict(hp)["spread"] == [3, 2, 1]
+    assert class_defaults("memit")["spread"] == [] and class_defaults("alphaedit")["spread"] == []
+    for bad, fragment in (([3, 2], "2 weight(s) for 3 layer(s) [1, 2, 3]"), ([1, 0, 1], "positive"),
+                          ([1, -1, 1], "positive"), ([1, True, 1], "positive"), ([1, float("nan"), 1], "nan")):
+        with pytest.raises(InvalidRequestError, match=re.escape(fragment)):
+            load_hparams("memit", ["llama"], {"layers": [1, 2, 3], "spread": bad})
+    model = tiny_model("llama")                                                         # 4 layers
+    model.editserve_checkpoint = "smollm2-135m-instruct"
+    assert resolve_hparams(model, "alphaedit", [1, 2, 3]).spread == ()                  # another range
+    assert resolve_hparams(model, "alphaedit", [1, 2, 3], {"spread": [1, 1, 2]}).spread == (1, 1, 2)
+    assert resolve_hparams(model, "memit", [1, 2]).spread == ()
+
+
+def test_spread_weights_move_the_update_to_the_front_layers(env):
+    """Equal weights are MEMIT's spread (the same patch up to rounding); front-loaded weights ask
+    the first layer for a larger share of the residual, and the edit still lowers the target's NLL."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    reqs = [EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")]
+    hp = {**FAST, "cov_weight": 1.0}
+    plain = compute_patch(model, tok, reqs, method="memit", layers=[0, 1, 2], hparams=hp, corpus=env)
+    equal = compute_patch(model, tok, reqs, method="memit", layers=[0, 1, 2], hparams={**hp, "spread": [1, 1, 1]},
+                          corpus=env)
+    front = compute_patch(model, tok, reqs, method="memit", layers=[0, 1, 2], hparams={**hp, "spread": [6, 2, 1]},
+                          corpus=env)
+
+    def norms(p):
+        return [float((d.u @ d.v.T).norm()) for d in p.deltas]
+
+    assert norms(equal) == pytest.approx(norms(plain), rel=1e-4)
+    # the first layer is asked for 6/9 of the residual instead of 1/3: its (linear) solve doubles
+    assert norms(front)[0] == pytest.approx(2 * norms(plain)[0], rel=1e-4), (norms(plain), norms(front))
+    assert front.hparams["spread"] == [6, 2, 1] and plain.hparams["spread"] == []
+    before = target_nll(model, tok, [reqs[0].text], [" Rome"])
+    apply_patch(model, front)
+    assert (target_nll(model, tok, [reqs[0].text], [" Rome"]) < before - 0.05).all()

@@ -57,8 +57,11 @@ def model_names(model: torch.nn.Module) -> list[str]:
 def resolve_hparams(
     model: torch.nn.Module, method: str, layers: Sequence[int] | None = None, overrides: dict[str, Any] | None = None
 ) -> HParams:
-    """Hyper-parameters for `method` on `model`, with `layers` and `overrides` applied and checked."""
+    """Hyper-parameters for `method` on `model`, with `layers` and `overrides` applied and checked.
+    Layers other than the model file's drop its ``spread`` weights (they belong to its layer range)
+    unless `overrides` gives its own."""
     over = dict(overrides or {})
+    names = model_names(model)
     if layers is not None:
         layers = list(layers)
         if method == "rome":
@@ -67,7 +70,10 @@ def resolve_hparams(
             over["layer"] = layers[0]
         else:
             over["layers"] = layers
-    hp = load_hparams(method, model_names(model), over)
+    if method != "rome" and "layers" in over and "spread" not in over:
+        if list(load_hparams(method, names).layers) != list(over["layers"]):
+            over["spread"] = []
+    hp = load_hparams(method, names, over)
     check_layers(model, list(hp.layers))
     return hp
 
@@ -152,7 +158,8 @@ def compute_edit(
                                  prompt_keys if hp.keys == "per_prompt" else None)
 
         def attempt(clamps: torch.Tensor, stops: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps, stops)
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
+                           stops)
     else:
         t = time.perf_counter()
         dtype = next(model.parameters()).dtype
@@ -166,7 +173,8 @@ def compute_edit(
                                      prompt_keys if hp.keys == "per_prompt" else None)
 
         def attempt(clamps: torch.Tensor, stops: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.value, solve, timings, clamps, stops)
+            return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
+                           stops)
 
     deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
     patch = Patch(
@@ -250,11 +258,13 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: 
     return [WeightDelta(name=spec.weight_name(hp.layer), layer=hp.layer, u=u, v=v)], {hp.layer: key[None, :]}
 
 
-def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_params, solve, timings,
-            clamps: torch.Tensor, stops: torch.Tensor):
+def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], weights: tuple[float, ...], value_params, solve,
+            timings, clamps: torch.Tensor, stops: torch.Tensor):
     """MEMIT's machinery (memit.py): δ at the last edit layer's residual stream, then layer by layer
     `solve(layer, keys [n,d_in], prompt_keys [n,m,d_in], resid [n,d_out]) -> (U, V)` with the earlier
-    layers' updates in effect. Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
+    layers' updates in effect; layer i is asked for w_i / Σ_{j≥i} w_j of what is still missing at
+    the top (`weights`; () = equal, MEMIT's 1/(L − i); the last layer is asked for all of it).
+    Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
     spec = spec_for(model)
     top = spec.layer_name(layers[-1])                    # residual stream after the last edit layer
     t = time.perf_counter()
@@ -279,7 +289,8 @@ def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], value_param
         cur = res.outputs[top]                            # [n, d_model] with earlier layers' updates
         if z0 is None:
             z0 = cur
-        resid = (z0 + values.delta - cur) / (len(layers) - i)
+        resid = (z0 + values.delta - cur) / (len(layers) - i) if not weights else (
+            (z0 + values.delta - cur) * (weights[i] / sum(weights[i:])))
         u, v = solve(layer, res.keys[layer], res.prompt_keys[layer], resid)
         deltas.append(WeightDelta(name=spec.weight_name(layer), layer=layer, u=u, v=v))
         used[layer] = res.keys[layer]

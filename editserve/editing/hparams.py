@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -83,11 +84,24 @@ class RomeParams:
         return (self.layer,)
 
 
+def check_spread(spread: Any, layers: tuple[int, ...]) -> None:
+    """`spread` is () (MEMIT's equal shares) or one positive weight per layer of `layers`."""
+    if not isinstance(spread, tuple) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in spread):
+        raise InvalidRequestError(f"spread must be a list of positive numbers, one per layer, got {spread!r}")
+    if spread and len(spread) != len(layers):
+        raise InvalidRequestError(f"spread has {len(spread)} weight(s) for {len(layers)} layer(s) {list(layers)}: "
+                                  f"got {list(spread)!r}")
+
+
 @dataclass(frozen=True)
 class MemitParams:
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
     cov_weight: float = 1500.0     # λ in Δ = R Kᵀ (λC + KKᵀ)⁻¹
     keys: str = "mean"             # "mean": K = prefix-averaged keys; "per_prompt": KKᵀ over every prompt (memit.py)
+    # Layer i of the range is asked for w_i / Σ_{j≥i} w_j of the residual still missing at the top
+    # (edit.py `_spread`); () = equal weights, MEMIT's 1/(L − i).
+    spread: tuple[float, ...] = ()
     value: ValueParams = ValueParams()
     prefixes: PrefixParams = PrefixParams()
     stats: StatsParams = StatsParams()
@@ -95,6 +109,7 @@ class MemitParams:
     def __post_init__(self) -> None:
         if self.keys not in KEY_MODES:
             raise InvalidRequestError(f"unknown MEMIT keys mode {self.keys!r}; choose one of {list(KEY_MODES)}")
+        check_spread(self.spread, self.layers)
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class AlphaEditParams:
     alpha: float = 10.0                 # α in Δ = R K₁ᵀ P (K_pK_pᵀ P + K₁K₁ᵀ P + λCP + αI)⁻¹
     cov_weight: float = 0.0             # λ: MEMIT's covariance penalty kept inside the null space (0 = paper)
     keys: str = "mean"                  # "per_prompt": K₁K₁ᵀ is the mean over every prompt's key (memit.py)
+    spread: tuple[float, ...] = ()      # per-layer share weights, as MemitParams.spread
     value: ValueParams = ValueParams()
     prefixes: PrefixParams = PrefixParams()
     stats: StatsParams = StatsParams()
@@ -119,6 +135,7 @@ class AlphaEditParams:
             raise InvalidRequestError(f"cov_weight must be a number ≥ 0, got {self.cov_weight!r}")
         if self.keys not in KEY_MODES:
             raise InvalidRequestError(f"unknown AlphaEdit keys mode {self.keys!r}; choose one of {list(KEY_MODES)}")
+        check_spread(self.spread, self.layers)
 
 
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}
@@ -135,7 +152,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):
             kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
-        elif key in ("layers", "escalate_clamp") and isinstance(value, list):
+        elif key in ("layers", "escalate_clamp", "spread") and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:
             kwargs[key] = value
@@ -172,7 +189,7 @@ def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] 
 def class_defaults(method: str) -> dict[str, Any]:
     """The dataclass defaults of `method` (no per-model file): what a field a stored patch does not
     name meant when the patch was computed, if the field was added later with a neutral default
-    (AlphaEdit's ``cov_weight`` = 0, ``value.escalate_clamp`` = ()). Rebase replays patches over this."""
+    (AlphaEdit's ``cov_weight`` = 0, ``value.escalate_clamp`` = (), ``spread`` = ()). Rebase replays patches over this."""
     if method not in _METHODS:
         raise InvalidRequestError(f"unknown method {method!r}; choose one of {sorted(_METHODS)}")
     return to_dict(_METHODS[method]())
@@ -182,5 +199,7 @@ def to_dict(hp: HParams) -> dict[str, Any]:
     d = dataclasses.asdict(hp)
     if "layers" in d:
         d["layers"] = list(d["layers"])
+    if "spread" in d:
+        d["spread"] = list(d["spread"])
     d["value"]["escalate_clamp"] = list(d["value"]["escalate_clamp"])
     return d
