@@ -242,14 +242,20 @@ def allowed_drop(max_drop: Any) -> float:
     return float(max_drop)
 
 
+def _refuse_if_too_many(what: str, facts: str, broken: Sequence[str], held_before: int, max_drop: float) -> None:
+    """Raise `ConsolidationError` "`what` would break N of M `facts` that hold now", naming the first
+    five, when more than `max_drop` (checked by `allowed_drop`) of the `held_before` facts broke."""
+    max_drop = allowed_drop(max_drop)
+    if held_before and len(broken) > max_drop * held_before:
+        shown = "; ".join(broken[:5]) + (f"; and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise ConsolidationError(f"{what} would break {len(broken)} of {held_before} {facts} that hold now (allowed "
+                                 f"{max_drop:.0%}): {shown}; nothing was changed")
+
+
 def refuse_broken(check: ConsolidationCheck, max_drop: float = 0.0) -> None:
     """Raise `ConsolidationError` naming the broken facts when more than `max_drop` of those that
     held before no longer hold."""
-    max_drop = allowed_drop(max_drop)
-    if check.held_before and len(check.broken) > max_drop * check.held_before:
-        shown = "; ".join(check.broken[:5]) + (f"; and {len(check.broken) - 5} more" if len(check.broken) > 5 else "")
-        raise ConsolidationError(f"consolidation would break {len(check.broken)} of {check.held_before} committed "
-                                 f"facts that hold now (allowed {max_drop:.0%}): {shown}; nothing was changed")
+    _refuse_if_too_many("consolidation", "committed facts", check.broken, check.held_before, max_drop)
 
 
 
@@ -418,12 +424,8 @@ class RemovalCheck:
         it is another edit's reach — measured on the report stream: "Oslo is a twin city of → Tehran"
         kept "Porto is a twin city of" answering Tehran after Porto's own edit was taken out
         (docs/lifelong.md, "Session 13"). Refusing would leave the operator unable to revert."""
-        max_drop = allowed_drop(max_drop)
-        if self.held_before and len(self.broken) > max_drop * self.held_before:
-            shown = "; ".join(self.broken[:5]) + (f"; and {len(self.broken) - 5} more" if len(self.broken) > 5 else "")
-            raise ConsolidationError(f"taking the reverted facts out of the consolidated patch would break "
-                                     f"{len(self.broken)} of {self.held_before} other facts that hold now "
-                                     f"(allowed {max_drop:.0%}): {shown}; nothing was changed")
+        _refuse_if_too_many("taking the reverted facts out of the consolidated patch", "other facts", self.broken,
+                            self.held_before, max_drop)
         if self.still_held:
             log.warning("reverted out of the consolidation, still answered (by other edits' reach): %s",
                         "; ".join(self.still_held[:5]))
