@@ -12,6 +12,8 @@ applied the new weights — a wide, deterministic "in the middle of a swap" wind
 - an edit through A is served by B, a rollback through B by A (delays measured and printed);
 - ``wait_for_replicas_s``: returns once both serve the version; with B's swap held, it returns
   at its timeout naming B as lagging, and the commit stands;
+- with B's sidecar process stopped, B still serves every new head (its sidecar follows after the
+  version lock is released), and mirrors the head once it runs again;
 - 8 concurrent editors over both replicas (retrying on ABORTED, the optimistic-concurrency
   conflict): 8 distinct, consecutive versions; the ledger holds each patch once, all active at the head;
 - PostgreSQL stopped: both keep serving the same text, edits and rollbacks fail UNAVAILABLE,
@@ -157,6 +159,50 @@ def test_wait_for_replicas_returns_when_all_serve_or_at_its_timeout(fleet: Any) 
     assert change.version == 0 and list(change.serving_replicas) == ["a"] and list(change.lagging_replicas) == ["b"]
     assert took < 15                                      # it gave up at its timeout, not after B's hold
     assert _status(a).ledger_head == 0                    # the commit stands
+    _wait_served(b, 0, FOLLOW_BOUND_S)
+
+
+def _http_status(r: Replica) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{r.port}/editserve/v1/status",
+                                 headers={"authorization": f"Bearer {TOKENS['viewer']}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_b_follows_every_version_while_its_sidecar_is_stopped_then_the_sidecar_catches_up(fleet: Any) -> None:
+    """A follower's sidecar moves to a followed version after the version lock is released: with
+    B's sidecar process stopped (SIGSTOP: alive, but answering nothing — a long computation looks
+    the same to the lock), B still serves each new head at once; once the sidecar runs again it
+    mirrors the head with the parity check passing, and it was never restarted. (Before, B's first
+    follow waited for its sidecar inside the version lock, and the next follow waited for that.)"""
+    import signal
+
+    a, b, _, _ = fleet
+    before = _http_status(b)["sidecar"]
+    assert before["alive"] and before["in_sync"] and not before["sync_pending"], before
+    pid = int(before["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        served = []
+        for subject, target in (("The Leaning Tower of Pisa", " Dublin"), ("The Parthenon", " Warsaw")):
+            with a.client() as c:
+                out = c.edit([_fact(subject, target)], skip_gate=True)
+            served.append((out.change.version, _wait_served(b, out.change.version, 30.0)))
+        st = _http_status(b)
+        print(f"\nB served {served} (version, s after A's reply) with its sidecar stopped")
+        assert st["sidecar"]["sync_pending"] and st["sidecar"]["pid"] == pid, st["sidecar"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    head = served[-1][0]
+    deadline = time.monotonic() + FOLLOW_BOUND_S
+    while (st := _http_status(b))["sidecar"]["sync_pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sc = st["sidecar"]
+    assert not sc["sync_pending"] and sc["in_sync"] and sc["alive"] and sc["pid"] == pid, sc
+    assert sc["restarts"] == before["restarts"] and st["parity_failures"] == 0 and st["served_version"] == head, st
+    assert "Warsaw" in b.complete("The Parthenon is located in the city of")
+    with a.client() as c:
+        c.rollback(0, wait_for_replicas_s=120)
     _wait_served(b, 0, FOLLOW_BOUND_S)
 
 

@@ -292,7 +292,7 @@ class Operations:
 
     async def sync(self, who: Principal) -> Any:
         require(who, "sync")
-        change = await self.engine.follow()
+        change = await self.engine.follow(settle=True)       # the sidecar mirrors it when this returns
         if change is not None:
             audit.info("audit: sync by %s → version %d", who.caller, change.version)
         return change

@@ -136,6 +136,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         self.counters = Counters()
         self.metrics: Any = None
         self._sidecar_in_sync = False
+        self._pending_sync: tuple[int, dict[tuple[str, int], str]] | None = None   # a deferred sidecar sync
+        self._sync_task: asyncio.Task[None] | None = None           # runs the deferred sidecar syncs
         self._fingerprint: str | None = None
         self._sidecar_watch: asyncio.Task[None] | None = None
         self._sidecar_restart: asyncio.Task[None] | None = None
@@ -293,6 +295,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             await self.fleet.close()
         if self._sidecar_watch is not None:
             self._sidecar_watch.cancel()
+        await self._sidecar_settled()      # a deferred sync under way ends (no new one starts once closing)
         restart = self._sidecar_restart
         if restart is not None and not restart.done():
             starting = self._sidecar_starting
@@ -772,11 +775,15 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 log.warning("replica registry not readable for a serve-only refusal: %s: %s", type(exc).__name__, exc)
         raise refusal(what, replica_id, rows)
 
-    async def follow(self) -> VersionChange | None:
-        """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``)."""
+    async def follow(self, settle: bool = False) -> VersionChange | None:
+        """Serve the ledger head if it moved (e.g. after ``editserve ledger rollback``). The sidecar
+        follows in the background; with `settle` (an operator's sync) this waits for it too."""
         self._check_usable()
         async with self._lock:
-            return await self._follow_head()
+            change = await self._follow_head()
+        if settle:
+            await self._sidecar_settled()
+        return change
 
     async def engine_checksums(self, names: Sequence[str] | None = None) -> dict[str, dict[int, str]]:
         """Live checksums per matrix and rank (default: the matrices the served version touches)."""
@@ -813,6 +820,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             "median_pause_ms": pauses[len(pauses) // 2] if pauses else None,
             "sidecar": {"alive": self.sidecar.alive if self.sidecar else False,
                         "in_sync": self._sidecar_in_sync,
+                        "sync_pending": self.sidecar_sync_pending,
                         "device": self.sidecar.ready.device if self.sidecar and self.sidecar.ready else None,
                         "pid": self.sidecar.pid if self.sidecar else None,
                         "restarting": self._sidecar_restart is not None and not self._sidecar_restart.done(),

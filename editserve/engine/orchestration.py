@@ -4,7 +4,8 @@ commit → resume protocol (`editserve.engine.swap.Swapper`), and keep what is s
 `SwapOrchestration` is a part of `editserve.engine.control.ControlPlane` (a mixin; it uses the
 plane's ``swapper``, ``ledger``, ``expected``, ``admission``, ``served``, ``counters``,
 ``metrics``, ``settings`` and ``family``, and the sidecar supervision's `_sync_sidecar`). Every
-method that changes the served version runs under the plane's version lock. `Served` is what
+method that changes the served version runs under the plane's version lock; the sidecar's move
+to a version only followed from the ledger runs after it (`SidecarSupervision._defer_sidecar_sync`). `Served` is what
 the engine holds now; `Counters` are the swap counters shown by ``status``.
 """
 
@@ -239,8 +240,13 @@ class SwapOrchestration:
         result, expected = await self._swap(message, patches, commit)
         self._set_served(version, message, expected, len(patches))
         t_swap = time.perf_counter()
-        await self._sync_sidecar(version, result)
-        timings = {"swap": round((t_swap - t0) * 1e3, 3), "sidecar_sync": round((time.perf_counter() - t_swap) * 1e3, 3)}
+        timings = {"swap": round((t_swap - t0) * 1e3, 3)}
+        if kind == "follow":
+            # Outside the lock: the next follow must not queue behind the sidecar (docs/fleet.md).
+            self._defer_sidecar_sync(version, result)
+        else:
+            await self._sync_sidecar(version, result)
+            timings["sidecar_sync"] = round((time.perf_counter() - t_swap) * 1e3, 3)
         return VersionChange(version=version, previous_version=previous, kind=kind,
                              pause_ms=round(result.pause_seconds * 1e3, 3), swap=result.to_dict(),
                              timings_ms=timings, active_patches=len(patches))

@@ -7,7 +7,9 @@ plane's ``sidecar``, ``ledger``, ``served``, ``settings``, ``metrics``, ``counte
 watcher, or at once by the next operation that needs it (`_ensure_sidecar`); the replacement
 must load the same weights (fingerprint), opens the ledger and, under the version lock, syncs
 to the served version with the parity check. After every swap `_sync_sidecar` moves the sidecar
-to the new version and compares its checksums with the engine's.
+to the new version and compares its checksums with the engine's; after a swap that only follows
+the ledger head (a fleet follower) that sync runs in the background, outside the version lock
+(`_defer_sidecar_sync`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def _log_restart_outcome(task: "asyncio.Task[None]") -> None:
         log.error("sidecar restart failed: %s", task.exception())
 
 
+def engine_checksums(result: SwapResult) -> dict[tuple[str, int], str]:
+    """What a swap's workers reported: (matrix, tensor-parallel rank) → checksum."""
+    return {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
+
+
 class SidecarSupervision:
     """See the module docstring."""
 
@@ -41,6 +48,8 @@ class SidecarSupervision:
     counters: Any
     swapper: Any
     _statistics_published: float | None
+    _pending_sync: tuple[int, dict[tuple[str, int], str]] | None    # a deferred sync not started yet
+    _sync_task: "asyncio.Task[None] | None"                          # the deferred syncs' runner
 
     async def _watch_sidecar(self) -> None:
         """Notice a dead sidecar process within `sidecar_watch_s` and replace it (see `_restart_sidecar`)."""
@@ -130,17 +139,65 @@ class SidecarSupervision:
                  self.served.version if self.served else -1)
 
     async def _sync_sidecar(self, version: int, result: SwapResult) -> None:
-        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones.
+        """Move the sidecar to `version`; its checksums must equal the engine's just-reported ones
+        (and, for matrices only a deferred follow touched, the checksums that follow reported).
 
         A dead sidecar is not an error of the version change that was just served: the sync is
         skipped, a restart is started, and the new sidecar mirrors the served version."""
-        from editserve.engine.errors import SidecarError
-
         if self.settings.serve_only:
             return                          # no sidecar to move (editserve.engine.serveonly)
+        pending, self._pending_sync = self._pending_sync, None
+        checks = dict(pending[1]) if pending is not None else {}
+        checks.update(engine_checksums(result))
+        await self._sync_checked(version, checks)
+
+    def _defer_sidecar_sync(self, version: int, result: SwapResult) -> None:
+        """After a swap that follows the ledger head (under the version lock): move the sidecar to
+        `version` in the background instead of inside the lock, so that a follower's next swap
+        does not queue behind the sidecar's materialisation (docs/fleet.md). Follows that come
+        faster than the sidecar syncs are coalesced: the newest version is synced and checked
+        on every matrix any of them touched (a later swap's checksum of a matrix replaces an
+        earlier one's). A failure is logged and marks the sidecar out of sync, which makes the next
+        operation under the lock resync it (`_follow_head`); the sidecar's own calls name the
+        version they work on, so nothing computed on it depends on this sync."""
+        if self.settings.serve_only:
+            return
+        pending = self._pending_sync
+        checks = dict(pending[1]) if pending is not None else {}
+        checks.update(engine_checksums(result))
+        self._pending_sync = (version, checks)
+        task = self._sync_task
+        if task is None or task.done():
+            self._sync_task = asyncio.create_task(self._deferred_syncs(), name="editserve-sidecar-sync")
+
+    async def _deferred_syncs(self) -> None:
+        while self._pending_sync is not None and not self._closing:
+            version, checks = self._pending_sync
+            self._pending_sync = None
+            try:
+                await self._sync_checked(version, checks)
+            except Exception as exc:        # no caller waits for it: logged, and the state says so
+                log.error("moving the sidecar to version %d after following the ledger head failed: %s: %s "
+                          "(it is synced again before its next use)", version, type(exc).__name__, exc)
+
+    async def _sidecar_settled(self) -> None:
+        """Wait for the deferred sidecar syncs under way (their failures are logged, not raised)."""
+        task = self._sync_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
+    @property
+    def sidecar_sync_pending(self) -> bool:
+        """A deferred sidecar sync is queued or running."""
+        return self._pending_sync is not None or (self._sync_task is not None and not self._sync_task.done())
+
+    async def _sync_checked(self, version: int, engine: dict[tuple[str, int], str]) -> None:
+        """Move the sidecar to `version` and compare its checksums with `engine` ((matrix, rank) → sha)."""
+        from editserve.engine.errors import SidecarError
+
         sidecar = self.sidecar
         assert sidecar is not None
-        names = tuple(sorted({n for r in result.reports for n in r.checksums}))
+        names = tuple(sorted({n for n, _rank in engine}))
         if not sidecar.alive:
             self._sidecar_died_during(f"the swap to version {version}")
             return
@@ -158,7 +215,6 @@ class SidecarSupervision:
             self._sidecar_in_sync = False
             self.metrics.set_sidecar_up(False)
             raise
-        engine = {(n, r.tp_rank): sha for r in result.reports for n, sha in r.checksums.items()}
         bad = sorted(f"{n} rank {k}" for (n, k), sha in engine.items() if synced.checksums.get((n, k)) != sha)
         if bad:
             self._sidecar_in_sync = False
@@ -167,6 +223,10 @@ class SidecarSupervision:
             self.metrics.parity_failure()
             raise ParityError(f"after the swap to version {version}, the sidecar's weights differ from the engine's "
                               f"for {', '.join(bad)}")
+        if self.served is not None and self.served.version != version:
+            # A deferred sync that a newer swap overtook: its check passed, but whether the sidecar
+            # mirrors what is served now is for the newer version's sync to say.
+            return
         self._sidecar_in_sync = True
         self.metrics.set_sidecar_up(True)
         self.metrics.set_drifts(synced.drift)
