@@ -102,8 +102,9 @@ BENCH_TRIGGER = (
 )
 
 
-def rollout(dsn: str, a: Any, n: int, fingerprint: str, base: torch.Tensor) -> list[dict[str, float]]:
-    """`n` sequential commits through `a`; each waits until every replica has recorded serving it.
+def rollout(dsn: str, a: Any, n: int, fingerprint: str, base: torch.Tensor, gap: float = 0.0) -> list[dict[str, float]]:
+    """`n` sequential commits through `a`; each waits until every replica has recorded serving it
+    (and then `gap` seconds).
 
     "Serving" is read from the registry: every report a replica makes (after each swap, and its
     heartbeat) is copied by a trigger of this benchmark into ``bench_served`` with the report's
@@ -115,6 +116,8 @@ def rollout(dsn: str, a: Any, n: int, fingerprint: str, base: torch.Tensor) -> l
     exports = [export_bytes(i, fingerprint, base) for i in range(n)]
     with psycopg.connect(dsn, autocommit=True) as conn:
         for i, (manifest, factors) in enumerate(exports):
+            if i and gap > 0:
+                time.sleep(gap)
             t_send = time.time()
             with a.client() as c:
                 change = c.import_patch(manifest, factors, idempotency_key=f"fleet-bench-{i}")
@@ -144,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=50)
     ap.add_argument("--serve-only", action="store_true", help="the follower B without a sidecar")
+    ap.add_argument("--gap", type=float, default=0.0, help="seconds to wait after both serve before the next commit")
     ap.add_argument("--ledger-patches", type=int, default=200, help="commits per backend in the ledger table")
     args = ap.parse_args()
 
@@ -179,8 +183,9 @@ def main() -> None:
         print(f"fleet benchmark: 2 replicas (A with a sidecar, B {'serve-only' if args.serve_only else 'with a sidecar'}) on one "
               f"PostgreSQL ledger, started in {started:.0f} s; {args.edits} sequential commits through A; "
               f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs", flush=True)
-        rows = rollout(dsn, a, args.edits, fingerprint, base)
+        rows = rollout(dsn, a, args.edits, fingerprint, base, args.gap)
         rss = {r.name: r.rss_bytes() for r in replicas}
+        pauses = {r.name: swap_pauses(r) for r in replicas}
     finally:
         for r in replicas:
             r.stop()
@@ -207,10 +212,25 @@ def main() -> None:
         v = col(key)
         print(f"  {label:34s} {pct(v, 50) * 1e3:8.1f} {pct(v, 99) * 1e3:8.1f} {max(v) * 1e3:8.1f}")
     print(f"  resident memory at the end: A {rss['a'] / 2**20:.0f} MiB, B {rss['b'] / 2**20:.0f} MiB")
+    print("  swap pause per replica (its Status: median and last of its swaps, start-up included): " + ", ".join(
+        f"{name} {p['median_pause_ms']:.1f} / {p['last_pause_ms']:.1f} ms" for name, p in pauses.items()))
     print("\nledger commit (ms)            p50      p99      max")
     for name, r in (("sqlite", sqlite), ("postgresql", pg)):
         c = r["commit_s"]
         print(f"  {name:24s} {pct(c, 50) * 1e3:8.2f} {pct(c, 99) * 1e3:8.2f} {max(c) * 1e3:8.2f}")
+
+
+def swap_pauses(replica: Any) -> dict[str, float]:
+    """The replica's own swap-pause figures (HTTP status, viewer token)."""
+    import urllib.request
+
+    from tests._fleet import TOKENS
+
+    req = urllib.request.Request(f"http://127.0.0.1:{replica.port}/editserve/v1/status",
+                                 headers={"authorization": f"Bearer {TOKENS['viewer']}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        st = json.loads(resp.read())
+    return {"median_pause_ms": float(st["median_pause_ms"] or 0.0), "last_pause_ms": float(st["last_pause_ms"] or 0.0)}
 
 
 def _ledger_patch(i: int) -> Patch:

@@ -241,6 +241,8 @@ class SwapOrchestration:
         self._set_served(version, message, expected, len(patches))
         t_swap = time.perf_counter()
         timings = {"swap": round((t_swap - t0) * 1e3, 3)}
+        log.info("%s → version %d served (pause %.2f ms: %s)", kind, version, result.pause_seconds * 1e3,
+                 ", ".join(f"{k} {v * 1e3:.1f}" for k, v in (result.phases or {}).items()))
         if kind == "follow":
             # Outside the lock: the next follow must not queue behind the sidecar (docs/fleet.md).
             self._defer_sidecar_sync(version, result)

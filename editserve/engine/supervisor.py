@@ -174,8 +174,10 @@ class SidecarSupervision:
         while self._pending_sync is not None and not self._closing:
             version, checks = self._pending_sync
             self._pending_sync = None
+            t0 = time.perf_counter()
             try:
                 await self._sync_checked(version, checks)
+                log.debug("sidecar moved to followed version %d in %.1f ms", version, (time.perf_counter() - t0) * 1e3)
             except Exception as exc:        # no caller waits for it: logged, and the state says so
                 log.error("moving the sidecar to version %d after following the ledger head failed: %s: %s "
                           "(it is synced again before its next use)", version, type(exc).__name__, exc)
