@@ -169,6 +169,14 @@ def _http_status(r: Replica) -> Any:
         return json.loads(resp.read())
 
 
+def _settled_sidecar(r: Replica) -> Any:
+    """The replica's sidecar status once no deferred sync is queued or running (at most FOLLOW_BOUND_S)."""
+    deadline = time.monotonic() + FOLLOW_BOUND_S
+    while (sc := _http_status(r)["sidecar"])["sync_pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return sc
+
+
 def test_b_follows_every_version_while_its_sidecar_is_stopped_then_the_sidecar_catches_up(fleet: Any) -> None:
     """A follower's sidecar moves to a followed version after the version lock is released: with
     B's sidecar process stopped (SIGSTOP: alive, but answering nothing — a long computation looks
@@ -178,7 +186,7 @@ def test_b_follows_every_version_while_its_sidecar_is_stopped_then_the_sidecar_c
     import signal
 
     a, b, _, _ = fleet
-    before = _http_status(b)["sidecar"]
+    before = _settled_sidecar(b)                  # the previous test's last follow may still be syncing it
     assert before["alive"] and before["in_sync"] and not before["sync_pending"], before
     pid = int(before["pid"])
     os.kill(pid, signal.SIGSTOP)
@@ -194,10 +202,8 @@ def test_b_follows_every_version_while_its_sidecar_is_stopped_then_the_sidecar_c
     finally:
         os.kill(pid, signal.SIGCONT)
     head = served[-1][0]
-    deadline = time.monotonic() + FOLLOW_BOUND_S
-    while (st := _http_status(b))["sidecar"]["sync_pending"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    sc = st["sidecar"]
+    sc = _settled_sidecar(b)
+    st = _http_status(b)
     assert not sc["sync_pending"] and sc["in_sync"] and sc["alive"] and sc["pid"] == pid, sc
     assert sc["restarts"] == before["restarts"] and st["parity_failures"] == 0 and st["served_version"] == head, st
     assert "Warsaw" in b.complete("The Parthenon is located in the city of")
