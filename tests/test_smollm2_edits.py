@@ -152,3 +152,25 @@ def test_escalate_clamp_must_rise():
             load_hparams("rome", ["smollm2-135m-instruct"], {"value": {"clamp_norm_factor": 1.0, "escalate_clamp": bad}})
     hp = load_hparams("rome", ["smollm2-135m-instruct"], {"value": {"escalate_clamp": [8.0]}})
     assert hp.value.escalate_clamp == (8.0,)
+
+
+def test_gate_names_a_subject_that_opens_the_prompt(smollm):
+    """SmolLM2 adds no BOS token, so a one-token subject opening the prompt sits at position 0, which
+    an edit at the subject cannot reach: the gate refuses the edit and says why and what to do; the
+    same fact with words before the subject passes, and the first edit already changes such prompts."""
+    from editserve.control.probe import opens_sequence, probe_gate
+
+    model, tok = smollm
+    bare = EditRequest(prompt="{} is located in", subject="Spain", target_new=" Antarctica", target_true=" Europe")
+    assert opens_sequence(tok, bare)
+    assert not opens_sequence(tok, EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new=" Rome"))
+    assert not opens_sequence(tok, EditRequest(prompt="The country {} is located in", subject="Spain",
+                                               target_new=" Antarctica"))
+    report = probe_gate(model, tok, compute_patch(model, tok, [bare], method="alphaedit"), [bare])
+    assert not report.passed and report.efficacy == 0.0
+    (failure,) = [f for f in report.failures if f.startswith("efficacy")]
+    assert "request 0's subject 'Spain' is its prompt's first token" in failure and "put words before" in failure
+    worded = EditRequest(prompt="The country {} is located in", subject="Spain", target_new=" Antarctica",
+                         target_true=" Europe")
+    report = probe_gate(model, tok, compute_patch(model, tok, [worded], method="alphaedit"), [worded])
+    assert report.efficacy == 1.0 and not any("first token" in f for f in report.failures), report.failures

@@ -219,6 +219,27 @@ def _draw_neighbours(req: EditRequest, idx: int, true_obj: str, pool: dict[str, 
     return [(p, idx) for p in chosen]
 
 
+def opens_sequence(tok: Any, req: EditRequest) -> bool:
+    """Whether `req`'s subject is its prompt's first token (a one-token subject opening the prompt,
+    on a tokenizer that adds no BOS token): the edit's key is then read at position 0."""
+    from editserve.editing.prompts import subject_last_index
+
+    if req.prompt.index("{}") != 0:
+        return False
+    _, idx = subject_last_index(tok, req.text, len(req.subject))
+    return idx == 0
+
+
+def _first_token_hint(tok: Any, req: EditRequest, index: int) -> str:
+    """Why request `index` may not hold on its own prompt, if its subject opens the sequence."""
+    if not opens_sequence(tok, req):
+        return ""
+    return (f"; request {index}'s subject {req.subject!r} is its prompt's first token, and an edit cannot reach "
+            "position 0 on this model (no BOS token; the first position is the attention sink): prompts that "
+            "open with the subject keep their old answer while prompts with words before it change "
+            "(docs/lifelong.md, 'Subjects at position 0') - put words before the subject")
+
+
 def probe_gate(model: torch.nn.Module, tok: Any, patch: Any, requests: Sequence[EditRequest],
                config: GateConfig = GateConfig()) -> ProbeReport:
     """Score `patch` on `model` (see the module docstring); the model is unchanged on return."""
@@ -293,7 +314,9 @@ def probe_gate(model: torch.nn.Module, tok: Any, patch: Any, requests: Sequence[
     th = config.thresholds
     failures = []
     if efficacy < th.min_efficacy:
-        failures.append(f"efficacy {efficacy:.3f} < min_efficacy {th.min_efficacy}")
+        failed = sorted({i for r, (_, _, i) in zip(rows, items) if r.kind == "efficacy" and not r.success})
+        failures.append(f"efficacy {efficacy:.3f} < min_efficacy {th.min_efficacy}"
+                        + "".join(_first_token_hint(tok, reqs[i], i) for i in failed))
     if paraphrase >= 0 and paraphrase < th.min_paraphrase:
         failures.append(f"paraphrase {paraphrase:.3f} < min_paraphrase {th.min_paraphrase}")
     if ns_drop > th.max_ns_drop + 1e-9:
