@@ -170,6 +170,7 @@ def test_gate_names_a_subject_that_opens_the_prompt(smollm):
     assert not report.passed and report.efficacy == 0.0
     (failure,) = [f for f in report.failures if f.startswith("efficacy")]
     assert "request 0's subject 'Spain' is its prompt's first token" in failure and "put words before" in failure
+    assert any(r.kind == "paraphrase" and r.success for r in report.rows), report.rows   # words before: changed
     worded = EditRequest(prompt="The country {} is located in", subject="Spain", target_new=" Antarctica",
                          target_true=" Europe")
     report = probe_gate(model, tok, compute_patch(model, tok, [worded], method="alphaedit"), [worded])
