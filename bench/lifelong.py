@@ -200,13 +200,18 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     corpus = load_corpus(corpus_path)
     setup = {"corpus": corpus.fingerprint, "consolidate_every": consolidate_every,
              "consolidate_across_layers": across_layers}      # a saved state without a key is not checked on it
+    model, tok = load_model()                                   # a fresh model: no merge state from another run
+    from editserve.editing.edit import resolve_hparams
+    from editserve.editing.hparams import to_dict
+    # the method's resolved settings (model file + --hparams): a default that changed between sessions must
+    # not change a resumed run's method silently
+    setup["hparams"] = json.loads(json.dumps(to_dict(resolve_hparams(model, method, overrides=hparams))))
     if (run / "state.json").exists() and not fresh:
         saved = json.loads((run / "state.json").read_text())
         for key, value in setup.items():
             if key in saved and saved[key] != value:
                 raise SystemExit(f"{run} was computed with {key} {saved[key]!r}, this command asks for {value!r}: "
                                  f"pass the same options, another --out, or --fresh")
-    model, tok = load_model()                                   # a fresh model: no merge state from another run
     w0 = down_proj_weights(model)
     if (run / "state.json").exists() and not fresh:
         done, seconds, rows, touched, preserved = _load(run, model)
