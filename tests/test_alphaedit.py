@@ -251,3 +251,39 @@ def test_rome_and_memit_record_keys_and_bad_state(env):
         compute_edit(model, tok, REQS[:1], method="rome", layers=[1], hparams=FAST, corpus=env, preserved={"a": 1})
     with pytest.raises(InvalidRequestError, match="alpha"):
         compute_edit(model, tok, REQS[:1], method="alphaedit", layers=[1], hparams={**FAST, "alpha": -1}, corpus=env)
+
+
+def test_per_prompt_keys_are_what_the_state_preserves(env):
+    """keys="per_prompt": the state records every prompt's key (bare and prefixed, m per request) scaled by
+    1/√m — the second moment the fit used — so a consolidation keeps the edit's output on the bare prompt's
+    key, which the mean key alone does not (a per-prompt default broke a fact in the 30-commit consolidation)."""
+    from editserve.editing.consolidate import consolidate_layer
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    thr, stats = _threshold(model, tok, env)
+    m = 3                                                             # the bare prompt and 2 prefixed copies
+    hp = {**FAST, "prefixes": {"n_prefixes": m - 1}, "nullspace_threshold": thr, "alpha": 1.0}
+    mean = compute_edit(model, tok, REQS, method="alphaedit", layers=LAYERS, hparams=hp, corpus=env)
+    per = compute_edit(model, tok, REQS, method="alphaedit", layers=LAYERS, hparams={**hp, "keys": "per_prompt"},
+                       corpus=env)
+    assert all(b.keys.shape == (48, len(REQS)) for b in mean.preserved.blocks)
+    assert all(b.keys.shape == (48, len(REQS) * m) for b in per.preserved.blocks)
+    assert per.preserved.n_keys(LAYERS[0]) == len(REQS) * m
+    # request-major columns; at the first layer (no earlier update in effect) they average to the mean keys
+    cols = per.preserved.keys(LAYERS[0]).double().reshape(48, len(REQS), m)          # [d_in, n, m]
+    assert torch.allclose(cols.sum(-1) / m ** 0.5, mean.preserved.keys(LAYERS[0]).double(), atol=1e-5)
+    # consolidation on the recorded keys keeps the output on every prompt's key, the bare one included
+    layer = LAYERS[-1]
+    delta = next(d for d in per.patch.deltas if d.layer == layer).dense()
+    keys = per.preserved.keys(layer)                                                   # [d_in, n·m]
+    bare = keys.reshape(48, len(REQS), m)[:, :, 0] * m ** 0.5                          # [d_in, n]
+    mean_keys = keys.reshape(48, len(REQS), m).sum(-1) / m ** 0.5
+    kept = consolidate_layer(delta, keys, stats[layer].cov, layer)
+    only_mean = consolidate_layer(delta, mean_keys, stats[layer].cov, layer)
+    want = delta.double() @ bare.double()
+
+    def off(c):
+        return float(((c.u.double() @ c.v.double().T @ bare.double()) - want).norm() / want.norm())
+
+    assert off(kept) < 1e-4, off(kept)
+    assert off(only_mean) > 10 * max(off(kept), 1e-4), (off(only_mean), off(kept))

@@ -26,7 +26,7 @@ from editserve.editing.corpus import Corpus, load_corpus
 from editserve.editing.hooks import Hooks
 from editserve.editing.hparams import HParams, MemitParams, RomeParams, ValueParams, load_hparams, to_dict
 from editserve.editing.keys import compute_keys
-from editserve.editing.memit import memit_factors
+from editserve.editing.memit import memit_factors, preserved_columns
 from editserve.editing.model import fingerprint
 from editserve.editing.prefixes import context_prefixes
 from editserve.editing.requests import EditRequest
@@ -159,7 +159,7 @@ def compute_edit(
 
         def attempt(clamps: torch.Tensor, stops: torch.Tensor):
             return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
-                           stops)
+                           stops, per_prompt=hp.keys == "per_prompt")
     else:
         t = time.perf_counter()
         dtype = next(model.parameters()).dtype
@@ -174,7 +174,7 @@ def compute_edit(
 
         def attempt(clamps: torch.Tensor, stops: torch.Tensor):
             return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
-                           stops)
+                           stops, per_prompt=hp.keys == "per_prompt")
 
     deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
     patch = Patch(
@@ -259,12 +259,13 @@ def _rome(model, tok, requests, prefixes, hp: RomeParams, cov, timings, clamps: 
 
 
 def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], weights: tuple[float, ...], value_params, solve,
-            timings, clamps: torch.Tensor, stops: torch.Tensor):
+            timings, clamps: torch.Tensor, stops: torch.Tensor, per_prompt: bool = False):
     """MEMIT's machinery (memit.py): δ at the last edit layer's residual stream, then layer by layer
     `solve(layer, keys [n,d_in], prompt_keys [n,m,d_in], resid [n,d_out]) -> (U, V)` with the earlier
     layers' updates in effect; layer i is asked for w_i / Σ_{j≥i} w_j of what is still missing at
     the top (`weights`; () = equal, MEMIT's 1/(L − i); the last layer is asked for all of it).
-    Returns ([deltas], {layer: keys [n, d_in] used in the solve})."""
+    Returns ([deltas], {layer: keys the state preserves}): the mean keys [n, d_in] used in the solve, or
+    with `per_prompt` every prompt's key scaled by 1/√m [n·m, d_in] (memit.preserved_columns)."""
     spec = spec_for(model)
     top = spec.layer_name(layers[-1])                    # residual stream after the last edit layer
     t = time.perf_counter()
@@ -293,6 +294,6 @@ def _spread(model, tok, requests, prefixes, layers: tuple[int, ...], weights: tu
             (z0 + values.delta - cur) * (weights[i] / sum(weights[i:])))
         u, v = solve(layer, res.keys[layer], res.prompt_keys[layer], resid)
         deltas.append(WeightDelta(name=spec.weight_name(layer), layer=layer, u=u, v=v))
-        used[layer] = res.keys[layer]
+        used[layer] = preserved_columns(res.keys[layer], res.prompt_keys[layer] if per_prompt else None)
         timings["solve"] += time.perf_counter() - t
     return deltas, used

@@ -15,9 +15,13 @@ of their mean, each with weight 1/m, all asked for the request's residual:
          = U Vᵀ with U = R, V_r = A⁻¹ k̄_r                (still rank ≤ n)
 
 so only A changes: it sees the spread of each request's keys over contexts, not only their mean.
+What a later commit preserves (`preserved_columns`) is the same second moment: the m prompt keys
+scaled by 1/√m, whose K Kᵀ is the 1/m Σ k kᵀ this fit used (with mean keys, the mean keys).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +34,16 @@ def key_second_moment(keys: torch.Tensor, prompt_keys: torch.Tensor | None = Non
         return k.T @ k
     pk = prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1])   # [n·m, d_in]
     return pk.T @ pk / prompt_keys.shape[1]
+
+
+def preserved_columns(keys: torch.Tensor, prompt_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """[n, d_in] or [n·m, d_in] float32: the keys the preserved-keys state records for this fit — the mean
+    keys, or with prompt_keys [n, m, d_in] every prompt's key scaled by 1/√m (request-major), so that their
+    K Kᵀ is `key_second_moment` of the fit and a consolidation keeps the output on each prompt's key."""
+    if prompt_keys is None:
+        return keys.to(torch.float32)
+    m = prompt_keys.shape[1]
+    return (prompt_keys.to(torch.float64).reshape(-1, prompt_keys.shape[-1]) / math.sqrt(m)).float()
 
 
 def memit_factors(cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float,
