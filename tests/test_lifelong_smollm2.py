@@ -145,8 +145,10 @@ def test_alphaedit_state_holds_every_commit(results, setup):
     model = setup[0]
     state = results["alphaedit"]["state"]
     assert len(state.tags) == N
-    assert state.layers == tuple(resolve_hparams(model, "alphaedit").layers)
-    assert all(state.n_keys(layer) == N for layer in state.layers)
+    hp = resolve_hparams(model, "alphaedit")
+    assert state.layers == tuple(hp.layers)
+    per_edit = 1 + hp.prefixes.n_prefixes if hp.keys == "per_prompt" else 1     # memit.preserved_columns
+    assert all(state.n_keys(layer) == N * per_edit for layer in state.layers)
 
 
 def test_alphaedit_at_least_as_good_as_rome(results):
