@@ -31,15 +31,6 @@ DATA = HERE.parents[1] / "shared" / "data" / "counterfact" / "counterfact-train.
 log = logging.getLogger("layer_cost")
 
 
-def parse_layers(text: str) -> list[int]:
-    """"0-19" or "1,2,3" -> layer indices."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0-19")
@@ -55,9 +46,10 @@ def main() -> int:
     from editserve.editing.model import fingerprint, load_model
     from editserve.editing.nullspace import null_space
     from editserve.editing.stats import layer_stats
+    from editserve.engine.plugin import parse_layers              # "0-19" / "1,3,5-7", as EDITSERVE_EDITABLE_LAYERS
 
     model, tok = load_model()
-    layers = parse_layers(args.layers)
+    layers = sorted(parse_layers(args.layers) or range(model.config.num_hidden_layers))
     stats, _ = layer_stats(model, tok, layers, default_corpus(), fingerprint(model), progress=False)
     reqs = [r.request for r in load_counterfact(args.data, limit=args.records)]
     keys = compute_keys(model, tok, reqs, prefixes=[], layers=layers).keys          # layer -> [n, d_in]
