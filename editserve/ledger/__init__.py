@@ -11,7 +11,9 @@ Public API::
 
 See `editserve.ledger.ledger` for the data model, `editserve.ledger.transfer` for export and
 import, `editserve.ledger.rebase` for recomputing later patches after a revert,
-`editserve.ledger.consolidation` for replacing many active patches by one.
+`editserve.ledger.consolidation` for replacing many active patches by one,
+`editserve.ledger.objects` for the patches, key blocks and base copies versions refer to, and
+`editserve.ledger.integrity` for the check run at open.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from editserve.ledger.errors import (
     RevertError,
     VersionNotFound,
 )
+from editserve.ledger.integrity import IntegrityReport
 from editserve.ledger.ledger import (
-    IntegrityReport,
     Ledger,
     RebasedPatch,
     RebaseOutcome,

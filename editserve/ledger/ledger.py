@@ -11,10 +11,13 @@ Model of the data
   are summed.
 - **Head.** A pointer to one version, kept apart from the versions: `rollback` moves it back
   (or forward again) and every version stays in history.
-- **Blobs.** Patch factors (safetensors of ``Patch.tensors()``) and the saved base copy of
-  every touched matrix are content-addressed blobs (`editserve.ledger.blobs.BlobStore`),
-  written durably *before* the database transaction that refers to them. A crash leaves either
-  the whole version or none of it (and perhaps an unreferenced blob, which is harmless).
+- **Blobs.** Patch factors (safetensors of ``Patch.tensors()``), each patch's preserved-keys
+  blocks and the saved base copy of every touched matrix are content-addressed blobs
+  (`editserve.ledger.blobs.BlobStore`), written durably *before* the database transaction that
+  refers to them. A crash leaves either the whole version or none of it (and perhaps an
+  unreferenced blob, which is harmless). Writing, loading, verifying and caching these objects is
+  `editserve.ledger.objects.LedgerObjects`; this module owns the version history and the
+  transactions that change it. The integrity check run at open is `editserve.ledger.integrity`.
 - **Backends.** A directory holds a SQLite database and blob files
   (`editserve.ledger.sqlite`, `FileBlobStore`); a ``postgresql://`` DSN names a database that
   holds everything, blobs included (`editserve.ledger.postgres`, `editserve.ledger.pgblobs`),
@@ -36,7 +39,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +50,9 @@ import torch
 from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.arch import Layout
 from editserve.editing.requests import EditRequest
-from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
+from editserve.errors import InvalidRequestError
 from editserve.ledger.blobs import BlobStore, FileBlobStore
 from editserve.ledger.errors import (
-    BaseCopyMismatch,
     BaseCopyMissing,
     ConsolidationError,
     IdempotencyMismatch,
@@ -59,12 +60,12 @@ from editserve.ledger.errors import (
     LedgerCorrupt,
     LedgerError,
     LedgerModelMismatch,
-    PatchNotFound,
     RevertError,
 )
 from editserve.ledger.consolidation import CONSOLIDATED_METHOD, ConsolidationPlan, RemovalPlan
-from editserve.ledger.keystate import state_bytes, state_from_bytes
+from editserve.ledger.integrity import VERIFY_MODES, IntegrityReport, integrity_report
 from editserve.ledger.location import LedgerLocation, location_from_env
+from editserve.ledger.objects import LedgerObjects
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
     ADD,
@@ -81,8 +82,6 @@ from editserve.ledger.store import (
     Event,
     LedgerStore,
     NewVersion,
-    PatchRecord,
-    PatchStateRecord,
     VersionRecord,
 )
 from editserve.patches import Patch, WeightDelta, materialize
@@ -91,7 +90,6 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "ledger.sqlite3"
 BLOB_DIR = "blobs"
-VERIFY_MODES = ("full", "quick", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,36 +211,6 @@ class RevertResult:
 
 
 @dataclass(frozen=True)
-class IntegrityReport:
-    head: int
-    versions: int
-    patches: int
-    base_copies: int
-    blobs_checked: int
-    mode: str
-    bad_blobs: dict[str, str]
-    bad_versions: tuple[int, ...]
-    last_good: int
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad_blobs and not self.problems
-
-    def describe(self) -> str:
-        if self.ok:
-            return (f"ledger intact: {self.versions} versions, head {self.head}, {self.patches} patches, "
-                    f"{self.base_copies} base copies, {self.blobs_checked} blobs checked ({self.mode})")
-        parts = list(self.problems)
-        parts += [f"blob {b} {why}" for b, why in sorted(self.bad_blobs.items())]
-        if self.bad_versions:
-            shown = ", ".join(map(str, self.bad_versions[:20])) + (" ..." if len(self.bad_versions) > 20 else "")
-            parts.append(f"damaged versions: {shown}")
-        parts.append(f"head is {self.head}; last good version on its line is {self.last_good}")
-        return "; ".join(parts)
-
-
-@dataclass(frozen=True)
 class WeightDiff:
     name: str
     layer: int
@@ -270,18 +238,6 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
-def patch_bytes(patch: Patch) -> bytes:
-    from safetensors.torch import save
-
-    return save(patch.tensors())
-
-
-def patch_from_bytes(data: bytes, manifest: dict[str, Any]) -> Patch:
-    from safetensors.torch import load
-
-    return Patch.from_parts(manifest, load(data))
-
-
 def _json_safe(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
@@ -291,12 +247,6 @@ def _json_safe(value: Any, what: str) -> Any:
 
 def _request_digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
-
-
-def _out_in_shape(shape: Sequence[int], layout: Layout | str) -> tuple[int, int]:
-    if len(shape) != 2:
-        raise PatchMismatchError(f"edited weights must be 2-D, got shape {tuple(shape)}")
-    return (int(shape[0]), int(shape[1])) if Layout(layout) is Layout.OUT_IN else (int(shape[1]), int(shape[0]))
 
 
 def default_root(model_fingerprint: str) -> Path:
@@ -355,11 +305,9 @@ class Ledger:
         self._store = store
         self._blobs = blobs
         self.model_fingerprint = model_fingerprint
+        self._objects = LedgerObjects(store, blobs, model_fingerprint, patch_cache_size)
         self._lock = threading.RLock()
-        self._patch_cache: OrderedDict[str, Patch] = OrderedDict()
-        self._patch_cache_size = patch_cache_size
         self._active_cache: OrderedDict[int, tuple[tuple[str, int], ...]] = OrderedDict()
-        self._keys_cache: OrderedDict[str, PreservedKeys] = OrderedDict()     # patch digest -> its blocks
         self.damage: IntegrityReport | None = None
 
     # -- opening -------------------------------------------------------------------------------
@@ -457,6 +405,11 @@ class Ledger:
     def blobs(self) -> BlobStore:
         return self._blobs
 
+    @property
+    def objects(self) -> LedgerObjects:
+        """The patches, key blocks and base copies the versions refer to (`editserve.ledger.objects`)."""
+        return self._objects
+
     # -- reading -------------------------------------------------------------------------------
 
     def head(self) -> int:
@@ -529,62 +482,15 @@ class Ledger:
         """The patches in effect at `version` (default: the head), in the order they are summed."""
         version = self._resolve_version(version)
         self._refuse_damaged(version)
-        ids = self.active_ids(version)
-        with self._lock:
-            missing = [d for d in ids if d not in self._patch_cache]
-        if len(missing) > 8:                 # cold: fetch records and factor blobs in bulk (one query each)
-            wanted = set(missing)
-            records = {r.digest: r for r in self._store.patches() if r.digest in wanted}
-            blobs = self._blobs.get_many([records[d].blob for d in missing if d in records])
-            for d in missing:
-                if d in records and records[d].blob in blobs:
-                    self._load_patch(records[d], blobs[records[d].blob])
-        return [self.patch(d) for d in ids]
+        return self._objects.patches(self.active_ids(version))
 
     def patch(self, ref: str) -> Patch:
         """A stored patch by digest (or unique prefix of at least 6 characters), loaded and verified."""
-        digest = self.resolve_patch(ref)
-        with self._lock:
-            hit = self._patch_cache.get(digest)
-            if hit is not None:
-                self._patch_cache.move_to_end(digest)
-                return hit
-        rec = self._store.patch(digest)
-        return self._load_patch(rec, self._blobs.get(rec.blob))
-
-    def _load_patch(self, rec: PatchRecord, data: bytes) -> Patch:
-        """Parse and verify a patch from its (checksum-verified) blob; cache it."""
-        digest = rec.digest
-        try:
-            patch = patch_from_bytes(data, rec.manifest)
-        except (PatchMismatchError, NonFiniteError) as exc:
-            raise LedgerCorrupt(f"patch {digest[:12]} (blob {rec.blob}) does not load: {exc}",
-                                bad_blobs={rec.blob: str(exc)}) from exc
-        if patch.digest != digest:
-            raise LedgerCorrupt(f"patch {digest[:12]} loads as {patch.digest[:12]}", bad_blobs={rec.blob: "digest"})
-        with self._lock:
-            self._patch_cache[digest] = patch
-            while len(self._patch_cache) > self._patch_cache_size:
-                self._patch_cache.popitem(last=False)
-        return patch
+        return self._objects.patch(ref)
 
     def has_patch(self, digest: str) -> bool:
         """Whether patch `digest` (full digest) is stored in this ledger."""
-        try:
-            self._store.patch(digest)
-        except PatchNotFound:
-            return False
-        return True
-
-    def resolve_patch(self, ref: str) -> str:
-        if len(ref) == 64:
-            return ref
-        if len(ref) < 6:
-            raise PatchNotFound(f"patch reference {ref!r} is too short (give at least 6 hex digits)")
-        found = [p.digest for p in self._store.patches() if p.digest.startswith(ref)]
-        if len(found) != 1:
-            raise PatchNotFound(f"patch reference {ref!r} matches {len(found)} patches")
-        return found[0]
+        return self._objects.has(digest)
 
     def _info(self, rec: VersionRecord, manifests: Mapping[str, dict[str, Any]]) -> VersionInfo:
         m = manifests.get(rec.patch) if rec.patch else None
@@ -615,22 +521,11 @@ class Ledger:
         return self._store.events(since_id)
 
     def base_names(self) -> tuple[str, ...]:
-        return tuple(self._store.base_copies())
+        return self._objects.base_names()
 
     def base_copy(self, name: str) -> tuple[torch.Tensor, Layout]:
         """The saved original of `name` and its layout."""
-        rec = self._store.base_copies().get(name)
-        if rec is None:
-            raise BaseCopyMissing(f"the ledger holds no base copy of {name!r}")
-        return self._load_base(rec), Layout(rec.layout)
-
-    def _load_base(self, rec: BaseCopyRecord) -> torch.Tensor:
-        from safetensors.torch import load
-
-        tensors = load(self._blobs.get(rec.blob))
-        if rec.name not in tensors:
-            raise LedgerCorrupt(f"base-copy blob {rec.blob} does not hold {rec.name!r}", bad_blobs={rec.blob: "content"})
-        return tensors[rec.name]
+        return self._objects.base_copy(name)
 
     def touched_names(self, version: int | None = None) -> tuple[str, ...]:
         names: dict[str, None] = {}
@@ -639,118 +534,18 @@ class Ledger:
                 names[d.name] = None
         return tuple(names)
 
-    # -- base copies ---------------------------------------------------------------------------
-
-    def _base_record(self, name: str, tensor: torch.Tensor, layout: Layout) -> BaseCopyRecord:
-        from safetensors.torch import save
-
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-            raise PatchMismatchError(f"base copy of {name!r} must be a 2-D tensor, got {getattr(tensor, 'shape', tensor)!r}")
-        data = save({name: tensor.detach().to("cpu").contiguous().clone()})
-        blob = self._blobs.put(data)
-        return BaseCopyRecord(name=name, blob=blob, blob_size=len(data), dtype=str(tensor.dtype).replace("torch.", ""),
-                              shape=tuple(int(s) for s in tensor.shape), layout=Layout(layout).value,
-                              created_at=time.time())
-
     def ensure_base(self, name: str, tensor: torch.Tensor, layout: Layout = Layout.OUT_IN) -> BaseCopyRecord:
         """Store the original of `name` unless already stored; an offered copy that differs is refused.
 
         `tensor` must be the *base* model's weight (never one with patches merged in).
         """
-        existing = self._store.base_copies().get(name)
-        rec = self._base_record(name, tensor, layout)
-        if existing is not None:
-            if existing.blob != rec.blob:
-                raise BaseCopyMismatch(f"base copy of {name!r} is already stored as blob {existing.blob[:16]}; the one "
-                                       f"offered hashes to {rec.blob[:16]}")
-            return existing
-        self._store.add_base_copies([rec])
-        return rec
-
-    def _bases_for(self, patches: Iterable[Patch], base: Mapping[str, torch.Tensor] | None,
-                   base_layout: Layout, error: type[LedgerError] = BaseCopyMissing) -> list[BaseCopyRecord]:
-        """Check every touched matrix has a base copy of the right shape; returns new records to insert."""
-        stored = self._store.base_copies()
-        new: dict[str, BaseCopyRecord] = {}
-        for p in patches:
-            for d in p.deltas:
-                rec = stored.get(d.name) or new.get(d.name)
-                if rec is None:
-                    if base is None or d.name not in base:
-                        raise error(f"no base copy of {d.name!r} is stored; pass base={{name: weight}} with the base "
-                                    f"model's weight (or call ledger.ensure_base first)")
-                    rec = self._base_record(d.name, base[d.name], base_layout)
-                    new[d.name] = rec
-                if _out_in_shape(rec.shape, rec.layout) != d.shape:
-                    raise PatchMismatchError(f"delta for {d.name!r} has shape {d.shape} (d_out, d_in); the base weight "
-                                             f"is {rec.shape} in layout {rec.layout}")
-        return list(new.values())
+        return self._objects.ensure_base(name, tensor, layout)
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _check_patch(self, patch: Patch) -> None:
-        if not isinstance(patch, Patch):
-            raise InvalidRequestError(f"expected a Patch, got {type(patch).__name__}")
-        if patch.model_fingerprint != self.model_fingerprint:
-            raise LedgerModelMismatch(f"patch {patch.digest[:12]} was computed for model {patch.model_fingerprint[:16]}, "
-                                      f"this ledger is for {self.model_fingerprint[:16]}")
-        if not patch.deltas:
-            raise InvalidRequestError(f"patch {patch.digest[:12]} changes no weight")
-
-    def _patch_record(self, patch: Patch) -> PatchRecord:
-        data = patch_bytes(patch)
-        blob = self._blobs.put(data)
-        return PatchRecord(digest=patch.digest, blob=blob, blob_size=len(data), manifest=patch.manifest(),
-                           created_at=time.time())
-
-    def _state_records(self, keys: Mapping[str, PreservedKeys | None]) -> list[PatchStateRecord]:
-        """Write the preserved-keys blob of each patch (durable before the transaction); records to insert.
-        `keys` maps a patch digest to its blocks (those tagged with other digests are dropped)."""
-        out = []
-        for digest, state in keys.items():
-            if state is None:
-                continue
-            if not isinstance(state, PreservedKeys):
-                raise InvalidRequestError(f"preserved keys must be a PreservedKeys, got {type(state).__name__}")
-            own = state.for_patch(digest)
-            if not own.blocks:
-                continue
-            data = state_bytes(own)
-            out.append(PatchStateRecord(digest=digest, blob=self._blobs.put(data), blob_size=len(data),
-                                        n_blocks=len(own.blocks), created_at=time.time()))
-            with self._lock:
-                self._keys_cache[digest] = own
-        return out
-
     def patch_keys(self, digest: str) -> PreservedKeys:
         """The preserved-keys blocks stored with patch `digest` (empty if it has none)."""
-        return self._keys_of([digest])[digest]
-
-    def _keys_of(self, digests: Sequence[str]) -> dict[str, PreservedKeys]:
-        with self._lock:
-            out = {d: self._keys_cache[d] for d in digests if d in self._keys_cache}
-        missing = [d for d in digests if d not in out]
-        if missing:
-            records = self._store.patch_states(missing)
-            blobs = self._blobs.get_many([r.blob for r in records.values()]) if records else {}
-            for d in missing:
-                rec = records.get(d)
-                if rec is None:
-                    keys = PreservedKeys()
-                else:
-                    if rec.blob not in blobs:
-                        raise LedgerCorrupt(f"preserved-keys blob {rec.blob} of patch {d[:12]} is missing",
-                                            bad_blobs={rec.blob: "missing"})
-                    try:
-                        keys = state_from_bytes(blobs[rec.blob], d)
-                    except PatchMismatchError as exc:
-                        raise LedgerCorrupt(str(exc), bad_blobs={rec.blob: str(exc)}) from exc
-                out[d] = keys
-                with self._lock:
-                    self._keys_cache[d] = keys
-                    while len(self._keys_cache) > self._patch_cache_size:
-                        self._keys_cache.popitem(last=False)
-        return out
+        return self._objects.keys_of([digest])[digest]
 
     def preserved_keys(self, version: int | None = None) -> PreservedKeys:
         """The preserved-keys state of `version` (default: the head): the blocks stored with its
@@ -759,7 +554,7 @@ class Ledger:
         version = self._resolve_version(version)
         self._refuse_damaged(version)
         ids = self.active_ids(version)
-        per = self._keys_of(list(ids))
+        per = self._objects.keys_of(list(ids))
         blocks = tuple(b for d in ids for b in per[d].blocks)
         return PreservedKeys(blocks)
 
@@ -785,7 +580,7 @@ class Ledger:
                    preserved: PreservedKeys | None = None) -> int:
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
             raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
-        self._check_patch(patch)
+        self._objects.check(patch)
         report = None if probe_report is None else _json_safe(probe_report, "probe_report")
         digest = patch.digest
         request = _request_digest(kind, digest)
@@ -797,9 +592,9 @@ class Ledger:
         self._refuse_damaged(expected_head)
         if digest in self.active_ids(expected_head):
             raise InvalidRequestError(f"patch {digest[:12]} is already active at version {expected_head}")
-        bases = self._bases_for([patch], base, base_layout)
-        record = self._patch_record(patch)                     # blobs are durable before the transaction
-        states = self._state_records({digest: preserved})
+        bases = self._objects.bases_for([patch], base, base_layout)
+        record = self._objects.write_patch(patch)                     # blobs are durable before the transaction
+        states = self._objects.write_keys({digest: preserved})
         if states:                  # before the version: a committed version always has its state
             self._store.add_patch_states(states)
         new = NewVersion(parent=expected_head, kind=kind, patch=digest, ops=((ADD, digest),), caller=caller,
@@ -807,8 +602,8 @@ class Ledger:
                          details=details, event_kind=event_kind,
                          event_details={"patch": digest, "method": patch.method, **details})
         version, created = self._store.append_version(new, expected_head, [record], bases)
+        self._objects.remember(patch)
         with self._lock:
-            self._patch_cache[digest] = patch
             parent = self._active_cache.get(expected_head)
             if created and parent is not None:           # versions are immutable: extend the parent's list
                 self._active_cache[version] = parent + ((digest, version),)
@@ -862,7 +657,7 @@ class Ledger:
             raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is the last active patch at "
                               f"version {head}: no later patch to rebase (revert it without rebase)")
         new_context = [self.patch(d) for d in ids[:idx]]
-        keys = self._keys_of(ids)
+        keys = self._objects.keys_of(ids)
         new_blocks = [b for d in ids[:idx] for b in keys[d].blocks]
         outcomes: list[RebaseOutcome] = []
         rebased: list[RebasedPatch] = []
@@ -879,7 +674,7 @@ class Ledger:
             at_origin = list(self.active_ids(origin))
             below = at_origin[:at_origin.index(digest)]
             old_context = tuple(self.patch(d) for d in below)
-            old_keys = self._keys_of(below)
+            old_keys = self._objects.keys_of(below)
             old_preserved = PreservedKeys(tuple(b for d in below for b in old_keys[d].blocks))
             step = RebaseStep(version=origin, old_patch=old, old_context=old_context,
                               new_context=tuple(new_context), old_probe_report=self._first_report(digest, origin_rec),
@@ -889,7 +684,7 @@ class Ledger:
                 outcome = RebaseOutcome(patch=outcome)
             if not isinstance(outcome, RebaseOutcome):
                 raise RevertError(f"the rebase callable returned {type(outcome).__name__}, not a Patch or RebaseOutcome")
-            self._check_patch(outcome.patch)
+            self._objects.check(outcome.patch)
             own = outcome.keys.for_patch(outcome.patch.digest) if outcome.keys is not None else PreservedKeys()
             outcome = RebaseOutcome(patch=outcome.patch, metrics_before=dict(outcome.metrics_before),
                                     metrics_after=dict(outcome.metrics_after), keys=own if own.blocks else None)
@@ -1012,9 +807,9 @@ class Ledger:
         if plan is not None:
             ops += [(REMOVE, d) for d in plan.replaced]
             ops += [(ADD, p.digest) for p in new_patches]
-        bases = self._bases_for(new_patches, None, Layout.OUT_IN)
-        records = [self._patch_record(p) for p in new_patches]
-        states = self._state_records({o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {})
+        bases = self._objects.bases_for(new_patches, None, Layout.OUT_IN)
+        records = [self._objects.write_patch(p) for p in new_patches]
+        states = self._objects.write_keys({o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {})
         if states:
             self._store.add_patch_states(states)
         details = {"reverted": rec.version, "removed_patch": rec.patch, "rebased": [r.to_dict() for r in rebased]}
@@ -1025,9 +820,8 @@ class Ledger:
                          idempotency_key=idempotency_key, request_digest=request, details=details,
                          event_kind=EVENT_REVERT, event_details=details)
         number, created = self._store.append_version(new, head, records, bases)
-        with self._lock:
-            for p in new_patches:
-                self._patch_cache[p.digest] = p
+        for p in new_patches:
+            self._objects.remember(p)
         log.info("version %d: reverted version %d (patch %s)%s by %s", number, rec.version, rec.patch[:12],
                  f", rebased {len(rebased)} later patch(es)" if plan is not None else "", caller)
         return RevertResult(version=number, reverted_version=rec.version, removed_patch=rec.patch,
@@ -1039,9 +833,9 @@ class Ledger:
                             request: str) -> tuple[int, bool]:
         """One version on `head` that adds `patch` (with its preserved-keys blocks) by `ops` (a
         consolidation, a revert out of one): blobs and key state durable first, then the version."""
-        bases = self._bases_for([patch], None, Layout.OUT_IN)
-        record = self._patch_record(patch)
-        states = self._state_records({patch.digest: keys})
+        bases = self._objects.bases_for([patch], None, Layout.OUT_IN)
+        record = self._objects.write_patch(patch)
+        states = self._objects.write_keys({patch.digest: keys})
         if states:
             self._store.add_patch_states(states)
         new = NewVersion(parent=head, kind=kind, patch=patch.digest, ops=ops, caller=caller,
@@ -1049,8 +843,7 @@ class Ledger:
                          idempotency_key=idempotency_key, request_digest=request, details=details,
                          event_kind=event_kind, event_details=details)
         number, created = self._store.append_version(new, head, [record], bases)
-        with self._lock:
-            self._patch_cache[patch.digest] = patch
+        self._objects.remember(patch)
         return number, created
 
     def revert_consolidated(self, plan: RemovalPlan, caller: str = "local", idempotency_key: str | None = None,
@@ -1063,7 +856,7 @@ class Ledger:
         rollback to `plan.head` restores it exactly."""
         if not isinstance(plan, RemovalPlan):
             raise InvalidRequestError(f"expected a RemovalPlan, got {type(plan).__name__}")
-        self._check_patch(plan.patch)
+        self._objects.check(plan.patch)
         digest = plan.patch.digest
         request = _request_digest(KIND_REVERT, str(plan.version), "consolidated")
         hit = self._idempotent_hit(idempotency_key, request)
@@ -1095,7 +888,7 @@ class Ledger:
         longer active there. A repeated `idempotency_key` returns the first call's version."""
         if not isinstance(plan, ConsolidationPlan):
             raise InvalidRequestError(f"expected a ConsolidationPlan, got {type(plan).__name__}")
-        self._check_patch(plan.patch)
+        self._objects.check(plan.patch)
         digest = plan.patch.digest
         request = _request_digest(KIND_CONSOLIDATE, str(plan.head), digest)
         hit = self._idempotent_hit(idempotency_key, request)
@@ -1126,7 +919,7 @@ class Ledger:
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
             raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
         for p in patches:
-            self._check_patch(p)
+            self._objects.check(p)
         request = _request_digest(KIND_IMPORT, "replace" if replace else "add", *[p.digest for p in patches])
         hit = self._idempotent_hit(idempotency_key, request)
         if hit is not None:
@@ -1140,9 +933,9 @@ class Ledger:
             if dup:
                 raise ImportRejected(f"patch(es) {dup} are already active at version {expected_head}")
             ops = [(ADD, p.digest) for p in patches]
-        bases = self._bases_for(patches, base, base_layout, error=ImportRejected)
-        records = [self._patch_record(p) for p in patches]
-        states = self._state_records(dict(keys or {}))
+        bases = self._objects.bases_for(patches, base, base_layout, error=ImportRejected)
+        records = [self._objects.write_patch(p) for p in patches]
+        states = self._objects.write_keys(dict(keys or {}))
         if states:
             self._store.add_patch_states(states)
         new = NewVersion(parent=expected_head, kind=KIND_IMPORT, patch=patches[0].digest if len(patches) == 1 and not replace
@@ -1179,7 +972,7 @@ class Ledger:
                 rec = records.get(name)
                 if rec is None:
                     raise BaseCopyMissing(f"the ledger holds no base copy of {name!r} (touched at version {version})")
-                out[name] = materialize(self._load_base(rec), by_name.get(name, []), Layout(rec.layout))
+                out[name] = materialize(self._objects.load_base(rec), by_name.get(name, []), Layout(rec.layout))
         else:
             lay = Layout.OUT_IN if layout is None else Layout(layout)
             wanted = list(names) if names is not None else list(base)
@@ -1214,7 +1007,7 @@ class Ledger:
             norm = float(sums[name].norm())
             rel = None
             if name in records and self._blobs.check(records[name].blob, records[name].blob_size, full=False) is None:
-                base_norm = float(self._load_base(records[name]).float().norm())
+                base_norm = float(self._objects.load_base(records[name]).float().norm())
                 rel = norm / base_norm if base_norm > 0 else None
             weights.append(WeightDiff(name=name, layer=layers[name], norm=norm, relative=rel))
         return VersionDiff(a=a, b=b, only_a=only_a, only_b=only_b, common=common, weights=tuple(weights))
@@ -1223,59 +1016,7 @@ class Ledger:
 
     def integrity_report(self, mode: str = "full", deep: bool = False) -> IntegrityReport:
         """Check the database and every blob. `deep` also loads every patch and checks its digest."""
-        if mode not in VERIFY_MODES[:2]:
-            raise InvalidRequestError(f"mode must be 'full' or 'quick', got {mode!r}")
-        problems = list(self._store.check_consistency())
-        patches = self._store.patches()
-        bases = self._store.base_copies()
-        bad_blobs: dict[str, str] = {}
-        full = mode == "full"
-        checked = self._blobs.check_many([(b.blob, b.blob_size) for b in bases.values()]
-                                         + [(p.blob, p.blob_size) for p in patches], full)
-        for b in bases.values():
-            why = checked.get(b.blob)
-            if why:
-                bad_blobs[b.blob] = f"{why} (base copy of {b.name})"
-        bad_base = {b.name for b in bases.values() if b.blob in bad_blobs}
-        bad_patch = set()
-        for p in patches:
-            why = checked.get(p.blob)
-            if why:
-                bad_blobs[p.blob] = f"{why} (factors of patch {p.digest[:12]})"
-            elif deep:
-                try:
-                    loaded = patch_from_bytes(self._blobs.get(p.blob), p.manifest)
-                    if loaded.digest != p.digest:
-                        bad_blobs[p.blob] = f"content hashes to patch {loaded.digest[:12]}, not {p.digest[:12]}"
-                except (PatchMismatchError, NonFiniteError, LedgerCorrupt) as exc:
-                    bad_blobs[p.blob] = f"does not load as patch {p.digest[:12]}: {exc}"
-            if p.blob in bad_blobs or any(w["name"] in bad_base for w in p.manifest.get("weights", [])):
-                bad_patch.add(p.digest)
-        records = self._store.versions()
-        bad_count: dict[int, int] = {}
-        parents: dict[int, int | None] = {}
-        for r in records:
-            n = bad_count.get(r.parent, 0) if r.parent is not None else 0
-            for op, d in r.ops:
-                if d in bad_patch:
-                    n += 1 if op == ADD else -1
-            bad_count[r.version] = n
-            parents[r.version] = r.parent
-        bad_versions = tuple(v for v, n in bad_count.items() if n > 0)
-        try:
-            head = self._store.head()
-        except LedgerCorrupt as exc:
-            problems.append(str(exc))
-            head = -1
-        last_good, v = 0, head if head in parents else None
-        while v is not None:
-            if bad_count[v] == 0:
-                last_good = v
-                break
-            v = parents[v]
-        return IntegrityReport(head=head, versions=len(records), patches=len(patches), base_copies=len(bases),
-                               blobs_checked=len(patches) + len(bases), mode=mode, bad_blobs=bad_blobs,
-                               bad_versions=bad_versions, last_good=last_good, problems=tuple(problems))
+        return integrity_report(self._store, self._blobs, mode, deep)
 
     def check_integrity(self, mode: str = "full", deep: bool = False) -> IntegrityReport:
         """Like `integrity_report`, but raise `LedgerCorrupt` (naming the bad blobs and versions) if not intact."""

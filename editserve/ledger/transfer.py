@@ -33,7 +33,8 @@ from editserve.editing.arch import Layout
 from editserve.errors import EditserveError, PatchMismatchError
 from editserve.ledger.blobs import atomic_write, sha256_bytes
 from editserve.ledger.errors import ImportRejected, LedgerError
-from editserve.ledger.ledger import Ledger, _out_in_shape
+from editserve.ledger.ledger import Ledger
+from editserve.ledger.objects import out_in_shape
 from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _validate_patch(ledger: Ledger, manifest: Any, tensors: Mapping[str, torch.T
             weight, lay = base[d.name], Layout(base_layout)
         else:
             raise ImportRejected(f"{where}: no base weight of {d.name!r} to check the patch against; pass base=")
-        if _out_in_shape(weight.shape, lay) != d.shape:
+        if out_in_shape(weight.shape, lay) != d.shape:
             raise ImportRejected(f"{where}: delta for {d.name!r} has shape {d.shape} (d_out, d_in), the base weight "
                                  f"is {tuple(weight.shape)} ({lay.value})")
         u, v = d.u.double(), d.v.double()
