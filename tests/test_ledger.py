@@ -336,6 +336,25 @@ def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(backend: Backe
         assert led.expected_checksums(5) == led.expected_checksums(5)
 
 
+def test_object_cache_is_bounded_and_a_reread_is_verified(ledger: Ledger, backend: Backend,
+                                                          base: dict[str, torch.Tensor]) -> None:
+    """`LedgerObjects` keeps at most `cache_size` patches: one that fell out is read again and
+    verified, so a blob damaged after its first load is found then; one still cached is served as
+    it was verified when loaded."""
+    from editserve.ledger.objects import LedgerObjects
+
+    _commit_n(ledger, base, 4)
+    ids = ledger.active_ids()
+    objects = LedgerObjects(ledger.store, ledger.blobs, FP, cache_size=2)
+    assert [p.digest for p in objects.patches(ids)] == list(ids)      # loads 1..4; 3 and 4 stay cached
+    backend.corrupt_blob(ledger, _blob_of(ledger, 1))
+    backend.corrupt_blob(ledger, _blob_of(ledger, 4))
+    assert objects.patch(ids[3]).digest == ids[3]
+    with pytest.raises(LedgerCorrupt, match="corrupt"):
+        objects.patch(ids[0])
+    assert objects.patch(ids[1]).digest == ids[1]                       # intact, read again
+
+
 def test_missing_blob_and_missing_base_copy(backend: Backend, base: dict[str, torch.Tensor]) -> None:
     root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
