@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editserve.editing.consolidate import ConsolidateParams, consolidate, consolidate_layer, resolve_without
+from editserve.editing.consolidate import (
+    ConsolidateParams,
+    consolidate,
+    consolidate_layer,
+    edit_prices,
+    resolve_without,
+)
 from editserve.errors import InvalidRequestError, PatchMismatchError
 
 D_OUT, D_IN = 24, 40
@@ -63,6 +69,19 @@ def test_an_update_the_keys_fully_explain_comes_back_unchanged():
     minimal = v @ torch.linalg.solve(keys.T @ ak, ak.T)
     r = consolidate_layer(minimal, keys, cov, layer=1)
     torch.testing.assert_close(r.u.double() @ r.v.double().T, minimal, rtol=1e-4, atol=1e-5)
+
+
+def test_edit_prices_are_what_the_least_penalised_update_saves_without_each_edit():
+    delta, keys, cov = _setup(n_keys=6, seed=5)
+    p = edit_prices(delta, keys, cov, layer=2)
+    assert p.total == pytest.approx(consolidate_layer(delta, keys, cov, layer=2).penalty_after, rel=1e-6)
+    for j in range(keys.shape[1]):
+        others = torch.cat([keys[:, :j], keys[:, j + 1:]], dim=1)
+        without = consolidate_layer(delta, others, cov, layer=2).penalty_after
+        alone = consolidate_layer(delta, keys[:, j:j + 1], cov, layer=2).penalty_after
+        assert float(p.marginal[j]) == pytest.approx(p.total - without, rel=1e-4)
+        assert float(p.alone[j]) == pytest.approx(alone, rel=1e-4)
+    assert (p.marginal > 0).all() and (p.alone > 0).all()
 
 
 def test_resolving_without_some_keys_keeps_the_others_and_zeroes_those():

@@ -179,6 +179,36 @@ def resolve_without(delta: torch.Tensor, keys: torch.Tensor, dropped: torch.Tens
     return _result(layer, d, a, u, v, n_keys=int((~dropped).sum()))
 
 
+@dataclass(frozen=True)
+class EditPrices:
+    """What the committed edits cost one layer under its least-disturbance update (`edit_prices`)."""
+
+    layer: int
+    total: float               # tr(V G⁻¹ Vᵀ): the penalty of `consolidate_layer`'s ΔW*
+    marginal: torch.Tensor     # [N] float64: how much `total` falls without edit j's constraint
+    alone: torch.Tensor        # [N] float64: edit j's penalty were it the only one, ‖v_j‖² / (k_jᵀA⁻¹k_j)
+
+
+def edit_prices(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
+                params: ConsolidateParams = ConsolidateParams()) -> EditPrices:
+    """The price of each committed edit at one layer (a diagnostic; nothing is changed). With
+    G = KᵀA⁻¹K [N, N], V = ΔW K and Λ = V G⁻¹ (the multipliers of the constraint ΔW K = V):
+
+        total      = tr(V G⁻¹ Vᵀ)                  the least penalty that keeps every edit's output
+        marginal_j = ‖Λ_j‖² / (G⁻¹)_jj             what dropping edit j alone would save
+        alone_j    = ‖v_j‖² / G_jj                  what edit j costs without the others
+
+    (marginal: the Schur complement of G⁻¹ at j, per output row.) Exact for independent keys
+    (N ≤ d_in); past that G is singular and the jitter of `_solve_gram` makes it approximate."""
+    _, k, a = _checked(delta, keys, cov, layer, params)
+    v = delta.to(torch.float64) @ k                                        # V [d_out, N]
+    g = k.T @ torch.linalg.solve(a, k)                                     # G [N, N]
+    g_inv = _solve_gram(g, torch.eye(g.shape[0], dtype=torch.float64))
+    lam = v @ g_inv                                                        # Λ [d_out, N]
+    return EditPrices(layer=layer, total=float((lam * v).sum()), marginal=(lam ** 2).sum(0) / torch.diagonal(g_inv),
+                      alone=(v ** 2).sum(0) / torch.diagonal(g))
+
+
 def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor],
                               covs: Mapping[int, torch.Tensor],
                               params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:
