@@ -200,8 +200,8 @@ def edit_prices(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, laye
 
     (marginal: the Schur complement of G⁻¹ at j, per output row.) Exact for independent keys
     (N ≤ d_in); past that G is singular and the jitter of `_solve_gram` makes it approximate."""
-    _, k, a = _checked(delta, keys, cov, layer, params)
-    v = delta.to(torch.float64) @ k                                        # V [d_out, N]
+    d, k, a = _checked(delta, keys, cov, layer, params)
+    v = d @ k                                                              # V [d_out, N]
     g = k.T @ torch.linalg.solve(a, k)                                     # G [N, N]
     g_inv = _solve_gram(g, torch.eye(g.shape[0], dtype=torch.float64))
     lam = v @ g_inv                                                        # Λ [d_out, N]
