@@ -29,7 +29,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "counterfact" / "counterfact-train.json"
-log = logging.getLogger("value_size")
 
 
 def _setting(text: str) -> tuple[str, dict]:
