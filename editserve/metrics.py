@@ -47,6 +47,9 @@ earlier edits). The per-layer norm growth is ``editserve_layer_drift_ratio`` abo
 ``editserve_layer_null_space_taken_ratio`` (gauge, ``layer``: the share of AlphaEdit's null space at
 that layer the committed keys take, measured by each retention probe run; 1 means no direction is
 left where a new edit would not weigh on earlier ones; docs/lifelong.md).
+``editserve_heldout_perplexity_ratio`` (gauge: the perplexity of the packaged held-out prose on the
+served version over the unedited model's, from the last retention probe run; NaN until measured; the
+general damage a long ledger does, which moves before retention and NS do; docs/lifelong.md).
 ``editserve_consolidations_total`` (counter, ``result``: ok; refused: fewer than two patches with
 preserved keys, a committed fact would break, or the head moved; failed: an error) counts consolidations
 (editserve/ledger/consolidation.py), asked for or automatic (editserve/engine/autoconsolidate.py).
@@ -234,7 +237,11 @@ class Metrics:
                                  "layer that the committed edits' keys take (from the last retention probe).",
                                  ["layer"], multiprocess_mode="mostrecent", registry=registry)
         self._null_space_layers: set[int] = set()
+        self._ppl_ratio = Gauge(f"{p}_heldout_perplexity_ratio", "Held-out perplexity of the served version over "
+                                "the unedited model's (from the last retention probe; NaN: not measured).",
+                                multiprocess_mode="mostrecent", registry=registry)
         self._retention.set(math.nan)
+        self._ppl_ratio.set(math.nan)
         for result in ("ok", "failed"):
             self._retention_runs.labels(result=result)
         for result in CONSOLIDATION_RESULTS:
@@ -401,6 +408,11 @@ class Metrics:
         for layer, value in taken.items():
             self._null_space.labels(layer=str(layer)).set(float(value))
         self._null_space_layers |= set(taken)
+
+    def set_perplexity_ratio(self, ratio: float) -> None:
+        """Held-out perplexity of the served version over the unedited model's, as the last
+        retention probe measured it (editserve/engine/health.py)."""
+        self._ppl_ratio.set(_finite(ratio, "held-out perplexity ratio", lo=0.0))
 
     def record_retention_probe(self, ok: bool) -> None:
         """Count one retention probe run (``ok`` false: it failed; the gauges keep the last result)."""

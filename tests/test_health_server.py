@@ -12,7 +12,8 @@ One server, one ledger, in order (real ROME edits on layer 5):
 4. The same edit committed by an admin skipping the gate (v3): the probe now measures the
    damage for real, 2 of 3 facts (v1's is broken).
 5. Rollback to v2, then to v0: the drift gauge returns to v2's value exactly, then to 0; the
-   probe follows (2 of 2, then none), and so does the null-space gauge of layer 5 (v2's value, then 0).
+   probe follows (2 of 2, then none), and so do the null-space gauge of layer 5 (v2's value, then 0)
+   and the held-out perplexity ratio (v2's value exactly, then exactly 1: the unedited model's).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def _health(server: Server) -> dict[str, float]:
             "refusals": _v(s, "editserve_gate_retention_refusals_total"),
             "drift5": s.get(("editserve_layer_drift_ratio", frozenset({("layer", "5")})), 0.0),
             "null5": s.get(("editserve_layer_null_space_taken_ratio", frozenset({("layer", "5")})), 0.0),
+            "ppl": _v(s, "editserve_heldout_perplexity_ratio"),
             "head": _v(s, "editserve_head_version")}
 
 
@@ -84,6 +86,9 @@ def test_retention_probe_gate_and_drift(server):
     assert r["last"]["facts"] == 0 and r["enabled"] and r["sample"] == 16
     h0 = _health(server)
     assert math.isnan(h0["ratio"]) and h0["n"] == 0 and h0["drift5"] == 0.0 and h0["failed"] == 0
+    # The unedited model's held-out perplexity is the reference: exactly 1 on version 0.
+    assert r["last"]["perplexity_ratio"] == 1.0 and h0["ppl"] == 1.0
+    assert r["last"]["heldout_perplexity"] == r["last"]["base_heldout_perplexity"] > 1.0
 
     # 1. v1, admin skips the gate.
     runs = _runs(server)
@@ -96,6 +101,9 @@ def test_retention_probe_gate_and_drift(server):
     assert h1["drift5"] > 0
     # the null-space share of layer 5 (ROME's key there), from the same probe run, on the gauge
     assert set(r1["last"]["null_space"]) == {"5"} and h1["null5"] == pytest.approx(r1["last"]["null_space"]["5"], abs=1e-6)
+    # one edit moves the held-out perplexity (the same value in status and on the gauge)
+    assert math.isfinite(h1["ppl"]) and h1["ppl"] != 1.0 and h1["ppl"] == r1["last"]["perplexity_ratio"]
+    assert r1["last"]["base_heldout_perplexity"] == r["last"]["base_heldout_perplexity"]
 
     # 2. v2 through the gate: the retention check scored v1's fact and passed.
     runs = _runs(server)
@@ -107,6 +115,7 @@ def test_retention_probe_gate_and_drift(server):
     h2 = _health(server)
     assert (r2["last"]["facts"], r2["last"]["sampled"], r2["last"]["held"]) == (2, 2, 2), r2
     assert h2["ratio"] == 1.0 and h2["n"] == 2 and h2["drift5"] > h1["drift5"]
+    assert h2["ppl"] == r2["last"]["perplexity_ratio"] != h1["ppl"]
     assert 0 < h2["null5"] == pytest.approx(r2["last"]["null_space"]["5"], abs=1e-6) and h2["null5"] >= h1["null5"]
 
     # 3. Anatole France back to French through the gate: breaks v1 → refused, naming it.
@@ -139,11 +148,12 @@ def test_retention_probe_gate_and_drift(server):
     assert status == 200 and rb["version"] == 2, rb
     _probed(server, 2, runs)
     h5 = _health(server)
-    assert h5["drift5"] == h2["drift5"] and h5["ratio"] == 1.0 and h5["n"] == 2
+    assert h5["drift5"] == h2["drift5"] and h5["ratio"] == 1.0 and h5["n"] == 2 and h5["ppl"] == h2["ppl"]
     runs = _runs(server)
     status, rb = server.post("/editserve/v1/rollback", {"version": 0})
     assert status == 200 and rb["version"] == 0, rb
     _probed(server, 0, runs)
     h6 = _health(server)
     assert h6["drift5"] == 0.0 and math.isnan(h6["ratio"]) and h6["n"] == 0 and h6["failed"] == 0
+    assert h6["ppl"] == 1.0                                   # the base weights restored bit for bit
     assert h5["null5"] == h2["null5"] and h6["null5"] == 0.0      # no committed key left: the gauge reads 0

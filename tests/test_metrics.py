@@ -241,6 +241,9 @@ def test_probe_scores_not_measured_read_as_nan(served):
     (lambda m: m.set_null_space_taken({3: 0.1, N_LAYERS: 0.2}), str(N_LAYERS)),
     (lambda m: m.set_null_space_taken({3: 1.5}), "1.5"),
     (lambda m: m.set_null_space_taken({3: math.nan}), "nan"),
+    (lambda m: m.set_perplexity_ratio(math.inf), "inf"),
+    (lambda m: m.set_perplexity_ratio(-0.5), "-0.5"),
+    (lambda m: m.set_perplexity_ratio("1.1"), "'1.1'"),
     (lambda m: m.record_swap_result("partial"), "partial"),
     (lambda m: m.record_swap_result("OK"), "OK"),
     (lambda m: m.record_completion(1), "1"),
@@ -302,7 +305,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_edit_retention_ratio": "gauge", "editserve_edit_retention_sample_size": "gauge",
         "editserve_edit_retention_last_run_timestamp_seconds": "gauge", "editserve_retention_probes": "counter",
         "editserve_gate_retention_refusals": "counter", "editserve_consolidations": "counter",
-        "editserve_layer_null_space_taken_ratio": "gauge",
+        "editserve_layer_null_space_taken_ratio": "gauge", "editserve_heldout_perplexity_ratio": "gauge",
     }
     # Every name a scrape shows is in the set (and a scrape after recording shows the drift series).
     metrics.set_drift(0, 0.5)
@@ -477,6 +480,15 @@ def test_consolidations_are_counted_by_a_fixed_result():
     assert registry.get_sample_value("editserve_consolidations_total", {"result": "refused"}) == 1
     with pytest.raises(MetricsError, match="'skipped'"):
         metrics.record_consolidation("skipped")
+
+
+def test_heldout_perplexity_ratio_is_nan_until_measured_then_the_last_value(served):
+    metrics, scraper = served
+    assert math.isnan(value(scraper.samples(), "editserve_heldout_perplexity_ratio"))
+    metrics.set_perplexity_ratio(1.0)
+    assert value(scraper.samples(), "editserve_heldout_perplexity_ratio") == 1.0
+    metrics.set_perplexity_ratio(1.0625)
+    assert value(scraper.samples(), "editserve_heldout_perplexity_ratio") == 1.0625
 
 
 def test_null_space_taken_per_layer_and_a_layer_rolled_back_reads_zero(served):

@@ -6,16 +6,20 @@ import, follow) and every `HealthSettings.probe_interval_s`, `RetentionProbe` as
 committed at the served version (their rewrite prompts, new and replaced targets) with the
 gate's outcome function (`editserve.editing.scoring.fact_success`) and exports the share that
 still holds: ``editserve_edit_retention_ratio`` (NaN when no fact is committed), the sample size
-and the time of the run (`editserve.metrics.Metrics.set_retention`), and per layer the share of
+and the time of the run (`editserve.metrics.Metrics.set_retention`), per layer the share of
 AlphaEdit's null space the committed keys take (``editserve_layer_null_space_taken_ratio``,
-`editserve.editing.nullspace.null_space_use`; from cached statistics only). The scoring runs in the
+`editserve.editing.nullspace.null_space_use`; from cached statistics only), and the general damage:
+the perplexity of the packaged held-out prose (editserve/data/heldout.txt, not the statistics
+corpus) on the served version over the unedited model's, measured by the sidecar at its start
+(``editserve_heldout_perplexity_ratio``; the benchmark's "held-out perplexity" column, the
+measure that moves first on a long ledger: docs/lifelong.md). The scoring runs in the
 sidecar process, never on the serving path; the job here only schedules it (an asyncio task in
 the API server). Periodic runs draw a new sample each time (the run number is the seed), so a
 small sample covers the ledger over time. Runs are skipped while the sidecar is dead or out
 of sync; a failed run counts ``editserve_retention_probes_total{result="failed"}``.
 
 CPU cost: one run scores 2 × `probe_sample` short continuations (one batch of forward passes of
-the sidecar's model); the defaults (16 facts, every 15 minutes and after each version change, at
+the sidecar's model) and the held-out text (about 1,000 tokens in windows of 256); the defaults (16 facts, every 15 minutes and after each version change, at
 most one run per 30 s) keep it to a few seconds of one core per run on SmolLM2-135M (docs/lifelong.md).
 The null-space share adds, per edited layer, reading its cached statistics and projection and the
 eigenvalues of an N×N matrix (N committed keys there, at most d_in): about 0.1 s at N = 100 and
@@ -102,15 +106,26 @@ class RetentionRun:
     seconds: float
     broken: tuple[dict[str, Any], ...] = ()
     null_space: dict[int, float] = field(default_factory=dict)   # layer → share of AlphaEdit's null space taken
+    heldout_ppl: float | None = None          # held-out perplexity of `version` (None: not measured)
+    base_heldout_ppl: float | None = None     # the same on the unedited model
 
     @property
     def ratio(self) -> float | None:
         return self.held / self.sampled if self.sampled else None
 
+    @property
+    def perplexity_ratio(self) -> float | None:
+        """Held-out perplexity of `version` over the unedited model's (1.0: no general damage)."""
+        if self.heldout_ppl is None or not self.base_heldout_ppl:
+            return None
+        return self.heldout_ppl / self.base_heldout_ppl
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "facts": self.facts, "sampled": self.sampled, "held": self.held,
                 "ratio": self.ratio, "at": self.at, "seconds": self.seconds, "broken": list(self.broken),
-                "null_space": {str(layer): round(v, 6) for layer, v in sorted(self.null_space.items())}}
+                "null_space": {str(layer): round(v, 6) for layer, v in sorted(self.null_space.items())},
+                "heldout_perplexity": self.heldout_ppl, "base_heldout_perplexity": self.base_heldout_ppl,
+                "perplexity_ratio": self.perplexity_ratio}
 
 
 class RetentionProbe:
@@ -191,8 +206,11 @@ class RetentionProbe:
         self.metrics.record_retention_probe(True)
         self.metrics.set_retention(run.ratio, run.sampled, run.at)
         self.metrics.set_null_space_taken(run.null_space)
-        log.info("retention probe of version %d: %d/%d sampled facts hold (%d committed) in %.2f s", run.version,
-                 run.held, run.sampled, run.facts, run.seconds)
+        if run.perplexity_ratio is not None:
+            self.metrics.set_perplexity_ratio(run.perplexity_ratio)
+        log.info("retention probe of version %d: %d/%d sampled facts hold (%d committed), held-out perplexity "
+                 "×%s, in %.2f s", run.version, run.held, run.sampled, run.facts,
+                 "?" if run.perplexity_ratio is None else f"{run.perplexity_ratio:.4f}", run.seconds)
         return run
 
     def status(self) -> dict[str, Any]:
@@ -209,4 +227,5 @@ def run_of(measured: Any, at: float | None = None) -> RetentionRun:
     return RetentionRun(version=measured.version, facts=measured.facts, sampled=len(rows),
                         held=sum(1 for r in rows if r["holds"]), at=time.time() if at is None else at,
                         seconds=measured.seconds, broken=tuple(r for r in rows if not r["holds"]),
-                        null_space=dict(measured.null_space))
+                        null_space=dict(measured.null_space), heldout_ppl=measured.heldout_ppl,
+                        base_heldout_ppl=measured.base_heldout_ppl)

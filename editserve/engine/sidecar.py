@@ -29,6 +29,7 @@ This module imports torch and transformers only, never vLLM.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -208,6 +209,8 @@ class RetentionMeasured:
     seconds: float
     null_space: dict[int, float] = field(default_factory=dict)   # layer → share of AlphaEdit's null space the
     #                                  committed keys take (layers whose statistics are not built yet: absent)
+    heldout_ppl: float | None = None       # perplexity of the packaged held-out text on the held version
+    base_heldout_ppl: float | None = None  # the same on the unedited model (measured at the sidecar's start)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,10 @@ class _Worker:
         self.preserved: Any = None               # PreservedKeys of `version` (set by _hold)
         self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
         self.warmup: Any = None                  # a StatisticsWarmup once sidecar_main has started it
+        # The unedited model's held-out perplexity, the retention probe's reference (the model is the
+        # base checkpoint until the first `_hold`). None when it cannot be measured: the probe then
+        # leaves the perplexity out.
+        self.base_heldout_ppl = self._heldout_ppl("the unedited model")
 
     def plan_warmup(self, state_file: Any) -> None:
         """Decide which statistics the warm-up builds and publish that state (before `Ready`, so a
@@ -634,8 +641,25 @@ class _Worker:
         sample = self._known(sample_facts(facts, msg.sample_size, msg.seed))
         rows = tuple({**f.to_dict(), "holds": ok, "new_logprob": round(new, 5), "true_logprob": round(true, 5)}
                      for f, (ok, new, true) in zip(sample, facts_hold(self.model, self.tok, sample)))
+        ppl = self._heldout_ppl(f"version {msg.version}") if self.base_heldout_ppl is not None else None
         return RetentionMeasured(version=msg.version, facts=len(facts), rows=rows, seconds=time.perf_counter() - t0,
-                                 null_space=self.null_space_taken())
+                                 null_space=self.null_space_taken(), heldout_ppl=ppl,
+                                 base_heldout_ppl=self.base_heldout_ppl)
+
+    def _heldout_ppl(self, what: str) -> float | None:
+        """`editserve.editing.lifelong.heldout_perplexity` of the model as it is now (about 1,000
+        tokens, one forward pass per 256); a failure is logged and gives None."""
+        from editserve.editing.lifelong import heldout_perplexity
+
+        try:
+            ppl = heldout_perplexity(self.model, self.tok)
+        except (EditserveError, RuntimeError, ValueError) as exc:
+            log.warning("held-out perplexity of %s not measured: %s: %s", what, type(exc).__name__, exc)
+            return None
+        if not math.isfinite(ppl):
+            log.warning("held-out perplexity of %s is not finite (%r)", what, ppl)
+            return None
+        return ppl
 
     def null_space_taken(self) -> dict[int, float]:
         """`editserve.editing.lifelong.null_space_uses` of the held version's preserved keys, from the
