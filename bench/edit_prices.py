@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
 
-from lifelong import _load  # noqa: E402  (bench/lifelong.py: the saved state)
+from lifelong import load_run  # noqa: E402  (bench/lifelong.py: a run's saved state)
 
 from editserve.editing import load_model  # noqa: E402
 from editserve.editing.consolidate import (  # noqa: E402
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model()
     w0 = down_proj_weights(model)
-    done, _, _, _, preserved = _load(Path(args.run), model)
+    done, _, _, _, preserved = load_run(Path(args.run), model)
     w = down_proj_weights(model)
     layers = list(preserved.layers)
     covs = consolidation_covariances(model, tok, layers, load_corpus(None))

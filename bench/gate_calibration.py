@@ -56,17 +56,11 @@ def main() -> int:
     from editserve.control.probe import DEFAULT_THRESHOLDS, GateConfig, probe_gate
     from editserve.editing import EditRequest, compute_patch, load_model
     from editserve.editing.counterfact import load_counterfact
-    from editserve.editing.evaluate import score_records
+    from editserve.editing.evaluate import known_records
 
     method = args.method or default_method()
     model, tok = load_model()
-    records = load_counterfact(args.data)
-    known = []
-    for start in range(0, len(records), 64):
-        chunk = records[start:start + 64]
-        known += [r for r, sc in zip(chunk, score_records(model, tok, chunk)) if sc.es == 0.0]
-        if len(known) >= args.skip + args.records:
-            break
+    known = known_records(model, tok, load_counterfact(args.data), args.skip + args.records).records
     cases = [("counterfact", r.case_id, r.request) for r in known[args.skip:args.skip + args.records]]
     cases += [("over-general", i, EditRequest(prompt=p, subject=s, target_new=n, target_true=t))
               for i, (p, s, n, t) in enumerate(OVER_GENERAL)]

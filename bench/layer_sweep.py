@@ -50,7 +50,7 @@ def main() -> int:
 
     from editserve.editing import compute_patch, load_model
     from editserve.editing.counterfact import load_counterfact
-    from editserve.editing.evaluate import evaluate, score_records
+    from editserve.editing.evaluate import evaluate, known_records
     from editserve.editing.tracing import prepare, restore_cells
 
     layers = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -68,17 +68,8 @@ def main() -> int:
             f.write(json.dumps(row) + "\n")
 
     model, tok = load_model()
-    records = load_counterfact(args.data)
     # The first --records records the model knows (P(true) > P(new) on the rewrite prompt).
-    known = []
-    for start in range(0, len(records), 64):
-        chunk = records[start:start + 64]
-        for rec, sc in zip(chunk, score_records(model, tok, chunk)):
-            if sc.es == 0.0:
-                known.append(rec)
-        if len(known) >= args.records:
-            break
-    known = known[: args.records]
+    known = list(known_records(model, tok, load_counterfact(args.data), args.records).records)
     print(f"{len(known)} known records: case ids {known[0].case_id}..{known[-1].case_id}", flush=True)
 
     n_layers = int(model.config.num_hidden_layers)

@@ -162,7 +162,7 @@ def main() -> None:
         ("commit p50, first 100", lambda r: ms(statistics.median(r["commit_s"][:100]))),
         ("commit p50, last 100", lambda r: ms(statistics.median(r["commit_s"][-100:]))),
         ("rollback p50", lambda r: ms(statistics.median(r["rollback_s"]))),
-        (f"open + full check", lambda r: ms(r["open_full"])),
+        ("open + full check", lambda r: ms(r["open_full"])),
     ]
     for i, n in enumerate(c for c in (1, 100, 1000) if c <= len(patches)):
         table.append((f"materialise {n}: cold", lambda r, i=i: ms(r["rows"][i][1])))

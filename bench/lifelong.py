@@ -79,7 +79,7 @@ class Row:
 def build_stream(data: Path, n: int, out: Path) -> dict:
     """The first `n` known records of `data` with their unedited scores; cached in out/stream.json."""
     from editserve.editing.counterfact import load_counterfact
-    from editserve.editing.evaluate import score_records
+    from editserve.editing.evaluate import known_records
     from editserve.editing import load_model
     from editserve.editing.lifelong import FLUENCY_PROMPTS, generation_fluency, heldout_perplexity
 
@@ -96,19 +96,9 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
                 path.write_text(json.dumps(s))
             return s
     model, tok = load_model()
-    records = load_counterfact(data)
-    keep, ns_before, scanned = [], [], 0
-    for i in range(0, len(records), 64):
-        chunk = records[i:i + 64]
-        for rec, sc in zip(chunk, score_records(model, tok, chunk)):
-            scanned += 1
-            if sc.es == 0.0:
-                keep.append(rec.case_id)
-                ns_before.append(sc.ns)
-        log.info("stream: %d known of %d scanned", len(keep), scanned)
-        if len(keep) >= n:
-            break
-    s = {"data": str(data), "case_ids": keep[:n], "ns_before": ns_before[:n], "scanned": scanned,
+    found = known_records(model, tok, load_counterfact(data), n)
+    s = {"data": str(data), "case_ids": [r.case_id for r in found.records], "ns_before": [sc.ns for sc in found.scores],
+         "scanned": found.scanned,
          "ppl": heldout_perplexity(model, tok), "fluency": generation_fluency(model, tok),
          "fluency_prompts": len(FLUENCY_PROMPTS)}
     path.write_text(json.dumps(s))
@@ -134,7 +124,9 @@ def _save(run: Path, model, touched: set[str], preserved, rows: list[Row], done:
     (run / "state.tmp").replace(run / "state.json")
 
 
-def _load(run: Path, model):
+def load_run(run: Path, model):
+    """A run's saved state (`_save`): its edited weights copied into `model`, and (edits done,
+    seconds, checkpoint rows, touched weight names, preserved keys). Also used by bench/edit_prices.py."""
     from safetensors.torch import load_file
 
     from editserve.editing.alphaedit import PreservedKeys
@@ -214,7 +206,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
                                  f"pass the same options, another --out, or --fresh")
     w0 = down_proj_weights(model)
     if (run / "state.json").exists() and not fresh:
-        done, seconds, rows, touched, preserved = _load(run, model)
+        done, seconds, rows, touched, preserved = load_run(run, model)
         log.info("%s: resumed at %d edits", run.name, done)
     else:
         done, seconds, rows, touched, preserved = 0, 0.0, [], set(), PreservedKeys()

@@ -42,22 +42,14 @@ def main() -> int:
     from editserve.editing import compute_patch, load_model
     from editserve.editing.corpus import load_corpus
     from editserve.editing.counterfact import load_counterfact
-    from editserve.editing.evaluate import score_records
+    from editserve.editing.evaluate import known_records
     from editserve.editing.retention import CommittedFact, RetentionGate
     from editserve.patches import apply_patch
 
     model, tok = load_model()
     corpus = load_corpus(None)
-    records, scanned = [], 0
-    every = load_counterfact(Path(args.data))
-    for rec_chunk in (every[i:i + 64] for i in range(0, len(every), 64)):
-        for rec, sc in zip(rec_chunk, score_records(model, tok, rec_chunk)):
-            scanned += 1
-            if sc.es == 0.0:                                  # the model knows the true object
-                records.append(rec)
-        if len(records) >= args.n:
-            break
-    records = records[:args.n]
+    found = known_records(model, tok, load_counterfact(Path(args.data)), args.n)   # the model knows the true object
+    records, scanned = list(found.records), found.scanned
     gate = RetentionGate(sample_size=10_000, max_drop=0.0)
     facts: list[CommittedFact] = []
     rows = []

@@ -42,15 +42,12 @@ def _setting(text: str) -> tuple[str, dict]:
 def _known(model, tok, data: Path, n: int) -> list:
     """The first `n` records of `data` whose true object the unedited model gives (ES 0 before the edit)."""
     from editserve.editing.counterfact import load_counterfact
-    from editserve.editing.evaluate import score_records
+    from editserve.editing.evaluate import known_records
 
-    records, keep = load_counterfact(data), []
-    for i in range(0, len(records), 64):
-        chunk = records[i:i + 64]
-        keep += [r for r, s in zip(chunk, score_records(model, tok, chunk)) if s.es == 0.0]
-        if len(keep) >= n:
-            return keep[:n]
-    raise SystemExit(f"{data} holds only {len(keep)} known records, {n} asked")
+    found = known_records(model, tok, load_counterfact(data), n)
+    if len(found.records) < n:
+        raise SystemExit(f"{data} holds only {len(found.records)} known records, {n} asked")
+    return list(found.records)
 
 
 class DeltaProbe:

@@ -15,13 +15,16 @@ import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from editserve.control.gate import check_retention, merge_retention
+from editserve.control.errors import DamageRejected
+from editserve.control.gate import DamageGate, check_damage, check_retention, merge_damage, merge_retention
 from editserve.editing import EditRequest, compute_patch
 from editserve.editing.corpus import load_corpus
+from editserve.editing.lifelong import heldout_perplexity
 from editserve.editing.retention import CommittedFact, RetentionGate, facts_hold, sample_facts
 from editserve.engine.health import HealthSettings
 from editserve.errors import InvalidRequestError, MetricsError
 from editserve.metrics import Metrics
+from editserve.patches import apply_patch, remove_patch
 from tests.test_metrics import Scraper
 from tests.tiny import TEXT, tiny_model, tiny_tokenizer
 
@@ -62,6 +65,17 @@ def test_settings_from_env_and_typed_errors():
         HealthSettings.from_env({"EDITSERVE_RETENTION_GATE_MAX_DROP": "1.5"})
     with pytest.raises(InvalidRequestError, match="sample_size"):
         RetentionGate(sample_size=-2)
+    # The damage bound: off by default, a ratio >= 1 when set.
+    assert not d.damage.enabled and d.damage.max_perplexity_ratio == 0.0
+    b = HealthSettings.from_env({"EDITSERVE_GATE_MAX_PERPLEXITY_RATIO": "1.05"})
+    assert b.damage.enabled and b.damage.max_perplexity_ratio == 1.05
+    with pytest.raises(InvalidRequestError, match="EDITSERVE_GATE_MAX_PERPLEXITY_RATIO.*0.5"):
+        HealthSettings.from_env({"EDITSERVE_GATE_MAX_PERPLEXITY_RATIO": "0.5"})
+    with pytest.raises(InvalidRequestError, match="EDITSERVE_GATE_MAX_PERPLEXITY_RATIO.*'lots'"):
+        HealthSettings.from_env({"EDITSERVE_GATE_MAX_PERPLEXITY_RATIO": "lots"})
+    for bad in (0.99, math.nan, math.inf, True, "1.1"):
+        with pytest.raises(InvalidRequestError, match="max_perplexity_ratio"):
+            DamageGate(max_perplexity_ratio=bad)
 
 
 def test_retention_metrics_on_a_real_scrape():
@@ -129,6 +143,39 @@ def test_gate_retention_check_names_the_fact_a_real_patch_breaks(tmp_path, monke
     # A looser bound lets the same patch through.
     loose = check_retention(model, tok, patch, [fact], RetentionGate(sample_size=4, max_drop=1.0))
     assert loose["passed"] and merge_retention({"passed": True, "failures": []}, loose)["passed"] is True
+
+
+def test_damage_bound_measures_a_real_patch_and_refuses_above_the_bound(tmp_path, monkeypatch):
+    """The damage bound on a real (tiny) model and a real ROME patch: the ratio with the patch is
+    the held-out perplexity measured with it merged, the model is unchanged afterwards, and a bound
+    under that ratio refuses it with a failure line naming both ratios and the way out."""
+    monkeypatch.setenv("EDITSERVE_HOME", str(tmp_path / "home"))
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text("\n".join(TEXT * 3))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    patch = compute_patch(model, tok, [req], method="rome", layers=[2], hparams=FAST, corpus=load_corpus(corpus_file))
+    base = heldout_perplexity(model, tok)
+    snap = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loose = check_damage(model, tok, patch, base, base, DamageGate(max_perplexity_ratio=1e6))
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+    apply_patch(model, patch)
+    want = heldout_perplexity(model, tok) / base
+    remove_patch(model, patch)
+    assert loose["passed"] and loose["perplexity_ratio_head"] == 1.0
+    assert loose["perplexity_ratio_after"] == pytest.approx(want, abs=1e-6) and want != 1.0
+    assert merge_damage({"passed": True, "failures": []}, loose) == {"passed": True, "failures": [], "damage": loose}
+    # A bound under the ratio the patch gives (and a head already over it) refuses it.
+    tight = DamageGate(max_perplexity_ratio=max(1.0, want * 0.999))
+    report = check_damage(model, tok, patch, base, base * 1.2, tight)
+    assert not report["passed"] and report["perplexity_ratio_head"] == 1.2
+    merged = merge_damage({"passed": True, "failures": []}, report)
+    assert merged["passed"] is False and len(merged["failures"]) == 1
+    line = merged["failures"][0]
+    assert f"×{report['perplexity_ratio_after']:.4f}" in line and "×1.2000 at the head" in line
+    assert "EDITSERVE_GATE_MAX_PERPLEXITY_RATIO" in line and "consolidate" in line
+    err = DamageRejected("rejected", merged)
+    assert err.perplexity_ratio == report["perplexity_ratio_after"] and err.report["damage"] == report
 
 
 def test_a_fact_whose_replaced_object_is_unknown_is_kept():
@@ -240,8 +287,10 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         v1 = ledger.commit(patches[0], expected_head=0)
         v2 = ledger.commit(patches[1], expected_head=v1, probe_report={"gate": {"rows": [gate_row]}})
         v3 = ledger.commit(patches[2], expected_head=v2)
+    base_ppl = heldout_perplexity(model, tok)
     for p in patches:
         apply_patch(model, p)
+    edited_ppl = heldout_perplexity(model, tok)
     want = facts_hold(model, tok, [CommittedFact(v1, "The Eiffel Tower is located in the city of", "The Eiffel Tower",
                                                  " Rome", " Paris"),
                                    CommittedFact(v2, "Michel Rocard speaks", "Michel Rocard", " English", " French"),
@@ -258,10 +307,15 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         assert [r["new_logprob"] for r in got.rows] == pytest.approx([n for _, n, _ in want], abs=1e-4)
         run = run_of(got)
         assert run.sampled == 3 and run.held == sum(ok for ok, _, _ in want) and run.facts == 3
+        # The held-out perplexity of the version probed, and of the unedited model (measured at start).
+        assert got.base_heldout_ppl == pytest.approx(base_ppl, rel=1e-5)
+        assert got.heldout_ppl == pytest.approx(edited_ppl, rel=1e-5) and edited_ppl != pytest.approx(base_ppl)
+        assert run.perplexity_ratio == pytest.approx(edited_ppl / base_ppl, rel=1e-5)
         # An earlier version: only its facts; a sample of 1 scores one of them.
         got1 = client.probe_retention(ProbeRetention(version=v1, sample_size=16, seed=1), timeout_s=300)
         assert got1.facts == 1 and [r["version"] for r in got1.rows] == [v1]
         assert len(client.probe_retention(ProbeRetention(version=v3, sample_size=1, seed=2)).rows) <= 1
-        assert client.probe_retention(ProbeRetention(version=0, sample_size=16)).rows == ()
+        at0 = client.probe_retention(ProbeRetention(version=0, sample_size=16))
+        assert at0.rows == () and run_of(at0).perplexity_ratio == 1.0     # the base weights, bit for bit
     finally:
         client.close()

@@ -21,7 +21,7 @@ from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.corpus import load_corpus
 from editserve.editing.counterfact import load_counterfact
 from editserve.editing.edit import resolve_hparams
-from editserve.editing.evaluate import score_records, summarize
+from editserve.editing.evaluate import known_records, score_records, summarize
 from editserve.editing.lifelong import commit, consolidate_model, down_proj_weights, heldout_perplexity, norm_growth
 from editserve.ledger import Ledger
 from editserve.patches import applied_patches, remove_patch
@@ -40,9 +40,9 @@ REVERTED = 5                   # the version taken out of the consolidation agai
 def setup():
     model, tok = load_model()
     records = load_counterfact(DATA, limit=60)
-    before = score_records(model, tok, records)
-    known = [(r, s) for r, s in zip(records, before) if s.es == 0.0][:N]
-    assert len(known) == N
+    found = known_records(model, tok, records, N)
+    assert len(found.records) == N and found.scanned == len(records) and all(s.es == 0.0 for s in found.scores)
+    known = list(zip(found.records, found.scores))
     return model, tok, known, heldout_perplexity(model, tok), down_proj_weights(model)
 
 

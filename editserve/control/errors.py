@@ -40,6 +40,16 @@ class RetentionRejected(ProbeRejected):
         self.broken = tuple((self.report.get("retention") or {}).get("broken") or ())
 
 
+class DamageRejected(ProbeRejected):
+    """The gate's damage bound failed: with the candidate patch the held-out perplexity would
+    exceed the server's `EDITSERVE_GATE_MAX_PERPLEXITY_RATIO` × the unedited model's (issue 16).
+    `perplexity_ratio` is that ratio (None: not finite); the status is the probe gate's."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message, report)
+        self.perplexity_ratio = (self.report.get("damage") or {}).get("perplexity_ratio_after")
+
+
 class ThresholdOutOfBounds(InvalidRequestError):
     """A requested probe threshold is looser than the server allows."""
 

@@ -13,17 +13,28 @@ after is *broken*. The drop — broken / held before — above `RetentionGate.ma
 gate, and the report (``report["gate"]["retention"]``, see `check_retention`) names every
 broken fact (version, prompt, target). Skipping the gate (admin) skips this check too.
 It runs in the sidecar, with the probe gate, on the model at the head.
+
+And the gate's **damage bound** (issue 16, off by default): `DamageGate.max_perplexity_ratio`
+caps the general damage the ledger may do. The held-out perplexity
+(`editserve.editing.lifelong.heldout_perplexity`, the retention probe's measure) of the head with
+the candidate patch, over the unedited model's, must not exceed it; otherwise the edit is refused
+(``report["gate"]["damage"]``, see `check_damage`). On a long ledger the damage grows with every
+edit (docs/lifelong.md), so once the budget is spent every gated edit is refused until a
+consolidation, a revert or a rollback brings the head back under it, or the operator raises it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from editserve.control.principals import Principal, require
 from editserve.editing.retention import RetentionGate
+from editserve.errors import InvalidRequestError
 
 log = logging.getLogger("editserve.audit")
 retention_log = logging.getLogger(__name__)
@@ -96,8 +107,77 @@ def retention_failure(report: dict[str, Any]) -> str:
 def merge_retention(gate_report: dict[str, Any], retention: dict[str, Any]) -> dict[str, Any]:
     """The probe gate's report (`ProbeReport.to_dict()`) with the retention check added: under
     ``"retention"``, and as a failure (``passed`` false) when it failed."""
-    out = {**gate_report, "retention": retention}
-    if not retention["passed"]:
-        out["failures"] = [*gate_report.get("failures", ()), retention_failure(retention)]
+    return _merge(gate_report, "retention", retention, retention_failure)
+
+
+def _merge(gate_report: dict[str, Any], key: str, check: dict[str, Any],
+           failure: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    out = {**gate_report, key: check}
+    if not check["passed"]:
+        out["failures"] = [*gate_report.get("failures", ()), failure(check)]
         out["passed"] = False
     return out
+
+
+# -- damage bound ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DamageGate:
+    """The damage bound of the commit gate: refuse an edit after which the held-out perplexity
+    would exceed `max_perplexity_ratio` × the unedited model's (0: off; else at least 1)."""
+
+    max_perplexity_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        v = self.max_perplexity_ratio
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not (v == 0 or v >= 1.0)):
+            raise InvalidRequestError(f"max_perplexity_ratio must be 0 (off) or a number >= 1, got {v!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_perplexity_ratio > 0
+
+
+def check_damage(model: Any, tok: Any, patch: Any, base_ppl: float, head_ppl: float,
+                 config: DamageGate) -> dict[str, Any]:
+    """The held-out perplexity of `model` with `patch` merged (the model is unchanged on return),
+    against `config`. `base_ppl` / `head_ppl`: the unedited model's and the head's (without the
+    patch). The report: ``{"passed", "perplexity_ratio_head", "perplexity_ratio_after",
+    "max_perplexity_ratio", "seconds"}`` (ratios over the unedited model's)."""
+    from editserve.editing.lifelong import heldout_perplexity
+    from editserve.patches import apply_patch, remove_patch
+
+    t0 = time.perf_counter()
+    apply_patch(model, patch)
+    try:
+        after = heldout_perplexity(model, tok) / base_ppl
+    finally:
+        remove_patch(model, patch)               # restores the saved base copies; nothing is subtracted
+    report = {
+        "passed": math.isfinite(after) and after <= config.max_perplexity_ratio,
+        "perplexity_ratio_head": round(head_ppl / base_ppl, 6),
+        "perplexity_ratio_after": round(after, 6) if math.isfinite(after) else None,
+        "max_perplexity_ratio": config.max_perplexity_ratio,
+        "seconds": round(time.perf_counter() - t0, 4),
+    }
+    retention_log.info("damage bound: %s (held-out perplexity ×%.4f at the head, ×%s with the edit, bound ×%s) "
+                       "in %.2f s", "passed" if report["passed"] else "REJECTED", report["perplexity_ratio_head"],
+                       report["perplexity_ratio_after"], config.max_perplexity_ratio, report["seconds"])
+    return report
+
+
+def damage_failure(report: dict[str, Any]) -> str:
+    """The gate failure line of a failed damage bound."""
+    after = report["perplexity_ratio_after"]
+    what = "not finite" if after is None else f"×{after:.4f}"
+    return (f"held-out perplexity {what} with the edit > max_perplexity_ratio "
+            f"{report['max_perplexity_ratio']} (×{report['perplexity_ratio_head']:.4f} at the head): the ledger's "
+            "damage budget is spent; consolidate, revert edits that are no longer needed, or raise "
+            "EDITSERVE_GATE_MAX_PERPLEXITY_RATIO")
+
+
+def merge_damage(gate_report: dict[str, Any], damage: dict[str, Any]) -> dict[str, Any]:
+    """The gate report with the damage bound added under ``"damage"`` (a failure when it failed)."""
+    return _merge(gate_report, "damage", damage, damage_failure)

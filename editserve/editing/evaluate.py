@@ -149,6 +149,35 @@ def score_records(model: torch.nn.Module, tok: object, records: Sequence[Counter
     return out
 
 
+@dataclass(frozen=True)
+class KnownRecords:
+    """The records a model knows, found by `known_records`."""
+
+    records: tuple[CounterFactRecord, ...]
+    scores: tuple[RecordScores, ...]       # their scores on the model as it was (ES 0 each)
+    scanned: int                           # records scored to find them
+
+
+def known_records(model: torch.nn.Module, tok: object, records: Sequence[CounterFactRecord], n: int,
+                  chunk: int = 64) -> KnownRecords:
+    """The first `n` of `records` whose fact the model knows — its true object beats the new one on
+    the rewrite prompt (ES 0 before an edit) — scored `chunk` records at a time, in order, stopping
+    at the chunk where the `n`-th is found. Fewer than `n` when `records` holds fewer."""
+    if n < 0 or chunk < 1:
+        raise ValueError(f"known_records needs n >= 0 and chunk >= 1, got n={n!r}, chunk={chunk!r}")
+    keep: list[tuple[CounterFactRecord, RecordScores]] = []
+    scanned = 0
+    for i in range(0, len(records), chunk):
+        if len(keep) >= n:
+            break
+        part = records[i:i + chunk]
+        scanned += len(part)
+        keep += [(r, sc) for r, sc in zip(part, score_records(model, tok, part)) if sc.es == 0.0]
+        log.info("known records: %d of %d scanned", len(keep), scanned)
+    keep = keep[:n]
+    return KnownRecords(records=tuple(r for r, _ in keep), scores=tuple(sc for _, sc in keep), scanned=scanned)
+
+
 def _mean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(xs) / len(xs) if xs else float("nan")

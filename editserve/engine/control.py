@@ -392,7 +392,9 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             computed = await asyncio.to_thread(self.sidecar.compute, ComputeEdit(
                 version=head, requests=tuple(requests), method=method,
                 layers=tuple(layers) if layers is not None else None, hparams=hparams, probes=tuple(probes),
-                gate=gate, store_bases=keep_bases or not dry_run, retention=self.settings.health.gate if gate is not None else None),
+                gate=gate, store_bases=keep_bases or not dry_run,
+                retention=self.settings.health.gate if gate is not None else None,
+                damage=self.settings.health.damage if gate is not None else None),
                 forward, self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
             if report_extra:
@@ -403,12 +405,14 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             self.metrics.record_probe(*probe_scores(computed.probe_report))
             gate_report = computed.probe_report.get("gate")
             if gate_report is not None and not gate_report["passed"]:
-                from editserve.control.errors import ProbeRejected, RetentionRejected
+                from editserve.control.errors import DamageRejected, ProbeRejected, RetentionRejected
 
                 rejected = ProbeRejected
                 if not (gate_report.get("retention") or {}).get("passed", True):
                     rejected = RetentionRejected        # the edit breaks earlier edits (issue 16)
                     self.metrics.record_retention_refusal()
+                elif not (gate_report.get("damage") or {}).get("passed", True):
+                    rejected = DamageRejected           # the ledger's damage budget is spent (issue 16)
                 raise rejected("the probe gate rejected the edit; nothing was committed: "
                                + "; ".join(gate_report["failures"]), gate_report)
             if dry_run:

@@ -27,13 +27,16 @@ eigenvalues of an N×N matrix (N committed keys there, at most d_in): about 0.1 
 
 **Retention gate.** `HealthSettings.gate` is the gate's retention check
 (`editserve.editing.retention.RetentionGate`), sent with each gated edit to the sidecar.
+**Damage bound.** `HealthSettings.damage` (`editserve.control.gate.DamageGate`, off by default)
+refuses a gated edit after which the held-out perplexity ratio would pass a bound.
 
 Environment (read by `HealthSettings.from_env`, set by the operator):
 ``EDITSERVE_RETENTION_PROBE_SAMPLE`` (facts per run, 0 = probe off; default 16),
 ``EDITSERVE_RETENTION_PROBE_INTERVAL_S`` (seconds between periodic runs, 0 = only after version
 changes; default 900), ``EDITSERVE_RETENTION_PROBE_MIN_GAP_S`` (least seconds between two runs;
 default 30), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
-gate off; default 16), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break).
+gate off; default 16), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break),
+``EDITSERVE_GATE_MAX_PERPLEXITY_RATIO`` (the damage bound, e.g. 1.05; default 0: off).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from editserve.control.gate import DamageGate
 from editserve.editing.retention import RetentionGate
 from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
@@ -58,16 +62,18 @@ PROBE_INTERVAL_ENV = "EDITSERVE_RETENTION_PROBE_INTERVAL_S"
 PROBE_MIN_GAP_ENV = "EDITSERVE_RETENTION_PROBE_MIN_GAP_S"
 GATE_SAMPLE_ENV = "EDITSERVE_RETENTION_GATE_SAMPLE"
 GATE_MAX_DROP_ENV = "EDITSERVE_RETENTION_GATE_MAX_DROP"
+GATE_MAX_PPL_ENV = "EDITSERVE_GATE_MAX_PERPLEXITY_RATIO"
 
 
 @dataclass(frozen=True)
 class HealthSettings:
-    """Retention probe and retention gate settings (see the module docstring)."""
+    """Retention probe, retention gate and damage bound settings (see the module docstring)."""
 
     probe_sample: int = 16               # facts re-scored per probe run; 0: the probe is off
     probe_interval_s: float = 900.0      # between periodic runs; 0: only after version changes
     probe_min_gap_s: float = 30.0        # at least this long between two runs (a burst of commits → one run)
     gate: RetentionGate = field(default_factory=RetentionGate)
+    damage: DamageGate = field(default_factory=DamageGate)
 
     def __post_init__(self) -> None:
         if isinstance(self.probe_sample, bool) or not isinstance(self.probe_sample, int) or self.probe_sample < 0:
@@ -89,9 +95,13 @@ class HealthSettings:
 
         gate = RetentionGate(sample_size=integer(GATE_SAMPLE_ENV, RetentionGate.sample_size),
                              max_drop=number(GATE_MAX_DROP_ENV, RetentionGate.max_drop))
+        bound = number(GATE_MAX_PPL_ENV, DamageGate.max_perplexity_ratio)
+        if bound and bound < 1.0:
+            raise InvalidRequestError(f"{GATE_MAX_PPL_ENV} must be 0 (off) or a number >= 1, got {bound!r}")
+        damage = DamageGate(max_perplexity_ratio=bound)
         return cls(probe_sample=integer(PROBE_SAMPLE_ENV, cls.probe_sample),
                    probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s),
-                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate)
+                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate, damage=damage)
 
 
 @dataclass(frozen=True)
@@ -218,7 +228,8 @@ class RetentionProbe:
                 "interval_s": self.settings.probe_interval_s, "min_gap_s": self.settings.probe_min_gap_s,
                 "runs": self._runs,
                 "last": self.last.to_dict() if self.last else None, "last_error": self.last_error,
-                "gate": {"sample_size": self.settings.gate.sample_size, "max_drop": self.settings.gate.max_drop}}
+                "gate": {"sample_size": self.settings.gate.sample_size, "max_drop": self.settings.gate.max_drop,
+                         "max_perplexity_ratio": self.settings.damage.max_perplexity_ratio}}
 
 
 def run_of(measured: Any, at: float | None = None) -> RetentionRun:

@@ -122,6 +122,8 @@ class ComputeEdit:
                                        # for a dry run; never when the gate rejects the patch)
     retention: Any = None              # an editserve.editing.retention.RetentionGate: with `gate`, also check
                                        # that the patch breaks no sampled earlier edit (issue 16)
+    damage: Any = None                 # an editserve.control.gate.DamageGate: with `gate`, also bound the
+                                       # held-out perplexity with the patch (issue 16)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,8 @@ class _Worker:
         # base checkpoint until the first `_hold`). None when it cannot be measured: the probe then
         # leaves the perplexity out.
         self.base_heldout_ppl = self._heldout_ppl("the unedited model")
+        # (digests of the merged patches, their held-out perplexity): the last measured weights
+        self._held_ppl: tuple[tuple[str, ...], float] | None = None
 
     def plan_warmup(self, state_file: Any) -> None:
         """Decide which statistics the warm-up builds and publish that state (before `Ready`, so a
@@ -508,6 +512,18 @@ class _Worker:
             if passed and not report["gate"]["passed"]:
                 passed = False
                 self._progress("probe", 0.9, "gate failed: " + report["gate"]["failures"][-1])
+        if msg.gate is not None and msg.damage is not None and msg.damage.enabled:
+            from editserve.control.gate import check_damage, merge_damage
+
+            head_ppl = self.held_ppl()
+            if self.base_heldout_ppl is None or head_ppl is None:
+                raise SidecarError("the damage bound is set but the held-out perplexity could not be measured "
+                                   "(see the sidecar log)")
+            report["gate"] = merge_damage(report["gate"], check_damage(self.model, self.tok, patch,
+                                                                       self.base_heldout_ppl, head_ppl, msg.damage))
+            if passed and not report["gate"]["passed"]:
+                passed = False
+                self._progress("probe", 0.92, "gate failed: " + report["gate"]["failures"][-1])
         report["probe_seconds"] = round(time.perf_counter() - t_probe, 4)
         if msg.store_bases and passed:
             # The ledger keeps the original of every matrix a patch touches; the sidecar has them.
@@ -641,10 +657,23 @@ class _Worker:
         sample = self._known(sample_facts(facts, msg.sample_size, msg.seed))
         rows = tuple({**f.to_dict(), "holds": ok, "new_logprob": round(new, 5), "true_logprob": round(true, 5)}
                      for f, (ok, new, true) in zip(sample, facts_hold(self.model, self.tok, sample)))
-        ppl = self._heldout_ppl(f"version {msg.version}") if self.base_heldout_ppl is not None else None
+        ppl = self.held_ppl() if self.base_heldout_ppl is not None else None
         return RetentionMeasured(version=msg.version, facts=len(facts), rows=rows, seconds=time.perf_counter() - t0,
                                  null_space=self.null_space_taken(), heldout_ppl=ppl,
                                  base_heldout_ppl=self.base_heldout_ppl)
+
+    def held_ppl(self) -> float | None:
+        """The held-out perplexity of the model as held now, measured once per set of merged
+        patches (the retention probe and the damage bound at the same head share it)."""
+        from editserve.patches import applied_patches
+
+        merged = tuple(p.digest for p in applied_patches(self.model))
+        if self._held_ppl is not None and self._held_ppl[0] == merged:
+            return self._held_ppl[1]
+        ppl = self._heldout_ppl(f"version {self.version}")
+        if ppl is not None:                       # a failure is measured again next time
+            self._held_ppl = (merged, ppl)
+        return ppl
 
     def _heldout_ppl(self, what: str) -> float | None:
         """`editserve.editing.lifelong.heldout_perplexity` of the model as it is now (about 1,000
