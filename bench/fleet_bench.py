@@ -166,7 +166,7 @@ def main() -> None:
         db = server.create_database()
         dsn = server.dsn(db)
         ledger = Ledger.open(dsn, model_fingerprint=fingerprint)
-        ledger.ensure_base(NAME, base, Layout.OUT_IN)
+        ledger.weights.ensure_base(NAME, base, Layout.OUT_IN)
         ledger.close()
         for sql in BENCH_TRIGGER:
             server.execute(sql, dbname=db)

@@ -66,7 +66,7 @@ def pct(values: list[float], q: float) -> float:
 def run(location: str, patches: list[Patch], base: torch.Tensor, repeat: int) -> dict[str, object]:
     """Every measurement on one (empty) ledger location."""
     ledger = Ledger.open(location, model_fingerprint=FP)
-    ledger.ensure_base(NAME, base, Layout.OUT_IN)
+    ledger.weights.ensure_base(NAME, base, Layout.OUT_IN)
     bytes0 = ledger.nbytes()
     commit_s = []
     for p in patches:
@@ -89,17 +89,17 @@ def run(location: str, patches: list[Patch], base: torch.Tensor, repeat: int) ->
         for _ in range(repeat):
             fresh = Ledger.open(location, model_fingerprint=FP, verify="none")
             t = time.perf_counter()
-            fresh.materialize(n)
+            fresh.weights.materialize(n)
             cold.append(time.perf_counter() - t)
             fresh.close()
-        ledger.materialize(n)                                     # warm the patch cache
-        warm = timed(lambda: ledger.materialize(n), repeat)
+        ledger.weights.materialize(n)                                     # warm the patch cache
+        warm = timed(lambda: ledger.weights.materialize(n), repeat)
         deltas = [d for p in ledger.active_patches(n) for d in p.deltas]
         pure = timed(lambda: materialize(base, deltas, Layout.OUT_IN), repeat)
         rows.append((n, statistics.median(cold), statistics.median(warm), statistics.median(pure)))
-    a = ledger.materialize(len(patches))[NAME]
-    b = ledger.materialize(len(patches))[NAME]
-    reproducible = torch.equal(a, b) and torch.equal(ledger.materialize(0)[NAME], base)
+    a = ledger.weights.materialize(len(patches))[NAME]
+    b = ledger.weights.materialize(len(patches))[NAME]
+    reproducible = torch.equal(a, b) and torch.equal(ledger.weights.materialize(0)[NAME], base)
 
     head = ledger.head()
     rollback_s = []

@@ -141,7 +141,7 @@ def write_edits(ledger_dir: Path, ckpt: Path, n: int, seed: int = 0) -> dict[str
         for layer in EDIT_LAYERS:
             name = f"model.layers.{layer}.mlp.down_proj.weight"
             base = checkpoint_tensor(ckpt, name)
-            ledger.ensure_base(name, base)
+            ledger.weights.ensure_base(name, base)
             shapes[layer] = tuple(base.shape)               # [d_out, d_in]
         head = ledger.head()
         for i in range(n):

@@ -280,7 +280,7 @@ def build_scale_ledger(root: Path, sizes: list[int]) -> dict[int, int]:
                     count += 1
                 else:                             # then imports of up to 1,000 patches per version
                     k = min(1000, mark - count)
-                    head = ledger._import([synthetic_patch(count + j, fp) for j in range(k)], head, "bench", None,
+                    head = ledger.add_imported([synthetic_patch(count + j, fp) for j in range(k)], head, "bench", None,
                                           None, Layout.OUT_IN, replace=False, details={"source": "swap_bench"})
                     count += k
             versions[mark] = head
@@ -502,7 +502,7 @@ def main() -> int:
                                   method="rome", hparams={"synthetic": i}, model_fingerprint=ledger.model_fingerprint,
                                   family="llama")
                 for d in patch.deltas:
-                    if d.name not in ledger.base_names():
+                    if d.name not in ledger.weights.base_names():
                         ensure_checkpoint_base(ledger, d.name)
                 head = ledger.commit(patch, expected_head=head, caller="bench")
         t1 = time.perf_counter()
@@ -553,7 +553,7 @@ def ensure_checkpoint_base(ledger: Any, name: str) -> None:
     for f in embedded_checkpoint().glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             if name in st.keys():
-                ledger.ensure_base(name, st.get_tensor(name))
+                ledger.weights.ensure_base(name, st.get_tensor(name))
                 return
     raise SystemExit(f"{name} is not in the embedded checkpoint")
 

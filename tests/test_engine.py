@@ -247,9 +247,9 @@ def test_sidecar_process_mirrors_ledger_in_vllm_orientation(tmp_path):
     req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
     patch = Patch(deltas=(delta,), requests=(req,), method="memit", hparams={}, model_fingerprint=fp, family="gpt2")
     with Ledger.open(tmp_path / "ledger", fp) as ledger:
-        ledger.ensure_base(name, hf_weight, Layout.IN_OUT)
+        ledger.weights.ensure_base(name, hf_weight, Layout.IN_OUT)
         version = ledger.commit(patch, expected_head=0)
-        full = ledger.materialize(version)[name].t()              # vLLM orientation [32, 128]
+        full = ledger.weights.materialize(version)[name].t()              # vLLM orientation [32, 128]
     client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1))
     try:
         ready = client.wait_ready()
@@ -310,11 +310,11 @@ def test_base_copy_cache_is_bounded_lru(tmp_path):
     fp = "f" * 64
     with Ledger.open(tmp_path / "ledger", fp) as ledger:
         for i in range(3):
-            ledger.ensure_base(f"w{i}", torch.full((64, 64), float(i)), Layout.OUT_IN)     # 16 KiB each
-        ledger.ensure_base("big", torch.zeros(256, 256), Layout.OUT_IN)                       # 256 KiB
+            ledger.weights.ensure_base(f"w{i}", torch.full((64, 64), float(i)), Layout.OUT_IN)     # 16 KiB each
+        ledger.weights.ensure_base("big", torch.zeros(256, 256), Layout.OUT_IN)                       # 256 KiB
         cache = ExpectedChecksums(tensor_parallel_size=2, base_cache_bytes=40 << 10, ledger=ledger)
         for name in ("w0", "w1", "w0", "w2"):
-            assert torch.equal(cache.base(name)[0], ledger.base_copy(name)[0])
+            assert torch.equal(cache.base(name)[0], ledger.weights.base_copy(name)[0])
         assert cache.cached_base_names == ["w0", "w2"] and cache.cached_base_bytes == 32 << 10
         assert cache.base("big")[0].shape == (256, 256) and "big" not in cache.cached_base_names
         assert cache.cached_base_bytes <= 40 << 10

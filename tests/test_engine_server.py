@@ -807,7 +807,7 @@ def server_c(shared, tiny_checkpoint):
     # A ledger with history before the server exists: it must start on the head (version 2).
     with Ledger.open(ledger_dir, fp, caller="test") as ledger:
         for layer in (1, 2):
-            ledger.ensure_base(_tiny_name(layer), _checkpoint_tensor(_tiny_name(layer), ckpt))
+            ledger.weights.ensure_base(_tiny_name(layer), _checkpoint_tensor(_tiny_name(layer), ckpt))
         ledger.commit(_tiny_patch(fp, 1, 1), expected_head=0, caller="test")
         ledger.commit(_tiny_patch(fp, 2, 2), expected_head=1, caller="test")
     shared["tp_ledger"], shared["tiny"] = ledger_dir, ckpt
@@ -825,7 +825,7 @@ def _rank_sums(server: Server, name: str) -> dict[int, str]:
 
 
 def _ledger_slices(ledger: Ledger, version: int, name: str, tp: int) -> dict[int, str]:
-    w = ledger.materialize(version, names=[name])[name]
+    w = ledger.weights.materialize(version, names=[name])[name]
     k = w.shape[1] // tp
     return {r: tensor_sha256(w[:, r * k:(r + 1) * k]) for r in range(tp)}
 
@@ -895,7 +895,7 @@ def test_c5_base_copy_that_differs_from_served_weights_is_caught(server_c, share
     name = _tiny_name(3)
     failed_before = server_c.metric('editserve_swaps_total{result="failed"}')
     with Ledger.open(shared["tp_ledger"], verify="none") as ledger:
-        ledger.ensure_base(name, torch.zeros(128, 256))
+        ledger.weights.ensure_base(name, torch.zeros(128, 256))
         ledger.commit(_tiny_patch(ledger.model_fingerprint, 3, 5, scale=1e-3), expected_head=version, caller="test")
     status, body = server_c.post("/editserve/v1/sync", {})
     assert status == 503 and "ChecksumMismatch" in body["error"]["message"], body

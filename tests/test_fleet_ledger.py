@@ -24,23 +24,23 @@ def base() -> dict[str, torch.Tensor]:
 
 def test_replica_registry(backend: Backend, base: dict[str, torch.Tensor]) -> None:
     with Ledger.open(backend.location(), model_fingerprint=FP) as led:
-        assert led.replicas() == []
-        led.record_replica("a", 0, "compute", "10.0.0.1:50051", 100.0, {"pid": 1})
+        assert led.replicas.all() == []
+        led.replicas.record("a", 0, "compute", "10.0.0.1:50051", 100.0, {"pid": 1})
         led.commit(synth_patch(1), 0, base=base)
-        led.record_replica("b", 1, "serve-only", "10.0.0.2:50051", 200.0)
+        led.replicas.record("b", 1, "serve-only", "10.0.0.2:50051", 200.0)
         time.sleep(0.05)
-        led.record_replica("a", 1, "compute", "10.0.0.1:50051", 100.0, {"pid": 1})
-        rows = {r.replica_id: r for r in led.replicas()}
+        led.replicas.record("a", 1, "compute", "10.0.0.1:50051", 100.0, {"pid": 1})
+        rows = {r.replica_id: r for r in led.replicas.all()}
         assert set(rows) == {"a", "b"}
         assert (rows["a"].version, rows["a"].role, rows["a"].details) == (1, "compute", {"pid": 1})
         assert (rows["b"].version, rows["b"].role, rows["b"].started_at) == (1, "serve-only", 200.0)
         assert rows["a"].updated_at > rows["b"].updated_at and 0 <= rows["a"].age_s < 30
         with pytest.raises(Exception):
-            led.record_replica("c", 0, "primary", "x", 0.0)          # not a role
+            led.replicas.record("c", 0, "primary", "x", 0.0)          # not a role
         with pytest.raises(Exception):
-            led.record_replica("c", 7, "compute", "x", 0.0)          # no version 7
-        assert led.forget_replica("b") and not led.forget_replica("b")
-        assert [r.replica_id for r in led.replicas()] == ["a"]
+            led.replicas.record("c", 7, "compute", "x", 0.0)          # no version 7
+        assert led.replicas.forget("b") and not led.replicas.forget("b")
+        assert [r.replica_id for r in led.replicas.all()] == ["a"]
         assert led.store.check_consistency() == []
 
 
@@ -49,7 +49,7 @@ def test_head_notifications(pg_server, base: dict[str, torch.Tensor]) -> None:  
 
     dsn = pg_server.dsn(pg_server.create_database())
     with Ledger.open(dsn, model_fingerprint=FP) as led:
-        listener = led.head_listener()
+        listener = led.replicas.listener()
         assert listener.wait(0.1) is None                        # connects and LISTENs; nothing yet
         heard: list[int | None] = []
         t = threading.Thread(target=lambda: heard.append(listener.wait(30)))
@@ -73,7 +73,7 @@ def test_head_notifications(pg_server, base: dict[str, torch.Tensor]) -> None:  
     pg_server.execute("GRANT ALL ON SCHEMA public TO listener", dbname=db)
     secret_dsn = pg_server.dsn(db, user="listener", password="pw-listen-secret")
     with Ledger.open(secret_dsn, model_fingerprint=FP) as led:
-        listener = led.head_listener()
+        listener = led.replicas.listener()
         assert listener.wait(0.1) is None
         pg_server.stop_server()
         try:

@@ -283,7 +283,7 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
     gate_row = {"kind": "efficacy", "prompt": "Michel Rocard speaks", "target_new": " English",
                 "target_true": " French"}
     with Ledger.open(tmp_path / "ledger", fp) as ledger:
-        ledger.ensure_base(name, w, Layout.OUT_IN)
+        ledger.weights.ensure_base(name, w, Layout.OUT_IN)
         v1 = ledger.commit(patches[0], expected_head=0)
         v2 = ledger.commit(patches[1], expected_head=v1, probe_report={"gate": {"rows": [gate_row]}})
         v3 = ledger.commit(patches[2], expected_head=v2)

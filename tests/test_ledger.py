@@ -39,6 +39,7 @@ from editserve.ledger import (
     VersionNotFound,
     tensor_sha256,
 )
+from editserve.ledger.transfer import export_patch, export_version, import_patch, import_version
 from editserve.patches import materialize
 
 
@@ -89,7 +90,7 @@ def test_commit_records_everything(ledger: Ledger, base: dict[str, torch.Tensor]
     # The factors are a content-addressed safetensors blob; the patch loads back identical.
     loaded = ledger.patch(p.digest)
     assert loaded.digest == p.digest and torch.equal(loaded.deltas[0].u, p.deltas[0].u)
-    assert ledger.base_names() == (NAME,)        # base copy taken the first time NAME was touched
+    assert ledger.weights.base_names() == (NAME,)        # base copy taken the first time NAME was touched
     ev = ledger.events()[-1]
     assert (ev.kind, ev.version, ev.from_version, ev.caller, ev.details["patch"]) == ("commit", 1, 0, "alice", p.digest)
 
@@ -121,10 +122,10 @@ def test_commit_needs_base_copy_and_right_model(ledger: Ledger, base: dict[str, 
 
 
 def test_base_copy_mismatch_is_refused(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
-    ledger.ensure_base(NAME, base[NAME])
-    ledger.ensure_base(NAME, base[NAME].clone())            # same bytes: fine
+    ledger.weights.ensure_base(NAME, base[NAME])
+    ledger.weights.ensure_base(NAME, base[NAME].clone())            # same bytes: fine
     with pytest.raises(BaseCopyMismatch, match=NAME):
-        ledger.ensure_base(NAME, base[NAME] + 1e-3)
+        ledger.weights.ensure_base(NAME, base[NAME] + 1e-3)
 
 
 def test_idempotent_retry_never_creates_two_versions(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
@@ -245,20 +246,20 @@ def test_materialize_is_bit_reproducible_and_v0_is_base(ledger: Ledger, base: di
     p = [synth_patch(1), synth_patch(2, names=(NAME, NAME2)), synth_patch(3)]
     for patch in p:
         ledger.commit(patch, ledger.head(), base=base)
-    w0 = ledger.materialize(0)
+    w0 = ledger.weights.materialize(0)
     assert set(w0) == {NAME, NAME2}
     assert all(tensor_hash(w0[n]) == tensor_hash(base[n]) for n in w0)
-    a, b = ledger.materialize(3), ledger.materialize(3)
+    a, b = ledger.weights.materialize(3), ledger.weights.materialize(3)
     assert all(tensor_hash(a[n]) == tensor_hash(b[n]) for n in a)
     want = materialize(base[NAME], [d for x in p for d in x.deltas if d.name == NAME], Layout.OUT_IN)
     assert torch.equal(a[NAME], want)
     assert not torch.equal(a[NAME], w0[NAME])
-    assert ledger.expected_checksums(3) == {n: tensor_sha256(t) for n, t in a.items()}
+    assert ledger.weights.expected_checksums(3) == {n: tensor_sha256(t) for n, t in a.items()}
     # Rollback to v0 gives the base back bit for bit.
     ledger.rollback(0)
-    assert ledger.expected_checksums() == {n: tensor_hash(base[n]) for n in base}
+    assert ledger.weights.expected_checksums() == {n: tensor_hash(base[n]) for n in base}
     # With caller-supplied base tensors (e.g. an engine's slice, other layout).
-    t = ledger.materialize(3, base={NAME: base[NAME].t().contiguous()}, layout=Layout.IN_OUT)
+    t = ledger.weights.materialize(3, base={NAME: base[NAME].t().contiguous()}, layout=Layout.IN_OUT)
     assert torch.equal(t[NAME].t(), a[NAME])
 
 
@@ -267,24 +268,24 @@ def test_materialize_in_bfloat16_casts_once(backend: Backend) -> None:
     with Ledger.open(backend.location(), model_fingerprint=FP) as led:
         for i in range(1, 4):
             led.commit(synth_patch(i), led.head(), base=base)
-        w = led.materialize(3)[NAME]
+        w = led.weights.materialize(3)[NAME]
         assert w.dtype == torch.bfloat16
         acc = base[NAME].float() + sum(synth_patch(i).deltas[0].dense() for i in range(1, 4))
         assert torch.allclose(w.float(), acc, atol=0.02)
-        assert torch.equal(led.materialize(0)[NAME], base[NAME])
+        assert torch.equal(led.weights.materialize(0)[NAME], base[NAME])
 
 
 def test_diff_reports_patches_and_norms(ledger: Ledger, base: dict[str, torch.Tensor]) -> None:
     _commit_n(ledger, base, 2)
     ledger.commit(synth_patch(7, names=(NAME2,)), 2, base=base)
-    d = ledger.diff(1, 3)
+    d = ledger.weights.diff(1, 3)
     assert d.only_a == () and d.only_b == (synth_patch(2).digest, synth_patch(7, names=(NAME2,)).digest)
     assert d.common == (synth_patch(1).digest,)
     norms = {w.name: w.norm for w in d.weights}
     assert norms[NAME] == pytest.approx(float(synth_patch(2).deltas[0].dense().norm()), rel=1e-5)
     assert norms[NAME2] == pytest.approx(float(synth_patch(7, names=(NAME2,)).deltas[0].dense().norm()), rel=1e-5)
     assert all(w.relative is not None and 0 < w.relative < 1 for w in d.weights)
-    assert ledger.diff(2, 2).weights == ()
+    assert ledger.weights.diff(2, 2).weights == ()
 
 
 # -- opening and integrity -----------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(backend: Backe
     root = backend.location()
     with Ledger.open(root, model_fingerprint=FP) as led:
         _commit_n(led, base, 4)
-        good = led.expected_checksums(2)
+        good = led.weights.expected_checksums(2)
         bad_blob = _blob_of(led, 3)
         backend.corrupt_blob(led, bad_blob)
     assert Ledger.open(root, verify="quick").close() is None      # same size: only hashing finds it
@@ -324,16 +325,16 @@ def test_corrupt_blob_detected_at_open_and_last_good_stays_usable(backend: Backe
     assert err.bad_versions == (3, 4) and err.last_good == 2 and bad_blob in err.bad_blobs
     with Ledger.open(root, model_fingerprint=FP, strict=False) as led:
         assert led.damage is not None and led.damage.last_good == 2
-        assert led.expected_checksums(2) == good                     # the last good version is usable
+        assert led.weights.expected_checksums(2) == good                     # the last good version is usable
         with pytest.raises(LedgerCorrupt, match="version 4"):
-            led.materialize(4)
+            led.weights.materialize(4)
         with pytest.raises(LedgerCorrupt, match="version 4"):
             led.commit(synth_patch(9), 4, base=base)                  # no commit on a damaged head
         assert led.rollback(2) == 2
         assert led.commit(synth_patch(9), 2, base=base) == 5
         with pytest.raises(LedgerCorrupt):
             led.rollback(3)
-        assert led.expected_checksums(5) == led.expected_checksums(5)
+        assert led.weights.expected_checksums(5) == led.weights.expected_checksums(5)
 
 
 def test_object_cache_is_bounded_and_a_reread_is_verified(ledger: Ledger, backend: Backend,
@@ -404,23 +405,23 @@ def _fix_checksum(src: Path, file_name: str) -> None:
 def test_export_import_patch_and_version(ledger: Ledger, backend: Backend, base: dict[str, torch.Tensor],
                                          tmp_path: Path) -> None:
     _commit_n(ledger, base, 3)
-    ledger.export_patch(2, tmp_path / "p2")
-    ledger.export_version(3, tmp_path / "v3")
+    export_patch(ledger, 2, tmp_path / "p2")
+    export_version(ledger, 3, tmp_path / "v3")
     from editserve.patches import load_patch
 
     assert load_patch(tmp_path / "p2").digest == synth_patch(2).digest      # a plain patch directory too
     with Ledger.open(backend.location(), model_fingerprint=FP) as other:
-        v = other.import_patch(tmp_path / "p2", 0, caller="importer", base=base)
+        v = import_patch(other, tmp_path / "p2", 0, caller="importer", base=base)
         assert v == 1 and other.active_ids() == (synth_patch(2).digest,)
         assert other.version(1).kind == "import" and other.events()[-1].kind == "import"
-        v = other.import_version(tmp_path / "v3", 1, caller="importer")
+        v = import_version(other, tmp_path / "v3", 1, caller="importer")
         assert other.active_ids(v) == ledger.active_ids(3)
-        assert other.expected_checksums(v) == ledger.expected_checksums(3)
+        assert other.weights.expected_checksums(v) == ledger.weights.expected_checksums(3)
         manifest = json.loads((tmp_path / "v3" / "manifest.json").read_text())
-        assert manifest["weight_checksums"] == ledger.expected_checksums(3)
+        assert manifest["weight_checksums"] == ledger.weights.expected_checksums(3)
         assert manifest["export"]["model_fingerprint"] == FP
         with pytest.raises(ImportRejected, match="already active"):
-            other.import_patch(tmp_path / "p2", v)
+            import_patch(other, tmp_path / "p2", v)
 
 
 def _rejects(backend: Backend, base: dict[str, torch.Tensor], src: Path, match: str, **kw) -> None:
@@ -428,7 +429,7 @@ def _rejects(backend: Backend, base: dict[str, torch.Tensor], src: Path, match: 
         other.commit(synth_patch(40), 0, base=base)
         before = _state(other)
         with pytest.raises(ImportRejected, match=match):
-            other.import_patch(src, other.head(), base=base, **kw)
+            import_patch(other, src, other.head(), base=base, **kw)
         assert _state(other) == before                        # nothing changed, not even a blob
 
 
@@ -447,7 +448,7 @@ def test_import_rejects_bad_exports(ledger: Ledger, backend: Backend, base: dict
     from safetensors.torch import load_file, save_file
 
     ledger.commit(synth_patch(1), 0, base=base)
-    src = ledger.export_patch(1, tmp_path / "p1")
+    src = export_patch(ledger, 1, tmp_path / "p1")
     m = json.loads((src / "manifest.json").read_text())
     tensors = load_file(str(src / "patch.safetensors"))
     key = f"{NAME}::u"
@@ -486,14 +487,14 @@ def test_import_rejects_norm_above_bound_and_unknown_base(ledger: Ledger, backen
                                                           base: dict[str, torch.Tensor], tmp_path: Path) -> None:
     huge = synth_patch(3, scale=50.0)
     ledger.commit(huge, 0, base=base)
-    src = ledger.export_patch(1, tmp_path / "huge")
+    src = export_patch(ledger, 1, tmp_path / "huge")
     _rejects(backend, base, src, "the bound is 0.5")
     ledger.commit(synth_patch(4), 1, base=base)
-    src = ledger.export_patch(2, tmp_path / "ok")
+    src = export_patch(ledger, 2, tmp_path / "ok")
     _rejects(backend, base, src, r"‖ΔW‖ .* the bound is 0.001", max_relative_norm=0.001)
     with Ledger.open(backend.location(), model_fingerprint=FP) as other:
         with pytest.raises(ImportRejected, match="no base weight"):
-            other.import_patch(src, 0)
+            import_patch(other, src, 0)
         assert other.head() == 0 and len(other.versions()) == 1
 
 
@@ -531,7 +532,7 @@ def test_cli_commands(ledger: Ledger, backend: Backend, base: dict[str, torch.Te
     assert "version 42" in capsys.readouterr().err
     imp = backend.location()
     with Ledger.open(imp, model_fingerprint=FP) as other:
-        other.ensure_base(NAME, base[NAME])
+        other.weights.ensure_base(NAME, base[NAME])
     assert cli_main(["ledger", "import", str(tmp_path / "exp"), "--ledger", imp]) == 0
     assert "as version 1" in capsys.readouterr().out
 

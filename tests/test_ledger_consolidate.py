@@ -69,7 +69,7 @@ def test_consolidation_version_keeps_key_outputs_and_rolls_back_exactly(backend:
     with Ledger.open(loc, FP, create=True) as ledger:
         p1, p2, p3, p4 = _build(ledger)
         assert constituents_at(ledger, 4) == [(p1.digest, 1), (p3.digest, 3), (p4.digest, 4)]
-        before = ledger.materialize(4)
+        before = ledger.weights.materialize(4)
         state = ledger.preserved_keys(4)
         plan = plan_consolidation(ledger, _covs, ConsolidateParams(ridge=0.1))
         assert plan.head == 4 and plan.patch.method == CONSOLIDATED_METHOD
@@ -90,7 +90,7 @@ def test_consolidation_version_keeps_key_outputs_and_rolls_back_exactly(backend:
         for layer in (0, 1):
             assert torch.equal(after_state.keys(layer), state.keys(layer))
         # each matrix's output on each committed key is unchanged; elsewhere the update is smaller
-        after = ledger.materialize(v)
+        after = ledger.weights.materialize(v)
         base = base_weights()
         for name, layer in ((NAME, 0), (NAME2, 1)):
             k = state.keys(layer).double()
@@ -108,7 +108,7 @@ def test_consolidation_version_keeps_key_outputs_and_rolls_back_exactly(backend:
 
         # rollback to the version before: its weights and keys, bit for bit
         ledger.rollback(4)
-        again = ledger.materialize(4)
+        again = ledger.weights.materialize(4)
         assert all(torch.equal(again[n], before[n]) for n in before)
         assert ledger.preserved_keys().blocks == state.blocks
         ledger.rollback(v)
@@ -117,7 +117,7 @@ def test_consolidation_version_keeps_key_outputs_and_rolls_back_exactly(backend:
     with Ledger.open(loc, FP) as reopened:
         assert reopened.head() == v and reopened.patch(plan.patch.digest).digest == plan.patch.digest
         assert torch.equal(reopened.preserved_keys(v).keys(1), state.keys(1))
-        assert torch.equal(reopened.materialize(v)[NAME], after[NAME])
+        assert torch.equal(reopened.weights.materialize(v)[NAME], after[NAME])
 
 
 def test_consolidation_refusals(backend: Backend) -> None:
@@ -200,7 +200,7 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
         p1, p2, p3, p4 = _build(ledger)
         cons = plan_consolidation(ledger, _covs)
         v5 = ledger.consolidate(cons, caller="test")
-        before, state = ledger.materialize(v5), ledger.preserved_keys(v5)
+        before, state = ledger.weights.materialize(v5), ledger.preserved_keys(v5)
         assert provenance(ledger, cons.patch.digest) == (
             (p1.digest, p3.digest, p4.digest), (p1.digest, p1.digest, p3.digest, p4.digest))
 
@@ -270,7 +270,7 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
 
         # rollback: the version before the first removal, weights and keys bit for bit
         ledger.rollback(v5)
-        again = ledger.materialize(v5)
+        again = ledger.weights.materialize(v5)
         assert all(torch.equal(again[n], before[n]) for n in before)
         assert ledger.preserved_keys().blocks == state.blocks
         assert v7 == v6 + 1

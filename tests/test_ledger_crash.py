@@ -94,7 +94,7 @@ def test_sigkill_during_commits_never_leaves_a_partial_version(backend: Backend,
             acked = [int(x) for x in Path(ack_path).read_text().split()] if os.path.exists(ack_path) else []
             assert all(a < len(versions) for a in acked), "an acknowledged version was lost"
             # The head's weights can be rebuilt from the ledger alone.
-            ledger.materialize()
+            ledger.weights.materialize()
             referenced = {p.blob for p in ledger.store.patches()} | {b.blob for b in ledger.store.base_copies().values()}
             new_orphans = set(ledger.blobs) - referenced - orphans
             if new_orphans:                                     # killed between the blob write and the transaction

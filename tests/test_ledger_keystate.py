@@ -22,6 +22,7 @@ from editserve.editing.edit import compute_edit
 from editserve.editing.model import fingerprint
 from editserve.ledger import Ledger
 from editserve.ledger.sqlite import SQLITE_MIGRATIONS
+from editserve.ledger.transfer import export_patch, export_version, import_patch, import_version
 
 HP = {"stats": {"n_tokens": 200, "seq_len": 20}, "prefixes": {"n_prefixes": 0}, "nullspace_threshold": 1e-3,
       "alpha": 1.0,
@@ -88,8 +89,8 @@ def test_state_is_part_of_a_version(backend: Backend, edits, tmp_path):
         res = ledger.revert(2)
         want = edits[2][2].select([edits[0][0].digest, edits[2][0].digest])
         assert _same(ledger.preserved_keys(res.version), want)
-        exp = ledger.export_version(3, tmp_path / "v3")
-        one = ledger.export_patch(2, tmp_path / "p2")
+        exp = export_version(ledger, 3, tmp_path / "v3")
+        one = export_patch(ledger, 2, tmp_path / "p2")
         assert (exp / "keys.safetensors").exists() and (one / "keys.safetensors").exists()
     # a restart (fresh open, empty caches) rebuilds the same state from the stored blobs
     with Ledger.open(loc, fp) as again:
@@ -97,10 +98,10 @@ def test_state_is_part_of_a_version(backend: Backend, edits, tmp_path):
         assert again.collect_garbage(min_age_s=0.0) == []            # the key blobs are referenced
     # export/import round trip into another ledger carries the blocks bit for bit
     with Ledger.open(backend.location(), fp, create=True) as other:
-        v = other.import_version(exp, expected_head=0, base=base)
+        v = import_version(other, exp, expected_head=0, base=base)
         assert _same(other.preserved_keys(v), edits[2][2])
         v2 = other.rollback(0)
-        v2 = other.import_patch(one, expected_head=0, base=base)
+        v2 = import_patch(other, one, expected_head=0, base=base)
         assert _same(other.preserved_keys(v2), edits[1][1])
 
 
@@ -111,7 +112,7 @@ def test_state_rows_are_append_only_and_tampered_export_refused(backend: Backend
         assert ledger.store.schema_version() >= 2
         msg = backend.raw_write_fails(ledger, "DELETE FROM patch_state")
         assert "append-only" in msg
-        d = ledger.export_patch(1, tmp_path / "p1")
+        d = export_patch(ledger, 1, tmp_path / "p1")
     data = bytearray((d / "keys.safetensors").read_bytes())
     data[-2] ^= 0x11
     (d / "keys.safetensors").write_bytes(bytes(data))
@@ -119,7 +120,7 @@ def test_state_rows_are_append_only_and_tampered_export_refused(backend: Backend
 
     with Ledger.open(backend.location(), fp, create=True) as other:
         with pytest.raises(ImportRejected, match="keys.safetensors"):
-            other.import_patch(d, expected_head=0, base=base)
+            import_patch(other, d, expected_head=0, base=base)
         assert other.head() == 0
 
 
@@ -153,13 +154,13 @@ def test_an_upload_carries_the_keys_or_is_refused(backend: Backend, edits, tmp_p
     edits, base, fp = edits
     with Ledger.open(backend.location(), fp, create=True) as ledger:
         _commit_all(ledger, edits[:2], base)
-        files = PatchFiles.read(ledger.export_patch(2, tmp_path / "p2"))
+        files = PatchFiles.read(export_patch(ledger, 2, tmp_path / "p2"))
     assert files.keys and files.factors and files.manifest_json
     req = pb2.ImportPatchRequest(manifest_json=files.manifest_json, factors=files.factors, keys=files.keys)
     got = patch_upload(req)
     assert got == files
     with Ledger.open(backend.location(), fp, create=True) as other:
-        v = other.import_patch(got.write(tmp_path / "upload"), expected_head=0, base=base)
+        v = import_patch(other, got.write(tmp_path / "upload"), expected_head=0, base=base)
         assert _same(other.preserved_keys(v), edits[1][1])
         with pytest.raises(ImportRejected, match=r"lists keys\.safetensors .*'keys' is empty"):
             patch_upload(pb2.ImportPatchRequest(manifest_json=files.manifest_json, factors=files.factors))
@@ -168,7 +169,7 @@ def test_an_upload_carries_the_keys_or_is_refused(backend: Backend, edits, tmp_p
         PatchFiles(files.manifest_json, files.factors).write(bare)
         other.rollback(0)
         with pytest.raises(ImportRejected, match="keys.safetensors but has none"):
-            other.import_patch(bare, expected_head=0, base=base)
+            import_patch(other, bare, expected_head=0, base=base)
         assert other.head() == 0 and _same(other.preserved_keys(v), edits[1][1])      # nothing written
     # keys for a patch whose manifest lists none (a ROME export, say) are refused, naming their size
     import json

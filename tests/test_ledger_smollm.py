@@ -21,6 +21,7 @@ from editserve.editing.arch import spec_for
 from editserve.editing.model import weights_fingerprint
 from editserve.ledger import ImportRejected, Ledger, LedgerConflict, LedgerCorrupt
 from editserve.ledger.rebase import ModelRecompute, request_metrics
+from editserve.ledger.transfer import export_patch, export_version, import_patch, import_version
 from editserve.patches import applied_patches
 from tests._ledger_util import tensor_hash
 
@@ -82,29 +83,29 @@ def test_rollback_and_roll_forward_are_bit_identical(tmp_path: Path, real: Simpl
         assert info.probe_report == real.reports[0] and info.caller == "alice"
         # Materialising twice gives the same bytes; v0 gives the original matrix.
         for v in range(4):
-            assert led.expected_checksums(v) == led.expected_checksums(v)
-        assert tensor_hash(led.materialize(0)[name]) == real.base_hash
+            assert led.weights.expected_checksums(v) == led.weights.expected_checksums(v)
+        assert tensor_hash(led.weights.materialize(0)[name]) == real.base_hash
         # Version v equals merging the first v patches into the model.
         for v in range(1, 4):
             for p in real.patches[:v]:
                 apply_patch(model, p)
-            assert torch.equal(dict(model.named_parameters())[name], led.materialize(v)[name])
+            assert torch.equal(dict(model.named_parameters())[name], led.weights.materialize(v)[name])
             for p in reversed(real.patches[:v]):
                 remove_patch(model, p)
         try:
-            _load_into_model(model, led.materialize(3))
+            _load_into_model(model, led.weights.materialize(3))
             at3 = request_metrics(model, real.tok, REQUESTS)
             assert all(at3[f"{i}.top1_new"] == 1.0 for i in range(3))      # the edits are live
             assert weights_fingerprint(model.state_dict()) != real.fp
             led.rollback(0)
-            _load_into_model(model, led.materialize())
+            _load_into_model(model, led.weights.materialize())
             assert weights_fingerprint(model.state_dict()) == real.fp          # the whole model, bit for bit
             assert tensor_hash(dict(model.named_parameters())[name]) == real.base_hash
             led.rollback(3)                                                    # roll forward
-            _load_into_model(model, led.materialize())
+            _load_into_model(model, led.weights.materialize())
             assert request_metrics(model, real.tok, REQUESTS) == at3
             led.rollback(1)
-            _load_into_model(model, led.materialize())
+            _load_into_model(model, led.weights.materialize())
             at1 = request_metrics(model, real.tok, REQUESTS)
             assert at1["0.top1_new"] == 1.0 and at1["2.top1_new"] == 0.0
         finally:
@@ -126,7 +127,7 @@ def test_conflict_and_idempotency_with_real_patches(tmp_path: Path, real: Simple
 def test_revert_with_rebase_recomputes_later_edits(tmp_path: Path, real: SimpleNamespace) -> None:
     model, tok = real.model, real.tok
     with _ledger(tmp_path / "l", real) as led:
-        before3 = led.expected_checksums(3)
+        before3 = led.weights.expected_checksums(3)
         res = led.revert(1, caller="bob", rebase=ModelRecompute(model, tok))
         assert not applied_patches(model)
         assert weights_fingerprint(model.state_dict()) == real.fp             # the model is back at base
@@ -145,8 +146,8 @@ def test_revert_with_rebase_recomputes_later_edits(tmp_path: Path, real: SimpleN
         assert before["fact0.logprob_true"] == pytest.approx(real.reports[1]["0.logprob_true"], abs=1e-3)
         details = led.version(4).details
         assert details["reverted"] == 1 and len(details["rebased"]) == 2 and "changes" in details["rebased"][0]
-        assert led.expected_checksums(3) == before3                            # history untouched
-        _load_into_model(model, led.materialize(4))
+        assert led.weights.expected_checksums(3) == before3                            # history untouched
+        _load_into_model(model, led.weights.materialize(4))
         try:
             m = request_metrics(model, tok, REQUESTS)
             assert m["0.top1_new"] == 0.0 and m["1.top1_new"] == 1.0 and m["2.top1_new"] == 1.0
@@ -156,36 +157,36 @@ def test_revert_with_rebase_recomputes_later_edits(tmp_path: Path, real: SimpleN
 
 def test_export_import_real_version(tmp_path: Path, real: SimpleNamespace) -> None:
     with _ledger(tmp_path / "a", real) as a:
-        a.export_version(3, tmp_path / "v3")
-        a.export_patch(2, tmp_path / "p2")
-        want = a.expected_checksums(3)
+        export_version(a, 3, tmp_path / "v3")
+        export_patch(a, 2, tmp_path / "p2")
+        want = a.weights.expected_checksums(3)
     manifest = json.loads((tmp_path / "v3" / "manifest.json").read_text())
     assert manifest["export"]["model_fingerprint"] == real.fp and len(manifest["patches"]) == 3
     assert manifest["patches"][0]["weights"][0]["shape"] == [576, 1536]
     with Ledger.open(tmp_path / "b", model_fingerprint=real.fp) as b:
         with pytest.raises(ImportRejected, match="the bound is 0.01"):
-            b.import_version(tmp_path / "v3", 0, base=real.base, max_relative_norm=0.01)
-        assert b.head() == 0 and b.base_names() == ()
-        v = b.import_version(tmp_path / "v3", 0, caller="replica-2", base=real.base)
-        assert b.expected_checksums(v) == want
-        assert b.rollback(0) == 0 and tensor_hash(b.materialize()[real.name]) == real.base_hash
-        v2 = b.import_patch(tmp_path / "p2", 0)
+            import_version(b, tmp_path / "v3", 0, base=real.base, max_relative_norm=0.01)
+        assert b.head() == 0 and b.weights.base_names() == ()
+        v = import_version(b, tmp_path / "v3", 0, caller="replica-2", base=real.base)
+        assert b.weights.expected_checksums(v) == want
+        assert b.rollback(0) == 0 and tensor_hash(b.weights.materialize()[real.name]) == real.base_hash
+        v2 = import_patch(b, tmp_path / "p2", 0)
         assert b.active_ids(v2) == (real.patches[1].digest,)
     with Ledger.open(tmp_path / "c", model_fingerprint="0" * 64) as c:
         with pytest.raises(ImportRejected, match="this ledger is for 0000000000000000"):
-            c.import_patch(tmp_path / "p2", 0, base=real.base)
+            import_patch(c, tmp_path / "p2", 0, base=real.base)
 
 
 def test_damaged_real_ledger_keeps_last_good_version(tmp_path: Path, real: SimpleNamespace) -> None:
     with _ledger(tmp_path / "l", real) as led:
-        good = led.expected_checksums(2)
+        good = led.weights.expected_checksums(2)
         blob = led.blobs.path(led.store.patch(real.patches[2].digest).blob)
     blob.write_bytes(blob.read_bytes()[:-8])                  # a torn write
     with pytest.raises(LedgerCorrupt, match=blob.name) as exc:
         Ledger.open(tmp_path / "l", model_fingerprint=real.fp)
     assert exc.value.last_good == 2 and exc.value.bad_versions == (3,)
     with Ledger.open(tmp_path / "l", model_fingerprint=real.fp, strict=False) as led:
-        assert led.rollback(2) == 2 and led.expected_checksums() == good
+        assert led.rollback(2) == 2 and led.weights.expected_checksums() == good
 
 
 def test_cli_on_real_ledger(tmp_path: Path, real: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:

@@ -78,7 +78,7 @@ def _consolidate_through_the_cli(model, committed, snap, root: Path) -> tuple[in
             ledger.commit(patch, expected_head=i, base={n: snap[n] for n in names}, preserved=own)
     rc, text = _cli(["ledger", "consolidate", "--ledger", str(root)])
     with Ledger.open(root, fingerprint(model)) as ledger:
-        return rc, text, ledger.materialize(names=names)
+        return rc, text, ledger.weights.materialize(names=names)
 
 
 def _revert_one_through_the_cli(model, root: Path, version: int) -> tuple[int, str, dict[str, torch.Tensor]]:
@@ -89,8 +89,8 @@ def _revert_one_through_the_cli(model, root: Path, version: int) -> tuple[int, s
     rc, text = _cli(["ledger", "revert", str(version), "--from-consolidation", "--max-drop", "0.05",
                      "--ledger", str(root)])
     with Ledger.open(root, fingerprint(model)) as ledger:
-        names = [n for n in ledger.base_names()]
-        return rc, text, ledger.materialize(names=names)
+        names = [n for n in ledger.weights.base_names()]
+        return rc, text, ledger.weights.materialize(names=names)
 
 
 @pytest.fixture(scope="module")

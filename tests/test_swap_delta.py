@@ -70,7 +70,7 @@ def setup(tmp_path_factory):
     ledger_dir = root / "ledger"
     with Ledger.open(ledger_dir, fp, caller="test") as ledger:
         for name in (L1, L2):
-            ledger.ensure_base(name, _checkpoint_tensor(name, ckpt))
+            ledger.weights.ensure_base(name, _checkpoint_tensor(name, ckpt))
         head = 0
         for i in range(N_START):
             name = L1 if i in (7, 33) else L2
@@ -90,7 +90,7 @@ def _engine_sums(server: Server, name: str) -> str:
 
 def _ledger_sum(ledger_dir: Path, version: int, name: str) -> str:
     with Ledger.open(ledger_dir, verify="none") as ledger:
-        return tensor_sha256(ledger.materialize(version, names=[name])[name])
+        return tensor_sha256(ledger.weights.materialize(version, names=[name])[name])
 
 
 def _greedy(server: Server) -> list[list[int]]:
@@ -109,7 +109,7 @@ def _reference_tokens(setup: dict[str, Any], version: int) -> list[list[int]]:
     out = setup["root"] / f"ref-{version}"
     shutil.copytree(setup["ckpt"], out)
     with Ledger.open(setup["ledger"], verify="none") as ledger:
-        weights = ledger.materialize(version, names=[L1, L2])
+        weights = ledger.weights.materialize(version, names=[L1, L2])
     for f in out.glob("*.safetensors"):
         tensors = load_file(str(f))
         tensors.update({k: v for k, v in weights.items() if k in tensors})
@@ -164,7 +164,7 @@ def test_delta_swaps_and_checkpoint_rollbacks_are_bit_exact(setup):
             with safe_open(str(f), "pt") as sf:
                 count = int(sf.metadata()["count"])
                 acc = sf.get_tensor("acc")
-            assert torch.equal(acc, ledger.materialize(l2_versions[count - 1], names=[L2])[L2]), count
+            assert torch.equal(acc, ledger.weights.materialize(l2_versions[count - 1], names=[L2])[L2]), count
 
     # Rollback to 5 deltas past the checkpoint at 40: the checkpoint plus 5 patches.
     v45 = l2_versions[44]

@@ -33,8 +33,8 @@ def _patch(i: int, name: str = NAME) -> Patch:
 def _ledger(tmp_path, n: int, other_at: tuple[int, ...] = ()) -> tuple[Ledger, list[Patch]]:
     ledger = Ledger.open(tmp_path / "ledger", FP, caller="test")
     g = torch.Generator().manual_seed(99)
-    ledger.ensure_base(NAME, torch.randn(D_OUT, D_IN, generator=g))
-    ledger.ensure_base(OTHER, torch.randn(D_OUT, D_IN, generator=g))
+    ledger.weights.ensure_base(NAME, torch.randn(D_OUT, D_IN, generator=g))
+    ledger.weights.ensure_base(OTHER, torch.randn(D_OUT, D_IN, generator=g))
     patches, head = [], 0
     for i in range(n):
         p = _patch(1000 + i, OTHER) if i in other_at else _patch(i)
@@ -44,7 +44,7 @@ def _ledger(tmp_path, n: int, other_at: tuple[int, ...] = ()) -> tuple[Ledger, l
 
 
 def _want(ledger: Ledger, version: int, name: str, tp: int) -> dict[tuple[str, int], str]:
-    w = ledger.materialize(version, names=[name])[name]
+    w = ledger.weights.materialize(version, names=[name])[name]
     return {(name, r): tensor_sha256(w[:, slice(*rank_range(D_IN, tp, r))]) for r in range(tp)}
 
 
@@ -66,7 +66,7 @@ def test_incremental_expected_and_checkpoints_are_bit_exact(tmp_path):
     for c in (5, 10, 15, 20):
         version = name_versions[c - 1]
         ckpt = store.load(NAME, chains[NAME].hashes[c], c)
-        assert ckpt is not None and torch.equal(ckpt, ledger.materialize(version, names=[NAME])[NAME]), c
+        assert ckpt is not None and torch.equal(ckpt, ledger.weights.materialize(version, names=[NAME])[NAME]), c
     # A fresh cache (another process) rolls back from the checkpoint files, still bit-exact.
     fresh = ExpectedChecksums(tensor_parallel_size=2, base_cache_bytes=1 << 20, ledger=ledger, checkpoint_every=5)
     for v in (24, 7, 25, 0):
@@ -102,14 +102,14 @@ def test_delta_message_carries_only_the_change(tmp_path):
     (u,) = delta_message(full29, held, None, exp.checkpoint_path, (NAME,)).matrices
     assert (u.start, len(u.deltas)) == (20, 9)
     # The worker's arithmetic from the checkpoint slice gives the ledger's materialisation (TP 2 slices).
-    w = ledger.materialize(25, names=[NAME])[NAME]
+    w = ledger.weights.materialize(25, names=[NAME])[NAME]
     for rank in range(2):
         lo, hi = rank_range(D_IN, 2, rank)
         acc = read_slice(r.checkpoint, NAME, r.start_chain, r.start, lo, hi)
         accumulate_slice(acc, r.deltas, lo, hi, D_IN, NAME)
         assert torch.equal(acc, w[:, lo:hi].contiguous())
     # A matrix leaving the target (back to its base) is expected to hash as the base copy.
-    assert exp.of_chains({}, {}, [NAME]) == {(NAME, 0): tensor_sha256(ledger.base_copy(NAME)[0])}
+    assert exp.of_chains({}, {}, [NAME]) == {(NAME, 0): tensor_sha256(ledger.weights.base_copy(NAME)[0])}
     # Chains extend instead of being recomputed, and agree with a recomputation.
     assert chain_for(t25[NAME].keys, None) == t25[NAME] and chain_for((), held[NAME]) == EMPTY
 

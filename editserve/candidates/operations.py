@@ -138,7 +138,7 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: PatchFi
     patch export (`export`: manifest JSON, factors, preserved keys), a dry run's patch (`computed`: the dry
     run's `VersionChange`, carrying the patch and its probe report), or an earlier version's
     difference from the head (`to_version`: the candidate serves that version) as a candidate."""
-    from editserve.ledger.transfer import read_patch_export
+    from editserve.ledger.transfer import export_patch, read_patch_export
 
     cands = candidates_of(engine)
     if to_version is not None:
@@ -161,7 +161,7 @@ async def stage(engine: Any, caller: str, ref: str | int | None, export: PatchFi
             await asyncio.to_thread(export.write, src)
         else:
             source = "ledger"
-            await asyncio.to_thread(engine.ledger.export_patch, ref, src)
+            await asyncio.to_thread(export_patch, engine.ledger, ref, src)
         patch = await asyncio.to_thread(read_patch_export, engine.ledger, src)
         if report is None and source != "upload":
             report = await asyncio.to_thread(_report_of, engine, patch.digest)

@@ -221,7 +221,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     with _open(args, strict=False) as ledger:
-        d = ledger.diff(args.a, args.b)
+        d = ledger.weights.diff(args.a, args.b)
         print(f"version {d.a} → version {d.b}: {len(d.common)} patch(es) in both, "
               f"{len(d.only_a)} only in {d.a}, {len(d.only_b)} only in {d.b}")
         for label, ids in ((f"only in {d.a}", d.only_a), (f"only in {d.b}", d.only_b)):
@@ -343,8 +343,10 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from editserve.ledger.transfer import export_patch, export_version
+
     with _open(args) as ledger:
-        out = ledger.export_patch(args.version, args.dest) if args.patch else ledger.export_version(args.version, args.dest)
+        out = export_patch(ledger, args.version, args.dest) if args.patch else export_version(ledger, args.version, args.dest)
         print(f"exported {'patch of ' if args.patch else ''}version {args.version} to {out}")
     return 0
 
@@ -379,7 +381,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
         kwargs: dict[str, Any] = {}
         if args.model is not None:
-            kwargs["base"] = _checkpoint_weights(args.model, [n for n in names if n not in ledger.base_names()])
+            kwargs["base"] = _checkpoint_weights(args.model, [n for n in names if n not in ledger.weights.base_names()])
         if args.max_relative_norm is not None:
             kwargs["max_relative_norm"] = args.max_relative_norm
         expected = ledger.head() if args.expected_head is None else args.expected_head

@@ -341,16 +341,16 @@ class Operations:
 
     async def diff(self, who: Principal, a: int, b: int) -> Any:
         require(who, "diff")
-        return await asyncio.to_thread(self.engine.ledger.diff, a, b)
+        return await asyncio.to_thread(self.engine.ledger.weights.diff, a, b)
 
     async def export(self, who: Principal, ref: str | int) -> tuple[str, PatchFiles]:
         """(patch id, the export's files: manifest JSON, factors, preserved keys) of a patch (a digest
         prefix or the version that added it)."""
-        from editserve.ledger.transfer import PatchFiles
+        from editserve.ledger.transfer import PatchFiles, export_patch
 
         require(who, "export")
         with tempfile.TemporaryDirectory(prefix="editserve-export-") as tmp:
-            out = await asyncio.to_thread(self.engine.ledger.export_patch, ref, Path(tmp) / "patch")
+            out = await asyncio.to_thread(export_patch, self.engine.ledger, ref, Path(tmp) / "patch")
             files = await asyncio.to_thread(PatchFiles.read, out)
         return str(json.loads(files.manifest_json).get("digest", "")), files
 

@@ -275,7 +275,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
     async def _check_base(self) -> None:
         """The engine's weights of every matrix the ledger has a base copy of must be that copy
         (no patch is applied yet, so the live weights are the checkpoint's)."""
-        names = sorted(await asyncio.to_thread(self.ledger.base_names))
+        names = sorted(await asyncio.to_thread(self.ledger.weights.base_names))
         if not names:
             return
         expected = await asyncio.to_thread(self.expected.of, [], names)
@@ -738,7 +738,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
         def write(head: int) -> int:
             # Validated once above, before the pause; inside it only the ledger write remains.
-            return self.ledger._import([patch], head, who, idempotency_key, None, Layout.OUT_IN, replace=False,
+            return self.ledger.add_imported([patch], head, who, idempotency_key, None, Layout.OUT_IN, replace=False,
                                        details={"source": "control plane import"}, keys=keys)
 
         return await self._change("import", expected_head, target_of, write, patch_id=patch.digest)

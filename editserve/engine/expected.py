@@ -92,7 +92,7 @@ class ExpectedChecksums:
         if hit is not None:
             self._bases.move_to_end(name)
             return hit
-        hit = self.ledger.base_copy(name)
+        hit = self.ledger.weights.base_copy(name)
         size = hit[0].numel() * hit[0].element_size()
         if size <= self.base_cache_bytes:
             self._bases[name] = hit

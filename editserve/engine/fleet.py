@@ -140,7 +140,7 @@ class FleetMember:
         self._report_lock = asyncio.Lock()
 
     def start(self) -> None:
-        self._listener = self.plane.ledger.head_listener()
+        self._listener = self.plane.ledger.replicas.listener()
         self._task = asyncio.create_task(self._run(), name="editserve-fleet")
 
     async def close(self) -> None:
@@ -155,7 +155,7 @@ class FleetMember:
         ledger = self.plane.ledger
         if ledger is not None:
             try:
-                await asyncio.to_thread(ledger.forget_replica, self.settings.replica_id)
+                await asyncio.to_thread(ledger.replicas.forget, self.settings.replica_id)
             except Exception as exc:      # the ledger may be down at shutdown; the row just goes stale
                 log.warning("could not remove replica %s from the registry: %s", self.settings.replica_id, exc)
 
@@ -171,7 +171,7 @@ class FleetMember:
         async with self._report_lock:
             served = self.plane.served_version
             try:
-                await asyncio.to_thread(ledger.record_replica, self.settings.replica_id, served, self.settings.role,
+                await asyncio.to_thread(ledger.replicas.record, self.settings.replica_id, served, self.settings.role,
                                         self.settings.address, self.started_at, {"pid": os.getpid()})
                 self._last_report = time.monotonic()
                 self.ledger_error = None
@@ -189,7 +189,7 @@ class FleetMember:
     async def fleet(self) -> list[dict[str, Any]]:
         """The registry rows with liveness and skew against the head (for status and rollout)."""
         ledger = self.plane.ledger
-        rows, head = await asyncio.gather(asyncio.to_thread(ledger.replicas), asyncio.to_thread(ledger.head))
+        rows, head = await asyncio.gather(asyncio.to_thread(ledger.replicas.all), asyncio.to_thread(ledger.head))
         self.last_head = head
         return [{"replica_id": r.replica_id, "version": r.version, "role": r.role, "address": r.address,
                  "age_s": round(r.age_s, 3), "live": r.age_s <= self.settings.live_s, "skew": max(0, head - r.version),

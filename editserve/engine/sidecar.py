@@ -449,7 +449,7 @@ class _Worker:
 
         t0 = time.perf_counter()
         self._hold(msg.version)
-        names = tuple(msg.names or self.ledger.touched_names(msg.version))
+        names = tuple(msg.names or self.ledger.weights.touched_names(msg.version))
         return Synced(version=msg.version, active=tuple(p.digest for p in applied_patches(self.model)),
                       checksums=self.checksums(names, msg.tp_size), seconds=time.perf_counter() - t0,
                       drift=self.drift(names))
@@ -530,7 +530,7 @@ class _Worker:
             # Only for a patch about to be committed: a dry run or a rejection leaves the ledger as it was.
             base = base_state_dict(self.model)
             for d in patch.deltas:
-                ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
+                ledger.weights.ensure_base(d.name, base[d.name], self.spec.hf_layout)
         return EditComputed(patch=patch, probe_report=report, seconds=time.perf_counter() - t0,
                             keys=result.preserved.for_patch(patch.digest))
 
@@ -559,7 +559,7 @@ class _Worker:
             base = base_state_dict(self.model)
             for patch in plan.patches:          # normally stored already (the replaced patches touch them)
                 for d in patch.deltas:
-                    ledger.ensure_base(d.name, base[d.name], self.spec.hf_layout)
+                    ledger.weights.ensure_base(d.name, base[d.name], self.spec.hf_layout)
         finally:
             self._hold(msg.head)
         return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)

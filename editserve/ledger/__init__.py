@@ -7,12 +7,14 @@ Public API::
     ledger = Ledger.open("postgresql://editserve@db/ledger", model_fingerprint=fp)   # or a DSN
     v = ledger.commit(patch, expected_head=ledger.head(), base={name: base_weight})
     ledger.rollback(0); ledger.rollback(v)              # back to the base model, forward again
-    weights = ledger.materialize(v)                     # base copies + Σ UVᵀ, bit-reproducible
+    weights = ledger.weights.materialize(v)             # base copies + Σ UVᵀ, bit-reproducible
 
 See `editserve.ledger.ledger` for the data model, `editserve.ledger.transfer` for export and
 import, `editserve.ledger.rebase` for recomputing later patches after a revert,
 `editserve.ledger.consolidation` for replacing many active patches by one,
-`editserve.ledger.objects` for the patches, key blocks and base copies versions refer to, and
+`editserve.ledger.objects` for the patches, key blocks and base copies versions refer to,
+`editserve.ledger.weights` for the weights a version stands for (``ledger.weights``),
+`editserve.ledger.replicas` for the fleet's replica registry (``ledger.replicas``), and
 `editserve.ledger.integrity` for the check run at open.
 """
 
@@ -43,17 +45,16 @@ from editserve.ledger.ledger import (
     RebasePlan,
     RebaseStep,
     RevertResult,
-    VersionDiff,
     VersionInfo,
-    WeightDiff,
-    tensor_sha256,
 )
 from editserve.ledger.location import LedgerLocation, redact_dsn
 from editserve.ledger.store import Event, LedgerStore
+from editserve.ledger.weights import LedgerWeights, VersionDiff, WeightDiff, tensor_sha256
+from editserve.ledger.replicas import Replicas
 
 __all__ = [
     "Ledger", "VersionInfo", "Event", "RevertResult", "RebaseStep", "RebaseOutcome", "RebasePlan", "RebasedPatch",
-    "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "tensor_sha256",
+    "IntegrityReport", "VersionDiff", "WeightDiff", "LedgerStore", "LedgerWeights", "Replicas", "tensor_sha256",
     "LedgerError", "LedgerConflict", "IdempotencyMismatch", "VersionNotFound", "PatchNotFound",
     "LedgerModelMismatch", "LedgerCorrupt", "LedgerBusy", "BaseCopyMissing", "BaseCopyMismatch",
     "RevertError", "ConsolidationError", "ImportRejected", "LedgerUnavailable", "LedgerSchemaError", "LedgerLocation", "redact_dsn",

@@ -26,11 +26,10 @@ Model of the data
 - **Audit log.** Every create, commit, rollback, roll-forward, revert and import appends an
   event in the same transaction as the change it records.
 
-Materialisation follows `editserve.patches.materialize`: base copy + Σ UVᵀ of the active
-patches in float32 in the fixed order, cast once; with no active patch, the base copy itself,
-bit for bit. The ledger holds no model: an engine asks `active_patches(v)` and materialises its
-own (tensor-parallel) slice, and compares with `expected_checksums(v)`. Recomputing patches on
-`revert(..., rebase=...)` is done by an injected callable (see `editserve.ledger.rebase`).
+The weights a version stands for (base copies, materialisation, checksums, diffs) are
+`Ledger.weights` (`editserve.ledger.weights`); the fleet's replica registry is `Ledger.replicas`
+(`editserve.ledger.replicas`); export and import are `editserve.ledger.transfer`. Recomputing
+patches on `revert(..., rebase=...)` is done by an injected callable (see `editserve.ledger.rebase`).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,6 @@ from editserve.editing.requests import EditRequest
 from editserve.errors import InvalidRequestError
 from editserve.ledger.blobs import BlobStore, FileBlobStore
 from editserve.ledger.errors import (
-    BaseCopyMissing,
     ConsolidationError,
     IdempotencyMismatch,
     ImportRejected,
@@ -66,6 +64,7 @@ from editserve.ledger.consolidation import CONSOLIDATED_METHOD, ConsolidationPla
 from editserve.ledger.integrity import VERIFY_MODES, IntegrityReport, integrity_report
 from editserve.ledger.location import LedgerLocation, location_from_env
 from editserve.ledger.objects import LedgerObjects
+from editserve.ledger.replicas import Replicas
 from editserve.ledger.sqlite import SqliteStore
 from editserve.ledger.store import (
     ADD,
@@ -78,13 +77,13 @@ from editserve.ledger.store import (
     KIND_IMPORT,
     KIND_REVERT,
     REMOVE,
-    BaseCopyRecord,
     Event,
     LedgerStore,
     NewVersion,
     VersionRecord,
 )
-from editserve.patches import Patch, WeightDelta, materialize
+from editserve.ledger.weights import LedgerWeights
+from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
 
@@ -210,32 +209,8 @@ class RevertResult:
     created: bool
 
 
-@dataclass(frozen=True)
-class WeightDiff:
-    name: str
-    layer: int
-    norm: float                                # ‖ΔW_b − ΔW_a‖_F (float32)
-    relative: float | None                     # norm / ‖W_base‖_F when the base copy is stored
-
-
-@dataclass(frozen=True)
-class VersionDiff:
-    a: int
-    b: int
-    only_a: tuple[str, ...]                    # patch digests active in a but not in b
-    only_b: tuple[str, ...]
-    common: tuple[str, ...]
-    weights: tuple[WeightDiff, ...]
-
-
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes (row-major, CPU); the checksum engines compare against."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def _json_safe(value: Any, what: str) -> Any:
@@ -306,6 +281,8 @@ class Ledger:
         self._blobs = blobs
         self.model_fingerprint = model_fingerprint
         self._objects = LedgerObjects(store, blobs, model_fingerprint, patch_cache_size)
+        self._weights = LedgerWeights(self)
+        self._replicas = Replicas(store, location)
         self._lock = threading.RLock()
         self._active_cache: OrderedDict[int, tuple[tuple[str, int], ...]] = OrderedDict()
         self.damage: IntegrityReport | None = None
@@ -410,31 +387,20 @@ class Ledger:
         """The patches, key blocks and base copies the versions refer to (`editserve.ledger.objects`)."""
         return self._objects
 
+    @property
+    def weights(self) -> LedgerWeights:
+        """The weights of the versions: base copies, materialisation, checksums, diffs (`editserve.ledger.weights`)."""
+        return self._weights
+
+    @property
+    def replicas(self) -> Replicas:
+        """The fleet's replica registry (`editserve.ledger.replicas`, docs/fleet.md)."""
+        return self._replicas
+
     # -- reading -------------------------------------------------------------------------------
 
     def head(self) -> int:
         return self._store.head()
-
-    # -- the replica registry (docs/fleet.md) ------------------------------------------------
-
-    def record_replica(self, replica_id: str, version: int, role: str, address: str, started_at: float,
-                       details: dict[str, Any] | None = None) -> None:
-        """Record that replica `replica_id` serves `version` now (also its heartbeat)."""
-        self._store.record_replica(replica_id, version, role, address, started_at, dict(details or {}))
-
-    def replicas(self) -> list[Any]:
-        """`editserve.ledger.store.ReplicaRecord` of every replica that reported, by id."""
-        return self._store.replicas()
-
-    def forget_replica(self, replica_id: str) -> bool:
-        return self._store.forget_replica(replica_id)
-
-    def head_listener(self) -> Any:
-        """A `editserve.ledger.notify.HeadListener` on this ledger (PostgreSQL: LISTEN/NOTIFY;
-        SQLite: waits only for its timeout)."""
-        from editserve.ledger.notify import HeadListener
-
-        return HeadListener(self.location)
 
     def _active_with_origin(self, version: int) -> tuple[tuple[str, int], ...]:
         """(patch digest, version that added it) in effect at `version`, in summation order."""
@@ -519,27 +485,6 @@ class Ledger:
 
     def events(self, since_id: int = 0) -> list[Event]:
         return self._store.events(since_id)
-
-    def base_names(self) -> tuple[str, ...]:
-        return self._objects.base_names()
-
-    def base_copy(self, name: str) -> tuple[torch.Tensor, Layout]:
-        """The saved original of `name` and its layout."""
-        return self._objects.base_copy(name)
-
-    def touched_names(self, version: int | None = None) -> tuple[str, ...]:
-        names: dict[str, None] = {}
-        for p in self.active_patches(version):
-            for d in p.deltas:
-                names[d.name] = None
-        return tuple(names)
-
-    def ensure_base(self, name: str, tensor: torch.Tensor, layout: Layout = Layout.OUT_IN) -> BaseCopyRecord:
-        """Store the original of `name` unless already stored; an offered copy that differs is refused.
-
-        `tensor` must be the *base* model's weight (never one with patches merged in).
-        """
-        return self._objects.ensure_base(name, tensor, layout)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -911,11 +856,12 @@ class Ledger:
                  caller)
         return number
 
-    def _import(self, patches: Sequence[Patch], expected_head: int, caller: str, idempotency_key: str | None,
+    def add_imported(self, patches: Sequence[Patch], expected_head: int, caller: str, idempotency_key: str | None,
                 base: Mapping[str, torch.Tensor] | None, base_layout: Layout, replace: bool,
                 details: dict[str, Any], keys: Mapping[str, PreservedKeys] | None = None) -> int:
-        """Used by `editserve.ledger.transfer` after validation: one version adding `patches`
-        (on top of the head, or replacing the head's active list when `replace`)."""
+        """The import transaction, for patches already validated (`editserve.ledger.transfer`, the
+        server's import of an upload): one version adding `patches` on top of the head, or
+        replacing the head's active list when `replace`; `keys` are their preserved-keys blocks."""
         if isinstance(expected_head, bool) or not isinstance(expected_head, int):
             raise InvalidRequestError(f"expected_head must be a version number, got {expected_head!r}")
         for p in patches:
@@ -946,72 +892,6 @@ class Ledger:
         log.info("version %d: imported %d patch(es) by %s", number, len(patches), caller)
         return number
 
-    # -- weights -------------------------------------------------------------------------------
-
-    def materialize(self, version: int | None = None, base: Mapping[str, torch.Tensor] | None = None,
-                    layout: Layout | None = None, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Weights of `version` (default: the head): base + Σ UVᵀ of its active patches, per matrix.
-
-        Without `base`, every matrix the ledger holds a base copy of (or those in `names`) is
-        rebuilt from the stored copies, in their stored layout; a matrix no active patch touches
-        comes back as its base copy, bit for bit. With `base` (in `layout`, default OUT_IN), the
-        matrices in `base` (or `names`) are rebuilt from those tensors instead.
-        """
-        version = self._resolve_version(version)
-        active = self.active_patches(version)
-        by_name: dict[str, list[WeightDelta]] = {}
-        for p in active:
-            for d in p.deltas:
-                by_name.setdefault(d.name, []).append(d)
-        out: dict[str, torch.Tensor] = {}
-        if base is None:
-            records = self._store.base_copies()
-            # Every matrix with a base copy, plus any touched one without (which is an error below).
-            wanted = list(names) if names is not None else sorted(records) + [n for n in by_name if n not in records]
-            for name in wanted:
-                rec = records.get(name)
-                if rec is None:
-                    raise BaseCopyMissing(f"the ledger holds no base copy of {name!r} (touched at version {version})")
-                out[name] = materialize(self._objects.load_base(rec), by_name.get(name, []), Layout(rec.layout))
-        else:
-            lay = Layout.OUT_IN if layout is None else Layout(layout)
-            wanted = list(names) if names is not None else list(base)
-            for name in wanted:
-                if name not in base:
-                    raise BaseCopyMissing(f"no base tensor given for {name!r}")
-                out[name] = materialize(base[name], by_name.get(name, []), lay)
-        return out
-
-    def expected_checksums(self, version: int | None = None, base: Mapping[str, torch.Tensor] | None = None,
-                           layout: Layout | None = None) -> dict[str, str]:
-        """sha256 of each materialised matrix of `version` (see `materialize` and `tensor_sha256`)."""
-        return {name: tensor_sha256(t) for name, t in self.materialize(version, base, layout).items()}
-
-    def diff(self, a: int, b: int) -> VersionDiff:
-        """Which patches differ between versions a and b, and ‖ΔW‖ per touched weight."""
-        ids_a, ids_b = self.active_ids(a), self.active_ids(b)
-        only_a = tuple(d for d in ids_a if d not in ids_b)
-        only_b = tuple(d for d in ids_b if d not in ids_a)
-        common = tuple(d for d in ids_a if d in ids_b)
-        sums: dict[str, torch.Tensor] = {}
-        layers: dict[str, int] = {}
-        for sign, refs in ((-1.0, only_a), (1.0, only_b)):
-            for ref in refs:
-                for d in self.patch(ref).deltas:
-                    layers[d.name] = d.layer
-                    acc = sums.setdefault(d.name, torch.zeros(d.shape, dtype=torch.float32))
-                    acc.addmm_(d.u, d.v.T, alpha=sign)
-        records = self._store.base_copies()
-        weights = []
-        for name in sorted(sums, key=lambda n: (layers[n], n)):
-            norm = float(sums[name].norm())
-            rel = None
-            if name in records and self._blobs.check(records[name].blob, records[name].blob_size, full=False) is None:
-                base_norm = float(self._objects.load_base(records[name]).float().norm())
-                rel = norm / base_norm if base_norm > 0 else None
-            weights.append(WeightDiff(name=name, layer=layers[name], norm=norm, relative=rel))
-        return VersionDiff(a=a, b=b, only_a=only_a, only_b=only_b, common=common, weights=tuple(weights))
-
     # -- integrity -----------------------------------------------------------------------------
 
     def integrity_report(self, mode: str = "full", deep: bool = False) -> IntegrityReport:
@@ -1038,25 +918,3 @@ class Ledger:
         referenced = [p.blob for p in self._store.patches()] + [b.blob for b in self._store.base_copies().values()]
         referenced += [r.blob for r in self._store.patch_states([p.digest for p in self._store.patches()]).values()]
         return self._blobs.collect_garbage(referenced, min_age_s)
-
-    # -- export / import (see editserve.ledger.transfer) ------------------------------------------
-
-    def export_version(self, version: int, dest: str | Path) -> Path:
-        from editserve.ledger.transfer import export_version
-
-        return export_version(self, version, dest)
-
-    def export_patch(self, ref: str | int, dest: str | Path) -> Path:
-        from editserve.ledger.transfer import export_patch
-
-        return export_patch(self, ref, dest)
-
-    def import_patch(self, src: str | Path, expected_head: int, caller: str = "local", **kwargs: Any) -> int:
-        from editserve.ledger.transfer import import_patch
-
-        return import_patch(self, src, expected_head, caller=caller, **kwargs)
-
-    def import_version(self, src: str | Path, expected_head: int, caller: str = "local", **kwargs: Any) -> int:
-        from editserve.ledger.transfer import import_version
-
-        return import_version(self, src, expected_head, caller=caller, **kwargs)

@@ -277,7 +277,7 @@ class LedgerObjects:
                 if rec is None:
                     if base is None or d.name not in base:
                         raise error(f"no base copy of {d.name!r} is stored; pass base={{name: weight}} with the base "
-                                    f"model's weight (or call ledger.ensure_base first)")
+                                    f"model's weight (or call ledger.weights.ensure_base first)")
                     rec = self._write_base(d.name, base[d.name], base_layout)
                     new[d.name] = rec
                 if out_in_shape(rec.shape, rec.layout) != d.shape:

@@ -154,7 +154,7 @@ def export_version(ledger: Ledger, version: int, dest: str | Path) -> Path:
             tensors[f"{i:04d}/{key}"] = t
     data = save(tensors)
     try:
-        checksums = ledger.expected_checksums(version)
+        checksums = ledger.weights.expected_checksums(version)
     except EditserveError as exc:
         log.warning("exporting version %d without weight checksums: %s", version, exc)
         checksums = {}
@@ -244,7 +244,7 @@ def _validate_patch(ledger: Ledger, manifest: Any, tensors: Mapping[str, torch.T
     stored = {n: r for n, r in ((n, ledger.store.base_copies().get(n)) for n in patch.weight_names) if r is not None}
     for d in patch.deltas:
         if d.name in stored:
-            weight, lay = ledger.base_copy(d.name)
+            weight, lay = ledger.weights.base_copy(d.name)
         elif base is not None and d.name in base:
             weight, lay = base[d.name], Layout(base_layout)
         else:
@@ -293,7 +293,7 @@ def import_patch(ledger: Ledger, src: str | Path, expected_head: int, caller: st
     """Validate an exported patch and commit it on top of `expected_head`; returns the new version."""
     patch, keys = read_patch_import(ledger, src, base, base_layout, max_relative_norm)
     source_version = json.loads((Path(src) / MANIFEST_FILE).read_text())["export"].get("source_version")
-    return ledger._import([patch], expected_head, caller, idempotency_key, base, base_layout, replace=False,
+    return ledger.add_imported([patch], expected_head, caller, idempotency_key, base, base_layout, replace=False,
                           details={"source": str(src), "source_version": source_version}, keys=keys)
 
 
@@ -320,5 +320,5 @@ def import_version(ledger: Ledger, src: str | Path, expected_head: int, caller: 
     if len(set(digests)) != len(digests):
         raise ImportRejected(f"{str(src)!r}: the same patch is listed twice")
     keys = _read_keys(src, manifest, digests)
-    return ledger._import(patches, expected_head, caller, idempotency_key, base, base_layout, replace=True,
+    return ledger.add_imported(patches, expected_head, caller, idempotency_key, base, base_layout, replace=True,
                           details={"source": str(src), "source_version": manifest.get("version")}, keys=keys)
