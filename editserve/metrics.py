@@ -49,7 +49,8 @@ that layer the committed keys take, measured by each retention probe run; 1 mean
 left where a new edit would not weigh on earlier ones; docs/lifelong.md).
 ``editserve_heldout_perplexity_ratio`` (gauge: the perplexity of the packaged held-out prose on the
 served version over the unedited model's, from the last retention probe run; NaN until measured; the
-general damage a long ledger does, which moves before retention and NS do; docs/lifelong.md).
+general damage a long ledger does, which moves before retention and NS do; NaN when the last run could
+not measure it; docs/lifelong.md).
 ``editserve_consolidations_total`` (counter, ``result``: ok; refused: fewer than two patches with
 preserved keys, a committed fact would break, or the head moved; failed: an error) counts consolidations
 (editserve/ledger/consolidation.py), asked for or automatic (editserve/engine/autoconsolidate.py).
@@ -409,10 +410,10 @@ class Metrics:
             self._null_space.labels(layer=str(layer)).set(float(value))
         self._null_space_layers |= set(taken)
 
-    def set_perplexity_ratio(self, ratio: float) -> None:
+    def set_perplexity_ratio(self, ratio: float | None) -> None:
         """Held-out perplexity of the served version over the unedited model's, as the last
-        retention probe measured it (editserve/engine/health.py)."""
-        self._ppl_ratio.set(_finite(ratio, "held-out perplexity ratio", lo=0.0))
+        retention probe measured it (editserve/engine/health.py); None (not measured) → NaN."""
+        self._ppl_ratio.set(math.nan if ratio is None else _finite(ratio, "held-out perplexity ratio", lo=0.0))
 
     def record_retention_probe(self, ok: bool) -> None:
         """Count one retention probe run (``ok`` false: it failed; the gauges keep the last result)."""

@@ -482,13 +482,15 @@ def test_consolidations_are_counted_by_a_fixed_result():
         metrics.record_consolidation("skipped")
 
 
-def test_heldout_perplexity_ratio_is_nan_until_measured_then_the_last_value(served):
+def test_heldout_perplexity_ratio_is_nan_unless_the_last_run_measured_it(served):
     metrics, scraper = served
     assert math.isnan(value(scraper.samples(), "editserve_heldout_perplexity_ratio"))
     metrics.set_perplexity_ratio(1.0)
     assert value(scraper.samples(), "editserve_heldout_perplexity_ratio") == 1.0
     metrics.set_perplexity_ratio(1.0625)
     assert value(scraper.samples(), "editserve_heldout_perplexity_ratio") == 1.0625
+    metrics.set_perplexity_ratio(None)                    # a run that could not measure it: no stale value
+    assert math.isnan(value(scraper.samples(), "editserve_heldout_perplexity_ratio"))
 
 
 def test_null_space_taken_per_layer_and_a_layer_rolled_back_reads_zero(served):

@@ -19,8 +19,9 @@ small sample covers the ledger over time. Runs are skipped while the sidecar is 
 of sync; a failed run counts ``editserve_retention_probes_total{result="failed"}``.
 
 CPU cost: one run scores 2 × `probe_sample` short continuations (one batch of forward passes of
-the sidecar's model) and the held-out text (about 1,000 tokens in windows of 256); the defaults (16 facts, every 15 minutes and after each version change, at
-most one run per 30 s) keep it to a few seconds of one core per run on SmolLM2-135M (docs/lifelong.md).
+the sidecar's model) and, once per served version, the held-out text (about 1,000 tokens in
+windows of 256); the defaults (16 facts, every 15 minutes and after each version change, at most
+one run per 30 s) keep it to a few seconds of one core per run on SmolLM2-135M (docs/lifelong.md).
 The null-space share adds, per edited layer, reading its cached statistics and projection and the
 eigenvalues of an N×N matrix (N committed keys there, at most d_in): about 0.1 s at N = 100 and
 1 s at N = 1,000 per layer on one core.
@@ -216,8 +217,7 @@ class RetentionProbe:
         self.metrics.record_retention_probe(True)
         self.metrics.set_retention(run.ratio, run.sampled, run.at)
         self.metrics.set_null_space_taken(run.null_space)
-        if run.perplexity_ratio is not None:
-            self.metrics.set_perplexity_ratio(run.perplexity_ratio)
+        self.metrics.set_perplexity_ratio(run.perplexity_ratio)     # None (not measured): NaN, never a stale value
         log.info("retention probe of version %d: %d/%d sampled facts hold (%d committed), held-out perplexity "
                  "×%s, in %.2f s", run.version, run.held, run.sampled, run.facts,
                  "?" if run.perplexity_ratio is None else f"{run.perplexity_ratio:.4f}", run.seconds)
