@@ -166,8 +166,13 @@ def null_space_uses(model: torch.nn.Module, tok: object, preserved: PreservedKey
 
 
 def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 256) -> float:
-    """exp(mean token NLL) of `text` over consecutive windows of `seq_len` tokens."""
+    """exp(mean token NLL) of `text` over consecutive windows of `seq_len` tokens (fewer when the
+    model's context is shorter)."""
     ids = tok(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and context > 0:
+        seq_len = min(seq_len, context)                 # the model reads seq_len tokens of each window
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
