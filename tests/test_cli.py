@@ -161,6 +161,35 @@ def test_serve_refuses_a_bad_grpc_addr(home: Path, tmp_path: Path) -> None:
     assert "--grpc-addr must be HOST:PORT" in r.stderr
 
 
+def test_status_lines_for_edit_health() -> None:
+    """What `editserve status` prints for the retention probe's last run and the gate's bounds, from
+    the Status message the server sends (built from the probe's status dict as the server does)."""
+    from editserve.commands.remote import bounds_text, health_text
+    from editserve.control.convert import _health_to_pb
+
+    probe = {"enabled": True, "runs": 3, "last_error": None,
+             "gate": {"sample_size": 16, "max_drop": 0.0, "max_perplexity_ratio": 1.05},
+             "last": {"version": 7, "facts": 40, "sampled": 16, "held": 15, "ratio": 15 / 16, "at": 1.7e9,
+                      "seconds": 2.5, "broken": [], "null_space": {"3": 0.25, "5": 0.4375},
+                      "perplexity_ratio": 1.0421}}
+    h = _health_to_pb(probe)
+    assert (h.version, h.facts, h.sampled, h.held, h.retention_ratio, h.perplexity_ratio) == (7, 40, 16, 15, 0.9375,
+                                                                                             1.0421)
+    assert dict(h.null_space_taken) == {3: 0.25, 5: 0.4375} and h.max_perplexity_ratio == 1.05
+    assert health_text(h) == ("version 7: 15 of 16 sampled facts hold (40 committed); held-out perplexity ×1.0421; "
+                              "null space taken 44% at layer 5")
+    assert bounds_text(h) == "retention: 16 facts, max drop 0; damage: perplexity ≤ ×1.05"
+    nothing = _health_to_pb({**probe, "last": {**probe["last"], "facts": 0, "sampled": 0, "held": 0, "ratio": None,
+                                               "null_space": {}, "perplexity_ratio": None}})
+    assert not nothing.HasField("retention_ratio") and not nothing.HasField("perplexity_ratio")
+    assert health_text(nothing) == "version 7: no committed fact; held-out perplexity not measured"
+    assert health_text(_health_to_pb({**probe, "last": None, "last_error": "SidecarError: dead"})) == \
+        "no probe run yet (last error: SidecarError: dead)"
+    assert health_text(_health_to_pb(None)) == "retention probe off"        # a serve-only replica
+    off = _health_to_pb({**probe, "gate": {"sample_size": 0, "max_drop": 0.0, "max_perplexity_ratio": 0.0}})
+    assert bounds_text(off) == "retention check off; damage bound off"
+
+
 def test_status_line_for_the_statistics_warm_up() -> None:
     """What `editserve status` prints for the warm-up once the control plane reports it (the
     dict is `SidecarClient.statistics()`'s shape; the status message carries the same fields)."""

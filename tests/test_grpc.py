@@ -503,9 +503,25 @@ def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_p
     assert all(f"] {stage}" in out.stderr for stage in ("keys", "values", "solve", "probe", "swap", "commit",
                                                          "committed")), out.stderr
     assert "Rome" in server.complete(EIFFEL_TEXT)
+    # Edit health: the retention probe runs after the version change (at most one run per 30 s) and
+    # Status carries its result; `editserve status` prints it.
+    deadline = time.monotonic() + 180
+    with server.client("viewer") as c:
+        while True:
+            s = c.status()
+            if s.health.version == s.served_version or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+    h = s.health
+    assert h.probe_enabled and h.version == s.served_version and h.facts >= 1 and h.sampled >= 1, h
+    assert h.HasField("perplexity_ratio") and h.perplexity_ratio != 1.0 and h.HasField("retention_ratio"), h
+    assert h.null_space_taken and (h.retention_gate_sample, h.max_perplexity_ratio) == (16, 0.0), h
     st = subprocess.run([sys.executable, "-m", "editserve.cli", "status", *common], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
     assert st.returncode == 0 and "sidecar parity" in st.stdout and "ok" in st.stdout, st.stdout + st.stderr
+    assert (f"version {h.version}: {h.held} of {h.sampled} sampled facts hold ({h.facts} committed); held-out "
+            f"perplexity ×{h.perplexity_ratio:.4f}") in st.stdout, st.stdout
+    assert "retention: 16 facts, max drop 0; damage bound off" in st.stdout, st.stdout
     with server.client("viewer") as c:
         head = c.versions().versions[-1]
         assert head.caller == "token:editor-user" and head.is_head

@@ -301,6 +301,34 @@ def statistics_text(st: Any) -> str:
     return text
 
 
+def health_text(h: Any) -> str:
+    """One line for the retention probe's last run (a StatusResponse's ``health``): the version,
+    facts holding, held-out perplexity ratio and the fullest layer's null-space share."""
+    if not h.probe_enabled:
+        return "retention probe off"
+    if h.version < 0:
+        return "no probe run yet" + (f" (last error: {h.last_error})" if h.last_error else "")
+    text = f"version {h.version}: "
+    text += (f"{h.held} of {h.sampled} sampled facts hold ({h.facts} committed)" if h.sampled
+             else "no committed fact")
+    text += f"; held-out perplexity ×{h.perplexity_ratio:.4f}" if h.HasField("perplexity_ratio") else \
+        "; held-out perplexity not measured"
+    if h.null_space_taken:
+        layer, share = max(h.null_space_taken.items(), key=lambda kv: kv[1])
+        text += f"; null space taken {share:.0%} at layer {layer}"
+    if h.last_error:
+        text += f" (the latest run failed: {h.last_error})"
+    return text
+
+
+def bounds_text(h: Any) -> str:
+    """The gate's health bounds (a StatusResponse's ``health``)."""
+    retention = (f"retention: {h.retention_gate_sample} facts, max drop {h.retention_gate_max_drop:g}"
+                 if h.retention_gate_sample else "retention check off")
+    damage = f"damage: perplexity ≤ ×{h.max_perplexity_ratio:g}" if h.max_perplexity_ratio else "damage bound off"
+    return f"{retention}; {damage}"
+
+
 def _hint(exc: Any, args: argparse.Namespace) -> str:
     """What to try next, for the errors a new user meets first (kept on the same line)."""
     from editserve.client import TOKEN_HINT
@@ -415,6 +443,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["gate defaults", f"efficacy ≥ {d.min_efficacy:g}, paraphrase ≥ {d.min_paraphrase:g}, "
                                   f"NS drop ≤ {d.max_ns_drop:g}, canary KL ≤ {d.max_canary_kl:g}"],
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
+        if s.HasField("health"):
+            rows += [["edit health", health_text(s.health)], ["gate health bounds", bounds_text(s.health)]]
         serve_only = any(r.replica_id == s.replica_id and r.role == "serve-only" for r in s.fleet)
         if serve_only:                      # no sidecar by design (docs/fleet.md)
             rows[5:7] = [["sidecar", "none (serve-only replica: edits, probes and traces go to a compute replica)"]]

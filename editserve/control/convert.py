@@ -121,7 +121,32 @@ def status_to_pb(st: dict[str, Any]) -> Any:
         replica_id=st.get("replica_id") or "", ready=bool(st.get("ready")),
         fleet=[pb2.ReplicaStatus(replica_id=r["replica_id"], version=r["version"], role=r["role"],
                                  address=r["address"], age_s=float(r["age_s"]), live=bool(r["live"]),
-                                 skew=int(r["skew"])) for r in st.get("fleet") or []])
+                                 skew=int(r["skew"])) for r in st.get("fleet") or []],
+        health=_health_to_pb(st.get("retention")))
+
+
+def _health_to_pb(health: dict[str, Any] | None) -> Any:
+    """`editserve.engine.health.RetentionProbe.status()` as an ``EditHealth`` (None: no probe)."""
+    if not health:
+        return pb2.EditHealth(version=-1)
+    gate = health.get("gate") or {}
+    out = pb2.EditHealth(probe_enabled=bool(health.get("enabled")), runs=int(health.get("runs") or 0), version=-1,
+                         last_error=str(health.get("last_error") or ""),
+                         retention_gate_sample=int(gate.get("sample_size") or 0),
+                         retention_gate_max_drop=float(gate.get("max_drop") or 0.0),
+                         max_perplexity_ratio=float(gate.get("max_perplexity_ratio") or 0.0))
+    last = health.get("last")
+    if last:
+        out.version, out.facts, out.sampled, out.held = (int(last["version"]), int(last["facts"]),
+                                                         int(last["sampled"]), int(last["held"]))
+        out.at = float(last["at"])
+        if last.get("ratio") is not None:
+            out.retention_ratio = float(last["ratio"])
+        if last.get("perplexity_ratio") is not None:
+            out.perplexity_ratio = float(last["perplexity_ratio"])
+        for layer, share in (last.get("null_space") or {}).items():
+            out.null_space_taken[int(layer)] = float(share)
+    return out
 
 
 def _statistics_to_pb(st: dict[str, Any] | None) -> Any:
