@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from editserve.editing import EditRequest, apply_patch
 from editserve.editing.corpus import load_corpus
 from editserve.editing.edit import compute_edit
