@@ -521,7 +521,7 @@ def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_p
     assert st.returncode == 0 and "sidecar parity" in st.stdout and "ok" in st.stdout, st.stdout + st.stderr
     assert (f"version {h.version}: {h.held} of {h.sampled} sampled facts hold ({h.facts} committed); held-out "
             f"perplexity ×{h.perplexity_ratio:.4f}") in st.stdout, st.stdout
-    assert "retention: 16 facts, max drop 0; damage bound off" in st.stdout, st.stdout
+    assert "retention: 16 facts, max drop 0; damage bound off (held-out text: packaged)" in st.stdout, st.stdout
     with server.client("viewer") as c:
         head = c.versions().versions[-1]
         assert head.caller == "token:editor-user" and head.is_head

@@ -21,7 +21,7 @@ from editserve.editing import EditRequest, compute_patch
 from editserve.editing.corpus import load_corpus
 from editserve.editing.lifelong import heldout_perplexity
 from editserve.editing.retention import CommittedFact, RetentionGate, facts_hold, sample_facts
-from editserve.engine.health import HealthSettings
+from editserve.engine.health import HealthSettings, read_heldout_text
 from editserve.errors import InvalidRequestError, MetricsError
 from editserve.metrics import Metrics
 from editserve.patches import apply_patch, remove_patch
@@ -76,6 +76,25 @@ def test_settings_from_env_and_typed_errors():
     for bad in (0.99, math.nan, math.inf, True, "1.1"):
         with pytest.raises(InvalidRequestError, match="max_perplexity_ratio"):
             DamageGate(max_perplexity_ratio=bad)
+
+
+def test_heldout_text_setting_is_checked_at_start(tmp_path):
+    """EDITSERVE_HELDOUT_TEXT: a deployment's own held-out prose, refused at start (naming the
+    variable, the path and the fault) unless it is a readable UTF-8 file of 1,000 to 200,000
+    characters; unset, the packaged prose."""
+    assert HealthSettings.from_env({}).heldout_text is None
+    good = tmp_path / "heldout-de.txt"
+    good.write_text("Der Fluss fließt ruhig durch das Tal, und am Ufer wachsen Weiden. " * 30, encoding="utf-8")
+    assert HealthSettings.from_env({"EDITSERVE_HELDOUT_TEXT": str(good)}).heldout_text == str(good)
+    assert read_heldout_text(str(good)) == good.read_text(encoding="utf-8")
+    short, latin1, huge = tmp_path / "short.txt", tmp_path / "latin1.txt", tmp_path / "huge.txt"
+    short.write_text("Too short to measure anything.")
+    latin1.write_bytes("Der Fluss fließt ruhig. ".encode("latin-1") * 100)
+    huge.write_text("word " * 50_000)
+    for path, fault in ((tmp_path / "missing.txt", "cannot be read"), (tmp_path, "cannot be read"),
+                        (short, "holds 30 characters"), (latin1, "is not UTF-8"), (huge, "holds 249999 characters")):
+        with pytest.raises(InvalidRequestError, match=f"EDITSERVE_HELDOUT_TEXT='{path}'.* {fault}"):
+            HealthSettings.from_env({"EDITSERVE_HELDOUT_TEXT": str(path)})
 
 
 def test_retention_metrics_on_a_real_scrape():
@@ -176,6 +195,14 @@ def test_damage_bound_measures_a_real_patch_and_refuses_above_the_bound(tmp_path
     assert "EDITSERVE_GATE_MAX_PERPLEXITY_RATIO" in line and "consolidate" in line
     err = DamageRejected("rejected", merged)
     assert err.perplexity_ratio == report["perplexity_ratio_after"] and err.report["damage"] == report
+    # On a deployment's own held-out text (EDITSERVE_HELDOUT_TEXT): measured on that text.
+    own = " ".join(reversed(TEXT)) * 12
+    own_base = heldout_perplexity(model, tok, own)
+    apply_patch(model, patch)
+    own_want = heldout_perplexity(model, tok, own) / own_base
+    remove_patch(model, patch)
+    mine = check_damage(model, tok, patch, own_base, own_base, DamageGate(max_perplexity_ratio=1e6), own)
+    assert mine["perplexity_ratio_after"] == pytest.approx(own_want, abs=1e-6) and own_want != pytest.approx(want)
 
 
 def test_a_fact_whose_replaced_object_is_unknown_is_kept():
@@ -287,10 +314,12 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         v1 = ledger.commit(patches[0], expected_head=0)
         v2 = ledger.commit(patches[1], expected_head=v1, probe_report={"gate": {"rows": [gate_row]}})
         v3 = ledger.commit(patches[2], expected_head=v2)
-    base_ppl = heldout_perplexity(model, tok)
+    own = tmp_path / "heldout-own.txt"                   # a deployment's own held-out text (below)
+    own.write_text(" ".join(TEXT) * 12)
+    base_ppl, own_base = heldout_perplexity(model, tok), heldout_perplexity(model, tok, own.read_text())
     for p in patches:
         apply_patch(model, p)
-    edited_ppl = heldout_perplexity(model, tok)
+    edited_ppl, own_edited = heldout_perplexity(model, tok), heldout_perplexity(model, tok, own.read_text())
     want = facts_hold(model, tok, [CommittedFact(v1, "The Eiffel Tower is located in the city of", "The Eiffel Tower",
                                                  " Rome", " Paris"),
                                    CommittedFact(v2, "Michel Rocard speaks", "Michel Rocard", " English", " French"),
@@ -317,5 +346,17 @@ def test_sidecar_retention_probe_on_a_real_sidecar_process(tmp_path):
         assert len(client.probe_retention(ProbeRetention(version=v3, sample_size=1, seed=2)).rows) <= 1
         at0 = client.probe_retention(ProbeRetention(version=0, sample_size=16))
         assert at0.rows == () and run_of(at0).perplexity_ratio == 1.0     # the base weights, bit for bit
+    finally:
+        client.close()
+    # A sidecar given the deployment's own held-out text (EDITSERVE_HELDOUT_TEXT) measures that text,
+    # for the unedited model and for the version probed.
+    assert own_base != pytest.approx(base_ppl) and own_edited != pytest.approx(edited_ppl)
+    client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, heldout_text=str(own)))
+    try:
+        client.wait_ready()
+        client.open_ledger(str(tmp_path / "ledger"))
+        got = client.probe_retention(ProbeRetention(version=v3, sample_size=16, seed=1), timeout_s=300)
+        assert got.base_heldout_ppl == pytest.approx(own_base, rel=1e-5)
+        assert got.heldout_ppl == pytest.approx(own_edited, rel=1e-5)
     finally:
         client.close()

@@ -14,6 +14,8 @@ One server, one ledger, in order (real ROME edits on layer 5):
 5. Rollback to v2, then to v0: the drift gauge returns to v2's value exactly, then to 0; the
    probe follows (2 of 2, then none), and so do the null-space gauge of layer 5 (v2's value, then 0)
    and the held-out perplexity ratio (v2's value exactly, then exactly 1: the unedited model's).
+The held-out perplexity is measured on the deployment's own text (``EDITSERVE_HELDOUT_TEXT``, German
+prose here), checked against an in-process measurement.
 """
 
 from __future__ import annotations
@@ -41,10 +43,28 @@ HEALTH_ENV = {"EDITSERVE_RETENTION_PROBE_SAMPLE": "16", "EDITSERVE_RETENTION_PRO
               "EDITSERVE_RETENTION_GATE_SAMPLE": "32", "EDITSERVE_RETENTION_GATE_MAX_DROP": "0"}
 
 
+# The deployment's own held-out text (EDITSERVE_HELDOUT_TEXT), here German prose written for this test:
+# the probe and its gauge measure it instead of the packaged English prose.
+HELDOUT_DE = (
+    "Am Morgen liegt Nebel über dem Fluss, und die Fischer ziehen ihre Boote langsam ans Ufer. Auf dem Markt "
+    "verkaufen die Bauern Kartoffeln, Äpfel und frisches Brot, das noch warm aus dem Ofen kommt. Die Kinder "
+    "gehen zu Fuß zur Schule und erzählen einander, was sie am Wochenende erlebt haben. Im Sommer blühen an "
+    "den Wegen Mohn und Kornblumen, im Herbst färben sich die Blätter der Buchen gelb und rot. Wer eine Reise "
+    "plant, schaut zuerst auf die Karte und sucht die kürzeste Strecke, doch oft ist der längere Weg der "
+    "schönere. Abends sitzen die Nachbarn vor ihren Häusern, trinken Tee und sprechen über das Wetter, über "
+    "die Ernte und über die Preise im Laden. Ein guter Garten braucht Geduld: man gräbt den Boden um, sät im "
+    "Frühling und wartet, bis die ersten Blätter erscheinen. Bienen fliegen von Blüte zu Blüte und tragen den "
+    "Pollen weiter, ohne den es weder Obst noch Honig gäbe. Wenn es regnet, bleiben die meisten Leute zu Hause, "
+    "lesen ein Buch oder backen einen Kuchen für den Besuch am Sonntag. Im Winter wird es früh dunkel, und "
+    "die Lichter in den Fenstern leuchten über den verschneiten Platz.")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("health")
-    s = Server("health", d / "ledger", d, ["--enforce-eager"], env=HEALTH_ENV)
+    (d / "heldout-de.txt").write_text(HELDOUT_DE, encoding="utf-8")
+    s = Server("health", d / "ledger", d, ["--enforce-eager"],
+               env={**HEALTH_ENV, "EDITSERVE_HELDOUT_TEXT": str(d / "heldout-de.txt")})
     s.start()
     yield s
     s.stop()
@@ -89,6 +109,15 @@ def test_retention_probe_gate_and_drift(server):
     # The unedited model's held-out perplexity is the reference: exactly 1 on version 0.
     assert r["last"]["perplexity_ratio"] == 1.0 and h0["ppl"] == 1.0
     assert r["last"]["heldout_perplexity"] == r["last"]["base_heldout_perplexity"] > 1.0
+    # ... measured on the deployment's own text (named by file only), as an in-process measurement gives
+    from editserve.editing import load_model
+    from editserve.editing.lifelong import heldout_perplexity
+
+    assert r["heldout_text"] == "heldout-de.txt"
+    model, tok = load_model()
+    assert r["last"]["base_heldout_perplexity"] == pytest.approx(heldout_perplexity(model, tok, HELDOUT_DE), rel=1e-4)
+    assert r["last"]["base_heldout_perplexity"] != pytest.approx(heldout_perplexity(model, tok), rel=1e-2)
+    del model
 
     # 1. v1, admin skips the gate.
     runs = _runs(server)

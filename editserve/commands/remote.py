@@ -326,7 +326,7 @@ def bounds_text(h: Any) -> str:
     retention = (f"retention: {h.retention_gate_sample} facts, max drop {h.retention_gate_max_drop:g}"
                  if h.retention_gate_sample else "retention check off")
     damage = f"damage: perplexity ≤ ×{h.max_perplexity_ratio:g}" if h.max_perplexity_ratio else "damage bound off"
-    return f"{retention}; {damage}"
+    return f"{retention}; {damage} (held-out text: {h.heldout_text or 'packaged'})"
 
 
 def _hint(exc: Any, args: argparse.Namespace) -> str:

@@ -134,7 +134,8 @@ def _health_to_pb(health: dict[str, Any] | None) -> Any:
                          last_error=str(health.get("last_error") or ""),
                          retention_gate_sample=int(gate.get("sample_size") or 0),
                          retention_gate_max_drop=float(gate.get("max_drop") or 0.0),
-                         max_perplexity_ratio=float(gate.get("max_perplexity_ratio") or 0.0))
+                         max_perplexity_ratio=float(gate.get("max_perplexity_ratio") or 0.0),
+                         heldout_text=str(health.get("heldout_text") or ""))
     last = health.get("last")
     if last:
         out.version, out.facts, out.sampled, out.held = (int(last["version"]), int(last["facts"]),

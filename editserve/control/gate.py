@@ -141,10 +141,10 @@ class DamageGate:
 
 
 def check_damage(model: Any, tok: Any, patch: Any, base_ppl: float, head_ppl: float,
-                 config: DamageGate) -> dict[str, Any]:
+                 config: DamageGate, text: str | None = None) -> dict[str, Any]:
     """The held-out perplexity of `model` with `patch` merged (the model is unchanged on return),
     against `config`. `base_ppl` / `head_ppl`: the unedited model's and the head's (without the
-    patch). The report: ``{"passed", "perplexity_ratio_head", "perplexity_ratio_after",
+    patch), both on `text` (None: the packaged held-out prose). The report: ``{"passed", "perplexity_ratio_head", "perplexity_ratio_after",
     "max_perplexity_ratio", "seconds"}`` (ratios over the unedited model's)."""
     from editserve.editing.lifelong import heldout_perplexity
     from editserve.patches import apply_patch, remove_patch
@@ -152,7 +152,7 @@ def check_damage(model: Any, tok: Any, patch: Any, base_ppl: float, head_ppl: fl
     t0 = time.perf_counter()
     apply_patch(model, patch)
     try:
-        after = heldout_perplexity(model, tok) / base_ppl
+        after = heldout_perplexity(model, tok, text) / base_ppl
     finally:
         remove_patch(model, patch)               # restores the saved base copies; nothing is subtracted
     report = {

@@ -186,10 +186,11 @@ def perplexity(model: torch.nn.Module, tok: object, text: str, seq_len: int = 25
     return math.exp(total / count)
 
 
-def heldout_perplexity(model: torch.nn.Module, tok: object) -> float:
-    """Perplexity of editserve/data/heldout.txt: neutral prose written for this purpose, not the
-    statistics corpus (see its header in docs/lifelong.md)."""
-    return perplexity(model, tok, HELDOUT_TEXT.read_text())
+def heldout_perplexity(model: torch.nn.Module, tok: object, text: str | None = None) -> float:
+    """Perplexity of `text`, by default editserve/data/heldout.txt: neutral prose written for this
+    purpose, not the statistics corpus (see its header in docs/lifelong.md). A server may name its
+    own (``EDITSERVE_HELDOUT_TEXT``, editserve.engine.health)."""
+    return perplexity(model, tok, HELDOUT_TEXT.read_text() if text is None else text)
 
 
 def generation_fluency(model: torch.nn.Module, tok: object, prompts: Sequence[str] = FLUENCY_PROMPTS,

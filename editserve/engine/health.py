@@ -37,7 +37,10 @@ Environment (read by `HealthSettings.from_env`, set by the operator):
 changes; default 900), ``EDITSERVE_RETENTION_PROBE_MIN_GAP_S`` (least seconds between two runs;
 default 30), ``EDITSERVE_RETENTION_GATE_SAMPLE`` (facts the gate checks, 0 = retention
 gate off; default 16), ``EDITSERVE_RETENTION_GATE_MAX_DROP`` (default 0: no sampled fact may break),
-``EDITSERVE_GATE_MAX_PERPLEXITY_RATIO`` (the damage bound, e.g. 1.05; default 0: off).
+``EDITSERVE_GATE_MAX_PERPLEXITY_RATIO`` (the damage bound, e.g. 1.05; default 0: off),
+``EDITSERVE_HELDOUT_TEXT`` (a UTF-8 text file of the deployment's own ordinary prose — its
+language, its domain — measured instead of the packaged English prose by the probe and the damage
+bound; 1,000 to 200,000 characters, read once when the sidecar starts; `read_heldout_text`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,33 @@ PROBE_MIN_GAP_ENV = "EDITSERVE_RETENTION_PROBE_MIN_GAP_S"
 GATE_SAMPLE_ENV = "EDITSERVE_RETENTION_GATE_SAMPLE"
 GATE_MAX_DROP_ENV = "EDITSERVE_RETENTION_GATE_MAX_DROP"
 GATE_MAX_PPL_ENV = "EDITSERVE_GATE_MAX_PERPLEXITY_RATIO"
+HELDOUT_TEXT_ENV = "EDITSERVE_HELDOUT_TEXT"
+# A held-out text's size in characters: enough tokens for a stable perplexity (the packaged one has
+# 4,430 characters, 921 SmolLM2 tokens), few enough that a measurement stays one batch of passes per
+# window of 256 tokens, not minutes (each version and each gated edit with a damage bound measures it).
+HELDOUT_MIN_CHARS, HELDOUT_MAX_CHARS = 1_000, 200_000
+
+
+def read_heldout_text(path: str) -> str:
+    """The text of an ``EDITSERVE_HELDOUT_TEXT`` file, checked: a readable UTF-8 file of
+    `HELDOUT_MIN_CHARS` to `HELDOUT_MAX_CHARS` characters (InvalidRequestError naming the variable,
+    the path and what is wrong)."""
+    where = f"{HELDOUT_TEXT_ENV}={path!r}"
+    try:
+        size = os.path.getsize(path)
+        if size > 4 * HELDOUT_MAX_CHARS:                     # UTF-8: at most 4 bytes a character
+            raise InvalidRequestError(f"{where}: {size} bytes, more than {HELDOUT_MAX_CHARS} characters can take")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise InvalidRequestError(f"{where} cannot be read: {exc.strerror or exc}") from exc
+    chars = len(text.strip())
+    if not HELDOUT_MIN_CHARS <= chars <= HELDOUT_MAX_CHARS:
+        raise InvalidRequestError(f"{where} holds {chars} characters; a held-out text needs "
+                                  f"{HELDOUT_MIN_CHARS} to {HELDOUT_MAX_CHARS}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -75,6 +105,7 @@ class HealthSettings:
     probe_min_gap_s: float = 30.0        # at least this long between two runs (a burst of commits → one run)
     gate: RetentionGate = field(default_factory=RetentionGate)
     damage: DamageGate = field(default_factory=DamageGate)
+    heldout_text: str | None = None      # EDITSERVE_HELDOUT_TEXT: a file; None: the packaged prose
 
     def __post_init__(self) -> None:
         if isinstance(self.probe_sample, bool) or not isinstance(self.probe_sample, int) or self.probe_sample < 0:
@@ -100,9 +131,13 @@ class HealthSettings:
         if bound and bound < 1.0:
             raise InvalidRequestError(f"{GATE_MAX_PPL_ENV} must be 0 (off) or a number >= 1, got {bound!r}")
         damage = DamageGate(max_perplexity_ratio=bound)
+        heldout = env.get(HELDOUT_TEXT_ENV) or None
+        if heldout is not None:
+            read_heldout_text(heldout)          # refused here, at start, rather than in the sidecar
         return cls(probe_sample=integer(PROBE_SAMPLE_ENV, cls.probe_sample),
                    probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s),
-                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate, damage=damage)
+                   probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate, damage=damage,
+                   heldout_text=heldout)
 
 
 @dataclass(frozen=True)
@@ -229,7 +264,9 @@ class RetentionProbe:
                 "runs": self._runs,
                 "last": self.last.to_dict() if self.last else None, "last_error": self.last_error,
                 "gate": {"sample_size": self.settings.gate.sample_size, "max_drop": self.settings.gate.max_drop,
-                         "max_perplexity_ratio": self.settings.damage.max_perplexity_ratio}}
+                         "max_perplexity_ratio": self.settings.damage.max_perplexity_ratio},
+                # the file's name only (a viewer sees what is measured, not the server's paths); "": packaged
+                "heldout_text": os.path.basename(self.settings.heldout_text or "")}
 
 
 def run_of(measured: Any, at: float | None = None) -> RetentionRun:

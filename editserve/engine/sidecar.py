@@ -63,6 +63,7 @@ class SidecarConfig:
     dtype: str = "float32"
     threads: int | None = None         # torch CPU threads in the sidecar
     editserve_home: str | None = None  # passed on so the child finds the same caches
+    heldout_text: str | None = None    # EDITSERVE_HELDOUT_TEXT (a file, read at start); None: the packaged prose
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,14 @@ class _Worker:
         self.preserved: Any = None               # PreservedKeys of `version` (set by _hold)
         self.notify: Callable[[Progress], None] | None = None     # sidecar_main: send to the parent
         self.warmup: Any = None                  # a StatisticsWarmup once sidecar_main has started it
+        # The text the held-out perplexity is measured on (None: the packaged prose), read once so
+        # that the reference and every later measurement see the same text; an unreadable file
+        # fails the start (a configuration error, named), unlike a failed measurement.
+        self.heldout_text: str | None = None
+        if config.heldout_text:
+            from editserve.engine.health import read_heldout_text
+
+            self.heldout_text = read_heldout_text(config.heldout_text)
         # The unedited model's held-out perplexity, the retention probe's reference (the model is the
         # base checkpoint until the first `_hold`). None when it cannot be measured: the probe then
         # leaves the perplexity out.
@@ -520,7 +529,8 @@ class _Worker:
                 raise SidecarError("the damage bound is set but the held-out perplexity could not be measured "
                                    "(see the sidecar log)")
             report["gate"] = merge_damage(report["gate"], check_damage(self.model, self.tok, patch,
-                                                                       self.base_heldout_ppl, head_ppl, msg.damage))
+                                                                       self.base_heldout_ppl, head_ppl, msg.damage,
+                                                                       self.heldout_text))
             if passed and not report["gate"]["passed"]:
                 passed = False
                 self._progress("probe", 0.92, "gate failed: " + report["gate"]["failures"][-1])
@@ -676,12 +686,13 @@ class _Worker:
         return ppl
 
     def _heldout_ppl(self, what: str) -> float | None:
-        """`editserve.editing.lifelong.heldout_perplexity` of the model as it is now (about 1,000
-        tokens, one forward pass per 256); a failure is logged and gives None."""
+        """`editserve.editing.lifelong.heldout_perplexity` of the model as it is now on the held-out
+        text (the packaged one: about 1,000 tokens, one forward pass per 256); a failure is logged
+        and gives None."""
         from editserve.editing.lifelong import heldout_perplexity
 
         try:
-            ppl = heldout_perplexity(self.model, self.tok)
+            ppl = heldout_perplexity(self.model, self.tok, self.heldout_text)
         except Exception:  # noqa: BLE001 - a health measurement must not stop the sidecar; logged, left out
             log.warning("held-out perplexity of %s not measured", what, exc_info=True)
             return None
