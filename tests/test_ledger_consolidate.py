@@ -276,22 +276,32 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
         assert v7 == v6 + 1
 
 
-def test_commits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
-    """What automatic consolidation counts (editserve/engine/autoconsolidate.py): the active patches
-    after the newest consolidated one, at most `limit` read; and its setting's refusals."""
-    from editserve.engine.autoconsolidate import ConsolidationPolicy, commits_since_consolidation
+def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
+    """What automatic consolidation counts (editserve/engine/autoconsolidate.py): the facts of the
+    active patches after the newest consolidated one (a batch counts each of its facts, as the
+    benchmark's --consolidate-every does), counting stopped at `limit`; and its setting's refusals."""
+    import dataclasses
+
+    from editserve.engine.autoconsolidate import ConsolidationPolicy, edits_since_consolidation
     from editserve.errors import InvalidRequestError
 
     with Ledger.open(tmp_path / "ledger", FP, create=True) as ledger:
         _build(ledger)
-        assert commits_since_consolidation(ledger, 4, 10) == 4
-        assert commits_since_consolidation(ledger, 4, 3) == 3
-        assert commits_since_consolidation(ledger, 0, 10) == 0
+        assert edits_since_consolidation(ledger, 4, 10) == 4
+        assert edits_since_consolidation(ledger, 4, 3) == 3
+        assert edits_since_consolidation(ledger, 0, 10) == 0
         v = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
-        assert commits_since_consolidation(ledger, v, 10) == 0
+        assert edits_since_consolidation(ledger, v, 10) == 0
         p5 = synth_patch(5)
         ledger.commit(p5, expected_head=v, preserved=_keys(p5, 5))
-        assert commits_since_consolidation(ledger, v + 1, 10) == 1
+        assert edits_since_consolidation(ledger, v + 1, 10) == 1
+        # a batch of three facts in one patch counts three
+        p6 = synth_patch(6)
+        batch = dataclasses.replace(p6, requests=tuple(dataclasses.replace(p6.requests[0], subject=f"Landmark 6.{i}")
+                                                       for i in range(3)))
+        ledger.commit(batch, expected_head=v + 1, preserved=_keys(batch, 6))
+        assert edits_since_consolidation(ledger, v + 2, 10) == 4
+        assert edits_since_consolidation(ledger, v + 2, 3) == 3
     assert ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": "25"}).every == 25
     assert ConsolidationPolicy.from_env({}).every == 0
     for bad in ("1", "-3", "x", "2.5"):

@@ -3,8 +3,10 @@
 Consolidating every 25 sequential commits halved the held-out perplexity damage of a long
 AlphaEdit ledger on data it was not tuned on (docs/lifelong.md, sessions 7–8). With
 ``EDITSERVE_CONSOLIDATE_EVERY=K`` (K ≥ 2; 0, the default, turns it off) the control plane counts,
-after each committed edit, the active patches committed since the last consolidated one (walking
-back from the newest, at most K patches read); when there are K it starts a consolidation in the
+after each committed edit, the facts committed since the last consolidated patch (the requests of
+the active patches after it, walking back from the newest until K facts are counted): a batch of 100
+facts counts 100, as the benchmark's ``--consolidate-every`` counts (a batch of at least K facts is
+consolidated after its commit, which is what docs/lifelong.md measured); when there are K it starts a consolidation in the
 background (`ControlPlane.consolidate` with ``caller="auto-consolidation"`` and the head it
 counted at as ``expected_head``), so the edit's reply never waits for it. The next edit waits for
 the sidecar as it waits for any computation. A consolidation that is refused (a committed fact
@@ -33,7 +35,7 @@ AUTO_CALLER = "auto-consolidation"
 
 @dataclass(frozen=True)
 class ConsolidationPolicy:
-    """Consolidate after `every` commits (0: never)."""
+    """Consolidate once `every` facts were committed since the last consolidation (0: never)."""
 
     every: int = 0
 
@@ -46,13 +48,17 @@ class ConsolidationPolicy:
         return cls(every=whole_number(env, CONSOLIDATE_EVERY_ENV, 0))
 
 
-def commits_since_consolidation(ledger: Any, version: int, limit: int) -> int:
-    """Active patches at `version` after the newest consolidated one (counting stops at `limit`)."""
+def edits_since_consolidation(ledger: Any, version: int, limit: int) -> int:
+    """Facts (requests) of the active patches at `version` after the newest consolidated one
+    (counting stops once `limit` is reached)."""
     count = 0
     for digest in reversed(ledger.active_ids(version)):
-        if count >= limit or ledger.patch(digest).method == CONSOLIDATED_METHOD:
+        if count >= limit:
             break
-        count += 1
+        patch = ledger.patch(digest)
+        if patch.method == CONSOLIDATED_METHOD:
+            break
+        count += len(patch.requests)
     return count
 
 
@@ -72,9 +78,9 @@ class AutoConsolidation:
         """Called by the control plane after it served a committed edit at `version`."""
         if self.policy.every == 0 or self.running:
             return
-        due = await asyncio.to_thread(commits_since_consolidation, self.plane.ledger, version, self.policy.every)
+        due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version, self.policy.every)
         if due >= self.policy.every:
-            log.info("%d commits since the last consolidation at version %d: consolidating", due, version)
+            log.info("%d facts committed since the last consolidation at version %d: consolidating", due, version)
             self._task = asyncio.get_running_loop().create_task(self._run(version), name="editserve-consolidation")
 
     async def _run(self, version: int) -> None:
