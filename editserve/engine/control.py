@@ -198,6 +198,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         await asyncio.to_thread(self.sidecar.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         change = await self._apply_head_at_start(t0, {"sidecar_load": round(ready.seconds * 1e3, 3)})
+        async with self._lock:               # the sidecar's copy of every editable matrix is the engine's
+            await self._resync_sidecar(every_matrix=True)
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
         self._start_health()
         await self._join_fleet()

@@ -6,7 +6,8 @@ plane's ``sidecar``, ``ledger``, ``served``, ``settings``, ``metrics``, ``counte
 (`editserve.engine.errors.SidecarTimeout`) — is replaced within ``sidecar_watch_s`` by the
 watcher, or at once by the next operation that needs it (`_ensure_sidecar`); the replacement
 must load the same weights (fingerprint), opens the ledger and, under the version lock, syncs
-to the served version with the parity check. After every swap `_sync_sidecar` moves the sidecar
+to the served version with the parity check on every editable matrix (a replacement that fails it
+is stopped and tried again after ``sidecar_retry_s``). After every swap `_sync_sidecar` moves the sidecar
 to the new version and compares its checksums with the engine's; after a swap that only follows
 the ledger head (a fleet follower) that sync runs in the background, outside the version lock
 (`_defer_sidecar_sync`).
@@ -47,6 +48,7 @@ class SidecarSupervision:
     metrics: Any
     counters: Any
     swapper: Any
+    workers: list[dict[str, Any]]            # the ranks' descriptions (editserve.engine.worker.describe)
     _statistics_published: float | None
     _pending_sync: tuple[int, dict[tuple[str, int], str]] | None    # a deferred sync not started yet
     _sync_task: "asyncio.Task[None] | None"                          # the deferred syncs' runner
@@ -124,11 +126,13 @@ class SidecarSupervision:
                 raise SidecarError("the control plane is shutting down")
             async with self._lock:
                 self.sidecar = new
-                await self._resync_sidecar()
+                await self._resync_sidecar(every_matrix=True)
         except BaseException as exc:
             self._sidecar_failure = {**self._sidecar_failure, "error": f"{type(exc).__name__}: {exc}"}
             self._sidecar_retry_at = time.monotonic() + self.settings.sidecar_retry_s
-            if self.sidecar is not new:
+            # A sidecar whose weights differ from the engine's is of no use: stopped, so that the
+            # watcher starts another (reading the checkpoint again) after the retry delay.
+            if self.sidecar is not new or isinstance(exc, ParityError):
                 await asyncio.to_thread(new.kill)
                 await asyncio.to_thread(new.close)
             raise
@@ -245,11 +249,20 @@ class SidecarSupervision:
         if not self._closing:
             self._begin_sidecar_restart()
 
-    async def _resync_sidecar(self) -> None:
+    async def _resync_sidecar(self, every_matrix: bool = False) -> None:
+        """Move the sidecar to the served version and compare its checksums with the engine's live
+        ones: of the matrices the served version touches, or, with `every_matrix`, of every editable
+        down-projection — for a sidecar that has just loaded the checkpoint (start, restart), whose
+        untouched matrices are the ones the next edit is computed on. A checkpoint whose files
+        changed on disk under the same fingerprint file would otherwise go unseen until after that
+        edit was committed. Cost: one checksum per editable matrix on each side (SmolLM2: 30 of 3.5 MB)."""
         if self.settings.serve_only:
             return
         assert self.served is not None
-        reports = await self.swapper.checksums(sorted(self.served.message.names))
+        names = set(self.served.message.names)
+        if every_matrix:
+            names |= set(self.workers[0]["editable"]) if self.workers else set()
+        reports = await self.swapper.checksums(sorted(names))
         fake = SwapResult(label=self.served.version, pause_seconds=0.0, rpc_seconds=0.0, worker_seconds=0.0,
                           reports=tuple(reports))
         await self._sync_sidecar(self.served.version, fake)
