@@ -178,7 +178,8 @@ def test_status_lines_for_edit_health() -> None:
     assert dict(h.null_space_taken) == {3: 0.25, 5: 0.4375} and h.max_perplexity_ratio == 1.05
     assert health_text(h) == ("version 7: 15 of 16 sampled facts hold (40 committed); held-out perplexity ×1.0421; "
                               "null space taken 44% at layer 5")
-    assert bounds_text(h) == "retention: 16 facts, max drop 0; damage: perplexity ≤ ×1.05 (held-out text: packaged)"
+    assert bounds_text(h) == ("retention: 16 facts, max drop 0; damage: perplexity ≤ ×1.05, 84% of it spent at "
+                              "version 7 (held-out text: packaged)")
     nothing = _health_to_pb({**probe, "last": {**probe["last"], "facts": 0, "sampled": 0, "held": 0, "ratio": None,
                                                "null_space": {}, "perplexity_ratio": None}})
     assert not nothing.HasField("retention_ratio") and not nothing.HasField("perplexity_ratio")
@@ -188,6 +189,7 @@ def test_status_lines_for_edit_health() -> None:
     assert health_text(_health_to_pb(None)) == "retention probe off"        # a serve-only replica
     off = _health_to_pb({**probe, "gate": {"sample_size": 0, "max_drop": 0.0, "max_perplexity_ratio": 0.0}})
     assert bounds_text(off) == "retention check off; damage bound off (held-out text: packaged)"
+    assert "spent" not in bounds_text(_health_to_pb({**probe, "last": None}))     # nothing measured yet
     own = _health_to_pb({**probe, "heldout_text": "support-de.txt"})
     assert own.heldout_text == "support-de.txt" and bounds_text(own).endswith("(held-out text: support-de.txt)")
 

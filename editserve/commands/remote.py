@@ -326,6 +326,10 @@ def bounds_text(h: Any) -> str:
     retention = (f"retention: {h.retention_gate_sample} facts, max drop {h.retention_gate_max_drop:g}"
                  if h.retention_gate_sample else "retention check off")
     damage = f"damage: perplexity ≤ ×{h.max_perplexity_ratio:g}" if h.max_perplexity_ratio else "damage bound off"
+    if h.max_perplexity_ratio > 1.0 and h.HasField("perplexity_ratio"):
+        # how much of the budget the served version has spent (every edit spends some: docs/lifelong.md)
+        used = (h.perplexity_ratio - 1.0) / (h.max_perplexity_ratio - 1.0)
+        damage += f", {max(used, 0.0):.0%} of it spent at version {h.version}"
     return f"{retention}; {damage} (held-out text: {h.heldout_text or 'packaged'})"
 
 
