@@ -201,13 +201,18 @@ def test_control_settings_from_env():
     with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_THREADS"):
         ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_THREADS": "many"})
     d = ControlSettings.from_env("m", 1, {})
-    assert (d.compute_timeout_s, d.read_timeout_s, d.sync_timeout_s, d.base_cache_bytes) == (900, 600, 300, 512 << 20)
+    assert (d.compute_timeout_s, d.read_timeout_s, d.sync_timeout_s, d.base_cache_bytes, d.sidecar_retry_s) == \
+        (900, 600, 300, 512 << 20, 30)
     t = ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_TIMEOUT_S": "30", "EDITSERVE_SIDECAR_READ_TIMEOUT_S": "5",
-                                          "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S": "7.5", "EDITSERVE_BASE_CACHE_MB": "64"})
-    assert (t.compute_timeout_s, t.read_timeout_s, t.sync_timeout_s, t.base_cache_bytes) == (30, 5, 7.5, 64 << 20)
+                                          "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S": "7.5", "EDITSERVE_BASE_CACHE_MB": "64",
+                                          "EDITSERVE_SIDECAR_RETRY_S": "120"})
+    assert (t.compute_timeout_s, t.read_timeout_s, t.sync_timeout_s, t.base_cache_bytes, t.sidecar_retry_s) == \
+        (30, 5, 7.5, 64 << 20, 120)
     for bad in ("0", "-1", "nan", "soon"):
         with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_TIMEOUT_S"):
             ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_TIMEOUT_S": bad})
+        with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_RETRY_S"):
+            ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_RETRY_S": bad})
 
 
 def test_transposed_materialisation_is_bit_identical():

@@ -12,7 +12,9 @@ check can tell. In order, one server:
 3. The replacement fails the parity check on every editable matrix: its last failure names the
    layer-2 matrix, ``editserve_parity_failures_total`` counts one, the replacement is stopped (an
    edit computed on it would be computed on the wrong weights), and serving goes on at version 1.
-4. The file is restored; the next restart (after the retry delay) mirrors version 1, in sync.
+4. The file is restored; the next operation that needs the sidecar (a causal trace) restarts it at once
+   (the watcher's retry delay, ``EDITSERVE_SIDECAR_RETRY_S``, is an hour here, so the order is fixed) and
+   the new sidecar mirrors version 1, in sync.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def server(tmp_path_factory, tiny_checkpoint):  # noqa: F811
     with Ledger.open(d / "ledger", fp, caller="test") as ledger:
         ledger.weights.ensure_base(_tiny_name(1), _checkpoint_tensor(_tiny_name(1), ckpt))
         ledger.commit(_tiny_patch(fp, 1, 1), expected_head=0, caller="test")
-    s = Server("parity", d / "ledger", d, ["--enforce-eager"], model=ckpt)
+    s = Server("parity", d / "ledger", d, ["--enforce-eager"], model=ckpt, env={"EDITSERVE_SIDECAR_RETRY_S": "3600"})
     s.start(timeout_s=900)
     yield s, ckpt
     s.stop()
@@ -93,13 +95,13 @@ def test_a_replacement_sidecar_with_other_weights_is_refused_and_replaced(server
         assert srv.get(f"/editserve/v1/checksums?name={_tiny_name(1)}")[1] == served_sum
     finally:
         path.write_bytes(original)
-    # Restored: the next restart, after the retry delay, mirrors version 1 with every matrix equal.
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        st = _sidecar(srv)
-        if st["sidecar"]["alive"] and st["sidecar"]["in_sync"] and not st["sidecar"]["restarting"]:
-            break
-        time.sleep(1)
+    # Restored: a trace needs the sidecar and restarts it at once; it mirrors version 1, every matrix equal.
+    time.sleep(3)
+    assert not _sidecar(srv)["sidecar"]["alive"]          # the watcher waits the hour; nothing restarted it
+    status, traced = srv.post("/editserve/v1/trace", {"prompt": "The Eiffel Tower is located in the city of",
+                                                      "subject": "The Eiffel Tower", "samples": 1, "window": 1})
+    assert status == 200, traced
+    st = _sidecar(srv)
     assert st["sidecar"]["alive"] and st["sidecar"]["in_sync"] and st["sidecar"]["restarts"] == 2, st
     assert st["sidecar"]["last_failure"]["error"] is None and st["parity_failures"] == 1
     assert st["served_version"] == 1 and st["degraded"] is None

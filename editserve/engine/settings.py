@@ -23,6 +23,7 @@ SIDECAR_THREADS_ENV = "EDITSERVE_SIDECAR_THREADS"
 SIDECAR_TIMEOUT_ENV = "EDITSERVE_SIDECAR_TIMEOUT_S"              # compute (an edit's keys, values, solve, gate)
 SIDECAR_READ_TIMEOUT_ENV = "EDITSERVE_SIDECAR_READ_TIMEOUT_S"    # probe / trace
 SIDECAR_SYNC_TIMEOUT_ENV = "EDITSERVE_SIDECAR_SYNC_TIMEOUT_S"    # sync to a version, open the ledger
+SIDECAR_RETRY_ENV = "EDITSERVE_SIDECAR_RETRY_S"                  # wait after a failed sidecar restart
 BASE_CACHE_ENV = "EDITSERVE_BASE_CACHE_MB"
 SWAP_MESSAGES_ENV = "EDITSERVE_SWAP_MESSAGES"          # delta (default) | full (before issue 16, to measure)
 CHECKPOINT_EVERY_ENV = "EDITSERVE_CHECKPOINT_EVERY"    # deltas of a matrix between materialised checkpoints
@@ -103,6 +104,7 @@ class ControlSettings:
                    compute_timeout_s=seconds(SIDECAR_TIMEOUT_ENV, 900.0),
                    read_timeout_s=seconds(SIDECAR_READ_TIMEOUT_ENV, 600.0),
                    sync_timeout_s=seconds(SIDECAR_SYNC_TIMEOUT_ENV, 300.0),
+                   sidecar_retry_s=seconds(SIDECAR_RETRY_ENV, 30.0),
                    base_cache_bytes=cache_mb << 20,
                    health=HealthSettings.from_env(env),
                    consolidation=ConsolidationPolicy.from_env(env),
