@@ -772,12 +772,16 @@ def _tiny_name(layer: int) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_checkpoint(out: Path) -> tuple[Path, str]:
+    """A tiny random Llama saved in `out` with its fingerprint file: (out, fingerprint)."""
     import transformers as tf
 
     from editserve.editing.model import FINGERPRINT_FILE, weights_fingerprint
     from tests.tiny import tiny_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny-llama")
     tok = tiny_tokenizer()
     config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=TINY_LAYERS,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,

@@ -28,20 +28,20 @@ import pytest
 pytest.importorskip("vllm")
 
 from editserve.ledger import Ledger  # noqa: E402
-from tests.test_engine_server import (  # noqa: E402, F401  (tiny_checkpoint: a fixture used below)
+from tests.test_engine_server import (  # noqa: E402
     Server,
     _checkpoint_tensor,
     _tiny_name,
     _tiny_patch,
-    tiny_checkpoint,
+    make_tiny_checkpoint,
 )
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint):  # noqa: F811
-    ckpt, fp = tiny_checkpoint
+def server(tmp_path_factory):
+    ckpt, fp = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
     d = tmp_path_factory.mktemp("parity")
     with Ledger.open(d / "ledger", fp, caller="test") as ledger:
         ledger.weights.ensure_base(_tiny_name(1), _checkpoint_tensor(_tiny_name(1), ckpt))
