@@ -25,8 +25,6 @@ import sysconfig
 import tarfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PY = f"python{sys.version_info.major}.{sys.version_info.minor}"
 
