@@ -430,3 +430,58 @@ def test_an_imported_consolidated_patch_is_one_fact_of_the_importing_ledger(back
         assert b.preserved_keys(v4).keys(0).shape[1] == 2 and b.check_integrity().ok
     with Ledger.open(src, FP) as a:
         assert provenance(a, imported)[0] == (p1.digest, p3.digest, p4.digest)
+
+
+def test_a_consolidation_stores_its_keys_as_a_reference_to_its_constituents(backend: Backend) -> None:
+    """Consolidating every few commits must not store every committed key again each time (disk
+    quadratic in the ledger): a consolidated patch's key state is a reference to its constituents'.
+    Three consolidations, each taking the previous one in: each adds a few hundred bytes of key
+    state, not the N keys; the state read back — warm, after a restart, at every older version — is
+    the constituents' blocks bit for bit; the integrity check follows the references (a damaged
+    constituent's keys damage every consolidation built on them, and only those versions)."""
+    loc = backend.location()
+    n_keys = 48                                     # per patch and layer: 48·32·4 B = 6 KiB per block
+    with Ledger.open(loc, FP, create=True) as ledger:
+        base = base_weights()
+        states, key_bytes, first_keys_blob = {}, [], None
+        for round_ in range(3):
+            for i in range(2):
+                seed = 10 * round_ + i + 1
+                p = synth_patch(seed, names=(NAME, NAME2))
+                ledger.commit(p, expected_head=ledger.head(), base=base, preserved=_keys(p, seed, n=n_keys))
+                if first_keys_blob is None:
+                    first_keys_blob = ledger.store.patch_states([p.digest])[p.digest].blob
+            states[ledger.head()] = ledger.preserved_keys()
+            plan = plan_consolidation(ledger, _covs)
+            v = ledger.consolidate(plan, caller="test")
+            rec = ledger.store.patch_states([plan.patch.digest])[plan.patch.digest]
+            key_bytes.append(rec.blob_size)
+            assert rec.n_blocks == len(plan.keys.blocks)
+            state = ledger.preserved_keys(v)
+            before = states[v - 1]
+            assert state.tags == (plan.patch.digest,) and len(state.blocks) == len(before.blocks)
+            for a, b in zip(state.blocks, before.blocks):
+                assert a.layer == b.layer and torch.equal(a.keys, b.keys)
+            states[v] = state
+        n_total = states[ledger.head()].n_keys(0)
+        assert n_total == 6 * n_keys
+        copied = 2 * n_total * D_IN * 4             # what a copy of the last consolidation's keys would take
+        assert max(key_bytes) < 1024 < copied // 16, (key_bytes, copied)
+        head = ledger.head()
+        assert ledger.check_integrity().ok
+
+    with Ledger.open(loc, FP) as reopened:          # cold caches: three levels of references resolved
+        for v, state in states.items():
+            got = reopened.preserved_keys(v)
+            assert [(b.layer, b.keys.shape) for b in got.blocks] == [(b.layer, b.keys.shape) for b in state.blocks]
+            assert all(torch.equal(a.keys, b.keys) for a, b in zip(got.blocks, state.blocks)), v
+        reopened.rollback(min(states))
+        again = reopened.preserved_keys()
+        assert again.tags == states[min(states)].tags
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(again.blocks, states[min(states)].blocks))
+        reopened.rollback(head)
+        backend.corrupt_blob(reopened, first_keys_blob)        # the very first commit's keys
+        report = reopened.integrity_report()
+        assert first_keys_blob in report.bad_blobs and "preserved keys of patch" in report.bad_blobs[first_keys_blob]
+        # versions 1 … head: the first patch's keys are in every state from version 1 on, through the references
+        assert report.bad_versions == tuple(range(1, head + 1)) and report.last_good == 0

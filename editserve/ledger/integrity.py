@@ -1,21 +1,25 @@
 """The ledger's integrity check: is every record consistent and every blob present and intact?
 
-`integrity_report` reads the store's own consistency check, then every base-copy and patch blob
-(by size, or also by hash in "full" mode; `deep` also loads each patch and checks its digest), and
-marks as damaged every version whose active patches include a bad one (directly, or through a bad
-base copy of a matrix it touches). `IntegrityReport.last_good` is the newest version on the head's
+`integrity_report` reads the store's own consistency check, then every base-copy, patch and
+preserved-keys blob (by size, or also by hash in "full" mode; `deep` also loads each patch and
+checks its digest, and each key block), and marks as damaged every version whose active patches
+include a bad one (directly, through a bad base copy of a matrix it touches, or through a bad key
+state — a consolidated patch's keys are a reference to its constituents', so theirs count too). `IntegrityReport.last_good` is the newest version on the head's
 line that is not damaged: what `Ledger.open(strict=False)` still serves and rolls back to.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
 from editserve.ledger.blobs import BlobStore
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD
 from editserve.ledger.errors import LedgerCorrupt
+from editserve.ledger.keystate import is_ref, ref_parts, state_from_bytes
 from editserve.ledger.objects import patch_from_bytes
-from editserve.ledger.store import ADD, LedgerStore
+from editserve.ledger.store import ADD, LedgerStore, PatchStateRecord
 
 VERIFY_MODES = ("full", "quick", "none")
 
@@ -57,9 +61,11 @@ def integrity_report(store: LedgerStore, blobs: BlobStore, mode: str = "full", d
     problems = list(store.check_consistency())
     patches = store.patches()
     bases = store.base_copies()
+    states = store.patch_states([p.digest for p in patches])
     bad_blobs: dict[str, str] = {}
     checked = blobs.check_many([(b.blob, b.blob_size) for b in bases.values()]
-                               + [(p.blob, p.blob_size) for p in patches], mode == "full")
+                               + [(p.blob, p.blob_size) for p in patches]
+                               + [(st.blob, st.blob_size) for st in states.values()], mode == "full")
     for b in bases.values():
         why = checked.get(b.blob)
         if why:
@@ -79,6 +85,8 @@ def integrity_report(store: LedgerStore, blobs: BlobStore, mode: str = "full", d
                 bad_blobs[p.blob] = f"does not load as patch {p.digest[:12]}: {exc}"
         if p.blob in bad_blobs or any(w["name"] in bad_base for w in p.manifest.get("weights", [])):
             bad_patch.add(p.digest)
+    consolidated = {p.digest for p in patches if p.manifest.get("method") == CONSOLIDATED_METHOD}
+    bad_patch |= _bad_key_states(blobs, states, checked, consolidated, deep, bad_blobs)
     records = store.versions()
     bad_count: dict[int, int] = {}             # bad patches active at each version
     parents: dict[int, int | None] = {}
@@ -102,5 +110,40 @@ def integrity_report(store: LedgerStore, blobs: BlobStore, mode: str = "full", d
             break
         v = parents[v]
     return IntegrityReport(head=head, versions=len(records), patches=len(patches), base_copies=len(bases),
-                           blobs_checked=len(patches) + len(bases), mode=mode, bad_blobs=bad_blobs,
+                           blobs_checked=len(patches) + len(bases) + len(states), mode=mode, bad_blobs=bad_blobs,
                            bad_versions=bad_versions, last_good=last_good, problems=tuple(problems))
+
+
+def _bad_key_states(blobs: BlobStore, states: Mapping[str, PatchStateRecord], checked: dict[str, str], consolidated: set[str], deep: bool,
+                    bad_blobs: dict[str, str]) -> set[str]:
+    """Patches whose preserved keys cannot be read back: their own blob is bad, or (a consolidated
+    patch's reference) one of the patches it names has bad or no keys. Adds the bad blobs found."""
+    bad: set[str] = set()
+    refs: dict[str, tuple[str, ...]] = {}
+    for d, st in states.items():
+        why = checked.get(st.blob)
+        if why:
+            bad_blobs[st.blob] = f"{why} (preserved keys of patch {d[:12]})"
+            bad.add(d)
+            continue
+        if d not in consolidated and not deep:
+            continue
+        try:
+            data = blobs.get(st.blob, verify=False)
+            if is_ref(data):
+                refs[d] = ref_parts(data, d)
+                missing = [p[:12] for p in refs[d] if p not in states]
+                if missing:
+                    bad_blobs[st.blob] = f"refers to patch(es) {missing} without preserved keys (keys of patch {d[:12]})"
+                    bad.add(d)
+            elif deep:
+                state_from_bytes(data, d)
+        except (PatchMismatchError, LedgerCorrupt) as exc:
+            bad_blobs[st.blob] = f"does not load as the preserved keys of patch {d[:12]}: {exc}"
+            bad.add(d)
+    grew = True
+    while grew:                                 # a reference to bad keys is bad, through nested consolidations
+        new = {d for d, parts in refs.items() if d not in bad and any(p in bad for p in parts)}
+        bad |= new
+        grew = bool(new)
+    return bad

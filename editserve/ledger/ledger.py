@@ -775,12 +775,15 @@ class Ledger:
     def _append_replacement(self, patch: Patch, keys: PreservedKeys, head: int, kind: str, event_kind: str,
                             ops: tuple[tuple[str, str], ...], details: dict[str, Any], caller: str,
                             probe_report: dict[str, Any] | None, idempotency_key: str | None,
-                            request: str) -> tuple[int, bool]:
+                            request: str, key_parts: tuple[str, ...] = ()) -> tuple[int, bool]:
         """One version on `head` that adds `patch` (with its preserved-keys blocks) by `ops` (a
-        consolidation, a revert out of one): blobs and key state durable first, then the version."""
+        consolidation, a revert out of one): blobs and key state durable first, then the version.
+        `key_parts`: the patches whose blocks, in order, `keys` are (a consolidation's constituents),
+        stored as a reference to them instead of a copy."""
         bases = self._objects.bases_for([patch], None, Layout.OUT_IN)
         record = self._objects.write_patch(patch)
-        states = self._objects.write_keys({patch.digest: keys})
+        states = (self._objects.write_keys_by_reference(patch.digest, keys, key_parts) if key_parts
+                  else self._objects.write_keys({patch.digest: keys}))
         if states:
             self._store.add_patch_states(states)
         new = NewVersion(parent=head, kind=kind, patch=patch.digest, ops=ops, caller=caller,
@@ -851,7 +854,8 @@ class Ledger:
             raise ConsolidationError("the plan's preserved-keys blocks are not tagged with its patch")
         ops = tuple((REMOVE, d) for d, _ in plan.constituents) + ((ADD, digest),)
         number, _ = self._append_replacement(plan.patch, plan.keys, plan.head, KIND_CONSOLIDATE, EVENT_CONSOLIDATE, ops,
-                                             plan.details(), caller, probe_report, idempotency_key, request)
+                                             plan.details(), caller, probe_report, idempotency_key, request,
+                                             key_parts=tuple(d for d, _ in plan.constituents))
         log.info("version %d: consolidated %d patches into %s by %s", number, len(plan.constituents), digest[:12],
                  caller)
         return number

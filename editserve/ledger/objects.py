@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.arch import Layout
 from editserve.errors import InvalidRequestError, NonFiniteError, PatchMismatchError
 from editserve.ledger.blobs import BlobStore
@@ -37,7 +37,7 @@ from editserve.ledger.errors import (
     LedgerModelMismatch,
     PatchNotFound,
 )
-from editserve.ledger.keystate import state_bytes, state_from_bytes
+from editserve.ledger.keystate import is_ref, ref_bytes, ref_parts, state_bytes, state_from_bytes
 from editserve.ledger.store import BaseCopyRecord, LedgerStore, PatchRecord, PatchStateRecord
 from editserve.patches import Patch
 
@@ -195,29 +195,76 @@ class LedgerObjects:
             self._keys.put(digest, own)
         return out
 
+    def write_keys_by_reference(self, digest: str, keys: PreservedKeys, parts: Sequence[str]) -> list[PatchStateRecord]:
+        """Like `write_keys` for patch `digest` whose blocks are those of patches `parts`, in order,
+        retagged (a consolidation): a reference blob naming `parts` instead of a copy of every key
+        (`editserve.ledger.keystate`). Checked first: if `keys` is not exactly that concatenation,
+        the blocks are copied as `write_keys` does."""
+        own = keys.for_patch(digest) if isinstance(keys, PreservedKeys) else keys
+        parts = tuple(parts)
+        if not parts or digest in parts or len(set(parts)) != len(parts) or not isinstance(own, PreservedKeys):
+            return self.write_keys({digest: keys})
+        got = self.keys_of(parts)
+        theirs = [b for p in parts for b in got[p].blocks]
+        same = len(theirs) == len(own.blocks) and all(
+            a.layer == b.layer and a.keys.shape == b.keys.shape and torch.equal(a.keys, b.keys)
+            for a, b in zip(theirs, own.blocks))
+        if not same or not own.blocks:
+            return self.write_keys({digest: keys})
+        data = ref_bytes(parts)
+        self._keys.put(digest, own)
+        return [PatchStateRecord(digest=digest, blob=self._blobs.put(data), blob_size=len(data),
+                                 n_blocks=len(own.blocks), created_at=time.time())]
+
     def keys_of(self, digests: Sequence[str]) -> dict[str, PreservedKeys]:
-        """Each patch's own preserved-keys blocks (empty for a patch stored without any)."""
+        """Each patch's own preserved-keys blocks (empty for a patch stored without any). A reference
+        (a consolidated patch) is resolved through the patches it names, level by level — one query
+        per level, no recursion however deep consolidations nest."""
         out = {d: hit for d in digests if (hit := self._keys.get(d)) is not None}
-        missing = [d for d in digests if d not in out]
-        if not missing:
-            return out
-        records = self._store.patch_states(missing)
-        blobs = self._blobs.get_many([r.blob for r in records.values()]) if records else {}
-        for d in missing:
-            rec = records.get(d)
-            if rec is None:
-                keys = PreservedKeys()
-            else:
-                if rec.blob not in blobs:
-                    raise LedgerCorrupt(f"preserved-keys blob {rec.blob} of patch {d[:12]} is missing",
-                                        bad_blobs={rec.blob: "missing"})
+        refs: dict[str, tuple[tuple[str, ...], int]] = {}   # digest -> (the parts its reference names, n_blocks)
+        frontier = list(dict.fromkeys(d for d in digests if d not in out))
+        while frontier:
+            records = self._store.patch_states(frontier)
+            blobs = self._blobs.get_many([r.blob for r in records.values()]) if records else {}
+            later: list[str] = []
+            for d in frontier:
+                rec = records.get(d)
+                if rec is None:
+                    out[d] = PreservedKeys()
+                    self._keys.put(d, out[d])
+                    continue
+                data = blobs[rec.blob]
                 try:
-                    keys = state_from_bytes(blobs[rec.blob], d)
+                    if is_ref(data):
+                        refs[d] = (ref_parts(data, d), rec.n_blocks)
+                        for p in refs[d][0]:
+                            hit = None if p in out or p in refs else self._keys.get(p)
+                            if hit is not None:
+                                out[p] = hit
+                            elif p not in out and p not in refs:
+                                later.append(p)
+                        continue
+                    out[d] = state_from_bytes(data, d)
                 except PatchMismatchError as exc:
                     raise LedgerCorrupt(str(exc), bad_blobs={rec.blob: str(exc)}) from exc
-            out[d] = keys
-            self._keys.put(d, keys)
-        return out
+                self._keys.put(d, out[d])
+            frontier = list(dict.fromkeys(p for p in later if p not in out and p not in refs))
+        while refs:
+            ready = [d for d, (parts, _) in refs.items() if all(p in out for p in parts)]
+            if not ready:
+                raise LedgerCorrupt(f"preserved-keys references of patches {sorted(x[:12] for x in refs)} form a cycle")
+            for d in ready:
+                parts, n_blocks = refs.pop(d)
+                empty = [p[:12] for p in parts if not out[p].blocks]
+                if empty:
+                    raise LedgerCorrupt(f"the preserved keys of patch {d[:12]} refer to patch(es) {empty}, which "
+                                        "hold none")
+                out[d] = PreservedKeys(tuple(KeyBlock(d, b.layer, b.keys) for p in parts for b in out[p].blocks))
+                if len(out[d].blocks) != n_blocks:
+                    raise LedgerCorrupt(f"the preserved keys of patch {d[:12]} resolve to {len(out[d].blocks)} "
+                                        f"blocks; its record says {n_blocks}")
+                self._keys.put(d, out[d])
+        return {d: out[d] for d in digests}
 
     # -- base copies ---------------------------------------------------------------------------
 

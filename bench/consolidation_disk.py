@@ -1,0 +1,109 @@
+"""Ledger disk against the number of edits when the ledger is consolidated every K edits
+(`EDITSERVE_CONSOLIDATE_EVERY`), on SmolLM2-135M's shapes: five 576×1536 down-projections, each edit
+a rank-1 patch on all five with one preserved key per layer (AlphaEdit's mean-key default).
+
+    PYTHONPATH=. .venv/bin/python bench/consolidation_disk.py [--edits 1000] [--every 25]
+        [--report 250] [--threads 1]
+
+Per checkpoint it prints the bytes the ledger holds (`Ledger.nbytes`: database and blobs), the
+preserved-keys state as stored (every patch's key blob: one block per layer per edit, and one
+reference per consolidation, `editserve.ledger.keystate`), what those consolidations' states would
+take copied (each serialised as the blocks it resolves to: how the ledger stored them before wave 2
+session 24), and the consolidated patches' factors (rank ≤ min(N, 576) per layer). Synthetic data:
+random keys and factors, an anisotropic covariance per layer; consolidation's solve is the real one
+(`plan_consolidation`), so the factor sizes are what a ledger would store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import tempfile
+import time
+
+import torch
+
+from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.requests import EditRequest
+from editserve.ledger import Ledger
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, plan_consolidation
+from editserve.ledger.keystate import state_bytes
+from editserve.patches import Patch, WeightDelta
+
+D_OUT, D_IN = 576, 1536
+LAYERS = (1, 2, 3, 4, 5)
+FP = hashlib.sha256(b"consolidation disk benchmark").hexdigest()
+
+
+def name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.down_proj.weight"
+
+
+def covariances(layers) -> dict[int, torch.Tensor]:
+    out = {}
+    for layer in layers:
+        g = torch.Generator().manual_seed(100 + layer)
+        x = torch.randn(D_IN, 2 * D_IN, generator=g, dtype=torch.float64) * torch.linspace(0.05, 2.0, D_IN,
+                                                                                          dtype=torch.float64)[:, None]
+        out[layer] = x @ x.T / x.shape[1]
+    return out
+
+
+def edit(i: int) -> tuple[Patch, PreservedKeys]:
+    g = torch.Generator().manual_seed(i)
+    deltas = tuple(WeightDelta(name=name(layer), layer=layer, u=torch.randn(D_OUT, 1, generator=g) * 0.01,
+                               v=torch.randn(D_IN, 1, generator=g)) for layer in LAYERS)
+    req = EditRequest(prompt="{} is located in the city of", subject=f"Landmark {i}", target_new=" Rome")
+    patch = Patch(deltas=deltas, requests=(req,), method="alphaedit", hparams={"seed": i}, model_fingerprint=FP,
+                  family="llama")
+    keys = PreservedKeys()
+    for layer in LAYERS:
+        keys = keys.add(patch.digest, layer, torch.randn(D_IN, 1, generator=g))
+    return patch, keys
+
+
+def measure(ledger: Ledger) -> dict[str, int]:
+    patches = ledger.store.patches()
+    states = ledger.store.patch_states([p.digest for p in patches])
+    consolidated = [p for p in patches if p.manifest.get("method") == CONSOLIDATED_METHOD]
+    return {
+        "total": ledger.nbytes(),
+        "keys": sum(s.blob_size for s in states.values()),
+        "keys_of_consolidations": sum(states[p.digest].blob_size for p in consolidated if p.digest in states),
+        "copies_would_be": sum(len(state_bytes(ledger.patch_keys(p.digest))) for p in consolidated),
+        "factors_of_consolidations": sum(p.blob_size for p in consolidated),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=25, help="consolidate after every K edits")
+    ap.add_argument("--report", type=int, default=250, help="print a row every R edits")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    mib = 1024 * 1024
+    print(f"{args.edits} edits on {len(LAYERS)} layers of {D_OUT}x{D_IN}, consolidated every {args.every}; MiB")
+    print("| edits | consolidations | ledger total | key state stored | of which consolidations' | "
+          "consolidations' keys if copied | consolidations' factors | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {name(layer): torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(layer)) for layer in LAYERS}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, Ledger.open(f"{tmp}/ledger", FP, create=True) as ledger:
+        n_cons = 0
+        for i in range(1, args.edits + 1):
+            patch, keys = edit(i)
+            ledger.commit(patch, expected_head=ledger.head(), base=base if i == 1 else None, preserved=keys)
+            if i % args.every == 0:
+                ledger.consolidate(plan_consolidation(ledger, covariances), caller="bench")
+                n_cons += 1
+            if i % args.report == 0:
+                m = measure(ledger)
+                print(f"| {i} | {n_cons} | {m['total'] / mib:.1f} | {m['keys'] / mib:.2f} | "
+                      f"{m['keys_of_consolidations'] / mib:.3f} | {m['copies_would_be'] / mib:.1f} | "
+                      f"{m['factors_of_consolidations'] / mib:.1f} | {time.perf_counter() - t0:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
