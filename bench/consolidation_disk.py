@@ -9,7 +9,8 @@ Per checkpoint it prints the bytes the ledger holds (`Ledger.nbytes`: database a
 preserved-keys state as stored (every patch's key blob: one block per layer per edit, and one
 reference per consolidation, `editserve.ledger.keystate`), what those consolidations' states would
 take copied (each serialised as the blocks it resolves to: how the ledger stored them before wave 2
-session 24), and the consolidated patches' factors (rank ≤ min(N, 576) per layer). Synthetic data:
+session 24), and the consolidated patches' factors (rank ≤ min(N, 576) per layer); at the end, how
+long a fresh open takes to read the head's preserved keys back through the nested references. Synthetic data:
 random keys and factors, an anisotropic covariance per layer; consolidation's solve is the real one
 (`plan_consolidation`), so the factor sizes are what a ledger would store.
 """
@@ -103,6 +104,14 @@ def main() -> None:
                 print(f"| {i} | {n_cons} | {m['total'] / mib:.1f} | {m['keys'] / mib:.2f} | "
                       f"{m['keys_of_consolidations'] / mib:.3f} | {m['copies_would_be'] / mib:.1f} | "
                       f"{m['factors_of_consolidations'] / mib:.1f} | {time.perf_counter() - t0:.0f} |", flush=True)
+        head = ledger.head()
+        ledger.close()
+        t1 = time.perf_counter()
+        with Ledger.open(f"{tmp}/ledger", FP, verify="none") as cold:
+            state = cold.preserved_keys(head)
+            t2 = time.perf_counter()
+        print(f"a fresh open reads the head's preserved keys ({state.n_keys(LAYERS[0])} keys per layer, through "
+              f"{n_cons} nested consolidations) in {t2 - t1:.2f} s")
 
 
 if __name__ == "__main__":

@@ -219,7 +219,8 @@ class LedgerObjects:
     def keys_of(self, digests: Sequence[str]) -> dict[str, PreservedKeys]:
         """Each patch's own preserved-keys blocks (empty for a patch stored without any). A reference
         (a consolidated patch) is resolved through the patches it names, level by level — one query
-        per level, no recursion however deep consolidations nest."""
+        per level, no recursion however deep consolidations nest — and only the states asked for
+        are built (a chain of consolidations does not build every level's copy of the blocks)."""
         out = {d: hit for d in digests if (hit := self._keys.get(d)) is not None}
         refs: dict[str, tuple[tuple[str, ...], int]] = {}   # digest -> (the parts its reference names, n_blocks)
         frontier = list(dict.fromkeys(d for d in digests if d not in out))
@@ -249,20 +250,26 @@ class LedgerObjects:
                     raise LedgerCorrupt(str(exc), bad_blobs={rec.blob: str(exc)}) from exc
                 self._keys.put(d, out[d])
             frontier = list(dict.fromkeys(p for p in later if p not in out and p not in refs))
+        flat: dict[str, tuple[str, ...]] = {}     # a reference -> the loaded states it concatenates, in order
+        count: dict[str, int] = {}
         while refs:
-            ready = [d for d, (parts, _) in refs.items() if all(p in out for p in parts)]
+            ready = [d for d, (parts, _) in refs.items() if all(p in out or p in flat for p in parts)]
             if not ready:
                 raise LedgerCorrupt(f"preserved-keys references of patches {sorted(x[:12] for x in refs)} form a cycle")
             for d in ready:
                 parts, n_blocks = refs.pop(d)
-                empty = [p[:12] for p in parts if not out[p].blocks]
+                empty = [p[:12] for p in parts if p in out and not out[p].blocks]
                 if empty:
                     raise LedgerCorrupt(f"the preserved keys of patch {d[:12]} refer to patch(es) {empty}, which "
                                         "hold none")
-                out[d] = PreservedKeys(tuple(KeyBlock(d, b.layer, b.keys) for p in parts for b in out[p].blocks))
-                if len(out[d].blocks) != n_blocks:
-                    raise LedgerCorrupt(f"the preserved keys of patch {d[:12]} resolve to {len(out[d].blocks)} "
-                                        f"blocks; its record says {n_blocks}")
+                flat[d] = tuple(x for p in parts for x in ((p,) if p in out else flat[p]))
+                count[d] = sum(len(out[p].blocks) if p in out else count[p] for p in parts)
+                if count[d] != n_blocks:
+                    raise LedgerCorrupt(f"the preserved keys of patch {d[:12]} resolve to {count[d]} blocks; its "
+                                        f"record says {n_blocks}")
+        for d in digests:                          # only what was asked for is built (not every level between)
+            if d not in out:
+                out[d] = PreservedKeys(tuple(KeyBlock(d, b.layer, b.keys) for x in flat[d] for b in out[x].blocks))
                 self._keys.put(d, out[d])
         return {d: out[d] for d in digests}
 
