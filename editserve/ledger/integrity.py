@@ -4,8 +4,9 @@
 preserved-keys blob (by size, or also by hash in "full" mode; `deep` also loads each patch and
 checks its digest, and each key block), and marks as damaged every version whose active patches
 include a bad one (directly, through a bad base copy of a matrix it touches, or through a bad key
-state — a consolidated patch's keys are a reference to its constituents', so theirs count too). `IntegrityReport.last_good` is the newest version on the head's
-line that is not damaged: what `Ledger.open(strict=False)` still serves and rolls back to.
+state — a consolidated patch's keys are a reference to its constituents', so theirs count too).
+`IntegrityReport.last_good` is the newest version on the head's line that is not damaged: what
+`Ledger.open(strict=False)` still serves and rolls back to.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def integrity_report(store: LedgerStore, blobs: BlobStore, mode: str = "full", d
                            bad_versions=bad_versions, last_good=last_good, problems=tuple(problems))
 
 
-def _bad_key_states(blobs: BlobStore, states: Mapping[str, PatchStateRecord], checked: dict[str, str], consolidated: set[str], deep: bool,
-                    bad_blobs: dict[str, str]) -> set[str]:
+def _bad_key_states(blobs: BlobStore, states: Mapping[str, PatchStateRecord], checked: dict[str, str],
+                    consolidated: set[str], deep: bool, bad_blobs: dict[str, str]) -> set[str]:
     """Patches whose preserved keys cannot be read back: their own blob is bad, or (a consolidated
     patch's reference) one of the patches it names has bad or no keys. Adds the bad blobs found."""
     bad: set[str] = set()
