@@ -485,3 +485,38 @@ def test_a_consolidation_stores_its_keys_as_a_reference_to_its_constituents(back
         assert first_keys_blob in report.bad_blobs and "preserved keys of patch" in report.bad_blobs[first_keys_blob]
         # versions 1 … head: the first patch's keys are in every state from version 1 on, through the references
         assert report.bad_versions == tuple(range(1, head + 1)) and report.last_good == 0
+
+
+def test_the_same_consolidation_written_again_keeps_its_stored_key_state(backend: Backend, monkeypatch) -> None:
+    """A ledger from before key references holds a consolidation's keys as a copy. Rolling back past
+    it and consolidating the same patches again gives the same patch (same digest): its stored copy is
+    kept, not refused as other keys; and a consolidation stored as a reference can be written again too."""
+    from editserve.ledger.objects import LedgerObjects
+
+    with Ledger.open(backend.location(), FP, create=True) as ledger:
+        _build(ledger)
+        plan = plan_consolidation(ledger, _covs)
+        with monkeypatch.context() as m:                  # what the ledger wrote before references
+            m.setattr(LedgerObjects, "write_keys_by_reference", lambda self, d, keys, parts: self.write_keys({d: keys}))
+            v5 = ledger.consolidate(plan, caller="test")
+        digest = plan.patch.digest
+        copy = ledger.store.patch_states([digest])[digest]
+        assert copy.blob_size > 1024
+        state = ledger.preserved_keys(v5)
+        ledger.rollback(4)
+        again = plan_consolidation(ledger, _covs)
+        assert again.patch.digest == digest
+        v6 = ledger.consolidate(again, caller="test")
+        assert ledger.store.patch_states([digest])[digest] == copy
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(ledger.preserved_keys(v6).blocks, state.blocks))
+        assert ledger.check_integrity().ok
+
+    with Ledger.open(backend.location(), FP, create=True) as ledger:     # references, written twice
+        _build(ledger)
+        plan = plan_consolidation(ledger, _covs)
+        ledger.consolidate(plan, caller="test")
+        ref = ledger.store.patch_states([plan.patch.digest])[plan.patch.digest]
+        ledger.rollback(4)
+        v6 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        assert ledger.store.patch_states([plan.patch.digest])[plan.patch.digest] == ref and ref.blob_size < 1024
+        assert ledger.version(v6).kind == "consolidate" and ledger.check_integrity().ok

@@ -90,6 +90,12 @@ class _Lru:
                 self._items.popitem(last=False)
 
 
+def _same_blocks(a: Sequence[KeyBlock], b: Sequence[KeyBlock]) -> bool:
+    """Whether two block lists hold the same keys at the same layers, in order (tags aside), bit for bit."""
+    return len(a) == len(b) and all(x.layer == y.layer and x.keys.shape == y.keys.shape and torch.equal(x.keys, y.keys)
+                                    for x, y in zip(a, b))
+
+
 class LedgerObjects:
     """Patches, their preserved-keys blocks and base copies of one ledger (module docstring)."""
 
@@ -204,12 +210,16 @@ class LedgerObjects:
         parts = tuple(parts)
         if not parts or digest in parts or len(set(parts)) != len(parts) or not isinstance(own, PreservedKeys):
             return self.write_keys({digest: keys})
+        if self._store.patch_states([digest]):
+            # The same consolidation written before (after a rollback past it, or a retry after a crash
+            # between the key state and the version) — possibly as a copy, by a ledger from before
+            # references: keep the stored state if it holds these keys.
+            stored = self.keys_of([digest])[digest]
+            if _same_blocks(stored.blocks, own.blocks):
+                return []
+            return self.write_keys({digest: keys})          # refused by the store, naming both blobs
         got = self.keys_of(parts)
-        theirs = [b for p in parts for b in got[p].blocks]
-        same = len(theirs) == len(own.blocks) and all(
-            a.layer == b.layer and a.keys.shape == b.keys.shape and torch.equal(a.keys, b.keys)
-            for a, b in zip(theirs, own.blocks))
-        if not same or not own.blocks:
+        if not own.blocks or not _same_blocks([b for p in parts for b in got[p].blocks], own.blocks):
             return self.write_keys({digest: keys})
         data = ref_bytes(parts)
         self._keys.put(digest, own)
