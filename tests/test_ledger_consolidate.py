@@ -17,7 +17,7 @@ import torch
 from tests._ledger_util import FP, NAME, NAME2, SHAPE, Backend, backend, base_weights, synth_patch  # noqa: F401
 from tests._pg import pg_server  # noqa: F401
 
-from editserve.editing.alphaedit import PreservedKeys
+from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams
 from editserve.errors import InvalidRequestError
 from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RevertError
@@ -130,6 +130,15 @@ def test_consolidation_refusals(backend: Backend) -> None:
         with pytest.raises(ConsolidationError, match="across_layers"):
             plan_consolidation(ledger, _covs, ConsolidateParams(across_layers=True))
         plan = plan_consolidation(ledger, _covs)
+        # a plan whose preserved keys are not its constituents' blocks in order (one key changed, or a
+        # block missing) is refused, writing no key state: the state after a consolidation must hold
+        # exactly the keys of the state before
+        blocks = list(plan.keys.blocks)
+        changed = blocks[:-1] + [KeyBlock(blocks[-1].tag, blocks[-1].layer, blocks[-1].keys + 1)]
+        for bad in (changed, blocks[:-1]):
+            with pytest.raises(ConsolidationError, match="not its constituents' blocks in order"):
+                ledger.consolidate(replace(plan, keys=PreservedKeys(tuple(bad))), caller="test")
+            assert ledger.head() == 4 and not ledger.store.patch_states([plan.patch.digest])
         v = ledger.consolidate(plan, caller="test")
         # a rebase would have to recompute the consolidated patch: refused, naming the way out
         with pytest.raises(RevertError, match="consolidates earlier patches"):

@@ -779,11 +779,12 @@ class Ledger:
         """One version on `head` that adds `patch` (with its preserved-keys blocks) by `ops` (a
         consolidation, a revert out of one): blobs and key state durable first, then the version.
         `key_parts`: the patches whose blocks, in order, `keys` are (a consolidation's constituents),
-        stored as a reference to them instead of a copy."""
-        bases = self._objects.bases_for([patch], None, Layout.OUT_IN)
-        record = self._objects.write_patch(patch)
+        stored as a reference to them instead of a copy (checked first: nothing is written if `keys`
+        are not exactly their blocks)."""
         states = (self._objects.write_keys_by_reference(patch.digest, keys, key_parts) if key_parts
                   else self._objects.write_keys({patch.digest: keys}))
+        bases = self._objects.bases_for([patch], None, Layout.OUT_IN)
+        record = self._objects.write_patch(patch)
         if states:
             self._store.add_patch_states(states)
         new = NewVersion(parent=head, kind=kind, patch=patch.digest, ops=ops, caller=caller,

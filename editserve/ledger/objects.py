@@ -32,6 +32,7 @@ from editserve.ledger.blobs import BlobStore
 from editserve.ledger.errors import (
     BaseCopyMismatch,
     BaseCopyMissing,
+    ConsolidationError,
     LedgerCorrupt,
     LedgerError,
     LedgerModelMismatch,
@@ -204,23 +205,26 @@ class LedgerObjects:
     def write_keys_by_reference(self, digest: str, keys: PreservedKeys, parts: Sequence[str]) -> list[PatchStateRecord]:
         """Like `write_keys` for patch `digest` whose blocks are those of patches `parts`, in order,
         retagged (a consolidation): a reference blob naming `parts` instead of a copy of every key
-        (`editserve.ledger.keystate`). Checked first: if `keys` is not exactly that concatenation,
-        the blocks are copied as `write_keys` does."""
-        own = keys.for_patch(digest) if isinstance(keys, PreservedKeys) else keys
+        (`editserve.ledger.keystate`). Raises `ConsolidationError`, writing nothing, unless `keys`
+        is exactly that concatenation and every part holds keys (what a reference can name)."""
         parts = tuple(parts)
-        if not parts or digest in parts or len(set(parts)) != len(parts) or not isinstance(own, PreservedKeys):
-            return self.write_keys({digest: keys})
+        own = keys.for_patch(digest)
+        if not parts or digest in parts or len(set(parts)) != len(parts):
+            raise ConsolidationError(f"patch {digest[:12]}: the patches its keys refer to must be other patches, "
+                                     f"each named once (got {[p[:12] for p in parts]})")
+        got = self.keys_of(parts)
+        empty = [p[:12] for p in parts if not got[p].blocks]
+        if empty or not _same_blocks([b for p in parts for b in got[p].blocks], own.blocks):
+            raise ConsolidationError(f"the preserved keys of patch {digest[:12]} are not its constituents' blocks in "
+                                     "order" + (f" (patch(es) {empty} hold none)" if empty else "")
+                                     + "; nothing was changed")
         if self._store.patch_states([digest]):
             # The same consolidation written before (after a rollback past it, or a retry after a crash
             # between the key state and the version) — possibly as a copy, by a ledger from before
             # references: keep the stored state if it holds these keys.
-            stored = self.keys_of([digest])[digest]
-            if _same_blocks(stored.blocks, own.blocks):
+            if _same_blocks(self.keys_of([digest])[digest].blocks, own.blocks):
                 return []
             return self.write_keys({digest: keys})          # refused by the store, naming both blobs
-        got = self.keys_of(parts)
-        if not own.blocks or not _same_blocks([b for p in parts for b in got[p].blocks], own.blocks):
-            return self.write_keys({digest: keys})
         data = ref_bytes(parts)
         self._keys.put(digest, own)
         return [PatchStateRecord(digest=digest, blob=self._blobs.put(data), blob_size=len(data),
@@ -248,12 +252,10 @@ class LedgerObjects:
                 try:
                     if is_ref(data):
                         refs[d] = (ref_parts(data, d), rec.n_blocks)
-                        for p in refs[d][0]:
-                            hit = None if p in out or p in refs else self._keys.get(p)
-                            if hit is not None:
+                        for p in refs[d][0]:            # cached states need no query
+                            if p not in out and p not in refs and (hit := self._keys.get(p)) is not None:
                                 out[p] = hit
-                            elif p not in out and p not in refs:
-                                later.append(p)
+                        later += refs[d][0]
                         continue
                     out[d] = state_from_bytes(data, d)
                 except PatchMismatchError as exc:
