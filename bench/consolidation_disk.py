@@ -3,16 +3,21 @@
 a rank-1 patch on all five with one preserved key per layer (AlphaEdit's mean-key default).
 
     PYTHONPATH=. .venv/bin/python bench/consolidation_disk.py [--edits 1000] [--every 25]
-        [--report 250] [--threads 1]
+        [--report 250] [--threads 1] [--modes incremental,whole]
 
-Per checkpoint it prints the bytes the ledger holds (`Ledger.nbytes`: database and blobs), the
-preserved-keys state as stored (every patch's key blob: one block per layer per edit, and one
-reference per consolidation, `editserve.ledger.keystate`), what those consolidations' states would
-take copied (each serialised as the blocks it resolves to: how the ledger stored them before wave 2
-session 24), and the consolidated patches' factors (rank ≤ min(N, 576) per layer); at the end, how
-long a fresh open takes to read the head's preserved keys back through the nested references. Synthetic data:
-random keys and factors, an anisotropic covariance per layer; consolidation's solve is the real one
-(`plan_consolidation`), so the factor sizes are what a ledger would store.
+Two modes, one table each, in one run: ``incremental`` (the ledger's consolidation since wave 2
+session 25: only the patches committed since the last consolidation are re-solved, on every
+committed key; earlier consolidated patches stay as they are) and ``whole`` (every consolidation
+takes the previous one in and re-solves everything — what the ledger did before, and what
+``editserve ledger consolidate --whole`` still does). Per checkpoint it prints the bytes the ledger
+holds (`Ledger.nbytes`: database and blobs), the preserved-keys state as stored (every patch's key
+blob: one block per layer per edit, and one reference per consolidation, `editserve.ledger.keystate`),
+what the consolidations' states would take copied (how the ledger stored them before wave 2 session
+24), the consolidated patches' factors, and the largest factor rank of the last consolidated patch;
+at the end, how long a fresh open takes to read the head's preserved keys back through the
+references. Synthetic data: random keys and factors, an anisotropic covariance per layer;
+consolidation's solve is the real one (`plan_consolidation`), so the factor sizes are what a ledger
+would store.
 """
 
 from __future__ import annotations
@@ -76,42 +81,55 @@ def measure(ledger: Ledger) -> dict[str, int]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--edits", type=int, default=1000)
-    ap.add_argument("--every", type=int, default=25, help="consolidate after every K edits")
-    ap.add_argument("--report", type=int, default=250, help="print a row every R edits")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def run(edits: int, every: int, report: int, whole: bool) -> None:
     mib = 1024 * 1024
-    print(f"{args.edits} edits on {len(LAYERS)} layers of {D_OUT}x{D_IN}, consolidated every {args.every}; MiB")
+    mode = "whole" if whole else "incremental"
+    print(f"\n{mode}: {edits} edits on {len(LAYERS)} layers of {D_OUT}x{D_IN}, consolidated every {every}; MiB")
     print("| edits | consolidations | ledger total | key state stored | of which consolidations' | "
-          "consolidations' keys if copied | consolidations' factors | s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "consolidations' keys if copied | consolidations' factors | last one's rank | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = {name(layer): torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(layer)) for layer in LAYERS}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, Ledger.open(f"{tmp}/ledger", FP, create=True) as ledger:
-        n_cons = 0
-        for i in range(1, args.edits + 1):
+        n_cons, rank = 0, 0
+        for i in range(1, edits + 1):
             patch, keys = edit(i)
             ledger.commit(patch, expected_head=ledger.head(), base=base if i == 1 else None, preserved=keys)
-            if i % args.every == 0:
-                ledger.consolidate(plan_consolidation(ledger, covariances), caller="bench")
-                n_cons += 1
-            if i % args.report == 0:
+            if i % every == 0:
+                plan = plan_consolidation(ledger, covariances, whole=whole)
+                ledger.consolidate(plan, caller="bench")
+                n_cons, rank = n_cons + 1, max(d.u.shape[1] for d in plan.patch.deltas)
+            if i % report == 0:
                 m = measure(ledger)
                 print(f"| {i} | {n_cons} | {m['total'] / mib:.1f} | {m['keys'] / mib:.2f} | "
                       f"{m['keys_of_consolidations'] / mib:.3f} | {m['copies_would_be'] / mib:.1f} | "
-                      f"{m['factors_of_consolidations'] / mib:.1f} | {time.perf_counter() - t0:.0f} |", flush=True)
+                      f"{m['factors_of_consolidations'] / mib:.1f} | {rank} | {time.perf_counter() - t0:.0f} |",
+                      flush=True)
         head = ledger.head()
         ledger.close()
         t1 = time.perf_counter()
         with Ledger.open(f"{tmp}/ledger", FP, verify="none") as cold:
             state = cold.preserved_keys(head)
             t2 = time.perf_counter()
-        print(f"a fresh open reads the head's preserved keys ({state.n_keys(LAYERS[0])} keys per layer, through "
-              f"{n_cons} nested consolidations) in {t2 - t1:.2f} s")
+        print(f"{mode}: a fresh open reads the head's preserved keys ({state.n_keys(LAYERS[0])} keys per layer, "
+              f"{n_cons} consolidations) in {t2 - t1:.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=25, help="consolidate after every K edits")
+    ap.add_argument("--report", type=int, default=250, help="print a row every R edits")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default="incremental,whole", help="comma-separated: incremental, whole")
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("incremental", "whole")]
+    if bad or not modes:
+        ap.error(f"--modes takes incremental and/or whole, got {args.modes!r}")
+    torch.set_num_threads(args.threads)
+    for mode in modes:
+        run(args.edits, args.every, args.report, whole=mode == "whole")
 
 
 if __name__ == "__main__":

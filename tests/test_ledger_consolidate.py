@@ -172,10 +172,10 @@ def test_reverting_a_consolidated_fact_names_the_consolidation(backend: Backend)
                                                   r"roll back to version 4 "):
                 call()
         assert ledger.head() == v5
-        # a later keyed patch and a second consolidation that takes in the first one
+        # a later keyed patch and a second consolidation that takes in the first one (whole)
         p5 = synth_patch(5)
         v6 = ledger.commit(p5, expected_head=v5, preserved=_keys(p5, 5))
-        v7 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        v7 = ledger.consolidate(plan_consolidation(ledger, _covs, whole=True), caller="test")
         assert ledger.version(v7).details["constituents"][0]["version"] == v5
         assert ledger.consolidated_into(p1.digest) == v7 and ledger.consolidated_into(p5.digest) == v7
         assert ledger.consolidated_into(p1.digest, v5) == v5 and ledger.consolidated_into(p5.digest, v6) is None
@@ -262,10 +262,10 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
             plan_fact_removal(ledger, _covs, 3)
         assert ledger.check_integrity().ok
 
-        # nested: a later patch and a second consolidation; p1 taken out of it
+        # nested: a later patch and a second, whole consolidation; p1 taken out of it
         p5 = synth_patch(5)
         v7 = ledger.commit(p5, expected_head=v6, preserved=_keys(p5, 5))
-        v8 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        v8 = ledger.consolidate(plan_consolidation(ledger, _covs, whole=True), caller="test")
         holder = ledger.version(v8).patch_id
         assert provenance(ledger, holder)[0] == (p1.digest, p4.digest, p5.digest)
         nested = plan_fact_removal(ledger, _covs, 1)
@@ -291,7 +291,7 @@ def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
     benchmark's --consolidate-every does), counting stopped at `limit`; and its setting's refusals."""
     import dataclasses
 
-    from editserve.engine.autoconsolidate import ConsolidationPolicy, edits_since_consolidation
+    from editserve.engine.autoconsolidate import ConsolidationPolicy, due_now, edits_since_consolidation
     from editserve.errors import InvalidRequestError
 
     with Ledger.open(tmp_path / "ledger", FP, create=True) as ledger:
@@ -311,6 +311,13 @@ def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
         ledger.commit(batch, expected_head=v + 1, preserved=_keys(batch, 6))
         assert edits_since_consolidation(ledger, v + 2, 10) == 4
         assert edits_since_consolidation(ledger, v + 2, 3) == 3
+    # after a refused try at 27 facts (K = 25), the next try waits for 52; fewer than 27 (a
+    # consolidation, rollback or revert since) count afresh
+    assert due_now(24, 25, None) == (False, None) and due_now(25, 25, None) == (True, None)
+    assert due_now(28, 25, 52) == (False, 52) and due_now(51, 25, 52) == (False, 52)
+    assert due_now(52, 25, 52) == (True, 52)
+    assert due_now(3, 25, 52) == (False, None) and due_now(26, 25, 52) == (True, None)
+    assert due_now(25, 25, 52) == (True, None)
     assert ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": "25"}).every == 25
     assert ConsolidationPolicy.from_env({}).every == 0
     for bad in ("1", "-3", "x", "2.5"):
@@ -422,7 +429,7 @@ def test_an_imported_consolidated_patch_is_one_fact_of_the_importing_ledger(back
         assert provenance(b, imported) == ((imported,) * 3, (imported,) * 4)         # its own origin here
         p5 = synth_patch(5)
         b.commit(p5, expected_head=1, preserved=_keys(p5, 5))
-        v3 = b.consolidate(plan_consolidation(b, _covs), caller="test")
+        v3 = b.consolidate(plan_consolidation(b, _covs, whole=True), caller="test")
         holder = b.version(v3).patch_id
         assert provenance(b, holder) == ((imported,) * 3 + (p5.digest,), (imported,) * 4 + (p5.digest,))
         assert b.consolidated_into(imported) == v3
@@ -444,7 +451,7 @@ def test_an_imported_consolidated_patch_is_one_fact_of_the_importing_ledger(back
 def test_a_consolidation_stores_its_keys_as_a_reference_to_its_constituents(backend: Backend) -> None:
     """Consolidating every few commits must not store every committed key again each time (disk
     quadratic in the ledger): a consolidated patch's key state is a reference to its constituents'.
-    Three consolidations, each taking the previous one in: each adds a few hundred bytes of key
+    Three whole consolidations, each taking the previous one in: each adds a few hundred bytes of key
     state, not the N keys; the state read back — warm, after a restart, at every older version — is
     the constituents' blocks bit for bit; the integrity check follows the references (a damaged
     constituent's keys damage every consolidation built on them, and only those versions)."""
@@ -461,7 +468,7 @@ def test_a_consolidation_stores_its_keys_as_a_reference_to_its_constituents(back
                 if first_keys_blob is None:
                     first_keys_blob = ledger.store.patch_states([p.digest])[p.digest].blob
             states[ledger.head()] = ledger.preserved_keys()
-            plan = plan_consolidation(ledger, _covs)
+            plan = plan_consolidation(ledger, _covs, whole=True)
             v = ledger.consolidate(plan, caller="test")
             rec = ledger.store.patch_states([plan.patch.digest])[plan.patch.digest]
             key_bytes.append(rec.blob_size)
@@ -529,3 +536,59 @@ def test_the_same_consolidation_written_again_keeps_its_stored_key_state(backend
         v6 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
         assert ledger.store.patch_states([plan.patch.digest])[plan.patch.digest] == ref and ref.blob_size < 1024
         assert ledger.version(v6).kind == "consolidate" and ledger.check_integrity().ok
+
+
+def test_a_consolidation_takes_in_only_what_was_committed_since_the_last(backend: Backend) -> None:
+    """Consolidating every few commits must not store the whole update again each time (the factors
+    of a consolidated patch had rank min(N, d_out), so the ledger grew with N²/K). A consolidation
+    leaves earlier consolidated patches as they are and re-solves only the patches committed since,
+    on every committed key: its patch has the rank of those patches, the weights equal a whole
+    re-solve of everything, every committed key keeps its output, and the keys are the same, in the
+    same order. A fact taken out of the first consolidation keeps the outputs on the second's keys."""
+    loc = backend.location()
+    with Ledger.open(loc, FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        v5 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        first = ledger.version(v5).patch_id
+        p5, p6 = synth_patch(5, names=(NAME, NAME2), rank=2), synth_patch(6)
+        ledger.commit(p5, expected_head=v5, preserved=_keys(p5, 5))
+        v7 = ledger.commit(p6, expected_head=v5 + 1, preserved=_keys(p6, 6))
+        before, state = ledger.weights.materialize(v7), ledger.preserved_keys(v7)
+        whole = plan_consolidation(ledger, _covs, whole=True)
+        plan = plan_consolidation(ledger, _covs)
+        assert plan.constituents == ((p5.digest, 6), (p6.digest, 7)) and plan.held == ((first, v5),)
+        assert plan.patch.requests == p5.requests + p6.requests
+        assert {d.layer: d.u.shape[1] for d in plan.patch.deltas} == {0: 3, 1: 2}      # p5's rank 2 (+ p6's 1)
+        assert {d.layer: d.u.shape[1] for d in whole.patch.deltas} == {0: 5, 1: 4}     # the first's 2 taken in too
+        assert {x.layer: (x.n_patches, x.n_keys) for x in plan.layers} == {0: (2, 8), 1: (1, 7)}
+        assert all(x.penalty_after < x.penalty_before for x in plan.layers)
+        v8 = ledger.consolidate(plan, caller="test")
+        assert ledger.active_ids(v8) == (p2.digest, first, plan.patch.digest)
+        assert ledger.version(v8).details["held"] == [{"patch": first, "version": v5}]
+        after, after_state = ledger.weights.materialize(v8), ledger.preserved_keys(v8)
+        assert [(b.layer, b.keys.shape) for b in after_state.blocks] == [(b.layer, b.keys.shape) for b in state.blocks]
+        assert all(torch.equal(a.keys, b.keys) for a, b in zip(after_state.blocks, state.blocks))
+        base = base_weights()
+        for name, layer, d_whole in ((NAME, 0, _delta(whole.patch, 0)), (NAME2, 1, _delta(whole.patch, 1))):
+            k = state.keys(layer).double()
+            moved = (after[name].double() - before[name].double()) @ k
+            edited = (before[name].double() - base[name].double()) @ k
+            assert moved.abs().max() <= 1e-4 * edited.abs().max(), name
+            d_inc = after[name].double() - base[name].double() - (_delta(p2, 0) if layer == 0 else 0)   # p2: unkeyed
+            assert (d_inc - d_whole).norm() <= 1e-5 * d_whole.norm(), name               # = the whole re-solve
+        rec = ledger.store.patch_states([plan.patch.digest])[plan.patch.digest]
+        assert rec.blob_size < 1024 and rec.n_blocks == 3                                   # a key reference
+        with pytest.raises(ConsolidationError, match="consolidated already"):
+            plan_consolidation(ledger, _covs)
+        # p1 out of the first consolidation: the second's keys keep their outputs
+        removal = plan_fact_removal(ledger, _covs, 1)
+        assert removal.holder == first
+        k5 = _keys(p5, 5).keys(0).double()
+        old0, new0 = _delta(ledger.patch(first), 0), _delta(removal.patch, 0)
+        assert (new0 @ k5 - old0 @ k5).abs().max() <= 1e-4 * (old0 @ k5).abs().max() + 1e-9
+        gone = _keys(p1, 1).keys(0).double()
+        assert (new0 @ gone).abs().max() <= 1e-4 * (old0 @ gone).abs().max()
+        ledger.revert_consolidated(removal, caller="test")
+        ledger.rollback(v7)
+        assert all(torch.equal(ledger.weights.materialize(v7)[n], before[n]) for n in before)
+        assert ledger.check_integrity().ok

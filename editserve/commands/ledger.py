@@ -69,8 +69,9 @@ def register(parent: argparse._SubParsersAction) -> None:
     p.add_argument("--expected-head", type=int, default=None)
     p.set_defaults(func=cmd_revert)
 
-    p = sub.add_parser("consolidate", help="replace the active patches that carry preserved keys by one "
-                       "least-disturbance patch with the same outputs on their keys (loads the model)")
+    p = sub.add_parser("consolidate", help="replace the active patches that carry preserved keys and were committed "
+                       "since the last consolidation by one least-disturbance patch with the same outputs on every "
+                       "committed key (loads the model)")
     _add_ledger_arg(p)
     p.add_argument("--model", default=None, help="checkpoint (default: the embedded SmolLM2-135M)")
     p.add_argument("--ridge", type=float, default=0.1, help="μ of A = C + μ·(tr C/d)·I (default 0.1)")
@@ -78,6 +79,9 @@ def register(parent: argparse._SubParsersAction) -> None:
     p.add_argument("--max-drop", type=float, default=0.0,
                    help="share of the committed facts that hold now allowed to stop holding (default 0)")
     p.add_argument("--dry-run", action="store_true", help="compute and check, write nothing")
+    p.add_argument("--whole", action="store_true",
+                   help="take the earlier consolidated patches in too and re-solve everything (after the statistics "
+                        "or --ridge changed; the patch then has the rank of every committed key, up to d_out)")
     p.add_argument("--expected-head", type=int, default=None)
     p.set_defaults(func=cmd_consolidate)
 
@@ -324,9 +328,11 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
         model, tok = _ledger_model(ledger, args.model)
         plan = plan_consolidation(ledger, lambda layers: consolidation_covariances(model, tok, layers, args.corpus),
-                                  ConsolidateParams(ridge=args.ridge), expected_head=args.expected_head)
+                                  ConsolidateParams(ridge=args.ridge), expected_head=args.expected_head,
+                                  whole=args.whole)
         print(f"version {plan.head}: {len(plan.constituents)} patches with preserved keys → one patch "
-              f"{plan.patch.digest[:12]} ({len(plan.patch.requests)} requests)")
+              f"{plan.patch.digest[:12]} ({len(plan.patch.requests)} requests"
+              + (f"; {len(plan.held)} consolidated before kept as they are" if plan.held else "") + ")")
         for x in plan.layers:
             print(f"  layer {x.layer}: {x.n_patches} patches, {x.n_keys} keys, "
                   f"tr(ΔW A ΔWᵀ) {x.penalty_before:.4g} → {x.penalty_after:.4g}")

@@ -32,6 +32,14 @@ Q₂ (V R₂ᵀ)ᵀ), so a consolidated patch has rank ≤ min(d_out, d_in) howe
 at most (d_out + d_in)·min(d_out, d_in) numbers per layer, 1.4× the dense matrix on SmolLM2
 (rank N factors would be 2.4× it at 1,000 edits and 24× at 10,000).
 
+Incrementally (`consolidate_increment`). ΔW* = ΔW P is linear in ΔW, and an update already
+consolidated on keys whose range lies in range(K), under the same A, is left unchanged by P
+(ΔW₁* = M Q₁ᵀA⁻¹ with Q₁ = Q R, so ΔW₁* P = M Rᵀ G G⁻¹ QᵀA⁻¹ = ΔW₁*, G = QᵀA⁻¹Q). So after a
+consolidation ΔW₁*, re-solving ΔW₁* + S (S = U Vᵀ: the commits since) on the grown key set is
+ΔW₁* + S P, and S P = U (PᵀV)ᵀ with PᵀV = A⁻¹Q G⁻¹ QᵀV keeps S's rank. A ledger stores only that
+increment: rank ≤ the facts committed since the last consolidation, instead of min(N, d_out) for
+every consolidation (24 MiB each on SmolLM2 past 576 edits, docs/ledger.md "Consolidation").
+
 Across layers (`ConsolidateParams.across_layers`). Every edited down-projection writes into the same
 residual stream, and what an edit needs is the sum of the layers' outputs on its keys, not each
 layer's share (MEMIT's spread fixes the shares at commit time; AlphaEdit's projection leaves the
@@ -128,13 +136,25 @@ def _narrowed(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _result(layer: int, d: torch.Tensor, a: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-            n_keys: int) -> Consolidated:
+            n_keys: int, held: torch.Tensor | None = None) -> Consolidated:
+    """u vᵀ replaces d; the penalties are of the layer's whole update (`held`, what stays, plus each)."""
     u, v = _narrowed(u, v)
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise NonFiniteError(f"consolidation of layer {layer} is not finite")
     new = u @ v.T
+    if held is not None:
+        d, new = held + d, held + new
     return Consolidated(layer=layer, u=u.to(torch.float32), v=v.to(torch.float32), n_keys=n_keys,
                         penalty_before=float(torch.trace(d @ a @ d.T)), penalty_after=float(torch.trace(new @ a @ new.T)))
+
+
+def _oblique(k: torch.Tensor, a: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q [d_in, r], A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]): P = Q · (the second)ᵀ, the A⁻¹-oblique projector onto range(K)."""
+    q = key_basis(k)                                                       # [d_in, r]
+    if q.shape[1] == 0:
+        raise PatchMismatchError(f"layer {layer}: the committed keys are all zero")
+    a_inv_q = torch.linalg.solve(a, q)                                     # A⁻¹Q [d_in, r]
+    return q, torch.linalg.solve(q.T @ a_inv_q, a_inv_q.T).T
 
 
 def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
@@ -142,12 +162,25 @@ def consolidate_layer(delta: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor
     """ΔW* for one layer. delta [d_out, d_in] (the accumulated update), keys [d_in, N], cov [d_in, d_in].
     Solved on a basis of the keys' range (module docstring), so the cost is bounded by d_in, not N."""
     d, k, a = _checked(delta, keys, cov, layer, params)
-    q = key_basis(k)                                                       # [d_in, r]
-    if q.shape[1] == 0:
-        raise PatchMismatchError(f"layer {layer}: the committed keys are all zero")
-    a_inv_q = torch.linalg.solve(a, q)                                     # A⁻¹Q [d_in, r]
-    v = torch.linalg.solve(q.T @ a_inv_q, a_inv_q.T).T                     # A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
+    q, v = _oblique(k, a, layer)                                           # v = A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
     return _result(layer, d, a, d @ q, v, n_keys=int(k.shape[1]))          # U = ΔW Q [d_out, r]
+
+
+def consolidate_increment(u: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, layer: int,
+                          params: ConsolidateParams = ConsolidateParams(),
+                          held: torch.Tensor | None = None) -> Consolidated:
+    """S P for the update S = u vᵀ (u [d_out, m], v [d_in, m]: the commits since the last
+    consolidation) on every committed key K [d_in, N] (theirs and the earlier consolidations'),
+    in factored form u (PᵀV)ᵀ: rank ≤ m (module docstring, "Incrementally"). `held` [d_out, d_in],
+    the layer's already consolidated update that stays as it is, only enters the penalties."""
+    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
+        raise PatchMismatchError(f"layer {layer}: factors {tuple(u.shape)} and {tuple(v.shape)} do not pair")
+    d, k, a = _checked(u.double() @ v.double().T, keys, cov, layer, params)
+    q, w = _oblique(k, a, layer)                                           # P = Q wᵀ, Pᵀ = w Qᵀ
+    base = None if held is None else held.to(torch.float64)
+    if base is not None and base.shape != d.shape:
+        raise PatchMismatchError(f"layer {layer}: held update {tuple(base.shape)}, increment {tuple(d.shape)}")
+    return _result(layer, d, a, u.double(), w @ (q.T @ v.double()), n_keys=int(k.shape[1]), held=base)
 
 
 def resolve_without(delta: torch.Tensor, keys: torch.Tensor, dropped: torch.Tensor, cov: torch.Tensor, layer: int,
@@ -167,15 +200,11 @@ def resolve_without(delta: torch.Tensor, keys: torch.Tensor, dropped: torch.Tens
     if dropped.dtype != torch.bool or tuple(dropped.shape) != (k.shape[1],):
         raise PatchMismatchError(f"layer {layer}: dropped must be a bool mask over the {k.shape[1]} keys, "
                                  f"got {dropped.dtype} {tuple(dropped.shape)}")
-    q = key_basis(k)                                                       # [d_in, r]
-    if q.shape[1] == 0:
-        raise PatchMismatchError(f"layer {layer}: the committed keys are all zero")
+    q, v = _oblique(k, a, layer)                                           # v = A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
     target = d @ k                                                         # V' [d_out, N]
     target[:, dropped] = 0.0
     r_mat = q.T @ k                                                        # R [r, N]
     u = torch.linalg.lstsq(r_mat.T, target.T).solution.T                  # ΔW'Q = V' R⁺ [d_out, r]
-    a_inv_q = torch.linalg.solve(a, q)
-    v = torch.linalg.solve(q.T @ a_inv_q, a_inv_q.T).T                     # A⁻¹Q (QᵀA⁻¹Q)⁻¹ [d_in, r]
     return _result(layer, d, a, u, v, n_keys=int((~dropped).sum()))
 
 

@@ -11,8 +11,14 @@ background (`ControlPlane.consolidate` with ``caller="auto-consolidation"`` and 
 counted at as ``expected_head``), so the edit's reply never waits for it. The next edit waits for
 the sidecar as it waits for any computation. A consolidation that is refused (a committed fact
 would break, or the head moved) or fails is logged and counted
-(``editserve_consolidations_total{result}``) and nothing is written; the next commit tries again.
-One consolidation runs at a time.
+(``editserve_consolidations_total{result}``) and nothing is written; it is tried again once
+another K facts were committed (each try re-solves and scores every committed fact, so trying
+after every commit would keep the sidecar busy with a refusal). One consolidation runs at a time.
+
+In a fleet (`editserve.engine.fleet`), only the replica `FleetMember.consolidator` names
+consolidates, and it also counts the commits it follows from other replicas (`after_commit` is
+called after a follow too): every replica that has the policy on may have it on, and two of them
+do not consolidate the same head at once.
 """
 
 from __future__ import annotations
@@ -62,6 +68,16 @@ def edits_since_consolidation(ledger: Any, version: int, limit: int) -> int:
     return count
 
 
+def due_now(due: int, every: int, retry_at: int | None) -> tuple[bool, int | None]:
+    """(whether to consolidate now, the retry mark to keep) with `due` facts committed since the
+    last consolidation. `retry_at`: after a refused or failed try at n facts, n + `every` (tried
+    again only then); fewer facts than at that try (a consolidation, rollback or revert since)
+    clear it."""
+    if retry_at is not None and due < retry_at - every:
+        retry_at = None
+    return due >= (every if retry_at is None else retry_at), retry_at
+
+
 class AutoConsolidation:
     """Starts a background consolidation on `plane` when `policy` says one is due (module docstring)."""
 
@@ -69,30 +85,51 @@ class AutoConsolidation:
         self.plane = plane
         self.policy = policy
         self._task: asyncio.Task | None = None
+        self._retry_at: int | None = None       # after a refused or failed try: the fact count to try again at
 
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def after_commit(self, version: int) -> None:
-        """Called by the control plane after it served a committed edit at `version`."""
+        """Called by the control plane after it served a committed edit at `version`, and by the
+        fleet loop after it followed a new head `version`."""
         if self.policy.every == 0 or self.running:
             return
-        due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version, self.policy.every)
-        if due >= self.policy.every:
+        fleet = getattr(self.plane, "fleet", None)
+        if fleet is not None:
+            try:
+                chosen = await fleet.consolidator()
+            except EditserveError as exc:      # the ledger is unreachable: so would the consolidation be
+                log.warning("automatic consolidation at version %d not tried: %s: %s", version, type(exc).__name__, exc)
+                return
+            if chosen != fleet.settings.replica_id:
+                log.debug("automatic consolidation at version %d is replica %s's", version, chosen)
+                return
+        due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version,
+                                      self._retry_at or self.policy.every)
+        start, self._retry_at = due_now(due, self.policy.every, self._retry_at)
+        if start:
             log.info("%d facts committed since the last consolidation at version %d: consolidating", due, version)
-            self._task = asyncio.get_running_loop().create_task(self._run(version), name="editserve-consolidation")
+            self._task = asyncio.get_running_loop().create_task(self._run(version, due), name="editserve-consolidation")
 
-    async def _run(self, version: int) -> None:
+    async def _run(self, version: int, due: int) -> None:
+        from editserve.ledger.errors import LedgerConflict
+
         try:
             change = await self.plane.consolidate(caller=AUTO_CALLER, expected_head=version)
+            self._retry_at = None
             log.info("automatic consolidation at version %d → version %d", version, change.version)
         except asyncio.CancelledError:
             raise
-        except EditserveError as exc:          # refused or failed: counted by the control plane, nothing written
-            log.warning("automatic consolidation at version %d not done: %s: %s", version, type(exc).__name__, exc)
-        except Exception:
-            log.exception("automatic consolidation at version %d failed", version)
+        except LedgerConflict as exc:          # the head moved: the next commit tries again
+            log.info("automatic consolidation at version %d not done: %s", version, exc)
+        except Exception as exc:               # refused or failed: counted by the control plane, nothing written
+            self._retry_at = due + self.policy.every
+            log.log(logging.WARNING if isinstance(exc, EditserveError) else logging.ERROR,
+                    "automatic consolidation at version %d not done: %s: %s; tried again at %d facts since the last "
+                    "consolidation", version, type(exc).__name__, exc, self._retry_at,
+                    exc_info=not isinstance(exc, EditserveError))
 
     async def wait(self) -> None:
         """Until the running consolidation (if any) has ended (tests, shutdown)."""

@@ -1,17 +1,23 @@
-"""Consolidation as a ledger operation: many active patches replaced by one least-disturbance patch.
+"""Consolidation as a ledger operation: the patches committed since the last consolidation replaced
+by one least-disturbance patch.
 
 A long ledger's damage to ordinary text grows with the sum of its patches, not with any one of
 them (docs/lifelong.md, session 7). `plan_consolidation` takes the *constituents* — the active
 patches at a version that carry preserved-keys blocks at every layer they touch (what AlphaEdit,
-and since session 5 every method, stores with a commit) — and, per layer, re-solves their summed
-update ΔW = Σ U Vᵀ with `editserve.editing.consolidate`: the same outputs on every committed key,
-the least change tr(ΔW A ΔWᵀ) on ordinary keys. The result is one `Patch`:
+and since session 5 every method, stores with a commit) and are not consolidated already — and,
+per layer, re-solves their summed update S = Σ U Vᵀ with `editserve.editing.consolidate` on every
+committed key (theirs and the earlier consolidations'): S P, the same outputs on every committed
+key, the least change tr(ΔW A ΔWᵀ) on ordinary keys. Earlier consolidated patches are *held*: left
+as they are, which is what re-solving them again would give (`consolidate_increment`; `whole=True`
+takes them in and re-solves everything, after the statistics or the ridge changed). The result is
+one `Patch`:
 
 - ``method`` "consolidated"; its ``requests`` are the constituents' requests in ledger order (so
   the retention probe, the retention gate and ``ledger show`` still see every committed fact);
   ``hparams`` record the ridge and the constituents' digests;
-- one `WeightDelta` per consolidated layer, rank = the number of committed keys there (float32
-  factors, solved in float64);
+- one `WeightDelta` per layer the constituents touch, of their summed rank there (at most d_out;
+  float32 factors, solved in float64): a consolidation stores what it replaces, not a full-rank
+  update per consolidation;
 - its preserved-keys blocks are the constituents' blocks, in order, tagged with its digest, so
   the state at the new version has exactly the keys of the state before it.
 
@@ -30,7 +36,8 @@ named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
 
 One fact out of a consolidation (`plan_fact_removal`, `check_fact_removal`,
 `Ledger.revert_consolidated`): reverting a version whose patch a consolidation took in re-solves
-the consolidated patch without that patch's facts — the other facts' keys keep their outputs, the
+the consolidated patch without that patch's facts — every other committed key (the holder's and
+the other active patches') keeps the holder's output on it, the
 reverted facts' keys get the layer's output from before (`resolve_without`) — checks that the
 reverted facts are gone and the others hold, and writes one revert version that swaps the
 consolidated patch for the re-solved one (``hparams["without"]`` lists what was taken out, so
@@ -55,10 +62,10 @@ from typing import Any
 import torch
 
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
-from editserve.editing.consolidate import ConsolidateParams, consolidate, resolve_without
+from editserve.editing.consolidate import ConsolidateParams, consolidate_increment, resolve_without
 from editserve.editing.requests import EditRequest
 from editserve.editing.retention import CommittedFact
-from editserve.errors import InvalidRequestError
+from editserve.errors import InvalidRequestError, PatchMismatchError
 from editserve.ledger.errors import ConsolidationError, RevertError
 from editserve.patches import Patch, WeightDelta
 
@@ -95,10 +102,12 @@ class ConsolidationPlan:
     keys: PreservedKeys                            # the constituents' blocks, tagged with patch.digest
     layers: tuple[LayerConsolidation, ...]
     params: ConsolidateParams
+    held: tuple[tuple[str, int], ...] = ()         # earlier consolidated patches kept as they are (their keys kept)
 
     def details(self) -> dict[str, Any]:
         """The JSON recorded with the version (and shown by ``ledger show``)."""
         return {"constituents": [{"patch": d, "version": v} for d, v in self.constituents],
+                "held": [{"patch": d, "version": v} for d, v in self.held],
                 "ridge": self.params.ridge, "layers": [x.to_dict() for x in self.layers],
                 "patch": self.patch.digest}
 
@@ -118,35 +127,59 @@ def constituents_at(ledger: Any, version: int) -> list[tuple[str, int]]:
 
 
 def plan_consolidation(ledger: Any, covariances: Covariances, params: ConsolidateParams = ConsolidateParams(),
-                       expected_head: int | None = None) -> ConsolidationPlan:
-    """Consolidate the constituents active at `expected_head` (default: the head); nothing is written.
-    Raises `ConsolidationError` when fewer than two active patches carry keys (nothing to gain)."""
+                       expected_head: int | None = None, whole: bool = False) -> ConsolidationPlan:
+    """Consolidate the patches committed since the last consolidation at `expected_head` (default:
+    the head) on every committed key (module docstring); nothing is written. `whole`: take the
+    earlier consolidated patches in too and re-solve everything (after the statistics or the ridge
+    changed; the new patch then has rank min(N, d_out) again). Raises `ConsolidationError` when
+    fewer than two active patches carry keys or none of them is new since the last consolidation."""
+    if not isinstance(whole, bool):
+        raise InvalidRequestError(f"whole must be a boolean, got {whole!r}")
     if params.across_layers:
         raise ConsolidationError("a ledger consolidation keeps each layer's outputs on the committed keys; "
                                  "across_layers (measured to break committed facts, docs/lifelong.md) is not offered")
     head = ledger.head() if expected_head is None else expected_head
-    chosen = constituents_at(ledger, head)
-    if len(chosen) < 2:
-        raise ConsolidationError(f"version {head} has {len(chosen)} active patch(es) with preserved keys at every "
+    keyed = constituents_at(ledger, head)
+    if len(keyed) < 2:
+        raise ConsolidationError(f"version {head} has {len(keyed)} active patch(es) with preserved keys at every "
                                  "layer they touch; consolidation needs at least 2 (nothing was changed)")
+    held = [] if whole else [(d, v) for d, v in keyed if ledger.patch(d).method == CONSOLIDATED_METHOD]
+    chosen = [x for x in keyed if x not in held]
+    if not chosen:
+        raise ConsolidationError(f"every active patch with preserved keys at version {head} is consolidated already; "
+                                 "nothing was committed since the last consolidation (nothing was changed)")
     patches = [ledger.patch(d) for d, _ in chosen]
+    state = PreservedKeys(tuple(b for d, _ in keyed for b in ledger.patch_keys(d).blocks))   # every committed key
     blocks = [b for d, _ in chosen for b in ledger.patch_keys(d).blocks]
-    state = PreservedKeys(tuple(blocks))
     names: dict[int, str] = {}
-    sums: dict[int, torch.Tensor] = {}                 # layer → Σ U Vᵀ [d_out, d_in] float64
+    factors: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}   # layer → ([U], [V]) of the new patches
     touching: dict[int, int] = {}
     for p in patches:
         for d in p.deltas:
             if names.setdefault(d.layer, d.name) != d.name:
                 raise ConsolidationError(f"layer {d.layer} is edited through two weights ({names[d.layer]!r} and "
                                          f"{d.name!r}); consolidation takes one weight per layer")
-            term = d.u.double() @ d.v.double().T
-            sums[d.layer] = sums[d.layer] + term if d.layer in sums else term
+            us, vs = factors.setdefault(d.layer, ([], []))
+            us.append(d.u)
+            vs.append(d.v)
             touching[d.layer] = touching.get(d.layer, 0) + 1
-    layers = tuple(sorted(sums))
-    keys = {layer: state.keys(layer) for layer in layers}
+    layers = tuple(sorted(factors))
+    kept: dict[int, torch.Tensor] = {}                 # layer → Σ of the held patches' U Vᵀ (penalties only)
+    for d, _ in held:
+        for x in ledger.patch(d).deltas:
+            if x.layer in factors:
+                if names[x.layer] != x.name:
+                    raise ConsolidationError(f"layer {x.layer} is edited through two weights ({names[x.layer]!r} "
+                                             f"and {x.name!r}); consolidation takes one weight per layer")
+                term = x.u.double() @ x.v.double().T
+                kept[x.layer] = kept[x.layer] + term if x.layer in kept else term
     covs = covariances(layers)
-    result = consolidate(sums, keys, covs, params)
+    missing = sorted(set(layers) - set(covs))
+    if missing:
+        raise PatchMismatchError(f"no statistics for layer(s) {missing}")
+    result = {layer: consolidate_increment(torch.cat(factors[layer][0], 1), torch.cat(factors[layer][1], 1),
+                                           state.keys(layer), covs[layer], layer, params, held=kept.get(layer))
+              for layer in layers}
     first = patches[0]
     patch = Patch(
         deltas=tuple(WeightDelta(name=names[layer], layer=layer, u=r.u, v=r.v) for layer, r in sorted(result.items())),
@@ -160,11 +193,12 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
     report = tuple(LayerConsolidation(name=names[layer], layer=layer, n_patches=touching[layer], n_keys=r.n_keys,
                                       penalty_before=r.penalty_before, penalty_after=r.penalty_after)
                    for layer, r in sorted(result.items()))
-    log.info("consolidation at version %d: %d patches → %s; %s", head, len(chosen), patch.digest[:12],
+    log.info("consolidation at version %d: %d patches → %s (%d consolidated before kept); %s", head, len(chosen),
+             patch.digest[:12], len(held),
              ", ".join(f"layer {x.layer}: {x.n_keys} keys, tr {x.penalty_before:.3g}→{x.penalty_after:.3g}"
                        for x in report))
     return ConsolidationPlan(head=head, constituents=tuple(chosen), patch=patch, keys=own, layers=report,
-                             params=params)
+                             params=params, held=tuple(held))
 
 
 @dataclass(frozen=True)
@@ -207,7 +241,8 @@ def _scored_before_after(model: torch.nn.Module, tok: Any, facts: list[Committed
 
 
 def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan) -> ConsolidationCheck:
-    """Score every constituent fact (against its replaced object, from its request or else from the
+    """Score every committed fact of the plan — its constituents' and the kept consolidations' —
+    (against its replaced object, from its request or else from the
     committing version's gate rows; where none is known, whether the model answers its new target
     greedily: `editserve.editing.retention.facts_hold`) on `model` with the patches active at `plan.head`, then with
     the consolidated set. `model` holds no patch or exactly the head's active patches (a sidecar
@@ -221,7 +256,7 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
     if found and [p.digest for p in found] != [p.digest for p in before_set]:
         raise ConsolidationError(f"check_consolidation needs a model with no patch merged or with exactly the "
                                  f"patches active at version {plan.head}; it holds {len(found)} other patch(es)")
-    origin = dict(plan.constituents)
+    origin = dict(plan.held + plan.constituents)     # the kept consolidations' facts too: every committed fact
     facts = with_replaced_objects(
         [CommittedFact(version=origin[d], prompt=r.text, subject=r.subject, target_new=r.target_new,
                        target_true=r.target_true or "") for d in origin for r in ledger.patch(d).requests],
@@ -352,6 +387,9 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
                           f"{version}: revert version {holder_version}")
     blocks = ledger.patch_keys(holder).blocks
     keep_blocks = [b for b, d in zip(blocks, block_origin) if d != removed]
+    # every other committed key keeps the holder's output too: since consolidations are incremental
+    # the holder is one of several consolidated patches, and it acts on the others' keys
+    others = [b for d, _ in constituents_at(ledger, head) if d != holder for b in ledger.patch_keys(d).blocks]
     layers = tuple(sorted({d.layer for d in old.deltas}))
     covs = covariances(layers)
     reverted = [r for r, d in zip(old.requests, req_origin) if d == removed]
@@ -361,6 +399,7 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
         mine = [(b, d == removed) for b, d in zip(blocks, block_origin) if b.layer == delta.layer]
         if not mine:
             raise ConsolidationError(f"consolidated patch {holder[:12]} has no committed keys at layer {delta.layer}")
+        mine += [(b, False) for b in others if b.layer == delta.layer]
         extra = bare.get(delta.layer)                                                 # [d_in, n] or None
         keys = torch.cat([b.keys for b, _ in mine] + ([extra.float()] if extra is not None else []), dim=1)
         dropped = torch.cat([torch.full((b.keys.shape[1],), gone, dtype=torch.bool) for b, gone in mine]

@@ -845,7 +845,7 @@ class Ledger:
             return hit
         self._refuse_damaged(plan.head)
         active = set(self.active_ids(plan.head))
-        gone = [d[:12] for d, _ in plan.constituents if d not in active]
+        gone = [d[:12] for d, _ in plan.constituents + plan.held if d not in active]
         if gone:
             raise ConsolidationError(f"patch(es) {gone} of the plan are not active at version {plan.head}; "
                                      "nothing was changed")
