@@ -12,6 +12,9 @@
   ``ControlPlane.follow`` (which re-reads the head and swaps to it under the version lock). The
   timeout is the periodic reconcile: the only mechanism on SQLite, and the fallback when a
   notification was lost (e.g. while PostgreSQL was down).
+- **One consolidator.** With ``EDITSERVE_CONSOLIDATE_EVERY`` on, only the replica `consolidator`
+  names (the smallest id among the live compute replicas that have it on) consolidates, counting
+  the commits it follows as well as its own; the others never start one.
 - **Readiness and skew.** `readiness` says whether this replica may take traffic: it has
   caught up to the head seen after start, and lags the head by at most `FleetSettings.max_skew`
   versions. ``editserve_version_skew{replica}`` (head minus served) is set for each live replica
@@ -51,6 +54,7 @@ REFUSED_RETRY_ENV = "EDITSERVE_REFUSED_RETRY_MAX_S"
 GRPC_ADDR_ENV = "EDITSERVE_GRPC_ADDR"
 ROLE_COMPUTE = "compute"
 ROLE_SERVE_ONLY = "serve-only"
+CONSOLIDATES = "consolidates"       # registry detail: automatic consolidation is on at this replica
 
 
 def default_replica_id() -> str:
@@ -172,7 +176,8 @@ class FleetMember:
             served = self.plane.served_version
             try:
                 await asyncio.to_thread(ledger.replicas.record, self.settings.replica_id, served, self.settings.role,
-                                        self.settings.address, self.started_at, {"pid": os.getpid()})
+                                        self.settings.address, self.started_at,
+                                        {"pid": os.getpid(), CONSOLIDATES: self._consolidates()})
                 self._last_report = time.monotonic()
                 self.ledger_error = None
             except LedgerError as exc:
@@ -194,6 +199,25 @@ class FleetMember:
         return [{"replica_id": r.replica_id, "version": r.version, "role": r.role, "address": r.address,
                  "age_s": round(r.age_s, 3), "live": r.age_s <= self.settings.live_s, "skew": max(0, head - r.version),
                  "self": r.replica_id == self.settings.replica_id} for r in rows]
+
+    def _consolidates(self) -> bool:
+        """Whether this replica takes part in automatic consolidation (a compute replica whose
+        ``EDITSERVE_CONSOLIDATE_EVERY`` is on)."""
+        policy = getattr(getattr(self.plane, "auto_consolidation", None), "policy", None)
+        return self.settings.role == ROLE_COMPUTE and policy is not None and policy.every > 0
+
+    async def consolidator(self) -> str | None:
+        """The one replica of the fleet that runs automatic consolidation (docs/fleet.md): the
+        smallest id among the live compute replicas that have it on, this one included while it
+        has it on (also before its first report); None when none has. Every replica computes the
+        same answer from the registry, so two never consolidate the same head at once (except while
+        membership changes: then the ledger refuses the later one, `LedgerConflict`)."""
+        rows = await asyncio.to_thread(self.plane.ledger.replicas.all)
+        ids = {r.replica_id for r in rows if r.age_s <= self.settings.live_s and r.role == ROLE_COMPUTE
+               and r.details.get(CONSOLIDATES) is True}
+        if self._consolidates():
+            ids.add(self.settings.replica_id)
+        return min(ids) if ids else None
 
     async def serving(self, version: int) -> list[str]:
         """Ids of the live replicas that serve `version` now."""
@@ -252,11 +276,14 @@ class FleetMember:
         try:
             head = await asyncio.to_thread(self.plane.ledger.head)
             self.last_head = head
+            followed = None
             if head != self.plane.served_version and not (self.refused and self.refused.waiting(head, time.monotonic())):
-                await self.plane.follow()
+                followed = await self.plane.follow()
             if self.plane.served_version == head:
                 self.caught_up = True
                 self.refused = None
+                if followed is not None:      # commits through other replicas count for consolidation too
+                    await self.plane.auto_consolidation.after_commit(head)
             self.ledger_error = None
         except asyncio.CancelledError:
             raise
