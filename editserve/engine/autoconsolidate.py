@@ -97,17 +97,17 @@ class AutoConsolidation:
         if self.policy.every == 0 or self.running:
             return
         fleet = getattr(self.plane, "fleet", None)
-        if fleet is not None:
-            try:
-                chosen = await fleet.consolidator()
-            except EditserveError as exc:      # the ledger is unreachable: so would the consolidation be
-                log.warning("automatic consolidation at version %d not tried: %s: %s", version, type(exc).__name__, exc)
-                return
-            if chosen != fleet.settings.replica_id:
+        try:                                   # never fails the commit or the follow that called it
+            chosen = None if fleet is None else await fleet.consolidator()
+            if fleet is not None and chosen != fleet.settings.replica_id:
                 log.debug("automatic consolidation at version %d is replica %s's", version, chosen)
                 return
-        due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version,
-                                      self._retry_at or self.policy.every)
+            due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version,
+                                          self._retry_at or self.policy.every)
+        except Exception as exc:               # e.g. the ledger is unreachable: so would the consolidation be
+            log.warning("automatic consolidation at version %d not tried: %s: %s", version, type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, EditserveError))
+            return
         start, self._retry_at = due_now(due, self.policy.every, self._retry_at)
         if start:
             log.info("%d facts committed since the last consolidation at version %d: consolidating", due, version)
