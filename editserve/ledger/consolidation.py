@@ -261,7 +261,8 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
         [CommittedFact(version=origin[d], prompt=r.text, subject=r.subject, target_new=r.target_new,
                        target_true=r.target_true or "") for d in origin for r in ledger.patch(d).requests],
         lambda v: ledger.version(v).probe_report)
-    after_set = [p for p in before_set if p.digest not in origin] + [plan.patch]
+    gone = {d for d, _ in plan.constituents}           # the held consolidations stay in the set
+    after_set = [p for p in before_set if p.digest not in gone] + [plan.patch]
     before, after = _scored_before_after(model, tok, facts, before_set, after_set, found)
     broken = tuple(f.describe() for f, b, a in zip(facts, before, after) if b[0] and not a[0])
     return ConsolidationCheck(facts=tuple(facts), held_before=sum(b[0] for b in before),
