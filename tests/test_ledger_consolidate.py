@@ -4,7 +4,8 @@ Synthetic patches on two 64×32 matrices, each with its own preserved-keys block
 without keys. The consolidation version replaces the keyed patches by one patch that gives the
 same outputs on every committed key with a smaller disturbance, keeps the unkeyed patch, carries
 the keys; a rollback to the version before restores its weights and keys bit for bit; stale or
-repeated requests and a rebase through the consolidated patch are refused or replayed.
+repeated requests and a rebase through the consolidated patch are refused or replayed; a rebase of a
+fact that a consolidation took in re-solves that consolidation and recomputes the later patches.
 (The real-model path, ``editserve ledger consolidate`` on SmolLM2, is in test_lifelong_smollm2.py.)
 """
 
@@ -20,7 +21,7 @@ from tests._pg import pg_server  # noqa: F401
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams
 from editserve.errors import InvalidRequestError
-from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RevertError
+from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RebaseOutcome, RevertError
 from editserve.ledger.consolidation import (
     CONSOLIDATED_METHOD,
     constituents_at,
@@ -592,3 +593,97 @@ def test_a_consolidation_takes_in_only_what_was_committed_since_the_last(backend
         ledger.rollback(v7)
         assert all(torch.equal(ledger.weights.materialize(v7)[n], before[n]) for n in before)
         assert ledger.check_integrity().ok
+
+
+def test_a_rebase_of_a_consolidated_fact_re_solves_its_consolidation_and_recomputes_what_follows(
+        backend: Backend) -> None:
+    """Rebase (revert in the middle) of a fact that a consolidation took in: the consolidated patch is
+    re-solved without it (`plan_fact_removal`) and the patches committed after the consolidation are
+    recomputed on top of the re-solved patch, with its preserved keys; one revert version writes both,
+    the replayed key returns it, a stale or mismatched plan is refused, a rollback is bit-exact."""
+    loc = backend.location()
+    with Ledger.open(loc, FP, create=True) as ledger:
+        p1, p2, p3, p4 = _build(ledger)
+        v5 = ledger.consolidate(plan_consolidation(ledger, _covs), caller="test")
+        holder = ledger.version(v5).patch_id
+        p5, p6 = synth_patch(5), synth_patch(6, names=(NAME2,))
+        v6 = ledger.commit(p5, expected_head=v5, preserved=_keys(p5, 5))
+        v7 = ledger.commit(p6, expected_head=v6, preserved=_keys(p6, 6))
+        weights_v7, keys_v7 = ledger.weights.materialize(v7), ledger.preserved_keys(v7)
+        # a recompute callable alone cannot take a fact out of a consolidation: refused, naming it
+        with pytest.raises(RevertError, match=f"version {v5} consolidated it"):
+            ledger.revert(3, rebase=lambda step: step.old_patch, caller="test")
+
+        steps = []
+
+        def recompute(step):
+            steps.append(step)
+            new = replace(step.old_patch, hparams={**step.old_patch.hparams, "rebased_on": len(step.new_context)})
+            return RebaseOutcome(patch=new, metrics_before={"efficacy": 1.0}, metrics_after={"efficacy": 0.5},
+                                 keys=_keys(new, 50 + step.version))
+
+        removal = plan_fact_removal(ledger, _covs, 3)
+        assert removal.holder == holder and removal.patch.requests == p1.requests + p4.requests
+        plan = ledger.plan_rebase(3, recompute, removal=removal)
+        new5, new6 = plan.patches
+        assert (plan.kept, plan.replaced) == ((p2.digest,), (p5.digest, p6.digest))
+        assert plan.final == (p2.digest, removal.patch.digest, new5.digest, new6.digest)
+        assert [s.version for s in steps] == [v6, v7]
+        # each recompute sees the re-solved patch in place of its holder, and its preserved keys
+        assert [p.digest for p in steps[0].new_context] == [p2.digest, removal.patch.digest]
+        assert [p.digest for p in steps[1].new_context] == [p2.digest, removal.patch.digest, new5.digest]
+        assert steps[0].new_preserved.tags == (removal.patch.digest,)
+        assert steps[1].new_preserved.tags == (removal.patch.digest, new5.digest)
+        assert [p.digest for p in steps[0].old_context] == [p2.digest, holder]
+
+        # a plan for another fact, or without the removal, does not pass for this one
+        other = plan_fact_removal(ledger, _covs, 4)
+        with pytest.raises(RevertError, match="removal plan was computed for taking version 4"):
+            ledger.plan_rebase(3, recompute, removal=other)
+        with pytest.raises(RevertError, match="rebase plan was computed"):
+            ledger.revert(3, rebase=replace(plan, kept=()), caller="test")
+
+        res = ledger.revert(3, rebase=plan, expected_head=v7, caller="test", idempotency_key="rb-3")
+        v8 = res.version
+        assert [r.original_version for r in res.rebased] == [v6, v7] and res.created
+        info = ledger.version(v8)
+        assert (info.kind, info.patch_id) == ("revert", removal.patch.digest)
+        assert info.removed == (holder, p5.digest, p6.digest)
+        assert info.added == (removal.patch.digest, new5.digest, new6.digest)
+        assert info.details["mode"] == "rebase" and info.details["reverted"] == 3
+        assert info.details["consolidation"]["old_patch"] == holder and info.details["consolidation"]["version"] == v5
+        assert ledger.active_ids(v8) == plan.final
+        # the key state: the re-solved patch's blocks (p3's gone), then the recomputed ones'
+        state = ledger.preserved_keys(v8)
+        assert state.tags == (removal.patch.digest, new5.digest, new6.digest)
+        assert torch.equal(state.keys(0), torch.cat([_keys(p1, 1).keys(0), _keys(new5, 50 + v6).keys(0)], dim=1))
+        # the weights: base + the final patches
+        base = base_weights()
+        got = ledger.weights.materialize(v8)
+        for name in (NAME, NAME2):
+            want = base[name].double() + sum(d.u.double() @ d.v.double().T for p in (p2, removal.patch, new5, new6)
+                                             for d in p.deltas if d.name == name)
+            assert torch.allclose(got[name].double(), want, atol=1e-5)
+        # the fact is out, the others stay consolidated (in the re-solved patch), the recomputed are plain
+        assert ledger.consolidated_into(p3.digest) is None
+        assert ledger.consolidated_into(p1.digest) == v8 and ledger.consolidated_into(p4.digest) == v8
+        assert ledger.consolidated_into(p5.digest) is None
+        # replayed, stale
+        again = ledger.revert(3, rebase=plan, expected_head=v7, caller="test", idempotency_key="rb-3")
+        assert (again.version, again.created) == (v8, False) and again.rebased == res.rebased
+        with pytest.raises(LedgerConflict):
+            ledger.revert(3, rebase=plan, expected_head=v7, caller="test")
+        assert ledger.check_integrity().ok
+
+        # nothing committed after the consolidation: the re-solve alone
+        ledger.rollback(v5)
+        only = ledger.plan_rebase(4, recompute, removal=plan_fact_removal(ledger, _covs, 4))
+        assert (only.replaced, only.outcomes) == ((), ())
+        v10 = ledger.revert(4, rebase=only, caller="test").version
+        assert ledger.active_ids(v10) == (p2.digest, only.removal.patch.digest)
+
+        # rollback to before the rebase: weights and keys bit for bit
+        ledger.rollback(v7)
+        again_w = ledger.weights.materialize(v7)
+        assert all(torch.equal(again_w[n], weights_v7[n]) for n in weights_v7)
+        assert ledger.preserved_keys().blocks == keys_v7.blocks

@@ -55,7 +55,7 @@ def register(parent: argparse._SubParsersAction) -> None:
     p = sub.add_parser("revert", help="new version without the patch of version V (optionally recomputing later ones)")
     _add_ledger_arg(p)
     p.add_argument("version", type=int)
-    p.add_argument("--rebase", action="store_true", help="recompute the later patches on the new base (loads the model)")
+    p.add_argument("--rebase", action="store_true", help="recompute the later patches on the new base (loads the model); for a fact a consolidation took in, that consolidation is re-solved without it first")
     p.add_argument("--model", default=None, help="checkpoint for --rebase (default: the embedded SmolLM2-135M)")
     p.add_argument("--max-steps", type=int, default=None, help="override the value optimisation steps when rebasing")
     p.add_argument("--from-consolidation", action="store_true",
@@ -170,7 +170,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 what = f"revert of version {v.details.get('reverted')}"
                 if v.details.get("rebased"):
                     what += f", {len(v.details['rebased'])} rebased"
-                if v.details.get("mode") == "consolidated":
+                if v.details.get("consolidation"):
                     what += (f", out of the consolidation of version {v.details['consolidation']['version']} "
                              f"({len(v.requests)} requests stay)")
             elif v.kind == "consolidate":
@@ -288,19 +288,35 @@ def _revert_from_consolidation(ledger: Any, args: argparse.Namespace) -> int:
     check.refuse(max_drop)
     for f in check.still_held:
         print(f"  still answered after the revert (another edit's reach, not this patch): {f}")
-    res = ledger.revert_consolidated(plan, caller=args.caller, probe_report=check.probe_report())
+    if not args.rebase:
+        res = ledger.revert_consolidated(plan, caller=args.caller, probe_report=check.probe_report())
+        print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]}) out "
+              f"of the consolidation of version {plan.holder_version}")
+        return 0
+    from editserve.ledger.rebase import ModelRecompute
+
+    over = {"value": {"max_steps": args.max_steps}} if args.max_steps else None
+    rebase = ledger.plan_rebase(args.version, ModelRecompute(model, tok, hparams_overrides=over),  # on the base
+                                expected_head=head, removal=plan)
+    res = ledger.revert(args.version, caller=args.caller, rebase=rebase, expected_head=head,
+                        probe_report=check.probe_report())
     print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]}) out of "
-          f"the consolidation of version {plan.holder_version}")
+          f"the consolidation of version {plan.holder_version}, {len(res.rebased)} later patch(es) recomputed")
+    _print_rebased(res.rebased)
     return 0
+
+
+def _print_rebased(rebased: Any) -> None:
+    for r in rebased:
+        changes = ", ".join(f"{k} {r.metrics_before.get(k, float('nan')):.3f}→{r.metrics_after[k]:.3f}"
+                            for k in r.changes) or "(no comparable metrics)"
+        print(f"  rebased version {r.original_version}: {r.old_patch[:12]} → {r.new_patch[:12]}: {changes}")
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
     with _open(args) as ledger:
-        if args.from_consolidation:
-            if args.rebase:
-                raise InvalidRequestError("--from-consolidation and --rebase do not combine: a consolidated patch "
-                                          "is re-solved, not recomputed")
-            return _revert_from_consolidation(ledger, args)
+        if args.from_consolidation or (args.rebase and _consolidated(ledger, args)):
+            return _revert_from_consolidation(ledger, args)        # with --rebase: the later patches recomputed
         if args.max_drop is not None:
             raise InvalidRequestError("--max-drop applies to a revert out of a consolidation (--from-consolidation)")
         rebase = None
@@ -312,11 +328,15 @@ def cmd_revert(args: argparse.Namespace) -> int:
             rebase = ModelRecompute(model, tok, hparams_overrides=over)
         res = ledger.revert(args.version, caller=args.caller, rebase=rebase, expected_head=args.expected_head)
         print(f"version {res.version}: reverted version {res.reverted_version} (patch {res.removed_patch[:12]})")
-        for r in res.rebased:
-            changes = ", ".join(f"{k} {r.metrics_before.get(k, float('nan')):.3f}→{r.metrics_after[k]:.3f}"
-                                for k in r.changes) or "(no comparable metrics)"
-            print(f"  rebased version {r.original_version}: {r.old_patch[:12]} → {r.new_patch[:12]}: {changes}")
+        _print_rebased(res.rebased)
     return 0
+
+
+def _consolidated(ledger: Any, args: argparse.Namespace) -> bool:
+    """Whether a consolidation active at the expected head (default: the head) holds the patch of `args.version`."""
+    patch_id = ledger.version(args.version).patch_id
+    head = ledger.head() if args.expected_head is None else args.expected_head
+    return patch_id is not None and ledger.consolidated_into(patch_id, head) is not None
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:

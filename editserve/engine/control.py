@@ -604,33 +604,44 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                 assert self.served is not None and self.sidecar is not None
                 head = await self._followed_head(expected_head)
             active = await asyncio.to_thread(self.ledger.active_ids, head)
-            if removed not in active:
+            if removed in active:
+                later = len(active) - 1 - list(active).index(removed)
+                if later == 0:
+                    raise RevertError(f"the patch of version {version} ({removed[:12]}) is the last active patch "
+                                      f"at version {head}: no later patch to rebase (revert it without rebase)")
+                report("rebase", 0.02, f"recomputing {later} later patch(es) on the sidecar")
+            elif await asyncio.to_thread(self.ledger.consolidated_into, removed, head) is None:
                 raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head)
-            later = len(active) - 1 - list(active).index(removed)
-            if later == 0:
-                raise RevertError(f"the patch of version {version} ({removed[:12]}) is the last active patch at "
-                                  f"version {head}: no later patch to rebase (revert it without rebase)")
-            report("rebase", 0.02, f"recomputing {later} later patch(es) on the sidecar")
+            else:
+                # a consolidation took it in: re-solve that patch without it, recompute what follows
+                later = len(active)
+                report("rebase", 0.02, "re-solving the consolidation that holds it, then recomputing the later "
+                                       "unconsolidated patches on the sidecar")
             t0 = time.perf_counter()
             computed = await asyncio.to_thread(
                 self.sidecar.rebase, ComputeRebase(version=version, head=head),
-                lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s * later)
+                lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s * (later + 1))
             t_computed = time.perf_counter()
-            plan = computed.plan
+            plan, check = computed.plan, computed.check
+            if check is not None:
+                check.refuse(0.0)            # no other fact of the consolidation may break
 
             def target_of(current: list[Patch]) -> list[Patch]:
                 by_id = {p.digest: p for p in current}
-                return [by_id[d] for d in plan.kept] + list(plan.patches)
+                held = [plan.removal.patch] if plan.removal is not None else []
+                return [by_id[d] for d in plan.kept] + held + list(plan.patches)
 
             def write() -> int:
                 return self.ledger.revert(version, who, rebase=plan, expected_head=head,
-                                          idempotency_key=idempotency_key).version
+                                          idempotency_key=idempotency_key,
+                                          probe_report=check.probe_report() if check is not None else None).version
 
             report("swap", 0.96, f"pause, apply {len(plan.kept) + len(plan.patches)} patch(es), verify, commit (one swap)")
             served = await self._serve_computed("rebase", head, target_of, write, t0, t_computed)
         self.metrics.record_revert()
-        log.info("rebase of version %d → version %d served (%d patch(es) recomputed, pause %.2f ms)", version,
-                 served.version, later, served.pause_ms)
+        log.info("rebase of version %d → version %d served (%d patch(es) recomputed%s, pause %.2f ms)", version,
+                 served.version, len(plan.patches), ", its consolidation re-solved" if plan.removal else "",
+                 served.pause_ms)
         return served.change("rebase", removed)
 
     async def _serve_computed(self, what: str, head: int, target_of: Callable[[list[Patch]], list[Patch]],

@@ -34,7 +34,7 @@ import multiprocessing
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -141,6 +141,7 @@ class ComputeRebase:
 class RebaseComputed:
     plan: Any                          # editserve.ledger.RebasePlan (patches, key blocks, metrics)
     seconds: float
+    check: Any = None                  # editserve.ledger.consolidation.RemovalCheck when plan.removal is set
 
 
 @dataclass(frozen=True)
@@ -546,7 +547,12 @@ class _Worker:
 
     def rebase(self, msg: ComputeRebase) -> RebaseComputed:
         """Plan the rebase on the base weights (every merged patch is removed, restoring the saved
-        base copies), then hold `msg.head` again, whatever happened."""
+        base copies), then hold `msg.head` again, whatever happened. When a consolidation took the
+        reverted patch in, the consolidated patch is first re-solved without it and checked while
+        holding the head (as a revert out of a consolidation), and the patches after the last
+        consolidated one are recomputed on top of the re-solved patch."""
+        from editserve.ledger import RebasedPatch
+        from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
         from editserve.ledger.rebase import ModelRecompute
         from editserve.patches import applied_patches, base_state_dict, remove_patch
 
@@ -554,6 +560,17 @@ class _Worker:
         ledger = self._need_ledger()
         ids = list(ledger.active_ids(msg.head))
         removed = ledger.version(msg.version).patch_id
+        removal = check = None
+        if removed not in ids and ledger.consolidated_into(removed, msg.head) is not None:
+            self._wait_for_statistics("alphaedit")
+            self._progress("rebase", 0.03, f"re-solving the consolidation that holds version {msg.version} without it")
+            self._hold(msg.head)
+            try:
+                removal = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head,
+                                            prompt_keys=model_prompt_keys(self.model, self.tok))
+                check = check_fact_removal(self.model, self.tok, ledger, removal)
+            finally:
+                self._hold(msg.head)
         later = len(ids) - 1 - ids.index(removed) if removed in ids else len(ids)
 
         def progress(i: int, step: Any) -> None:
@@ -565,14 +582,22 @@ class _Worker:
             remove_patch(self.model, p)
         try:
             plan = ledger.plan_rebase(msg.version, ModelRecompute(self.model, self.tok, progress=progress),
-                                      expected_head=msg.head)
+                                      expected_head=msg.head, removal=removal)
             base = base_state_dict(self.model)
             for patch in plan.patches:          # normally stored already (the replaced patches touch them)
                 for d in patch.deltas:
                     ledger.weights.ensure_base(d.name, base[d.name], self.spec.hf_layout)
         finally:
             self._hold(msg.head)
-        return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0)
+        if removal is not None and check is not None:
+            # the re-solved consolidation is the first rebased entry: its other facts before and after
+            n = max(1, len(check.kept))
+            entry = RebasedPatch(original_version=removal.holder_version, old_patch=removal.holder,
+                                 new_patch=removal.patch.digest,
+                                 metrics_before={"efficacy": check.held_before / n, "facts_held": check.held_before},
+                                 metrics_after={"efficacy": check.held_after / n, "facts_held": check.held_after})
+            plan = replace(plan, rebased=(entry,) + tuple(plan.rebased))
+        return RebaseComputed(plan=plan, seconds=time.perf_counter() - t0, check=check)
 
     def _covariances(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """AlphaEdit's key statistics at `layers` (what consolidation weighs ordinary keys with);

@@ -170,6 +170,10 @@ class RebasePlan:
     replaced: tuple[str, ...]                  # the later patches, in order
     outcomes: tuple[RebaseOutcome, ...]        # their recomputed versions, same order
     rebased: tuple["RebasedPatch", ...]
+    # When a consolidation had taken the removed patch in: that consolidated patch re-solved without
+    # it (`plan_fact_removal`); `kept` are then the active patches up to the last consolidated one
+    # less the holder, and `replaced` the later (unconsolidated) ones.
+    removal: RemovalPlan | None = None
 
     @property
     def patches(self) -> tuple[Patch, ...]:
@@ -178,7 +182,8 @@ class RebasePlan:
     @property
     def final(self) -> tuple[str, ...]:
         """The active patch ids of the new version."""
-        return self.kept + tuple(o.patch.digest for o in self.outcomes)
+        held = (self.removal.patch.digest,) if self.removal is not None else ()
+        return self.kept + held + tuple(o.patch.digest for o in self.outcomes)
 
 
 @dataclass(frozen=True)
@@ -581,13 +586,39 @@ class Ledger:
             log.info("head moved from version %d to %d by %s", previous, head, caller)
         return head
 
+    def _rebase_split(self, rec: VersionRecord, ids: list[str], head: int,
+                      removal: RemovalPlan | None) -> tuple[tuple[str, ...], int]:
+        """(the active patches a rebase of `rec` keeps as they are, the index in `ids` of the first it
+        recomputes) at `head`; refuses what cannot be rebased (`RevertError`, nothing changed)."""
+        if removal is None:
+            if rec.patch not in ids:
+                raise self.inactive_patch_error(rec.version, rec.patch, head)
+            idx = ids.index(rec.patch)
+            if idx == len(ids) - 1:
+                raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is the last active patch "
+                                  f"at version {head}: no later patch to rebase (revert it without rebase)")
+            return tuple(ids[:idx]), idx + 1
+        if (removal.version, removal.head, removal.removed) != (rec.version, head, rec.patch) or (
+                removal.holder not in ids):
+            raise RevertError(f"the removal plan was computed for taking version {removal.version} out of "
+                              f"{removal.holder[:12]} at head {removal.head}, not version {rec.version} at head "
+                              f"{head}; nothing was changed")
+        last = max(i for i, d in enumerate(ids) if self.patch(d).method == CONSOLIDATED_METHOD)
+        return tuple(d for d in ids[:last + 1] if d != removal.holder), last + 1
+
     def plan_rebase(self, version: int, rebase: Callable[[RebaseStep], Patch | RebaseOutcome],
-                    expected_head: int | None = None) -> RebasePlan:
+                    expected_head: int | None = None, removal: RemovalPlan | None = None) -> RebasePlan:
         """Recompute, with the callable `rebase`, every patch active at `expected_head` (default: the
         head) after the one `version` added, on the new base; nothing is written. Each `RebaseStep`
         carries the preserved-keys states of its old and new contexts (rebuilt from the blocks stored
         per patch, the recomputed ones included). Raises `RevertError` if `version` added no patch,
-        its patch is not active at the head, or no patch follows it (nothing to rebase)."""
+        its patch is not active at the head, or no patch follows it (nothing to rebase).
+
+        When a consolidation took the patch in, `removal` is that consolidated patch re-solved without
+        it (`editserve.ledger.consolidation.plan_fact_removal` at the same head: every other committed
+        key keeps its output, which is the consolidation's recompute); the patches after the last
+        consolidated one are then recomputed on the new base that holds the re-solved patch in place
+        of its holder (there may be none). Consolidated patches themselves are never recomputed."""
         head = self.head() if expected_head is None else self._resolve_version(expected_head)
         rec = self._store.version(self._resolve_version(version))
         if rec.patch is None:
@@ -595,18 +626,16 @@ class Ledger:
         self._refuse_damaged(head)
         chain = self._active_with_origin(head)
         ids = [d for d, _ in chain]
-        if rec.patch not in ids:
-            raise self.inactive_patch_error(rec.version, rec.patch, head)
-        idx = ids.index(rec.patch)
-        if idx == len(ids) - 1:
-            raise RevertError(f"the patch of version {rec.version} ({rec.patch[:12]}) is the last active patch at "
-                              f"version {head}: no later patch to rebase (revert it without rebase)")
-        new_context = [self.patch(d) for d in ids[:idx]]
+        kept, start = self._rebase_split(rec, ids, head, removal)
+        new_context = [self.patch(d) for d in kept]
         keys = self._objects.keys_of(ids)
-        new_blocks = [b for d in ids[:idx] for b in keys[d].blocks]
+        new_blocks = [b for d in kept for b in keys[d].blocks]
+        if removal is not None:
+            new_context.append(removal.patch)
+            new_blocks += list(removal.keys.blocks)
         outcomes: list[RebaseOutcome] = []
         rebased: list[RebasedPatch] = []
-        for digest, origin in chain[idx + 1:]:
+        for digest, origin in chain[start:]:
             origin_rec = self._store.version(origin)
             old = self.patch(digest)
             if old.method == CONSOLIDATED_METHOD:
@@ -640,8 +669,9 @@ class Ledger:
             new_context.append(outcome.patch)
             new_blocks += list(own.blocks)
             outcomes.append(outcome)
-        plan = RebasePlan(version=rec.version, head=head, removed_patch=rec.patch, kept=tuple(ids[:idx]),
-                          replaced=tuple(ids[idx + 1:]), outcomes=tuple(outcomes), rebased=tuple(rebased))
+        plan = RebasePlan(version=rec.version, head=head, removed_patch=rec.patch, kept=kept,
+                          replaced=tuple(ids[start:]), outcomes=tuple(outcomes), rebased=tuple(rebased),
+                          removal=removal)
         if len(set(plan.final)) != len(plan.final):
             raise RevertError("rebasing produced a patch identical to one already active; nothing was changed")
         return plan
@@ -657,7 +687,7 @@ class Ledger:
         while digest not in active and digest in removed_by:
             rec = self._store.version(removed_by[digest])
             if rec.patch is None or not (rec.kind == KIND_CONSOLIDATE or (
-                    rec.kind == KIND_REVERT and rec.details.get("mode") == "consolidated"
+                    rec.kind == KIND_REVERT and (rec.details.get("consolidation") or {}).get("old_patch") == digest
                     and rec.details.get("removed_patch") != leaf)):
                 return []           # reverted (plainly, or taken out of its consolidation)
             path.append(rec)
@@ -734,33 +764,48 @@ class Ledger:
                                 rebased=rebased, created=False)
         self._refuse_damaged(head)
         ids = list(self.active_ids(head))
-        if rec.patch not in ids:
-            raise self.inactive_patch_error(rec.version, rec.patch, head)
-        ops: list[tuple[str, str]] = [(REMOVE, rec.patch)]
         plan: RebasePlan | None = None
         if isinstance(rebase, RebasePlan):
             plan = rebase
-            idx = ids.index(rec.patch)
+            kept, start = self._rebase_split(rec, ids, head, plan.removal)
             if (plan.version, plan.head, plan.removed_patch, plan.kept, plan.replaced) != (
-                    rec.version, head, rec.patch, tuple(ids[:idx]), tuple(ids[idx + 1:])):
+                    rec.version, head, rec.patch, kept, tuple(ids[start:])):
                 raise RevertError(f"the rebase plan was computed for reverting version {plan.version} at head "
                                   f"{plan.head}, not version {rec.version} at head {head}; nothing was changed")
+        elif rec.patch not in ids:
+            raise self.inactive_patch_error(rec.version, rec.patch, head)
         elif rebase is not None:
             plan = self.plan_rebase(rec.version, rebase, expected_head=head)
-        new_patches = list(plan.patches) if plan is not None else []
+        removal = plan.removal if plan is not None else None
+        if removal is not None:
+            # the consolidated patch that held it, re-solved without it, takes its place
+            self._objects.check(removal.patch)
+            if removal.keys.blocks and {b.tag for b in removal.keys.blocks} != {removal.patch.digest}:
+                raise RevertError("the removal plan's preserved-keys blocks are not tagged with its patch")
+            ops: list[tuple[str, str]] = [(REMOVE, removal.holder), (ADD, removal.patch.digest)]
+        else:
+            ops = [(REMOVE, rec.patch)]
+        new_patches = ([removal.patch] if removal is not None else []) + (list(plan.patches) if plan else [])
         rebased = list(plan.rebased) if plan is not None else []
         if plan is not None:
             ops += [(REMOVE, d) for d in plan.replaced]
-            ops += [(ADD, p.digest) for p in new_patches]
+            ops += [(ADD, p.digest) for p in plan.patches]
         bases = self._objects.bases_for(new_patches, None, Layout.OUT_IN)
         records = [self._objects.write_patch(p) for p in new_patches]
-        states = self._objects.write_keys({o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {})
+        key_states = {o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {}
+        if removal is not None:
+            key_states[removal.patch.digest] = removal.keys
+        states = self._objects.write_keys(key_states)
         if states:
             self._store.add_patch_states(states)
-        details = {"reverted": rec.version, "removed_patch": rec.patch, "rebased": [r.to_dict() for r in rebased]}
+        details: dict[str, Any] = {"reverted": rec.version, "removed_patch": rec.patch,
+                                   "rebased": [r.to_dict() for r in rebased]}
         if plan is not None:
             details["mode"] = "rebase"
-        new = NewVersion(parent=head, kind=KIND_REVERT, patch=None, ops=tuple(ops), caller=caller,
+        if removal is not None:
+            details["consolidation"] = removal.details()["consolidation"]
+        new = NewVersion(parent=head, kind=KIND_REVERT, patch=removal.patch.digest if removal is not None else None,
+                         ops=tuple(ops), caller=caller,
                          probe_report=None if probe_report is None else _json_safe(probe_report, "probe_report"),
                          idempotency_key=idempotency_key, request_digest=request, details=details,
                          event_kind=EVENT_REVERT, event_details=details)
