@@ -90,11 +90,12 @@ def _consolidate_through_the_cli(model, committed, snap, root: Path) -> tuple[in
 
 
 def _revert_one_through_the_cli(model, root: Path, version: int) -> tuple[int, str, dict[str, torch.Tensor]]:
-    """``editserve ledger revert V --from-consolidation`` on the consolidated ledger: (exit code, its
-    output, the head's weights)."""
+    """``editserve ledger revert V --rebase`` on the consolidated ledger (V's fact is in a consolidated
+    patch, so its consolidation is re-solved without it; nothing was committed after it to recompute):
+    (exit code, its output, the head's weights)."""
     from editserve.editing.model import fingerprint
 
-    rc, text = _cli(["ledger", "revert", str(version), "--from-consolidation", "--max-drop", "0.05",
+    rc, text = _cli(["ledger", "revert", str(version), "--rebase", "--max-drop", "0.05",
                      "--ledger", str(root)])
     with Ledger.open(root, fingerprint(model)) as ledger:
         names = [n for n in ledger.weights.base_names()]
@@ -197,14 +198,16 @@ def test_consolidation_keeps_the_edits_and_lowers_the_damage(results):
 
 
 def test_one_fact_reverted_out_of_the_consolidation(results):
-    """``editserve ledger revert V --from-consolidation`` on the consolidated ledger: the fact of
-    version V stops holding (the model prefers the object it replaced again), the other 29 facts
-    hold as they did in the consolidated patch (one edit of slack), and the CLI reports its check."""
+    """``editserve ledger revert V --rebase`` on the consolidated ledger: the fact of version V stops
+    holding (the model prefers the object it replaced again), the other 29 facts hold as they did in
+    the consolidated patch (one edit of slack), and the CLI reports its check and the (no) later
+    patches it recomputed."""
     r = results["reverted"]
     rc, text = r["cli"]
     assert rc == 0, text
     assert (f"the patch of version {REVERTED}" in text and f"consolidated patch of version {HALF + 1}" in text
-            and f"version {N + 3}: reverted version {REVERTED}" in text), text
+            and f"version {N + 3}: reverted version {REVERTED}" in text
+            and "0 later patch(es) recomputed" in text), text
     i = REVERTED - 1
     assert r["before"][i].es == 1.0 and r["after"][i].es == 0.0, (r["before"][i], r["after"][i])
     others_before = sum(s.es for j, s in enumerate(r["before"]) if j != i)

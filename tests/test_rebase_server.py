@@ -327,3 +327,51 @@ def test_one_fact_reverted_out_of_the_consolidation_with_the_cli(server: GrpcSer
         assert t.strip() in server.complete(_text(s)), s
     assert cli_main(["versions", "--server", server.target, "--token-file", str(token)]) == 0
     assert "revert out of consolidated" in capsys.readouterr().out
+
+
+LAST_FACT = ("The Eiffel Tower", " Rome")
+
+
+def test_rebase_of_a_consolidated_fact_re_solves_the_consolidation_and_recomputes_the_later_edit(
+        server: GrpcServer, edited: dict[str, Any]) -> None:
+    """With consolidation on, an old fact sits inside a consolidated patch. After one more edit, a
+    rebase (gRPC, then replayed over HTTP) of one consolidated fact re-solves that consolidated patch
+    without it on the sidecar (checked: the other facts still hold) and recomputes the later edit on
+    top of it: one revert version, one swap; the response reports the consolidation's facts and the
+    later edit before and after; the reverted fact is no longer answered, every other one is."""
+    with server.client("editor") as ed:
+        r = ed.edit([{"prompt": CITY, "subject": LAST_FACT[0], "target_new": LAST_FACT[1]}], thresholds=LOOSE)
+    assert r.report.passed and r.change.kind == "edit", r.report
+    later_v, later_p = r.change.version, r.change.patch_id
+    served, head, n_versions, swaps = _state(server)
+    assert served == head == later_v
+    with server.client("viewer") as c:
+        holder_v = c.get_version(head - 1).version        # the consolidated patch, re-solved by the revert above
+        holder_p = c.get_version(head - 1).patch_id
+        assert c.get_version(holder_v).kind == "revert" and c.status().active_patches == 2
+    v = edited["more_versions"][2]                        # The Sydney Opera House → Moscow, consolidated
+    with server.client("admin") as adm:
+        rr = adm.rebase(v, expected_head=head, idempotency_key="rb-cons")
+    ch = rr.change
+    assert (ch.version, ch.previous_version, ch.kind) == (head + 1, head, "rebase"), ch
+    assert [e.original_version for e in rr.rebased] == [holder_v, later_v]
+    assert [e.old_patch for e in rr.rebased] == [holder_p, later_p]
+    cons, later = rr.rebased
+    # the consolidation's other facts (four were left by the revert above; one more goes now) all hold
+    assert cons.scores_before["facts_held"] == cons.scores_after["facts_held"] == 3, cons
+    assert later.scores_before["efficacy"] == 1.0 and later.scores_after["efficacy"] == 1.0, later
+    with server.client("viewer") as c:
+        info = c.get_version(head + 1)
+        st = c.status()
+    assert info.kind == "revert" and list(info.removed) == [holder_p, later_p], info
+    assert list(info.added) == [cons.new_patch, later.new_patch]
+    assert st.served_version == st.ledger_head == head + 1 and st.active_patches == 2 and st.sidecar_in_sync
+    assert st.swaps_ok == swaps + 1                        # the served model changed once
+    assert "Moscow" not in server.complete(_text(MORE_FACTS[2][0]))
+    for s, t in FACTS[2:] + MORE_FACTS[:1] + [LAST_FACT]:
+        assert t.strip() in server.complete(_text(s)), s
+    # idempotent over HTTP; the reverted fact again is refused as not active
+    status, body = _http(server, {"version": v, "idempotency_key": "rb-cons"})
+    assert status == 200 and body["change"]["kind"] == "replayed" and body["change"]["version"] == head + 1, body
+    assert [x["new_patch"] for x in body["rebased"]] == [cons.new_patch, later.new_patch]
+    _refused(server, {"version": v}, "FAILED_PRECONDITION", "not active")

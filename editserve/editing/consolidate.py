@@ -61,7 +61,7 @@ broken, so the ledger does not offer it; it is here for the benchmark and for a 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -258,6 +258,13 @@ def consolidate_across_layers(deltas: Mapping[int, torch.Tensor], keys: Mapping[
             for layer, (d, k, a, a_inv_k) in solved.items()}              # V_l = A_l⁻¹K_l G⁻¹ [d_in, N]
 
 
+def require_statistics(layers: Iterable[int], covs: Mapping[int, torch.Tensor]) -> None:
+    """Refuse (`PatchMismatchError`) a consolidation at `layers` when `covs` lacks a layer's statistics."""
+    no_stats = sorted(set(layers) - set(covs))
+    if no_stats:
+        raise PatchMismatchError(f"no key statistics for layer(s) {no_stats}")
+
+
 def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Tensor], covs: Mapping[int, torch.Tensor],
                 params: ConsolidateParams = ConsolidateParams()) -> dict[int, Consolidated]:
     """`consolidate_layer` for every layer of `deltas` ({layer: ΔW [d_out, d_in]}); each needs keys
@@ -266,9 +273,7 @@ def consolidate(deltas: Mapping[int, torch.Tensor], keys: Mapping[int, torch.Ten
     missing = sorted(set(deltas) - set(keys))
     if missing:
         raise PatchMismatchError(f"no committed keys at layer(s) {missing}: their updates cannot be consolidated")
-    no_stats = sorted(set(deltas) - set(covs))
-    if no_stats:
-        raise PatchMismatchError(f"no key statistics for layer(s) {no_stats}")
+    require_statistics(deltas, covs)
     if params.across_layers:
         return consolidate_across_layers(deltas, keys, covs, params)
     return {layer: consolidate_layer(d, keys[layer], covs[layer], layer, params) for layer, d in sorted(deltas.items())}

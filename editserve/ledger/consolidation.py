@@ -62,10 +62,10 @@ from typing import Any
 import torch
 
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
-from editserve.editing.consolidate import ConsolidateParams, consolidate_increment, resolve_without
+from editserve.editing.consolidate import ConsolidateParams, consolidate_increment, require_statistics, resolve_without
 from editserve.editing.requests import EditRequest
 from editserve.editing.retention import CommittedFact
-from editserve.errors import InvalidRequestError, PatchMismatchError
+from editserve.errors import InvalidRequestError
 from editserve.ledger.errors import ConsolidationError, RevertError
 from editserve.patches import Patch, WeightDelta
 
@@ -153,32 +153,28 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
     blocks = [b for d, _ in chosen for b in ledger.patch_keys(d).blocks]
     names: dict[int, str] = {}
     factors: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}   # layer → ([U], [V]) of the new patches
+    kept: dict[int, list[torch.Tensor]] = {}           # layer → the held patches' U Vᵀ (penalties only)
     touching: dict[int, int] = {}
-    for p in patches:
+    for p, new in [(p, True) for p in patches] + [(ledger.patch(d), False) for d, _ in held]:
         for d in p.deltas:
+            if not new and d.layer not in factors:
+                continue                               # a held patch's layer that nothing new touches
             if names.setdefault(d.layer, d.name) != d.name:
                 raise ConsolidationError(f"layer {d.layer} is edited through two weights ({names[d.layer]!r} and "
                                          f"{d.name!r}); consolidation takes one weight per layer")
-            us, vs = factors.setdefault(d.layer, ([], []))
-            us.append(d.u)
-            vs.append(d.v)
-            touching[d.layer] = touching.get(d.layer, 0) + 1
+            if new:
+                us, vs = factors.setdefault(d.layer, ([], []))
+                us.append(d.u)
+                vs.append(d.v)
+                touching[d.layer] = touching.get(d.layer, 0) + 1
+            else:
+                kept.setdefault(d.layer, []).append(d.u.double() @ d.v.double().T)
     layers = tuple(sorted(factors))
-    kept: dict[int, torch.Tensor] = {}                 # layer → Σ of the held patches' U Vᵀ (penalties only)
-    for d, _ in held:
-        for x in ledger.patch(d).deltas:
-            if x.layer in factors:
-                if names[x.layer] != x.name:
-                    raise ConsolidationError(f"layer {x.layer} is edited through two weights ({names[x.layer]!r} "
-                                             f"and {x.name!r}); consolidation takes one weight per layer")
-                term = x.u.double() @ x.v.double().T
-                kept[x.layer] = kept[x.layer] + term if x.layer in kept else term
     covs = covariances(layers)
-    missing = sorted(set(layers) - set(covs))
-    if missing:
-        raise PatchMismatchError(f"no statistics for layer(s) {missing}")
+    require_statistics(layers, covs)
     result = {layer: consolidate_increment(torch.cat(factors[layer][0], 1), torch.cat(factors[layer][1], 1),
-                                           state.keys(layer), covs[layer], layer, params, held=kept.get(layer))
+                                           state.keys(layer), covs[layer], layer, params,
+                                           held=sum(kept[layer]) if layer in kept else None)
               for layer in layers}
     first = patches[0]
     patch = Patch(
