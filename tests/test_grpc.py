@@ -221,7 +221,10 @@ def test_health_reflection_and_auth(server: GrpcServer) -> None:
         stub.Status(pb2.StatusRequest(), metadata=[("authorization", "Basic abc")])
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with server.client("viewer") as c:
-        assert c.status().family
+        st = c.status()
+        assert st.family
+        # automatic consolidation is on by default, every 25 facts (docs/ledger.md); none is running
+        assert (st.consolidate_every, st.consolidating) == (25, False)
         with pytest.raises(ControlError) as ce:
             c.edit([EIFFEL], dry_run=True)
         assert ce.value.code == "PERMISSION_DENIED" and "editor" in ce.value.details

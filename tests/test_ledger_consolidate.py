@@ -320,7 +320,8 @@ def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
     assert due_now(3, 25, 52) == (False, None) and due_now(26, 25, 52) == (True, None)
     assert due_now(25, 25, 52) == (True, None)
     assert ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": "25"}).every == 25
-    assert ConsolidationPolicy.from_env({}).every == 0
+    assert ConsolidationPolicy.from_env({}).every == 25 == ConsolidationPolicy().every    # on by default
+    assert ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": "0"}).every == 0       # off
     for bad in ("1", "-3", "x", "2.5"):
         with pytest.raises(InvalidRequestError, match="EDITSERVE_CONSOLIDATE_EVERY"):
             ConsolidationPolicy.from_env({"EDITSERVE_CONSOLIDATE_EVERY": bad})

@@ -261,7 +261,8 @@ def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dic
     consolidates in the background (the edit's reply does not wait): one new version of kind
     ``consolidate`` by ``auto-consolidation`` holding one patch, served, every fact still answered."""
     with server.client("viewer") as c:
-        assert c.status().active_patches == 2
+        st = c.status()
+        assert st.active_patches == 2 and st.consolidate_every == 5
     assert _metric(server, 'editserve_consolidations_total{result="ok"}') == 0
     with server.client("editor") as ed:
         for s, t in MORE_FACTS:

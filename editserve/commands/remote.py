@@ -449,6 +449,8 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
                 ["ledger", s.ledger_root or "-"], ["degraded", s.degraded or "-"]]
         if s.HasField("health"):
             rows += [["edit health", health_text(s.health)], ["gate health bounds", bounds_text(s.health)]]
+        rows.append(["consolidation", (f"every {s.consolidate_every} facts" if s.consolidate_every else "off")
+                     + (" (one running)" if s.consolidating else "")])
         serve_only = any(r.replica_id == s.replica_id and r.role == "serve-only" for r in s.fleet)
         if serve_only:                      # no sidecar by design (docs/fleet.md)
             rows[5:7] = [["sidecar", "none (serve-only replica: edits, probes and traces go to a compute replica)"]]

@@ -848,6 +848,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             "degraded": self._degraded,
             "retention": self.health.status() if self.health is not None else None,
             "serve_only": self.settings.serve_only,
+            "consolidation": {"every": self.auto_consolidation.policy.every,
+                              "running": self.auto_consolidation.running},
             **(await self._fleet_status()),
             "workers": [{k: w[k] for k in ("rank", "tp_rank", "tp_size", "dtype", "device")} | {
                 "editable_layers": len(w["editable"])} for w in self.workers],

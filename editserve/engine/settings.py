@@ -54,7 +54,8 @@ class ControlSettings:
     base_cache_bytes: int = 512 << 20         # base copies of matrices kept in memory (LRU)
     health: HealthSettings = field(default_factory=HealthSettings)   # retention probe and gate (issue 16)
     serve_only: bool = False                  # EDITSERVE_SIDECAR=0: no sidecar (editserve.engine.serveonly)
-    # EDITSERVE_CONSOLIDATE_EVERY: consolidate every K committed facts (editserve.engine.autoconsolidate; 0: off)
+    # EDITSERVE_CONSOLIDATE_EVERY: consolidate every K committed facts (editserve.engine.autoconsolidate;
+    # default 25, 0: off)
     consolidation: ConsolidationPolicy = field(default_factory=ConsolidationPolicy)
 
     def __post_init__(self) -> None:
