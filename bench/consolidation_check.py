@@ -6,14 +6,16 @@ SmolLM2-135M (what turning `EDITSERVE_CONSOLIDATE_EVERY` on by default spends; w
 
 A consolidation on the sidecar is (docs/ledger.md, "Consolidation"): the re-solve of the K patches
 committed since the last one on every committed key at the five edited layers
-(`editserve.editing.consolidate.consolidate_increment`), and the check, which scores every committed
-fact with the head's weights and again with the consolidated ones (`check_consolidation`: two passes
-of `editserve.editing.retention.facts_hold`). Per N this prints the seconds of one scoring pass over
-N real CounterFact facts (prompt, new and true targets) on the real model, of the five re-solves
-(synthetic keys and factors of SmolLM2's shapes against an anisotropic covariance: the solve's cost
-depends on the shapes, not the values), their total for one consolidation, and that total spread
-over the K edits it follows (what consolidating every K adds per edit). The merges of the touched
-weights (two per check) are left out: milliseconds on this model.
+(`editserve.editing.consolidate.consolidate_increment`), and the check, which scores facts with the
+head's weights and again with the consolidated ones (`check_consolidation`: two passes of
+`editserve.editing.retention.facts_hold`). Two checks, in one run: ``all`` scores every committed
+fact (the check before wave 2 session 26) and ``sampled`` the K facts taken in plus at most
+`HELD_CHECK_SAMPLE` (200) of the earlier consolidations' facts (now). Per N this prints the seconds
+of each check (two scoring passes over real CounterFact facts — prompt, new and true targets — on
+the real model), of the five re-solves (synthetic keys and factors of SmolLM2's shapes against an
+anisotropic covariance: the solve's cost depends on the shapes, not the values), and each total
+spread over the K edits a consolidation follows (what consolidating every K adds per edit). The
+merges of the touched weights (two per check) are left out: milliseconds on this model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from editserve.editing import load_model
 from editserve.editing.consolidate import ConsolidateParams, consolidate_increment
 from editserve.editing.counterfact import load_counterfact
 from editserve.editing.retention import CommittedFact, facts_hold
+from editserve.ledger.consolidation import HELD_CHECK_SAMPLE
 
 D_OUT, D_IN = 576, 1536
 LAYERS = (1, 2, 3, 4, 5)
@@ -39,6 +42,14 @@ def resolve_seconds(n_keys: int, every: int, cov: torch.Tensor, g: torch.Generat
     t0 = time.perf_counter()
     for layer in LAYERS:
         consolidate_increment(u, v, keys, cov, layer, ConsolidateParams())
+    return time.perf_counter() - t0
+
+
+def check_seconds(model: torch.nn.Module, tok: object, facts: list[CommittedFact]) -> float:
+    """Seconds of a check's two scoring passes over `facts` (before and after: the same work twice)."""
+    t0 = time.perf_counter()
+    facts_hold(model, tok, facts)
+    facts_hold(model, tok, facts)
     return time.perf_counter() - t0
 
 
@@ -63,17 +74,18 @@ def main() -> None:
     sample = torch.randn(20000, D_IN, generator=g, dtype=torch.float64) @ mix.T
     cov = sample.T @ sample / sample.shape[0]
     facts_hold(model, tok, facts[:8])                                    # warm-up
-    print(f"one automatic consolidation on SmolLM2-135M, CPU, {args.threads} thread(s), K = {args.every}")
-    print(f"{'facts N':>8} | {'score pass s':>12} | {'check s (2 passes)':>18} | {'re-solve s':>10} | "
-          f"{'total s':>8} | {'per edit s':>10}")
+    print(f"one automatic consolidation on SmolLM2-135M, CPU, {args.threads} thread(s), K = {args.every}, "
+          f"held sample {HELD_CHECK_SAMPLE}")
+    print(f"{'facts N':>8} | {'re-solve s':>10} | {'all: check s':>12} {'per edit s':>10} | "
+          f"{'sampled: facts':>14} {'check s':>8} {'per edit s':>10}")
     for n in sizes:
-        t0 = time.perf_counter()
-        facts_hold(model, tok, facts[:n])
-        score = time.perf_counter() - t0
         solve = resolve_seconds(n, args.every, cov, g)
-        total = 2 * score + solve
-        print(f"{n:>8} | {score:>12.2f} | {2 * score:>18.2f} | {solve:>10.2f} | {total:>8.2f} | "
-              f"{total / args.every:>10.3f}")
+        every = check_seconds(model, tok, facts[:n])
+        held = max(0, n - args.every)
+        scored = facts[:min(held, HELD_CHECK_SAMPLE)] + facts[held:n]     # the sample, then the K taken in
+        sampled = check_seconds(model, tok, scored)
+        print(f"{n:>8} | {solve:>10.2f} | {every:>12.2f} {(every + solve) / args.every:>10.3f} | "
+              f"{len(scored):>14} {sampled:>8.2f} {(sampled + solve) / args.every:>10.3f}")
 
 
 if __name__ == "__main__":

@@ -386,6 +386,28 @@ def test_check_scores_on_a_model_holding_the_head_as_on_a_bare_one(tmp_path) -> 
             check_consolidation(model, tok, ledger, plan)
         assert [p.digest for p in applied_patches(model)] == [p2.digest]
 
+        # a second consolidation scores every fact it takes in and a bounded, even sample of the held ones
+        hold_patches(model, [])
+        v4 = ledger.consolidate(plan, caller="test")
+        p4, k4 = keyed(4, (NAME,), "The Louvre", " Madrid", " Paris")
+        p5, k5 = keyed(5, (NAME2,), "The Space Needle", " Oslo", " Seattle")
+        ledger.commit(p4, expected_head=v4, preserved=k4)
+        ledger.commit(p5, expected_head=v4 + 1, preserved=k5)
+        second = plan_consolidation(ledger, covs, ConsolidateParams())
+        assert [d for d, _ in second.held] == [plan.patch.digest]
+        full = check_consolidation(model, tok, ledger, second, held_sample=None)
+        assert [f.subject for f in full.facts] == [
+            "The Eiffel Tower", "The Colosseum", "Big Ben", "The Louvre", "The Space Needle"] and full.unscored == 0
+        assert check_consolidation(model, tok, ledger, second).facts == full.facts    # 3 held ≤ the default sample
+        one = check_consolidation(model, tok, ledger, second, held_sample=1)
+        assert [f.subject for f in one.facts] == ["The Eiffel Tower", "The Louvre", "The Space Needle"]
+        assert one.unscored == 2 and one.to_dict()["unscored"] == 2
+        two = check_consolidation(model, tok, ledger, second, held_sample=2)
+        assert [f.subject for f in two.facts][:2] == ["The Eiffel Tower", "The Colosseum"] and two.unscored == 1
+        with pytest.raises(InvalidRequestError, match="held_sample must be a whole number or None, got -1"):
+            check_consolidation(model, tok, ledger, second, held_sample=-1)
+        assert not applied_patches(model)
+
 
 def test_a_revert_out_of_a_consolidation_is_refused_for_broken_facts_not_for_ones_still_given() -> None:
     """`RemovalCheck.refuse`: a kept fact that held and no longer does refuses the revert (naming it);

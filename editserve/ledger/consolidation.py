@@ -197,18 +197,26 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
                              params=params, held=tuple(held))
 
 
+# Facts of earlier consolidated patches a consolidation's check scores (spread evenly over them); every
+# fact of the patches it takes in is scored. Scoring is the check's cost (bench/consolidation_check.py:
+# 4.1 s per 100 facts and pass on SmolLM2 on this 2-core CPU), so without a bound every automatic
+# consolidation would cost more as the ledger grows.
+HELD_CHECK_SAMPLE = 200
+
+
 @dataclass(frozen=True)
 class ConsolidationCheck:
     """The constituents' facts scored with the head's weights and with the consolidated ones."""
 
-    facts: tuple[CommittedFact, ...]   # every constituent fact (target_true "": checked greedily)
+    facts: tuple[CommittedFact, ...]   # the facts scored (target_true "": checked greedily)
     held_before: int
     held_after: int
     broken: tuple[str, ...]            # facts that held before and not after (described)
+    unscored: int = 0                  # earlier consolidations' facts left out of the sample (HELD_CHECK_SAMPLE)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_facts": len(self.facts), "held_before": self.held_before, "held_after": self.held_after,
-                "broken": list(self.broken)}
+                "broken": list(self.broken), "unscored": self.unscored}
 
     def probe_report(self) -> dict[str, Any]:
         """The report stored with the consolidation version: this check, and one efficacy row per
@@ -236,9 +244,19 @@ def _scored_before_after(model: torch.nn.Module, tok: Any, facts: list[Committed
     return before, after
 
 
-def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan) -> ConsolidationCheck:
-    """Score every committed fact of the plan — its constituents' and the kept consolidations' —
-    (against its replaced object, from its request or else from the
+def _evenly(items: list[Any], n: int) -> list[Any]:
+    """`n` of `items` spread evenly over them, in order (all of them when there are no more than `n`)."""
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: ConsolidationPlan,
+                        held_sample: int | None = HELD_CHECK_SAMPLE) -> ConsolidationCheck:
+    """Score the committed facts of the plan — every constituent's, and of the kept consolidations'
+    at most `held_sample` spread evenly over them (None: all; their patches do not change, and the
+    re-solve keeps its outputs on their keys, so this bounds the check's cost at any ledger size)
+    — (against its replaced object, from its request or else from the
     committing version's gate rows; where none is known, whether the model answers its new target
     greedily: `editserve.editing.retention.facts_hold`) on `model` with the patches active at `plan.head`, then with
     the consolidated set. `model` holds no patch or exactly the head's active patches (a sidecar
@@ -252,17 +270,26 @@ def check_consolidation(model: torch.nn.Module, tok: Any, ledger: Any, plan: Con
     if found and [p.digest for p in found] != [p.digest for p in before_set]:
         raise ConsolidationError(f"check_consolidation needs a model with no patch merged or with exactly the "
                                  f"patches active at version {plan.head}; it holds {len(found)} other patch(es)")
-    origin = dict(plan.held + plan.constituents)     # the kept consolidations' facts too: every committed fact
+    def facts_of(pairs: tuple[tuple[str, int], ...]) -> list[tuple[int, EditRequest]]:
+        return [(v, r) for d, v in pairs for r in ledger.patch(d).requests]
+
+    held = facts_of(plan.held)
+    if held_sample is not None:
+        if isinstance(held_sample, bool) or not isinstance(held_sample, int) or held_sample < 0:
+            raise InvalidRequestError(f"held_sample must be a whole number or None, got {held_sample!r}")
+        sampled = _evenly(held, held_sample)
+    else:
+        sampled = held
     facts = with_replaced_objects(
-        [CommittedFact(version=origin[d], prompt=r.text, subject=r.subject, target_new=r.target_new,
-                       target_true=r.target_true or "") for d in origin for r in ledger.patch(d).requests],
+        [CommittedFact(version=v, prompt=r.text, subject=r.subject, target_new=r.target_new,
+                       target_true=r.target_true or "") for v, r in sampled + facts_of(plan.constituents)],
         lambda v: ledger.version(v).probe_report)
     gone = {d for d, _ in plan.constituents}           # the held consolidations stay in the set
     after_set = [p for p in before_set if p.digest not in gone] + [plan.patch]
     before, after = _scored_before_after(model, tok, facts, before_set, after_set, found)
     broken = tuple(f.describe() for f, b, a in zip(facts, before, after) if b[0] and not a[0])
     return ConsolidationCheck(facts=tuple(facts), held_before=sum(b[0] for b in before),
-                              held_after=sum(a[0] for a in after), broken=broken)
+                              held_after=sum(a[0] for a in after), broken=broken, unscored=len(held) - len(sampled))
 
 
 def allowed_drop(max_drop: Any) -> float:
