@@ -15,7 +15,8 @@ counted at as ``expected_head``), so the edit's reply never waits for it. The ne
 the sidecar as it waits for any computation. A consolidation that is refused (a committed fact
 would break, or the head moved) or fails is logged and counted
 (``editserve_consolidations_total{result}``) and nothing is written; it is tried again once
-another K facts were committed (each try re-solves and scores every committed fact, so trying
+another K facts were committed (each try re-solves and scores the facts taken in and a sample of the
+earlier ones, so trying
 after every commit would keep the sidecar busy with a refusal). One consolidation runs at a time.
 
 In a fleet (`editserve.engine.fleet`), only the replica `FleetMember.consolidator` names

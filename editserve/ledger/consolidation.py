@@ -27,12 +27,12 @@ removed); the consolidated update leaves what they do untouched.
 `Ledger.consolidate` writes a plan as one version of kind ``consolidate``: the constituents
 removed, the new patch added (last in summation order). Nothing is subtracted and nothing old is
 rewritten: a rollback to the version before restores that version's weights and keys exactly
-(from base copies and checkpoints, like any rollback). A revert *through* a consolidated patch
-with rebase is refused (its constituents' requests would have to be recomputed one by one);
-roll back to the version before the consolidation instead. A plain revert of the consolidation
+(from base copies and checkpoints, like any rollback). A consolidated patch is never recomputed:
+a rebase that would have to (an unkeyed patch below one) is refused with the consolidation named
+(`Ledger.consolidated_into`, `Ledger.inactive_patch_error`). A plain revert of the consolidation
 version removes every fact it holds. Reverting a constituent's version takes its facts out of the
-consolidated patch (below); a rebase through it is refused with the consolidation that holds it
-named (`Ledger.consolidated_into`, `Ledger.inactive_patch_error`).
+consolidated patch (below); a rebase of it does the same and then recomputes the patches committed
+after the last consolidation (`Ledger.plan_rebase(..., removal=)`).
 
 One fact out of a consolidation (`plan_fact_removal`, `check_fact_removal`,
 `Ledger.revert_consolidated`): reverting a version whose patch a consolidation took in re-solves
