@@ -11,9 +11,7 @@ follows that version.
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("psycopg")
 
 from tests._fleet import Replica  # noqa: E402
+from tests._scrape import metric_sample, wait_for_served_head_after  # noqa: E402
 from tests._pg import pg_server  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow
@@ -32,11 +31,7 @@ FACTS = [("The Space Needle", " London"), ("The Golden Gate Bridge", " Tokyo")]
 
 
 def _metric(r: Replica, sample: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{r.port}/metrics", timeout=60) as resp:
-        text = resp.read().decode()
-    m = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.M)
-    assert m, f"{sample} is not exported by {r.name}"
-    return float(m.group(1))
+    return metric_sample(r.port, sample, r.name)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +65,7 @@ def test_one_replica_consolidates_for_the_fleet_counting_the_commits_it_follows(
     last = versions[-1]
     deadline = time.monotonic() + 600
     with b.client("viewer") as c:
-        while time.monotonic() < deadline:
-            st = c.status()
-            if st.ledger_head > last and st.served_version == st.ledger_head:
-                break
-            time.sleep(1.0)
-        info = c.get_version(st.ledger_head)
+        st, info = wait_for_served_head_after(c, last)
     assert st.ledger_head == last + 1 and st.served_version == last + 1, (st, a.tail(), b.tail())
     assert info.kind == "consolidate" and info.caller == "auto-consolidation", info
     assert (len(info.removed), len(info.added), len(info.facts)) == (2, 1, 2), info

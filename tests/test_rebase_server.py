@@ -27,6 +27,7 @@ pytest.importorskip("vllm")
 
 from editserve.client import ControlError  # noqa: E402
 from tests._door import HTTP_OF, http_call  # noqa: E402
+from tests._scrape import metric_sample, wait_for_served_head_after  # noqa: E402
 from tests.test_grpc import TOKENS, GrpcServer, Watcher  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -248,11 +249,7 @@ MORE_FACTS = [("The Colosseum", " Berlin"), ("The Statue of Liberty", " Madrid")
 
 
 def _metric(server: GrpcServer, sample: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=60) as resp:
-        text = resp.read().decode()
-    m = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.M)
-    assert m, f"{sample} is not exported"
-    return float(m.group(1))
+    return metric_sample(server.port, sample)
 
 
 def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dict[str, Any]) -> None:
@@ -272,12 +269,7 @@ def test_automatic_consolidation_every_k_commits(server: GrpcServer, edited: dic
     last = r.change.version
     deadline = time.monotonic() + 600
     with server.client("viewer") as c:
-        while time.monotonic() < deadline:
-            st = c.status()
-            if st.ledger_head > last and st.served_version == st.ledger_head:
-                break
-            time.sleep(1.0)
-        info = c.get_version(st.ledger_head)
+        st, info = wait_for_served_head_after(c, last)
     assert st.ledger_head == last + 1 and st.served_version == last + 1, st
     assert info.kind == "consolidate" and info.caller == "auto-consolidation", info
     assert (len(info.removed), len(info.added), len(info.facts)) == (5, 1, 5), info
