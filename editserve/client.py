@@ -249,14 +249,16 @@ class EditClient:
 
     def consolidate(self, expected_head: int | None = None, idempotency_key: str = "", ridge: float | None = None,
                     max_drop: float | None = None, wait_for_replicas_s: float | None = None,
-                    progress: Callable[[Any], None] | None = None, operation_id: str = "") -> Any:
+                    progress: Callable[[Any], None] | None = None, operation_id: str = "",
+                    whole: bool | None = None) -> Any:
         """Replace the active patches that carry preserved keys by one least-disturbance patch on
-        the server (``Consolidate``); a ``ConsolidateResponse``. `progress` as in `edit`."""
+        the server (``Consolidate``); a ``ConsolidateResponse``. `progress` as in `edit`; `whole`:
+        re-solve the earlier consolidated patches too."""
         from editserve.control.gen import pb2
 
         req = pb2.ConsolidateRequest(idempotency_key=idempotency_key)
         for field, value in (("expected_head", expected_head), ("ridge", ridge), ("max_drop", max_drop),
-                             ("wait_for_replicas_s", wait_for_replicas_s)):
+                             ("wait_for_replicas_s", wait_for_replicas_s), ("whole", whole)):
             if value is not None:
                 setattr(req, field, value)
         op = operation_id or uuid.uuid4().hex[:12]

@@ -143,3 +143,14 @@ def test_progress_bar_lines_and_terminal() -> None:
         bar.update(pb2.Event(kind="rejected", message="the probe gate rejected the edit", operation_id="op"))
         assert "rejected: the probe gate rejected the edit" in term.getvalue()
     assert term.getvalue().endswith("\r") and "\n" not in term.getvalue()      # the bar is erased, no lines left
+
+
+def test_consolidate_request_whole_defaults_to_incremental() -> None:
+    """``ConsolidateRequest.whole``: absent or false → only the patches committed since the last
+    consolidation (the default); true → the earlier consolidated patches re-solved too."""
+    from editserve.control.validate import consolidate_args
+
+    assert consolidate_args(pb2.ConsolidateRequest()).whole is False
+    assert consolidate_args(pb2.ConsolidateRequest(whole=False)).whole is False
+    args = consolidate_args(pb2.ConsolidateRequest(whole=True, ridge=0.5))
+    assert (args.whole, args.ridge) == (True, 0.5)

@@ -368,3 +368,34 @@ def test_rebase_of_a_consolidated_fact_re_solves_the_consolidation_and_recompute
     assert status == 200 and body["change"]["kind"] == "replayed" and body["change"]["version"] == head + 1, body
     assert [x["new_patch"] for x in body["rebased"]] == [cons.new_patch, later.new_patch]
     _refused(server, {"version": v}, "FAILED_PRECONDITION", "not active")
+
+
+def test_a_whole_consolidation_over_http_takes_the_earlier_consolidated_patch_in(server: GrpcServer,
+                                                                                  edited: dict[str, Any]) -> None:
+    """``POST /editserve/v1/consolidate {"whole": true}`` (admin): the re-solved consolidated patch
+    and the recomputed edit of the test above become one patch (a default, incremental consolidation
+    would refuse: nothing but the recomputed edit is new, and it alone is not two); ``held`` is empty;
+    every fact still answered. A ``whole`` that is not a boolean is refused naming it, nothing changes."""
+    before = _state(server)
+    status, data = http_call(server.port, "POST", "/consolidate", {"whole": "yes"}, TOKENS["admin"])
+    assert (status, data["error"]["code"]) == (400, "INVALID_ARGUMENT") and "whole" in data["error"]["message"], data
+    assert _state(server) == before
+    served, head, _, swaps = before
+    with server.client("viewer") as c:
+        active = c.status().active_patches
+    assert active == 2
+    status, data = http_call(server.port, "POST", "/consolidate", {"whole": True, "expected_head": head},
+                             TOKENS["admin"])
+    assert status == 200, data
+    assert data["change"]["version"] == head + 1 and data["change"]["active_patches"] == 1, data
+    assert data["held_after"] == data["held_before"] == data["facts"], data
+    with server.client("viewer") as c:
+        info = c.get_version(head + 1)
+        st = c.status()
+    assert info.kind == "consolidate" and len(info.removed) == 2 and st.swaps_ok == swaps + 1, info
+    from editserve.ledger import Ledger
+
+    with Ledger.open(server.ledger, create=False, verify="quick") as led:
+        assert led.version(head + 1).details["held"] == []
+    for s, t in FACTS[2:] + MORE_FACTS[:1] + [LAST_FACT]:
+        assert t.strip() in server.complete(_text(s)), s

@@ -83,6 +83,8 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--ridge", type=float, default=None, help="μ of A = C + μ·(tr C/d)·I (server default 0.1)")
         p.add_argument("--max-drop", type=float, default=None,
                        help="share of the committed facts that hold now allowed to stop holding (default 0)")
+        p.add_argument("--whole", action="store_true", default=None,
+                       help="re-solve the earlier consolidated patches too (after the ridge or the statistics changed)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     elif name == "versions":
         p = sub.add_parser("versions", help="the server's ledger versions (head marked *)")
@@ -561,7 +563,7 @@ def _with_bar(name: str, args: argparse.Namespace, call: Callable[[Callable[[Any
 def _consolidate(c: Any, args: argparse.Namespace) -> int:
     r = _with_bar("consolidate", args, lambda progress: c.consolidate(
         expected_head=args.expected_head, idempotency_key=args.idempotency_key, ridge=args.ridge,
-        max_drop=args.max_drop, progress=progress))
+        max_drop=args.max_drop, progress=progress, whole=args.whole))
     if args.json:
         print(_dump(r))
         return 0

@@ -266,7 +266,8 @@ class Operations:
         try:
             change = await self.engine.consolidate(caller=caller, expected_head=args.expected_head,
                                                    idempotency_key=args.idempotency_key, ridge=args.ridge,
-                                                   max_drop=args.max_drop, progress=self._progress_to(op, caller))
+                                                   max_drop=args.max_drop, progress=self._progress_to(op, caller),
+                                                   whole=args.whole)
         except Exception as exc:
             audit.info("audit: consolidation by %s failed: %s", caller, type(exc).__name__)
             raise

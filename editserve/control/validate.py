@@ -248,6 +248,7 @@ class ConsolidateArgs:
     ridge: float = 0.1
     max_drop: float = 0.0
     wait_for_replicas_s: float | None = None
+    whole: bool = False                   # re-solve the earlier consolidated patches too
 
 
 @dataclass(frozen=True)
@@ -319,13 +320,15 @@ MAX_RIDGE = 1e6
 
 
 def consolidate_args(msg: Any) -> ConsolidateArgs:
-    """A ``ConsolidateRequest``: ridge in (0, 1e6] (default 0.1), max_drop in [0, 1] (default 0);
+    """A ``ConsolidateRequest``: ridge in (0, 1e6] (default 0.1), max_drop in [0, 1] (default 0), whole
+    (default false: incremental);
     whether there is anything to consolidate is the ledger's to say."""
     ridge = float(msg.ridge) if msg.HasField("ridge") else 0.1
     if not (math.isfinite(ridge) and 0 < ridge <= MAX_RIDGE):
         raise InvalidRequestError(f"ridge must be in (0, {MAX_RIDGE:g}], got {ridge!r}")
     return ConsolidateArgs(expected_head=_expected_head(msg), idempotency_key=idempotency_key(msg.idempotency_key),
-                           ridge=ridge, max_drop=_max_drop(msg), wait_for_replicas_s=wait_for_replicas(msg))
+                           ridge=ridge, max_drop=_max_drop(msg), wait_for_replicas_s=wait_for_replicas(msg),
+                           whole=bool(msg.whole) if msg.HasField("whole") else False)
 
 
 def patch_upload(msg: Any) -> PatchFiles:

@@ -667,25 +667,29 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
     async def consolidate(self, caller: str | None = None, expected_head: int | None = None,
                           idempotency_key: str | None = None, ridge: float = 0.1, max_drop: float = 0.0,
-                          progress: Callable[[str, float, str], None] | None = None) -> VersionChange:
+                          progress: Callable[[str, float, str], None] | None = None,
+                          whole: bool = False) -> VersionChange:
         """Replace the active patches that carry preserved keys by one least-disturbance patch
         (`editserve.ledger.consolidation`, issue 16): the sidecar plans it and scores the
         constituents' facts before and after while the engine keeps serving; a plan that breaks
         more than `max_drop` of the facts that hold is refused (`ConsolidationError`, nothing
         written); else one swap to the result, whose commit step writes the consolidation version
-        (its details and probe report hold the per-layer result and the check)."""
+        (its details and probe report hold the per-layer result and the check). `whole`: re-solve
+        the earlier consolidated patches too (`plan_consolidation(..., whole=True)`)."""
         from editserve.editing.consolidate import ConsolidateParams
         from editserve.ledger.errors import ConsolidationError, LedgerConflict
 
         report = _reporter(progress)
         params = ConsolidateParams(ridge=ridge)                                # typed refusal of a bad ridge
+        if not isinstance(whole, bool):
+            raise InvalidRequestError(f"whole must be a boolean, got {whole!r}")
         self._check_usable()
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "consolidate", lambda i: i.kind == "consolidate")
         if replayed is not None:
             return replayed
         try:
-            change = await self._consolidate(who, expected_head, idempotency_key, params, max_drop, report)
+            change = await self._consolidate(who, expected_head, idempotency_key, params, max_drop, report, whole)
         except (ConsolidationError, LedgerConflict):
             self.metrics.record_consolidation("refused")
             raise
@@ -696,7 +700,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         return change
 
     async def _consolidate(self, who: str, expected_head: int | None, idempotency_key: str | None,
-                           params: Any, max_drop: float, report: Callable[..., None]) -> VersionChange:
+                           params: Any, max_drop: float, report: Callable[..., None], whole: bool) -> VersionChange:
         from editserve.engine.sidecar import ComputeConsolidation
         from editserve.ledger.consolidation import refuse_broken
 
@@ -708,7 +712,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             report("consolidate", 0.02, f"consolidating the patches with preserved keys at version {head}")
             t0 = time.perf_counter()
             computed = await asyncio.to_thread(
-                self.sidecar.consolidate, ComputeConsolidation(head=head, ridge=params.ridge),
+                self.sidecar.consolidate, ComputeConsolidation(head=head, ridge=params.ridge, whole=whole),
                 lambda p: report(p.stage, p.fraction, p.message), self.settings.compute_timeout_s)
             t_computed = time.perf_counter()
             plan, check = computed.plan, computed.check

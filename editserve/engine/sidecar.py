@@ -153,6 +153,7 @@ class ComputeConsolidation:
 
     head: int
     ridge: float
+    whole: bool = False                # take the earlier consolidated patches in too
 
 
 @dataclass(frozen=True)
@@ -623,7 +624,8 @@ class _Worker:
         self._progress("consolidate", 0.05, f"re-solving the patches with preserved keys at version {msg.head}")
         self._hold(msg.head)
         try:
-            plan = plan_consolidation(ledger, self._covariances, ConsolidateParams(ridge=msg.ridge), expected_head=msg.head)
+            plan = plan_consolidation(ledger, self._covariances, ConsolidateParams(ridge=msg.ridge), expected_head=msg.head,
+                                      whole=msg.whole)
             self._progress("consolidate", 0.6, f"{len(plan.constituents)} patches → 1; scoring their facts "
                                                "before and after")
             check = check_consolidation(self.model, self.tok, ledger, plan)
