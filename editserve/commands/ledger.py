@@ -358,7 +358,8 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
                   f"tr(ΔW A ΔWᵀ) {x.penalty_before:.4g} → {x.penalty_after:.4g}")
         check = check_consolidation(model, tok, ledger, plan)
         print(f"  committed facts that hold: {check.held_before}/{len(check.facts)} before, "
-              f"{check.held_after}/{len(check.facts)} after")
+              f"{check.held_after}/{len(check.facts)} after"
+              + (f" ({check.unscored} facts of earlier consolidations not in the sample scored)" if check.unscored else ""))
         refuse_broken(check, args.max_drop)
         if args.dry_run:
             print("dry run: nothing was written")
