@@ -644,7 +644,8 @@ def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, s
     """POST /editserve/v1/consolidate (issue 16): the two edits of version 2 become one
     least-disturbance patch in a new version, computed and checked on the sidecar while the engine
     serves, swapped in once; both edits are served from it, the sidecar mirrors it, a retry with the
-    same idempotency key writes nothing; reverting one of the two takes it out of the consolidated
+    same idempotency key writes nothing; a rebase of one of the two re-solves the consolidated patch
+    without it (rolled back exactly); reverting one of the two takes it out of the consolidated
     patch (the other still served); a rollback to version 2 restores its weights bit for bit."""
     _, sums2 = server_a.get(f"/editserve/v1/checksums?name={LAYER5}")
     swaps = server_a.metric('editserve_swaps_total{result="ok"}')
@@ -674,11 +675,23 @@ def test_a7_consolidation_is_computed_served_and_rolled_back_exactly(server_a, s
     # nothing left to consolidate at the head: one keyed patch
     status, body = server_a.post("/editserve/v1/consolidate", {})
     assert status == 409 and body["error"]["type"] == "ConsolidationError" and "at least 2" in body["error"]["message"]
-    # a rebase through the consolidated patch cannot recompute it: the refusal names the consolidation
-    status, body = server_a.post("/editserve/v1/rebase", {"version": 1})
-    assert status == 409 and body["error"]["type"] == "RevertError", body
-    assert (f"version {head} consolidated it" in body["error"]["message"]
-            and "roll back to version 2" in body["error"]["message"]), body
+    # a rebase of a consolidated fact (since session 26; refused before): the consolidated patch is
+    # re-solved without it, nothing was committed after it to recompute; one swap. A rollback to the
+    # consolidation then restores its weights bit for bit.
+    swaps = server_a.metric('editserve_swaps_total{result="ok"}')
+    status, rb = server_a.post("/editserve/v1/rebase", {"version": 1, "idempotency_key": "rb-1"})
+    assert status == 200, rb
+    assert (rb["change"]["kind"], rb["change"]["previous_version"], rb["reverted_version"]) == ("rebase", head, 1), rb
+    (entry,) = rb["rebased"]                                   # the consolidation, re-solved: the other fact holds
+    assert entry["original_version"] == head and entry["metrics_before"]["facts_held"] == 1, entry
+    assert entry["metrics_after"]["facts_held"] == 1, entry
+    assert server_a.metric('editserve_swaps_total{result="ok"}') == swaps + 1
+    text, _, headers = server_a.complete(CF_PROMPT, 8)
+    assert headers["x-editserve-version"] == str(rb["change"]["version"]) and not text.startswith(" English"), text
+    assert server_a.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    status, change = server_a.post("/editserve/v1/rollback", {"version": head})
+    assert status == 200 and change["active_patches"] == 1, change
+    assert server_a.get(f"/editserve/v1/checksums?name={LAYER5}")[1] == sums
     assert server_a.get("/editserve/v1/status")[1]["served_version"] == head
     # a plain revert of one consolidated fact takes it out: the consolidated patch re-solved without
     # its keys on the sidecar, checked, one swap; the other fact stays, the reverted one is gone

@@ -260,7 +260,7 @@ def _what(v: Any) -> str:
         return "base model"
     if v.kind == "revert" and v.facts:             # a consolidated patch re-solved without a reverted fact
         return (f"revert out of consolidated {', '.join(p[:12] for p in v.removed[:1])}: "
-                f"{len(v.facts)} facts stay")
+                f"{len(v.facts)} facts stay" + (f", recomputes {len(v.added) - 1}" if len(v.added) > 1 else ""))
     if v.kind == "revert":
         return "revert: removes " + ", ".join(p[:12] for p in v.removed[:1]) + (
             f", recomputes {len(v.added)}" if v.added else "")
