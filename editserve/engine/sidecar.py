@@ -553,7 +553,6 @@ class _Worker:
         holding the head (as a revert out of a consolidation), and the patches after the last
         consolidated one are recomputed on top of the re-solved patch."""
         from editserve.ledger import RebasedPatch
-        from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
         from editserve.ledger.rebase import ModelRecompute
         from editserve.patches import applied_patches, base_state_dict, remove_patch
 
@@ -563,15 +562,7 @@ class _Worker:
         removed = ledger.version(msg.version).patch_id
         removal = check = None
         if removed not in ids and ledger.consolidated_into(removed, msg.head) is not None:
-            self._wait_for_statistics("alphaedit")
-            self._progress("rebase", 0.03, f"re-solving the consolidation that holds version {msg.version} without it")
-            self._hold(msg.head)
-            try:
-                removal = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head,
-                                            prompt_keys=model_prompt_keys(self.model, self.tok))
-                check = check_fact_removal(self.model, self.tok, ledger, removal)
-            finally:
-                self._hold(msg.head)
+            removal, check = self._plan_fact_removal(msg.version, msg.head, "rebase", (0.01, 0.03))
         later = len(ids) - 1 - ids.index(removed) if removed in ids else len(ids)
 
         def progress(i: int, step: Any) -> None:
@@ -636,21 +627,31 @@ class _Worker:
     def remove_fact(self, msg: ComputeFactRemoval) -> FactRemovalComputed:
         """Plan and check taking one patch out of a consolidation while holding `msg.head` (as
         `consolidate`), then hold `msg.head` again, whatever happened."""
+        t0 = time.perf_counter()
+        plan, check = self._plan_fact_removal(msg.version, msg.head, "revert", (0.05, 0.6))
+        return FactRemovalComputed(plan=plan, check=check, seconds=time.perf_counter() - t0)
+
+    def _plan_fact_removal(self, version: int, head: int, stage: str,
+                           fractions: tuple[float, float]) -> tuple[Any, Any]:
+        """(`plan_fact_removal`, `check_fact_removal`) for taking the patch of `version` out of the
+        consolidated patch active at `head` that holds it, computed while holding `head` (the prompt
+        keys are read on it), which is held again afterwards whatever happened. `stage` names the
+        operation in the progress messages (a revert, or the first step of a rebase), `fractions` where
+        its re-solve and its scoring start."""
         from editserve.ledger.consolidation import check_fact_removal, model_prompt_keys, plan_fact_removal
 
-        t0 = time.perf_counter()
         ledger = self._need_ledger()
-        self._wait_for_statistics("alphaedit")
-        self._progress("revert", 0.05, f"re-solving the consolidation that holds version {msg.version} without it")
-        self._hold(msg.head)
+        self._wait_for_statistics("alphaedit")             # the re-solve uses AlphaEdit's statistics
+        self._progress(stage, fractions[0], f"re-solving the consolidation that holds version {version} without it")
+        self._hold(head)
         try:
-            plan = plan_fact_removal(ledger, self._covariances, msg.version, expected_head=msg.head,
-                                     prompt_keys=model_prompt_keys(self.model, self.tok))     # holding the head
-            self._progress("revert", 0.6, f"{len(plan.patch.requests)} facts stay; scoring them before and after")
+            plan = plan_fact_removal(ledger, self._covariances, version, expected_head=head,
+                                     prompt_keys=model_prompt_keys(self.model, self.tok))
+            self._progress(stage, fractions[1], f"{len(plan.patch.requests)} facts stay; scoring them before and after")
             check = check_fact_removal(self.model, self.tok, ledger, plan)
         finally:
-            self._hold(msg.head)
-        return FactRemovalComputed(plan=plan, check=check, seconds=time.perf_counter() - t0)
+            self._hold(head)
+        return plan, check
 
     def _next_token_logprobs(self, prompts: tuple[str, ...]) -> torch.Tensor | None:
         if not prompts:
