@@ -22,6 +22,7 @@ from editserve.editing.alphaedit import KeyBlock, PreservedKeys
 from editserve.editing.consolidate import ConsolidateParams
 from editserve.errors import InvalidRequestError
 from editserve.ledger import ConsolidationError, Ledger, LedgerConflict, RebaseOutcome, RevertError
+from editserve.ledger.keystate import is_ref, state_bytes
 from editserve.ledger.consolidation import (
     CONSOLIDATED_METHOD,
     constituents_at,
@@ -202,7 +203,8 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
     """Reverting a version whose patch a consolidation took in re-solves the consolidated patch
     without that patch's facts: the others keep their outputs on their keys, the reverted keys get
     the output from before the consolidation, one revert version swaps the patches, the keys follow,
-    a rollback restores the version before bit for bit — also through a second consolidation."""
+    a rollback restores the version before bit for bit — also through a second consolidation. The
+    re-solved patch's keys are stored as a reference to the commits whose keys it keeps."""
     from editserve.cli import main
 
     loc = backend.location()
@@ -234,6 +236,11 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
         with pytest.raises(LedgerConflict):
             ledger.revert_consolidated(plan, caller="test")                                             # old head
 
+        # the re-solved patch's keys are a reference to the committed patches it keeps, not a copy
+        assert plan.key_parts == (p1.digest, p4.digest)
+        rec = ledger.store.patch_states([plan.patch.digest])[plan.patch.digest]
+        assert is_ref(ledger.blobs.get(rec.blob)) and rec.n_blocks == len(plan.keys.blocks)
+        assert rec.blob_size < len(state_bytes(plan.keys)) / 4        # names two patches, copies no key
         # outputs: kept keys as before, the reverted patch's keys as without any consolidated update
         k_new = ledger.preserved_keys(v6)
         assert k_new.tags == (plan.patch.digest,)
@@ -272,6 +279,12 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
         nested = plan_fact_removal(ledger, _covs, 1)
         assert nested.holder_version == v8 and nested.patch.requests == p4.requests + p5.requests
         v9 = ledger.revert_consolidated(nested, caller="test").version
+        assert nested.key_parts == (p4.digest, p5.digest)      # through the whole consolidation, to the commits
+        with Ledger.open(loc, FP) as cold:                      # the references resolved with cold caches
+            for v in (v6, v9):
+                got, want = cold.preserved_keys(v), ledger.preserved_keys(v)
+                assert got.tags == want.tags and len(got.blocks) == len(want.blocks)
+                assert all(torch.equal(a.keys, b.keys) for a, b in zip(got.blocks, want.blocks))
         assert provenance(ledger, nested.patch.digest) == (
             (p4.digest, p5.digest), (p4.digest, p5.digest))
         assert ledger.consolidated_into(p4.digest) == v9 and ledger.consolidated_into(p1.digest) is None
@@ -289,10 +302,12 @@ def test_reverting_one_fact_out_of_a_consolidation(backend: Backend, capsys) -> 
 def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
     """What automatic consolidation counts (editserve/engine/autoconsolidate.py): the facts of the
     active patches after the newest consolidated one (a batch counts each of its facts, as the
-    benchmark's --consolidate-every does), counting stopped at `limit`; and its setting's refusals."""
+    benchmark's --consolidate-every does), counting stopped at `limit`; whether the newest patch is
+    one it can take; and its setting's refusals."""
     import dataclasses
 
-    from editserve.engine.autoconsolidate import ConsolidationPolicy, due_now, edits_since_consolidation
+    from editserve.engine.autoconsolidate import (ConsolidationPolicy, due_now, edits_since_consolidation,
+                                                  newest_consolidatable)
     from editserve.errors import InvalidRequestError
 
     with Ledger.open(tmp_path / "ledger", FP, create=True) as ledger:
@@ -312,6 +327,13 @@ def test_edits_since_the_last_consolidation_and_the_policy(tmp_path) -> None:
         ledger.commit(batch, expected_head=v + 1, preserved=_keys(batch, 6))
         assert edits_since_consolidation(ledger, v + 2, 10) == 4
         assert edits_since_consolidation(ledger, v + 2, 3) == 3
+        # a patch without preserved keys (ROME without keys) starts no try; a keyed one after it does
+        assert newest_consolidatable(ledger, v + 2) and not newest_consolidatable(ledger, 0)
+        p7, p8 = synth_patch(7), synth_patch(8)
+        ledger.commit(p7, expected_head=v + 2)
+        assert not newest_consolidatable(ledger, v + 3) and edits_since_consolidation(ledger, v + 3, 10) == 5
+        ledger.commit(p8, expected_head=v + 3, preserved=_keys(p8, 8))
+        assert newest_consolidatable(ledger, v + 4)
     # after a refused try at 27 facts (K = 25), the next try waits for 52; fewer than 27 (a
     # consolidation, rollback or revert since) count afresh
     assert due_now(24, 25, None) == (False, None) and due_now(25, 25, None) == (True, None)
@@ -680,6 +702,8 @@ def test_a_rebase_of_a_consolidated_fact_re_solves_its_consolidation_and_recompu
         state = ledger.preserved_keys(v8)
         assert state.tags == (removal.patch.digest, new5.digest, new6.digest)
         assert torch.equal(state.keys(0), torch.cat([_keys(p1, 1).keys(0), _keys(new5, 50 + v6).keys(0)], dim=1))
+        rec = ledger.store.patch_states([removal.patch.digest])[removal.patch.digest]
+        assert removal.key_parts == (p1.digest, p4.digest) and is_ref(ledger.blobs.get(rec.blob))   # no copy
         # the weights: base + the final patches
         base = base_weights()
         got = ledger.weights.materialize(v8)

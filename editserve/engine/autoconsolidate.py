@@ -17,7 +17,9 @@ would break, or the head moved) or fails is logged and counted
 (``editserve_consolidations_total{result}``) and nothing is written; it is tried again once
 another K facts were committed (each try re-solves and scores the facts taken in and a sample of the
 earlier ones, so trying
-after every commit would keep the sidecar busy with a refusal). One consolidation runs at a time.
+after every commit would keep the sidecar busy with a refusal). A commit whose patch carries no preserved keys (ROME computed
+without them, when an operator switched the default method) starts no try: consolidation could not
+take it (`newest_consolidatable`). One consolidation runs at a time.
 
 In a fleet (`editserve.engine.fleet`), only the replica `FleetMember.consolidator` names
 consolidates, and it also counts the commits it follows from other replicas (`after_commit` is
@@ -35,7 +37,7 @@ from typing import Any
 
 from editserve.envparse import whole_number
 from editserve.errors import EditserveError, InvalidRequestError
-from editserve.ledger.consolidation import CONSOLIDATED_METHOD
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, consolidatable
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,15 @@ def edits_since_consolidation(ledger: Any, version: int, limit: int) -> int:
     return count
 
 
+def newest_consolidatable(ledger: Any, version: int) -> bool:
+    """Whether the newest active patch at `version` is one consolidation can take (it carries
+    preserved keys at every layer it touches). A commit whose patch has none (e.g. the default
+    method switched to ROME without keys) starts no try: it would be refused before any scoring,
+    every K facts, for as long as the method stays."""
+    ids = ledger.active_ids(version)
+    return bool(ids) and consolidatable(ledger, ids[-1])
+
+
 def due_now(due: int, every: int, retry_at: int | None) -> tuple[bool, int | None]:
     """(whether to consolidate now, the retry mark to keep) with `due` facts committed since the
     last consolidation. `retry_at`: after a refused or failed try at n facts, n + `every` (tried
@@ -106,6 +117,9 @@ class AutoConsolidation:
             chosen = None if fleet is None else await fleet.consolidator()
             if fleet is not None and chosen != fleet.settings.replica_id:
                 log.debug("automatic consolidation at version %d is replica %s's", version, chosen)
+                return
+            if not await asyncio.to_thread(newest_consolidatable, self.plane.ledger, version):
+                log.debug("automatic consolidation at version %d: its newest patch carries no preserved keys", version)
                 return
             due = await asyncio.to_thread(edits_since_consolidation, self.plane.ledger, version,
                                           self._retry_at or self.policy.every)

@@ -118,12 +118,16 @@ def _covered(patch: Patch, keys: PreservedKeys) -> bool:
     return all(d.layer in have for d in patch.deltas)
 
 
+def consolidatable(ledger: Any, digest: str) -> bool:
+    """Whether consolidation can take patch `digest`: it has preserved-keys blocks at every layer
+    it touches (AlphaEdit's patches, MEMIT's and ROME's computed with keys; not ROME's without)."""
+    keys = ledger.patch_keys(digest)
+    return bool(keys.blocks) and _covered(ledger.patch(digest), keys)
+
+
 def constituents_at(ledger: Any, version: int) -> list[tuple[str, int]]:
-    """The active patches at `version` that consolidation can take: those with preserved-keys
-    blocks at every layer they touch (ledger order)."""
-    chain = ledger.active_origins(version)
-    keys = {d: ledger.patch_keys(d) for d, _ in chain}
-    return [(d, v) for d, v in chain if keys[d].blocks and _covered(ledger.patch(d), keys[d])]
+    """The active patches at `version` that consolidation can take (`consolidatable`; ledger order)."""
+    return [(d, v) for d, v in ledger.active_origins(version) if consolidatable(ledger, d)]
 
 
 def plan_consolidation(ledger: Any, covariances: Covariances, params: ConsolidateParams = ConsolidateParams(),
@@ -363,6 +367,8 @@ class RemovalPlan:
     keys: PreservedKeys                            # `holder`'s blocks less `removed`'s, tagged with patch.digest
     layers: tuple[LayerConsolidation, ...]
     params: ConsolidateParams
+    key_parts: tuple[str, ...] = ()                # the committed patches whose blocks, in order, `keys` are:
+                                                   # stored as a reference to them, not a copy (session 27)
 
     def details(self) -> dict[str, Any]:
         """The JSON recorded with the revert version."""
@@ -411,6 +417,7 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
                           f"{version}: revert version {holder_version}")
     blocks = ledger.patch_keys(holder).blocks
     keep_blocks = [b for b, d in zip(blocks, block_origin) if d != removed]
+    key_parts = tuple(dict.fromkeys(d for d in block_origin if d != removed))     # whole patches, in order
     # every other committed key keeps the holder's output too: since consolidations are incremental
     # the holder is one of several consolidated patches, and it acts on the others' keys
     others = [b for d, _ in constituents_at(ledger, head) if d != holder for b in ledger.patch_keys(d).blocks]
@@ -443,7 +450,7 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
     log.info("version %d's patch %s taken out of consolidated patch %s at version %d → %s", version, removed[:12],
              holder[:12], head, patch.digest[:12])
     return RemovalPlan(head=head, version=version, removed=removed, holder=holder, holder_version=holder_version,
-                       patch=patch, keys=own, layers=report, params=params)
+                       patch=patch, keys=own, layers=report, params=params, key_parts=key_parts)
 
 
 def model_prompt_keys(model: torch.nn.Module, tok: Any) -> PromptKeys:

@@ -793,9 +793,9 @@ class Ledger:
         bases = self._objects.bases_for(new_patches, None, Layout.OUT_IN)
         records = [self._objects.write_patch(p) for p in new_patches]
         key_states = {o.patch.digest: o.keys for o in plan.outcomes} if plan is not None else {}
-        if removal is not None:
-            key_states[removal.patch.digest] = removal.keys
         states = self._objects.write_keys(key_states)
+        if removal is not None:
+            states += self._write_removal_keys(removal)
         if states:
             self._store.add_patch_states(states)
         details: dict[str, Any] = {"reverted": rec.version, "removed_patch": rec.patch,
@@ -840,6 +840,14 @@ class Ledger:
         self._objects.remember(patch)
         return number, created
 
+    def _write_removal_keys(self, removal: RemovalPlan) -> list[Any]:
+        """The key state of a consolidated patch re-solved without a fact: a reference to the
+        committed patches whose blocks it keeps (`RemovalPlan.key_parts`; checked to be exactly
+        them, else `ConsolidationError` and nothing written), or a copy for a plan without them."""
+        if removal.key_parts:
+            return self._objects.write_keys_by_reference(removal.patch.digest, removal.keys, removal.key_parts)
+        return self._objects.write_keys({removal.patch.digest: removal.keys})
+
     def revert_consolidated(self, plan: RemovalPlan, caller: str = "local", idempotency_key: str | None = None,
                             probe_report: dict[str, Any] | None = None) -> RevertResult:
         """Write `plan` (`editserve.ledger.consolidation.plan_fact_removal`) as one revert version on
@@ -868,7 +876,7 @@ class Ledger:
             raise RevertError("the plan's preserved-keys blocks are not tagged with its patch")
         number, created = self._append_replacement(
             plan.patch, plan.keys, plan.head, KIND_REVERT, EVENT_REVERT, ((REMOVE, plan.holder), (ADD, digest)),
-            plan.details(), caller, probe_report, idempotency_key, request)
+            plan.details(), caller, probe_report, idempotency_key, request, key_parts=plan.key_parts)
         log.info("version %d: reverted version %d (patch %s) out of consolidated patch %s → %s by %s", number,
                  plan.version, plan.removed[:12], plan.holder[:12], digest[:12], caller)
         return RevertResult(version=number, reverted_version=plan.version, removed_patch=plan.removed, rebased=(),
