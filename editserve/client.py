@@ -232,14 +232,17 @@ class EditClient:
 
     def rebase(self, version: int, expected_head: int | None = None, idempotency_key: str = "",
                wait_for_replicas_s: float | None = None, progress: Callable[[Any], None] | None = None,
-               operation_id: str = "") -> Any:
+               operation_id: str = "", max_drop: float | None = None) -> Any:
         """Revert version `version`'s patch and recompute the later ones on the server (``Rebase``);
-        a ``RebaseResponse`` with each later edit's scores before and after. `progress` as in `edit`."""
+        a ``RebaseResponse`` with each later edit's scores before and after. `progress` as in `edit`;
+        `max_drop` as in `revert` (when a consolidation holds the patch)."""
         from editserve.control.gen import pb2
 
         req = pb2.RebaseRequest(version=version, idempotency_key=idempotency_key)
         if expected_head is not None:
             req.expected_head = expected_head
+        if max_drop is not None:
+            req.max_drop = max_drop
         if wait_for_replicas_s is not None:
             req.wait_for_replicas_s = wait_for_replicas_s
         op = operation_id or uuid.uuid4().hex[:12]

@@ -154,3 +154,16 @@ def test_consolidate_request_whole_defaults_to_incremental() -> None:
     assert consolidate_args(pb2.ConsolidateRequest(whole=False)).whole is False
     args = consolidate_args(pb2.ConsolidateRequest(whole=True, ridge=0.5))
     assert (args.whole, args.ridge) == (True, 0.5)
+
+
+def test_rebase_request_max_drop_defaults_to_none_breaking() -> None:
+    """``RebaseRequest.max_drop`` (a consolidated fact's rebase, as ``RevertRequest.max_drop``): absent
+    → 0 (no other fact of the consolidation may break); a share outside [0, 1] is refused naming it."""
+    from editserve.control.validate import rebase_args
+    from editserve.errors import InvalidRequestError
+
+    assert rebase_args(pb2.RebaseRequest(version=3)).max_drop == 0.0
+    assert rebase_args(pb2.RebaseRequest(version=3, max_drop=0.25)).max_drop == 0.25
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(InvalidRequestError, match="max_drop must be a share in"):
+            rebase_args(pb2.RebaseRequest(version=3, max_drop=bad))

@@ -108,7 +108,7 @@ def _refused(server: GrpcServer, body: dict[str, Any], code: str, fragment: str)
         with pytest.raises(ControlError) as e:
             adm.rebase(body["version"], expected_head=body.get("expected_head"),
                        idempotency_key=body.get("idempotency_key", ""),
-                       wait_for_replicas_s=body.get("wait_for_replicas_s"))
+                       wait_for_replicas_s=body.get("wait_for_replicas_s"), max_drop=body.get("max_drop"))
     assert e.value.code == code and fragment in e.value.details, (e.value.code, e.value.details)
     if body.get("wait_for_replicas_s") is None:          # JSON has no NaN: gRPC only
         status, data = _http(server, body)
@@ -302,8 +302,8 @@ def test_one_fact_reverted_out_of_the_consolidation_with_the_cli(server: GrpcSer
     conn = ["--server", server.target, "--token-file", str(token)]
     assert cli_main(["revert", str(v), "--max-drop", "1.5", *conn]) != 0
     assert "max_drop must be a share in [0, 1], got 1.5" in capsys.readouterr().err
-    assert cli_main(["revert", str(v), "--rebase", "--max-drop", "0.1", *conn]) != 0
-    assert "not to --rebase" in capsys.readouterr().err
+    assert cli_main(["revert", str(v), "--rebase", "--no-progress", "--max-drop", "1.5", *conn]) != 0
+    assert "max_drop must be a share in [0, 1], got 1.5" in capsys.readouterr().err
     assert _state(server)[3] == swaps
     code = cli_main(["revert", str(v), "--no-progress", "--max-drop", "0.25", *conn])
     out = capsys.readouterr()
@@ -331,7 +331,8 @@ def test_rebase_of_a_consolidated_fact_re_solves_the_consolidation_and_recompute
     rebase (gRPC, then replayed over HTTP) of one consolidated fact re-solves that consolidated patch
     without it on the sidecar (checked: the other facts still hold) and recomputes the later edit on
     top of it: one revert version, one swap; the response reports the consolidation's facts and the
-    later edit before and after; the reverted fact is no longer answered, every other one is."""
+    later edit before and after; the reverted fact is no longer answered, every other one is. A
+    ``max_drop`` out of [0, 1] is refused naming it, nothing changed."""
     with server.client("editor") as ed:
         r = ed.edit([{"prompt": CITY, "subject": LAST_FACT[0], "target_new": LAST_FACT[1]}], thresholds=LOOSE)
     assert r.report.passed and r.change.kind == "edit", r.report
@@ -343,8 +344,9 @@ def test_rebase_of_a_consolidated_fact_re_solves_the_consolidation_and_recompute
         holder_p = c.get_version(head - 1).patch_id
         assert c.get_version(holder_v).kind == "revert" and c.status().active_patches == 2
     v = edited["more_versions"][2]                        # The Sydney Opera House → Moscow, consolidated
+    _refused(server, {"version": v, "max_drop": -0.5}, "INVALID_ARGUMENT", "max_drop must be a share in [0, 1]")
     with server.client("admin") as adm:
-        rr = adm.rebase(v, expected_head=head, idempotency_key="rb-cons")
+        rr = adm.rebase(v, expected_head=head, idempotency_key="rb-cons", max_drop=0.0)
     ch = rr.change
     assert (ch.version, ch.previous_version, ch.kind) == (head + 1, head, "rebase"), ch
     assert [e.original_version for e in rr.rebased] == [holder_v, later_v]

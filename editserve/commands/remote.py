@@ -353,10 +353,6 @@ def _run(c: Any, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "edit":
         return _edit(c, args)
     if cmd == "revert" and args.rebase:
-        if args.max_drop is not None:
-            from editserve.errors import InvalidRequestError
-
-            raise InvalidRequestError("--max-drop applies to a revert out of a consolidation, not to --rebase")
         return _rebase(c, args)
     if cmd == "consolidate":
         return _consolidate(c, args)
@@ -524,7 +520,8 @@ REBASE_SCORES = ("efficacy", "paraphrase", "neighbourhood")
 
 def _rebase(c: Any, args: argparse.Namespace) -> int:
     r = _with_bar("rebase", args, lambda progress: c.rebase(
-        args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key, progress=progress))
+        args.version, expected_head=args.expected_head, idempotency_key=args.idempotency_key, progress=progress,
+        max_drop=args.max_drop))
     if args.json:
         print(_dump(r))
         return 0

@@ -231,7 +231,8 @@ class Operations:
         self._publish(op, caller, "accepted", 0.0, f"rebase: revert version {args.version}, recompute later patches")
         try:
             change = await self.engine.rebase(args.version, caller=caller, expected_head=args.expected_head,
-                                              idempotency_key=args.idempotency_key, progress=progress)
+                                              idempotency_key=args.idempotency_key, progress=progress,
+                                              max_drop=args.max_drop)
         except Exception as exc:
             audit.info("audit: rebase of version %d by %s failed: %s", args.version, caller, type(exc).__name__)
             raise

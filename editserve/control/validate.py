@@ -239,6 +239,7 @@ class RebaseArgs:
     expected_head: int | None
     idempotency_key: str | None
     wait_for_replicas_s: float | None = None
+    max_drop: float = 0.0                 # when a consolidation holds the patch, as in RevertArgs
 
 
 @dataclass(frozen=True)
@@ -311,9 +312,11 @@ def _max_drop(msg: Any) -> float:
 
 
 def rebase_args(msg: Any) -> RebaseArgs:
-    """A ``RebaseRequest``; whether `version` has a patch with later ones is the ledger's to say."""
+    """A ``RebaseRequest``: max_drop in [0, 1] (default 0), used when a consolidation holds the patch;
+    whether `version` has a patch with later ones is the ledger's to say."""
     return RebaseArgs(version=version_number("version", msg.version), expected_head=_expected_head(msg),
-                      idempotency_key=idempotency_key(msg.idempotency_key), wait_for_replicas_s=wait_for_replicas(msg))
+                      idempotency_key=idempotency_key(msg.idempotency_key), wait_for_replicas_s=wait_for_replicas(msg),
+                      max_drop=_max_drop(msg))
 
 
 MAX_RIDGE = 1e6

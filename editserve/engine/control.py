@@ -59,6 +59,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +199,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
         await asyncio.to_thread(self.sidecar.open_ledger, self.ledger.location, self.settings.sync_timeout_s)
         self._init_metrics(int(ready.n_layers))
         change = await self._apply_head_at_start(t0, {"sidecar_load": round(ready.seconds * 1e3, 3)})
+        t_sync = time.perf_counter()
         async with self._lock:               # the sidecar's copy of every editable matrix is the engine's
             await self._resync_sidecar(every_matrix=True)
+        now = time.perf_counter()
+        change = replace(change, timings_ms={**change.timings_ms, "sidecar_sync": round((now - t_sync) * 1e3, 3),
+                                             "start_total": round((now - t0) * 1e3, 3)})
         self._sidecar_watch = asyncio.create_task(self._watch_sidecar(), name="editserve-sidecar-watch")
         self._start_health()
         await self._join_fleet()
@@ -575,17 +580,22 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
 
     async def rebase(self, version: int, caller: str | None = None, expected_head: int | None = None,
                      idempotency_key: str | None = None,
-                     progress: Callable[[str, float, str], None] | None = None) -> VersionChange:
+                     progress: Callable[[str, float, str], None] | None = None,
+                     max_drop: float = 0.0) -> VersionChange:
         """Revert the patch that `version` added and recompute every later patch on the new base
         (issue 16): the sidecar plans it (`Ledger.plan_rebase` with `ModelRecompute`, preserved keys
         rebuilt from the ledger) while the engine keeps serving; then one swap to the final patches,
         whose commit step writes the revert version with the plan. The served model changes once.
-        The per-edit score changes are in the written version's ``details["rebased"]``."""
+        The per-edit score changes are in the written version's ``details["rebased"]``. When a
+        consolidation holds the patch, it is re-solved without it first, and a re-solve that breaks
+        more than `max_drop` of its other facts that hold is refused (`ConsolidationError`, as `revert`)."""
         from editserve.engine.sidecar import ComputeRebase
         from editserve.ledger import RevertError
+        from editserve.ledger.consolidation import allowed_drop
 
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+        max_drop = allowed_drop(max_drop)
 
         report = _reporter(progress)
         self._check_usable()
@@ -610,11 +620,14 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                     raise RevertError(f"the patch of version {version} ({removed[:12]}) is the last active patch "
                                       f"at version {head}: no later patch to rebase (revert it without rebase)")
                 report("rebase", 0.02, f"recomputing {later} later patch(es) on the sidecar")
-            elif await asyncio.to_thread(self.ledger.consolidated_into, removed, head) is None:
+            elif (holder := await asyncio.to_thread(self.ledger.consolidated_into, removed, head)) is None:
                 raise await asyncio.to_thread(self.ledger.inactive_patch_error, version, removed, head)
             else:
                 # a consolidation took it in: re-solve that patch without it, recompute what follows
-                later = len(active)
+                # the last consolidated patch (at most the patches after its holder: the deadline's count)
+                holder_patch = (await asyncio.to_thread(self.ledger.version, holder)).patch_id
+                later = (len(active) - 1 - list(active).index(holder_patch) if holder_patch in active
+                         else len(active))
                 report("rebase", 0.02, "re-solving the consolidation that holds it, then recomputing the later "
                                        "unconsolidated patches on the sidecar")
             t0 = time.perf_counter()
@@ -624,7 +637,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
             t_computed = time.perf_counter()
             plan, check = computed.plan, computed.check
             if check is not None:
-                check.refuse(0.0)            # no other fact of the consolidation may break
+                check.refuse(max_drop)       # at most that share of the consolidation's other facts may break
 
             def target_of(current: list[Patch]) -> list[Patch]:
                 by_id = {p.digest: p for p in current}
@@ -636,7 +649,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration):
                                           idempotency_key=idempotency_key,
                                           probe_report=check.probe_report() if check is not None else None).version
 
-            report("swap", 0.96, f"pause, apply {len(plan.kept) + len(plan.patches)} patch(es), verify, commit (one swap)")
+            n_target = len(plan.kept) + (plan.removal is not None) + len(plan.patches)
+            report("swap", 0.96, f"pause, apply {n_target} patch(es), verify, commit (one swap)")
             served = await self._serve_computed("rebase", head, target_of, write, t0, t_computed)
         self.metrics.record_revert()
         log.info("rebase of version %d → version %d served (%d patch(es) recomputed%s, pause %.2f ms)", version,

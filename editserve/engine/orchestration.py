@@ -246,6 +246,8 @@ class SwapOrchestration:
         if kind == "follow":
             # Outside the lock: the next follow must not queue behind the sidecar (docs/fleet.md).
             self._defer_sidecar_sync(version, result)
+        elif kind == "start":
+            pass    # the caller syncs the fresh sidecar and checks every editable matrix (_resync_sidecar)
         else:
             await self._sync_sidecar(version, result)
             timings["sidecar_sync"] = round((time.perf_counter() - t_swap) * 1e3, 3)
