@@ -14,8 +14,9 @@ holds (`Ledger.nbytes`: database and blobs), the preserved-keys state as stored 
 blob: one block per layer per edit, and one reference per consolidation, `editserve.ledger.keystate`),
 what the consolidations' states would take copied (how the ledger stored them before wave 2 session
 24), the consolidated patches' factors, and the largest factor rank of the last consolidated patch;
-at the end, how long a fresh open takes to read the head's preserved keys back through the
-references. Synthetic data: random keys and factors, an anisotropic covariance per layer;
+at the end, the key state a revert of one fact out of its consolidation stores (a reference since
+wave 2 session 27; a copy of the kept keys before), and how long a fresh open takes to read the
+head's preserved keys back through the references. Synthetic data: random keys and factors, an anisotropic covariance per layer;
 consolidation's solve is the real one (`plan_consolidation`), so the factor sizes are what a ledger
 would store.
 """
@@ -32,7 +33,7 @@ import torch
 from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.requests import EditRequest
 from editserve.ledger import Ledger
-from editserve.ledger.consolidation import CONSOLIDATED_METHOD, plan_consolidation
+from editserve.ledger.consolidation import CONSOLIDATED_METHOD, plan_consolidation, plan_fact_removal
 from editserve.ledger.keystate import state_bytes
 from editserve.patches import Patch, WeightDelta
 
@@ -105,6 +106,15 @@ def run(edits: int, every: int, report: int, whole: bool) -> None:
                       f"{m['keys_of_consolidations'] / mib:.3f} | {m['copies_would_be'] / mib:.1f} | "
                       f"{m['factors_of_consolidations'] / mib:.1f} | {rank} | {time.perf_counter() - t0:.0f} |",
                       flush=True)
+        if n_cons:
+            # one fact out of the consolidation that holds edit 1 (version 1): the revert's key state
+            t_rev = time.perf_counter()
+            removal = plan_fact_removal(ledger, covariances, 1)
+            ledger.revert_consolidated(removal, caller="bench")
+            rec = ledger.store.patch_states([removal.patch.digest])[removal.patch.digest]
+            print(f"{mode}: a revert of edit 1 out of the consolidation holding it ({len(removal.patch.requests)} "
+                  f"facts stay) stores {rec.blob_size} B of key state; a copy would be "
+                  f"{len(state_bytes(removal.keys)) / mib:.2f} MiB ({time.perf_counter() - t_rev:.1f} s)")
         head = ledger.head()
         ledger.close()
         t1 = time.perf_counter()
