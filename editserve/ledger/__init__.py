@@ -38,8 +38,8 @@ from editserve.ledger.errors import (
     VersionNotFound,
 )
 from editserve.ledger.integrity import IntegrityReport
-from editserve.ledger.ledger import (
-    Ledger,
+from editserve.ledger.ledger import Ledger
+from editserve.ledger.records import (
     RebasedPatch,
     RebaseOutcome,
     RebasePlan,

@@ -36,7 +36,7 @@ import torch
 
 from editserve.editing.requests import EditRequest
 from editserve.errors import PatchStateError
-from editserve.ledger.ledger import RebaseOutcome, RebaseStep
+from editserve.ledger.records import RebaseOutcome, RebaseStep
 from editserve.patches import Patch, applied_patches, apply_patch, remove_patch
 
 log = logging.getLogger(__name__)
