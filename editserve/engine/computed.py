@@ -46,6 +46,22 @@ class ComputedChanges:
     _lock: asyncio.Lock
     _edit_lock: asyncio.Lock
 
+    async def _reverted_patch(self, version: int, max_drop: float) -> tuple[str, float]:
+        """(the patch `version` added, `max_drop` checked) for a revert or a rebase of `version`: a
+        bad version or share is `InvalidRequestError`, an unknown version `VersionNotFound`, a
+        version that added no patch `RevertError` — before anything is computed."""
+        from editserve.ledger import RevertError
+        from editserve.ledger.consolidation import allowed_drop
+
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
+        max_drop = allowed_drop(max_drop)
+        self._check_usable()
+        info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
+        if info.patch_id is None:
+            raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
+        return info.patch_id, max_drop
+
     async def _revert_consolidated(self, version: int, who: str, expected_head: int | None,
                                    idempotency_key: str | None, max_drop: float) -> VersionChange:
         """Take the patch of `version` out of the consolidated patch that holds it: the sidecar plans
@@ -92,18 +108,8 @@ class ComputedChanges:
         more than `max_drop` of its other facts that hold is refused (`ConsolidationError`, as `revert`)."""
         from editserve.engine.sidecar import ComputeRebase
         from editserve.ledger import RevertError
-        from editserve.ledger.consolidation import allowed_drop
-
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
-        max_drop = allowed_drop(max_drop)
-
         report = reporter(progress)
-        self._check_usable()
-        info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
-        if info.patch_id is None:
-            raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
-        removed = info.patch_id
+        removed, max_drop = await self._reverted_patch(version, max_drop)
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "rebase", lambda i: (
             i.kind == "revert" and i.details.get("mode") == "rebase" and i.details.get("reverted") == version))

@@ -503,17 +503,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         took that patch in, the consolidated patch is re-solved without its facts on the sidecar and
         checked (`_revert_consolidated`); a re-solve that breaks more than `max_drop` of the other
         facts that hold is refused (`ConsolidationError`, nothing written)."""
-        from editserve.ledger import RevertError
-        from editserve.ledger.consolidation import allowed_drop
-
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise InvalidRequestError(f"version must be a non-negative integer, got {version!r}")
-        max_drop = allowed_drop(max_drop)
-        self._check_usable()
-        info = await asyncio.to_thread(self.ledger.version, version)          # VersionNotFound
-        if info.patch_id is None:
-            raise RevertError(f"version {version} ({info.kind}) added no patch; there is nothing to revert")
-        removed = info.patch_id
+        removed, max_drop = await self._reverted_patch(version, max_drop)
         who = caller or self.settings.caller
         replayed = await self._replayed(idempotency_key, "revert", lambda i: i.kind == "revert" and (
             removed in i.removed or i.details.get("removed_patch") == removed))
