@@ -246,9 +246,7 @@ class SwapOrchestration:
         if kind == "follow":
             # Outside the lock: the next follow must not queue behind the sidecar (docs/fleet.md).
             self._defer_sidecar_sync(version, result)
-        elif kind == "start":
-            pass    # the caller syncs the fresh sidecar and checks every editable matrix (_resync_sidecar)
-        else:
+        elif kind != "start":       # at start the caller syncs the fresh sidecar on every editable matrix
             await self._sync_sidecar(version, result)
             timings["sidecar_sync"] = round((time.perf_counter() - t_swap) * 1e3, 3)
         return VersionChange(version=version, previous_version=previous, kind=kind,
