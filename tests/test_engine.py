@@ -333,7 +333,7 @@ def test_one_meaning_of_a_probe_outcome():
     """The sidecar's report counts a probe as the gate and the evaluation do (new vs true target,
     mean per-token log-probability after the edit); a probe without a true target has no outcome."""
     from editserve.editing.scoring import fact_success
-    from editserve.engine.sidecar import ProbePrompt, _probe_report
+    from editserve.engine.sidecar.process import ProbePrompt, _probe_report
 
     assert fact_success("efficacy", -1.0, -2.0) and not fact_success("efficacy", -2.0, -1.0)
     assert fact_success("neighbourhood", -2.0, -1.0) and not fact_success("paraphrase", -1.0, -1.0)

@@ -22,7 +22,7 @@ PROBE_KINDS = ("efficacy", "paraphrase", "neighbourhood")
 
 def fact_success(kind: str, new_logprob: float, true_logprob: float) -> bool:
     """The one meaning of a probe prompt's outcome, shared by the probe gate
-    (editserve/control/probe.py), the sidecar's edit report (editserve/engine/sidecar.py) and the
+    (editserve/control/probe.py), the sidecar's edit report (editserve/engine/sidecar/process.py) and the
     CounterFact evaluation (editserve/editing/evaluate.py, vectorised there): with the mean
     per-token log-probabilities of the new and the true target after the edit, an efficacy or
     paraphrase prompt succeeds when the new target is the more likely one, a neighbourhood prompt

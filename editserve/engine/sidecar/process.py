@@ -1,28 +1,9 @@
-"""The sidecar: a separate process with a Hugging Face copy of the served checkpoint.
+"""The sidecar's child process: the Hugging Face model that mirrors the ledger head, and the work on it.
 
-It mirrors the ledger head (the engine tells it which version to hold after every swap) and
-does the work that needs autograd over a Hugging Face model: computing patches (v*
-optimisation, solve) and probing them. Serving never waits on it: the engine keeps
-generating while the sidecar computes, and only the swap pauses generation.
-
-The sidecar runs on a GPU when there is one, else on the CPU. Its weights are the base
-checkpoint with the head's active patches merged by `editserve.patches.apply_patch`, so after
-each swap its touched matrices, seen in vLLM's orientation (arch table) and cut into the
-engine's tensor-parallel slices, must have the same checksums as the engine's.
-
-Protocol: frozen dataclasses pickled over a `multiprocessing` pipe, one request and one reply
-at a time. Every request gets either its reply type or `Failed` (error type and message),
-which the client raises as `SidecarError` (or the original editserve error type when known).
-A long request (`ComputeEdit`) may send `Progress` messages before its reply; the client
-hands them to the caller's callback.
-
-After `Ready`, a background thread builds the covariance statistics of the default edit layers
-(`editserve.engine.stats_warmup`); an edit that needs them while they are being built waits and
-says so in a ``statistics`` progress stage. Its state is read by `SidecarClient.statistics`
-from a state file, never through the pipe.
-`ProbeRetention` re-scores a sample of the committed facts on the held version (the retention
-probe of `editserve.engine.health`); with a gate, `ComputeEdit.retention` adds the gate's
-retention check (`editserve.control.gate.check_retention`) to the probe gate's report.
+`sidecar_main` is the process's entry point (spawned by `editserve.engine.sidecar.client.SidecarClient`):
+it loads the checkpoint, announces `Ready`, starts the statistics warm-up and answers one request
+at a time (`_serve`). `_Worker` holds the model, its tokenizer, the open ledger and the merged
+patches; each request type of `editserve.engine.sidecar.protocol` is one of its methods.
 This module imports torch and transformers only, never vLLM.
 """
 
@@ -30,11 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -42,246 +21,17 @@ from typing import Any
 import torch
 
 from editserve.editing.arch import Layout
-from editserve.editing.requests import EditRequest
-from editserve.engine.errors import SidecarError, SidecarTimeout
+from editserve.engine.errors import SidecarError
+from editserve.engine.sidecar.protocol import (ComputeConsolidation, ComputeEdit, ComputeFactRemoval, ComputeRebase,
+                                               ConsolidationComputed, EditComputed, Failed, FactRemovalComputed,
+                                               LedgerOpened, OpenLedger, ProbePrompt, ProbeRetention, Progress, Ready,
+                                               RebaseComputed, RetentionMeasured, Scored, ScorePrompts, Shutdown,
+                                               SidecarConfig, Sync, Synced, TraceFact, Traced)
 from editserve.engine.wire import rank_range, weight_checksum
 from editserve.errors import EditserveError
-from editserve.ledger.location import LedgerLocation
 from editserve.memory import trim_heap
-from editserve.patches import Patch
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------- messages
-
-
-@dataclass(frozen=True)
-class SidecarConfig:
-    checkpoint: str | None             # None: the embedded SmolLM2
-    device: str | None = None          # None: "cuda" when available, else "cpu"
-    dtype: str = "float32"
-    threads: int | None = None         # torch CPU threads in the sidecar
-    editserve_home: str | None = None  # passed on so the child finds the same caches
-    heldout_text: str | None = None    # EDITSERVE_HELDOUT_TEXT (a file, read at start); None: the packaged prose
-
-
-@dataclass(frozen=True)
-class Ready:
-    fingerprint: str
-    family: str
-    n_layers: int
-    device: str
-    checkpoint: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class OpenLedger:
-    """Open the ledger at `location` (a directory or a DSN; its repr never shows the DSN's secret)."""
-
-    location: LedgerLocation
-
-
-@dataclass(frozen=True)
-class LedgerOpened:
-    root: str                 # the redacted location (safe to log)
-    head: int
-
-
-@dataclass(frozen=True)
-class Sync:
-    """Hold exactly the active patches of `version`; answer checksums of `names` (all touched
-    matrices when empty) per tensor-parallel rank, in vLLM orientation."""
-
-    version: int
-    tp_size: int = 1
-    names: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Synced:
-    version: int
-    active: tuple[str, ...]                                   # patch digests now merged, in order
-    checksums: dict[tuple[str, int], str] = field(default_factory=dict)
-    seconds: float = 0.0
-    drift: dict[int, float] = field(default_factory=dict)     # layer → ‖W − W₀‖ / ‖W₀‖ of the synced matrices
-
-
-@dataclass(frozen=True)
-class ComputeEdit:
-    """Compute a patch for `requests` on the model at `version` and probe it."""
-
-    version: int
-    requests: tuple[EditRequest, ...]
-    method: str = "rome"
-    layers: tuple[int, ...] | None = None
-    hparams: dict[str, Any] | None = None
-    probes: tuple["ProbePrompt", ...] = ()
-    gate: Any = None                   # an editserve.control.probe.GateConfig: run the probe gate too
-    store_bases: bool = True           # write base copies of the touched matrices to the ledger (not
-                                       # for a dry run; never when the gate rejects the patch)
-    retention: Any = None              # an editserve.editing.retention.RetentionGate: with `gate`, also check
-                                       # that the patch breaks no sampled earlier edit (issue 16)
-    damage: Any = None                 # an editserve.control.gate.DamageGate: with `gate`, also bound the
-                                       # held-out perplexity with the patch (issue 16)
-
-
-@dataclass(frozen=True)
-class ComputeRebase:
-    """Recompute the patches after the one `version` added, on the new base, at ledger `head`
-    (`editserve.ledger.rebase.ModelRecompute` through `Ledger.plan_rebase`; nothing is written
-    but base copies). Answered with `RebaseComputed`; the sidecar holds `head` again afterwards."""
-
-    version: int
-    head: int
-
-
-@dataclass(frozen=True)
-class RebaseComputed:
-    plan: Any                          # editserve.ledger.RebasePlan (patches, key blocks, metrics)
-    seconds: float
-    check: Any = None                  # editserve.ledger.consolidation.RemovalCheck when plan.removal is set
-
-
-@dataclass(frozen=True)
-class ComputeConsolidation:
-    """Consolidate the patches active at ledger `head` that carry preserved keys
-    (`editserve.ledger.consolidation.plan_consolidation`, statistics from this sidecar's model) and
-    score their facts before and after (`check_consolidation`); nothing is written but base
-    copies. Answered with `ConsolidationComputed`; the sidecar holds `head` again afterwards."""
-
-    head: int
-    ridge: float
-    whole: bool = False                # take the earlier consolidated patches in too
-
-
-@dataclass(frozen=True)
-class ConsolidationComputed:
-    plan: Any                          # editserve.ledger.consolidation.ConsolidationPlan
-    check: Any                         # editserve.ledger.consolidation.ConsolidationCheck
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ComputeFactRemoval:
-    """Take the patch of ledger `version` out of the consolidated patch active at `head` that holds
-    it (`editserve.ledger.consolidation.plan_fact_removal`, statistics from this sidecar's model) and
-    score the consolidated facts before and after (`check_fact_removal`); nothing is written but
-    base copies. Answered with `FactRemovalComputed`; the sidecar holds `head` again afterwards."""
-
-    version: int
-    head: int
-
-
-@dataclass(frozen=True)
-class FactRemovalComputed:
-    plan: Any                          # editserve.ledger.consolidation.RemovalPlan
-    check: Any                         # editserve.ledger.consolidation.RemovalCheck
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ScorePrompts:
-    """Score continuations on the model at `version` (the gRPC Probe call); items are
-    (prompt, target, other or None). Answered with `Scored`."""
-
-    version: int
-    items: tuple[tuple[str, str, str | None], ...]
-
-
-@dataclass(frozen=True)
-class Scored:
-    version: int
-    rows: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class ProbeRetention:
-    """Re-score a random sample (`sample_size`, drawn with `seed`) of the facts committed at
-    `version` (the retention probe, `editserve.engine.health`). Answered with `RetentionMeasured`."""
-
-    version: int
-    sample_size: int
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class RetentionMeasured:
-    version: int
-    facts: int                         # facts committed at `version`
-    rows: tuple[dict[str, Any], ...]   # per scored fact: CommittedFact fields, "holds", log-probabilities
-    seconds: float
-    null_space: dict[int, float] = field(default_factory=dict)   # layer → share of AlphaEdit's null space the
-    #                                  committed keys take (layers whose statistics are not built yet: absent)
-    heldout_ppl: float | None = None       # perplexity of the packaged held-out text on the held version
-    base_heldout_ppl: float | None = None  # the same on the unedited model (measured at the sidecar's start)
-
-
-@dataclass(frozen=True)
-class TraceFact:
-    """Causally trace a fact on the model at `version` (the gRPC Trace call; arguments as in
-    `editserve.editing.tracing.trace`). Answered with `Traced`."""
-
-    version: int
-    prompt: str
-    subject: str
-    target: str | None = None
-    kind: str = "hidden"
-    samples: int = 10
-    seed: int = 0
-    window: int = 10
-    noise_scale: float = 3.0
-
-
-@dataclass(frozen=True)
-class Traced:
-    version: int
-    result: dict[str, Any]             # TraceResult.to_dict()
-    png: bytes                         # heatmap (editserve.tracing_plot.render_png)
-
-
-@dataclass(frozen=True)
-class ProbePrompt:
-    """A prompt whose continuation is scored before and after the patch (e.g. a paraphrase or a
-    neighbourhood prompt); `target` is what the edit should make likely, `other` the alternative."""
-
-    prompt: str
-    target: str
-    other: str | None = None
-    kind: str = "paraphrase"           # "efficacy" | "paraphrase" | "neighbourhood"
-
-
-@dataclass(frozen=True)
-class EditComputed:
-    patch: Patch
-    probe_report: dict[str, Any]
-    seconds: float
-    keys: Any = None                   # editing.alphaedit.PreservedKeys: the patch's own key blocks (issue
-                                       # 16), committed with it so that later AlphaEdit edits preserve them
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Sent before the reply of a long request: `stage` reached, `fraction` (0..1) of the request."""
-
-    stage: str
-    fraction: float
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-@dataclass(frozen=True)
-class Failed:
-    error_type: str
-    message: str
-
-
-# ------------------------------------------------------------------------------- child process
 
 
 def _target_logprob(model: torch.nn.Module, tok: Any, prompt: str, target: str) -> float:
@@ -563,7 +313,9 @@ class _Worker:
         removal = check = None
         if removed not in ids and ledger.consolidated_into(removed, msg.head) is not None:
             removal, check = self._plan_fact_removal(msg.version, msg.head, "rebase", (0.01, 0.03))
-        later = len(ids) - 1 - ids.index(removed) if removed in ids else len(ids)
+        # what is recomputed: the patches after the reverted one, or after the consolidation that held it
+        anchor = removed if removal is None else removal.holder
+        later = len(ids) - 1 - ids.index(anchor) if anchor in ids else len(ids)
 
         def progress(i: int, step: Any) -> None:
             self._progress("rebase", round(0.05 + 0.9 * i / max(1, later), 4),
@@ -841,177 +593,3 @@ def _serve(conn: Connection, worker: _Worker) -> None:
             # After the reply, so it costs the caller nothing: an edit, a rebase or a sync frees
             # tens of MiB of transient tensors that glibc would otherwise keep (editserve/memory.py).
             trim_heap()
-
-
-# ------------------------------------------------------------------------------ parent side
-
-
-class SidecarClient:
-    """Starts the sidecar process and sends it one request at a time (thread-safe, blocking)."""
-
-    def __init__(self, config: SidecarConfig, start_timeout_s: float = 900.0) -> None:
-        self.config = config
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        # Daemonic, so that it cannot outlive the API server even if nobody calls `close`
-        # (a daemonic parent cannot have children at all; then it stays a normal child).
-        daemon = not multiprocessing.current_process().daemon
-        self._proc = ctx.Process(target=sidecar_main, args=(child, config), name="editserve-sidecar", daemon=daemon)
-        self._proc.start()
-        child.close()
-        self._lock = threading.Lock()
-        self._start_timeout_s = start_timeout_s
-        self.ready: Ready | None = None
-
-    def wait_ready(self) -> Ready:
-        with self._lock:
-            if self.ready is None:
-                self.ready = self._expect(self._recv(self._start_timeout_s), Ready)
-            return self.ready
-
-    def _recv(self, timeout_s: float | None) -> object:
-        if timeout_s is not None and not self._conn.poll(timeout_s):
-            raise SidecarError(f"the sidecar did not answer within {timeout_s:.0f} s")
-        try:
-            return self._conn.recv()
-        except EOFError as exc:
-            raise SidecarError(f"the sidecar process exited (exit code {self._proc.exitcode})") from exc
-
-    def _recv_by(self, deadline: float | None, call: str, timeout_s: float | None) -> object:
-        """The next message, or — past `deadline` (time.monotonic) — kill the process and raise
-        `SidecarTimeout` (a stuck or stopped sidecar cannot hold its caller, or a lock, forever)."""
-        if deadline is not None and not self._conn.poll(max(0.0, deadline - time.monotonic())):
-            log.error("the sidecar's %s ran past its deadline of %.0f s; killing the sidecar (pid %s)", call,
-                      timeout_s or 0.0, self._proc.pid)
-            self._proc.kill()                       # SIGKILL: ends a SIGSTOPped process too
-            self._proc.join(10)
-            raise SidecarTimeout(f"the sidecar's {call} ran past its deadline of {timeout_s:.0f} s; the sidecar was "
-                                 "killed and is being restarted at the served version; nothing was committed",
-                                 call=call, timeout_s=timeout_s)
-        return self._recv(None)
-
-    @staticmethod
-    def _expect(reply: object, kind: type) -> Any:
-        if isinstance(reply, Failed):
-            raise _rebuild_error(reply)
-        if not isinstance(reply, kind):
-            raise SidecarError(f"the sidecar answered {type(reply).__name__}, expected {kind.__name__}")
-        return reply
-
-    def call(self, msg: object, kind: type, timeout_s: float | None = None,
-             on_progress: Callable[[Progress], None] | None = None) -> Any:
-        """Send `msg` and wait for its reply of type `kind`; `Progress` messages before the reply go
-        to `on_progress` (its exceptions are logged, never raised: progress is advisory). With
-        `timeout_s`, the whole call (progress included) has that deadline: past it the sidecar
-        process is killed and `SidecarTimeout` is raised."""
-        self.wait_ready()
-        call = type(msg).__name__
-        with self._lock:
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            try:
-                self._conn.send(msg)
-            except (BrokenPipeError, OSError) as exc:
-                raise SidecarError(f"cannot reach the sidecar process: {exc}") from exc
-            reply = self._recv_by(deadline, call, timeout_s)
-            while isinstance(reply, Progress):
-                if on_progress is not None:
-                    try:
-                        on_progress(reply)
-                    except Exception:
-                        log.exception("progress callback failed at stage %s", reply.stage)
-                reply = self._recv_by(deadline, call, timeout_s)
-            return self._expect(reply, kind)
-
-    def open_ledger(self, location: LedgerLocation, timeout_s: float | None = None) -> LedgerOpened:
-        return self.call(OpenLedger(location=location), LedgerOpened, timeout_s)
-
-    def sync(self, version: int, tp_size: int, names: tuple[str, ...] = (), timeout_s: float | None = None) -> Synced:
-        return self.call(Sync(version=version, tp_size=tp_size, names=names), Synced, timeout_s)
-
-    def compute(self, msg: ComputeEdit, on_progress: Callable[[Progress], None] | None = None,
-                timeout_s: float | None = None) -> EditComputed:
-        return self.call(msg, EditComputed, timeout_s, on_progress=on_progress)
-
-    def rebase(self, msg: ComputeRebase, on_progress: Callable[[Progress], None] | None = None,
-               timeout_s: float | None = None) -> RebaseComputed:
-        return self.call(msg, RebaseComputed, timeout_s, on_progress=on_progress)
-
-    def consolidate(self, msg: ComputeConsolidation, on_progress: Callable[[Progress], None] | None = None,
-                    timeout_s: float | None = None) -> ConsolidationComputed:
-        return self.call(msg, ConsolidationComputed, timeout_s, on_progress=on_progress)
-
-    def remove_fact(self, msg: ComputeFactRemoval, on_progress: Callable[[Progress], None] | None = None,
-                    timeout_s: float | None = None) -> FactRemovalComputed:
-        return self.call(msg, FactRemovalComputed, timeout_s, on_progress=on_progress)
-
-    def score(self, version: int, items: tuple[tuple[str, str, str | None], ...],
-              timeout_s: float | None = None) -> Scored:
-        return self.call(ScorePrompts(version=version, items=items), Scored, timeout_s)
-
-    def trace(self, msg: TraceFact, timeout_s: float | None = None) -> Traced:
-        return self.call(msg, Traced, timeout_s)
-
-    def probe_retention(self, msg: ProbeRetention, timeout_s: float | None = None) -> RetentionMeasured:
-        return self.call(msg, RetentionMeasured, timeout_s)
-
-    def statistics(self) -> dict[str, Any]:
-        """The covariance-statistics warm-up of this sidecar, without touching the request pipe:
-        ``{"state": "building"|"ready"|"failed"|"off", "fraction", "layers", "seconds", "error", "message"}``."""
-        from editserve.engine.stats_warmup import read_state, state_path
-
-        pid = self._proc.pid
-        if pid is None:
-            return {"state": "building", "fraction": 0.0, "layers": [], "seconds": 0.0, "error": None,
-                    "message": "the sidecar has not started"}
-        return read_state(state_path(pid, self.config.editserve_home), self._proc.is_alive())
-
-    @property
-    def alive(self) -> bool:
-        return self._proc.is_alive()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        return self._proc.exitcode
-
-    def kill(self, timeout_s: float = 10.0) -> None:
-        """Terminate the process without waiting for a request in progress (takes no lock; a caller
-        blocked on a reply gets `SidecarError`). `close` still has to be called."""
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout_s)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout_s)
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        if self._proc.is_alive():
-            with self._lock:
-                try:
-                    self._conn.send(Shutdown())
-                except (BrokenPipeError, OSError):
-                    log.debug("sidecar pipe already closed")
-            self._proc.join(timeout_s)
-        if self._proc.is_alive():
-            log.warning("sidecar did not exit within %.0f s; terminating it", timeout_s)
-            self._proc.terminate()
-            self._proc.join(timeout_s)
-        self._conn.close()
-
-
-def _rebuild_error(reply: Failed) -> EditserveError:
-    """The sidecar's error as the same editserve error class where there is one."""
-    import editserve.errors as core_errors
-    import editserve.ledger.errors as ledger_errors
-
-    for module in (core_errors, ledger_errors):
-        cls = getattr(module, reply.error_type, None)
-        if isinstance(cls, type) and issubclass(cls, EditserveError):
-            try:
-                return cls(reply.message)
-            except TypeError:
-                break
-    return SidecarError(f"{reply.error_type}: {reply.message}")
