@@ -213,6 +213,10 @@ class Metrics:
                            "(as recorded in the ledger's replica registry).", ["replica"],
                            multiprocess_mode="mostrecent", registry=registry)
         self._skew_replicas: set[str] = set()
+        self._policy_differs = Gauge(f"{p}_fleet_policy_differs", "Live replicas of the ledger whose edit policy "
+                                     "(default method, gates, held-out text, consolidation, editable matrices, "
+                                     "editserve version) differs from this replica's (docs/fleet.md).",
+                                     multiprocess_mode="mostrecent", registry=registry)
         self._served_by = Counter(f"{p}_candidate_completions", "Completions of the generation routes by what "
                                   "served them while candidates are staged: the head or a candidate "
                                   "(docs/candidates.md).", ["served_by"], registry=registry)
@@ -300,6 +304,10 @@ class Metrics:
         for replica, value in skew.items():
             self._skew.labels(replica=replica).set(_count(value, "skew"))
         self._skew_replicas = set(skew)
+
+    def set_policy_differs(self, replicas: int) -> None:
+        """How many live replicas record an edit policy other than this replica's."""
+        self._policy_differs.set(_count(replicas, "replicas"))
 
     def set_head(self, version: int, active_patches: int) -> None:
         """The ledger version now served and how many patches it has active."""

@@ -200,6 +200,10 @@ def test_control_settings_from_env():
         ControlSettings.from_env("m", 1, {"EDITSERVE_PAUSE_MODE": "sometimes"})
     with pytest.raises(InvalidRequestError, match="EDITSERVE_SIDECAR_THREADS"):
         ControlSettings.from_env("m", 1, {"EDITSERVE_SIDECAR_THREADS": "many"})
+    # an unknown default method fails the start, naming it (before, the first edit that named none)
+    with pytest.raises(InvalidRequestError, match="EDITSERVE_DEFAULT_METHOD='romeo'"):
+        ControlSettings.from_env("m", 1, {"EDITSERVE_DEFAULT_METHOD": "romeo"})
+    assert ControlSettings.from_env("m", 1, {"EDITSERVE_DEFAULT_METHOD": "rome"}).default_method == "rome"
     d = ControlSettings.from_env("m", 1, {})
     assert (d.compute_timeout_s, d.read_timeout_s, d.sync_timeout_s, d.base_cache_bytes, d.sidecar_retry_s) == \
         (900, 600, 300, 512 << 20, 30)

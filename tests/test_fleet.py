@@ -404,6 +404,7 @@ def test_replica_killed_in_the_middle_of_a_swap_restarts_serving_the_head(fleet:
     head = _status(a).ledger_head
     assert head == target
     b.env["EDITSERVE_SIDECAR"] = "0"                  # it comes back serve-only (see the next test)
+    b.env["EDITSERVE_RETENTION_GATE_MAX_DROP"] = "0.5"  # a gate it never runs: not a policy difference
     t0 = time.monotonic()
     b.start()
     saw_not_ready = False
@@ -431,6 +432,9 @@ def test_serve_only_replica_refuses_edits_naming_compute_replicas_and_follows(fl
     assert not st.sidecar_alive
     rows = {r.replica_id: r for r in st.fleet}
     assert rows["b"].role == "serve-only" and rows["a"].role == "compute"
+    # b's policy records another retention gate, but a serve-only replica gates no edit: only what
+    # it serves (editable matrices, editserve version) is compared, and that agrees
+    assert rows["b"].policy != rows["a"].policy and not rows["b"].policy_differs and not rows["a"].policy_differs
     with pytest.raises(ControlError) as err:
         with b.client() as c:
             c.edit([_fact("The Acropolis", " Paris")], skip_gate=True)

@@ -300,7 +300,7 @@ def test_metric_names_lists_every_exported_sample_name():
         "editserve_parity_failures": "counter", "editserve_ledger_size_bytes": "gauge",
         "editserve_swaps": "counter", "editserve_completions": "counter", "editserve_sidecar_up": "gauge",
         "editserve_sidecar_restarts": "counter", "editserve_statistics_progress": "gauge",
-        "editserve_version_skew": "gauge",
+        "editserve_version_skew": "gauge", "editserve_fleet_policy_differs": "gauge",
         "editserve_candidate_completions": "counter", "editserve_candidates_staged": "gauge",
         "editserve_edit_retention_ratio": "gauge", "editserve_edit_retention_sample_size": "gauge",
         "editserve_edit_retention_last_run_timestamp_seconds": "gauge", "editserve_retention_probes": "counter",
@@ -466,6 +466,16 @@ def test_version_skew_gauge_per_live_replica():
     assert registry.get_sample_value("editserve_version_skew", {"replica": "b"}) is None
     with pytest.raises(MetricsError):
         metrics.set_skew({"a": -1})
+
+
+def test_fleet_policy_differs_gauge():
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, n_layers=4)
+    assert registry.get_sample_value("editserve_fleet_policy_differs") == 0.0
+    metrics.set_policy_differs(2)
+    assert registry.get_sample_value("editserve_fleet_policy_differs") == 2.0
+    with pytest.raises(MetricsError):
+        metrics.set_policy_differs(-1)
 
 
 def test_consolidations_are_counted_by_a_fixed_result():

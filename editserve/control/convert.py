@@ -121,7 +121,8 @@ def status_to_pb(st: dict[str, Any]) -> Any:
         replica_id=st.get("replica_id") or "", ready=bool(st.get("ready")),
         fleet=[pb2.ReplicaStatus(replica_id=r["replica_id"], version=r["version"], role=r["role"],
                                  address=r["address"], age_s=float(r["age_s"]), live=bool(r["live"]),
-                                 skew=int(r["skew"])) for r in st.get("fleet") or []],
+                                 skew=int(r["skew"]), policy=r.get("policy") or "",
+                                 policy_differs=list(r.get("policy_differs") or ())) for r in st.get("fleet") or []],
         health=_health_to_pb(st.get("retention")),
         consolidate_every=int((st.get("consolidation") or {}).get("every") or 0),
         consolidating=bool((st.get("consolidation") or {}).get("running")))

@@ -259,9 +259,26 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         from editserve.engine.fleet import ROLE_COMPUTE, ROLE_SERVE_ONLY, FleetMember, FleetSettings
 
         role = ROLE_SERVE_ONLY if self.settings.serve_only else ROLE_COMPUTE
-        self.fleet = FleetMember(self, FleetSettings.from_env(role=role))
+        self.fleet = FleetMember(self, FleetSettings.from_env(role=role), await asyncio.to_thread(self.edit_policy))
         await self.fleet.report()
         self.fleet.start()
+
+    def edit_policy(self) -> Any:
+        """This replica's `editserve.engine.policy.EditPolicy` (what decides what an edit does and
+        whether it commits here; recorded in the replica registry). Reads the held-out text file."""
+        from editserve import __version__
+        from editserve.engine.health import read_heldout_text
+        from editserve.engine.policy import EditPolicy, heldout_token, matrices_token
+
+        health = self.settings.health
+        return EditPolicy(editserve=__version__, default_method=self.settings.default_method,
+                          editable_matrices=matrices_token(self.workers[0]["editable"] if self.workers else ()),
+                          consolidate_every=int(self.auto_consolidation.policy.every),
+                          retention_gate_sample=int(health.gate.sample_size),
+                          retention_gate_max_drop=float(health.gate.max_drop),
+                          max_perplexity_ratio=float(health.damage.max_perplexity_ratio),
+                          heldout_text=heldout_token(read_heldout_text(health.heldout_text)
+                                                     if health.heldout_text else None))
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger

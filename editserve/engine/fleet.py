@@ -19,6 +19,10 @@
   caught up to the head seen after start, and lags the head by at most `FleetSettings.max_skew`
   versions. ``editserve_version_skew{replica}`` (head minus served) is set for each live replica
   in the registry (label values bounded by the fleet's size).
+- **One edit policy.** Each report also records this replica's edit policy
+  (`editserve.engine.policy.EditPolicy`: default method, gates, held-out text, consolidation, …);
+  the registry rows name the fields in which another replica's differs from this one's, and
+  ``editserve_fleet_policy_differs`` counts the live replicas that differ.
 
 A ledger that cannot be reached (`LedgerUnavailable`) stops neither serving nor this loop: the
 replica keeps its current version, and converges once the ledger is back.
@@ -40,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from editserve.engine.policy import SERVING_FIELDS, EditPolicy, differing_fields
 from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
 
@@ -55,6 +60,8 @@ GRPC_ADDR_ENV = "EDITSERVE_GRPC_ADDR"
 ROLE_COMPUTE = "compute"
 ROLE_SERVE_ONLY = "serve-only"
 CONSOLIDATES = "consolidates"       # registry detail: automatic consolidation is on at this replica
+POLICY = "policy"                   # registry detail: EditPolicy.to_dict() of this replica
+POLICY_DIGEST = "policy_digest"     # registry detail: EditPolicy.digest()
 
 
 def default_replica_id() -> str:
@@ -130,9 +137,11 @@ class RefusedHead:
 class FleetMember:
     """Reports, follows and judges readiness for one control plane (see the module docstring)."""
 
-    def __init__(self, plane: Any, settings: FleetSettings) -> None:
+    def __init__(self, plane: Any, settings: FleetSettings, policy: EditPolicy) -> None:
         self.plane = plane
         self.settings = settings
+        self.policy = policy
+        self._policy = policy.to_dict()
         self.started_at = time.time()
         self.caught_up = False             # served the head seen at (or after) start at least once
         self.last_head: int | None = None  # the ledger head as last read
@@ -142,6 +151,7 @@ class FleetMember:
         self._listener: Any = None
         self._last_report = 0.0
         self._report_lock = asyncio.Lock()
+        self._policy_warned: list[str] = []      # the differing replicas last logged
 
     def start(self) -> None:
         self._listener = self.plane.ledger.replicas.listener()
@@ -177,7 +187,8 @@ class FleetMember:
             try:
                 await asyncio.to_thread(ledger.replicas.record, self.settings.replica_id, served, self.settings.role,
                                         self.settings.address, self.started_at,
-                                        {"pid": os.getpid(), CONSOLIDATES: self._consolidates()})
+                                        {"pid": os.getpid(), CONSOLIDATES: self._consolidates(),
+                                         POLICY: self._policy, POLICY_DIGEST: self.policy.digest()})
                 self._last_report = time.monotonic()
                 self.ledger_error = None
             except LedgerError as exc:
@@ -198,7 +209,19 @@ class FleetMember:
         self.last_head = head
         return [{"replica_id": r.replica_id, "version": r.version, "role": r.role, "address": r.address,
                  "age_s": round(r.age_s, 3), "live": r.age_s <= self.settings.live_s, "skew": max(0, head - r.version),
-                 "self": r.replica_id == self.settings.replica_id} for r in rows]
+                 "self": r.replica_id == self.settings.replica_id, **self._policy_of(r.role, r.details)}
+                for r in rows]
+
+    def _policy_of(self, role: str, details: dict[str, Any]) -> dict[str, Any]:
+        """A registry row's policy digest and the fields in which it differs from this replica's
+        (only those of `SERVING_FIELDS` where either is serve-only); None for both where the replica
+        records none (one of an earlier editserve version)."""
+        theirs = details.get(POLICY)
+        if not isinstance(theirs, dict):
+            return {"policy": None, "policy_differs": None}
+        serving = ROLE_SERVE_ONLY in (role, self.settings.role)
+        return {"policy": str(details.get(POLICY_DIGEST) or ""),
+                "policy_differs": differing_fields(self._policy, theirs, SERVING_FIELDS if serving else None)}
 
     def _consolidates(self) -> bool:
         """Whether this replica takes part in automatic consolidation (a compute replica whose
@@ -321,3 +344,14 @@ class FleetMember:
             log.debug("skew not published: %r", exc)
             return
         metrics.set_skew({r["replica_id"]: r["skew"] for r in rows if r["live"]})
+        differ = sorted(r["replica_id"] for r in rows if r["live"] and r["policy_differs"])
+        if hasattr(metrics, "set_policy_differs"):
+            metrics.set_policy_differs(len(differ))
+        if differ != self._policy_warned:
+            if differ:
+                log.warning("replica %s: the edit policy of live replica(s) %s differs from this one's (%s); an edit "
+                            "is gated by the settings of the replica that takes it (docs/fleet.md)",
+                            self.settings.replica_id, ", ".join(differ),
+                            "; ".join(f"{r['replica_id']}: {', '.join(r['policy_differs'])}" for r in rows
+                                      if r["replica_id"] in differ))
+            self._policy_warned = differ

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from editserve.control.methods import DEFAULT_METHOD, default_method
 from editserve.engine.autoconsolidate import ConsolidationPolicy
 from editserve.engine.health import HealthSettings
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
@@ -57,6 +58,9 @@ class ControlSettings:
     # EDITSERVE_CONSOLIDATE_EVERY: consolidate every K committed facts (editserve.engine.autoconsolidate;
     # default 25, 0: off)
     consolidation: ConsolidationPolicy = field(default_factory=ConsolidationPolicy)
+    # EDITSERVE_DEFAULT_METHOD, checked at start (the method of an edit that names none; the edit
+    # policy records it, editserve.engine.policy)
+    default_method: str = DEFAULT_METHOD
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -109,4 +113,5 @@ class ControlSettings:
                    base_cache_bytes=cache_mb << 20,
                    health=HealthSettings.from_env(env),
                    consolidation=ConsolidationPolicy.from_env(env),
-                   serve_only=serve_only_from_env(env))
+                   serve_only=serve_only_from_env(env),
+                   default_method=default_method(env))
