@@ -73,6 +73,7 @@ from editserve.engine.autoconsolidate import AutoConsolidation
 from editserve.engine.errors import PluginSetupError, SwapFailed
 from editserve.engine.expected import ExpectedChecksums
 from editserve.engine.orchestration import Counters, Served, SwapOrchestration
+from editserve.engine.policy import EditPolicy, heldout_token, matrices_token
 from editserve.engine.probe_scores import probe_scores
 from editserve.engine.settings import (BASE_CACHE_ENV, LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV,
                                        SIDECAR_READ_TIMEOUT_ENV, SIDECAR_SYNC_TIMEOUT_ENV, SIDECAR_THREADS_ENV,
@@ -263,12 +264,11 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         await self.fleet.report()
         self.fleet.start()
 
-    def edit_policy(self) -> Any:
+    def edit_policy(self) -> EditPolicy:
         """This replica's `editserve.engine.policy.EditPolicy` (what decides what an edit does and
         whether it commits here; recorded in the replica registry). Reads the held-out text file."""
         from editserve import __version__
         from editserve.engine.health import read_heldout_text
-        from editserve.engine.policy import EditPolicy, heldout_token, matrices_token
 
         health = self.settings.health
         return EditPolicy(editserve=__version__, default_method=self.settings.default_method,
