@@ -44,7 +44,12 @@ def test_default_method_is_one_switch(monkeypatch):
     assert default_method({DEFAULT_METHOD_ENV: "alphaedit"}) == "alphaedit"
     with pytest.raises(InvalidRequestError, match=DEFAULT_METHOD_ENV):
         default_method({DEFAULT_METHOD_ENV: "fancy"})
-    monkeypatch.setenv(DEFAULT_METHOD_ENV, "alphaedit")
-    assert edit_args(_msg(), 30).method == "alphaedit"
-    monkeypatch.delenv(DEFAULT_METHOD_ENV)
+    # a request's default is the server's, checked when it started; the environment is not read again
+    monkeypatch.setenv(DEFAULT_METHOD_ENV, "fancy")
     assert edit_args(_msg(), 30).method == DEFAULT_METHOD
+    assert edit_args(_msg(), 30, default_method="memit").method == "memit"
+    assert edit_args(_msg("rome"), 30, default_method="memit").method == "rome"
+    from editserve.candidates.validate import stage_args
+
+    staged = stage_args(pb2.StageCandidateRequest(edit=_msg()), 30, default_method="memit")
+    assert staged.edit is not None and staged.edit.method == "memit" and staged.edit.dry_run

@@ -82,10 +82,15 @@ def test_heldout_text_setting_is_checked_at_start(tmp_path):
     """EDITSERVE_HELDOUT_TEXT: a deployment's own held-out prose, refused at start (naming the
     variable, the path and the fault) unless it is a readable UTF-8 file of 1,000 to 200,000
     characters; unset, the packaged prose."""
-    assert HealthSettings.from_env({}).heldout_text is None
+    from editserve.engine.policy import PACKAGED, heldout_token
+
+    unset = HealthSettings.from_env({})
+    assert unset.heldout_text is None and unset.heldout_digest == PACKAGED
     good = tmp_path / "heldout-de.txt"
     good.write_text("Der Fluss fließt ruhig durch das Tal, und am Ufer wachsen Weiden. " * 30, encoding="utf-8")
-    assert HealthSettings.from_env({"EDITSERVE_HELDOUT_TEXT": str(good)}).heldout_text == str(good)
+    read = HealthSettings.from_env({"EDITSERVE_HELDOUT_TEXT": str(good)})
+    # the digest the edit policy records is of the text read at start (the file is not read again for it)
+    assert read.heldout_text == str(good) and read.heldout_digest == heldout_token(good.read_text(encoding="utf-8"))
     assert read_heldout_text(str(good)) == good.read_text(encoding="utf-8")
     short, latin1, huge = tmp_path / "short.txt", tmp_path / "latin1.txt", tmp_path / "huge.txt"
     short.write_text("Too short to measure anything.")

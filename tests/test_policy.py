@@ -38,3 +38,26 @@ def test_differing_fields_names_each_field_that_differs() -> None:
     # where a serve-only replica is one side, only what it serves is compared
     assert differing_fields(BASE.to_dict(), other, SERVING_FIELDS) == []
     assert differing_fields(BASE.to_dict(), replace(BASE, editserve="0.2.0").to_dict(), SERVING_FIELDS) == ["editserve"]
+
+
+def test_the_status_table_says_what_each_replicas_policy_cell_means() -> None:
+    """`editserve status`'s "edit policy" column: the same digest; another one with the differing
+    fields; another one with none (a serve-only side, where only the serving fields are compared);
+    "-" for a replica that records none."""
+    from editserve.commands.remote import fleet_table
+    from editserve.control.gen import pb2
+
+    def row(rid: str, policy: str, differs: tuple[str, ...] = (), role: str = "compute") -> pb2.ReplicaStatus:
+        return pb2.ReplicaStatus(replica_id=rid, version=3, role=role, address="127.0.0.1:1", age_s=1.0, live=True,
+                                 policy=policy, policy_differs=list(differs))
+
+    mine = BASE.digest()
+    gate = replace(BASE, retention_gate_max_drop=0.25).digest()
+    table = fleet_table([row("a", mine), row("b", mine), row("c", gate, ("retention_gate_max_drop",)),
+                         row("d", gate, role="serve-only"), row("e", "")], me="a")
+    lines = {line.lstrip("* ").split()[0]: line for line in table.splitlines()[2:]}
+    assert lines["a"].startswith("* a") and lines["a"].rstrip().endswith(mine)
+    assert lines["b"].rstrip().endswith(mine)
+    assert lines["c"].rstrip().endswith(f"{gate} DIFFERS: retention_gate_max_drop")
+    assert lines["d"].rstrip().endswith(f"{gate} (serving fields agree)")
+    assert lines["e"].rstrip().endswith("-")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from editserve.candidates.compare import CompareItem, caller_items
 from editserve.candidates.staging import check_share
+from editserve.control.methods import DEFAULT_METHOD
 from editserve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ def candidate_id(value: Any) -> str:
     return value
 
 
-def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
-    """A ``StageCandidateRequest`` → `StageArgs` (exactly one source)."""
+def stage_args(msg: Any, n_layers: int | None = None, default_method: str = DEFAULT_METHOD) -> StageArgs:
+    """A ``StageCandidateRequest`` → `StageArgs` (exactly one source; an edit's method defaults to
+    `default_method`, the server's)."""
     share = None
     if msg.HasField("share"):
         if not math.isfinite(msg.share):
@@ -67,7 +69,7 @@ def stage_args(msg: Any, n_layers: int | None = None) -> StageArgs:
     if msg.HasField("edit"):
         from editserve.control import validate
 
-        args = validate.edit_args(msg.edit, n_layers)
+        args = validate.edit_args(msg.edit, n_layers, default_method)
         if args.expected_head is not None or args.idempotency_key or args.wait_for_replicas_s is not None:
             raise InvalidRequestError("a staged edit commits nothing: expected_head, idempotency_key and "
                                       "wait_for_replicas_s do not apply to it")

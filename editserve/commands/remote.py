@@ -575,14 +575,18 @@ def _consolidate(c: Any, args: argparse.Namespace) -> int:
 
 def fleet_table(fleet: Any, me: str = "") -> str:
     """The ledger's replica registry (Status.fleet): which replica serves what (docs/fleet.md)."""
+    mine = next((r.policy for r in fleet if r.replica_id == me), "")
     rows = [[("* " if r.replica_id == me else "  ") + r.replica_id, r.version, r.skew, r.role, r.address,
-             f"{r.age_s:.1f}s", "yes" if r.live else "no", _policy_cell(r)] for r in fleet]
+             f"{r.age_s:.1f}s", "yes" if r.live else "no", _policy_cell(r, mine)] for r in fleet]
     return _table(rows, ["replica", "serves", "skew", "role", "address", "last report", "live", "edit policy"])
 
 
-def _policy_cell(r: Any) -> str:
+def _policy_cell(r: Any, mine: str) -> str:
     """A fleet row's edit policy: its digest, and the fields in which it differs from the answering
-    replica's ("-": the replica records none)."""
+    replica's (`mine`: its digest; "-": the replica records none). Another digest without a differing
+    field is a serve-only side, where only the serving fields are compared."""
     if not r.policy:
         return "-"
-    return r.policy + (f" DIFFERS: {', '.join(r.policy_differs)}" if r.policy_differs else "")
+    if r.policy_differs:
+        return f"{r.policy} DIFFERS: {', '.join(r.policy_differs)}"
+    return r.policy if not mine or r.policy == mine else f"{r.policy} (serving fields agree)"

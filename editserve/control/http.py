@@ -202,7 +202,7 @@ def router() -> Any:
         api.add_api_route(path, endpoint, methods=[method])
 
     async def edit(ops: Operations, who: Principal, request: Any) -> Any:
-        args = validate.edit_args(await _body(request, pb2.EditRequest), ops.n_layers())
+        args = validate.edit_args(await _body(request, pb2.EditRequest), ops.n_layers(), ops.default_method())
         op = operation_id(request.headers.get(OPERATION_HEADER))
         return (await ops.edit(who, args, op)).to_dict()
 
@@ -286,7 +286,7 @@ def router() -> Any:
             if not isinstance(hp, dict):
                 raise InvalidRequestError(f"edit.hparams must be an object, got {hp!r}")
             edit_body["hparams_json"] = json.dumps(hp)
-        args = stage_args(_message(body, pb2.StageCandidateRequest), ops.n_layers())
+        args = stage_args(_message(body, pb2.StageCandidateRequest), ops.n_layers(), ops.default_method())
         return (await ops.stage(who, args, request.headers.get(OPERATION_HEADER))).to_dict()
 
     async def compare(ops: Operations, who: Principal, request: Any) -> Any:

@@ -145,6 +145,11 @@ class Operations:
         m = getattr(self.engine, "metrics", None)
         return int(m.n_layers) if m is not None and getattr(m, "n_layers", None) else None
 
+    def default_method(self) -> str:
+        """The method of an edit that names none: this server's, read and checked when it started
+        (``EDITSERVE_DEFAULT_METHOD``; the value its edit policy records)."""
+        return str(self.engine.settings.default_method)
+
     # -- changes ---------------------------------------------------------------------------
 
     def _publish(self, op: str, caller: str, stage: str, fraction: float, message: str = "",

@@ -41,7 +41,7 @@ class EditService(pb2_grpc.EditServiceServicer):
         self.ops = ops
 
     async def Edit(self, request: Any, context: Any) -> Any:
-        args = validate.edit_args(request, self.ops.n_layers())
+        args = validate.edit_args(request, self.ops.n_layers(), self.ops.default_method())
         change = await self.ops.edit(current_principal(), args, _operation_id(context))
         gate = (change.probe_report or {}).get("gate")
         return pb2.EditResponse(change=convert.change_to_pb(change, committed=not args.dry_run),
@@ -106,7 +106,7 @@ class EditService(pb2_grpc.EditServiceServicer):
         from editserve.candidates.validate import stage_args
         from editserve.candidates.wire import candidate_to_pb
 
-        args = stage_args(request, self.ops.n_layers())
+        args = stage_args(request, self.ops.n_layers(), self.ops.default_method())
         return candidate_to_pb(await self.ops.stage(current_principal(), args, _operation_id(context)))
 
     async def PromoteCandidate(self, request: Any, context: Any) -> Any:

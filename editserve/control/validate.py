@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from editserve.control.errors import RequestTooLarge, ThresholdOutOfBounds
 from editserve.control.limits import HparamOverrides, hparam_overrides
-from editserve.control.methods import EDIT_METHODS, default_method
+from editserve.control.methods import DEFAULT_METHOD, EDIT_METHODS
 from editserve.control.probe import DEFAULT_THRESHOLDS, LOOSEST_THRESHOLDS, GateConfig, Thresholds
 from editserve.editing.requests import MAX_TEXT_CHARS, EditRequest
 from editserve.errors import InvalidRequestError, LayerOutOfRangeError
@@ -100,12 +100,15 @@ def thresholds_from(msg: Any, defaults: Thresholds = DEFAULT_THRESHOLDS,
     return th
 
 
-def edit_args(msg: Any, n_layers: int | None) -> EditArgs:
+def edit_args(msg: Any, n_layers: int | None, default_method: str = DEFAULT_METHOD) -> EditArgs:
+    """An EditRequest checked (InvalidRequestError and its kinds, naming the bad value). `n_layers`:
+    the served model's (None: unknown, layers unchecked); `default_method`: the method of a request
+    that names none (the server's ``ControlSettings.default_method``, checked when it started)."""
     if not msg.facts:
         raise InvalidRequestError("facts must hold at least one fact, got none")
     if len(msg.facts) > MAX_FACTS:
         raise RequestTooLarge(f"{len(msg.facts)} facts in one request; the limit is {MAX_FACTS}")
-    method = msg.method or default_method()
+    method = msg.method or default_method
     if method not in METHODS:
         raise InvalidRequestError(f"unknown method {_show(method)}; choose one of {list(METHODS)}")
     reqs = tuple(fact_request(f, i) for i, f in enumerate(msg.facts))

@@ -266,19 +266,21 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
 
     def edit_policy(self) -> EditPolicy:
         """This replica's `editserve.engine.policy.EditPolicy` (what decides what an edit does and
-        whether it commits here; recorded in the replica registry). Reads the held-out text file."""
+        whether it commits here; recorded in the replica registry). Reads the held-out text file only
+        where the settings were not read from the environment (which keeps its digest)."""
         from editserve import __version__
         from editserve.engine.health import read_heldout_text
 
         health = self.settings.health
+        heldout = health.heldout_digest or heldout_token(read_heldout_text(health.heldout_text)
+                                                         if health.heldout_text else None)
         return EditPolicy(editserve=__version__, default_method=self.settings.default_method,
                           editable_matrices=matrices_token(self.workers[0]["editable"] if self.workers else ()),
                           consolidate_every=int(self.auto_consolidation.policy.every),
                           retention_gate_sample=int(health.gate.sample_size),
                           retention_gate_max_drop=float(health.gate.max_drop),
                           max_perplexity_ratio=float(health.damage.max_perplexity_ratio),
-                          heldout_text=heldout_token(read_heldout_text(health.heldout_text)
-                                                     if health.heldout_text else None))
+                          heldout_text=heldout)
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger

@@ -141,7 +141,7 @@ class FleetMember:
         self.plane = plane
         self.settings = settings
         self.policy = policy
-        self._policy = policy.to_dict()
+        self._policy_details = {POLICY: policy.to_dict(), POLICY_DIGEST: policy.digest()}   # recorded as is
         self.started_at = time.time()
         self.caught_up = False             # served the head seen at (or after) start at least once
         self.last_head: int | None = None  # the ledger head as last read
@@ -188,7 +188,7 @@ class FleetMember:
                 await asyncio.to_thread(ledger.replicas.record, self.settings.replica_id, served, self.settings.role,
                                         self.settings.address, self.started_at,
                                         {"pid": os.getpid(), CONSOLIDATES: self._consolidates(),
-                                         POLICY: self._policy, POLICY_DIGEST: self.policy.digest()})
+                                         **self._policy_details})
                 self._last_report = time.monotonic()
                 self.ledger_error = None
             except LedgerError as exc:
@@ -221,7 +221,7 @@ class FleetMember:
             return {"policy": None, "policy_differs": None}
         serving = ROLE_SERVE_ONLY in (role, self.settings.role)
         return {"policy": str(details.get(POLICY_DIGEST) or ""),
-                "policy_differs": differing_fields(self._policy, theirs, SERVING_FIELDS if serving else None)}
+                "policy_differs": differing_fields(self._policy_details[POLICY], theirs, SERVING_FIELDS if serving else None)}
 
     def _consolidates(self) -> bool:
         """Whether this replica takes part in automatic consolidation (a compute replica whose
@@ -345,8 +345,7 @@ class FleetMember:
             return
         metrics.set_skew({r["replica_id"]: r["skew"] for r in rows if r["live"]})
         differ = sorted(r["replica_id"] for r in rows if r["live"] and r["policy_differs"])
-        if hasattr(metrics, "set_policy_differs"):
-            metrics.set_policy_differs(len(differ))
+        metrics.set_policy_differs(len(differ))
         if differ != self._policy_warned:
             if differ:
                 log.warning("replica %s: the edit policy of live replica(s) %s differs from this one's (%s); an edit "

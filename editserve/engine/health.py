@@ -56,6 +56,7 @@ from typing import Any
 
 from editserve.control.gate import DamageGate
 from editserve.editing.retention import RetentionGate
+from editserve.engine.policy import heldout_token
 from editserve.envparse import real_number, whole_number
 from editserve.errors import InvalidRequestError
 
@@ -106,6 +107,7 @@ class HealthSettings:
     gate: RetentionGate = field(default_factory=RetentionGate)
     damage: DamageGate = field(default_factory=DamageGate)
     heldout_text: str | None = None      # EDITSERVE_HELDOUT_TEXT: a file; None: the packaged prose
+    heldout_digest: str | None = None    # policy.heldout_token of that text, kept by from_env (None: not read)
 
     def __post_init__(self) -> None:
         if isinstance(self.probe_sample, bool) or not isinstance(self.probe_sample, int) or self.probe_sample < 0:
@@ -132,12 +134,12 @@ class HealthSettings:
             raise InvalidRequestError(f"{GATE_MAX_PPL_ENV} must be 0 (off) or a number >= 1, got {bound!r}")
         damage = DamageGate(max_perplexity_ratio=bound)
         heldout = env.get(HELDOUT_TEXT_ENV) or None
-        if heldout is not None:
-            read_heldout_text(heldout)          # refused here, at start, rather than in the sidecar
+        # refused here, at start, rather than in the sidecar; its digest is kept for the edit policy
+        digest = heldout_token(read_heldout_text(heldout) if heldout is not None else None)
         return cls(probe_sample=integer(PROBE_SAMPLE_ENV, cls.probe_sample),
                    probe_interval_s=number(PROBE_INTERVAL_ENV, cls.probe_interval_s),
                    probe_min_gap_s=number(PROBE_MIN_GAP_ENV, cls.probe_min_gap_s), gate=gate, damage=damage,
-                   heldout_text=heldout)
+                   heldout_text=heldout, heldout_digest=digest)
 
 
 @dataclass(frozen=True)
