@@ -49,6 +49,10 @@ def _stats_files(home: Path) -> list[Path]:
     return sorted((home / "stats").rglob("*.safetensors")) if (home / "stats").exists() else []
 
 
+def _projection_files(home: Path) -> list[Path]:
+    return sorted((home / "nullspace").rglob("*.safetensors")) if (home / "nullspace").exists() else []
+
+
 def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     home, ckpt = cold_home
@@ -92,7 +96,11 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
         assert sorted(int(f.name.split("-L")[1].split("-")[0]) for f in files) == [1, 2, 3, 4, 5], files
         stats_s = out.probe_report["compute_seconds"]["stats"]
         assert stats_s < 0.25 * done["seconds"], (stats_s, done["seconds"])
-        mtimes = {f: f.stat().st_mtime_ns for f in files}
+        # AlphaEdit's null-space projections of its layers were built from them too (its first edit loads them)
+        projections = _projection_files(home)
+        assert sorted(int(f.name.split("-L")[1].split("-")[0]) for f in projections) == [1, 2, 3, 4, 5], projections
+        assert all(f.name.endswith("-t0.01.safetensors") for f in projections), projections
+        mtimes = {f: f.stat().st_mtime_ns for f in files + projections}
         print(f"\nwarm-up {done['seconds']:.1f} s; edit's statistics step {stats_s:.2f} s; "
               f"{len(waits)} 'statistics' progress messages")
     finally:
@@ -107,7 +115,7 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
         while again.statistics()["state"] == "building" and time.monotonic() < deadline:
             time.sleep(0.5)
         assert again.statistics()["state"] == "ready"
-        assert {f: f.stat().st_mtime_ns for f in _stats_files(home)} == mtimes
+        assert {f: f.stat().st_mtime_ns for f in _stats_files(home) + _projection_files(home)} == mtimes
     finally:
         again.close()
 
@@ -123,11 +131,12 @@ def test_warmup_off_and_plan_from_the_hparams_files(cold_home: tuple[Path, Path]
     off_file = tmp_path / "off.json"
     off = StatisticsWarmup(model, tok, "f" * 64, str(ckpt), off_file, environ={"EDITSERVE_WARM_STATISTICS": "0"})
     off.start()
-    assert off.plan == {} and off.state.state == "off"
+    assert off.plan == {} and off.projections == () and off.state.state == "off"
     assert json.loads(off_file.read_text())["state"] == "off"
     assert not off.covers((5,), StatsParams())
     on = StatisticsWarmup(model, tok, "f" * 64, str(ckpt), None, environ={})
     assert on.plan == {StatsParams(): (1, 2, 3, 4, 5)} and on.layers == (1, 2, 3, 4, 5)
+    assert on.projections == ((StatsParams(), 0.01, (1, 2, 3, 4, 5)),)      # AlphaEdit's SmolLM2 defaults
     assert on.covers((5,), StatsParams()) and on.covers((5, 20), StatsParams())
     assert not on.covers((20,), StatsParams()) and not on.covers((5,), StatsParams(n_tokens=5000))
 

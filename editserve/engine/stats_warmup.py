@@ -5,7 +5,9 @@ is as fast as the rest.
 `Ready`. It builds (or loads from the cache of `editserve.editing.stats`) E[kkᵀ] for the default
 edit layers of the default methods (`WARM_METHODS`, layers and statistics parameters from the
 per-model hyper-parameter files; for SmolLM2: AlphaEdit and MEMIT layers 1-5, ROME layer 5, one pass over the
-corpus). It runs on its own copy of the *base* checkpoint cut after the last layer it needs, so it
+corpus), then AlphaEdit's null-space projections of its default layers from them (the on-disk cache of
+`editserve.editing.nullspace`; 3.3 s for SmolLM2's five layers on 2 cores, which the first AlphaEdit edit
+computed before). It runs on its own copy of the *base* checkpoint cut after the last layer it needs, so it
 never touches the sidecar's model (whose weights a sync changes in place, and on which a sync,
 score or trace runs forward passes meanwhile): the request loop stays responsive, and only an edit
 that needs statistics being built waits for them (`wait_for`), reporting its wait as progress.
@@ -158,8 +160,11 @@ class StatisticsWarmup:
         self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
         self.plan: dict[StatsParams, tuple[int, ...]] = {}
+        # (statistics parameters, null-space threshold, layers): the projections built after the statistics
+        self.projections: tuple[tuple[StatsParams, float, tuple[int, ...]], ...] = ()
         if warm_enabled(environ):
             self.plan = self._plan(model)
+            self.projections = self._projection_plan(model)
         self.layers = tuple(sorted({layer for layers in self.plan.values() for layer in layers}))
         self._state = StatisticsState("building" if self.plan else "off", layers=self.layers)
         if not self.plan:
@@ -182,6 +187,23 @@ class StatisticsWarmup:
                 continue
             plan.setdefault(hp.stats, set()).update(hp.layers)
         return {p: tuple(sorted(layers)) for p, layers in plan.items()}
+
+    @staticmethod
+    def _projection_plan(model: torch.nn.Module) -> tuple[tuple[StatsParams, float, tuple[int, ...]], ...]:
+        """The null-space projections the default methods use (AlphaEdit's: its layers, its threshold)."""
+        from editserve.editing.edit import resolve_hparams
+        from editserve.errors import EditserveError
+
+        out = []
+        for method in WARM_METHODS:
+            try:
+                hp = resolve_hparams(model, method)
+            except EditserveError:             # warned by _plan
+                continue
+            threshold = getattr(hp, "nullspace_threshold", None)
+            if threshold is not None:
+                out.append((hp.stats, float(threshold), tuple(sorted(hp.layers))))
+        return tuple(out)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -274,7 +296,25 @@ class StatisticsWarmup:
                 del model
             how = "loaded from the cache" if run is None else f"built from {run.tokens} tokens in {run.seconds:.1f} s"
             log.info("statistics warm-up: %s %s", _span(layers), how)
+            self._project(corpus, params, _stats)
             self._set(fraction=round(base + share, 4))
+
+    def _project(self, corpus: Any, params: StatsParams, stats: Mapping[int, Any]) -> None:
+        """The null-space projections of `projections` that use these statistics, into their cache
+        (`cached_null_space` reads one that is there), keyed as an edit keys them."""
+        from editserve.editing.nullspace import cached_null_space
+        from editserve.editing.stats import stats_key
+
+        for p, threshold, layers in self.projections:
+            if p != params:
+                continue
+            t = time.monotonic()
+            self._set(message=f"null-space projections for {_span(layers)}")
+            for layer in layers:
+                cached_null_space(stats[layer].cov, threshold, layer, self._fingerprint,
+                                  stats_key(corpus, layer, params, self._dtype))
+            log.info("statistics warm-up: null-space projections for %s (threshold %g) ready in %.1f s",
+                     _span(layers), threshold, time.monotonic() - t)
 
     def _truncated(self, n_layers: int) -> torch.nn.Module:
         """The base checkpoint with only its first `n_layers` blocks (the statistics of layer L need
