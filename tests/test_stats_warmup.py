@@ -62,6 +62,10 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
     client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home)))
     try:
         client.wait_ready()
+        # the default method's (AlphaEdit's) context prefixes were sampled from the unedited model
+        # before `Ready`, into the cache
+        prefixes = sorted((home / "prefixes").glob("*.json"))
+        assert [f.name.split("-", 1)[1] for f in prefixes] == ["n5-t10-s0.json"], prefixes
         st = client.statistics()
         assert st["state"] == "building" and st["layers"] == [1, 2, 3, 4, 5], st
         assert 0.0 <= st["fraction"] < 1.0 and st["error"] is None
