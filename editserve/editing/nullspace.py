@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from editserve.cachefile import publish
 from editserve.config import cache_dir
 from editserve.errors import InvalidRequestError, NonFiniteError
 
@@ -69,10 +70,8 @@ def cached_null_space(cov: torch.Tensor, threshold: float, layer: int, model_fp:
         return Projection(layer=layer, p=t["p"], kept=int(t["kept"].item()), threshold=float(threshold),
                           kept_energy=float(t["kept_energy"].item()))
     proj = null_space(cov, threshold, layer)
-    tmp = path.with_suffix(".tmp")
-    save_file({"p": proj.p.contiguous(), "kept": torch.tensor(proj.kept),
-               "kept_energy": torch.tensor(proj.kept_energy, dtype=torch.float64)}, str(tmp))
-    tmp.replace(path)
+    publish(path, lambda tmp: save_file({"p": proj.p.contiguous(), "kept": torch.tensor(proj.kept),
+                                         "kept_energy": torch.tensor(proj.kept_energy, dtype=torch.float64)}, str(tmp)))
     log.info("null space of layer %d: %d of %d directions below %g (%.2f%% of the energy)",
              layer, proj.kept, cov.shape[0], threshold, 100 * proj.kept_energy)
     return proj

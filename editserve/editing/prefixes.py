@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from editserve.cachefile import publish
 from editserve.config import cache_dir
 from editserve.editing.hparams import PrefixParams
 
@@ -42,8 +43,6 @@ def context_prefixes(model: torch.nn.Module, tok: object, model_fp: str, params:
             text = tok.decode(ids[0], skip_special_tokens=True)  # type: ignore[attr-defined]
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             prefixes.append(text.rstrip(".") + ". ")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(prefixes))
-    tmp.replace(path)
+    publish(path, lambda tmp: tmp.write_text(json.dumps(prefixes)))
     log.info("generated %d context prefixes", len(prefixes))
     return tuple(prefixes)

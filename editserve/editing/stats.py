@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from editserve.cachefile import publish
 from editserve.config import cache_dir
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus
@@ -131,9 +132,7 @@ def layer_stats(
         cov = (sums[layer] / count).contiguous().cpu()  # type: ignore[operator]
         cov = _checked(cov, layer)
         path = _cache_path(model_fp, corpus, layer, params, dtype)
-        tmp = path.with_suffix(".tmp")
-        save_file({"cov": cov}, str(tmp))
-        tmp.replace(path)
+        publish(path, lambda tmp: save_file({"cov": cov}, str(tmp)))
         out[layer] = LayerStats(layer, cov, count)
     log.info("covariance for layers %s: %d tokens in %.1fs", missing, count, seconds)
     return out, StatsRun(seconds=seconds, tokens=count)
