@@ -67,8 +67,16 @@ endif
 serve: venv
 	$(BIN)/editserve serve $(SERVE_CPU_ARGS) $(SERVE_ARGS)
 
+# Two workers (pytest-xdist), each running whole modules (their servers are module fixtures); the
+# longest modules are handed out first so that no worker is left alone with one at the end.
+# TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
+TEST_FIRST := tests/test_fleet.py tests/test_grpc.py tests/test_lifelong_smollm2.py tests/test_readme_path.py \
+	tests/test_engine_server.py tests/test_candidates.py tests/test_smollm2_edits.py tests/test_rebase_server.py \
+	tests/test_repack.py
+TEST_FILES := $(TEST_FIRST) $(filter-out $(TEST_FIRST),$(sort $(wildcard tests/test_*.py)))
 test: venv tools pg
-	$(BIN)/python -m pytest -q -x --durations=30 tests
+	$(BIN)/python -m pytest -q -x --durations=30 -n $(TEST_WORKERS) --dist loadfile $(TEST_FILES)
 
 bench: venv
 	$(BIN)/python bench/edit_bench.py
