@@ -76,7 +76,7 @@ TEST_FIRST := tests/test_fleet.py tests/test_grpc.py tests/test_lifelong_smollm2
 	tests/test_repack.py
 TEST_FILES := $(TEST_FIRST) $(filter-out $(TEST_FIRST),$(sort $(wildcard tests/test_*.py)))
 test: venv tools pg
-	$(BIN)/python -m pytest -q -x --durations=30 -n $(TEST_WORKERS) --dist loadfile $(TEST_FILES)
+	$(BIN)/python -m pytest -q -x --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(TEST_FILES)
 
 bench: venv
 	$(BIN)/python bench/edit_bench.py
