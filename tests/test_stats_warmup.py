@@ -111,10 +111,18 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
         client.close()
     assert not state_path(client.pid, home).exists()            # the state file goes with the process
     assert read_state(state_path(client.pid, home), alive=False)["state"] == "failed"
-    # A restarted sidecar finds every layer in the cache and builds nothing.
-    again = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home)))
+    # A restarted sidecar finds every layer in the cache and builds nothing. The prefixes it samples
+    # before `Ready` are its server's default method's (MEMIT's 5, in its config), not those of the
+    # method its inherited environment names (ROME's 10).
+    for f in (home / "prefixes").glob("*.json"):
+        f.unlink()
+    monkeypatch.setenv("EDITSERVE_DEFAULT_METHOD", "rome")
+    again = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home),
+                                        default_method="memit"))
     try:
         again.wait_ready()
+        prefixes = [f.name.split("-", 1)[1] for f in (home / "prefixes").glob("*.json")]
+        assert prefixes == ["n5-t10-s0.json"], prefixes
         deadline = time.monotonic() + 300
         while again.statistics()["state"] == "building" and time.monotonic() < deadline:
             time.sleep(0.5)

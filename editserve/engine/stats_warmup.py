@@ -163,8 +163,7 @@ class StatisticsWarmup:
         # (statistics parameters, null-space threshold, layers): the projections built after the statistics
         self.projections: tuple[tuple[StatsParams, float, tuple[int, ...]], ...] = ()
         if warm_enabled(environ):
-            self.plan = self._plan(model)
-            self.projections = self._projection_plan(model)
+            self.plan, self.projections = self._plans(model)
         self.layers = tuple(sorted({layer for layers in self.plan.values() for layer in layers}))
         self._state = StatisticsState("building" if self.plan else "off", layers=self.layers)
         if not self.plan:
@@ -174,11 +173,16 @@ class StatisticsWarmup:
     # -- plan ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _plan(model: torch.nn.Module) -> dict[StatsParams, tuple[int, ...]]:
+    def _plans(model: torch.nn.Module) -> tuple[dict[StatsParams, tuple[int, ...]],
+                                                 tuple[tuple[StatsParams, float, tuple[int, ...]], ...]]:
+        """From the default methods' hyper-parameters, one pass: the statistics to build (layers by
+        statistics parameters) and the null-space projections built after them (AlphaEdit's: its
+        layers, its threshold)."""
         from editserve.editing.edit import resolve_hparams
         from editserve.errors import EditserveError
 
         plan: dict[StatsParams, set[int]] = {}
+        projections = []
         for method in WARM_METHODS:
             try:
                 hp = resolve_hparams(model, method)
@@ -186,24 +190,10 @@ class StatisticsWarmup:
                 log.warning("statistics warm-up: no default %s layers for this model (%s)", method, exc)
                 continue
             plan.setdefault(hp.stats, set()).update(hp.layers)
-        return {p: tuple(sorted(layers)) for p, layers in plan.items()}
-
-    @staticmethod
-    def _projection_plan(model: torch.nn.Module) -> tuple[tuple[StatsParams, float, tuple[int, ...]], ...]:
-        """The null-space projections the default methods use (AlphaEdit's: its layers, its threshold)."""
-        from editserve.editing.edit import resolve_hparams
-        from editserve.errors import EditserveError
-
-        out = []
-        for method in WARM_METHODS:
-            try:
-                hp = resolve_hparams(model, method)
-            except EditserveError:             # warned by _plan
-                continue
             threshold = getattr(hp, "nullspace_threshold", None)
             if threshold is not None:
-                out.append((hp.stats, float(threshold), tuple(sorted(hp.layers))))
-        return tuple(out)
+                projections.append((hp.stats, float(threshold), tuple(sorted(hp.layers))))
+        return {p: tuple(sorted(layers)) for p, layers in plan.items()}, tuple(projections)
 
     # -- state --------------------------------------------------------------------------------
 

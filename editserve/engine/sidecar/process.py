@@ -83,20 +83,18 @@ class _Worker:
         # base checkpoint until the first `_hold`). None when it cannot be measured: the probe then
         # leaves the perplexity out.
         self.base_heldout_ppl = self._heldout_ppl("the unedited model")
-        self._base_prefixes()
+        self._base_prefixes(config.default_method)
         # (digests of the merged patches, their held-out perplexity): the last measured weights
         self._held_ppl: tuple[tuple[str, ...], float] | None = None
 
-    def _base_prefixes(self) -> None:
-        """The default method's context prefixes, sampled from the unedited model (before the first
+    def _base_prefixes(self, method: str) -> None:
+        """The server's default `method`'s context prefixes, sampled from the unedited model (before the first
         `_hold`) into their cache, once per ``$EDITSERVE_HOME``: otherwise the first edit sampled them
         from whatever version the sidecar held then (5.3 s for SmolLM2's AlphaEdit on 2 cores, on a
         cold home). Other methods' (ROME: 10 prefixes) are still sampled by their first edit."""
-        from editserve.control.methods import default_method
         from editserve.editing.edit import resolve_hparams
         from editserve.editing.prefixes import context_prefixes
 
-        method = default_method()                # the server's; the parent checked it at start
         try:
             params = resolve_hparams(self.model, method).prefixes
         except EditserveError as exc:            # no default layers for this model: its edits name theirs
