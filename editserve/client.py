@@ -17,6 +17,7 @@ edit's stages: it opens a ``WatchEvents`` stream first and hands the callback th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -154,8 +155,12 @@ class EditClient:
              expected_head: int | None = None, idempotency_key: str = "", thresholds: Mapping[str, float] | None = None,
              paraphrases: Sequence[tuple[str, int]] = (), neighbours: Sequence[tuple[str, int]] = (),
              progress: Callable[[Any], None] | None = None, operation_id: str = "", skip_gate: bool = False,
-             wait_for_replicas_s: float | None = None) -> Any:
+             wait_for_replicas_s: float | None = None, hparams: Mapping[str, Any] | None = None) -> Any:
         """Edit `facts` (mappings with prompt/subject/target_new/target_true, or `EditRequest`s).
+
+        `hparams`: overrides of the method's hyper-parameters, nested as in its hyper-parameter
+        file (``{"value": {"max_steps": 40}}``); the server checks them against its allow-list and
+        bounds (docs/security.md) and refuses others with INVALID_ARGUMENT naming the key.
 
         `progress` receives the ``Event``s (kind ``progress`` or ``rejected``) of this edit, from a
         ``WatchEvents`` stream opened before the call (it needs the viewer role, which editors have)."""
@@ -166,7 +171,7 @@ class EditClient:
                               thresholds=pb2.ProbeThresholds(**dict(thresholds or {})),
                               paraphrases=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in paraphrases],
                               neighbours=[pb2.GatePrompt(prompt=p, fact_index=i) for p, i in neighbours],
-                              skip_gate=skip_gate)
+                              skip_gate=skip_gate, hparams_json=json.dumps(dict(hparams)) if hparams else "")
         if expected_head is not None:
             req.expected_head = expected_head
         if wait_for_replicas_s is not None:

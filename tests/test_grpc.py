@@ -499,9 +499,20 @@ def test_cli_dry_run_then_edit_changes_live_completion(server: GrpcServer, tmp_p
     assert "] values:" in out.stderr and "] probe:" in out.stderr and "100%] dry_run" in out.stderr, out.stderr
     assert _state(server) == before and _durable(server) == files
     assert "Paris" in server.complete(EIFFEL_TEXT)
-    out = subprocess.run(edit, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # Hyper-parameter overrides (--hparams): refused by the CLI when not a JSON object, by the
+    # server (INVALID_ARGUMENT naming the key) when out of bounds; nothing changes either way.
+    for bad, named in (("[1]", "--hparams must be a JSON object"), ('{"value": {"max_steps": 1000}}', "value.max_steps")):
+        out = subprocess.run(edit + ["--hparams", bad], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and named in out.stderr, (bad, out.stdout, out.stderr)
+    assert "INVALID_ARGUMENT" in out.stderr, out.stderr
+    assert _state(server) == before and _durable(server) == files
+    out = subprocess.run(edit + ["--hparams", '{"value": {"max_steps": 24}}'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert "now serving version" in out.stdout and "PASSED" in out.stdout
+    with server.client("admin") as c:                # the override reached the method (default 25)
+        manifest = json.loads(c.export_patch(version=c.status().ledger_head).manifest_json)
+    assert manifest["hparams"]["value"]["max_steps"] == 24, manifest["hparams"]
     # The progress lines (stderr is not a terminal here: one line per stage).
     assert all(f"] {stage}" in out.stderr for stage in ("keys", "values", "solve", "probe", "swap", "commit",
                                                          "committed")), out.stderr

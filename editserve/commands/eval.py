@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from editserve.commands import parse_hparams
 from editserve.errors import DataError
 
 _SHARED_DEFAULT = Path("../shared/data/counterfact/counterfact-edit.json")
@@ -56,12 +57,7 @@ def run(args: argparse.Namespace) -> int:
         records = load_close_neighbours(None if args.close_neighbours == "all" else args.close_neighbours)
     else:
         records = load_counterfact(_data_path(args.data))
-    try:
-        hparams = json.loads(args.hparams) if args.hparams else None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"--hparams is not valid JSON: {exc}") from exc
-    if hparams is not None and not isinstance(hparams, dict):
-        raise DataError(f"--hparams must be a JSON object, got {args.hparams!r}")
+    hparams = parse_hparams(args.hparams)
     model, tok = load_model(args.model)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     batch = 1 if args.method == "rome" else (args.batch or args.records)

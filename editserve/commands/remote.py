@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from editserve.commands import parse_hparams
+
 COMMANDS = ("edit", "rollback", "revert", "consolidate", "versions", "show", "diff", "probe", "status", "watch")
 
 
@@ -50,6 +52,9 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--method", default="", choices=["", "rome", "memit", "alphaedit"],
                        help="editing method (default: the server's, EDITSERVE_DEFAULT_METHOD there)")
         p.add_argument("--layer", type=int, action="append", default=[])
+        p.add_argument("--hparams", default=None,
+                       help="JSON object of hyper-parameter overrides, e.g. '{\"value\": {\"max_steps\": 40}}' "
+                            "(allowed keys and bounds: docs/security.md)")
         p.add_argument("--dry-run", action="store_true", help="probe only, commit nothing")
         p.add_argument("--expected-head", type=int, default=None)
         p.add_argument("--idempotency-key", default="")
@@ -494,7 +499,8 @@ def _edit(c: Any, args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     fact = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target_new,
             "target_true": args.target_true}
-    kwargs = dict(method=args.method, layers=args.layer, dry_run=args.dry_run, expected_head=args.expected_head,
+    kwargs = dict(method=args.method, layers=args.layer, hparams=parse_hparams(args.hparams),
+                  dry_run=args.dry_run, expected_head=args.expected_head,
                   idempotency_key=args.idempotency_key, thresholds=th,
                   paraphrases=[(p, 0) for p in args.paraphrase], neighbours=[(p, 0) for p in args.neighbour])
     if args.no_progress or args.json:
