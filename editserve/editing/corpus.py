@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from editserve.cachefile import publish
+from editserve.atomicfile import publish
 from editserve.config import cache_dir
 from editserve.errors import DataError
 

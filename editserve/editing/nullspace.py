@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from editserve.cachefile import publish
+from editserve.atomicfile import publish
 from editserve.config import cache_dir
 from editserve.errors import InvalidRequestError, NonFiniteError
 

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from editserve.cachefile import publish
+from editserve.atomicfile import publish
 from editserve.config import cache_dir
 from editserve.editing.hparams import PrefixParams
 

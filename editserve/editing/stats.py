@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from editserve.cachefile import publish
+from editserve.atomicfile import publish
 from editserve.config import cache_dir
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from editserve.atomicfile import publish as publish_file
 from editserve.editing.hparams import StatsParams
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,8 @@ class _Board:
                 return
             self.last, self.last_state = now, st.state
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(st.to_dict()))
-            os.replace(tmp, self.path)
+            text = json.dumps(st.to_dict())
+            publish_file(self.path, lambda tmp: tmp.write_text(text))
 
     def remove(self) -> None:
         if self.path is not None:

@@ -5,8 +5,9 @@ A blob is an immutable byte string named by its sha256; reading it back checks t
 ``<root>/<sha[:2]>/<sha>`` next to a SQLite ledger, and `editserve.ledger.pgblobs.PgBlobStore`
 keeps them in PostgreSQL tables (no shared filesystem).
 
-A blob file is written to a temporary file in the same file system, fsynced, renamed into place
-and its directory fsynced, so a reader either sees the whole blob or none. Blobs are
+A blob file is written to a temporary file under ``<root>/../tmp`` (same file system), fsynced,
+renamed into place and its directory fsynced (`editserve.atomicfile.publish_bytes` with
+``durable=True``), so a reader either sees the whole blob or none. Blobs are
 immutable; writing one that already exists is a no-op. Blobs that no version references
 (left by a crash between the write and the database transaction) are harmless and can be
 removed by `BlobStore.collect_garbage`.
@@ -17,12 +18,12 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from editserve.atomicfile import publish_bytes
 from editserve.ledger.errors import LedgerCorrupt
 
 log = logging.getLogger(__name__)
@@ -43,35 +44,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write `data` to `path` via a fsynced temporary file and a rename."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def check_digest(digest: str) -> str:
@@ -143,7 +115,7 @@ class FileBlobStore(BlobStore):
         if path.exists() and path.stat().st_size == len(data):
             return digest
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data, self.tmp)
+        publish_bytes(path, data, durable=True, tmp_dir=self.tmp)
         return digest
 
     def get(self, digest: str, verify: bool = True) -> bytes:

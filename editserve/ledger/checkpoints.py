@@ -15,10 +15,11 @@ and is valid for every version whose sequence on that matrix starts with it.
 
 Files: ``<root>/<sha256(name)[:16]>/<chain hash>.safetensors``, one float32 tensor ``acc`` in
 vLLM's [d_out, d_in] orientation with metadata (name, chain, count, sha256 of the tensor's
-bytes), written atomically. They are a cache derived from the ledger: deleting them costs time,
-never correctness; `CheckpointStore.load` verifies the recorded sha256 and treats a bad file as
-absent. Workers of the same host read only their input-column slice of a file (`read_slice`),
-the API server verifies the whole file before it names it in a message.
+bytes), written atomically and durably (`editserve.atomicfile.publish`). They are a cache
+derived from the ledger: deleting them costs time, never correctness; `CheckpointStore.load`
+verifies the recorded sha256 and treats a bad file as absent. Workers of the same host read only
+their input-column slice of a file (`read_slice`), the API server verifies the whole file before
+it names it in a message.
 
 Cost per checkpoint: ``4 · d_out · d_in`` bytes on disk (Llama-2-7B down_proj 4096×11008:
 180 MB), nothing in memory between swaps.
@@ -28,11 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from editserve.atomicfile import publish
 from editserve.errors import PatchMismatchError
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,7 @@ class CheckpointStore:
         data = save({_TENSOR: t}, metadata={"name": name, "chain": chain, "count": str(int(count)),
                                              "sha256": _tensor_sha(t)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(path, lambda tmp: tmp.write_bytes(data), durable=True)
         log.debug("checkpoint of %s at delta %d written (%d bytes)", name, count, len(data))
         return path
 

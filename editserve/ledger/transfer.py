@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
+from editserve.atomicfile import publish_bytes
 from editserve.editing.alphaedit import PreservedKeys
 from editserve.editing.arch import Layout
 from editserve.errors import EditserveError, PatchMismatchError
-from editserve.ledger.blobs import atomic_write, sha256_bytes
+from editserve.ledger.blobs import sha256_bytes
 from editserve.ledger.errors import ImportRejected, LedgerError
 from editserve.ledger.ledger import Ledger
 from editserve.ledger.objects import out_in_shape
@@ -75,7 +76,7 @@ class PatchFiles:
 def _write(dest: Path, files: dict[str, bytes]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        atomic_write(dest / name, data, dest)
+        publish_bytes(dest / name, data, durable=True)
     return dest
 
 
