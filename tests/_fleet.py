@@ -54,10 +54,10 @@ class Replica:
                     "EDITSERVE_GRPC_ADDR": self.target, "EDITSERVE_CONTROL_TOKENS_FILE": str(tokens),
                     "EDITSERVE_SIDECAR_TIMEOUT_S": "300", "EDITSERVE_REPLICA_ID": name, **(extra_env or {})}
         self.env.pop("EDITSERVE_CONTROL_TOKEN", None)
-        # Its own home (tokens, run state), but the machine's statistics and corpus cache: building
+        # Its own home (tokens, run state), but the machine's statistics, corpus and prefix caches: building
         # covariance statistics again for every replica would only burn CPU.
         shared = default_home()
-        for sub in ("stats", "corpora"):
+        for sub in ("stats", "corpora", "prefixes"):
             link = tmp / "home" / sub
             if (shared / sub).is_dir() and not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)

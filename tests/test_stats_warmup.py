@@ -62,10 +62,11 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
     client = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home)))
     try:
         client.wait_ready()
-        # the default method's (AlphaEdit's) context prefixes were sampled from the unedited model
-        # before `Ready`, into the cache
+        # every method's context prefixes were sampled from the unedited model before `Ready`, into
+        # the cache: one list, ROME's 10, whose first 5 are AlphaEdit's and MEMIT's
         prefixes = sorted((home / "prefixes").glob("*.json"))
-        assert [f.name.split("-", 1)[1] for f in prefixes] == ["n5-t10-s0.json"], prefixes
+        assert [f.name.split("-", 1)[1] for f in prefixes] == ["n10-t10-s0.json"], prefixes
+        prefix_mtime = prefixes[0].stat().st_mtime_ns
         st = client.statistics()
         assert st["state"] == "building" and st["layers"] == [1, 2, 3, 4, 5], st
         assert 0.0 <= st["fraction"] < 1.0 and st["error"] is None
@@ -88,6 +89,9 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
                              on_progress=lambda p: stages.append((p.stage, p.fraction, p.message)))
         waits = [s for s in stages if s[0] == "statistics"]
         assert waits, stages
+        # the ROME edit read its prefixes from the cache (none sampled on the edit, none written)
+        assert sorted((home / "prefixes").glob("*.json")) == prefixes
+        assert prefixes[0].stat().st_mtime_ns == prefix_mtime
         assert any("building covariance statistics for layers 1-5:" in m for _, _, m in waits), waits
         assert all(0.0 <= f <= 0.05 for _, f, _ in waits)
         assert waits[-1][2] == "covariance statistics ready"
@@ -111,18 +115,10 @@ def test_warmup_builds_once_while_the_sidecar_answers(cold_home: tuple[Path, Pat
         client.close()
     assert not state_path(client.pid, home).exists()            # the state file goes with the process
     assert read_state(state_path(client.pid, home), alive=False)["state"] == "failed"
-    # A restarted sidecar finds every layer in the cache and builds nothing. The prefixes it samples
-    # before `Ready` are its server's default method's (MEMIT's 5, in its config), not those of the
-    # method its inherited environment names (ROME's 10).
-    for f in (home / "prefixes").glob("*.json"):
-        f.unlink()
-    monkeypatch.setenv("EDITSERVE_DEFAULT_METHOD", "rome")
-    again = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home),
-                                        default_method="memit"))
+    # A restarted sidecar finds every layer in the cache and builds nothing.
+    again = SidecarClient(SidecarConfig(checkpoint=str(ckpt), device="cpu", threads=1, editserve_home=str(home)))
     try:
         again.wait_ready()
-        prefixes = [f.name.split("-", 1)[1] for f in (home / "prefixes").glob("*.json")]
-        assert prefixes == ["n5-t10-s0.json"], prefixes
         deadline = time.monotonic() + 300
         while again.statistics()["state"] == "building" and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -176,7 +176,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         self.sidecar = SidecarClient(SidecarConfig(
             checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
             threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME"),
-            heldout_text=self.settings.health.heldout_text, default_method=self.settings.default_method))
+            heldout_text=self.settings.health.heldout_text))
         try:
             return await self._start_with_sidecar(t0)
         except BaseException:

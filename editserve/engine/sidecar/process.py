@@ -83,24 +83,32 @@ class _Worker:
         # base checkpoint until the first `_hold`). None when it cannot be measured: the probe then
         # leaves the perplexity out.
         self.base_heldout_ppl = self._heldout_ppl("the unedited model")
-        self._base_prefixes(config.default_method)
+        self._base_prefixes()
         # (digests of the merged patches, their held-out perplexity): the last measured weights
         self._held_ppl: tuple[tuple[str, ...], float] | None = None
 
-    def _base_prefixes(self, method: str) -> None:
-        """The server's default `method`'s context prefixes, sampled from the unedited model (before the first
-        `_hold`) into their cache, once per ``$EDITSERVE_HOME``: otherwise the first edit sampled them
-        from whatever version the sidecar held then (5.3 s for SmolLM2's AlphaEdit on 2 cores, on a
-        cold home). Other methods' (ROME: 10 prefixes) are still sampled by their first edit."""
+    def _base_prefixes(self) -> None:
+        """The context prefixes of every method, sampled from the unedited model (before the first
+        `_hold`) into their cache, once per ``$EDITSERVE_HOME``: otherwise a method's first edit sampled
+        them from whatever version the sidecar held then (SmolLM2 on 2 cores, cold home: 5.3 s for
+        AlphaEdit's 5, about twice that for ROME's 10). One list per prefix length and seed, the
+        longest any method asks for: a shorter list is its head (`editing.prefixes`)."""
+        from editserve.control.methods import EDIT_METHODS
         from editserve.editing.edit import resolve_hparams
         from editserve.editing.prefixes import context_prefixes
 
-        try:
-            params = resolve_hparams(self.model, method).prefixes
-        except EditserveError as exc:            # no default layers for this model: its edits name theirs
-            log.info("sidecar: no default %s hyper-parameters to sample the prefixes with (%s)", method, exc)
-            return
-        context_prefixes(self.model, self.tok, self.fingerprint, params)
+        longest: dict[tuple[int, int], Any] = {}
+        for method in EDIT_METHODS:
+            try:
+                params = resolve_hparams(self.model, method).prefixes
+            except EditserveError as exc:        # no default layers for this model: its edits name theirs
+                log.info("sidecar: no default %s hyper-parameters to sample the prefixes with (%s)", method, exc)
+                continue
+            key = (params.prefix_tokens, params.seed)
+            if params.n_prefixes > 0 and (key not in longest or params.n_prefixes > longest[key].n_prefixes):
+                longest[key] = params
+        for params in longest.values():
+            context_prefixes(self.model, self.tok, self.fingerprint, params)
 
     def plan_warmup(self, state_file: Any) -> None:
         """Decide which statistics the warm-up builds and publish that state (before `Ready`, so a

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from editserve.control.methods import DEFAULT_METHOD
 from editserve.editing.requests import EditRequest
 from editserve.ledger.location import LedgerLocation
 from editserve.patches import Patch
@@ -26,7 +25,6 @@ class SidecarConfig:
     threads: int | None = None         # torch CPU threads in the sidecar
     editserve_home: str | None = None  # passed on so the child finds the same caches
     heldout_text: str | None = None    # EDITSERVE_HELDOUT_TEXT (a file, read at start); None: the packaged prose
-    default_method: str = DEFAULT_METHOD  # the server's (EDITSERVE_DEFAULT_METHOD, checked at its start)
 
 
 @dataclass(frozen=True)
