@@ -21,7 +21,9 @@ the fsync, the rename, an interrupt) the temporary file is removed and the targe
 
 A directory (the converted embedded model, `editserve.editing.model`; the generated gRPC stubs,
 `editserve.control.codegen`) is not published here: a rename cannot replace a non-empty directory,
-so those keep their own steps.
+so those keep their own steps. The embedded model is converted into a `private_tmp` directory and
+renamed into place only if no complete copy is there yet: a complete copy is never removed, and the
+writer that comes second drops its own.
 """
 
 from __future__ import annotations

