@@ -65,14 +65,14 @@ def _file_name(model_fp: str, n: int | str, params: PrefixParams) -> str:
 def _longer_cached(folder: Path, model_fp: str, params: PrefixParams) -> tuple[str, ...] | None:
     """The shortest cached list longer than `params.n_prefixes` with the same model, length and seed
     (its first n are the n-prefix list), or None."""
-    lengths = []
+    longer: list[tuple[int, Path]] = []
     for f in folder.glob(_file_name(model_fp, "*", params)):
         m = _LENGTH.search(f.name)
         if m and int(m["n"]) > params.n_prefixes:
-            lengths.append(int(m["n"]))
-    for n in sorted(lengths):
+            longer.append((int(m["n"]), f))
+    for n, f in sorted(longer):
         try:
-            prefixes = json.loads((folder / _file_name(model_fp, n, params)).read_text())
+            prefixes = json.loads(f.read_text())
         except (OSError, ValueError) as exc:      # removed or unreadable meanwhile: try the next
             log.warning("context prefixes: cannot read the cached %d-prefix list: %s", n, exc)
             continue
