@@ -265,6 +265,26 @@ def test_spread_weights_are_checked_and_follow_the_layer_range():
     assert resolve_hparams(model, "memit", [1, 2]).spread == ()
 
 
+def test_default_hparams_skip_the_methods_whose_defaults_do_not_fit(caplog):
+    """`default_hparams` (the sidecar's prefix sampling, the statistics warm-up): each method's file
+    defaults, in order; a method whose default layers the model lacks is skipped and logged."""
+    import logging
+
+    from editserve.editing.edit import default_hparams, resolve_hparams
+
+    methods = ("alphaedit", "rome", "memit")
+    fits = tiny_model("llama", n_layers=6)                          # SmolLM2's defaults: layers 1-5
+    fits.editserve_checkpoint = "smollm2-135m-instruct"
+    assert list(default_hparams(fits, methods, "test")) == [resolve_hparams(fits, m) for m in methods]
+    small = tiny_model("llama", n_layers=4)
+    small.editserve_checkpoint = "smollm2-135m-instruct"
+    with caplog.at_level(logging.INFO, logger="editserve.editing.edit"):
+        assert list(default_hparams(small, methods, "statistics warm-up")) == []
+    skipped = [r.getMessage() for r in caplog.records if r.name == "editserve.editing.edit"]
+    assert [m.split(" hyper-parameters")[0] for m in skipped] == [
+        f"statistics warm-up: no default {m}" for m in methods]
+
+
 def test_spread_weights_move_the_update_to_the_front_layers(env):
     """Equal weights are MEMIT's spread (the same patch up to rounding); front-loaded weights ask
     the first layer for a larger share of the residual, and the edit still lowers the target's NLL."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from editserve.editing.scoring import target_nll
 from editserve.editing.nullspace import cached_null_space
 from editserve.editing.stats import layer_stats, stats_key
 from editserve.editing.values import optimise_values
-from editserve.errors import InvalidRequestError
+from editserve.errors import EditserveError, InvalidRequestError
 from editserve.patches import Patch, WeightDelta
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,20 @@ def resolve_hparams(
     hp = load_hparams(method, names, over)
     check_layers(model, list(hp.layers))
     return hp
+
+
+def default_hparams(model: torch.nn.Module, methods: Sequence[str], purpose: str) -> Iterator[HParams]:
+    """The default hyper-parameters for `model` of each of `methods`, in order (`resolve_hparams`
+    without layers or overrides). A method whose defaults do not apply to this model (e.g. layers
+    it does not have) is skipped and logged, naming `purpose` (what wanted them): edits with it on
+    this model name their own layers."""
+    for method in methods:
+        try:
+            hp = resolve_hparams(model, method)
+        except EditserveError as exc:
+            log.info("%s: no default %s hyper-parameters for this model, skipped (%s)", purpose, method, exc)
+            continue
+        yield hp
 
 
 @dataclass(frozen=True)

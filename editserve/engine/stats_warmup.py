@@ -178,17 +178,11 @@ class StatisticsWarmup:
         """From the default methods' hyper-parameters, one pass: the statistics to build (layers by
         statistics parameters) and the null-space projections built after them (AlphaEdit's: its
         layers, its threshold)."""
-        from editserve.editing.edit import resolve_hparams
-        from editserve.errors import EditserveError
+        from editserve.editing.edit import default_hparams
 
         plan: dict[StatsParams, set[int]] = {}
         projections = []
-        for method in WARM_METHODS:
-            try:
-                hp = resolve_hparams(model, method)
-            except EditserveError as exc:      # e.g. the file's default layers do not exist in this model
-                log.warning("statistics warm-up: no default %s layers for this model (%s)", method, exc)
-                continue
+        for hp in default_hparams(model, WARM_METHODS, "statistics warm-up"):
             plan.setdefault(hp.stats, set()).update(hp.layers)
             threshold = getattr(hp, "nullspace_threshold", None)
             if threshold is not None:

@@ -94,16 +94,13 @@ class _Worker:
         AlphaEdit's 5, about twice that for ROME's 10). One list per prefix length and seed, the
         longest any method asks for: a shorter list is its head (`editing.prefixes`)."""
         from editserve.control.methods import EDIT_METHODS
-        from editserve.editing.edit import resolve_hparams
+        from editserve.editing.edit import default_hparams
+        from editserve.editing.hparams import PrefixParams
         from editserve.editing.prefixes import context_prefixes
 
-        longest: dict[tuple[int, int], Any] = {}
-        for method in EDIT_METHODS:
-            try:
-                params = resolve_hparams(self.model, method).prefixes
-            except EditserveError as exc:        # no default layers for this model: its edits name theirs
-                log.info("sidecar: no default %s hyper-parameters to sample the prefixes with (%s)", method, exc)
-                continue
+        longest: dict[tuple[int, int], PrefixParams] = {}
+        for hp in default_hparams(self.model, EDIT_METHODS, "sidecar prefix sampling"):
+            params = hp.prefixes
             key = (params.prefix_tokens, params.seed)
             if params.n_prefixes > 0 and (key not in longest or params.n_prefixes > longest[key].n_prefixes):
                 longest[key] = params
