@@ -124,6 +124,17 @@ class Hooks:
 
         self._handles.append(get_module(self.model, name).register_forward_hook(hook))
 
+    def add_to_output(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Add ``fn(input)`` to the (first tensor of the) output of `name`, where input is its first
+        positional input (a side branch computed from what the module reads, e.g. extra MLP neurons)."""
+        self._require_entered()
+
+        def hook(_module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            y = _first_tensor(output)
+            return _replace_first(output, y + fn(args[0]).to(y.dtype))
+
+        self._handles.append(get_module(self.model, name).register_forward_hook(hook))
+
     def edit_input(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the first positional input of `name` by ``fn(input)``."""
         self._require_entered()

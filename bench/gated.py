@@ -1,0 +1,124 @@
+"""Gated edits on the lifelong stream: one extra SwiGLU neuron per fact (editing/gated.py).
+
+The same stream and the same checkpoint measures as bench/lifelong.py (its ``stream.json``: the first
+known records of a CounterFact file, their unedited NS, the unedited held-out perplexity and fluency),
+so the rows compare with that benchmark's directly. Each edit is computed on the model holding every
+earlier gated neuron (applied through a hook). At every ``--every`` edits it reports retained ES and
+PS, the NS ratio, held-out perplexity and fluency ratios, seconds per edit (excluding checkpoints) and
+how the gates sit on ordinary text:
+
+- ``z>0``: share of edits whose gate scores some statistics-corpus token above 0 (where silu opens);
+- ``|a|``: mean |activation| of an edit's neuron over those tokens (1 on its subject).
+
+State (the bank, the rows) is saved at every checkpoint under ``<out>/gated-L<layer>-m<margin>-s<strength>/``
+and a rerun of the same command resumes from it.
+
+    PYTHONPATH=$PWD python bench/gated.py --stream <lifelong out>/stream.json --n 1000 --every 100 --out /tmp/gated
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench.gated")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stream", type=Path, required=True, help="stream.json written by bench/lifelong.py")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--layer", type=int, default=5)
+    ap.add_argument("--margin", type=float, default=6.0)
+    ap.add_argument("--strength", type=float, default=1.0)
+    ap.add_argument("--negatives", type=int, default=8192, help="statistics-corpus tokens the gates are fit against")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from editserve.editing import load_model
+    from editserve.editing.corpus import load_corpus
+    from editserve.editing.counterfact import load_counterfact
+    from editserve.editing.edit import resolve_hparams
+    from editserve.editing.evaluate import score_records, summarize
+    from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
+    from editserve.editing.lifelong import generation_fluency, heldout_perplexity
+    from editserve.editing.model import fingerprint
+    from editserve.editing.prefixes import context_prefixes
+
+    stream = json.loads(args.stream.read_text())
+    if len(stream["case_ids"]) < args.n:
+        raise SystemExit(f"{args.stream} holds {len(stream['case_ids'])} records, {args.n} asked")
+    by_id = {r.case_id: r for r in load_counterfact(Path(stream["data"]))}
+    records = [by_id[c] for c in stream["case_ids"][: args.n]]
+    ns_before = stream["ns_before"][: args.n]
+
+    model, tok = load_model()
+    params = GateParams(layer=args.layer, margin=args.margin, strength=args.strength)
+    # The gate sees the bare prompt and ROME's 10 context prefixes; δ the first `value_prefixes` of them.
+    prefixes = context_prefixes(model, tok, fingerprint(model), resolve_hparams(model, "rome").prefixes)
+    seq = 256
+    ids = tok(load_corpus().text[: 8 * args.negatives], add_special_tokens=False)["input_ids"]
+    rows_n = args.negatives // seq
+    if len(ids) < rows_n * seq:
+        raise SystemExit(f"the corpus excerpt gave {len(ids)} tokens, {rows_n * seq} needed")
+    negatives = mlp_inputs(model, params.layer, torch.tensor(ids[: rows_n * seq]).view(rows_n, seq))
+
+    run = args.out / f"gated-L{args.layer}-m{args.margin:g}-s{args.strength:g}"
+    run.mkdir(parents=True, exist_ok=True)
+    bank = GateBank(params.layer, model.config.hidden_size)
+    done, rows, seconds, gates = 0, [], 0.0, []
+    if (run / "state.json").exists():
+        st = json.loads((run / "state.json").read_text())
+        if st["stream"] != str(args.stream.resolve()):
+            raise SystemExit(f"{run} was run on {st['stream']}")
+        done, rows, seconds, gates = st["done"], st["rows"], st["seconds"], st["gates"]
+        saved = torch.load(run / "bank.pt")
+        bank.G, bank.U, bank.V = saved["G"], saved["U"], saved["V"]
+        log.info("resumed at %d edits", done)
+
+    print("| edits | ES | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | s/edit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(_line(row), flush=True)
+    for n in range(done + 1, args.n + 1):
+        t = time.time()
+        with bank.applied(model):
+            neuron = gated_edit(model, tok, records[n - 1].request, prefixes, negatives, params)
+        bank.add(neuron)
+        seconds += time.time() - t
+        z = negatives @ neuron.g
+        gates.append({"open": float((z > 0).float().mean()), "a": float(neuron.activation(negatives).abs().mean())})
+        if n % args.every and n != args.n:
+            continue
+        with bank.applied(model):
+            sm = summarize(score_records(model, tok, records[:n]))
+            row = {"n": n, "es": sm.es, "ps": sm.ps, "ns_ratio": sm.ns / (sum(ns_before[:n]) / n),
+                   "ppl": heldout_perplexity(model, tok) / stream["ppl"],
+                   "fluency": generation_fluency(model, tok) / stream["fluency"],
+                   "open": sum(g["open"] > 0 for g in gates) / n, "a": statistics.mean(g["a"] for g in gates),
+                   "s_per_edit": seconds / n}
+        rows.append(row)
+        print(_line(row), flush=True)
+        torch.save({"G": bank.G, "U": bank.U, "V": bank.V}, run / "bank.tmp")
+        (run / "bank.tmp").replace(run / "bank.pt")
+        (run / "state.tmp").write_text(json.dumps({"stream": str(args.stream.resolve()), "done": n, "rows": rows,
+                                                   "seconds": seconds, "gates": gates, "params": repr(params)}))
+        (run / "state.tmp").replace(run / "state.json")
+    return 0
+
+
+def _line(r: dict) -> str:
+    return (f"| {r['n']} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns_ratio']:.3f} | ×{r['ppl']:.4f} | ×{r['fluency']:.3f} "
+            f"| {r['open']:.2f} | {r['a']:.1e} | {r['s_per_edit']:.1f} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Gated edits: one extra SwiGLU neuron per fact, which fires only on its subject.
+
+Every other method here (ROME, MEMIT, AlphaEdit, consolidation) changes a down-projection linearly, so
+each ordinary token whose key has a component along an edit's key moves too; that cost grows with the
+ledger and is what keeps a long ledger from issue 16's perplexity bound (docs/lifelong.md, "What the
+floor leaves open"). A gated edit instead adds, to the MLP of one layer, a neuron of the MLP's own
+(SwiGLU) form whose input weights are fit to the subject:
+
+    a(x) = silu(g·x) · (u·x)          x [d]: the MLP's input (after the layer's norm)
+    mlp(x) += a(x) · δ                δ [d]: the usual value (editing.values), written at that layer
+
+- g is a linear classifier (no bias: a llama MLP has none) of the subject's MLP inputs at its last
+  token — the bare prompt and the prompt after each context prefix — against ordinary tokens (MLP inputs
+  on statistics-corpus text), scaled so that the least of the subject's inputs has g·x = `margin`;
+  ordinary tokens then sit at g·x < 0, where silu is ≈ 0.
+- u makes a = 1 on the mean of the subject's inputs; δ is optimised with each prompt's own a as its
+  scale (`strength` < 1 asks δ to hold at that share of it, for paraphrases the gate meets less).
+
+The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d]. A bank acts through a hook
+(`GateBank.applied`), which is how it is measured here (bench/gated.py); serving it needs E spare
+neurons in the engine's MLP of that layer, which does not exist yet (docs/lifelong.md, "Gated edits").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from editserve.editing.arch import spec_for
+from editserve.editing.hooks import Hooks
+from editserve.editing.hparams import ValueParams
+from editserve.editing.keys import prefixed_texts
+from editserve.editing.prompts import subject_last_index
+from editserve.editing.requests import EditRequest
+from editserve.editing.values import optimise_values
+from editserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+def _default_value() -> ValueParams:
+    # AlphaEdit's SmolLM2 value settings (editserve/data/hparams/alphaedit), without clamp escalation.
+    return ValueParams(lr=1.0, max_steps=25, kl_factor=0.0625, weight_decay=1e-3, clamp_norm_factor=0.75)
+
+
+@dataclass(frozen=True)
+class GateParams:
+    layer: int = 5                     # the MLP that holds the neurons; δ is written at its output
+    margin: float = 6.0                # g·x of the least of the subject's inputs
+    l2: float = 1e-4                   # ridge on g (in units of the mean corpus input norm)
+    max_iter: int = 200                # L-BFGS iterations of the classifier
+    value_prefixes: int = 5            # context prefixes δ is optimised on (the gate sees all given)
+    strength: float = 1.0              # δ must hold at strength × the gate's activation
+    value: ValueParams = field(default_factory=_default_value)
+
+    def __post_init__(self) -> None:
+        for name in ("margin", "strength", "l2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if name != "l2" else v >= 0):
+                raise InvalidRequestError(f"gate {name} must be a positive number, got {v!r}")
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise InvalidRequestError(f"gate layer must be a layer index, got {self.layer!r}")
+
+
+@dataclass(frozen=True)
+class GatedNeuron:
+    g: torch.Tensor                    # [d] gate weights
+    u: torch.Tensor                    # [d] up weights
+    v: torch.Tensor                    # [d] down weights (δ)
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """a(x) [...] for MLP inputs x [..., d]."""
+        return F.silu(x @ self.g) * (x @ self.u)
+
+
+class GateBank:
+    """The gated neurons of one layer: mlp(x) += (silu(x Gᵀ) ⊙ (x Uᵀ)) V."""
+
+    def __init__(self, layer: int, d: int) -> None:
+        self.layer = layer
+        self.G = torch.zeros(0, d)     # [E, d]
+        self.U = torch.zeros(0, d)     # [E, d]
+        self.V = torch.zeros(0, d)     # [E, d]
+
+    def __len__(self) -> int:
+        return self.G.shape[0]
+
+    def add(self, neuron: GatedNeuron) -> None:
+        self.G = torch.cat([self.G, neuron.g[None].float()])
+        self.U = torch.cat([self.U, neuron.u[None].float()])
+        self.V = torch.cat([self.V, neuron.v[None].float()])
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., E] for MLP inputs x [..., d]."""
+        x = x.float()
+        return F.silu(x @ self.G.T) * (x @ self.U.T)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the bank adds to the MLP's output [..., d]."""
+        return self.activations(x) @ self.V
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """The model's forward with the bank in its layer's MLP, for the duration of the block."""
+        with Hooks(model) as hooks:
+            if len(self):
+                hooks.add_to_output(spec_for(model).mlp_name(self.layer), self.output)
+            yield
+
+
+def mlp_inputs(model: torch.nn.Module, layer: int, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The MLP inputs of `layer` at every token of `input_ids` [B, T] -> [B·T, d] float32."""
+    name = spec_for(model).mlp_name(layer)
+    out = []
+    with torch.no_grad(), Hooks(model) as hooks:
+        hooks.capture_input(name)
+        hooks.stop_when_captured()
+        for b in range(0, input_ids.shape[0], batch_size):
+            hooks.run(input_ids=input_ids[b:b + batch_size])
+            x = hooks.inputs[name]
+            out.append(x.reshape(-1, x.shape[-1]).float())
+    return torch.cat(out)
+
+
+def subject_inputs(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: Sequence[str],
+                   layer: int) -> torch.Tensor:
+    """The MLP inputs of `layer` at the subject's last token of the bare prompt and of the prompt after
+    each prefix -> [1 + len(prefixes), d] float32."""
+    name = spec_for(model).mlp_name(layer)
+    rows = []
+    with torch.no_grad(), Hooks(model) as hooks:
+        hooks.capture_input(name)
+        hooks.stop_when_captured()
+        for text, end in prefixed_texts(req, prefixes):
+            ids, last = subject_last_index(tok, text[:end], end)
+            hooks.run(input_ids=torch.tensor([ids[: last + 1]]))
+            rows.append(hooks.inputs[name][0, last].float())
+    return torch.stack(rows)
+
+
+def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams) -> torch.Tensor:
+    """g [d]: logistic regression of `pos` [P, d] against `neg` [N, d] (classes weighted equally, no
+    bias), scaled so that min over pos of g·x = params.margin."""
+    scale = neg.norm(dim=-1).mean().clamp(min=1e-12)
+    X = torch.cat([pos, neg]).double() / scale
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    w = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))]).double()
+    g = (pos.mean(0).double() / scale).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([g], max_iter=params.max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (w * F.binary_cross_entropy_with_logits(X @ g, y, reduction="none")).sum() + params.l2 * g.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    g = g.detach() / scale                                                   # back to input units
+    least = (pos.double() @ g).min()
+    if not bool(least > 0):
+        raise InvalidRequestError("the gate cannot separate this subject's inputs from ordinary text "
+                                  f"(least subject score {float(least):.3g} ≤ 0)")
+    return (g * (params.margin / least)).float()
+
+
+def gated_edit(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: Sequence[str],
+               negatives: torch.Tensor, params: GateParams) -> GatedNeuron:
+    """One gated neuron writing `req` at `params.layer`, computed on the model as it runs now (apply the
+    ledger's bank around the call: ``with bank.applied(model): gated_edit(...)``).
+
+    negatives [N, d]: ordinary tokens' MLP inputs at the layer (`mlp_inputs` on corpus text)."""
+    pos = subject_inputs(model, tok, req, prefixes, params.layer)            # [P, d]
+    g = fit_gate(pos, negatives, params)
+    mean = pos.mean(0)
+    u = mean / mean.pow(2).sum()                                             # u·x̄ = 1
+    a = F.silu(pos @ g) * (pos @ u)                                          # [P]
+    u = u / a.mean()
+    a = a / a.mean()                                                         # a on each prompt, mean 1
+    n_val = min(params.value_prefixes, len(prefixes))
+    value = replace(params.value, clamp_norm_factor=params.value.clamp_norm_factor / params.strength)
+    res = optimise_values(model, tok, [req], list(prefixes[:n_val]), spec_for(model).layer_name(params.layer),
+                          value, prompt_scales=params.strength * a[None, : 1 + n_val], frozen_below=params.layer)
+    log.debug("gated edit %r: a on the subject's prompts %s, ‖δ‖/‖h‖ %.3f, final nll %.3f", req.subject,
+              [round(float(x), 2) for x in a], float(res.delta.norm() / res.init_output.norm()),
+              float(res.final_nll[0]))
+    return GatedNeuron(g=g, u=u, v=res.delta[0])
