@@ -13,7 +13,10 @@ how the gates sit on ordinary text:
 State (the bank, the rows) is saved at every checkpoint under ``<out>/gated-L<layer>-m<margin>-s<strength>/``
 and a rerun of the same command resumes from it.
 
-    PYTHONPATH=$PWD python bench/gated.py --stream <lifelong out>/stream.json --n 1000 --every 100 --out /tmp/gated
+    PYTHONPATH=$PWD python bench/gated.py --n 1000 --every 100 --margin 12 --out /tmp/gated
+
+builds the stream of the first 1,000 known records of counterfact-edit (bench/lifelong.py's default data, the
+report split) in /tmp/gated/stream.json; ``--stream`` reuses another run's (e.g. a bench/lifelong.py run's).
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
+from lifelong import SHARED, build_stream  # noqa: E402  (the lifelong benchmark's stream)
 
 log = logging.getLogger("bench.gated")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stream", type=Path, required=True, help="stream.json written by bench/lifelong.py")
+    ap.add_argument("--stream", type=Path, help="a stream.json of bench/lifelong.py (default: <out>/stream.json, "
+                    "built from --data if missing)")
+    ap.add_argument("--data", type=Path, default=SHARED, help="CounterFact file the stream is built from (default: ../shared/.../counterfact-edit.json)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--layer", type=int, default=5)
@@ -53,6 +63,10 @@ def main() -> int:
     from editserve.editing.model import fingerprint
     from editserve.editing.prefixes import context_prefixes
 
+    if args.stream is None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        build_stream(args.data, args.n, args.out)
+        args.stream = args.out / "stream.json"
     stream = json.loads(args.stream.read_text())
     if len(stream["case_ids"]) < args.n:
         raise SystemExit(f"{args.stream} holds {len(stream['case_ids'])} records, {args.n} asked")

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+SHARED = HERE.parents[1] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 log = logging.getLogger("lifelong")
 
 

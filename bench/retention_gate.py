@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[2] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+SHARED = HERE.parents[1] / "shared" / "data" / "counterfact" / "counterfact-edit.json"
 log = logging.getLogger("retention_gate")
 
 
