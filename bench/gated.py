@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--layer", type=int, default=5)
-    ap.add_argument("--margin", type=float, default=6.0)
+    ap.add_argument("--margin", type=float, default=12.0)
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--negatives", type=int, default=8192, help="statistics-corpus tokens the gates are fit against")
     ap.add_argument("--out", type=Path, required=True)

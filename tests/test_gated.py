@@ -30,7 +30,7 @@ def test_fit_gate_refuses_inputs_it_cannot_separate():
         fit_gate(x[None], 2 * x[None].repeat(50, 1), GateParams())     # every ordinary input is 2× the subject's
 
 
-@pytest.mark.parametrize("field, value", [("margin", 0), ("strength", -1.0), ("l2", -1e-3), ("layer", -2)])
+@pytest.mark.parametrize("field, value", [("margin", 0), ("strength", -1.0), ("l2", -1e-3), ("layer", -2), ("value_prefixes", 1.5)])
 def test_gate_params_name_the_bad_value(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         GateParams(**{field: value})
@@ -105,5 +105,5 @@ def test_gated_edit_on_smollm2_holds_and_leaves_ordinary_text(smollm):
         assert prefers_rome(req.text) and prefers_rome(para)
         assert not prefers_rome(near)
         ratio = heldout_perplexity(model, tok) / p0
-    assert abs(ratio - 1) < 5e-4, ratio                                             # measured ×0.99973
+    assert abs(ratio - 1) < 5e-4, ratio                       # measured ×0.999976 (margin 6: ×0.99973)
     assert heldout_perplexity(model, tok) == p0

@@ -50,8 +50,10 @@ def _default_value() -> ValueParams:
 
 @dataclass(frozen=True)
 class GateParams:
+    """Hyper-parameters of a gated edit (margin 12 chosen on the tuning split: docs/lifelong.md, "Gated edits")."""
+
     layer: int = 5                     # the MLP that holds the neurons; δ is written at its output
-    margin: float = 6.0                # g·x of the least of the subject's inputs
+    margin: float = 12.0               # g·x of the least of the subject's inputs
     l2: float = 1e-4                   # ridge on g (in units of the mean corpus input norm)
     max_iter: int = 200                # L-BFGS iterations of the classifier
     value_prefixes: int = 5            # context prefixes δ is optimised on (the gate sees all given)
@@ -59,16 +61,20 @@ class GateParams:
     value: ValueParams = field(default_factory=_default_value)
 
     def __post_init__(self) -> None:
-        for name in ("margin", "strength", "l2"):
+        for name, least in (("margin", "positive"), ("strength", "positive"), ("l2", "non-negative")):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if name != "l2" else v >= 0):
-                raise InvalidRequestError(f"gate {name} must be a positive number, got {v!r}")
-        if not isinstance(self.layer, int) or self.layer < 0:
-            raise InvalidRequestError(f"gate layer must be a layer index, got {self.layer!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if name == "l2" else v > 0):
+                raise InvalidRequestError(f"gate {name} must be a {least} number, got {v!r}")
+        for name in ("layer", "value_prefixes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidRequestError(f"gate {name} must be a non-negative integer, got {v!r}")
 
 
 @dataclass(frozen=True)
 class GatedNeuron:
+    """One gated neuron: what a gated edit adds to its layer's MLP."""
+
     g: torch.Tensor                    # [d] gate weights
     u: torch.Tensor                    # [d] up weights
     v: torch.Tensor                    # [d] down weights (δ)
