@@ -13,8 +13,8 @@ floor leaves open"). A gated edit instead adds, to the MLP of one layer, a neuro
   token — the bare prompt and the prompt after each context prefix — against ordinary tokens (MLP inputs
   on statistics-corpus text), scaled so that the least of the subject's inputs has g·x = `margin`;
   ordinary tokens then sit at g·x < 0, where silu is ≈ 0.
-- u makes a = 1 on the mean of the subject's inputs; δ is optimised with each prompt's own a as its
-  scale (`strength` < 1 asks δ to hold at that share of it, for paraphrases the gate meets less).
+- u is scaled so that a averages 1 over the subject's prompts; δ is optimised with each prompt's own a
+  as its scale (`strength` < 1 asks δ to hold at that share of it, for paraphrases the gate meets less).
 
 The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d]. A bank acts through a hook
 (`GateBank.applied`), which is how it is measured here (bench/gated.py); serving it needs E spare
