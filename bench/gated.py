@@ -8,9 +8,11 @@ PS, the NS ratio, held-out perplexity and fluency ratios, seconds per edit (excl
 how the gates sit on ordinary text:
 
 - ``z>0``: share of edits whose gate scores some statistics-corpus token above 0 (where silu opens);
-- ``|a|``: mean |activation| of an edit's neuron over those tokens (1 on its subject).
+- ``|a|``: mean |activation| of an edit's neuron over those tokens (1 on its subject);
+- ``cross``: share of edits on whose prompt (any token) another edit's neuron has |a| > 0.1, and the ES
+  of those edits (a later neuron open on an earlier subject overwrites it; ``--guard`` fights that).
 
-State (the bank, the rows) is saved at every checkpoint under ``<out>/gated-L<layer>-m<margin>-s<strength>/``
+State (the bank, the rows) is saved at every checkpoint under ``<out>/gated-L<layer>-m<margin>-s<strength>[-g<guard>]/``
 and a rerun of the same command resumes from it.
 
     PYTHONPATH=$PWD python bench/gated.py --n 1000 --every 100 --margin 12 --out /tmp/gated
@@ -33,7 +35,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
-from lifelong import SHARED, build_stream  # noqa: E402  (the lifelong benchmark's stream)
+from lifelong import SHARED, build_stream, checkpoint_scores  # noqa: E402  (the lifelong benchmark's stream and row)
 
 log = logging.getLogger("bench.gated")
 
@@ -48,6 +50,7 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=5)
     ap.add_argument("--margin", type=float, default=12.0)
     ap.add_argument("--strength", type=float, default=1.0)
+    ap.add_argument("--guard", type=float, default=0.0, help="weight share of earlier subjects among a gate's negatives")
     ap.add_argument("--negatives", type=int, default=8192, help="statistics-corpus tokens the gates are fit against")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -57,9 +60,7 @@ def main() -> int:
     from editserve.editing.corpus import load_corpus
     from editserve.editing.counterfact import load_counterfact
     from editserve.editing.edit import resolve_hparams
-    from editserve.editing.evaluate import score_records, summarize
     from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
-    from editserve.editing.lifelong import generation_fluency, heldout_perplexity
     from editserve.editing.model import fingerprint
     from editserve.editing.prefixes import context_prefixes
 
@@ -72,10 +73,9 @@ def main() -> int:
         raise SystemExit(f"{args.stream} holds {len(stream['case_ids'])} records, {args.n} asked")
     by_id = {r.case_id: r for r in load_counterfact(Path(stream["data"]))}
     records = [by_id[c] for c in stream["case_ids"][: args.n]]
-    ns_before = stream["ns_before"][: args.n]
 
     model, tok = load_model()
-    params = GateParams(layer=args.layer, margin=args.margin, strength=args.strength)
+    params = GateParams(layer=args.layer, margin=args.margin, strength=args.strength, guard=args.guard)
     # The gate sees the bare prompt and ROME's 10 context prefixes; δ the first `value_prefixes` of them.
     prefixes = context_prefixes(model, tok, fingerprint(model), resolve_hparams(model, "rome").prefixes)
     seq = 256
@@ -85,7 +85,8 @@ def main() -> int:
         raise SystemExit(f"the corpus excerpt gave {len(ids)} tokens, {rows_n * seq} needed")
     negatives = mlp_inputs(model, params.layer, torch.tensor(ids[: rows_n * seq]).view(rows_n, seq))
 
-    run = args.out / f"gated-L{args.layer}-m{args.margin:g}-s{args.strength:g}"
+    run = args.out / (f"gated-L{args.layer}-m{args.margin:g}-s{args.strength:g}"
+                      + (f"-g{args.guard:g}" if args.guard else ""))
     run.mkdir(parents=True, exist_ok=True)
     bank = GateBank(params.layer, model.config.hidden_size)
     done, rows, seconds, gates = 0, [], 0.0, []
@@ -95,17 +96,17 @@ def main() -> int:
             raise SystemExit(f"{run} was run on {st['stream']}")
         done, rows, seconds, gates = st["done"], st["rows"], st["seconds"], st["gates"]
         saved = torch.load(run / "bank.pt")
-        bank.G, bank.U, bank.V = saved["G"], saved["U"], saved["V"]
+        bank.G, bank.U, bank.V, bank.K = saved["G"], saved["U"], saved["V"], saved["K"]
         log.info("resumed at %d edits", done)
 
-    print("| edits | ES | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | s/edit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| edits | ES | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | cross | ES of crossed | s/edit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_line(row), flush=True)
     for n in range(done + 1, args.n + 1):
         t = time.time()
         with bank.applied(model):
-            neuron = gated_edit(model, tok, records[n - 1].request, prefixes, negatives, params)
+            neuron = gated_edit(model, tok, records[n - 1].request, prefixes, negatives, params, bank.K)
         bank.add(neuron)
         seconds += time.time() - t
         z = negatives @ neuron.g
@@ -113,15 +114,15 @@ def main() -> int:
         if n % args.every and n != args.n:
             continue
         with bank.applied(model):
-            sm = summarize(score_records(model, tok, records[:n]))
-            row = {"n": n, "es": sm.es, "ps": sm.ps, "ns_ratio": sm.ns / (sum(ns_before[:n]) / n),
-                   "ppl": heldout_perplexity(model, tok) / stream["ppl"],
-                   "fluency": generation_fluency(model, tok) / stream["fluency"],
-                   "open": sum(g["open"] > 0 for g in gates) / n, "a": statistics.mean(g["a"] for g in gates),
-                   "s_per_edit": seconds / n}
+            scores, per_record = checkpoint_scores(model, tok, records[:n], stream)
+        crossed = _crossed(model, tok, bank, records[:n], params.layer)
+        es_crossed = [per_record[i].es for i in crossed]
+        row = {"n": n, **scores, "open": sum(g["open"] > 0 for g in gates) / n,
+               "a": statistics.mean(g["a"] for g in gates), "cross": len(crossed) / n,
+               "es_crossed": statistics.mean(es_crossed) if es_crossed else float("nan"), "s_per_edit": seconds / n}
         rows.append(row)
         print(_line(row), flush=True)
-        torch.save({"G": bank.G, "U": bank.U, "V": bank.V}, run / "bank.tmp")
+        torch.save({"G": bank.G, "U": bank.U, "V": bank.V, "K": bank.K}, run / "bank.tmp")
         (run / "bank.tmp").replace(run / "bank.pt")
         (run / "state.tmp").write_text(json.dumps({"stream": str(args.stream.resolve()), "done": n, "rows": rows,
                                                    "seconds": seconds, "gates": gates, "params": repr(params)}))
@@ -129,9 +130,25 @@ def main() -> int:
     return 0
 
 
+def _crossed(model, tok, bank, records, layer: int, bound: float = 0.1) -> list[int]:
+    """Indices i of the edits on whose prompt (the MLP inputs of `layer` at every token) a neuron other
+    than their own (neuron i) has |a| > `bound`."""
+    from editserve.editing.gated import mlp_inputs
+
+    out = []
+    for i, r in enumerate(records):
+        ids = tok(r.request.prompt.format(r.request.subject), return_tensors="pt")["input_ids"]
+        a = bank.activations(mlp_inputs(model, layer, ids)).abs()             # [T, E]
+        a[:, i] = 0
+        if float(a.max()) > bound:
+            out.append(i)
+    return out
+
+
 def _line(r: dict) -> str:
-    return (f"| {r['n']} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns_ratio']:.3f} | ×{r['ppl']:.4f} | ×{r['fluency']:.3f} "
-            f"| {r['open']:.2f} | {r['a']:.1e} | {r['s_per_edit']:.1f} |")
+    return (f"| {r['n']} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns_ratio']:.3f} | ×{r['ppl_ratio']:.4f} "
+            f"| ×{r['fluency_ratio']:.3f} | {r['open']:.2f} | {r['a']:.1e} | {r['cross']:.3f} | {r['es_crossed']:.2f} "
+            f"| {r['s_per_edit']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,23 @@ def build_stream(data: Path, n: int, out: Path) -> dict:
     return s
 
 
+def checkpoint_scores(model, tok, committed, stream: dict) -> tuple[dict, list]:
+    """The measures of a checkpoint row for the model as it runs now, after the stream's first
+    len(committed) records: ES, PS, NS (and its ratio to the unedited NS of the same records), fluency and
+    held-out perplexity (and their ratios to the unedited model's). Also returns each record's scores."""
+    from editserve.editing.evaluate import score_records, summarize
+    from editserve.editing.lifelong import generation_fluency, heldout_perplexity
+
+    per_record = score_records(model, tok, committed)
+    summ = summarize(per_record)
+    ns_b = sum(stream["ns_before"][: len(committed)]) / len(committed)
+    flu = generation_fluency(model, tok)
+    ppl = heldout_perplexity(model, tok)
+    return ({"es": summ.es, "ps": summ.ps, "ns": summ.ns, "ns_ratio": summ.ns / ns_b if ns_b else float("nan"),
+             "fluency": flu, "fluency_ratio": flu / stream["fluency"], "ppl": ppl, "ppl_ratio": ppl / stream["ppl"]},
+            per_record)
+
+
 # ---------------------------------------------------------------------------------------- one run
 
 
@@ -171,9 +188,7 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     from editserve.editing.alphaedit import PreservedKeys
     from editserve.editing.consolidate import ConsolidateParams
     from editserve.editing.corpus import load_corpus
-    from editserve.editing.evaluate import score_records, summarize
-    from editserve.editing.lifelong import (commit, consolidate_model, generation_fluency, heldout_perplexity,
-                                            norm_growth, null_space_uses)
+    from editserve.editing.lifelong import commit, consolidate_model, norm_growth, null_space_uses
     from editserve.memory import trim_heap
 
     run = out / f"{method}-b{batch}"
@@ -210,7 +225,6 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
         log.info("%s: resumed at %d edits", run.name, done)
     else:
         done, seconds, rows, touched, preserved = 0, 0.0, [], set(), PreservedKeys()
-    ns0 = stream["ns_before"]
     since, since_t = 0, 0.0
     while done < n and time.time() < deadline:
         recs = records[done:done + batch]
@@ -232,14 +246,8 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
                      time.perf_counter() - t, " ".join(f"{c.layer}: {c.penalty_before:.3g}→{c.penalty_after:.3g}"
                                                        for c in cons.values()))
         if done % every == 0 or done >= n:
-            committed = records[:done]
-            summ = summarize(score_records(model, tok, committed))
-            ns_b = sum(ns0[:done]) / done
-            flu = generation_fluency(model, tok)
-            ppl = heldout_perplexity(model, tok)
-            row = Row(n_edits=done, es=summ.es, ps=summ.ps, ns=summ.ns, ns_ratio=summ.ns / ns_b if ns_b else float("nan"),
-                      fluency=flu, fluency_ratio=flu / stream["fluency"], ppl=ppl, ppl_ratio=ppl / stream["ppl"],
-                      norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since,
+            scores, _ = checkpoint_scores(model, tok, records[:done], stream)
+            row = Row(n_edits=done, **scores, norm_growth={str(k): v for k, v in norm_growth(model, w0).items()}, seconds_per_edit=since_t / since,
                       null_space_taken={str(k): u.ratio for k, u in
                                         null_space_uses(model, tok, preserved, corpus,
                                                         hparams if method == "alphaedit" else None,

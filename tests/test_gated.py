@@ -30,7 +30,25 @@ def test_fit_gate_refuses_inputs_it_cannot_separate():
         fit_gate(x[None], 2 * x[None].repeat(50, 1), GateParams())     # every ordinary input is 2× the subject's
 
 
-@pytest.mark.parametrize("field, value", [("margin", 0), ("strength", -1.0), ("l2", -1e-3), ("layer", -2), ("value_prefixes", 1.5)])
+def test_fit_gate_with_a_guard_stays_shut_on_earlier_subjects():
+    """An earlier subject that leans the way this one does opens an unguarded gate; the guard shuts it,
+    except on inputs equal to this subject's own (the same subject edited again)."""
+    torch.manual_seed(0)
+    centre = torch.randn(16)
+    pos = centre + 0.05 * torch.randn(6, 16)
+    neg = 0.5 * torch.randn(500, 16) - centre
+    side = torch.randn(16)
+    side -= (side @ centre) / (centre @ centre) * centre                          # ⊥ the subject
+    earlier = 0.8 * centre + 0.6 * side * centre.norm() / side.norm() + 0.05 * torch.randn(11, 16)
+    open_ = fit_gate(pos, neg, GateParams(margin=4.0))
+    assert (earlier @ open_).max() > 0, "the case this guards against: an earlier subject opens the gate"
+    shut = fit_gate(pos, neg, GateParams(margin=4.0, guard=0.5), torch.cat([earlier, pos[:2]]))
+    assert torch.isclose((pos @ shut).min(), torch.tensor(4.0), atol=1e-4)
+    assert (earlier @ shut).max() < 0 and (neg @ shut).max() < 0
+
+
+@pytest.mark.parametrize("field, value", [("margin", 0), ("strength", -1.0), ("l2", -1e-3), ("layer", -2), ("value_prefixes", 1.5),
+                                          ("guard", 1.0), ("guard", -0.1)])
 def test_gate_params_name_the_bad_value(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         GateParams(**{field: value})

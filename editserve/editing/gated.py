@@ -13,10 +13,15 @@ floor leaves open"). A gated edit instead adds, to the MLP of one layer, a neuro
   token — the bare prompt and the prompt after each context prefix — against ordinary tokens (MLP inputs
   on statistics-corpus text), scaled so that the least of the subject's inputs has g·x = `margin`;
   ordinary tokens then sit at g·x < 0, where silu is ≈ 0.
+- `guard` > 0 adds, as a third class-weighted group of negatives, the subject inputs of the edits
+  already in the bank (except inputs identical to this subject's: the same subject edited again), so a
+  new gate stays shut on earlier subjects; without it a later gate may open on an earlier subject's
+  prompt, and its δ then overwrites that earlier edit.
 - u is scaled so that a averages 1 over the subject's prompts; δ is optimised with each prompt's own a
   as its scale (`strength` < 1 asks δ to hold at that share of it, for paraphrases the gate meets less).
 
-The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d]. A bank acts through a hook
+The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d], and K [M, d], the subject
+inputs each neuron was fit on (what later gates are guarded against). A bank acts through a hook
 (`GateBank.applied`), which is how it is measured here (bench/gated.py); serving it needs E spare
 neurons in the engine's MLP of that layer, which does not exist yet (docs/lifelong.md, "Gated edits").
 """
@@ -58,6 +63,7 @@ class GateParams:
     max_iter: int = 200                # L-BFGS iterations of the classifier
     value_prefixes: int = 5            # context prefixes δ is optimised on (the gate sees all given)
     strength: float = 1.0              # δ must hold at strength × the gate's activation
+    guard: float = 0.0                 # weight share of earlier subjects among the gate's negatives, [0, 1)
     value: ValueParams = field(default_factory=_default_value)
 
     def __post_init__(self) -> None:
@@ -65,6 +71,8 @@ class GateParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if name == "l2" else v > 0):
                 raise InvalidRequestError(f"gate {name} must be a {least} number, got {v!r}")
+        if isinstance(self.guard, bool) or not isinstance(self.guard, (int, float)) or not 0 <= self.guard < 1:
+            raise InvalidRequestError(f"gate guard must be a number in [0, 1), got {self.guard!r}")
         for name in ("layer", "value_prefixes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -78,6 +86,7 @@ class GatedNeuron:
     g: torch.Tensor                    # [d] gate weights
     u: torch.Tensor                    # [d] up weights
     v: torch.Tensor                    # [d] down weights (δ)
+    keys: torch.Tensor                 # [P, d] the subject inputs g was fit on
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """a(x) [...] for MLP inputs x [..., d]."""
@@ -92,6 +101,7 @@ class GateBank:
         self.G = torch.zeros(0, d)     # [E, d]
         self.U = torch.zeros(0, d)     # [E, d]
         self.V = torch.zeros(0, d)     # [E, d]
+        self.K = torch.zeros(0, d)     # [M, d] every neuron's subject inputs (P per neuron)
 
     def __len__(self) -> int:
         return self.G.shape[0]
@@ -100,6 +110,7 @@ class GateBank:
         self.G = torch.cat([self.G, neuron.g[None].float()])
         self.U = torch.cat([self.U, neuron.u[None].float()])
         self.V = torch.cat([self.V, neuron.v[None].float()])
+        self.K = torch.cat([self.K, neuron.keys.float()])
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., E] for MLP inputs x [..., d]."""
@@ -149,13 +160,22 @@ def subject_inputs(model: torch.nn.Module, tok: object, req: EditRequest, prefix
     return torch.stack(rows)
 
 
-def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams) -> torch.Tensor:
+def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams,
+             guarded: torch.Tensor | None = None) -> torch.Tensor:
     """g [d]: logistic regression of `pos` [P, d] against `neg` [N, d] (classes weighted equally, no
-    bias), scaled so that min over pos of g·x = params.margin."""
+    bias), scaled so that min over pos of g·x = params.margin.
+
+    guarded [M, d]: earlier subjects' inputs, a negative group of weight share `params.guard` among the
+    negatives (rows equal to a row of `pos`, the same subject edited before, are left out)."""
     scale = neg.norm(dim=-1).mean().clamp(min=1e-12)
-    X = torch.cat([pos, neg]).double() / scale
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
-    w = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))]).double()
+    groups = [(pos, 0.5), (neg, 0.5)]
+    if guarded is not None and params.guard > 0 and len(guarded):
+        guarded = guarded[torch.cdist(guarded.double(), pos.double()).min(dim=1).values > 1e-6 * scale]
+        if len(guarded):
+            groups = [(pos, 0.5), (neg, 0.5 * (1 - params.guard)), (guarded, 0.5 * params.guard)]
+    X = torch.cat([x for x, _ in groups]).double() / scale
+    y = torch.cat([torch.ones(len(pos))] + [torch.zeros(len(x)) for x, _ in groups[1:]]).double()
+    w = torch.cat([torch.full((len(x),), share / len(x)) for x, share in groups]).double()
     g = (pos.mean(0).double() / scale).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([g], max_iter=params.max_iter, line_search_fn="strong_wolfe")
 
@@ -172,17 +192,22 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams) -> torch.
     if not bool(least > 0):
         raise InvalidRequestError("the gate cannot separate this subject's inputs from ordinary text "
                                   f"(least subject score {float(least):.3g} ≤ 0)")
-    return (g * (params.margin / least)).float()
+    g = g * (params.margin / least)
+    if len(groups) == 3:
+        log.debug("gate: largest score of an earlier subject %.3g (margin %g)",
+                  float((groups[2][0].double() @ g).max()), params.margin)
+    return g.float()
 
 
 def gated_edit(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: Sequence[str],
-               negatives: torch.Tensor, params: GateParams) -> GatedNeuron:
+               negatives: torch.Tensor, params: GateParams, guarded: torch.Tensor | None = None) -> GatedNeuron:
     """One gated neuron writing `req` at `params.layer`, computed on the model as it runs now (apply the
     ledger's bank around the call: ``with bank.applied(model): gated_edit(...)``).
 
-    negatives [N, d]: ordinary tokens' MLP inputs at the layer (`mlp_inputs` on corpus text)."""
+    negatives [N, d]: ordinary tokens' MLP inputs at the layer (`mlp_inputs` on corpus text);
+    guarded [M, d]: the bank's subject inputs (`GateBank.K`), used when `params.guard` > 0."""
     pos = subject_inputs(model, tok, req, prefixes, params.layer)            # [P, d]
-    g = fit_gate(pos, negatives, params)
+    g = fit_gate(pos, negatives, params, guarded)
     mean = pos.mean(0)
     u = mean / mean.pow(2).sum()                                             # u·x̄ = 1
     a = F.silu(pos @ g) * (pos @ u)                                          # [P]
@@ -195,4 +220,4 @@ def gated_edit(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: 
     log.debug("gated edit %r: a on the subject's prompts %s, ‖δ‖/‖h‖ %.3f, final nll %.3f", req.subject,
               [round(float(x), 2) for x in a], float(res.delta.norm() / res.init_output.norm()),
               float(res.final_nll[0]))
-    return GatedNeuron(g=g, u=u, v=res.delta[0])
+    return GatedNeuron(g=g, u=u, v=res.delta[0], keys=pos)
