@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from editserve.editing.requests import METHODS
 from editserve.errors import InvalidRequestError
 
-EDIT_METHODS = ("rome", "memit", "alphaedit")
+EDIT_METHODS = METHODS                 # editing.requests: the one tuple
 DEFAULT_METHOD = "alphaedit"
 DEFAULT_METHOD_ENV = "EDITSERVE_DEFAULT_METHOD"
 

@@ -29,7 +29,7 @@ from editserve.editing.keys import compute_keys
 from editserve.editing.memit import memit_factors, preserved_columns
 from editserve.editing.model import fingerprint
 from editserve.editing.prefixes import context_prefixes
-from editserve.editing.requests import EditRequest
+from editserve.editing.requests import METHODS, EditRequest
 from editserve.editing.rome import prompt_scales, rome_direction, rome_factors
 from editserve.editing.scoring import target_nll
 from editserve.editing.nullspace import cached_null_space
@@ -40,7 +40,6 @@ from editserve.patches import Patch, WeightDelta
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rome", "memit", "alphaedit")
 MAX_BATCH = 10_000
 
 

@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from editserve.editing.arch import spec_for
 from editserve.editing.hooks import Hooks
 from editserve.editing.hparams import ValueParams
-from editserve.editing.keys import prefixed_texts
-from editserve.editing.prompts import subject_last_index
+from editserve.editing.keys import compute_keys
 from editserve.editing.requests import EditRequest
 from editserve.editing.values import optimise_values
 from editserve.errors import InvalidRequestError
@@ -149,15 +148,7 @@ def subject_inputs(model: torch.nn.Module, tok: object, req: EditRequest, prefix
     """The MLP inputs of `layer` at the subject's last token of the bare prompt and of the prompt after
     each prefix -> [1 + len(prefixes), d] float32."""
     name = spec_for(model).mlp_name(layer)
-    rows = []
-    with torch.no_grad(), Hooks(model) as hooks:
-        hooks.capture_input(name)
-        hooks.stop_when_captured()
-        for text, end in prefixed_texts(req, prefixes):
-            ids, last = subject_last_index(tok, text[:end], end)
-            hooks.run(input_ids=torch.tensor([ids[: last + 1]]))
-            rows.append(hooks.inputs[name][0, last].float())
-    return torch.stack(rows)
+    return compute_keys(model, tok, [req], prefixes, layers=(), capture_inputs=(name,)).prompt_inputs[name][0]
 
 
 def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams,

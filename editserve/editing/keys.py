@@ -28,6 +28,7 @@ class KeyResult:
     keys: dict[int, torch.Tensor]            # layer -> [n_requests, d_in] float32, prefix-averaged
     outputs: dict[str, torch.Tensor]         # module name -> [n_requests, d] float32, prefix-averaged
     prompt_keys: dict[int, torch.Tensor]     # layer -> [n_requests, 1 + n_prefixes, d_in] float32, per prompt
+    prompt_inputs: dict[str, torch.Tensor]   # module name -> [n_requests, 1 + n_prefixes, d] float32, per prompt
 
 
 def compute_keys(
@@ -37,10 +38,12 @@ def compute_keys(
     prefixes: Sequence[str],
     layers: Sequence[int],
     capture_outputs: Sequence[str] = (),
+    capture_inputs: Sequence[str] = (),
     extra_hooks: Callable[[Hooks], None] | None = None,
     batch_size: int = 64,
 ) -> KeyResult:
-    """Prefix-averaged keys at `layers` (and outputs of `capture_outputs`) at each subject's last token.
+    """Prefix-averaged keys at `layers` (and outputs of `capture_outputs`) at each subject's last token;
+    also, per prompt, the inputs of the modules `capture_inputs` there.
 
     Only the text up to the subject is run, and the forward stops after the deepest layer needed.
     `extra_hooks` may install further hooks (e.g. not-yet-merged deltas) before the passes.
@@ -58,11 +61,12 @@ def compute_keys(
     key_sums = {layer: None for layer in layers}
     per_prompt: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     out_sums: dict[str, torch.Tensor | None] = {name: None for name in capture_outputs}
+    in_rows: dict[str, list[torch.Tensor]] = {name: [] for name in capture_inputs}
     counts = torch.zeros(n)
     with torch.no_grad(), Hooks(model) as hooks:
         if extra_hooks is not None:
             extra_hooks(hooks)
-        for name in names.values():
+        for name in {*names.values(), *capture_inputs}:
             hooks.capture_input(name)
         for name in capture_outputs:
             hooks.capture_output(name)
@@ -87,8 +91,11 @@ def compute_keys(
             for name in capture_outputs:
                 o = hooks.outputs[name][rows, cols].float().cpu()
                 out_sums[name] = onehot @ o if out_sums[name] is None else out_sums[name] + onehot @ o  # type: ignore[operator]
+            for name in capture_inputs:
+                in_rows[name].append(hooks.inputs[name][rows, cols].float().cpu())
             counts += onehot.sum(1)
     keys = {layer: (s / counts[:, None]) for layer, s in key_sums.items()}  # type: ignore[operator]
     outs = {name: (s / counts[:, None]) for name, s in out_sums.items()}  # type: ignore[operator]
     per = {layer: torch.cat(ks).view(n, -1, ks[0].shape[-1]) for layer, ks in per_prompt.items()}
-    return KeyResult(keys=keys, outputs=outs, prompt_keys=per)
+    ins = {name: torch.cat(xs).view(n, -1, xs[0].shape[-1]) for name, xs in in_rows.items()}
+    return KeyResult(keys=keys, outputs=outs, prompt_keys=per, prompt_inputs=ins)

@@ -1,4 +1,5 @@
-"""The `EditRequest` type: one fact to rewrite, validated on construction."""
+"""The `EditRequest` type: one fact to rewrite, validated on construction; and `METHODS`, the editing
+methods a request may be computed with (one tuple for the maths and the control plane)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from editserve.errors import InvalidRequestError
 
 MAX_TEXT_CHARS = 2000
+METHODS = ("rome", "memit", "alphaedit")
 
 
 @dataclass(frozen=True)
