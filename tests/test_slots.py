@@ -1,0 +1,78 @@
+"""Spare neuron slots (editing/slots.py): a widened MLP computes what it did; a gated neuron written
+into a slot as an ordinary patch computes what the bank's hook computes; removing the patch frees the
+slot bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editserve.editing import EditRequest
+from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
+from editserve.editing.hparams import ValueParams
+from editserve.editing.slots import free_slot, neuron_patch, slot_range, widen_mlp
+from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
+from editserve.patches import apply_patch, remove_patch
+from tests.tiny import TEXT, tiny_model, tiny_tokenizer
+
+LAYER = 1
+
+
+def _gated(model, tok, req):
+    params = GateParams(layer=LAYER, value_prefixes=0,
+                        value=ValueParams(max_steps=30, lr=0.5, kl_factor=0.0, clamp_norm_factor=1e4, weight_decay=0.0))
+    other = [t for t in TEXT if "Eiffel" not in t]
+    neg = mlp_inputs(model, LAYER, tok(other[:6], padding=True, return_tensors="pt")["input_ids"])
+    return gated_edit(model, tok, req, (), neg, params)
+
+
+def test_a_gated_neuron_in_a_slot_is_an_ordinary_patch():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ids = tok(["The Eiffel Tower is located in the city of", TEXT[0]], padding=True, return_tensors="pt")["input_ids"]
+    plain = model(input_ids=ids).logits
+    slots = widen_mlp(model, LAYER, 3)
+    assert list(slots) == [48, 49, 50] and slot_range(model, LAYER) == slots
+    empty = model(input_ids=ids).logits
+    assert torch.allclose(empty, plain, atol=1e-5), "zero neurons add silu(0)·0 = 0"
+    weights0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    neuron = _gated(model, tok, req)
+    bank = GateBank(LAYER, model.config.hidden_size)
+    bank.add(neuron)
+    with bank.applied(model):
+        hooked = model(input_ids=ids).logits
+    assert (hooked - empty).abs().max() > 0.1, "the edit must move something for the comparison to mean anything"
+
+    slot = free_slot(model, LAYER)
+    patch = neuron_patch(model, LAYER, slot, neuron, req, {"margin": 12.0})
+    assert slot == 48 and patch.method == "gated" and patch.hparams["neuron"] == 48
+    apply_patch(model, patch)
+    assert torch.allclose(model(input_ids=ids).logits, hooked, atol=1e-4)
+    assert free_slot(model, LAYER) == 49
+    with pytest.raises(PatchStateError, match="slot neuron 48 of layer 1 is taken"):
+        neuron_patch(model, LAYER, 48, neuron, req, {})
+
+    remove_patch(model, patch)
+    assert all(torch.equal(p, weights0[n]) for n, p in model.named_parameters()), "the slot is zero again, bit for bit"
+    assert torch.equal(model(input_ids=ids).logits, empty)
+    assert free_slot(model, LAYER) == 48
+
+
+def test_slots_refuse_what_does_not_fit():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidRequestError, match="slots must be a positive integer"):
+            widen_mlp(model, LAYER, bad)
+    widen_mlp(model, LAYER, 1)
+    with pytest.raises(PatchStateError, match="already has 1 slots"):
+        widen_mlp(model, LAYER, 2)
+    req = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    neuron = _gated(model, tok, req)
+    with pytest.raises(InvalidRequestError, match="neuron 3 is not a slot"):
+        neuron_patch(model, LAYER, 3, neuron, req, {})              # one of the model's own neurons
+    apply_patch(model, neuron_patch(model, LAYER, free_slot(model, LAYER), neuron, req, {}))
+    with pytest.raises(PatchStateError, match="no free neuron slot"):
+        free_slot(model, LAYER)
+    with pytest.raises(UnknownArchitectureError, match="not a bias-free SwiGLU"):
+        widen_mlp(tiny_model("gpt2"), LAYER, 1)
