@@ -9,6 +9,7 @@ how the gates sit on ordinary text:
 
 - ``z>0``: share of edits whose gate scores some statistics-corpus token above 0 (where silu opens);
 - ``|a|``: mean |activation| of an edit's neuron over those tokens (1 on its subject);
+- ``ES@ins``: ES of each edit right after it was added (retained ES below it = edits lost later);
 - ``cross``: share of edits on whose prompt (any token) another edit's neuron has |a| > 0.1, and the ES
   of those edits (a later neuron open on an earlier subject overwrites it; ``--guard`` fights that).
 
@@ -63,6 +64,7 @@ def main() -> int:
     from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
     from editserve.editing.model import fingerprint
     from editserve.editing.prefixes import context_prefixes
+    from editserve.editing.scoring import target_nll
 
     if args.stream is None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -99,8 +101,8 @@ def main() -> int:
         bank.G, bank.U, bank.V, bank.K = saved["G"], saved["U"], saved["V"], saved["K"]
         log.info("resumed at %d edits", done)
 
-    print("| edits | ES | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | cross | ES of crossed | s/edit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| edits | ES | ES@ins | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | cross | ES of crossed | s/edit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(_line(row), flush=True)
     for n in range(done + 1, args.n + 1):
@@ -110,7 +112,11 @@ def main() -> int:
         bank.add(neuron)
         seconds += time.time() - t
         z = negatives @ neuron.g
-        gates.append({"open": float((z > 0).float().mean()), "a": float(neuron.activation(negatives).abs().mean())})
+        req = records[n - 1].request
+        with bank.applied(model):
+            nll = target_nll(model, tok, [req.text, req.text], [req.target_new, req.target_true or ""])
+        gates.append({"open": float((z > 0).float().mean()), "a": float(neuron.activation(negatives).abs().mean()),
+                      "held": bool(nll[0] < nll[1])})
         if n % args.every and n != args.n:
             continue
         with bank.applied(model):
@@ -118,7 +124,8 @@ def main() -> int:
         crossed = _crossed(model, tok, bank, records[:n], params.layer)
         es_crossed = [per_record[i].es for i in crossed]
         row = {"n": n, **scores, "open": sum(g["open"] > 0 for g in gates) / n,
-               "a": statistics.mean(g["a"] for g in gates), "cross": len(crossed) / n,
+               "a": statistics.mean(g["a"] for g in gates), "es_ins": statistics.mean(g["held"] for g in gates),
+               "cross": len(crossed) / n,
                "es_crossed": statistics.mean(es_crossed) if es_crossed else float("nan"), "s_per_edit": seconds / n}
         rows.append(row)
         print(_line(row), flush=True)
@@ -146,7 +153,7 @@ def _crossed(model, tok, bank, records, layer: int, bound: float = 0.1) -> list[
 
 
 def _line(r: dict) -> str:
-    return (f"| {r['n']} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns_ratio']:.3f} | ×{r['ppl_ratio']:.4f} "
+    return (f"| {r['n']} | {r['es']:.3f} | {r.get('es_ins', float('nan')):.3f} | {r['ps']:.3f} | {r['ns_ratio']:.3f} | ×{r['ppl_ratio']:.4f} "
             f"| ×{r['fluency_ratio']:.3f} | {r['open']:.2f} | {r['a']:.1e} | {r['cross']:.3f} | {r['es_crossed']:.2f} "
             f"| {r['s_per_edit']:.1f} |")
 
