@@ -124,9 +124,9 @@ def main() -> int:
         crossed = _crossed(model, tok, bank, records[:n], params.layer)
         es_crossed = [per_record[i].es for i in crossed]
         row = {"n": n, **scores, "open": sum(g["open"] > 0 for g in gates) / n,
-               "a": statistics.mean(g["a"] for g in gates), "es_ins": statistics.mean(g["held"] for g in gates),
+               "a": statistics.mean(g["a"] for g in gates), "es_ins": _mean_of(g.get("held") for g in gates),
                "cross": len(crossed) / n,
-               "es_crossed": statistics.mean(es_crossed) if es_crossed else float("nan"), "s_per_edit": seconds / n}
+               "es_crossed": _mean_of(es_crossed), "s_per_edit": seconds / n}
         rows.append(row)
         print(_line(row), flush=True)
         torch.save({"G": bank.G, "U": bank.U, "V": bank.V, "K": bank.K}, run / "bank.tmp")
@@ -150,6 +150,12 @@ def _crossed(model, tok, bank, records, layer: int, bound: float = 0.1) -> list[
         if float(a.max()) > bound:
             out.append(i)
     return out
+
+
+def _mean_of(xs) -> float:
+    """Mean of the values that are not None (a run resumed from a state saved before a measure existed)."""
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else float("nan")
 
 
 def _line(r: dict) -> str:
