@@ -22,8 +22,9 @@ floor leaves open"). A gated edit instead adds, to the MLP of one layer, a neuro
 
 The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d], and K [M, d], the subject
 inputs each neuron was fit on (what later gates are guarded against). A bank acts through a hook
-(`GateBank.applied`), which is how it is measured here (bench/gated.py); serving it needs E spare
-neurons in the engine's MLP of that layer, which does not exist yet (docs/lifelong.md, "Gated edits").
+(`GateBank.applied`), which is how it is measured here (bench/gated.py). A neuron is also an ordinary
+patch on a spare neuron slot of a widened MLP (editing/slots.py); the engine has no slots yet
+(docs/lifelong.md, "Gated edits").
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def fit_gate(pos: torch.Tensor, neg: torch.Tensor, params: GateParams,
     scale = neg.norm(dim=-1).mean().clamp(min=1e-12)
     groups = [(pos, 0.5), (neg, 0.5)]
     if guarded is not None and params.guard > 0 and len(guarded):
-        guarded = guarded[torch.cdist(guarded.double(), pos.double()).min(dim=1).values > 1e-6 * scale]
+        # equal up to batching's rounding (~1e-7 relative): the same subject in the same context
+        guarded = guarded[torch.cdist(guarded.double(), pos.double()).min(dim=1).values > 1e-4 * scale]
         if len(guarded):
             groups = [(pos, 0.5), (neg, 0.5 * (1 - params.guard)), (guarded, 0.5 * params.guard)]
     X = torch.cat([x for x, _ in groups]).double() / scale
