@@ -98,7 +98,10 @@ def main() -> int:
             raise SystemExit(f"{run} was run on {st['stream']}")
         done, rows, seconds, gates = st["done"], st["rows"], st["seconds"], st["gates"]
         saved = torch.load(run / "bank.pt")
-        bank.G, bank.U, bank.V, bank.K = saved["G"], saved["U"], saved["V"], saved["K"]
+        if "K" not in saved and params.guard:
+            raise SystemExit(f"{run}/bank.pt was saved without the subject inputs a guard needs (before session 33)")
+        bank.G, bank.U, bank.V = saved["G"], saved["U"], saved["V"]
+        bank.K = saved.get("K", bank.K)
         log.info("resumed at %d edits", done)
 
     print("| edits | ES | ES@ins | PS | NS ratio | held-out ppl | fluency | z>0 | |a| | cross | ES of crossed | s/edit |")
