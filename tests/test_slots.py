@@ -12,7 +12,7 @@ from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
 from editserve.editing.hparams import ValueParams
 from editserve.editing.slots import free_slot, neuron_patch, slot_range, widen_mlp
 from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
-from editserve.patches import apply_patch, remove_patch
+from editserve.patches import Patch, WeightDelta, apply_patch, remove_patch
 from tests.tiny import TEXT, tiny_model, tiny_tokenizer
 
 LAYER = 1
@@ -74,5 +74,17 @@ def test_slots_refuse_what_does_not_fit():
     apply_patch(model, neuron_patch(model, LAYER, free_slot(model, LAYER), neuron, req, {}))
     with pytest.raises(PatchStateError, match="no free neuron slot"):
         free_slot(model, LAYER)
+    other = tiny_model("llama")                      # a patch on the down-projection keeps a narrow base copy
+    down = other.model.layers[LAYER].mlp.down_proj.weight                                    # [d, I]
+    edit = Patch(deltas=(WeightDelta(f"model.layers.{LAYER}.mlp.down_proj.weight", LAYER, torch.ones(down.shape[0], 1),
+                                     torch.ones(down.shape[1], 1)),),
+                 requests=(req,), method="rome", hparams={}, model_fingerprint="", family="llama")
+    apply_patch(other, edit)
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(PatchStateError, match="while 1 patch"):
+        widen_mlp(other, LAYER, 4)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters()) and not slot_range(other, LAYER)
+    remove_patch(other, edit)
+    assert widen_mlp(other, LAYER, 4) == range(48, 52)
     with pytest.raises(UnknownArchitectureError, match="not a bias-free SwiGLU"):
         widen_mlp(tiny_model("gpt2"), LAYER, 1)

@@ -28,7 +28,7 @@ from editserve.editing.gated import GatedNeuron
 from editserve.editing.model import fingerprint
 from editserve.editing.requests import EditRequest
 from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
-from editserve.patches import Patch, WeightDelta
+from editserve.patches import Patch, WeightDelta, applied_patches
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ def widen_mlp(model: torch.nn.Module, layer: int, slots: int) -> range:
     have = getattr(model, _SLOTS_ATTR, {})
     if layer in have:
         raise PatchStateError(f"layer {layer}'s MLP already has {have[layer][1]} slots")
+    if applied := applied_patches(model):
+        raise PatchStateError(f"cannot widen layer {layer}'s MLP while {len(applied)} patch(es) are applied: their "
+                              "base copies have the old shape; widen first, then apply")
     fingerprint(model)                                   # of the base weights, taken before the widening
     gate, up, down = _projections(model, layer)
     width = gate.out_features                            # I
