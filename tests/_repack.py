@@ -74,6 +74,53 @@ def make_edited_checkpoint(src: Path, out: Path) -> None:
             save_file(tensors, str(f), metadata={"format": "pt"})
 
 
+SLOT_LAYER, SLOTS, SLOT = 2, 64, 5       # layer 2 widened by 64 neuron slots; the edit writes slot 5
+
+
+def slot_neuron() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated neuron (g, u, δ) [HIDDEN] each, strong enough to change the greedy tokens."""
+    gen = torch.Generator().manual_seed(11)
+    return (torch.randn(HIDDEN, generator=gen) * 0.5, torch.randn(HIDDEN, generator=gen) * 0.5,
+            torch.randn(HIDDEN, generator=gen) * 4.0)
+
+
+def slot_deltas() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The slot patch as (u [d_out, 1], v [d_in, 1]) per Hugging Face weight (editing/slots.py's form)."""
+    g, u, delta = slot_neuron()
+    e = torch.zeros(MLP + SLOTS, 1)
+    e[MLP + SLOT] = 1.0
+    mlp = f"model.layers.{SLOT_LAYER}.mlp"
+    return {f"{mlp}.gate_proj.weight": (e, g.reshape(-1, 1)), f"{mlp}.up_proj.weight": (e.clone(), u.reshape(-1, 1)),
+            f"{mlp}.down_proj.weight": (delta.reshape(-1, 1), e.clone())}
+
+
+def make_wide_checkpoint(src: Path, out: Path, with_neuron: bool) -> None:
+    """`src` with every MLP widened by SLOTS zero neurons (a plain Llama of intermediate size
+    MLP + SLOTS) and, `with_neuron`, the slot neuron written at layer SLOT_LAYER: what an engine
+    serving `src` with slots must compute."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    config = json.loads((out / "config.json").read_text())
+    config["intermediate_size"] = MLP + SLOTS
+    (out / "config.json").write_text(json.dumps(config))
+    deltas = slot_deltas() if with_neuron else {}
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, w in list(tensors.items()):
+            if name.endswith(("gate_proj.weight", "up_proj.weight")):
+                w = torch.cat([w, w.new_zeros(SLOTS, w.shape[1])])
+            elif name.endswith("down_proj.weight"):
+                w = torch.cat([w, w.new_zeros(w.shape[0], SLOTS)], 1)
+            if name in deltas:
+                u, v = deltas[name]
+                w = w.to(torch.float32).addmm_(u, v.T).to(w.dtype)
+            tensors[name] = w.contiguous()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+
+
 def _generate(llm: Any) -> list[dict[str, Any]]:
     from vllm import SamplingParams
 
@@ -86,11 +133,14 @@ def _generate(llm: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _message(version: int, with_edit: bool) -> dict[str, Any]:
+def _message(version: int, with_edit: bool, slot_edit: bool = False) -> dict[str, Any]:
     from editserve.engine.wire import ApplyMessage, MatrixTarget, WireDelta
 
     matrices: tuple[MatrixTarget, ...] = ()
-    if with_edit:
+    if with_edit and slot_edit:
+        matrices = tuple(MatrixTarget(name=name, layer=SLOT_LAYER, deltas=(WireDelta(key=f"slot:{name}", u=u, v=v),))
+                         for name, (u, v) in sorted(slot_deltas().items()))
+    elif with_edit:
         u, v = edit_factors()
         deltas = tuple(WireDelta(key=f"test:{i}", u=u[:, i:i + 1].contiguous(), v=v[:, i:i + 1].contiguous())
                        for i in range(u.shape[1]))
@@ -105,10 +155,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
               max_model_len=256, seed=0, tensor_parallel_size=int(spec.get("tp", 1)))
     result: dict[str, Any] = {"base": _generate(llm)}
     if spec.get("edit"):
-        result["kernels"] = llm.collective_rpc("editserve_describe")[0]["kernels"]
-        result["edit_reports"] = llm.collective_rpc("editserve_apply", args=(_message(1, True),))
+        described = llm.collective_rpc("editserve_describe")[0]
+        result["kernels"], result["slots"], result["editable"] = described["kernels"], described["slots"], described["editable"]
+        slot_edit = bool(spec.get("slot_edit"))
+        result["edit_reports"] = llm.collective_rpc("editserve_apply", args=(_message(1, True, slot_edit),))
         result["edited"] = _generate(llm)
-        result["rollback_reports"] = llm.collective_rpc("editserve_apply", args=(_message(0, False),))
+        result["rollback_reports"] = llm.collective_rpc("editserve_apply", args=(_message(0, False, slot_edit),))
         result["rolled_back"] = _generate(llm)
         result["edit_report"], result["rollback_report"] = result["edit_reports"][0], result["rollback_reports"][0]
     return result

@@ -42,17 +42,20 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def engine(tmp: Path, name: str, model: Path, eager: bool, plugin: bool, edit: bool = False,
-           tp: int = 1) -> dict[str, Any]:
+           tp: int = 1, slots: str | None = None) -> dict[str, Any]:
     cache = ROOT / ".cache" / "test-repack"
     for sub in ("vllm", "inductor", "rpc"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     spec, out = tmp / f"{name}.json", tmp / f"{name}.out.json"
-    spec.write_text(json.dumps({"model": str(model), "eager": eager, "edit": edit, "tp": tp}))
+    spec.write_text(json.dumps({"model": str(model), "eager": eager, "edit": edit, "tp": tp, "slot_edit": bool(slots)}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_PLUGINS": "editserve" if plugin else "",
            "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "VLLM_NO_USAGE_STATS": "1"}
     env.pop("EDITSERVE_CPU_GEMM", None)
     env.pop("EDITSERVE_EDITABLE_LAYERS", None)
+    env.pop("EDITSERVE_NEURON_SLOTS", None)
+    if slots:
+        env["EDITSERVE_NEURON_SLOTS"] = slots
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     else:

@@ -45,6 +45,10 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     n_layers_attr: str = "num_hidden_layers"
+    # vLLM's merged gate and up projection of a SwiGLU MLP (gate rows, then up rows), whose Hugging
+    # Face halves are ``{mlp}.gate_proj`` / ``{mlp}.up_proj``; None for MLPs without one. Only layers
+    # widened with neuron slots edit it (editserve.engine.neuron_slots).
+    vllm_gate_up_proj: str | None = None
 
     def layer_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}"
@@ -62,6 +66,10 @@ class ArchSpec:
     def mlp_name(self, layer: int) -> str:
         return self.mlp.format(layer)
 
+    def half_weight_name(self, layer: int, half: str) -> str:
+        """Hugging Face name of the ``gate_proj`` or ``up_proj`` weight of layer `layer`."""
+        return f"{self.mlp.format(layer)}.{half}.weight"
+
     def attn_name(self, layer: int) -> str:
         return self.attn.format(layer)
 
@@ -75,6 +83,7 @@ _LLAMA_LIKE = dict(
     hf_layout=Layout.OUT_IN,
     vllm_layout=Layout.OUT_IN,
     vllm_down_proj="model.layers.{}.mlp.down_proj",
+    vllm_gate_up_proj="model.layers.{}.mlp.gate_up_proj",
     embed="model.embed_tokens",
     final_norm="model.norm",
     lm_head="lm_head",

@@ -11,6 +11,9 @@ processes, possibly more than once per process, so every step checks whether it 
   ``EDITSERVE_EDITABLE_LAYERS``) get vLLM's own packed kernel and keep their dense weight as
   the master that swaps write and re-pack from (`editserve.engine.cpu_gemm`;
   ``EDITSERVE_CPU_GEMM=dense`` runs them through ``F.linear`` instead).
+- With ``EDITSERVE_NEURON_SLOTS`` (e.g. ``5:1024``) it widens those layers' MLPs by zero
+  neurons at load, on every platform (`editserve.engine.neuron_slots`); on CPU both of their
+  projections keep dense masters.
 
 ``vllm.endpoint_plugins`` → `endpoint_plugin`: builds `EditserveEndpoint`, which adds the
 ``/editserve/v1/*`` routes and the version header, and in ``init_state`` starts the control
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from editserve.editing.arch import ARCHITECTURES
+from editserve.engine.neuron_slots import install_widening, slot_layer_of, slots_from_env
 from editserve.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -71,9 +75,10 @@ def is_editable(prefix: str, layers: frozenset[int] | None, pattern: re.Pattern[
     return layers is None or layer in layers
 
 
-def install_editable_dispatch(layers: frozenset[int] | None, mode: str) -> bool:
+def install_editable_dispatch(layers: frozenset[int] | None, mode: str, slot_layers: frozenset[int] = frozenset()) -> bool:
     """Prepare editable down-projections on CPU (`editserve.engine.cpu_gemm.prepare`: vLLM's
-    kernel plus the dense master, or ``F.linear`` in ``dense`` mode); False if already installed."""
+    kernel plus the dense master, or ``F.linear`` in ``dense`` mode), and both MLP projections of
+    the layers with neuron slots (`slot_layers`); False if already installed."""
     from vllm.model_executor.layers import utils as layer_utils
 
     from editserve.engine.cpu_gemm import prepare
@@ -86,8 +91,9 @@ def install_editable_dispatch(layers: frozenset[int] | None, mode: str) -> bool:
     def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
         prefix = str(getattr(layer, "prefix", ""))
         weight = getattr(layer, "weight", None)
+        mlp = slot_layer_of(prefix)
         if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not weight.is_meta
-                and is_editable(prefix, layers, pattern)):
+                and (is_editable(prefix, layers, pattern) or (mlp is not None and mlp[0] in slot_layers))):
             kind = prepare(layer, original, mode)
             log.debug("editserve keeps %s editable %s with a %s kernel", prefix, tuple(weight.shape), kind)
             return
@@ -118,12 +124,16 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     added = install_worker_methods()
+    slots = slots_from_env(os.environ)
+    if install_widening(slots):
+        log.info("editserve: neuron slots %s (layer: slots) are added to the MLPs at load",
+                 ", ".join(f"{k}:{v}" for k, v in sorted(slots.items())))
     if current_platform.is_cpu():
         from editserve.engine.cpu_gemm import KERNEL_ENV, kernel_mode
 
         layers = parse_layers(os.environ.get(EDITABLE_LAYERS_ENV))
         mode = kernel_mode(os.environ)
-        if install_editable_dispatch(layers, mode):
+        if install_editable_dispatch(layers, mode, frozenset(slots)):
             log.info("editserve: CPU down-projections of %s are editable (%s=%s)",
                      "all layers" if layers is None else f"layers {sorted(layers)}", KERNEL_ENV, mode)
     if added:

@@ -38,6 +38,7 @@ import torch
 
 from editserve.editing.arch import ArchSpec, Layout, spec_for_model_type
 from editserve.engine.cpu_gemm import kernel_of, repack
+from editserve.engine.neuron_slots import HALVES, SLOTS_ENV, half_of, widened
 from editserve.engine.wire import ApplyMessage, MatrixTarget, RankReport, WireDelta, rank_range, weight_checksum
 from editserve.errors import NonFiniteError, PatchMismatchError, PatchStateError
 from editserve.ledger.checkpoints import CHAIN_ROOT, chain_step, read_slice
@@ -83,7 +84,8 @@ class _Slot:
     name: str                          # HF weight name
     vllm_name: str
     module: torch.nn.Module            # the vLLM linear layer (its kernel may need re-packing)
-    param: torch.nn.Parameter          # its dense weight [d_out, hi-lo]: the master swaps write
+    param: torch.Tensor                # its dense weight [d_out, hi-lo] (or a half of gate_up_proj's, a view):
+                                       # the master swaps write
     lo: int                            # rank's input slice [lo, hi) of the full input dimension
     hi: int
     d_in: int
@@ -99,17 +101,39 @@ def _spec(worker: Any) -> ArchSpec:
     return spec
 
 
-def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slot:
-    if name != spec.weight_name(layer):
-        raise PatchMismatchError(f"weight {name!r} is not the down-projection of layer {layer} ({spec.weight_name(layer)!r})")
-    module_name = spec.vllm_down_proj.format(layer)
+def _module(model: torch.nn.Module, module_name: str, layer: int) -> torch.nn.Module:
     try:
         module = model.get_submodule(module_name)
     except AttributeError as exc:
         raise PatchMismatchError(f"the served model has no module {module_name!r} (layer {layer})") from exc
     # With LoRA enabled (candidates, docs/candidates.md) vLLM wraps the layer; its weight, packed
     # kernel and tensor-parallel slice are the wrapped base layer's, which must be written and re-packed.
-    module = getattr(module, "base_layer", module)
+    return getattr(module, "base_layer", module)
+
+
+def _half_slot(model: torch.nn.Module, module_name: str, name: str, layer: int, half: str) -> _Slot:
+    """The gate or up half of a widened layer's merged ``gate_up_proj`` (tensor-parallel size 1)."""
+    module = _module(model, module_name, layer)
+    if widened(module) is None:
+        raise PatchMismatchError(f"{name!r} is editable only in a layer with neuron slots ({SLOTS_ENV}); "
+                                 f"layer {layer} has none")
+    param = getattr(module, "weight", None)
+    if not isinstance(param, torch.Tensor) or param.dim() != 2 or param.numel() == 0:
+        raise PatchStateError(f"the weight of {module_name!r} is not a dense 2-D master; it cannot be edited")
+    d_in = int(param.shape[1])
+    return _Slot(name=name, vllm_name=f"{module_name}.weight[{half}]", module=module, param=half_of(param, half),
+                 lo=0, hi=d_in, d_in=d_in, tp_rank=0, tp_size=1)
+
+
+def _slot(model: torch.nn.Module, spec: ArchSpec, name: str, layer: int) -> _Slot:
+    for half in HALVES:
+        if spec.vllm_gate_up_proj is not None and name == spec.half_weight_name(layer, half):
+            return _half_slot(model, spec.vllm_gate_up_proj.format(layer), name, layer, half)
+    if name != spec.weight_name(layer):
+        raise PatchMismatchError(f"weight {name!r} is not the down-projection of layer {layer} ({spec.weight_name(layer)!r})"
+                                 + (" nor its gate or up projection" if spec.vllm_gate_up_proj else ""))
+    module_name = spec.vllm_down_proj.format(layer)
+    module = _module(model, module_name, layer)
     param = getattr(module, "weight", None)
     if not isinstance(param, torch.Tensor) or param.dim() != 2:
         raise PatchMismatchError(f"{module_name!r} has no 2-D weight to edit")
@@ -243,7 +267,8 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
             state.matrices[name].count, state.matrices[name].chain = new_pos[name]
     # Phase 3: the packed kernels of the written matrices follow their masters. The state above
     # already describes the masters, so a failure here is repaired by the restore that follows.
-    repack_seconds = sum(repack(slots[name].module) for name in writes)
+    modules = {id(slots[name].module): slots[name].module for name in writes}   # gate and up share one
+    repack_seconds = sum(repack(module) for module in modules.values())
     state.version = int(message.version)
     wanted = names if message.checksum is None else sorted(message.checksum)
     checksums = {name: weight_checksum(slots[name].param) for name in wanted}
@@ -254,35 +279,48 @@ def apply_message(worker: Any, message: ApplyMessage) -> RankReport:
 
 
 def _layer_of(spec: ArchSpec, name: str) -> int:
-    prefix, _, suffix = spec.down_proj.partition("{}")
-    suffix += ".weight"
-    if name.startswith(prefix) and name.endswith(suffix):
-        middle = name[len(prefix): len(name) - len(suffix)]
-        if middle.isdigit():
-            return int(middle)
-    raise PatchMismatchError(f"{name!r} is not a down-projection weight of family {spec.family!r}")
+    templates = [spec.down_proj + ".weight"]
+    if spec.vllm_gate_up_proj is not None:
+        templates += [f"{spec.mlp}.{half}.weight" for half in HALVES]
+    for template in templates:
+        prefix, _, suffix = template.partition("{}")
+        if name.startswith(prefix) and name.endswith(suffix):
+            middle = name[len(prefix): len(name) - len(suffix)]
+            if middle.isdigit():
+                return int(middle)
+    raise PatchMismatchError(f"{name!r} is not an editable weight of family {spec.family!r}")
 
 
 def describe(worker: Any) -> dict[str, Any]:
-    """This rank's identity and which down-projections are dense (editable) with their shapes."""
+    """This rank's identity, which matrices are dense (editable) with their full (d_out, d_in)
+    shapes, the kind of kernel of each editable layer, and the neuron slots of widened layers."""
     spec = _spec(worker)
     model = worker.get_model()
     n_layers = int(getattr(worker.vllm_config.model_config.hf_config, spec.n_layers_attr))
     editable: dict[str, list[int]] = {}
-    kernels: dict[str, int] = {}
+    modules: dict[int, torch.nn.Module] = {}
+    slots: dict[str, list[int]] = {}
     tp_rank, tp_size = _tp(worker)
     for layer in range(n_layers):
-        try:
-            slot = _slot(model, spec, spec.weight_name(layer), layer)
-        except (PatchStateError, PatchMismatchError):
-            continue
-        editable[slot.name] = [int(slot.param.shape[0]), slot.d_in]
-        kind = kernel_of(slot.module)
-        kernels[kind] = kernels.get(kind, 0) + 1
+        names = [spec.weight_name(layer)]
+        if spec.vllm_gate_up_proj is not None:
+            names += [spec.half_weight_name(layer, half) for half in HALVES]
+        for name in names:
+            try:
+                slot = _slot(model, spec, name, layer)
+            except (PatchStateError, PatchMismatchError):
+                continue
+            editable[slot.name] = [int(slot.param.shape[0]), slot.d_in]
+            modules[id(slot.module)] = slot.module
+            if (width := widened(slot.module)) is not None:
+                slots[str(layer)] = list(width)
+    kernels: dict[str, int] = {}
+    for module in modules.values():
+        kernels[kernel_of(module)] = kernels.get(kernel_of(module), 0) + 1
     state = _state(model)
     return {
         "rank": _rank_of(worker), "tp_rank": tp_rank, "tp_size": tp_size, "family": spec.family,
-        "n_layers": n_layers, "editable": editable, "kernels": kernels, "version": state.version,
+        "n_layers": n_layers, "editable": editable, "kernels": kernels, "slots": slots, "version": state.version,
         "state_bytes": sum(m.nbytes for m in state.matrices.values()),
         "dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
         "device": str(next(iter(model.parameters())).device),
