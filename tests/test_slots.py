@@ -10,7 +10,7 @@ import torch
 from editserve.editing import EditRequest
 from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
 from editserve.editing.hparams import ValueParams
-from editserve.editing.slots import free_slot, neuron_patch, slot_range, widen_mlp
+from editserve.editing.slots import free_slot, neuron_patch, slot_of, slot_range, widen_mlp
 from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
 from editserve.patches import Patch, WeightDelta, apply_patch, remove_patch
 from tests.tiny import TEXT, tiny_model, tiny_tokenizer
@@ -46,7 +46,7 @@ def test_a_gated_neuron_in_a_slot_is_an_ordinary_patch():
 
     slot = free_slot(model, LAYER)
     patch = neuron_patch(model, LAYER, slot, neuron, req, {"margin": 12.0})
-    assert slot == 48 and patch.method == "gated" and patch.hparams["neuron"] == 48
+    assert slot == 48 and patch.method == "gated" and slot_of(patch) == 48 and patch.hparams["layer"] == LAYER
     apply_patch(model, patch)
     assert torch.allclose(model(input_ids=ids).logits, hooked, atol=1e-4)
     assert free_slot(model, LAYER) == 49
@@ -88,3 +88,47 @@ def test_slots_refuse_what_does_not_fit():
     assert widen_mlp(other, LAYER, 4) == range(48, 52)
     with pytest.raises(UnknownArchitectureError, match="not a bias-free SwiGLU"):
         widen_mlp(tiny_model("gpt2"), LAYER, 1)
+
+
+def test_compute_edit_gated_fills_the_lowest_free_slot():
+    """method="gated" through `compute_patch`, as the sidecar calls it: a widened layer is needed, each
+    edit takes the lowest free slot, the covariance methods leave a widened layer alone, and the corpus
+    inputs are reused until a patch below the layer changes them."""
+    from editserve.editing.corpus import Corpus
+    from editserve.editing.edit import compute_patch
+    from editserve.editing.gated import cached_corpus_inputs
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    corpus = Corpus(name="tiny", text="\n".join(TEXT * 40))
+    over = {"negatives": 512, "value": {"max_steps": 10}, "prefixes": {"n_prefixes": 2}}
+    eiffel = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    colosseum = EditRequest(prompt="{} is located in the city of", subject="The Colosseum", target_new=" Paris")
+    with pytest.raises(InvalidRequestError, match="needs neuron slots at layer 1"):
+        compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    with pytest.raises(InvalidRequestError, match="one fact into one neuron slot"):
+        compute_patch(model, tok, [eiffel, colosseum], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    widen_mlp(model, LAYER, 2)
+    with pytest.raises(InvalidRequestError, match=r"layers \[1\] hold neuron slots"):
+        compute_patch(model, tok, [eiffel], method="rome", layers=[LAYER], corpus=corpus)
+    with pytest.raises(InvalidRequestError, match="guard 0.5"):
+        compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams={**over, "guard": 0.5}, corpus=corpus)
+
+    first = compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    assert first.method == "gated" and slot_of(first) == 48 and first.hparams["negatives"] == 512
+    assert {d.name for d in first.deltas} == {f"model.layers.{LAYER}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    apply_patch(model, first)
+    second = compute_patch(model, tok, [colosseum], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    assert slot_of(second) == 49
+    apply_patch(model, second)
+    with pytest.raises(PatchStateError, match="no free neuron slot"):
+        compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    remove_patch(model, first)
+    assert slot_of(compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)) == 48
+
+    held = cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512)
+    assert cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512) is held
+    below = Patch(deltas=(WeightDelta("model.layers.0.mlp.down_proj.weight", 0, torch.ones(32, 1), torch.ones(48, 1)),),
+                  requests=(eiffel,), method="rome", hparams={}, model_fingerprint="", family="llama")
+    apply_patch(model, below)                                  # layer 0 feeds layer 1's MLP: computed again
+    moved = cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512)
+    assert moved is not held and not torch.equal(moved, held)

@@ -58,6 +58,10 @@ def factors_of(signed: Sequence[tuple[int, Patch]]) -> AdapterFactors:
         if sign not in (1, -1):
             raise InvalidRequestError(f"sign must be +1 or -1, got {sign!r}")
         for d in patch.deltas:
+            if not d.name.endswith(f".{TARGET_MODULE}.weight"):
+                raise InvalidRequestError(f"patch {patch.digest[:12]} ({patch.method}) changes {d.name!r}; a candidate "
+                                          f"is a LoRA adapter on the {TARGET_MODULE} weights only (a gated neuron "
+                                          "cannot be staged: commit it)")
             us.setdefault(d.name, []).append(d.u * float(sign))     # [d_out, r_i]
             vs.setdefault(d.name, []).append(d.v)                   # [d_in, r_i]
     if not us:

@@ -70,6 +70,9 @@ def stage_args(msg: Any, n_layers: int | None = None, default_method: str = DEFA
         from editserve.control import validate
 
         args = validate.edit_args(msg.edit, n_layers, default_method)
+        if args.method == "gated":
+            raise InvalidRequestError("method 'gated' adds a neuron, which a candidate (a LoRA adapter on the "
+                                      "down-projections) cannot stage; commit it, or stage another method")
         if args.expected_head is not None or args.idempotency_key or args.wait_for_replicas_s is not None:
             raise InvalidRequestError("a staged edit commits nothing: expected_head, idempotency_key and "
                                       "wait_for_replicas_s do not apply to it")

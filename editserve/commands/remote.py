@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from editserve.commands import parse_hparams
+from editserve.editing.requests import METHODS
 
 COMMANDS = ("edit", "rollback", "revert", "consolidate", "versions", "show", "diff", "probe", "status", "watch")
 
@@ -49,7 +50,7 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--subject", required=True)
         p.add_argument("--target-new", required=True)
         p.add_argument("--target-true", default="")
-        p.add_argument("--method", default="", choices=["", "rome", "memit", "alphaedit"],
+        p.add_argument("--method", default="", choices=["", *METHODS],
                        help="editing method (default: the server's, EDITSERVE_DEFAULT_METHOD there)")
         p.add_argument("--layer", type=int, action="append", default=[])
         p.add_argument("--hparams", default=None,

@@ -10,7 +10,8 @@ import argparse
 
 HELP = """usage: editserve serve [--ledger DIR] [--pause-mode keep|wait|abort] [--sidecar-device DEV]
                        [--sidecar-threads N] [--editable-layers all|3-7,12] [--grpc-addr HOST:PORT]
-                       [--insecure] [--serve-only] [--api-key-file FILE] [MODEL] [vllm serve options]
+                       [--insecure] [--serve-only] [--api-key-file FILE] [--neuron-slots LAYER:N]
+                       [MODEL] [vllm serve options]
 
 Start vLLM's OpenAI-compatible server with the editserve plugins: edits are served live through
 the gRPC control plane (127.0.0.1:50051 by default; `editserve edit|rollback|status ...`) and
@@ -31,6 +32,8 @@ editserve options (each also settable as an environment variable with plain `vll
                          no LoRA cost); see docs/candidates.md
   --candidate-share S    default share of default-model traffic for a staged candidate (EDITSERVE_CANDIDATE_SHARE)
   --candidate-max-rank R vLLM's --max-lora-rank for candidates (EDITSERVE_CANDIDATE_MAX_RANK; default 16)
+  --neuron-slots L:N     widen layer L's MLP by N zero neurons at load, for method 'gated' (EDITSERVE_NEURON_SLOTS,
+                         e.g. 5:1024; tensor-parallel size 1); see docs/lifelong.md, "Gated edits"
   --serve-only           no sidecar (EDITSERVE_SIDECAR=0): follows the ledger head and serves it, refuses
                          edits/probes/traces naming replicas that can take them (docs/fleet.md)
   --insecure             allow plaintext gRPC on a non-loopback address (EDITSERVE_GRPC_INSECURE=1;
@@ -42,7 +45,7 @@ Everything else is passed to `vllm serve` unchanged, e.g. --port 8000 --tensor-p
 _OWN = {"--ledger": "ledger", "--pause-mode": "pause_mode", "--sidecar-device": "sidecar_device",
         "--sidecar-threads": "sidecar_threads", "--editable-layers": "editable_layers", "--grpc-addr": "grpc_addr",
         "--api-key-file": "api_key_file", "--candidates": "candidates", "--candidate-share": "candidate_share",
-        "--candidate-max-rank": "candidate_max_rank"}
+        "--candidate-max-rank": "candidate_max_rank", "--neuron-slots": "neuron_slots"}
 _FLAGS = {"--insecure": "insecure", "--serve-only": "serve_only"}        # editserve options that take no value
 
 
@@ -94,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     threads = own.pop("sidecar_threads", None)
     if threads is not None and not threads.isdigit():
         raise InvalidRequestError(f"--sidecar-threads must be a positive integer, got {threads!r}")
+    if "neuron_slots" in own:
+        from editserve.engine.neuron_slots import parse_slots
+
+        parse_slots(own["neuron_slots"])                  # a typed error naming a bad value, before vLLM starts
     insecure = own.pop("insecure", None) == "1"
     serve_only = own.pop("serve_only", None) == "1"
     addr = own.get("grpc_addr")

@@ -56,11 +56,16 @@ HPARAM_BOUNDS: Mapping[str, Bound] = {
     "stats.n_tokens": Bound(int, 1000, 10_000_000, admin=True),
     "stats.seq_len": Bound(int, 16, 2048, admin=True),
     "stats.batch_size": Bound(int, 1, 64, admin=True),
+    "margin": Bound(float, 1.0, 100.0),
+    "strength": Bound(float, 0.05, 10.0),
 }
 METHOD_KEYS: Mapping[str, frozenset[str]] = {
-    "rome": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys", "alpha", "nullspace_threshold")),
-    "memit": frozenset(k for k in HPARAM_BOUNDS if k not in ("alpha", "nullspace_threshold")),
-    "alphaedit": frozenset(k for k in HPARAM_BOUNDS if k != "cov_weight"),
+    "rome": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "keys", "alpha", "nullspace_threshold",
+                                                             "margin", "strength")),
+    "memit": frozenset(k for k in HPARAM_BOUNDS if k not in ("alpha", "nullspace_threshold", "margin", "strength")),
+    "alphaedit": frozenset(k for k in HPARAM_BOUNDS if k not in ("cov_weight", "margin", "strength")),
+    # a gated edit reads no covariance statistics
+    "gated": frozenset(k for k in HPARAM_BOUNDS if k.startswith(("value.", "prefixes.")) or k in ("margin", "strength")),
 }
 
 

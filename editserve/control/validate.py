@@ -118,8 +118,9 @@ def edit_args(msg: Any, n_layers: int | None, default_method: str = DEFAULT_METH
         if key in seen:
             raise InvalidRequestError(f"facts[{i}] repeats facts[{seen[key]}] (subject {_show(r.subject)})")
         seen[key] = i
-    if method == "rome" and len(reqs) != 1:
-        raise InvalidRequestError(f"method 'rome' edits one fact at a time, got {len(reqs)} facts; use 'memit'")
+    if method in ("rome", "gated") and len(reqs) != 1:
+        raise InvalidRequestError(f"method {method!r} edits one fact at a time, got {len(reqs)} facts"
+                                  + ("; use 'memit'" if method == "rome" else ""))
     layers: tuple[int, ...] | None = tuple(msg.layers) if len(msg.layers) else None
     if layers is not None:
         for x in layers:
@@ -127,8 +128,8 @@ def edit_args(msg: Any, n_layers: int | None, default_method: str = DEFAULT_METH
                 raise LayerOutOfRangeError(f"layer {x} is out of range; the model has layers 0..{(n_layers or 1) - 1}")
         if len(set(layers)) != len(layers):
             raise InvalidRequestError(f"layers {list(layers)} repeat a layer")
-        if method == "rome" and len(layers) != 1:
-            raise InvalidRequestError(f"method 'rome' edits one layer, got layers {list(layers)}")
+        if method in ("rome", "gated") and len(layers) != 1:
+            raise InvalidRequestError(f"method {method!r} edits one layer, got layers {list(layers)}")
     expected_head = msg.expected_head if msg.HasField("expected_head") else None
     if expected_head is not None and expected_head < 0:
         raise InvalidRequestError(f"expected_head must be a version number >= 0, got {expected_head}")

@@ -1,4 +1,5 @@
-"""`compute_patch` / `compute_edit`: turn edit requests into a `Patch` with ROME, MEMIT or AlphaEdit;
+"""`compute_patch` / `compute_edit`: turn edit requests into a `Patch` with ROME, MEMIT, AlphaEdit or a
+gated neuron;
 never changes the model.
 
 `compute_edit` also takes and returns the preserved-keys state (`alphaedit.PreservedKeys`): the
@@ -18,13 +19,13 @@ from typing import Any
 
 import torch
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus, load_corpus
 from editserve.editing.hooks import Hooks
-from editserve.editing.hparams import HParams, MemitParams, RomeParams, ValueParams, load_hparams, to_dict
+from editserve.editing.hparams import GateParams, HParams, MemitParams, RomeParams, ValueParams, load_hparams, to_dict
 from editserve.editing.keys import compute_keys
 from editserve.editing.memit import memit_factors, preserved_columns
 from editserve.editing.model import fingerprint
@@ -63,9 +64,10 @@ def resolve_hparams(
     names = model_names(model)
     if layers is not None:
         layers = list(layers)
-        if method == "rome":
+        if method in ("rome", "gated"):
             if len(layers) != 1:
-                raise InvalidRequestError(f"ROME edits exactly one layer, got layers={layers!r}")
+                raise InvalidRequestError(f"{'ROME' if method == 'rome' else 'a gated edit'} edits exactly one layer, "
+                                          f"got layers={layers!r}")
             over["layer"] = layers[0]
         else:
             over["layers"] = layers
@@ -125,7 +127,8 @@ def compute_edit(
 ) -> EditResult:
     """Compute the low-rank patch that rewrites `requests` (see module docs of rome/memit/alphaedit).
 
-    method:    "rome" (one request), "memit" or "alphaedit" (one or many).
+    method:    "rome" (one request), "memit" or "alphaedit" (one or many), "gated" (one request, into a
+               neuron slot of a widened MLP: editing/slots.py).
     layers:    edit layer(s); default from the per-model hyper-parameter file.
     hparams:   overrides of hyper-parameter fields, e.g. {"value": {"max_steps": 10}}.
     corpus:    text for covariance statistics (default: the Wikipedia excerpt).
@@ -148,12 +151,23 @@ def compute_edit(
             raise InvalidRequestError(f"requests must be EditRequest instances, got {type(r).__name__}")
     if method == "rome" and len(requests) != 1:
         raise InvalidRequestError(f"ROME edits one fact at a time, got {len(requests)} requests; use method='memit'")
+    if method == "gated" and len(requests) != 1:
+        raise InvalidRequestError(f"a gated edit writes one fact into one neuron slot, got {len(requests)} requests")
     spec = spec_for(model)
     hp = resolve_hparams(model, method, layers, hparams)
     fp = fingerprint(model)
     if not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
     timings: dict[str, float] = {}
+    if isinstance(hp, GateParams):
+        return EditResult(patch=_gated(model, tok, requests[0], hp, corpus, fp, timings), preserved=preserved)
+    from editserve.editing.slots import slot_range
+
+    widened = [layer for layer in hp.layers if slot_range(model, layer)]
+    if widened:
+        # Their statistics and keys would have the slots' dimensions, which ordinary text never uses.
+        raise InvalidRequestError(f"layers {widened} hold neuron slots (gated edits); {method} edits layers without "
+                                  f"them, got layers {list(hp.layers)}")
 
     t = time.perf_counter()
     stats, _run = layer_stats(model, tok, hp.layers, corpus, fp, hp.stats, progress=progress)
@@ -200,6 +214,34 @@ def compute_edit(
     log.info("%s patch for %d request(s): %s", method, len(requests),
              ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return EditResult(patch=patch, preserved=state)
+
+
+def _gated(model: torch.nn.Module, tok: Any, request: EditRequest, hp: GateParams, corpus: Corpus, fp: str,
+           timings: dict[str, float]) -> Patch:
+    """One gated neuron (editing/gated.py) written into the lowest free neuron slot of its layer
+    (editing/slots.py), computed on the model as it runs now: earlier neurons are merged in their
+    slots. No covariance statistics and no preserved keys: the gate is fit against corpus tokens."""
+    from editserve.editing.gated import cached_corpus_inputs, gated_edit
+    from editserve.editing.slots import free_slot, neuron_patch, slot_range
+
+    if not slot_range(model, hp.layer):
+        raise InvalidRequestError(f"a gated edit needs neuron slots at layer {hp.layer}; the model has none there "
+                                  "(serve with --neuron-slots LAYER:COUNT)")
+    if hp.guard:
+        raise InvalidRequestError(f"gate guard {hp.guard!r} needs the subject inputs of earlier neurons, which the "
+                                  "ledger does not keep; served gated edits take guard 0")
+    slot = free_slot(model, hp.layer)
+    t = time.perf_counter()
+    negatives = cached_corpus_inputs(model, tok, hp.layer, corpus.fingerprint, corpus.text, hp.negatives)
+    timings["negatives"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prefixes = context_prefixes(model, tok, fp, hp.prefixes)
+    neuron = gated_edit(model, tok, request, prefixes, negatives, hp)
+    timings["neuron"] = time.perf_counter() - t
+    patch = neuron_patch(model, hp.layer, slot, neuron, request, to_dict(hp))
+    log.info("gated patch for %r in slot %d of layer %d: %s", request.subject, slot, hp.layer,
+             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return replace(patch, timings=timings)
 
 
 def _escalating(model, tok, requests, value: ValueParams, attempt, timings):

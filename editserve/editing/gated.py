@@ -32,51 +32,25 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from editserve.editing.arch import spec_for
 from editserve.editing.hooks import Hooks
-from editserve.editing.hparams import ValueParams
+from editserve.editing.hparams import GateParams
 from editserve.editing.keys import compute_keys
 from editserve.editing.requests import EditRequest
 from editserve.editing.values import optimise_values
 from editserve.errors import InvalidRequestError
+from editserve.patches import applied_patches
+
+__all__ = ["GateBank", "GateParams", "GatedNeuron", "cached_corpus_inputs", "corpus_inputs", "fit_gate", "gated_edit",
+           "mlp_inputs", "subject_inputs"]
 
 log = logging.getLogger(__name__)
-
-
-def _default_value() -> ValueParams:
-    # AlphaEdit's SmolLM2 value settings (editserve/data/hparams/alphaedit), without clamp escalation.
-    return ValueParams(lr=1.0, max_steps=25, kl_factor=0.0625, weight_decay=1e-3, clamp_norm_factor=0.75)
-
-
-@dataclass(frozen=True)
-class GateParams:
-    """Hyper-parameters of a gated edit (margin 12 chosen on the tuning split: docs/lifelong.md, "Gated edits")."""
-
-    layer: int = 5                     # the MLP that holds the neurons; δ is written at its output
-    margin: float = 12.0               # g·x of the least of the subject's inputs
-    l2: float = 1e-4                   # ridge on g (in units of the mean corpus input norm)
-    max_iter: int = 200                # L-BFGS iterations of the classifier
-    value_prefixes: int = 5            # context prefixes δ is optimised on (the gate sees all given)
-    strength: float = 1.0              # δ must hold at strength × the gate's activation
-    guard: float = 0.0                 # weight share of earlier subjects among the gate's negatives, [0, 1)
-    value: ValueParams = field(default_factory=_default_value)
-
-    def __post_init__(self) -> None:
-        for name, least in (("margin", "positive"), ("strength", "positive"), ("l2", "non-negative")):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if name == "l2" else v > 0):
-                raise InvalidRequestError(f"gate {name} must be a {least} number, got {v!r}")
-        if isinstance(self.guard, bool) or not isinstance(self.guard, (int, float)) or not 0 <= self.guard < 1:
-            raise InvalidRequestError(f"gate guard must be a number in [0, 1), got {self.guard!r}")
-        for name in ("layer", "value_prefixes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InvalidRequestError(f"gate {name} must be a non-negative integer, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -142,6 +116,37 @@ def mlp_inputs(model: torch.nn.Module, layer: int, input_ids: torch.Tensor, batc
             x = hooks.inputs[name]
             out.append(x.reshape(-1, x.shape[-1]).float())
     return torch.cat(out)
+
+
+def corpus_inputs(model: torch.nn.Module, tok: Any, layer: int, text: str, n_tokens: int,
+                  seq_len: int = 256) -> torch.Tensor:
+    """Ordinary tokens' MLP inputs at `layer` (a gate's negatives): the first n_tokens // seq_len rows of
+    seq_len tokens of `text` (at most the model's context) -> [n, d] float32."""
+    seq_len = min(seq_len, int(getattr(getattr(model, "config", None), "max_position_embeddings", seq_len)))
+    rows = n_tokens // seq_len
+    ids = tok(text[: 8 * n_tokens], add_special_tokens=False)["input_ids"]
+    if rows < 1 or len(ids) < rows * seq_len:
+        raise InvalidRequestError(f"the corpus text gives {len(ids)} tokens; {max(rows, 1) * seq_len} gate negatives "
+                                  f"(negatives={n_tokens}) were asked")
+    return mlp_inputs(model, layer, torch.tensor(ids[: rows * seq_len]).view(rows, seq_len))
+
+
+_NEGATIVES_ATTR = "_editserve_gate_negatives"      # model attribute: (key, [n, d]) of the last corpus_inputs
+
+
+def cached_corpus_inputs(model: torch.nn.Module, tok: Any, layer: int, corpus_fingerprint: str, text: str,
+                         n_tokens: int) -> torch.Tensor:
+    """`corpus_inputs`, kept on the model for the next edit while nothing that feeds `layer`'s MLP changes:
+    keyed by the layer, the corpus, the token count and the patches merged below the layer (a patch at
+    the layer itself or above does not move its MLP's inputs). One entry: SmolLM2, 8,192 tokens: 19 MB."""
+    below = tuple(p.digest for p in applied_patches(model) if any(d.layer < layer for d in p.deltas))
+    key = (layer, corpus_fingerprint, n_tokens, below)
+    held = getattr(model, _NEGATIVES_ATTR, None)
+    if held is not None and held[0] == key:
+        return held[1]
+    inputs = corpus_inputs(model, tok, layer, text, n_tokens)
+    object.__setattr__(model, _NEGATIVES_ATTR, (key, inputs))
+    return inputs
 
 
 def subject_inputs(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: Sequence[str],

@@ -1,4 +1,4 @@
-"""Hyper-parameters of ROME, MEMIT and AlphaEdit as frozen dataclasses, loaded from per-model data files.
+"""Hyper-parameters of ROME, MEMIT, AlphaEdit and gated edits as frozen dataclasses, loaded from per-model data files.
 
 Files live in ``editserve/data/hparams/<method>/``: ``<model-name>.json`` for a specific model
 (e.g. ``smollm2-135m-instruct.json``), else ``<family>.json`` for the architecture family.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -138,9 +138,55 @@ class AlphaEditParams:
         check_spread(self.spread, self.layers)
 
 
+def _gate_value() -> ValueParams:
+    # AlphaEdit's SmolLM2 value settings (editserve/data/hparams/alphaedit), without clamp escalation.
+    return ValueParams(lr=1.0, max_steps=25, kl_factor=0.0625, weight_decay=1e-3, clamp_norm_factor=0.75)
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """Hyper-parameters of a gated edit (editing/gated.py; margin 12 chosen on the tuning split:
+    docs/lifelong.md, "Gated edits")."""
+
+    layer: int = 5                     # the MLP that holds the neurons; δ is written at its output
+    margin: float = 12.0               # g·x of the least of the subject's inputs
+    l2: float = 1e-4                   # ridge on g (in units of the mean corpus input norm)
+    max_iter: int = 200                # L-BFGS iterations of the classifier
+    value_prefixes: int = 5            # context prefixes δ is optimised on (the gate sees all given)
+    strength: float = 1.0              # δ must hold at strength × the gate's activation
+    guard: float = 0.0                 # weight share of earlier subjects among the gate's negatives, [0, 1)
+    negatives: int = 8192              # statistics-corpus tokens the gate is fit against (served edits)
+    value: ValueParams = field(default_factory=_gate_value)
+    prefixes: PrefixParams = PrefixParams()   # the gate sees the bare prompt and these (ROME's 10)
+
+    def __post_init__(self) -> None:
+        for name, least in (("margin", "positive"), ("strength", "positive"), ("l2", "non-negative")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if name == "l2" else v > 0):
+                raise InvalidRequestError(f"gate {name} must be a {least} number, got {v!r}")
+        if isinstance(self.guard, bool) or not isinstance(self.guard, (int, float)) or not 0 <= self.guard < 1:
+            raise InvalidRequestError(f"gate guard must be a number in [0, 1), got {self.guard!r}")
+        for name in ("layer", "value_prefixes", "negatives"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "negatives" else 0):
+                raise InvalidRequestError(f"gate {name} must be a {'positive' if name == 'negatives' else 'non-negative'} "
+                                          f"integer, got {v!r}")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+
 _NESTED = {"value": ValueParams, "prefixes": PrefixParams, "stats": StatsParams}
-_METHODS = {"rome": RomeParams, "memit": MemitParams, "alphaedit": AlphaEditParams}
-HParams = RomeParams | MemitParams | AlphaEditParams
+_METHODS = {"rome": RomeParams, "memit": MemitParams, "alphaedit": AlphaEditParams, "gated": GateParams}
+HParams = RomeParams | MemitParams | AlphaEditParams | GateParams
+
+
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -151,7 +197,11 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):
-            kwargs[key] = _build(_NESTED[key], value, f"{where}.{key}")
+            # A nested group given in part keeps the class's own default for the rest (GateParams'
+            # value settings are not ValueParams' defaults).
+            default = _field_default(cls, key)
+            base = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+            kwargs[key] = _build(_NESTED[key], {**base, **value}, f"{where}.{key}")
         elif key in ("layers", "escalate_clamp", "spread") and isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

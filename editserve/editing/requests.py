@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from editserve.errors import InvalidRequestError
 
 MAX_TEXT_CHARS = 2000
-METHODS = ("rome", "memit", "alphaedit")
+METHODS = ("rome", "memit", "alphaedit", "gated")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ columns are zero, and a zero neuron adds silu(0)·0 = 0), and neuron s is three 
 So a `Patch` carries a gated edit: the ledger, rollback from base copies (a freed slot is zero again,
 bit for bit), checksums and the swap protocol need no new patch kind, and the shapes are fixed from
 the start (what CUDA graphs and packed CPU kernels need). `widen_mlp` widens a Hugging Face
-llama-family model in place; the engine side (the same widening in vLLM's merged gate_up_proj) is
-not built: docs/lifelong.md, "Gated edits".
+llama-family model in place; the engine does the same to vLLM's merged gate_up_proj at load
+(editserve.engine.neuron_slots).
 """
 
 from __future__ import annotations
@@ -107,7 +107,15 @@ def neuron_patch(model: torch.nn.Module, layer: int, neuron: int, gated: GatedNe
     deltas = (WeightDelta(f"{mlp}.gate_proj.weight", layer, e, col(gated.g)),
               WeightDelta(f"{mlp}.up_proj.weight", layer, e.clone(), col(gated.u)),
               WeightDelta(f"{mlp}.down_proj.weight", layer, col(gated.v), e.clone()))
-    width, slots = getattr(model, _SLOTS_ATTR)[layer]
-    return Patch(deltas=deltas, requests=(request,), method="gated",
-                 hparams={**hparams, "layer": layer, "neuron": neuron, "width": width, "slots": slots},
+    # The slot is in the deltas (the one-hot rows), not in the hyper-parameters: a rebase recomputes the
+    # edit with these into whichever slot is free then.
+    return Patch(deltas=deltas, requests=(request,), method="gated", hparams={**hparams, "layer": layer},
                  model_fingerprint=fingerprint(model), family=spec.family)
+
+
+def slot_of(patch: Patch) -> int:
+    """The slot neuron a gated patch writes (its gate delta's one-hot row)."""
+    gate = next((d for d in patch.deltas if d.name.endswith(".gate_proj.weight")), None)
+    if patch.method != "gated" or gate is None:
+        raise InvalidRequestError(f"patch {patch.digest[:12]} ({patch.method}) is not a gated neuron")
+    return int(gate.u.reshape(-1).abs().argmax())

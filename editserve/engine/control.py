@@ -166,6 +166,9 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         if not self.workers[0]["editable"]:
             raise PluginSetupError("no down-projection of the served model is dense; on CPU the editserve general "
                                    "plugin must be active before the model loads (VLLM_PLUGINS=editserve)")
+        if self.settings.default_method == "gated" and not self.workers[0]["slots"]:
+            raise PluginSetupError("the default method is 'gated', but the engine has no neuron slots; serve with "
+                                   "--neuron-slots LAYER:COUNT (EDITSERVE_NEURON_SLOTS)")
         dtype = str(self.workers[0]["dtype"])
         if self.settings.serve_only:
             try:
@@ -176,7 +179,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         self.sidecar = SidecarClient(SidecarConfig(
             checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
             threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME"),
-            heldout_text=self.settings.health.heldout_text))
+            heldout_text=self.settings.health.heldout_text,
+            neuron_slots=tuple(sorted((int(layer), int(n)) for layer, (_, n) in self.workers[0]["slots"].items()))))
         try:
             return await self._start_with_sidecar(t0)
         except BaseException:

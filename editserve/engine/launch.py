@@ -44,10 +44,12 @@ class ServeOptions:
     candidate_share: str | None = None     # EDITSERVE_CANDIDATE_SHARE
     candidate_max_rank: str | None = None  # EDITSERVE_CANDIDATE_MAX_RANK
     serve_only: bool = False               # EDITSERVE_SIDECAR=0: no sidecar (editserve.engine.serveonly)
+    neuron_slots: str | None = None        # EDITSERVE_NEURON_SLOTS (editserve.engine.neuron_slots), e.g. "5:1024"
 
     def environment(self) -> dict[str, str]:
         from editserve.engine.control import LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV, SIDECAR_THREADS_ENV
         from editserve.candidates.staging import CANDIDATES_ENV, MAX_RANK_ENV, SHARE_ENV
+        from editserve.engine.neuron_slots import SLOTS_ENV
         from editserve.engine.plugin import EDITABLE_LAYERS_ENV
         from editserve.engine.serveonly import SIDECAR_ENV
 
@@ -56,7 +58,7 @@ class ServeOptions:
                  EDITABLE_LAYERS_ENV: self.editable_layers, GRPC_ADDR_ENV: self.grpc_addr,
                  GRPC_INSECURE_ENV: "1" if self.insecure else None, CANDIDATES_ENV: self.candidates,
                  SHARE_ENV: self.candidate_share, MAX_RANK_ENV: self.candidate_max_rank,
-                 SIDECAR_ENV: "0" if self.serve_only else None}
+                 SIDECAR_ENV: "0" if self.serve_only else None, SLOTS_ENV: self.neuron_slots}
         return {k: v for k, v in pairs.items() if v is not None}
 
 

@@ -62,7 +62,12 @@ class _Worker:
         dtype = getattr(torch, config.dtype)
         self.model, self.tok = load_model(config.checkpoint, device=device, dtype=dtype)
         self.spec = spec_for(self.model)
-        self.fingerprint = fingerprint(self.model)
+        self.fingerprint = fingerprint(self.model)          # of the checkpoint's weights, before any widening
+        if config.neuron_slots:
+            from editserve.editing.slots import widen_mlp
+
+            for layer, count in config.neuron_slots:
+                widen_mlp(self.model, int(layer), int(count))
         self.ready = Ready(fingerprint=self.fingerprint, family=self.spec.family, n_layers=num_layers(self.model),
                            device=str(device), checkpoint=str(getattr(self.model, "editserve_checkpoint", "")),
                            seconds=time.perf_counter() - t0)
@@ -133,6 +138,8 @@ class _Worker:
                 text = f"covariance statistics {st.state}" + (f": {st.error}" if st.error else "")
             self._progress("statistics", round(0.05 * float(st.fraction), 4), text)
 
+        if getattr(hp, "stats", None) is None:
+            return                                   # a gated edit reads no covariance statistics
         self.warmup.wait_for(tuple(hp.layers), hp.stats, report)
 
     def _progress(self, stage: str, fraction: float, message: str = "") -> None:

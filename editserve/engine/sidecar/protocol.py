@@ -25,6 +25,9 @@ class SidecarConfig:
     threads: int | None = None         # torch CPU threads in the sidecar
     editserve_home: str | None = None  # passed on so the child finds the same caches
     heldout_text: str | None = None    # EDITSERVE_HELDOUT_TEXT (a file, read at start); None: the packaged prose
+    # (layer, slots) of each MLP the engine widened with neuron slots (editserve.engine.neuron_slots);
+    # the sidecar widens its model the same way so that its matrices stay the engine's
+    neuron_slots: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
