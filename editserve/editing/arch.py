@@ -22,6 +22,10 @@ import torch
 from editserve.errors import LayerOutOfRangeError, UnknownArchitectureError
 
 
+# The two input projections of a SwiGLU MLP, in the order vLLM's merged gate_up_proj holds their rows.
+MLP_HALVES = ("gate_proj", "up_proj")
+
+
 class Layout(str, Enum):
     """Orientation of a 2-D projection weight relative to (d_out, d_in)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from editserve.editing.arch import get_module, spec_for
+from editserve.editing.arch import MLP_HALVES, get_module, spec_for
 from editserve.editing.gated import GatedNeuron
 from editserve.editing.model import fingerprint
 from editserve.editing.requests import EditRequest
@@ -33,7 +33,7 @@ from editserve.patches import Patch, WeightDelta, applied_patches
 log = logging.getLogger(__name__)
 
 _SLOTS_ATTR = "_editserve_slots"          # model attribute: {layer: (first neuron index, slot count)}
-PROJ = ("gate_proj", "up_proj", "down_proj")
+PROJ = (*MLP_HALVES, "down_proj")
 
 
 def _projections(model: torch.nn.Module, layer: int) -> tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Linear]:

