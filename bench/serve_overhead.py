@@ -14,7 +14,9 @@ all kept up, so that windows can alternate without restarts):
 - ``es0``: ``editserve serve`` on an empty ledger (version 0);
 - ``es1000``: ``editserve serve`` on a ledger holding ``--edits`` (1,000) merged edits;
 - ``dense0`` / ``dense1000``: the same with ``EDITSERVE_CPU_GEMM=dense``, the behaviour before
-  re-packing (every down-projection through ``F.linear``), to measure before/after in one run.
+  re-packing (every down-projection through ``F.linear``), to measure before/after in one run;
+- ``slots0``: ``es0`` with ``--neuron-slots`` (``--slots``, default ``5:1024``): what serving gated
+  edits costs while the slots are empty (layer 5's MLP is wider; empty slots change no output).
 
 The edits: synthetic rank-one patches written into the ledger directory with
 `editserve.ledger` before the server starts (no control route is used): patch i edits the
@@ -34,7 +36,7 @@ It also times, in this process, the version-header middleware and request admiss
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve_overhead.py   # ~9-10 min on 2 quiet cores (20 min under load)
         [--arms plain,es0,es1000] [--rounds 4] [--seconds 30] [--clients 4] [--max-tokens 48]
-        [--edits 1000] [--model DIR] [--enforce-eager]
+        [--edits 1000] [--model DIR] [--enforce-eager] [--slots 5:1024]
 
 Prints a table; writes bench/results/serve_overhead.json. Needs ~3 GiB of memory per arm (all
 arms stay up at once): keep to three arms on a 24 GiB machine shared with other jobs.
@@ -70,7 +72,7 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "The native language of
 CHECK_PROMPT = "The Eiffel Tower is located in the city of"
 VERSION_HEADER = "x-editserve-version"
 EDIT_LAYERS = (1, 2, 3, 4, 5)
-ARMS = ("plain", "es0", "es1000", "dense0", "dense1000")
+ARMS = ("plain", "es0", "es1000", "dense0", "dense1000", "slots0")
 
 
 def post(url: str, path: str, body: dict[str, Any], timeout: float = 600.0) -> tuple[int, Any, dict[str, str]]:
@@ -189,14 +191,14 @@ def server_command(arm: str, ckpt: Path, port: int, ledger: Path | None, eager: 
     return [sys.executable, "-m", "editserve.cli", "serve", "--ledger", str(ledger), *vllm_args]
 
 
-def start(arm: Arm, ckpt: Path, work: Path, eager: bool, edits: int) -> None:
+def start(arm: Arm, ckpt: Path, work: Path, eager: bool, edits: int, slots: str = "5:1024") -> None:
     cache = ROOT / ".cache" / "bench-engine"
     for sub in ("vllm", "inductor", "tmp", "rpc"):
         (cache / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
            "TMPDIR": str(cache / "tmp"), "VLLM_RPC_BASE_PATH": str(cache / "rpc"), "VLLM_NO_USAGE_STATS": "1",
            "PYTHONPATH": str(ROOT), "EDITSERVE_SIDECAR_THREADS": "1"}
-    for key in ("EDITSERVE_CPU_GEMM", "EDITSERVE_EDITABLE_LAYERS", "VLLM_PLUGINS"):
+    for key in ("EDITSERVE_CPU_GEMM", "EDITSERVE_EDITABLE_LAYERS", "VLLM_PLUGINS", "EDITSERVE_NEURON_SLOTS"):
         env.pop(key, None)
     ledger = None
     if arm.name == "plain":
@@ -204,6 +206,8 @@ def start(arm: Arm, ckpt: Path, work: Path, eager: bool, edits: int) -> None:
     else:
         if arm.name.startswith("dense"):
             env["EDITSERVE_CPU_GEMM"] = "dense"
+        if arm.name.startswith("slots"):
+            env["EDITSERVE_NEURON_SLOTS"] = slots
         # Each resident editserve server has its own gRPC control plane (it always starts, on
         # 127.0.0.1:50051 by default): give each its own loopback port.
         env["EDITSERVE_GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
@@ -405,7 +409,7 @@ def summarise(arms: dict[str, Arm], rounds: int) -> dict[str, Any]:
                           "p99": o["p99_s"] / p["p99_s"], "p99_ci95": [p99_lo, p99_hi],
                           "tokens_per_s_per_round": [round(r, 4) for r in per_round],
                           "tokens_per_s_round_min": min(per_round), "tokens_per_s_round_max": max(per_round)}
-            o["same_greedy_text_as_plain"] = (o["check_text"] == p["check_text"]) if name in ("es0", "dense0") else None
+            o["same_greedy_text_as_plain"] = (o["check_text"] == p["check_text"]) if name in ("es0", "dense0", "slots0") else None
     return out
 
 
@@ -422,10 +426,11 @@ def main() -> int:
     ap.add_argument("--enforce-eager", action="store_true", help="pass --enforce-eager to every server")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds of quiet between windows")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_overhead.json")
+    ap.add_argument("--slots", default="5:1024", help="the slots0 arm's --neuron-slots (LAYER:COUNT)")
     args = ap.parse_args()
 
     names = [a.strip().replace("1000", str(args.edits)) for a in args.arms.split(",") if a.strip()]
-    valid = {"plain", "es0", f"es{args.edits}", "dense0", f"dense{args.edits}"}
+    valid = {"plain", "es0", f"es{args.edits}", "dense0", f"dense{args.edits}", "slots0"}
     bad = [n for n in names if n not in valid]
     if bad or len(set(names)) != len(names):
         raise SystemExit(f"--arms: unknown or repeated {bad or names}; choose from {sorted(valid)}")
@@ -441,7 +446,7 @@ def main() -> int:
     rp = repack_cost()
     try:
         for arm in arms.values():
-            start(arm, ckpt, work, args.enforce_eager, args.edits)
+            start(arm, ckpt, work, args.enforce_eager, args.edits, args.slots)
             print(f"  {arm.name} ready in {arm.start_s:.0f} s (version header {arm.served_version}; "
                   f"start-up swap {arm.start_swap})", flush=True)
         for arm in arms.values():                  # one warm-up request each, then quiet
