@@ -3,7 +3,8 @@
 Each commit is computed on the model that holds every earlier one, as the server's sidecar does:
 ``compute_edit`` on the current model (with the preserved-keys state of the current version), then
 ``apply_patch``. Single edits or batches (``--batch 1,10,100``), up to ``--n`` edits per run, for
-plain ROME, plain MEMIT and AlphaEdit. At every checkpoint (``--every`` edits) it measures:
+plain ROME, plain MEMIT and AlphaEdit, and gated edits (``--methods gated --neuron-slots 5:1024``: the
+model's layer-5 MLP is widened first, as the server's is). At every checkpoint (``--every`` edits) it measures:
 
 - retention: ES and PS over all records committed so far (ES/PS as in editing/evaluate.py);
 - NS of those records' neighbourhood prompts, and its ratio to NS on the unedited model;
@@ -184,7 +185,8 @@ class Collapse:
 def run_method(records, stream, method: str, batch: int, n: int, every: int, out: Path,
                hparams: dict | None, fresh: bool, deadline: float, report_only: bool = False,
                collapse: Collapse = Collapse(), corpus_path: str | None = None,
-               consolidate_every: int = 0, across_layers: bool = False) -> list[Row]:
+               consolidate_every: int = 0, across_layers: bool = False,
+               neuron_slots: dict[int, int] | None = None) -> list[Row]:
     from editserve.editing.alphaedit import PreservedKeys
     from editserve.editing.consolidate import ConsolidateParams
     from editserve.editing.corpus import load_corpus
@@ -208,6 +210,12 @@ def run_method(records, stream, method: str, batch: int, n: int, every: int, out
     setup = {"corpus": corpus.fingerprint, "consolidate_every": consolidate_every,
              "consolidate_across_layers": across_layers}      # a saved state without a key is not checked on it
     model, tok = load_model()                                   # a fresh model: no merge state from another run
+    if neuron_slots:
+        from editserve.editing.slots import widen_mlp
+
+        setup["neuron_slots"] = {str(k): v for k, v in sorted(neuron_slots.items())}
+        for layer, count in sorted(neuron_slots.items()):       # as the sidecar does (editserve serve --neuron-slots)
+            widen_mlp(model, layer, count)
     from editserve.editing.edit import resolve_hparams
     from editserve.editing.hparams import to_dict
     # the method's resolved settings (model file + --hparams): a default that changed between sessions must
@@ -353,6 +361,9 @@ def main() -> int:
                          "re-solve on the committed keys (editing/consolidate.py); 0 = never")
     ap.add_argument("--consolidate-across-layers", action="store_true",
                     help="consolidate keeping the edits' summed output over the layer range, not each layer's")
+    ap.add_argument("--neuron-slots", default=None, metavar="LAYER:N",
+                    help="widen these MLPs by N zero neurons first, as `editserve serve --neuron-slots` does "
+                         "(needed by --methods gated)")
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     ap.add_argument("--runs", nargs="+", metavar="LABEL=DIR", default=None,
                     help="compute nothing: table and plot of saved run folders (<out>/<method>-b<batch>, from "
@@ -372,13 +383,16 @@ def main() -> int:
     records = [by_id[c] for c in stream["case_ids"]]
     n = min(args.n, len(records))
     overrides = json.loads(args.hparams) if args.hparams else {}
+    from editserve.engine.neuron_slots import parse_slots
+
+    slots = parse_slots(args.neuron_slots)
     results: dict[str, list[Row]] = {}
     for b in [int(x) for x in args.batch.split(",")]:
         for m in [x for x in args.methods.split(",") if x]:
             results[f"{m}-b{b}"] = run_method(records, stream, m, b, n, args.every, out,
                                               overrides.get(m), args.fresh, deadline, args.report_only,
                                               Collapse(args.collapse_es, args.collapse_ppl), args.corpus,
-                                              args.consolidate_every, args.consolidate_across_layers)
+                                              args.consolidate_every, args.consolidate_across_layers, slots)
     print(f"\nstream: {len(records)} known records of {stream['scanned']} scanned in {args.data}; unedited "
           f"held-out perplexity {stream['ppl']:.2f}, fluency {stream['fluency']:.3f}")
     print(table(results))
