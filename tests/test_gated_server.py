@@ -61,6 +61,9 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
     assert srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
     assert srv.complete(CF_PROMPT)[0].startswith(" English"), "the second neuron broke the first"
 
+    # the edit-health drift is of the model's own neurons, which a gated edit leaves as they were
+    assert srv.metric('editserve_layer_drift_ratio{layer="5"}') == 0
+
     status, refused = srv.post("/editserve/v1/edit", {"facts": [EIFFEL_EDIT], "skip_gate": True, "method": "rome"})
     assert status == 400 and "layers [5] hold neuron slots" in str(refused), (status, refused)
 

@@ -211,14 +211,18 @@ def down_proj_weights(model: torch.nn.Module) -> dict[int, torch.Tensor]:
 
 
 def norm_growth(model: torch.nn.Module, w0: dict[int, torch.Tensor]) -> dict[int, float]:
-    """‖W − W₀‖_F / ‖W₀‖_F for each layer of `w0` (from `down_proj_weights`) whose weight changed."""
+    """‖W − W₀‖_F / ‖W₀‖_F for each layer of `w0` (from `down_proj_weights`) whose weight changed (of the
+    model's own neurons: `editing.slots.own_neurons`)."""
     from editserve.editing.arch import spec_for
+
+    from editserve.editing.slots import own_neurons
 
     spec = spec_for(model)
     params = dict(model.named_parameters())
     out: dict[int, float] = {}
     for layer, base in w0.items():
-        diff = float((params[spec.weight_name(layer)].detach().float() - base).norm())
+        base = base[:, :own_neurons(model, layer, base.shape[1])]         # not the neuron slots' columns
+        diff = float((params[spec.weight_name(layer)].detach().float()[:, :base.shape[1]] - base).norm())
         if diff > 0:
             out[layer] = diff / float(base.norm())
     return out

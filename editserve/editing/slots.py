@@ -78,6 +78,13 @@ def slot_range(model: torch.nn.Module, layer: int) -> range:
     return range(width, width + slots)
 
 
+def own_neurons(model: torch.nn.Module, layer: int, width: int) -> int:
+    """How many of layer `layer`'s `width` MLP neurons are the model's own (all but its slots): the
+    columns of the down-projection whose change is damage (norm growth, drift). A slot neuron's
+    columns are new weights, quiet off their subject, whose size says nothing of damage."""
+    return slot_range(model, layer).start or width
+
+
 def _is_free(model: torch.nn.Module, layer: int, neuron: int) -> bool:
     gate, up, down = _projections(model, layer)
     return not (gate.weight[neuron].any() or up.weight[neuron].any() or down.weight[:, neuron].any())

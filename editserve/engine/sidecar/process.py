@@ -220,6 +220,7 @@ class _Worker:
 
     def drift(self, names: tuple[str, ...]) -> dict[int, float]:
         from editserve.editing.arch import get_module
+        from editserve.editing.slots import own_neurons
         from editserve.metrics import relative_drift
         from editserve.patches import base_state_dict
 
@@ -232,8 +233,9 @@ class _Worker:
                 continue                             # drift is of the down-projections (a gated edit moves its layer's too)
             if layer is None:
                 raise SidecarError(f"{name!r} is not a down-projection of the sidecar's model")
-            live = get_module(self.model, self.spec.down_proj_name(layer)).weight
-            out[layer] = relative_drift(base[name], live)
+            live, b = get_module(self.model, self.spec.down_proj_name(layer)).weight, base[name]
+            own = own_neurons(self.model, layer, live.shape[1])           # not the neuron slots' columns
+            out[layer] = relative_drift(b[:, :own], live[:, :own])
         return out
 
     def sync(self, msg: Sync) -> Synced:
