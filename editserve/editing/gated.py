@@ -23,8 +23,8 @@ floor leaves open"). A gated edit instead adds, to the MLP of one layer, a neuro
 The neurons of a ledger form a `GateBank` [E neurons]: G, U, V [E, d], and K [M, d], the subject
 inputs each neuron was fit on (what later gates are guarded against). A bank acts through a hook
 (`GateBank.applied`), which is how it is measured here (bench/gated.py). A neuron is also an ordinary
-patch on a spare neuron slot of a widened MLP (editing/slots.py); the engine has no slots yet
-(docs/lifelong.md, "Gated edits").
+patch on a spare neuron slot of a widened MLP (editing/slots.py), which is how a server holds it:
+``compute_edit(method="gated")`` and ``editserve serve --neuron-slots`` (docs/lifelong.md, "Gated edits").
 """
 
 from __future__ import annotations
