@@ -5,7 +5,7 @@ layer 5's MLP at load, the sidecar widens its copy the same way, an edit that na
 computed as a gated neuron in the lowest free slot, committed, swapped in (three rank-1 deltas:
 gate row, up row, down column) and served, in paraphrase too, while an unrelated prompt keeps its
 answer; a second fact takes the next slot; a covariance method is refused on the widened layer with
-an error naming it; rollback to version 0 serves the original tokens, with layer 5's matrices
+an error naming it; a revert in the middle recomputes the later fact into the slot it frees; rollback to version 0 serves the original tokens, with layer 5's matrices
 bit-identical to the checkpoint's, zero-padded.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from editserve.editing.slots import slot_of  # noqa: E402
 from editserve.ledger import Ledger, tensor_sha256  # noqa: E402
 from tests.test_engine_server import (CF_EDIT, CF_PARAPHRASE, CF_PROMPT, CF_UNRELATED, EIFFEL_EDIT,  # noqa: E402
                                       EIFFEL_PROMPT, Server, _checkpoint_tensor)
@@ -70,8 +71,16 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
     with Ledger.open(ledger_dir, verify="none") as ledger:
         patches = ledger.active_patches(2)
         assert [p.method for p in patches] == ["gated", "gated"]
-        slots = [int(next(d for d in p.deltas if d.name.endswith("gate_proj.weight")).u.argmax()) for p in patches]
-        assert slots == [1536, 1537], slots                     # SmolLM2's 1,536 neurons, then the slots in order
+        assert [slot_of(p) for p in patches] == [1536, 1537]      # SmolLM2's 1,536 neurons, then the slots in order
+
+    # Revert the first fact in the middle: the second is recomputed on the new base, into the slot now free.
+    status, rebased = srv.post("/editserve/v1/rebase", {"version": 1})
+    assert status == 200 and rebased["change"]["version"] == 3, rebased
+    assert [e["original_version"] for e in rebased["rebased"]] == [2]
+    assert srv.complete(CF_PROMPT, 8)[:2] == v0[CF_PROMPT], "the reverted fact answers as the base model did"
+    assert srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome"), "the rebased fact no longer holds"
+    with Ledger.open(ledger_dir, verify="none") as ledger:
+        assert [(p.method, slot_of(p)) for p in ledger.active_patches(3)] == [("gated", 1536)]
 
     status, change = srv.post("/editserve/v1/rollback", {"version": 0})
     assert status == 200 and change["version"] == 0 and change["active_patches"] == 0, change
