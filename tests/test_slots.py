@@ -10,9 +10,9 @@ import torch
 from editserve.editing import EditRequest
 from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
 from editserve.editing.hparams import ValueParams
-from editserve.editing.slots import free_slot, neuron_patch, slot_of, slot_range, widen_mlp
+from editserve.editing.slots import free_slot, neuron_patch, slot_of, slot_range, slots_of, widen_mlp
 from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
-from editserve.patches import Patch, WeightDelta, apply_patch, remove_patch
+from editserve.patches import Patch, WeightDelta, applied_patches, apply_patch, remove_patch
 from tests.tiny import TEXT, tiny_model, tiny_tokenizer
 
 LAYER = 1
@@ -105,8 +105,6 @@ def test_compute_edit_gated_fills_the_lowest_free_slot():
     colosseum = EditRequest(prompt="{} is located in the city of", subject="The Colosseum", target_new=" Paris")
     with pytest.raises(InvalidRequestError, match="needs neuron slots at layer 1"):
         compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
-    with pytest.raises(InvalidRequestError, match="one fact into one neuron slot"):
-        compute_patch(model, tok, [eiffel, colosseum], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
     widen_mlp(model, LAYER, 2)
     with pytest.raises(InvalidRequestError, match=r"layers \[1\] hold neuron slots"):
         compute_patch(model, tok, [eiffel], method="rome", layers=[LAYER], corpus=corpus)
@@ -124,6 +122,23 @@ def test_compute_edit_gated_fills_the_lowest_free_slot():
         compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
     remove_patch(model, first)
     assert slot_of(compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)) == 48
+
+    # A batch: one neuron per fact in one patch (rank-2 deltas), each computed with the batch's earlier ones
+    # in place, so it equals the two facts committed one after the other.
+    with pytest.raises(PatchStateError, match="1 free neuron slot"):
+        compute_patch(model, tok, [colosseum, eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    remove_patch(model, second)
+    batch = compute_patch(model, tok, [eiffel, colosseum], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
+    assert slots_of(batch) == [48, 49] and all(d.u.shape[1] == 2 for d in batch.deltas)
+    apply_patch(model, first)
+    one_by_one = [first, compute_patch(model, tok, [colosseum], method="gated", layers=[LAYER], hparams=over,
+                                       corpus=corpus)]
+    remove_patch(model, first)
+    for i, single in enumerate(one_by_one):
+        for d_batch, d_one in zip(batch.deltas, single.deltas):
+            factor = "u" if d_batch.name.endswith("down_proj.weight") else "v"        # δ, or g and u
+            assert torch.allclose(getattr(d_batch, factor)[:, i], getattr(d_one, factor)[:, 0], atol=1e-4, rtol=1e-3)
+    assert not applied_patches(model)
 
     held = cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512)
     assert cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512) is held

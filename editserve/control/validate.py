@@ -118,9 +118,8 @@ def edit_args(msg: Any, n_layers: int | None, default_method: str = DEFAULT_METH
         if key in seen:
             raise InvalidRequestError(f"facts[{i}] repeats facts[{seen[key]}] (subject {_show(r.subject)})")
         seen[key] = i
-    if method in ("rome", "gated") and len(reqs) != 1:
-        raise InvalidRequestError(f"method {method!r} edits one fact at a time, got {len(reqs)} facts"
-                                  + ("; use 'memit'" if method == "rome" else ""))
+    if method == "rome" and len(reqs) != 1:
+        raise InvalidRequestError(f"method 'rome' edits one fact at a time, got {len(reqs)} facts; use 'memit'")
     layers: tuple[int, ...] | None = tuple(msg.layers) if len(msg.layers) else None
     if layers is not None:
         for x in layers:

@@ -127,8 +127,8 @@ def compute_edit(
 ) -> EditResult:
     """Compute the low-rank patch that rewrites `requests` (see module docs of rome/memit/alphaedit).
 
-    method:    "rome" (one request), "memit" or "alphaedit" (one or many), "gated" (one request, into a
-               neuron slot of a widened MLP: editing/slots.py).
+    method:    "rome" (one request), "memit", "alphaedit" or "gated" (one or many; gated: one neuron per
+               request, into the free neuron slots of a widened MLP: editing/slots.py).
     layers:    edit layer(s); default from the per-model hyper-parameter file.
     hparams:   overrides of hyper-parameter fields, e.g. {"value": {"max_steps": 10}}.
     corpus:    text for covariance statistics (default: the Wikipedia excerpt).
@@ -151,8 +151,6 @@ def compute_edit(
             raise InvalidRequestError(f"requests must be EditRequest instances, got {type(r).__name__}")
     if method == "rome" and len(requests) != 1:
         raise InvalidRequestError(f"ROME edits one fact at a time, got {len(requests)} requests; use method='memit'")
-    if method == "gated" and len(requests) != 1:
-        raise InvalidRequestError(f"a gated edit writes one fact into one neuron slot, got {len(requests)} requests")
     spec = spec_for(model)
     hp = resolve_hparams(model, method, layers, hparams)
     fp = fingerprint(model)
@@ -160,7 +158,7 @@ def compute_edit(
         corpus = load_corpus(corpus)
     timings: dict[str, float] = {}
     if isinstance(hp, GateParams):
-        return EditResult(patch=_gated(model, tok, requests[0], hp, corpus, fp, timings), preserved=preserved)
+        return EditResult(patch=_gated(model, tok, requests, hp, corpus, fp, timings), preserved=preserved)
     from editserve.editing.slots import slot_range
 
     widened = [layer for layer in hp.layers if slot_range(model, layer)]
@@ -216,13 +214,15 @@ def compute_edit(
     return EditResult(patch=patch, preserved=state)
 
 
-def _gated(model: torch.nn.Module, tok: Any, request: EditRequest, hp: GateParams, corpus: Corpus, fp: str,
+def _gated(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hp: GateParams, corpus: Corpus, fp: str,
            timings: dict[str, float]) -> Patch:
-    """One gated neuron (editing/gated.py) written into the lowest free neuron slot of its layer
-    (editing/slots.py), computed on the model as it runs now: earlier neurons are merged in their
-    slots. No covariance statistics and no preserved keys: the gate is fit against corpus tokens."""
-    from editserve.editing.gated import cached_corpus_inputs, gated_edit
-    from editserve.editing.slots import free_slot, neuron_patch, slot_range
+    """One gated neuron per request (editing/gated.py), written into the lowest free neuron slots of its
+    layer (editing/slots.py), computed on the model as it runs now: earlier neurons are merged in their
+    slots, and each neuron of a batch is computed with the batch's earlier ones in place (through a hook),
+    as if they had been committed one by one. No covariance statistics and no preserved keys: the gate is
+    fit against corpus tokens."""
+    from editserve.editing.gated import GateBank, cached_corpus_inputs, gated_edit
+    from editserve.editing.slots import free_slots, neurons_patch, slot_range
 
     if not slot_range(model, hp.layer):
         raise InvalidRequestError(f"a gated edit needs neuron slots at layer {hp.layer}; the model has none there "
@@ -230,16 +230,21 @@ def _gated(model: torch.nn.Module, tok: Any, request: EditRequest, hp: GateParam
     if hp.guard:
         raise InvalidRequestError(f"gate guard {hp.guard!r} needs the subject inputs of earlier neurons, which the "
                                   "ledger does not keep; served gated edits take guard 0")
-    slot = free_slot(model, hp.layer)
+    slots = free_slots(model, hp.layer, len(requests))
     t = time.perf_counter()
     negatives = cached_corpus_inputs(model, tok, hp.layer, corpus.fingerprint, corpus.text, hp.negatives)
     timings["negatives"] = time.perf_counter() - t
     t = time.perf_counter()
     prefixes = context_prefixes(model, tok, fp, hp.prefixes)
-    neuron = gated_edit(model, tok, request, prefixes, negatives, hp)
-    timings["neuron"] = time.perf_counter() - t
-    patch = neuron_patch(model, hp.layer, slot, neuron, request, to_dict(hp))
-    log.info("gated patch for %r in slot %d of layer %d: %s", request.subject, slot, hp.layer,
+    batch = GateBank(hp.layer, negatives.shape[1])
+    neurons = []
+    for request in requests:
+        with batch.applied(model):
+            neurons.append(gated_edit(model, tok, request, prefixes, negatives, hp))
+        batch.add(neurons[-1])
+    timings["neurons"] = time.perf_counter() - t
+    patch = neurons_patch(model, hp.layer, slots, neurons, requests, to_dict(hp))
+    log.info("gated patch for %d fact(s) in slots %s of layer %d: %s", len(requests), slots, hp.layer,
              ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
     return replace(patch, timings=timings)
 

@@ -19,6 +19,7 @@ llama-family model in place; the engine does the same to vLLM's merged gate_up_p
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,39 +91,69 @@ def _is_free(model: torch.nn.Module, layer: int, neuron: int) -> bool:
     return not (gate.weight[neuron].any() or up.weight[neuron].any() or down.weight[:, neuron].any())
 
 
+def free_slots(model: torch.nn.Module, layer: int, n: int = 1) -> list[int]:
+    """The `n` lowest slot neurons of layer `layer` whose gate, up and down weights are all zero now."""
+    free = []
+    for neuron in slot_range(model, layer):
+        if _is_free(model, layer, neuron):
+            free.append(neuron)
+            if len(free) == n:
+                return free
+    total = len(slot_range(model, layer))
+    if not free:
+        raise PatchStateError(f"layer {layer} has no free neuron slot ({total} slots, all taken)")
+    raise PatchStateError(f"layer {layer} has {len(free)} free neuron slot(s) of {total}; {n} are needed")
+
+
 def free_slot(model: torch.nn.Module, layer: int) -> int:
-    """The lowest slot neuron of layer `layer` whose gate, up and down weights are all zero now."""
-    for n in slot_range(model, layer):
-        if _is_free(model, layer, n):
-            return n
-    raise PatchStateError(f"layer {layer} has no free neuron slot ({len(slot_range(model, layer))} slots, all taken)")
+    """The lowest free slot neuron of layer `layer` (`free_slots`)."""
+    return free_slots(model, layer, 1)[0]
+
+
+def neurons_patch(model: torch.nn.Module, layer: int, neurons: Sequence[int], gated: Sequence[GatedNeuron],
+                  requests: Sequence[EditRequest], hparams: dict[str, Any]) -> Patch:
+    """The patch that writes `gated[i]` into slot neuron `neurons[i]` of layer `layer` (each free): one
+    rank-n delta per projection, the one-hot slot columns E [I+E, n] against G, U [d, n] and V [d, n]."""
+    if not neurons or len(neurons) != len(gated) or len(set(neurons)) != len(neurons):
+        raise InvalidRequestError(f"one distinct slot per neuron is needed, got slots {list(neurons)!r} for "
+                                  f"{len(gated)} neuron(s)")
+    for neuron in neurons:
+        if neuron not in slot_range(model, layer):
+            raise InvalidRequestError(f"neuron {neuron!r} is not a slot of layer {layer} ({slot_range(model, layer)})")
+        if not _is_free(model, layer, neuron):
+            raise PatchStateError(f"slot neuron {neuron} of layer {layer} is taken")
+    spec = spec_for(model)
+    gate, _, _ = _projections(model, layer)
+    e = torch.zeros(gate.out_features, len(neurons))                          # [I+E, n]
+    e[list(neurons), range(len(neurons))] = 1.0
+    mlp = spec.mlp_name(layer)
+    cols = lambda ts: torch.stack([t.detach().float().reshape(-1) for t in ts], 1).contiguous()   # noqa: E731  [d, n]
+    deltas = (WeightDelta(f"{mlp}.gate_proj.weight", layer, e, cols([n.g for n in gated])),
+              WeightDelta(f"{mlp}.up_proj.weight", layer, e.clone(), cols([n.u for n in gated])),
+              WeightDelta(f"{mlp}.down_proj.weight", layer, cols([n.v for n in gated]), e.clone()))
+    # The slots are in the deltas (the one-hot columns), not in the hyper-parameters: a rebase recomputes
+    # the edit with these into whichever slots are free then.
+    return Patch(deltas=deltas, requests=tuple(requests), method="gated", hparams={**hparams, "layer": layer},
+                 model_fingerprint=fingerprint(model), family=spec.family)
 
 
 def neuron_patch(model: torch.nn.Module, layer: int, neuron: int, gated: GatedNeuron, request: EditRequest,
                  hparams: dict[str, Any]) -> Patch:
     """The patch that writes `gated` into slot neuron `neuron` of layer `layer` (which must be free)."""
-    if neuron not in slot_range(model, layer):
-        raise InvalidRequestError(f"neuron {neuron!r} is not a slot of layer {layer} ({slot_range(model, layer)})")
-    if not _is_free(model, layer, neuron):
-        raise PatchStateError(f"slot neuron {neuron} of layer {layer} is taken")
-    spec = spec_for(model)
-    gate, _, _ = _projections(model, layer)
-    e = torch.zeros(gate.out_features, 1)
-    e[neuron] = 1.0                                                           # [I+E, 1]
-    mlp = spec.mlp_name(layer)
-    col = lambda t: t.detach().float().reshape(-1, 1).clone()                 # noqa: E731  [d, 1]
-    deltas = (WeightDelta(f"{mlp}.gate_proj.weight", layer, e, col(gated.g)),
-              WeightDelta(f"{mlp}.up_proj.weight", layer, e.clone(), col(gated.u)),
-              WeightDelta(f"{mlp}.down_proj.weight", layer, col(gated.v), e.clone()))
-    # The slot is in the deltas (the one-hot rows), not in the hyper-parameters: a rebase recomputes the
-    # edit with these into whichever slot is free then.
-    return Patch(deltas=deltas, requests=(request,), method="gated", hparams={**hparams, "layer": layer},
-                 model_fingerprint=fingerprint(model), family=spec.family)
+    return neurons_patch(model, layer, [neuron], [gated], [request], hparams)
 
 
-def slot_of(patch: Patch) -> int:
-    """The slot neuron a gated patch writes (its gate delta's one-hot row)."""
+def slots_of(patch: Patch) -> list[int]:
+    """The slot neurons a gated patch writes, in its requests' order (its gate delta's one-hot columns)."""
     gate = next((d for d in patch.deltas if d.name.endswith(".gate_proj.weight")), None)
     if patch.method != "gated" or gate is None:
         raise InvalidRequestError(f"patch {patch.digest[:12]} ({patch.method}) is not a gated neuron")
-    return int(gate.u.reshape(-1).abs().argmax())
+    return [int(i) for i in gate.u.abs().argmax(dim=0)]
+
+
+def slot_of(patch: Patch) -> int:
+    """The slot neuron of a one-fact gated patch."""
+    slots = slots_of(patch)
+    if len(slots) != 1:
+        raise InvalidRequestError(f"patch {patch.digest[:12]} writes {len(slots)} slots {slots}, not one")
+    return slots[0]
