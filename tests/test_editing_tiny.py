@@ -307,3 +307,18 @@ def test_spread_weights_move_the_update_to_the_front_layers(env):
     before = target_nll(model, tok, [reqs[0].text], [" Rome"])
     apply_patch(model, front)
     assert (target_nll(model, tok, [reqs[0].text], [" Rome"]) < before - 0.05).all()
+
+
+def test_a_nested_group_given_in_part_keeps_the_methods_own_defaults():
+    """GateParams' value settings are not ValueParams' defaults: an override of one value field keeps the
+    others of the method (a rebase replays a gated patch's stored hyper-parameters over them too)."""
+    from editserve.editing.hparams import GateParams, ValueParams, class_defaults, load_hparams
+
+    hp = load_hparams("gated", ["no-such-model"], {"value": {"max_steps": 10}, "margin": 8})
+    assert hp.margin == 8 and hp.value.max_steps == 10
+    assert (hp.value.lr, hp.value.clamp_norm_factor) == (GateParams().value.lr, GateParams().value.clamp_norm_factor)
+    assert (hp.value.lr, hp.value.clamp_norm_factor) != (ValueParams().lr, ValueParams().clamp_norm_factor)
+    assert load_hparams("gated", ["no-such-model"], class_defaults("gated")) == GateParams()
+    assert load_hparams("rome", ["no-such-model"], {"value": {"max_steps": 10}}).value.lr == ValueParams().lr
+    with pytest.raises(InvalidRequestError, match="gate negatives must be a positive integer, got 0"):
+        load_hparams("gated", ["no-such-model"], {"negatives": 0})
