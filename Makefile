@@ -73,7 +73,8 @@ serve: venv
 TEST_WORKERS ?= 2
 TEST_FIRST := tests/test_fleet.py tests/test_grpc.py tests/test_lifelong_smollm2.py tests/test_readme_path.py \
 	tests/test_engine_server.py tests/test_candidates.py tests/test_smollm2_edits.py tests/test_rebase_server.py \
-	tests/test_repack.py tests/test_stats_warmup.py tests/test_fleet_consolidation.py tests/test_damage_server.py
+	tests/test_repack.py tests/test_stats_warmup.py tests/test_fleet_consolidation.py tests/test_damage_server.py \
+	tests/test_engine_slots.py tests/test_gated_server.py
 TEST_FILES := $(TEST_FIRST) $(filter-out $(TEST_FIRST),$(sort $(wildcard tests/test_*.py)))
 test: venv tools pg
 	$(BIN)/python -m pytest -q -x --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(TEST_FILES)
