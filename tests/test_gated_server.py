@@ -99,3 +99,14 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
         name = f"{MLP}.{proj}.weight"
         status, sums = srv.get(f"/editserve/v1/checksums?name={name}")
         assert status == 200 and sums[name] == {"0": tensor_sha256(_widened(name))}, (proj, sums)
+
+
+@pytest.mark.timeout(900)
+def test_slots_on_a_layer_the_model_lacks_fail_the_start_naming_it(tmp_path):
+    """SmolLM2 has 30 layers: slots asked for layer 99 are never widened, and the server refuses to start
+    rather than serve without them."""
+    s = Server("no-layer", tmp_path / "ledger", tmp_path, ["--enforce-eager"])
+    s.cmd[s.cmd.index("--ledger"):s.cmd.index("--ledger")] = ["--neuron-slots", "99:8"]
+    with pytest.raises(RuntimeError, match=r"asks for neuron slots \{99: 8\}"):
+        s.start()
+    s.stop()

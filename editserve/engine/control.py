@@ -166,7 +166,15 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         if not self.workers[0]["editable"]:
             raise PluginSetupError("no down-projection of the served model is dense; on CPU the editserve general "
                                    "plugin must be active before the model loads (VLLM_PLUGINS=editserve)")
-        if self.settings.default_method == "gated" and not self.workers[0]["slots"]:
+        from editserve.engine.neuron_slots import SLOTS_ENV, slots_from_env
+
+        wanted = slots_from_env(os.environ)
+        widened = {int(layer): int(n) for layer, (_, n) in self.workers[0]["slots"].items()}
+        if wanted != widened:
+            raise PluginSetupError(f"{SLOTS_ENV} asks for neuron slots {wanted} (layer: slots), the engine widened "
+                                   f"{widened}: a layer the model does not have, or quantised weights, which cannot "
+                                   "be widened")
+        if self.settings.default_method == "gated" and not widened:
             raise PluginSetupError("the default method is 'gated', but the engine has no neuron slots; serve with "
                                    "--neuron-slots LAYER:COUNT (EDITSERVE_NEURON_SLOTS)")
         dtype = str(self.workers[0]["dtype"])
@@ -180,7 +188,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
             checkpoint=self.settings.model, device=self.settings.sidecar_device, dtype=dtype,
             threads=self.settings.sidecar_threads, editserve_home=os.environ.get("EDITSERVE_HOME"),
             heldout_text=self.settings.health.heldout_text,
-            neuron_slots=tuple(sorted((int(layer), int(n)) for layer, (_, n) in self.workers[0]["slots"].items()))))
+            neuron_slots=tuple(sorted(widened.items()))))
         try:
             return await self._start_with_sidecar(t0)
         except BaseException:
