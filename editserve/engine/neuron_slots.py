@@ -54,7 +54,7 @@ def parse_slots(text: str | None) -> dict[int, int]:
     for part in text.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
         if m is None:
-            raise InvalidRequestError(f"{SLOTS_ENV} must be LAYER:SLOTS pairs like '5:1024,7:256', got {text!r}")
+            raise InvalidRequestError(f"{SLOTS_ENV} (--neuron-slots) must be LAYER:SLOTS pairs like '5:1024,7:256', got {text!r}")
         layer, count = int(m.group(1)), int(m.group(2))
         if count < 1:
             raise InvalidRequestError(f"{SLOTS_ENV}: layer {layer} needs at least one slot, got {count}")
