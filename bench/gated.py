@@ -61,7 +61,7 @@ def main() -> int:
     from editserve.editing.corpus import load_corpus
     from editserve.editing.counterfact import load_counterfact
     from editserve.editing.edit import resolve_hparams
-    from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
+    from editserve.editing.gated import GateBank, GateParams, corpus_inputs, gated_edit
     from editserve.editing.model import fingerprint
     from editserve.editing.prefixes import context_prefixes
     from editserve.editing.scoring import target_nll
@@ -80,12 +80,7 @@ def main() -> int:
     params = GateParams(layer=args.layer, margin=args.margin, strength=args.strength, guard=args.guard)
     # The gate sees the bare prompt and ROME's 10 context prefixes; δ the first `value_prefixes` of them.
     prefixes = context_prefixes(model, tok, fingerprint(model), resolve_hparams(model, "rome").prefixes)
-    seq = 256
-    ids = tok(load_corpus().text[: 8 * args.negatives], add_special_tokens=False)["input_ids"]
-    rows_n = args.negatives // seq
-    if len(ids) < rows_n * seq:
-        raise SystemExit(f"the corpus excerpt gave {len(ids)} tokens, {rows_n * seq} needed")
-    negatives = mlp_inputs(model, params.layer, torch.tensor(ids[: rows_n * seq]).view(rows_n, seq))
+    negatives = corpus_inputs(model, tok, params.layer, load_corpus().text, args.negatives)   # as served edits do
 
     run = args.out / (f"gated-L{args.layer}-m{args.margin:g}-s{args.strength:g}"
                       + (f"-g{args.guard:g}" if args.guard else ""))
