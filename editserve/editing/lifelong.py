@@ -214,7 +214,6 @@ def norm_growth(model: torch.nn.Module, w0: dict[int, torch.Tensor]) -> dict[int
     """‖W − W₀‖_F / ‖W₀‖_F for each layer of `w0` (from `down_proj_weights`) whose weight changed (of the
     model's own neurons: `editing.slots.own_neurons`)."""
     from editserve.editing.arch import spec_for
-
     from editserve.editing.slots import own_neurons
 
     spec = spec_for(model)
