@@ -322,3 +322,12 @@ def test_a_nested_group_given_in_part_keeps_the_methods_own_defaults():
     assert load_hparams("rome", ["no-such-model"], {"value": {"max_steps": 10}}).value.lr == ValueParams().lr
     with pytest.raises(InvalidRequestError, match="gate negatives must be a positive integer, got 0"):
         load_hparams("gated", ["no-such-model"], {"negatives": 0})
+
+
+def test_which_methods_read_covariance_statistics():
+    """The sidecar waits for the warm-up's statistics only for the methods that read them."""
+    from editserve.editing.hparams import StatsParams, load_hparams, statistics_of
+
+    for method in ("rome", "memit", "alphaedit"):
+        assert statistics_of(load_hparams(method, ["no-such-model"], {"stats": {"n_tokens": 64}})) == StatsParams(n_tokens=64)
+    assert statistics_of(load_hparams("gated", ["no-such-model"])) is None

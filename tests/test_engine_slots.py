@@ -61,3 +61,14 @@ def test_slot_setting_names_bad_values():
     for bad, named in (("5", "'5'"), ("5:x", "'5:x'"), ("5:0", "got 0"), ("5:8,5:4", "layer 5 twice"), ("-1:4", "'-1:4'")):
         with pytest.raises(InvalidRequestError, match=named):
             parse_slots(bad)
+
+
+def test_slot_layers_are_found_by_the_architecture_table():
+    """The projections widened are named by `editserve.editing.arch`'s vLLM templates, nothing else."""
+    from editserve.engine.neuron_slots import slot_layer_of
+
+    assert slot_layer_of("model.layers.5.mlp.gate_up_proj") == (5, "gate_up_proj")
+    assert slot_layer_of("language_model.model.layers.12.mlp.down_proj") == (12, "down_proj")
+    for other in ("model.layers.5.mlp.up_proj", "model.layers.5.self_attn.o_proj", "transformer.h.3.mlp.c_proj",
+                  "model.layers.5.mlp.down_proj.extra", "xmodel.layers.5.mlp.down_proj"):
+        assert slot_layer_of(other) is None, other

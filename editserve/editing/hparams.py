@@ -182,6 +182,11 @@ _METHODS = {"rome": RomeParams, "memit": MemitParams, "alphaedit": AlphaEditPara
 HParams = RomeParams | MemitParams | AlphaEditParams | GateParams
 
 
+def statistics_of(hp: HParams) -> StatsParams | None:
+    """The covariance statistics (E[kkᵀ]) `hp`'s method reads; None for a gated edit, which reads none."""
+    return None if isinstance(hp, GateParams) else hp.stats
+
+
 def _field_default(cls: type, name: str) -> Any:
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     if f.default_factory is not dataclasses.MISSING:

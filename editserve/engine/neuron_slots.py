@@ -34,7 +34,7 @@ from collections.abc import Mapping
 
 import torch
 
-from editserve.editing.arch import MLP_HALVES
+from editserve.editing.arch import ARCHITECTURES, MLP_HALVES
 from editserve.errors import InvalidRequestError, PatchMismatchError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,18 @@ SLOTS_ENV = "EDITSERVE_NEURON_SLOTS"
 HALVES = MLP_HALVES                 # the merged gate_up_proj holds gate rows, then up rows
 _MARK = "_editserve_widening"
 _WIDENED_ATTR = "_editserve_slots"  # on a widened vLLM layer: (neurons before, slots)
-_PREFIX = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$")
+
+
+def _slot_patterns() -> tuple[tuple[re.Pattern[str], str], ...]:
+    """(pattern, "gate_up_proj" | "down_proj") for the vLLM MLP projections of every architecture
+    with a merged gate/up projection (the templates of `editserve.editing.arch`); group 1 is the layer."""
+    templates = {(spec.vllm_gate_up_proj, "gate_up_proj") for spec in ARCHITECTURES if spec.vllm_gate_up_proj}
+    templates |= {(spec.vllm_down_proj, "down_proj") for spec in ARCHITECTURES if spec.vllm_gate_up_proj}
+    return tuple((re.compile(r"(?:^|\.)" + re.escape(t).replace(r"\{\}", r"(\d+)") + "$"), kind)
+                 for t, kind in sorted(templates))
+
+
+_PREFIXES = _slot_patterns()
 
 
 def parse_slots(text: str | None) -> dict[int, int]:
@@ -70,8 +81,11 @@ def slots_from_env(environ: Mapping[str, str]) -> dict[int, int]:
 
 def slot_layer_of(prefix: str) -> tuple[int, str] | None:
     """(layer, "gate_up_proj" | "down_proj") of a vLLM MLP projection's prefix, else None."""
-    m = _PREFIX.search(prefix)
-    return (int(m.group(1)), m.group(2)) if m else None
+    for pattern, kind in _PREFIXES:
+        m = pattern.search(prefix)
+        if m is not None:
+            return int(m.group(1)), kind
+    return None
 
 
 def widened(layer: torch.nn.Module) -> tuple[int, int] | None:

@@ -126,6 +126,7 @@ class _Worker:
         if self.warmup is None:
             return
         from editserve.editing.edit import resolve_hparams
+        from editserve.editing.hparams import statistics_of
 
         try:
             hp = resolve_hparams(self.model, method, list(layers) if layers is not None else None, hparams)
@@ -138,9 +139,9 @@ class _Worker:
                 text = f"covariance statistics {st.state}" + (f": {st.error}" if st.error else "")
             self._progress("statistics", round(0.05 * float(st.fraction), 4), text)
 
-        if getattr(hp, "stats", None) is None:
-            return                                   # a gated edit reads no covariance statistics
-        self.warmup.wait_for(tuple(hp.layers), hp.stats, report)
+        stats = statistics_of(hp)
+        if stats is not None:                        # (a gated edit reads none)
+            self.warmup.wait_for(tuple(hp.layers), stats, report)
 
     def _progress(self, stage: str, fraction: float, message: str = "") -> None:
         if self.notify is not None:
