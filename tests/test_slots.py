@@ -10,7 +10,7 @@ import torch
 from editserve.editing import EditRequest
 from editserve.editing.gated import GateBank, GateParams, gated_edit, mlp_inputs
 from editserve.editing.hparams import ValueParams
-from editserve.editing.slots import free_slot, neuron_patch, slot_of, slot_range, slots_of, widen_mlp
+from editserve.editing.slots import free_slot, neuron_patch, own_view, slot_of, slot_range, slots_of, widen_mlp
 from editserve.errors import InvalidRequestError, PatchStateError, UnknownArchitectureError
 from editserve.patches import Patch, WeightDelta, applied_patches, apply_patch, remove_patch
 from tests.tiny import TEXT, tiny_model, tiny_tokenizer
@@ -92,8 +92,8 @@ def test_slots_refuse_what_does_not_fit():
 
 def test_compute_edit_gated_fills_the_lowest_free_slot():
     """method="gated" through `compute_patch`, as the sidecar calls it: a widened layer is needed, each
-    edit takes the lowest free slot, the covariance methods leave a widened layer alone, and the corpus
-    inputs are reused until a patch below the layer changes them."""
+    edit takes the lowest free slot, and the corpus inputs are reused until a patch below the layer
+    changes them."""
     from editserve.editing.corpus import Corpus
     from editserve.editing.edit import compute_patch
     from editserve.editing.gated import cached_corpus_inputs
@@ -106,8 +106,6 @@ def test_compute_edit_gated_fills_the_lowest_free_slot():
     with pytest.raises(InvalidRequestError, match="needs neuron slots at layer 1"):
         compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams=over, corpus=corpus)
     widen_mlp(model, LAYER, 2)
-    with pytest.raises(InvalidRequestError, match=r"layers \[1\] hold neuron slots"):
-        compute_patch(model, tok, [eiffel], method="rome", layers=[LAYER], corpus=corpus)
     with pytest.raises(InvalidRequestError, match="guard 0.5"):
         compute_patch(model, tok, [eiffel], method="gated", layers=[LAYER], hparams={**over, "guard": 0.5}, corpus=corpus)
 
@@ -147,3 +145,69 @@ def test_compute_edit_gated_fills_the_lowest_free_slot():
     apply_patch(model, below)                                  # layer 0 feeds layer 1's MLP: computed again
     moved = cached_corpus_inputs(model, tok, LAYER, corpus.fingerprint, corpus.text, 512)
     assert moved is not held and not torch.equal(moved, held)
+
+
+def test_covariance_methods_edit_a_widened_layer_in_its_own_neurons():
+    """ROME and AlphaEdit on a layer with neuron slots (`slots.own_view`): keys, statistics and the delta
+    are of the layer's own neurons. With the slots empty the patch is the unwidened model's (zero rows
+    for the slots); with a gated neuron in a slot, an AlphaEdit edit of the same layer holds and leaves
+    the neuron's weights as they were, bit for bit. Statistics cached with another width (over the
+    slots' dimensions too) are computed again, not used."""
+    from safetensors.torch import save_file
+
+    from editserve.editing.corpus import Corpus
+    from editserve.editing.edit import compute_patch
+    from editserve.editing.evaluate import target_nll
+    from editserve.editing.hparams import StatsParams
+    from editserve.editing.model import fingerprint
+    from editserve.editing.stats import _cache_path, layer_stats
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    corpus = Corpus(name="tiny-own", text="\n".join(TEXT * 41))
+    stats = {"n_tokens": 4096, "seq_len": 64}
+    over = {"stats": stats, "value": {"max_steps": 15}, "prefixes": {"n_prefixes": 2}}
+    eiffel = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new=" Rome")
+    colosseum = EditRequest(prompt="{} is located in the city of", subject="The Colosseum", target_new=" Paris")
+
+    # layer 1's statistics over I + E = 52 dimensions, as the widened model's keys would give them
+    params, dtype = StatsParams(**stats), next(model.parameters()).dtype
+    path = _cache_path(fingerprint(model), corpus, LAYER, params, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"cov": torch.eye(52)}, str(path))
+    cov = layer_stats(model, tok, [LAYER], corpus, fingerprint(model), params, progress=False)[0][LAYER].cov
+    assert cov.shape == (48, 48) and not torch.equal(cov, torch.eye(48))
+
+    plain = compute_patch(model, tok, [eiffel], method="rome", layers=[LAYER], hparams=over, corpus=corpus)
+    widen_mlp(model, LAYER, 4)
+    wide = compute_patch(model, tok, [eiffel], method="rome", layers=[LAYER], hparams=over, corpus=corpus)
+    (p,), (w,) = plain.deltas, wide.deltas
+    assert w.name == p.name and w.v.shape == (52, 1) and not w.v[48:].any(), "no weight of a slot moves"
+    assert torch.allclose(w.u, p.u, rtol=1e-3, atol=1e-6) and torch.allclose(w.v[:48], p.v, rtol=1e-3, atol=1e-6)
+    mlp = model.model.layers[LAYER].mlp
+    assert mlp.down_proj.weight.shape == (32, 52) and mlp.gate_proj.weight.shape == (52, 32), "projections restored"
+    assert not mlp._forward_hooks
+
+    neuron = compute_patch(model, tok, [colosseum], method="gated", layers=[LAYER],
+                           hparams={"negatives": 512, "value": {"max_steps": 10}, "prefixes": {"n_prefixes": 2}},
+                           corpus=corpus)
+    apply_patch(model, neuron)
+    ids = tok([colosseum.text, TEXT[0]], padding=True, return_tensors="pt")["input_ids"]
+    full = model(input_ids=ids).logits
+    with own_view(model, [LAYER, 0]) as narrowed:
+        assert narrowed == (LAYER,) and mlp.down_proj.weight.shape == (32, 48)
+        assert torch.allclose(model(input_ids=ids).logits, full, atol=1e-5), "the slots' output is added back"
+    slot = {n: p.detach().clone() for n, p in model.named_parameters() if f"layers.{LAYER}.mlp" in n}
+    before = target_nll(model, tok, [eiffel.text], [" Rome"])
+    held = target_nll(model, tok, [colosseum.text], [" Paris"])
+    thr = float(torch.quantile(torch.linalg.eigvalsh(cov.double()), 0.6))      # a null space of ~60% on the tiny model
+    fast = {"max_steps": 30, "lr": 0.5, "kl_factor": 0.0, "clamp_norm_factor": 1e4, "weight_decay": 0.0}
+    alpha = compute_patch(model, tok, [eiffel], method="alphaedit", layers=[LAYER], corpus=corpus,
+                          hparams={**over, "value": fast, "nullspace_threshold": thr, "alpha": 1.0})
+    assert alpha.deltas[0].v.shape[0] == 52 and not alpha.deltas[0].v[48:].any()
+    apply_patch(model, alpha)
+    live = dict(model.named_parameters())
+    for name, weight in slot.items():
+        cut = (slice(None), slice(48, None)) if name.endswith("down_proj.weight") else (slice(48, None),)
+        assert torch.equal(live[name][cut], weight[cut]), name
+    assert (target_nll(model, tok, [eiffel.text], [" Rome"]) < before - 0.05).all()
+    assert torch.allclose(target_nll(model, tok, [colosseum.text], [" Paris"]), held, atol=0.05)

@@ -159,49 +159,47 @@ def compute_edit(
     timings: dict[str, float] = {}
     if isinstance(hp, GateParams):
         return EditResult(patch=_gated(model, tok, requests, hp, corpus, fp, timings), preserved=preserved)
-    from editserve.editing.slots import slot_range
+    from editserve.editing.slots import own_view, pad_to_slots
 
-    widened = [layer for layer in hp.layers if slot_range(model, layer)]
-    if widened:
-        # Their statistics and keys would have the slots' dimensions, which ordinary text never uses.
-        raise InvalidRequestError(f"layers {widened} hold neuron slots (gated edits); {method} edits layers without "
-                                  f"them, got layers {list(hp.layers)}")
-
-    t = time.perf_counter()
-    stats, _run = layer_stats(model, tok, hp.layers, corpus, fp, hp.stats, progress=progress)
-    timings["stats"] = time.perf_counter() - t
-    prefixes = context_prefixes(model, tok, fp, hp.prefixes)
-
-    if isinstance(hp, RomeParams):
-        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
-            return _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings, clamps, stops)
-    elif isinstance(hp, MemitParams):
-        covs = {l: s.cov for l, s in stats.items()}
-
-        def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
-            return memit_factors(covs[layer], keys, resid, hp.cov_weight,
-                                 prompt_keys if hp.keys == "per_prompt" else None)
-
-        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
-                           stops, per_prompt=hp.keys == "per_prompt")
-    else:
+    # A layer with neuron slots is edited in its own neurons: keys, statistics and the delta's columns
+    # leave the slots out (editing/slots.py, `own_view`); the delta is then padded to the full width.
+    with own_view(model, hp.layers):
         t = time.perf_counter()
-        dtype = next(model.parameters()).dtype
-        projs = {l: cached_null_space(s.cov, hp.nullspace_threshold, l, fp, stats_key(corpus, l, hp.stats, dtype))
-                 for l, s in stats.items()}
-        timings["projection"] = time.perf_counter() - t
+        stats, _run = layer_stats(model, tok, hp.layers, corpus, fp, hp.stats, progress=progress)
+        timings["stats"] = time.perf_counter() - t
+        prefixes = context_prefixes(model, tok, fp, hp.prefixes)
 
-        def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
-            gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
-            return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight,
+        if isinstance(hp, RomeParams):
+            def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+                return _rome(model, tok, requests, prefixes, hp, stats[hp.layer].cov, timings, clamps, stops)
+        elif isinstance(hp, MemitParams):
+            covs = {l: s.cov for l, s in stats.items()}
+
+            def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
+                return memit_factors(covs[layer], keys, resid, hp.cov_weight,
                                      prompt_keys if hp.keys == "per_prompt" else None)
 
-        def attempt(clamps: torch.Tensor, stops: torch.Tensor):
-            return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
-                           stops, per_prompt=hp.keys == "per_prompt")
+            def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+                return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
+                               stops, per_prompt=hp.keys == "per_prompt")
+        else:
+            t = time.perf_counter()
+            dtype = next(model.parameters()).dtype
+            projs = {l: cached_null_space(s.cov, hp.nullspace_threshold, l, fp, stats_key(corpus, l, hp.stats, dtype))
+                     for l, s in stats.items()}
+            timings["projection"] = time.perf_counter() - t
 
-    deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
+            def solve(layer: int, keys: torch.Tensor, prompt_keys: torch.Tensor, resid: torch.Tensor):
+                gram = preserved.gram(layer, keys.shape[-1])                                 # [d_in, d_in] float64
+                return alphaedit_factors(projs[layer].p, keys, resid, gram, hp.alpha, stats[layer].cov, hp.cov_weight,
+                                         prompt_keys if hp.keys == "per_prompt" else None)
+
+            def attempt(clamps: torch.Tensor, stops: torch.Tensor):
+                return _spread(model, tok, requests, prefixes, hp.layers, hp.spread, hp.value, solve, timings, clamps,
+                               stops, per_prompt=hp.keys == "per_prompt")
+
+        deltas, new_keys = _escalating(model, tok, requests, hp.value, attempt, timings)
+    deltas = [pad_to_slots(model, d) for d in deltas]
     patch = Patch(
         deltas=tuple(deltas), requests=requests, method=method, hparams=to_dict(hp),
         model_fingerprint=fp, family=spec.family, timings=timings,

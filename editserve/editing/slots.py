@@ -19,10 +19,12 @@ llama-family model in place; the engine does the same to vLLM's merged gate_up_p
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from editserve.editing.arch import MLP_HALVES, get_module, spec_for
 from editserve.editing.gated import GatedNeuron
@@ -34,6 +36,7 @@ from editserve.patches import Patch, WeightDelta, applied_patches
 log = logging.getLogger(__name__)
 
 _SLOTS_ATTR = "_editserve_slots"          # model attribute: {layer: (first neuron index, slot count)}
+_NARROW_ATTR = "_editserve_narrowed"      # model attribute: the layers `own_view` narrows now
 PROJ = (*MLP_HALVES, "down_proj")
 
 
@@ -157,3 +160,60 @@ def slot_of(patch: Patch) -> int:
     if len(slots) != 1:
         raise InvalidRequestError(f"patch {patch.digest[:12]} writes {len(slots)} slots {slots}, not one")
     return slots[0]
+
+
+def _narrow(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free Linear whose weight is `weight` (a view: it shares the wide projection's storage)."""
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    out.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return out
+
+
+@contextmanager
+def own_view(model: torch.nn.Module, layers: Sequence[int]) -> Iterator[tuple[int, ...]]:
+    """Within, each of `layers` that holds neuron slots shows only its own I neurons: its gate_proj,
+    up_proj and down_proj are bias-free Linear views of their first I rows / columns (the same
+    storage), and a forward hook on its MLP adds the slot neurons' output, so the model computes what
+    it did (up to float rounding). What the covariance methods read is then of the own neurons: keys
+    (the down-projection's input) [I], key statistics [I, I], a down-projection delta [d, I]
+    (`pad_to_slots` widens it). Yields the layers narrowed here; layers narrowed by an enclosing
+    `own_view` are left to it. The projections are restored on exit, whatever happens."""
+    spec = spec_for(model)
+    active: set[int] = getattr(model, _NARROW_ATTR, set())
+    mine = tuple(sorted({int(layer) for layer in layers if slot_range(model, int(layer))} - active))
+    saved, handles = [], []
+    try:
+        for layer in mine:
+            mlp = get_module(model, spec.mlp_name(layer))
+            gate, up, down = _projections(model, layer)
+            width = slot_range(model, layer).start                                      # I
+            saved.append((mlp, gate, up, down))
+
+            def slot_output(_m: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor, mlp=mlp, gate=gate,
+                            up=up, down=down, width=width) -> torch.Tensor:
+                x = args[0]                                                             # [..., d]
+                h = mlp.act_fn(F.linear(x, gate.weight[width:])) * F.linear(x, up.weight[width:])   # [..., E]
+                return out + F.linear(h, down.weight[:, width:])
+
+            mlp.gate_proj = _narrow(gate.weight[:width])                                # [I, d]
+            mlp.up_proj = _narrow(up.weight[:width])                                    # [I, d]
+            mlp.down_proj = _narrow(down.weight[:, :width])                             # [d, I]
+            handles.append(mlp.register_forward_hook(slot_output))
+        object.__setattr__(model, _NARROW_ATTR, active | set(mine))
+        yield mine
+    finally:
+        for h in handles:
+            h.remove()
+        for mlp, gate, up, down in saved:
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
+        object.__setattr__(model, _NARROW_ATTR, active)
+
+
+def pad_to_slots(model: torch.nn.Module, delta: WeightDelta) -> WeightDelta:
+    """A down-projection delta computed under `own_view` ([d, I]: V [I, r]) widened to its layer's
+    full width ([d, I+E]: V with zero rows for the slots); any other delta unchanged."""
+    slots = slot_range(model, delta.layer)
+    if not slots or delta.name != spec_for(model).weight_name(delta.layer) or delta.v.shape[0] != slots.start:
+        return delta
+    v = torch.cat([delta.v, delta.v.new_zeros(len(slots), delta.v.shape[1])])          # [I+E, r]
+    return WeightDelta(delta.name, delta.layer, delta.u, v.contiguous())

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from editserve.atomicfile import publish
 from editserve.config import cache_dir
-from editserve.editing.arch import check_layers, spec_for
+from editserve.editing.arch import Layout, check_layers, edited_weight, spec_for
 from editserve.editing.corpus import Corpus
 from editserve.editing.hooks import Hooks
 from editserve.editing.hparams import StatsParams
@@ -101,9 +101,13 @@ def layer_stats(
         path = _cache_path(model_fp, corpus, layer, params, dtype)
         if path.exists():
             cov = load_file(str(path))["cov"]
-            out[layer] = LayerStats(layer, _checked(cov, layer), params.n_tokens)
-        else:
-            missing.append(layer)
+            if tuple(cov.shape) == (width := key_width(model, layer),) * 2:
+                out[layer] = LayerStats(layer, _checked(cov, layer), params.n_tokens)
+                continue
+            # (e.g. computed over a widened layer's neuron slots, not its own neurons: computed again)
+            log.warning("cached statistics of layer %d are %s, not [%d, %d]: computing them again",
+                        layer, tuple(cov.shape), width, width)
+        missing.append(layer)
     if not missing:
         return out, None
 
@@ -112,7 +116,10 @@ def layer_stats(
     sums = {layer: None for layer in missing}
     count = 0
     t0 = time.perf_counter()
-    with torch.no_grad(), Hooks(model) as hooks:
+    from editserve.editing.slots import own_view
+
+    # A layer with neuron slots: the statistics of its own neurons' keys ([I, I]), whatever the slots hold.
+    with torch.no_grad(), own_view(model, missing), Hooks(model) as hooks:
         for name in names.values():
             hooks.capture_input(name)
         hooks.stop_when_captured()
@@ -136,6 +143,14 @@ def layer_stats(
         out[layer] = LayerStats(layer, cov, count)
     log.info("covariance for layers %s: %d tokens in %.1fs", missing, count, seconds)
     return out, StatsRun(seconds=seconds, tokens=count)
+
+
+def key_width(model: torch.nn.Module, layer: int) -> int:
+    """The width of layer `layer`'s keys: its down-projection's input, less any neuron slots."""
+    from editserve.editing.slots import own_neurons
+
+    w = edited_weight(model, layer)
+    return own_neurons(model, layer, int(w.shape[1] if spec_for(model).hf_layout is Layout.OUT_IN else w.shape[0]))
 
 
 def _checked(cov: torch.Tensor, layer: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -112,6 +112,24 @@ class ConsolidationPlan:
                 "patch": self.patch.digest}
 
 
+def _own_rows(v: torch.Tensor, width: int, layer: int) -> torch.Tensor:
+    """V [d_in, r] cut to the keys' `width` rows: a layer with neuron slots has keys of its own neurons
+    only, and a covariance method's factors there have zero rows for the slots (`slots.pad_to_slots`)."""
+    if v.shape[0] == width:
+        return v
+    if v.shape[0] < width or bool(v[width:].any()):
+        raise ConsolidationError(f"layer {layer}: factors of {v.shape[0]} rows do not fit keys of width {width} "
+                                 "(a patch that writes neuron slots cannot be consolidated; nothing was changed)")
+    return v[:width]
+
+
+def _padded(r: Any, rows: int) -> Any:
+    """`r` (a `Consolidated`) with V given zero rows up to `rows` (the slot rows cut by `_own_rows`)."""
+    if r.v.shape[0] == rows:
+        return r
+    return replace(r, v=torch.cat([r.v, r.v.new_zeros(rows - r.v.shape[0], r.v.shape[1])]).contiguous())
+
+
 def _covered(patch: Patch, keys: PreservedKeys) -> bool:
     """Whether `keys` has a block at every layer `patch` touches."""
     have = set(keys.layers)
@@ -157,7 +175,7 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
     blocks = [b for d, _ in chosen for b in ledger.patch_keys(d).blocks]
     names: dict[int, str] = {}
     factors: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}   # layer → ([U], [V]) of the new patches
-    kept: dict[int, list[torch.Tensor]] = {}           # layer → the held patches' U Vᵀ (penalties only)
+    kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # layer → the held patches' (U, V) (penalties only)
     touching: dict[int, int] = {}
     for p, new in [(p, True) for p in patches] + [(ledger.patch(d), False) for d, _ in held]:
         for d in p.deltas:
@@ -172,14 +190,17 @@ def plan_consolidation(ledger: Any, covariances: Covariances, params: Consolidat
                 vs.append(d.v)
                 touching[d.layer] = touching.get(d.layer, 0) + 1
             else:
-                kept.setdefault(d.layer, []).append(d.u.double() @ d.v.double().T)
+                kept.setdefault(d.layer, []).append((d.u, d.v))
     layers = tuple(sorted(factors))
     covs = covariances(layers)
     require_statistics(layers, covs)
-    result = {layer: consolidate_increment(torch.cat(factors[layer][0], 1), torch.cat(factors[layer][1], 1),
-                                           state.keys(layer), covs[layer], layer, params,
-                                           held=sum(kept[layer]) if layer in kept else None)
-              for layer in layers}
+    result = {}
+    for layer in layers:
+        width, v = int(covs[layer].shape[0]), torch.cat(factors[layer][1], 1)
+        held_uv = [u.double() @ _own_rows(hv, width, layer).double().T for u, hv in kept.get(layer, [])]
+        result[layer] = _padded(consolidate_increment(torch.cat(factors[layer][0], 1), _own_rows(v, width, layer),
+                                                      state.keys(layer), covs[layer], layer, params,
+                                                      held=sum(held_uv) if held_uv else None), v.shape[0])
     first = patches[0]
     patch = Patch(
         deltas=tuple(WeightDelta(name=names[layer], layer=layer, u=r.u, v=r.v) for layer, r in sorted(result.items())),
@@ -435,8 +456,10 @@ def plan_fact_removal(ledger: Any, covariances: Covariances, version: int,
         keys = torch.cat([b.keys for b, _ in mine] + ([extra.float()] if extra is not None else []), dim=1)
         dropped = torch.cat([torch.full((b.keys.shape[1],), gone, dtype=torch.bool) for b, gone in mine]
                             + ([torch.ones(extra.shape[1], dtype=torch.bool)] if extra is not None else []))
-        solved[delta.layer] = (delta.name, resolve_without(delta.u.double() @ delta.v.double().T, keys, dropped,
-                                                           covs[delta.layer], delta.layer, params))
+        own_v = _own_rows(delta.v, int(covs[delta.layer].shape[0]), delta.layer).double()
+        solved[delta.layer] = (delta.name, _padded(resolve_without(delta.u.double() @ own_v.T, keys, dropped,
+                                                                   covs[delta.layer], delta.layer, params),
+                                                   delta.v.shape[0]))
     hparams = dict(old.hparams or {})
     hparams["without"] = list(hparams.get("without", [])) + [removed]
     patch = Patch(
