@@ -53,3 +53,18 @@ def test_default_method_is_one_switch(monkeypatch):
 
     staged = stage_args(pb2.StageCandidateRequest(edit=_msg()), 30, default_method="memit")
     assert staged.edit is not None and staged.edit.method == "memit" and staged.edit.dry_run
+
+
+def test_a_server_with_neuron_slots_at_the_gated_layer_defaults_to_gated():
+    """The method of edits that name none, as the control plane picks it at start: the operator's when set
+    (even AlphaEdit on a server with slots), else gated where the gated layer has slots, else AlphaEdit."""
+    from editserve.control.methods import chosen_default_method, server_default_method
+    from editserve.engine.settings import ControlSettings
+
+    assert chosen_default_method({}) is None and chosen_default_method({DEFAULT_METHOD_ENV: " "}) is None
+    assert chosen_default_method({DEFAULT_METHOD_ENV: "rome"}) == "rome"
+    assert ControlSettings.from_env("m", 1, {}).default_method is None
+    assert server_default_method(None, True) == "gated"
+    assert server_default_method(None, False) == DEFAULT_METHOD == "alphaedit"
+    assert server_default_method("alphaedit", True) == "alphaedit"
+    assert server_default_method("memit", False) == "memit"

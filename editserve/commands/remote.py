@@ -51,7 +51,8 @@ def _add(sub: argparse._SubParsersAction, name: str) -> None:
         p.add_argument("--target-new", required=True)
         p.add_argument("--target-true", default="")
         p.add_argument("--method", default="", choices=["", *METHODS],
-                       help="editing method (default: the server's, EDITSERVE_DEFAULT_METHOD there)")
+                       help="editing method (default: the server's: EDITSERVE_DEFAULT_METHOD there, else gated "
+                            "with neuron slots, else alphaedit)")
         p.add_argument("--layer", type=int, action="append", default=[])
         p.add_argument("--hparams", default=None,
                        help="JSON object of hyper-parameter overrides, e.g. '{\"value\": {\"max_steps\": 40}}' "

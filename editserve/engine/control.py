@@ -64,7 +64,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from editserve.control.methods import SLOTS_METHOD, server_default_method
 from editserve.editing.arch import Layout
+from editserve.editing.hparams import load_hparams
 from editserve.editing.requests import EditRequest
 from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
 from editserve.engine.changes import VersionChange
@@ -174,9 +176,15 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
             raise PluginSetupError(f"{SLOTS_ENV} asks for neuron slots {wanted} (layer: slots), the engine widened "
                                    f"{widened}: a layer the model does not have, or quantised weights, which cannot "
                                    "be widened")
-        if self.settings.default_method == "gated" and not widened:
+        if self.settings.default_method == SLOTS_METHOD and not widened:
             raise PluginSetupError("the default method is 'gated', but the engine has no neuron slots; serve with "
                                    "--neuron-slots LAYER:COUNT (EDITSERVE_NEURON_SLOTS)")
+        gated_layer = load_hparams(SLOTS_METHOD, [Path(self.settings.model or "").name.lower(), self.family]).layer
+        method = server_default_method(self.settings.default_method, gated_layer in widened)
+        if method != self.settings.default_method:
+            log.info("edits that name no method use %r (neuron slots %s; the gated layer is %d)", method,
+                     widened or "none", gated_layer)
+            self.settings = replace(self.settings, default_method=method)
         dtype = str(self.workers[0]["dtype"])
         if self.settings.serve_only:
             try:

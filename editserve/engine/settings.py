@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from editserve.control.methods import DEFAULT_METHOD, default_method
+from editserve.control.methods import chosen_default_method
 from editserve.engine.autoconsolidate import ConsolidationPolicy
 from editserve.engine.health import HealthSettings
 from editserve.engine.swap import DEFAULT_PAUSE_MODE, check_mode
@@ -59,8 +59,9 @@ class ControlSettings:
     # default 25, 0: off)
     consolidation: ConsolidationPolicy = field(default_factory=ConsolidationPolicy)
     # EDITSERVE_DEFAULT_METHOD, checked at start (the method of an edit that names none; the edit
-    # policy records it, editserve.engine.policy)
-    default_method: str = DEFAULT_METHOD
+    # policy records it, editserve.engine.policy). None: chosen at start, ``gated`` when the model has
+    # neuron slots at the gated layer, else AlphaEdit (`editserve.control.methods.server_default_method`)
+    default_method: str | None = None
 
     def __post_init__(self) -> None:
         check_mode(self.pause_mode)
@@ -114,4 +115,4 @@ class ControlSettings:
                    health=HealthSettings.from_env(env),
                    consolidation=ConsolidationPolicy.from_env(env),
                    serve_only=serve_only_from_env(env),
-                   default_method=default_method(env))
+                   default_method=chosen_default_method(env))
