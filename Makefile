@@ -60,12 +60,16 @@ endif
 # SERVE_ARGS go to `vllm serve`. Every control route and RPC needs a token: with none configured the first
 # start writes an admin token to $(EDITSERVE_HOME)/control-tokens.json (0600), which `editserve edit ...`
 # on this machine uses by default. HTTP listens on loopback; gRPC on 127.0.0.1:50051.
+# SERVE_EDIT_ARGS are editserve's own options: 1,024 neuron slots at SmolLM2's gated layer, so that edits
+# which name no method are gated edits, one neuron per fact (docs/lifelong.md, "Default method"; a ledger
+# written without slots needs SERVE_EDIT_ARGS= to be served again).
+SERVE_EDIT_ARGS ?= --neuron-slots 5:1024
 SERVE_ARGS ?= --host 127.0.0.1 --port 8000
 ifneq ($(HAS_GPU),1)
 SERVE_CPU_ARGS := --dtype float32 --kv-cache-memory-bytes 1073741824
 endif
 serve: venv
-	$(BIN)/editserve serve $(SERVE_CPU_ARGS) $(SERVE_ARGS)
+	$(BIN)/editserve serve $(SERVE_EDIT_ARGS) $(SERVE_CPU_ARGS) $(SERVE_ARGS)
 
 # Two workers (pytest-xdist), each running whole modules (their servers are module fixtures); the
 # longest modules are handed out first so that no worker is left alone with one at the end.

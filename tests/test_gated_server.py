@@ -122,3 +122,28 @@ def test_slots_on_a_layer_the_model_lacks_fail_the_start_naming_it(tmp_path):
     with pytest.raises(RuntimeError, match=r"asks for neuron slots \{99: 8\}"):
         s.start()
     s.stop()
+
+
+@pytest.mark.timeout(900)
+def test_a_ledger_written_without_slots_fails_a_start_with_them_naming_the_cause(tmp_path):
+    """A ledger whose patches touched layer 5 keeps that layer's base copy in the checkpoint's shape; a
+    server started on it with slots at 5 (another shape) refuses to start, says why and what to do,
+    and the ledger is as it was."""
+    import json
+
+    from editserve.editing.model import FINGERPRINT_FILE, embedded_checkpoint
+    from tests.test_engine_server import _synthetic_patch
+
+    fp = json.loads((embedded_checkpoint() / FINGERPRINT_FILE).read_text())["fingerprint"]
+    name = f"{MLP}.down_proj.weight"
+    with Ledger.open(tmp_path / "ledger", fp, create=True) as ledger:
+        patch = _synthetic_patch(fp, name, torch.full((576, 1), 1e-3), torch.full((1536, 1), 1e-3), "narrow")
+        ledger.commit(patch, expected_head=0, base={name: _checkpoint_tensor(name)}, caller="test")
+    s = Server("narrow-ledger", tmp_path / "ledger", tmp_path, ["--enforce-eager"])
+    s.cmd[s.cmd.index("--ledger"):s.cmd.index("--ledger")] = ["--neuron-slots", "5:8"]
+    with pytest.raises(RuntimeError, match=r"(?s)differ from the ledger's base copies.*neuron slots.*'5': \[1536, 8\].*"
+                                           r"start with the --neuron-slots it was written with"):
+        s.start()
+    s.stop()
+    with Ledger.open(tmp_path / "ledger", verify="none") as ledger:
+        assert ledger.head() == 1 and ledger.active_patches(1)[0].digest == patch.digest

@@ -1,10 +1,11 @@
 """Lifelong editing, fast version (bench/lifelong.py is the full benchmark): 30 known CounterFact
 records committed one after another on SmolLM2-135M, each computed on the model holding the
-earlier ones, once with AlphaEdit (preserved-keys state carried) and once with plain ROME; then
+earlier ones, once with AlphaEdit (preserved-keys state carried), once with plain ROME and once as
+gated edits in the neuron slots of a widened copy of the model; then
 AlphaEdit's commits written to a ledger and consolidated there by ``editserve ledger consolidate``
 after 15 and again after 30 commits (the second incremental: editing/consolidate.py, ledger/consolidation.py).
-AlphaEdit must retain the edits, keep neighbourhood facts and held-out perplexity at least as
-well as ROME, and above absolute floors. About 5 minutes on a quiet 2-core machine."""
+AlphaEdit and gated edits must retain the edits, keep neighbourhood facts and held-out perplexity at
+least as well as ROME, and above absolute floors. About 8 minutes on a quiet 2-core machine."""
 
 from __future__ import annotations
 
@@ -148,6 +149,16 @@ def results(setup, tmp_path_factory):
         for p in reversed(applied_patches(model)):
             remove_patch(model, p)
         assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+    # gated edits, the default of a server with neuron slots: on a second copy of the model, widened at the
+    # gated layer as `editserve serve --neuron-slots` widens the sidecar's copy
+    from editserve.editing.slots import slot_of, widen_mlp
+
+    gmodel, _ = load_model()
+    slots = widen_mlp(gmodel, resolve_hparams(gmodel, "gated").layer, N)
+    after, _, committed = _stream(gmodel, tok, known, "gated")
+    out["gated"] = {"es": after.es, "ps": after.ps, "ns_ratio": after.ns / ns0,
+                    "ppl_ratio": heldout_perplexity(gmodel, tok) / ppl0,
+                    "norm": max(norm_growth(gmodel, w0).values(), default=0.0), "slots": ([slot_of(p) for p, _ in committed], slots)}
     print({m: {k: v for k, v in r.items() if k not in ("state", "penalty", "cli", "before", "after")}
            for m, r in out.items()})
     return out
@@ -172,6 +183,21 @@ def test_alphaedit_at_least_as_good_as_rome(results):
     assert a["es"] >= r["es"] - 1 / N
     assert a["ns_ratio"] >= r["ns_ratio"] - 1 / N
     assert a["ppl_ratio"] <= r["ppl_ratio"] + 0.002
+
+
+def test_gated_edits_at_least_as_good_as_rome(results):
+    """The same 30 commits as gated edits (one neuron per fact, each in the next free slot): the facts are
+    retained, neighbourhoods and held-out perplexity stay (floors, and against plain ROME on the same
+    stream), and the model's own neurons are untouched."""
+    g, r = results["gated"], results["rome"]
+    taken, slots = g["slots"]
+    assert taken == list(slots)
+    assert g["es"] >= 0.9 and g["ps"] >= 0.6
+    assert g["ns_ratio"] >= 0.9 and g["ppl_ratio"] <= 1.01
+    assert g["norm"] == 0
+    assert g["es"] >= r["es"] - 1 / N
+    assert g["ns_ratio"] >= r["ns_ratio"] - 1 / N
+    assert g["ppl_ratio"] <= r["ppl_ratio"] + 0.002
 
 
 def test_consolidation_keeps_the_edits_and_lowers_the_damage(results):

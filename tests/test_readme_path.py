@@ -44,10 +44,12 @@ def make_serve_args() -> list[str]:
     """The arguments ``make serve`` passes to ``editserve serve`` on a machine without a GPU."""
     text = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^serve: venv\n\t\$\(BIN\)/editserve serve (.*)$", text, re.M)
-    assert recipe and recipe.group(1) == "$(SERVE_CPU_ARGS) $(SERVE_ARGS)", "make serve changed; update this test"
+    assert recipe and recipe.group(1) == "$(SERVE_EDIT_ARGS) $(SERVE_CPU_ARGS) $(SERVE_ARGS)", \
+        "make serve changed; update this test"
+    edit = re.search(r"^SERVE_EDIT_ARGS \?= (.*)$", text, re.M).group(1)
     cpu = re.search(r"^SERVE_CPU_ARGS := (.*)$", text, re.M).group(1)
     serve = re.search(r"^SERVE_ARGS \?= (.*)$", text, re.M).group(1)
-    return shlex.split(cpu) + shlex.split(serve)
+    return shlex.split(edit) + shlex.split(cpu) + shlex.split(serve)
 
 
 def readme_cli_commands() -> list[list[str]]:
@@ -64,6 +66,11 @@ def test_readme_quick_start_is_make_serve_then_edit_then_rollback() -> None:
     assert not any(a.startswith("--token") or a == "--server" for c in commands for a in c)
     args = make_serve_args()
     assert args[args.index("--host") + 1] == "127.0.0.1"
+    assert args[0] == "--neuron-slots", "editserve's own options lead (the rest goes to vLLM)"
+    from editserve.editing.hparams import load_hparams
+
+    gated_layer = load_hparams("gated", [embedded_checkpoint().name.lower(), "llama"]).layer
+    assert args[1] == f"{gated_layer}:1024", "make serve's slots must be at the embedded model's gated layer"
 
 
 def _home(tmp: Path) -> Path:
@@ -144,6 +151,8 @@ def test_make_serve_then_edit_and_rollback_with_no_setup(tmp_path: Path) -> None
         versions = cli("versions", timeout=120)
         assert versions.returncode == 0 and "head = version 0" in versions.stdout
         assert "local-admin" in versions.stdout          # the audit names the token's holder
+        # make serve's neuron slots make the README's edit, which names no method, a gated edit
+        assert re.search(r"\bgated\b", versions.stdout), versions.stdout
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)

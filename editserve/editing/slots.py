@@ -103,9 +103,11 @@ def free_slots(model: torch.nn.Module, layer: int, n: int = 1) -> list[int]:
             if len(free) == n:
                 return free
     total = len(slot_range(model, layer))
+    remedy = ("; revert gated edits to free slots, or name another method (alphaedit, rome and memit edit the "
+              "layer's own neurons)")
     if not free:
-        raise PatchStateError(f"layer {layer} has no free neuron slot ({total} slots, all taken)")
-    raise PatchStateError(f"layer {layer} has {len(free)} free neuron slot(s) of {total}; {n} are needed")
+        raise PatchStateError(f"layer {layer} has no free neuron slot ({total} slots, all taken){remedy}")
+    raise PatchStateError(f"layer {layer} has {len(free)} free neuron slot(s) of {total}; {n} are needed{remedy}")
 
 
 def free_slot(model: torch.nn.Module, layer: int) -> int:

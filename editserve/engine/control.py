@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from editserve.control.methods import SLOTS_METHOD, server_default_method
-from editserve.editing.arch import Layout
+from editserve.editing.arch import MLP_HALVES, Layout
 from editserve.editing.hparams import load_hparams
 from editserve.editing.requests import EditRequest
 from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
@@ -324,8 +324,14 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         try:
             verify(reports, expected, self.settings.tensor_parallel_size)
         except Exception as exc:
+            slots = self.workers[0]["slots"] if self.workers else {}
+            hint = ""
+            if slots or any(n.endswith(f".{h}.weight") for n in names for h in MLP_HALVES):
+                hint = (f" (this engine's neuron slots, layer: [neurons, slots]: {slots or 'none'}; a ledger written "
+                        "with other slots has base copies of another shape: start with the --neuron-slots it was "
+                        "written with, or give another --ledger)")
             raise PluginSetupError(f"the served checkpoint's weights differ from the ledger's base copies at "
-                                   f"{self.ledger.location}: {exc}") from exc
+                                   f"{self.ledger.location}: {exc}{hint}") from exc
 
     async def close(self) -> None:
         self._closing = True
