@@ -39,6 +39,7 @@ from editserve.control import gate as gate_policy
 from editserve.control import validate
 from editserve.control.errors import AuthError, ProbeRejected
 from editserve.control.events import DEFAULT_MAX_STREAMS, Event, EventHub
+from editserve.control.methods import DEFAULT_METHOD
 from editserve.control.principals import Principal, TokenTable, authorize, require
 from editserve.errors import InvalidRequestError
 
@@ -146,9 +147,11 @@ class Operations:
         return int(m.n_layers) if m is not None and getattr(m, "n_layers", None) else None
 
     def default_method(self) -> str:
-        """The method of an edit that names none: this server's, read and checked when it started
-        (``EDITSERVE_DEFAULT_METHOD``; the value its edit policy records)."""
-        return str(self.engine.settings.default_method)
+        """The method of an edit that names none: this server's, chosen when it started
+        (``EDITSERVE_DEFAULT_METHOD``, else gated with neuron slots at the gated layer, else AlphaEdit;
+        the value its edit policy records)."""
+        method = self.engine.settings.default_method
+        return DEFAULT_METHOD if method is None else str(method)    # None: no start has chosen one (no slots known)
 
     # -- changes ---------------------------------------------------------------------------
 
