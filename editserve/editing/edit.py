@@ -46,12 +46,10 @@ MAX_BATCH = 10_000
 
 def model_names(model: torch.nn.Module) -> list[str]:
     """Names to look hyper-parameter files up by: the checkpoint's folder name, then the family."""
-    names = []
+    from editserve.editing.hparams import file_names
+
     ckpt = getattr(model, "editserve_checkpoint", None) or getattr(model.config, "_name_or_path", "")
-    if ckpt:
-        names.append(Path(str(ckpt)).name.lower())
-    names.append(spec_for(model).family)
-    return names
+    return file_names(ckpt or None, spec_for(model).family)
 
 
 def resolve_hparams(

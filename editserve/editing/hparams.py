@@ -230,6 +230,13 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def file_names(checkpoint: str | None, family: str) -> list[str]:
+    """Names to look hyper-parameter files up by: the checkpoint's folder name (lower case), then the family."""
+    from pathlib import Path
+
+    return ([Path(str(checkpoint)).name.lower()] if checkpoint else []) + [family]
+
+
 def load_hparams(method: str, model_names: list[str], overrides: dict[str, Any] | None = None) -> HParams:
     """Hyper-parameters for `method`, from the first data file among `model_names`, plus overrides."""
     if method not in _METHODS:

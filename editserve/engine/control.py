@@ -66,7 +66,7 @@ from typing import Any
 
 from editserve.control.methods import SLOTS_METHOD, server_default_method
 from editserve.editing.arch import MLP_HALVES, Layout
-from editserve.editing.hparams import load_hparams
+from editserve.editing.hparams import file_names, load_hparams
 from editserve.editing.requests import EditRequest
 from editserve.engine.admission import VERSION_HEADER, VERSION_START_HEADER, Admission
 from editserve.engine.changes import VersionChange
@@ -179,7 +179,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         if self.settings.default_method == SLOTS_METHOD and not widened:
             raise PluginSetupError("the default method is 'gated', but the engine has no neuron slots; serve with "
                                    "--neuron-slots LAYER:COUNT (EDITSERVE_NEURON_SLOTS)")
-        gated_layer = load_hparams(SLOTS_METHOD, [Path(self.settings.model or "").name.lower(), self.family]).layer
+        gated_layer = load_hparams(SLOTS_METHOD, file_names(self.settings.model, self.family)).layer
         method = server_default_method(self.settings.default_method, gated_layer in widened)
         if method != self.settings.default_method:
             log.info("edits that name no method use %r (neuron slots %s; the gated layer is %d)", method,

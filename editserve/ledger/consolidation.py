@@ -62,7 +62,8 @@ from typing import Any
 import torch
 
 from editserve.editing.alphaedit import KeyBlock, PreservedKeys
-from editserve.editing.consolidate import ConsolidateParams, consolidate_increment, require_statistics, resolve_without
+from editserve.editing.consolidate import (ConsolidateParams, Consolidated, consolidate_increment, require_statistics,
+                                           resolve_without)
 from editserve.editing.requests import EditRequest
 from editserve.editing.retention import CommittedFact
 from editserve.errors import InvalidRequestError
@@ -123,8 +124,8 @@ def _own_rows(v: torch.Tensor, width: int, layer: int) -> torch.Tensor:
     return v[:width]
 
 
-def _padded(r: Any, rows: int) -> Any:
-    """`r` (a `Consolidated`) with V given zero rows up to `rows` (the slot rows cut by `_own_rows`)."""
+def _padded(r: Consolidated, rows: int) -> Consolidated:
+    """`r` with V given zero rows up to `rows` (the slot rows cut by `_own_rows`)."""
     if r.v.shape[0] == rows:
         return r
     return replace(r, v=torch.cat([r.v, r.v.new_zeros(rows - r.v.shape[0], r.v.shape[1])]).contiguous())
