@@ -40,6 +40,13 @@ back (recent), one to N/2 patches (far), and forward again to the head. Printed:
 pause, message bytes, the workers' editserve memory and the engine-core and API-server RSS, and
 the pause at the largest N over the pause at the smallest. Writes
 bench/results/swap_scale.json.
+
+``--kind gated`` fills the ledger with gated neurons instead (the default method of a server with
+neuron slots): patch i writes slot i of layer 5, as three rank-1 deltas of the widened ``gate_proj``,
+``up_proj`` and ``down_proj`` whose slot factor is one-hot over the widened width (tiny gate weights:
+they never fire). The servers widen layer 5 by ``--slots`` neurons (default: the largest N plus the
+appends), so every N is measured at the same slot count; ``--sizes 10 --slots 1024`` gives `make
+serve`'s slot count. Writes bench/results/swap_scale_gated.json.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +254,8 @@ def summarise(changes: list[dict[str, Any]]) -> dict[str, float]:
 
 SCALE_LAYER = 3
 SCALE_NAME = f"model.layers.{SCALE_LAYER}.mlp.down_proj.weight"
+GATED_LAYER = 5                  # the embedded model's gated layer (make serve's --neuron-slots 5:1024)
+WIDTH, D_MODEL = 1536, 576       # SmolLM2-135M: MLP neurons, hidden size
 
 
 def synthetic_patch(i: int, fingerprint: str) -> Any:
@@ -261,8 +271,59 @@ def synthetic_patch(i: int, fingerprint: str) -> Any:
                  hparams={"synthetic": i}, model_fingerprint=fingerprint, family="llama")
 
 
-def build_scale_ledger(root: Path, sizes: list[int]) -> dict[int, int]:
-    """A ledger whose versions hold N/2 and N patches for each N of `sizes`; returns {active count: version}."""
+def synthetic_gated_patch(i: int, fingerprint: str, slots: int) -> Any:
+    """A gated neuron in slot neuron WIDTH + i of layer GATED_LAYER, shaped as `editing.slots.neurons_patch`
+    writes one (three rank-1 deltas whose slot factor is one-hot over the widened width WIDTH + `slots`); its
+    gate weights are tiny, so it never fires and the model stays usable."""
+    from editserve.editing.requests import EditRequest
+    from editserve.patches import Patch, WeightDelta
+
+    if not 0 <= i < slots:
+        raise SystemExit(f"synthetic gated patch {i} needs slot {i}, the layer has {slots} slots")
+    g = torch.Generator().manual_seed(2_000_000 + i)
+    e = torch.zeros(WIDTH + slots, 1)                                          # [I+E, 1] one-hot slot column
+    e[WIDTH + i, 0] = 1.0
+    gate, up, down = (torch.randn(D_MODEL, 1, generator=g) * s for s in (1e-4, 1e-2, 1e-2))   # [d, 1] each
+    mlp = f"model.layers.{GATED_LAYER}.mlp"
+    req = EditRequest(prompt="{} is a synthetic fact number", subject=f"Scale {i}", target_new=f" {i}")
+    return Patch(deltas=(WeightDelta(f"{mlp}.gate_proj.weight", GATED_LAYER, e, gate),
+                         WeightDelta(f"{mlp}.up_proj.weight", GATED_LAYER, e.clone(), up),
+                         WeightDelta(f"{mlp}.down_proj.weight", GATED_LAYER, down, e.clone())),
+                 requests=(req,), method="gated", hparams={"synthetic": i, "layer": GATED_LAYER},
+                 model_fingerprint=fingerprint, family="llama")
+
+
+@dataclass(frozen=True)
+class ScaleKind:
+    """What the ledger-length run fills its ledger with: ``rank1`` (ROME-shaped patches on one
+    down-projection) or ``gated`` (gated neurons in the slots of a widened layer; `slots` > 0)."""
+
+    name: str
+    slots: int = 0
+
+    def patch(self, i: int, fingerprint: str) -> Any:
+        return synthetic_gated_patch(i, fingerprint, self.slots) if self.slots else synthetic_patch(i, fingerprint)
+
+    def base_names(self) -> list[str]:
+        if not self.slots:
+            return [SCALE_NAME]
+        return [f"model.layers.{GATED_LAYER}.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+
+    def base_copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's tensor as the server holds it: a widened projection gets zero slot neurons."""
+        if not self.slots:
+            return tensor
+        if name.endswith(".down_proj.weight"):                                  # [d, I] -> [d, I+E]
+            return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], self.slots)], 1)
+        return torch.cat([tensor, tensor.new_zeros(self.slots, tensor.shape[1])])   # [I, d] -> [I+E, d]
+
+    def server_env(self) -> dict[str, str]:
+        return {"EDITSERVE_NEURON_SLOTS": f"{GATED_LAYER}:{self.slots}"} if self.slots else {}
+
+
+def build_scale_ledger(root: Path, sizes: list[int], kind: ScaleKind) -> dict[int, int]:
+    """A ledger whose versions hold N/2 and N patches of `kind` for each N of `sizes`; returns {active count:
+    version}."""
     from editserve.editing.arch import Layout
     from editserve.ledger import Ledger
 
@@ -271,16 +332,17 @@ def build_scale_ledger(root: Path, sizes: list[int]) -> dict[int, int]:
     versions: dict[int, int] = {0: 0}
     t0 = time.perf_counter()
     with Ledger.open(root, fp, caller="bench") as ledger:
-        ensure_checkpoint_base(ledger, SCALE_NAME)
+        for name in kind.base_names():
+            ensure_checkpoint_base(ledger, name, kind.base_copy)
         head, count = 0, 0
         for mark in marks:
             while count < mark:
                 if count < 20:                    # the first ones one commit each, like edits
-                    head = ledger.commit(synthetic_patch(count, fp), expected_head=head, caller="bench")
+                    head = ledger.commit(kind.patch(count, fp), expected_head=head, caller="bench")
                     count += 1
                 else:                             # then imports of up to 1,000 patches per version
                     k = min(1000, mark - count)
-                    head = ledger.add_imported([synthetic_patch(count + j, fp) for j in range(k)], head, "bench", None,
+                    head = ledger.add_imported([kind.patch(count + j, fp) for j in range(k)], head, "bench", None,
                                           None, Layout.OUT_IN, replace=False, details={"source": "swap_bench"})
                     count += k
             versions[mark] = head
@@ -329,13 +391,18 @@ def scale_run(args: argparse.Namespace) -> int:
 
     sizes = sorted(int(s) for s in args.sizes.split(","))
     modes = [m.strip() for m in args.modes.split(",")]
+    appended = args.appends * len(sizes)                  # the appends of every N, each a patch of its own
+    kind = ScaleKind(args.kind, args.slots or max(sizes) + appended) if args.kind == "gated" else ScaleKind("rank1")
+    if kind.slots and kind.slots < max(sizes) + appended:
+        raise SystemExit(f"--slots {kind.slots}: {max(sizes)} patches and {appended} appends need "
+                         f"{max(sizes) + appended} slots")
     work = Path(tempfile.mkdtemp(prefix="swap-scale-"))
     ledger_dir = work / "ledger"
-    versions = build_scale_ledger(ledger_dir, sizes)
+    versions = build_scale_ledger(ledger_dir, sizes, kind)
     fp = embedded_fingerprint()
-    results: dict[str, Any] = {"sizes": sizes, "versions": versions, "checkpoint_every": args.checkpoint_every,
-                               "rows": []}
-    seed = 10_000_000
+    results: dict[str, Any] = {"kind": kind.name, "slots": kind.slots, "sizes": sizes, "versions": versions,
+                               "checkpoint_every": args.checkpoint_every, "rows": []}
+    seed = max(sizes) if kind.slots else 10_000_000        # gated appends take the slots after the ledger's
     for mode in modes:
         with Ledger.open(ledger_dir, verify="none") as ledger:
             ledger.rollback(versions[sizes[0]], caller="bench")
@@ -344,7 +411,7 @@ def scale_run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         proc = start_server(port, ledger_dir, work / f"server-{mode}.log",
                             {"EDITSERVE_SWAP_MESSAGES": mode, "EDITSERVE_CHECKPOINT_EVERY": str(args.checkpoint_every),
-                             "EDITSERVE_WARM_STATISTICS": "0"})
+                             "EDITSERVE_WARM_STATISTICS": "0", **kind.server_env()})
         print(f"[{mode}] server up in {time.perf_counter() - t:.0f} s", flush=True)
         try:
             for n in sizes:
@@ -363,7 +430,7 @@ def scale_run(args: argparse.Namespace) -> int:
                 head = versions[n]
                 for _ in range(args.appends):
                     with Ledger.open(ledger_dir, verify="none") as ledger:
-                        head = ledger.commit(synthetic_patch(seed, fp), expected_head=head, caller="bench")
+                        head = ledger.commit(kind.patch(seed, fp), expected_head=head, caller="bench")
                     seed += 1
                     appends.append(swap("/editserve/v1/sync", {}))
                     if appends[-1]["version"] != head:
@@ -388,7 +455,7 @@ def scale_run(args: argparse.Namespace) -> int:
     print_scale(results)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "swap_scale.json").write_text(json.dumps(results, indent=2))
+    (out / ("swap_scale.json" if not kind.slots else "swap_scale_gated.json")).write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -397,6 +464,8 @@ def print_scale(results: dict[str, Any]) -> None:
         return statistics.median(c[key] for c in changes)
 
     print()
+    if results.get("slots"):
+        print(f"gated neurons in {results['slots']:,} slots of layer {GATED_LAYER} (three projections per patch)")
     print("| mode | active patches | append: pause ms (median) | apply rpc ms | message bytes | checksummed | "
           "worker state MB | engine RSS MB | API RSS MB | sync wall s | rollback −1: pause ms / bytes | "
           "rollback to N/2: pause ms / bytes | forward to head: pause ms / bytes |")
@@ -440,6 +509,10 @@ def main() -> int:
     ap.add_argument("--appends", type=int, default=5)
     ap.add_argument("--modes", default="full,delta")
     ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--kind", choices=("rank1", "gated"), default="rank1",
+                    help="--scale: ROME-shaped patches on one down-projection, or gated neurons in neuron slots")
+    ap.add_argument("--slots", type=int, default=0,
+                    help="--scale --kind gated: the layer's slot count (default: the largest N plus the appends)")
     args = ap.parse_args()
     if args.scale:
         return scale_run(args)
@@ -544,8 +617,9 @@ def main() -> int:
     return 0
 
 
-def ensure_checkpoint_base(ledger: Any, name: str) -> None:
-    """Store the embedded checkpoint's own tensor `name` as the ledger's base copy."""
+def ensure_checkpoint_base(ledger: Any, name: str, served: Any = None) -> None:
+    """Store the embedded checkpoint's own tensor `name` (as `served(name, tensor)` gives it, when given:
+    a widened projection) as the ledger's base copy."""
     from safetensors import safe_open
 
     from editserve.editing.model import embedded_checkpoint
@@ -553,7 +627,8 @@ def ensure_checkpoint_base(ledger: Any, name: str) -> None:
     for f in embedded_checkpoint().glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             if name in st.keys():
-                ledger.weights.ensure_base(name, st.get_tensor(name))
+                tensor = st.get_tensor(name)
+                ledger.weights.ensure_base(name, served(name, tensor) if served else tensor)
                 return
     raise SystemExit(f"{name} is not in the embedded checkpoint")
 

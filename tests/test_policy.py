@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from editserve.engine.policy import PACKAGED, SERVING_FIELDS, EditPolicy, differing_fields, heldout_token, matrices_token
+from editserve.engine.policy import (PACKAGED, SERVING_FIELDS, EditPolicy, differing_fields, heldout_token, matrices_token,
+                                     slots_token)
 
 BASE = EditPolicy(editserve="0.1.0", default_method="alphaedit", editable_matrices=matrices_token(["m.1", "m.2"]),
                   consolidate_every=25, retention_gate_sample=16, retention_gate_max_drop=0.0,
-                  max_perplexity_ratio=0.0, heldout_text=heldout_token(None))
+                  max_perplexity_ratio=0.0, heldout_text=heldout_token(None), neuron_slots=slots_token({5: 1024}))
 
 
 def test_equal_policies_have_equal_digests_and_any_field_changes_it() -> None:
     assert BASE.digest() == replace(BASE).digest() and len(BASE.digest()) == 12
     changed = {"default_method": "rome", "consolidate_every": 0, "retention_gate_max_drop": 0.25,
-               "max_perplexity_ratio": 1.05, "heldout_text": heldout_token("our own prose " * 100)}
+               "max_perplexity_ratio": 1.05, "heldout_text": heldout_token("our own prose " * 100),
+               "neuron_slots": slots_token({})}
     digests = {BASE.digest()} | {replace(BASE, **{k: v}).digest() for k, v in changed.items()}
     assert len(digests) == 1 + len(changed)
 
@@ -25,6 +27,7 @@ def test_tokens_of_the_editable_matrices_and_the_heldout_text() -> None:
     assert matrices_token(["m.2", "m.1", "m.1"]) == matrices_token(["m.1", "m.2"])
     assert matrices_token(["m.1", "m.2"]).startswith("2:") and matrices_token(["m.1"]) != matrices_token(["m.2"])
     assert heldout_token(None) == PACKAGED
+    assert slots_token({7: 256, 5: 1024}) == "5:1024,7:256" and slots_token({}) == ""
     assert heldout_token("a text") == heldout_token("a text") != heldout_token("another text")
 
 
@@ -38,6 +41,8 @@ def test_differing_fields_names_each_field_that_differs() -> None:
     # where a serve-only replica is one side, only what it serves is compared
     assert differing_fields(BASE.to_dict(), other, SERVING_FIELDS) == []
     assert differing_fields(BASE.to_dict(), replace(BASE, editserve="0.2.0").to_dict(), SERVING_FIELDS) == ["editserve"]
+    # the slot layer's shapes: a serve-only replica with other slots cannot apply the ledger's gated patches
+    assert differing_fields(BASE.to_dict(), replace(BASE, neuron_slots="").to_dict(), SERVING_FIELDS) == ["neuron_slots"]
 
 
 def test_the_status_table_says_what_each_replicas_policy_cell_means() -> None:

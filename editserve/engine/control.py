@@ -75,7 +75,7 @@ from editserve.engine.autoconsolidate import AutoConsolidation
 from editserve.engine.errors import PluginSetupError, SwapFailed
 from editserve.engine.expected import ExpectedChecksums
 from editserve.engine.orchestration import Counters, Served, SwapOrchestration
-from editserve.engine.policy import EditPolicy, heldout_token, matrices_token
+from editserve.engine.policy import EditPolicy, heldout_token, matrices_token, slots_token
 from editserve.engine.probe_scores import probe_scores
 from editserve.engine.settings import (BASE_CACHE_ENV, LEDGER_ENV, PAUSE_MODE_ENV, SIDECAR_DEVICE_ENV,
                                        SIDECAR_READ_TIMEOUT_ENV, SIDECAR_SYNC_TIMEOUT_ENV, SIDECAR_THREADS_ENV,
@@ -300,7 +300,8 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
                           retention_gate_sample=int(health.gate.sample_size),
                           retention_gate_max_drop=float(health.gate.max_drop),
                           max_perplexity_ratio=float(health.damage.max_perplexity_ratio),
-                          heldout_text=heldout)
+                          heldout_text=heldout, neuron_slots=slots_token(
+                              {int(layer): int(n) for layer, (_, n) in (self.workers[0]["slots"] if self.workers else {}).items()}))
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger

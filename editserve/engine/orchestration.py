@@ -23,6 +23,7 @@ from editserve.engine.errors import EngineStateUnknown, PluginSetupError, SwapFa
 from editserve.engine.plan import MatrixChain, changed_names, chains_of, delta_message
 from editserve.engine.swap import SwapResult
 from editserve.engine.wire import ApplyMessage, MatrixTarget, WireDelta, message_for
+from editserve.memory import trim_heap
 from editserve.patches import Patch
 
 log = logging.getLogger("editserve.engine.control")
@@ -192,8 +193,11 @@ class SwapOrchestration:
             for d in m.deltas:
                 known.setdefault(d.key.partition(":")[0], []).append((m.name, m.layer, d))
         missing = [d for d in ids if d not in known]
-        if len(missing) > 64:               # e.g. the start-up swap: the ledger loads them in bulk
-            loaded = {p.digest: p for p in self.ledger.active_patches(version)}
+        if len(missing) > 64:               # e.g. the start-up swap, a far rollback: loaded in bulk
+            loaded = {p.digest: p for p in self.ledger.patches(missing)}
+            # The blobs' bytes, read in one go (each patch's size again), are garbage now: give the heap back
+            # (editserve/memory.py), or the API server keeps a multiple of the factors it serves resident.
+            trim_heap()
         else:
             loaded = {d: self.ledger.patch(d) for d in missing}
         by_name: dict[str, list[WireDelta]] = {}

@@ -23,7 +23,7 @@ from typing import Any
 PACKAGED = "packaged"          # `heldout_text` of the packaged held-out prose
 # What matters where a serve-only replica is one side: it computes and gates no edit, so only what it
 # serves (which matrices it can swap, with which code) has to agree.
-SERVING_FIELDS = ("editserve", "editable_matrices")
+SERVING_FIELDS = ("editserve", "editable_matrices", "neuron_slots")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class EditPolicy:
     retention_gate_max_drop: float  # EDITSERVE_RETENTION_GATE_MAX_DROP
     max_perplexity_ratio: float    # EDITSERVE_GATE_MAX_PERPLEXITY_RATIO (0: off)
     heldout_text: str              # digest of the EDITSERVE_HELDOUT_TEXT text, or "packaged"
+    neuron_slots: str              # EDITSERVE_NEURON_SLOTS as the engine widened it ("5:1024"; "" for none): the
+    #                                shapes of the slot layer's matrices, which every replica of a ledger must share
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +55,11 @@ def matrices_token(names: Iterable[str]) -> str:
     """`EditPolicy.editable_matrices` of the editable weights `names`."""
     ordered = sorted(set(names))
     return f"{len(ordered)}:{_sha(chr(10).join(ordered))}"
+
+
+def slots_token(widened: Mapping[int, int]) -> str:
+    """`EditPolicy.neuron_slots` of the engine's widened layers ({layer: slots}): "5:1024,7:256", "" for none."""
+    return ",".join(f"{layer}:{count}" for layer, count in sorted(widened.items()))
 
 
 def heldout_token(text: str | None) -> str:

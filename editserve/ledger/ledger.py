@@ -318,6 +318,10 @@ class Ledger(HistoryRewrites):
         """A stored patch by digest (or unique prefix of at least 6 characters), loaded and verified."""
         return self._objects.patch(ref)
 
+    def patches(self, digests: Sequence[str]) -> list[Patch]:
+        """Stored patches by full digest, in order, loaded and verified (in bulk when many are not cached)."""
+        return self._objects.patches(digests)
+
     def has_patch(self, digest: str) -> bool:
         """Whether patch `digest` (full digest) is stored in this ledger."""
         return self._objects.has(digest)
