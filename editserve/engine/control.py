@@ -171,7 +171,7 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
         from editserve.engine.neuron_slots import SLOTS_ENV, slots_from_env
 
         wanted = slots_from_env(os.environ)
-        widened = {int(layer): int(n) for layer, (_, n) in self.workers[0]["slots"].items()}
+        widened = self._widened()
         if wanted != widened:
             raise PluginSetupError(f"{SLOTS_ENV} asks for neuron slots {wanted} (layer: slots), the engine widened "
                                    f"{widened}: a layer the model does not have, or quantised weights, which cannot "
@@ -300,8 +300,12 @@ class ControlPlane(SidecarSupervision, SwapOrchestration, ComputedChanges):
                           retention_gate_sample=int(health.gate.sample_size),
                           retention_gate_max_drop=float(health.gate.max_drop),
                           max_perplexity_ratio=float(health.damage.max_perplexity_ratio),
-                          heldout_text=heldout, neuron_slots=slots_token(
-                              {int(layer): int(n) for layer, (_, n) in (self.workers[0]["slots"] if self.workers else {}).items()}))
+                          heldout_text=heldout, neuron_slots=slots_token(self._widened()))
+
+    def _widened(self) -> dict[int, int]:
+        """{layer: slot count} of the layers the workers widened (`editserve_describe`; {} before it)."""
+        slots = self.workers[0]["slots"] if self.workers else {}
+        return {int(layer): int(n) for layer, (_, n) in slots.items()}
 
     def _open_ledger(self, fingerprint: str) -> Any:
         from editserve.ledger import Ledger
