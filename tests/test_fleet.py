@@ -131,10 +131,6 @@ def _ledger(dsn: str) -> Any:
     return Ledger.open(dsn, create=False, verify="none")
 
 
-def _dsn_of(fleet: Any) -> str:
-    return str(fleet[2])
-
-
 def _slots(patch: Any) -> list[int]:
     """The slot neurons (0 = the first slot) a gated patch writes."""
     from editserve.editing.slots import slots_of
@@ -150,7 +146,7 @@ def _fact(subject: str, target: str) -> dict[str, str]:
 
 
 def test_edit_through_a_is_served_by_b_and_rollback_through_b_by_a(fleet: Any) -> None:
-    a, b, _, _ = fleet
+    a, b, dsn, _ = fleet
     assert "Paris" in a.complete(EIFFEL_TEXT) and "Paris" in b.complete(EIFFEL_TEXT)
     st = _status(a)
     assert st.ledger_root.startswith("postgresql://fleet@/") and PASSWORD not in st.ledger_root
@@ -159,7 +155,7 @@ def test_edit_through_a_is_served_by_b_and_rollback_through_b_by_a(fleet: Any) -
     v = out.change.version
     assert v == 1
     assert "Rome" in a.complete(EIFFEL_TEXT)
-    led = _ledger(_dsn_of(fleet))
+    led = _ledger(dsn)
     try:
         patch = led.patch(out.change.patch_id)
     finally:

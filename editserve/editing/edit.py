@@ -25,7 +25,8 @@ from editserve.editing.alphaedit import PreservedKeys, alphaedit_factors
 from editserve.editing.arch import check_layers, spec_for
 from editserve.editing.corpus import Corpus, load_corpus
 from editserve.editing.hooks import Hooks
-from editserve.editing.hparams import GateParams, HParams, MemitParams, RomeParams, ValueParams, load_hparams, to_dict
+from editserve.editing.hparams import (GateParams, HParams, MemitParams, RomeParams, ValueParams, file_names, load_hparams,
+                                      to_dict)
 from editserve.editing.keys import compute_keys
 from editserve.editing.memit import memit_factors, preserved_columns
 from editserve.editing.model import fingerprint
@@ -46,8 +47,6 @@ MAX_BATCH = 10_000
 
 def model_names(model: torch.nn.Module) -> list[str]:
     """Names to look hyper-parameter files up by: the checkpoint's folder name, then the family."""
-    from editserve.editing.hparams import file_names
-
     ckpt = getattr(model, "editserve_checkpoint", None) or getattr(model.config, "_name_or_path", "")
     return file_names(ckpt or None, spec_for(model).family)
 

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from editserve.errors import InvalidRequestError
@@ -232,8 +233,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def file_names(checkpoint: str | None, family: str) -> list[str]:
     """Names to look hyper-parameter files up by: the checkpoint's folder name (lower case), then the family."""
-    from pathlib import Path
-
     return ([Path(str(checkpoint)).name.lower()] if checkpoint else []) + [family]
 
 
