@@ -296,6 +296,7 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     panels = [("es", "retained ES"), ("ps", "retained PS"), ("ns_ratio", "NS / unedited NS"),
               ("ppl_ratio", "held-out perplexity / unedited"), ("fluency_ratio", "fluency / unedited"),
@@ -309,13 +310,37 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
             else:
                 ys = [1.0] + [getattr(r, key) for r in rows]
             ax.plot(xs, ys, marker="o", label=name)
+        if key == "ppl_ratio" and max((r.ppl_ratio for rows in results.values() for r in rows), default=1.0) > 3:
+            ax.set_yscale("log")             # a collapsed run (×8) would flatten every other curve
+            ax.yaxis.set_major_formatter(FormatStrFormatter("×%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("×%g"))
         ax.set_title(title)
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend()
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    rows_of_legend = -(-len(labels) // 3)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3))
+    fig.tight_layout(rect=(0, 0.035 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+GATED_KEYS = ("es", "ps", "ns", "ns_ratio", "fluency", "fluency_ratio", "ppl", "ppl_ratio")
+
+
+def saved_row(r: dict) -> Row:
+    """A saved checkpoint row as a `Row`: this benchmark's, `bench/gated.py`'s ("n", "s_per_edit", and gate
+    statistics that a `Row` has no place for: a gated edit leaves the layer's own neurons as they were, so its
+    norm growth is empty, read as 0), or a recorded one (bench/recorded/lifelong/*.json) whose unrecorded
+    measures are null, read as NaN (a gap in the plot)."""
+    if "n" in r:
+        r = {"n_edits": r["n"], "seconds_per_edit": r.get("s_per_edit", float("nan")),
+             **{k: r[k] for k in GATED_KEYS}}
+    nan = float("nan")
+    fields = {"ns": nan, "fluency": nan, "ppl": nan, **r}
+    fields = {k: nan if v is None else v for k, v in fields.items()}
+    fields["norm_growth"] = {k: nan if v is None else v for k, v in fields.get("norm_growth", {}).items()}
+    return Row(**fields)
 
 
 def compare_runs(specs: list[str], png: str | None) -> int:
@@ -324,12 +349,13 @@ def compare_runs(specs: list[str], png: str | None) -> int:
         raise SystemExit("--runs needs --plot PATH")
     results: dict[str, list[Row]] = {}
     for spec in specs:
-        label, sep, folder = spec.partition("=")
-        state = Path(folder) / "state.json"
+        label, sep, where = spec.partition("=")
+        state = Path(where) / "state.json" if Path(where).is_dir() else Path(where)
         if not sep or not label or not state.exists():
-            raise SystemExit(f"--runs takes LABEL=DIR with a saved run in DIR (DIR/state.json), got {spec!r}")
+            raise SystemExit(f"--runs takes LABEL=DIR with a saved run in DIR (DIR/state.json), or LABEL=FILE.json "
+                             f"with its rows, got {spec!r}")
         st = json.loads(state.read_text())
-        results[label] = [Row(**r) for r in st["rows"]]
+        results[label] = [saved_row(r) for r in st["rows"]]
         if st.get("consolidate_every"):
             log.info("%s: consolidated every %d edits", label, st["consolidate_every"])
     print(table(results))
@@ -367,7 +393,8 @@ def main() -> int:
     ap.add_argument("--plot", default=None, help="PNG path (default <out>/lifelong.png)")
     ap.add_argument("--runs", nargs="+", metavar="LABEL=DIR", default=None,
                     help="compute nothing: table and plot of saved run folders (<out>/<method>-b<batch>, from "
-                         "different --out or settings) under the given labels; --plot is required")
+                         "different --out or settings, or bench/gated.py's) or of recorded rows "
+                         "(bench/recorded/lifelong/*.json) under the given labels; --plot is required")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("editserve").setLevel(logging.WARNING)
