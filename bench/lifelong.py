@@ -337,10 +337,9 @@ def saved_row(r: dict) -> Row:
         r = {"n_edits": r["n"], "seconds_per_edit": r.get("s_per_edit", float("nan")),
              **{k: r[k] for k in GATED_KEYS}}
     nan = float("nan")
-    fields = {"ns": nan, "fluency": nan, "ppl": nan, **r}
-    fields = {k: nan if v is None else v for k, v in fields.items()}
-    fields["norm_growth"] = {k: nan if v is None else v for k, v in fields.get("norm_growth", {}).items()}
-    return Row(**fields)
+    values = {k: nan if v is None else v for k, v in {"ns": nan, "fluency": nan, "ppl": nan, **r}.items()}
+    values["norm_growth"] = {k: nan if v is None else v for k, v in values.get("norm_growth", {}).items()}
+    return Row(**values)
 
 
 def compare_runs(specs: list[str], png: str | None) -> int:
