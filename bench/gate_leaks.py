@@ -36,8 +36,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
 from lifelong import load_run  # noqa: E402  (the lifelong benchmark's run folders)
 
-log = logging.getLogger("gate_leaks")
-
 
 @dataclass(frozen=True)
 class Firing:
