@@ -106,6 +106,7 @@ def firings(model: torch.nn.Module, tok, layer: int, neurons: Sequence[int], sub
 
 def main() -> int:
     from editserve.editing import load_model
+    from editserve.editing.counterfact import load_counterfact
     from editserve.editing.lifelong import HELDOUT_TEXT, perplexity
     from editserve.editing.slots import widen_mlp
 
@@ -127,7 +128,7 @@ def main() -> int:
         raise SystemExit(f"{args.run} has slots at layers {sorted(slots)}; this reads one gated layer")
     (layer, count), = ((int(k), int(v)) for k, v in slots.items())
     stream = json.loads(stream_path.read_text())
-    data = {r["case_id"]: r for r in json.loads(Path(stream["data"]).read_text())}
+    subject_of = {r.case_id: r.request.subject for r in load_counterfact(stream["data"])}   # either file format
 
     model, tok = load_model()
     widen_mlp(model, layer, count)
@@ -136,7 +137,7 @@ def main() -> int:
     if len(neurons) != done:
         raise SystemExit(f"{args.run}: {len(neurons)} occupied slots for {done} edits; slots were freed or reused, "
                          "so slot order is not edit order")
-    subjects = [data[c]["subject"] for c in stream["case_ids"][:done]]
+    subjects = [subject_of[c] for c in stream["case_ids"][:done]]
     text = args.text.read_text()
 
     fired = firings(model, tok, layer, neurons, subjects, text, args.bound)
