@@ -31,6 +31,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ audit = logging.getLogger("editserve.audit")
 
 MAX_STREAMS_ENV = "EDITSERVE_MAX_EVENT_STREAMS"
 EVENT_POLL_S = 0.25
+EVENT_READ_THREADS = 2          # threads of the event streams' own ledger reads (`Operations.events`)
 OPERATION_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -116,6 +118,11 @@ class Operations:
         self.engine = engine
         self.tokens = tokens
         self.hub = hub if hub is not None else EventHub()      # (an empty hub is falsy)
+        # The event streams read the ledger on threads of their own, not on the event loop's default
+        # executor: that one also runs every blocking sidecar call (compute, score, retention probes),
+        # which wait on the sidecar's one lock and can hold all its threads for minutes on a loaded
+        # machine; a stream polling there would deliver nothing, local events included, until they end.
+        self._event_reads = ThreadPoolExecutor(EVENT_READ_THREADS, thread_name_prefix="editserve-events")
 
     @classmethod
     def of(cls, engine: Any, environ: Mapping[str, str] | None = None) -> "Operations":
@@ -374,10 +381,11 @@ class Operations:
         ``{"after_event": N}``. Bounded by the hub's stream cap."""
         require(who, "events")
         ledger = self.engine.ledger
+        loop = asyncio.get_running_loop()
         local = self.hub.subscribe()
         try:
             if since == 0 and not include_history:
-                existing = await asyncio.to_thread(ledger.events, 0)
+                existing = await loop.run_in_executor(self._event_reads, ledger.events, 0)
                 last = existing[-1].id if existing else 0
             else:
                 last = since
@@ -385,7 +393,7 @@ class Operations:
                         message=f"ledger events after #{last} and this server's events from now on",
                         details_json=json.dumps({"after_event": last}))
             while True:
-                for e in await asyncio.to_thread(ledger.events, last):
+                for e in await loop.run_in_executor(self._event_reads, ledger.events, last):
                     last = max(last, e.id)
                     yield e
                 try:
