@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
 from lifelong import SHARED  # noqa: E402  (the shared CounterFact files)
@@ -68,14 +67,10 @@ def headword_inputs(model, tok, layer: int, word: str) -> torch.Tensor:
 
 def scaled_activation(g: torch.Tensor, pos: torch.Tensor):
     """a(x) of a gated edit with gate g on subject inputs `pos` [P, d], scaled to mean 1 on `pos`."""
-    mean = pos.mean(0)
-    u = mean / mean.pow(2).sum()
+    from editserve.editing.gated import activations, up_weights
 
-    def act(x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x @ g) * (x @ u)
-
-    scale = act(pos).mean()
-    return lambda x: act(x) / scale
+    u, _ = up_weights(g, pos)
+    return lambda x: activations(x, g[None], u[None])[..., 0]
 
 
 def main() -> int:

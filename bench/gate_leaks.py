@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/lifelong.py, also under `python -m`
 from lifelong import load_run  # noqa: E402  (the lifelong benchmark's run folders)
@@ -87,7 +86,7 @@ def firings(model: torch.nn.Module, tok, layer: int, neurons: Sequence[int], sub
             bound: float, seq_len: int = 256) -> list[Firing]:
     """Every token of `text` (read in windows of `seq_len` tokens, as editing.lifelong.perplexity reads
     it) at which the slot neuron `neurons[k]` (edit k+1, `subjects[k]`) has |a| > bound."""
-    from editserve.editing.gated import mlp_inputs
+    from editserve.editing.gated import activations, mlp_inputs
 
     ids = tok(text, add_special_tokens=False)["input_ids"]
     mlp = _mlp(model, layer)
@@ -98,7 +97,7 @@ def firings(model: torch.nn.Module, tok, layer: int, neurons: Sequence[int], sub
     for s in range(0, len(ids), seq_len):
         window = ids[s:s + seq_len]
         x = mlp_inputs(model, layer, torch.tensor(window)[None])      # [T, d]
-        a = F.silu(x @ g.T) * (x @ u.T)                               # [T, E]
+        a = activations(x, g, u)                                      # [T, E]
         for t, k in (a.abs() > bound).nonzero().tolist():
             out.append(Firing(k + 1, subjects[k], float(a[t, k]), tok.decode(window[max(0, t - 7): t + 1])))
     return out

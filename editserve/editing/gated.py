@@ -47,8 +47,8 @@ from editserve.editing.values import optimise_values
 from editserve.errors import InvalidRequestError
 from editserve.patches import applied_patches
 
-__all__ = ["GateBank", "GateParams", "GatedNeuron", "cached_corpus_inputs", "corpus_inputs", "fit_gate", "gated_edit",
-           "mlp_inputs", "subject_inputs"]
+__all__ = ["GateBank", "GateParams", "GatedNeuron", "activations", "cached_corpus_inputs", "corpus_inputs", "fit_gate",
+           "gated_edit", "mlp_inputs", "subject_inputs", "up_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,22 @@ class GatedNeuron:
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """a(x) [...] for MLP inputs x [..., d]."""
-        return F.silu(x @ self.g) * (x @ self.u)
+        return activations(x, self.g[None], self.u[None])[..., 0]
+
+
+def activations(x: torch.Tensor, G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """a [..., E] of gated neurons with gate weights G [E, d] and up weights U [E, d] on MLP inputs
+    x [..., d]: silu(x Gᵀ) ⊙ (x Uᵀ), the SwiGLU form of the MLP's own neurons."""
+    return F.silu(x @ G.T) * (x @ U.T)
+
+
+def up_weights(g: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u [d], a [P]): the up weights of a neuron with gate g [d] fit to the subject inputs pos [P, d],
+    along the inputs' mean x̄ (u·x̄ = 1) and scaled so that its activation a on `pos` averages 1."""
+    mean = pos.mean(0)
+    u = mean / mean.pow(2).sum()                                             # u·x̄ = 1
+    a = F.silu(pos @ g) * (pos @ u)                                          # [P]
+    return u / a.mean(), a / a.mean()
 
 
 class GateBank:
@@ -88,8 +103,7 @@ class GateBank:
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """[..., E] for MLP inputs x [..., d]."""
-        x = x.float()
-        return F.silu(x @ self.G.T) * (x @ self.U.T)
+        return activations(x.float(), self.G, self.U)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """What the bank adds to the MLP's output [..., d]."""
@@ -206,11 +220,7 @@ def gated_edit(model: torch.nn.Module, tok: object, req: EditRequest, prefixes: 
     guarded [M, d]: the bank's subject inputs (`GateBank.K`), used when `params.guard` > 0."""
     pos = subject_inputs(model, tok, req, prefixes, params.layer)            # [P, d]
     g = fit_gate(pos, negatives, params, guarded)
-    mean = pos.mean(0)
-    u = mean / mean.pow(2).sum()                                             # u·x̄ = 1
-    a = F.silu(pos @ g) * (pos @ u)                                          # [P]
-    u = u / a.mean()
-    a = a / a.mean()                                                         # a on each prompt, mean 1
+    u, a = up_weights(g, pos)                                                # a on each prompt, mean 1
     n_val = min(params.value_prefixes, len(prefixes))
     value = replace(params.value, clamp_norm_factor=params.value.clamp_norm_factor / params.strength)
     res = optimise_values(model, tok, [req], list(prefixes[:n_val]), spec_for(model).layer_name(params.layer),
