@@ -44,8 +44,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"admin": "adm-0123456789abcdef", "editor": "edt-0123456789abcdef", "viewer": "vwr-0123456789abcdef"}
 # The sidecar's compute deadline on this server: long enough for every edit here on a loaded
-# machine, short enough for the stopped-sidecar test.
-SIDECAR_TIMEOUT_S = 75
+# machine, short enough for the stopped-sidecar test. The over-general edit escalates its clamp twice
+# and took 71 s beside another test worker and a two-thread benchmark on 2 cores, past the 75 s this
+# was (a SidecarTimeout instead of the gate's rejection).
+SIDECAR_TIMEOUT_S = 150
 EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": " Rome",
           "target_true": " Paris"}
 
