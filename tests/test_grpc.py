@@ -471,11 +471,13 @@ def test_overgeneral_edit_is_rejected_and_nothing_changes(server: GrpcServer) ->
             with pytest.raises(ControlError) as e:
                 c.edit([{"prompt": "{} Eiffel Tower is located in the city of", "subject": "The",
                          "target_new": " Rome", "target_true": " Paris"}], operation_id="overgeneral-1")
+        # The error first: a compute deadline or a dead sidecar fails here at once with its own code,
+        # instead of after a wait for a "rejected" event that cannot come.
+        assert e.value.code == "FAILED_PRECONDITION", e.value
+        assert "probe gate rejected" in e.value.details
         rejected = watcher.wait_for(lambda ev: ev.kind == "rejected" and ev.operation_id == "overgeneral-1")
     finally:
         watcher.close()
-    assert e.value.code == "FAILED_PRECONDITION", e.value
-    assert "probe gate rejected" in e.value.details
     report = e.value.report
     assert report is not None and not report.passed and report.failures and report.canaries == 20
     assert rejected.caller == "token:editor-user" and "probe gate rejected" in rejected.message
