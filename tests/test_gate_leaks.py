@@ -84,3 +84,36 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path: Path) -> None:
     result = _tool(str(tmp_path / "nothing-here"))
     assert result.returncode != 0
     assert "nothing-here is not a bench/lifelong.py run folder" in result.stderr
+
+
+PROMPTS = ("Fishermen waited by the river and", "The children swam in the river because", "My favourite food is")
+
+
+def test_fluency_names_the_prompts_the_edits_change_and_what_opened_before(run_folder: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    result = _tool(str(run_folder), "--fluency", "--prompts", str(prompts), "--max-new-tokens", "20", "--groups", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "3 fluency prompts, 20 new tokens each" in out, out
+    overall = float(re.search(r"with the run's neurons ×([0-9.]+)", out).group(1))
+    changed = re.findall(r"^\| '(.+?)' \| ([0-9.]+) → ([0-9.]+) \| ([+-][0-9.]+) \| (.+) \| (.+) \|$", out, re.M)
+    # the river prompts part from the unedited generation, after a river gate opened on " river"
+    assert {p for p, *_ in changed} >= set(PROMPTS[:2]), out
+    for prompt, _, _, _, _, opened in changed:
+        if "river" in prompt:
+            assert re.search(r"\b[12] (Dawa|Coomera) River: [0-9.]+ at '[^']* river'", opened), (prompt, opened)
+    # each changed prompt's share is its entropy change over the prompt count and the base: they sum to the ratio
+    assert abs(sum(float(s) for *_, s, _, _ in changed) - (overall - 1)) < 3e-4, out
+    ratios = _ratios(out)
+    assert ratios["all the run's neurons"] == overall
+    assert ratios["the 2 open ones off"] == 1.0                        # every neuron off: the unedited texts, bit for bit
+    assert {"edit 1 off", "edit 2 off"} <= set(ratios)
+
+
+def test_fluency_options_are_checked_by_name(run_folder: Path, tmp_path: Path) -> None:
+    for args, named in (((str(run_folder), "--prompts", str(tmp_path / "missing.txt")), "--prompts"),
+                        ((str(run_folder), "--fluency", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+                        ((str(run_folder), "--groups", "-1"), "--groups must be 0")):
+        result = _tool(*args)
+        assert result.returncode != 0 and named in result.stderr, (args, result.stderr[-2000:])
