@@ -24,6 +24,7 @@ before it (the prompt and the generated tokens both versions share); then the fl
 ``--groups`` consecutive edits off.
 
     PYTHONPATH=$PWD python bench/gate_leaks.py <run> --fluency [--prompts FILE] [--groups 100]
+
 A bench run frees no slot and slots are taken lowest first (editing.slots.free_slots), so the k-th
 occupied slot holds the run's k-th edit; the subjects come from the run's stream (``<run>/../stream.json``).
 """
@@ -196,14 +197,15 @@ def main() -> int:
     ap.add_argument("--fluency", action="store_true",
                     help="read the fluency prompts' greedy generations instead of a text's perplexity")
     ap.add_argument("--prompts", type=Path, help="with --fluency: one prompt per line (default: the benchmark's 40)")
-    ap.add_argument("--max-new-tokens", type=int, default=50, help="with --fluency: tokens generated per prompt")
+    ap.add_argument("--max-new-tokens", type=int, help="with --fluency: tokens generated per prompt (default 50, "
+                                                        "as the benchmark's)")
     args = ap.parse_args()
     if args.bound <= 0:
         ap.error(f"--bound must be positive, got {args.bound}")
     if args.groups < 0:
         ap.error(f"--groups must be 0 (none) or positive, got {args.groups}")
-    if args.max_new_tokens < 1:
-        ap.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_new_tokens is not None and not (args.fluency and args.max_new_tokens >= 1):
+        ap.error(f"--max-new-tokens {args.max_new_tokens}: needs --fluency and must be at least 1")
     if args.prompts is not None and not (args.fluency and args.prompts.is_file()):
         ap.error(f"--prompts {args.prompts}: needs --fluency and an existing file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -238,10 +240,10 @@ def main() -> int:
             raise SystemExit(f"--prompts {args.prompts} holds no prompt")
         rows = json.loads(state.read_text()).get("rows") or []
         print(f"{args.run}: {done} gated edits at layer {layer}; {len(prompts)} fluency prompts, "
-              f"{args.max_new_tokens} new tokens each"
+              f"{args.max_new_tokens or 50} new tokens each"
               + (f"; the run's last row: fluency ×{rows[-1]['fluency_ratio']:.4f} (against the unedited model)"
                  if rows else ""))
-        fluency_report(model, tok, layer, neurons, subjects, prompts, args.bound, groups, args.max_new_tokens)
+        fluency_report(model, tok, layer, neurons, subjects, prompts, args.bound, groups, args.max_new_tokens or 50)
         return 0
     text = args.text.read_text()
 

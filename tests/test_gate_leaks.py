@@ -113,7 +113,8 @@ def test_fluency_names_the_prompts_the_edits_change_and_what_opened_before(run_f
 
 def test_fluency_options_are_checked_by_name(run_folder: Path, tmp_path: Path) -> None:
     for args, named in (((str(run_folder), "--prompts", str(tmp_path / "missing.txt")), "--prompts"),
-                        ((str(run_folder), "--fluency", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+                        ((str(run_folder), "--fluency", "--max-new-tokens", "0"), "--max-new-tokens 0: needs --fluency"),
+                        ((str(run_folder), "--max-new-tokens", "20"), "--max-new-tokens 20: needs --fluency"),
                         ((str(run_folder), "--groups", "-1"), "--groups must be 0")):
         result = _tool(*args)
         assert result.returncode != 0 and named in result.stderr, (args, result.stderr[-2000:])
